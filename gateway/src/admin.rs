@@ -1,0 +1,239 @@
+//! The admin API: the control plane's way in, on its own host-only listener.
+//!
+//! Every route except `/healthz` needs `Authorization: Bearer <admin token>`; the token is
+//! compared in constant time. Bodies are JSON, errors are the gateway's usual
+//! `{"error", "detail"}` (see [`crate::reply`]).
+//!
+//! | route | does |
+//! |---|---|
+//! | `GET /healthz` | liveness, no authentication |
+//! | `GET /readyz` | readiness: listeners bound |
+//! | `GET /v1/agents` | every agent |
+//! | `GET /v1/agents/{id}` | one agent |
+//! | `PUT /v1/agents/{id}` | create (201) or replace (200) an agent |
+//! | `DELETE /v1/agents/{id}` | remove an agent (204) |
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use subtle::ConstantTimeEq;
+
+use crate::identity::{Agent, AgentRegistry, RegistryError};
+use crate::reply::Refusal;
+
+/// Largest request body the admin API reads.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The admin API application.
+pub struct AdminApi {
+    token: String,
+    registry: Arc<AgentRegistry>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AdminApi {
+    /// The API guarding `registry` with `token`; `/readyz` reports `ready`.
+    pub fn new(
+        token: String,
+        registry: Arc<AgentRegistry>,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        AdminApi {
+            token,
+            registry,
+            ready,
+        }
+    }
+
+    fn authorized(&self, session: &ServerSession) -> Result<(), Refusal> {
+        let header = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let Some(header) = header else {
+            return Err(Refusal::new(
+                401,
+                "unauthorized",
+                "send the admin token as 'Authorization: Bearer <token>' (see admin-token in the data directory)",
+            ));
+        };
+        let presented = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .unwrap_or("");
+        if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Refusal::new(401, "unauthorized", "the admin token is wrong"))
+        }
+    }
+
+    async fn route(&self, session: &mut ServerSession) -> Result<Response<Vec<u8>>, Refusal> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        if path == "/healthz" {
+            return only(&method, &[Method::GET])
+                .map(|_| json(StatusCode::OK, &serde_json::json!({ "status": "ok" })));
+        }
+        self.authorized(session)?;
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match segments.as_slice() {
+            ["readyz"] => {
+                only(&method, &[Method::GET])?;
+                if self.ready.load(std::sync::atomic::Ordering::Acquire) {
+                    Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ready" })))
+                } else {
+                    Err(Refusal::new(503, "not_ready", "the gateway is still starting"))
+                }
+            }
+            ["v1", "agents"] => {
+                only(&method, &[Method::GET])?;
+                let agents: Vec<Agent> = self.registry.list().iter().map(|a| Agent::clone(a)).collect();
+                Ok(json(StatusCode::OK, &serde_json::json!({ "agents": agents })))
+            }
+            ["v1", "agents", id] => {
+                let id = id.to_string();
+                match method {
+                    Method::GET => self
+                        .registry
+                        .get(&id)
+                        .map(|a| json(StatusCode::OK, &*a))
+                        .ok_or_else(|| no_agent(&id)),
+                    Method::PUT => self.put_agent(session, id).await,
+                    Method::DELETE => match self.registry.remove(&id) {
+                        Some(removed) => {
+                            tracing::info!(agent = %removed.id, "agent removed");
+                            Ok(empty(StatusCode::NO_CONTENT))
+                        }
+                        None => Err(no_agent(&id)),
+                    },
+                    _ => Err(method_not_allowed(&[Method::GET, Method::PUT, Method::DELETE])),
+                }
+            }
+            _ => Err(Refusal::new(404, "not_found", format!("no route for {path}"))),
+        }
+    }
+
+    async fn put_agent(&self, session: &mut ServerSession, id: String) -> Result<Response<Vec<u8>>, Refusal> {
+        let body = read_body(session).await?;
+        let mut agent: Agent = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::bad_request(format!("invalid agent JSON: {e}")))?;
+        if agent.id.is_empty() {
+            agent.id = id.clone();
+        } else if agent.id != id {
+            return Err(Refusal::bad_request(format!(
+                "the body names agent {:?} but the path names {id:?}",
+                agent.id
+            )));
+        }
+        match self.registry.put(agent) {
+            Ok(created) => {
+                tracing::info!(agent = %id, created, "agent registered");
+                let stored = self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
+                let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                Ok(json(status, &*stored))
+            }
+            Err(e @ RegistryError::InvalidId(_)) => Err(Refusal::bad_request(e.to_string())),
+            Err(e @ RegistryError::PeerTaken { .. }) => {
+                Err(Refusal::new(409, "conflict", e.to_string()))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match self.route(session).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                let method = session.req_header().method.clone();
+                let path = session.req_header().uri.path().to_string();
+                tracing::info!(%method, path, status = refusal.status, error = refusal.error, detail = %refusal.detail, "admin request refused");
+                refusal_response(&refusal)
+            }
+        }
+    }
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Refusal> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(Refusal::new(
+                        413,
+                        "payload_too_large",
+                        format!("admin request bodies are limited to {MAX_BODY_BYTES} bytes"),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(Refusal::bad_request(format!("cannot read the request body: {e}"))),
+        }
+    }
+}
+
+fn only(method: &Method, allowed: &[Method]) -> Result<(), Refusal> {
+    if allowed.contains(method) {
+        Ok(())
+    } else {
+        Err(method_not_allowed(allowed))
+    }
+}
+
+fn method_not_allowed(allowed: &[Method]) -> Refusal {
+    let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    Refusal::new(
+        405,
+        "method_not_allowed",
+        format!("this route accepts {}", names.join(", ")),
+    )
+}
+
+fn no_agent(id: &str) -> Refusal {
+    Refusal::new(404, "not_found", format!("no agent {id:?} is registered"))
+}
+
+fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Vec<u8>> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    response(status, body)
+}
+
+fn empty(status: StatusCode) -> Response<Vec<u8>> {
+    response(status, Vec::new())
+}
+
+fn refusal_response(refusal: &Refusal) -> Response<Vec<u8>> {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = response(status, refusal.body().to_vec());
+    if refusal.status == 401 {
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"tollgate-admin\""),
+        );
+    }
+    r
+}
+
+fn response(status: StatusCode, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let len = r.body().len();
+    let headers = r.headers_mut();
+    if len > 0 {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+    }
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,463 @@
+//! The gateway's configuration: one TOML file, every key optional.
+//!
+//! `tollgate serve` without `--config` runs on [`EMBEDDED_DEFAULT`]. Every key, its default and
+//! its meaning is documented in `config.example.toml` at the repository root; the structs here
+//! are the single source of truth for the defaults and reject unknown keys, so a typo in a
+//! config file is an error instead of a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::RunMode;
+
+/// The configuration `tollgate serve` uses when no `--config` is given: egress proxy on
+/// 127.0.0.1:3128, admin API on 127.0.0.1:9901, data in `./tollgate-data`, and a demo agent
+/// `local` (Review mode) for peer address 127.0.0.1.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had keys or values of the wrong kind.
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// The file name, or "(embedded default)".
+        origin: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The values parsed but do not make sense together.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the gateway keeps its CA, admin token and (later) durable state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The listener sandboxes send their traffic to.
+    #[serde(default)]
+    pub egress: EgressConfig,
+    /// The host-only, authenticated control listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The gateway CA and the leaf certificates it mints for intercepted TLS.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// How the gateway talks to origins.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// Sizes, timeouts and worker threads.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The agents known at start-up (the admin API can add more).
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+}
+
+/// `[egress]`: the shared sandbox-facing listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Address of the shared egress listener; agents are told apart by peer address.
+    #[serde(default = "default_egress_listen")]
+    pub listen: SocketAddr,
+}
+
+/// `[admin]`: the control-plane listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin API. Keep it host-only: it is never meant for sandboxes.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// File holding the admin bearer token; created (mode 0600) if missing.
+    /// Default: `<data_dir>/admin-token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[tls]`: interception.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The gateway CA certificate (PEM). Default: `<data_dir>/ca.pem`, created if missing.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// The gateway CA private key (PEM, mode 0600). Default: `<data_dir>/ca-key.pem`.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// How many minted leaf certificates are kept in memory.
+    #[serde(default = "default_leaf_cache_capacity")]
+    pub leaf_cache_capacity: u64,
+    /// How long a minted leaf certificate is valid (and cached), in hours.
+    #[serde(default = "default_leaf_validity_hours")]
+    pub leaf_validity_hours: u64,
+}
+
+/// `[upstream]`: connections to origins.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Trust the operating system's root certificates for origin TLS.
+    #[serde(default = "yes")]
+    pub system_roots: bool,
+    /// An extra PEM bundle of CAs trusted for origin TLS, in addition to (or, with
+    /// `system_roots = false`, instead of) the system roots.
+    #[serde(default)]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Networks that origins may resolve to although they are loopback, private, link-local,
+    /// unique-local or unspecified (the SSRF guard refuses those by default).
+    #[serde(default)]
+    pub allow_networks: Vec<IpNet>,
+    /// Time allowed to establish a TCP connection (and, separately, the TLS handshake).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the next read from an origin before the request fails with 504.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// Longest wait for a write to an origin before the request fails.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Idle upstream connections kept for reuse.
+    #[serde(default = "default_pool_size")]
+    pub keepalive_pool_size: usize,
+}
+
+/// `[limits]`: sizes, timeouts and threads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest CONNECT request head accepted, in bytes.
+    #[serde(default = "default_connect_head_bytes")]
+    pub max_connect_head_bytes: usize,
+    /// Time allowed for a new connection to send its first request line or CONNECT head and
+    /// to complete the intercepted TLS handshake.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Worker threads of the gateway's runtime; 0 means one per CPU.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+/// `[[agents]]`: one agent known at start-up.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's id, unique in the registry.
+    pub id: String,
+    /// ReadOnly, Review or Autonomous.
+    pub run_mode: RunMode,
+    /// Azure RBAC scopes the agent's managed identity holds.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Name of the identity provider the agent's tokens come from.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Free-form tags, visible to policies.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Source addresses on the shared egress listener that belong to this agent.
+    #[serde(default)]
+    pub peers: Vec<IpAddr>,
+    /// A listener of the agent's own: every connection to it is this agent's.
+    #[serde(default)]
+    pub listen: Option<AgentListenConfig>,
+}
+
+/// Where an agent's own listener is bound.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentListenConfig {
+    /// The address to bind.
+    pub address: SocketAddr,
+    /// A network namespace (e.g. `/run/netns/agent-a`) to bind the address in; the socket
+    /// stays in that namespace and is served by this process.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses a configuration from TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::from_toml(EMBEDDED_DEFAULT, "(embedded default)")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.tls.leaf_cache_capacity == 0 {
+            return invalid("tls.leaf_cache_capacity must be at least 1".into());
+        }
+        if self.tls.leaf_validity_hours == 0 || self.tls.leaf_validity_hours > 24 * 90 {
+            return invalid("tls.leaf_validity_hours must be between 1 and 2160".into());
+        }
+        if self.limits.max_connect_head_bytes < 256 {
+            return invalid("limits.max_connect_head_bytes must be at least 256".into());
+        }
+        for (name, ms) in [
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.read_timeout_ms", self.upstream.read_timeout_ms),
+            ("upstream.write_timeout_ms", self.upstream.write_timeout_ms),
+            ("limits.handshake_timeout_ms", self.limits.handshake_timeout_ms),
+        ] {
+            if ms == 0 {
+                return invalid(format!("{name} must be greater than 0"));
+            }
+        }
+        if !self.upstream.system_roots && self.upstream.extra_ca_file.is_none() {
+            return invalid(
+                "upstream.system_roots = false needs upstream.extra_ca_file: \
+                 otherwise no origin certificate could be trusted"
+                    .into(),
+            );
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut peers = std::collections::HashMap::new();
+        for agent in &self.agents {
+            if let Err(e) = crate::identity::validate_agent_id(&agent.id) {
+                return invalid(format!("agents: {e}"));
+            }
+            if !ids.insert(agent.id.as_str()) {
+                return invalid(format!("agents: id {:?} appears twice", agent.id));
+            }
+            for peer in &agent.peers {
+                if let Some(other) = peers.insert(*peer, agent.id.as_str()) {
+                    return invalid(format!(
+                        "agents: peer address {peer} is given to both {other:?} and {:?}",
+                        agent.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The admin token file, defaulted into the data directory.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin-token"))
+    }
+
+    /// The CA certificate file, defaulted into the data directory.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.tls
+            .ca_cert
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca.pem"))
+    }
+
+    /// The CA key file, defaulted into the data directory.
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.tls
+            .ca_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca-key.pem"))
+    }
+}
+
+impl UpstreamConfig {
+    /// The TCP connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// The read timeout.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+    /// The write timeout.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+}
+
+impl LimitsConfig {
+    /// The handshake timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./tollgate-data")
+}
+fn default_egress_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3128))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_leaf_cache_capacity() -> u64 {
+    10_000
+}
+fn default_leaf_validity_hours() -> u64 {
+    24
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_read_timeout_ms() -> u64 {
+    60_000
+}
+fn default_write_timeout_ms() -> u64 {
+    60_000
+}
+fn default_pool_size() -> usize {
+    128
+}
+fn default_connect_head_bytes() -> usize {
+    8 * 1024
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_egress_listen(),
+        }
+    }
+}
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token_file: None,
+        }
+    }
+}
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_cert: None,
+            ca_key: None,
+            leaf_cache_capacity: default_leaf_cache_capacity(),
+            leaf_validity_hours: default_leaf_validity_hours(),
+        }
+    }
+}
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            system_roots: true,
+            extra_ca_file: None,
+            allow_networks: Vec::new(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            read_timeout_ms: default_read_timeout_ms(),
+            write_timeout_ms: default_write_timeout_ms(),
+            keepalive_pool_size: default_pool_size(),
+        }
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connect_head_bytes: default_connect_head_bytes(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            worker_threads: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_has_the_documented_values() {
+        let c = Config::embedded_default().expect("embedded default parses");
+        assert_eq!(c.egress.listen, "127.0.0.1:3128".parse().unwrap());
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("./tollgate-data"));
+        assert_eq!(c.agents.len(), 1);
+        assert_eq!(c.agents[0].id, "local");
+        assert_eq!(c.agents[0].run_mode, RunMode::Review);
+        assert_eq!(c.agents[0].peers, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.ca_cert_path(), PathBuf::from("./tollgate-data/ca.pem"));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../config.example.toml");
+        Config::from_toml(text, "config.example.toml").expect("example config parses");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml("[egress]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn a_peer_address_cannot_belong_to_two_agents() {
+        let text = r#"
+            [[agents]]
+            id = "a"
+            run_mode = "Review"
+            peers = ["127.0.0.2"]
+            [[agents]]
+            id = "b"
+            run_mode = "ReadOnly"
+            peers = ["127.0.0.2"]
+        "#;
+        let err = Config::from_toml(text, "t").unwrap_err().to_string();
+        assert!(err.contains("127.0.0.2"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_run_mode_is_rejected() {
+        let text = "[[agents]]\nid = \"a\"\nrun_mode = \"Yolo\"\n";
+        let err = Config::from_toml(text, "t").unwrap_err().to_string();
+        assert!(err.contains("Yolo") || err.contains("run_mode"), "{err}");
+    }
+
+    #[test]
+    fn no_trust_at_all_is_rejected() {
+        let err = Config::from_toml("[upstream]\nsystem_roots = false\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("extra_ca_file"), "{err}");
+    }
+}

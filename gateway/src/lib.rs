@@ -1,0 +1,36 @@
+//! Tollgate: the egress gateway for AI-agent sandboxes.
+//!
+//! # Layout
+//!
+//! The modules follow one request through the gateway (DESIGN.md, "Data path"):
+//!
+//! - [`listener`] binds the egress and admin sockets (inside an agent's network namespace when
+//!   asked) and serves them with pingora; the egress app sends CONNECT to [`intercept`] and
+//!   everything else to [`proxy`].
+//! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
+//! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
+//! - [`target`] — where a request goes, parsed strictly and once.
+//! - [`proxy`] — the pingora request phases, which call each step in order.
+//! - [`upstream`] — step 7: asynchronous resolution, the SSRF guard, origin connections.
+//! - [`reply`] — every answer the gateway gives itself (JSON `{error, detail}`).
+//! - [`admin`] — the authenticated control API.
+//! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
+//!
+//! Policy (step 4), approvals (5), credentials (6) and telemetry (9) plug into
+//! [`proxy::Egress`] as their issues land.
+
+pub mod admin;
+pub mod ca;
+pub mod config;
+pub mod datadir;
+pub mod identity;
+pub mod intercept;
+pub mod listener;
+pub mod proxy;
+pub mod reply;
+pub mod server;
+pub mod target;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{start, RunningGateway, StartError};

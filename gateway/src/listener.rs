@@ -1,0 +1,181 @@
+//! Listeners: binding sockets (inside an agent's network namespace when asked) and serving
+//! them with pingora.
+//!
+//! Sockets are bound here rather than by pingora so that bind errors are reported clearly at
+//! start-up, port 0 works (tests), and a socket can be bound in another network namespace:
+//! a short-lived thread enters the namespace, binds, and exits; the listening socket stays in
+//! that namespace while this process accepts on it. The bound socket is handed to a pingora
+//! listening service through its file-descriptor table, so accepting, buffering and
+//! per-connection tasks are pingora's own.
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
+use pingora::server::{Fds, ListenFds, ShutdownWatch};
+use pingora::services::listening::Service;
+use pingora::services::Service as _;
+
+use crate::identity::{self, AgentRegistry, ListenerBinding};
+use crate::intercept::{self, Interceptor};
+use crate::proxy::{identity_refusal, Egress};
+
+/// Why a listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// bind() or listen() failed.
+    #[error("cannot listen on {address}{}: {source}", netns_suffix(.netns))]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The namespace, if any.
+        netns: Option<PathBuf>,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The network namespace could not be entered.
+    #[error("cannot enter network namespace {netns}: {reason} (binding in a namespace needs root or CAP_SYS_ADMIN)")]
+    Netns {
+        /// The namespace file.
+        netns: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+fn netns_suffix(netns: &Option<PathBuf>) -> String {
+    netns
+        .as_ref()
+        .map(|p| format!(" in network namespace {}", p.display()))
+        .unwrap_or_default()
+}
+
+/// Binds a TCP listener at `address`, inside the network namespace `netns` if given.
+pub fn bind(address: SocketAddr, netns: Option<&Path>) -> Result<TcpListener, ListenerError> {
+    let listener = match netns {
+        None => bind_here(address),
+        Some(ns) => {
+            let ns = ns.to_path_buf();
+            std::thread::spawn(move || -> Result<TcpListener, ListenerError> {
+                enter_netns(&ns)?;
+                // This thread now lives in the namespace and ends right after binding, so the
+                // process's other threads never see it.
+                bind_here(address).map_err(|e| match e {
+                    ListenerError::Bind { address, source, .. } => ListenerError::Bind {
+                        address,
+                        netns: Some(ns.clone()),
+                        source,
+                    },
+                    other => other,
+                })
+            })
+            .join()
+            .map_err(|_| ListenerError::Netns {
+                netns: netns.map(Path::to_path_buf).unwrap_or_default(),
+                reason: "the binding thread panicked".into(),
+            })?
+        }
+    }?;
+    Ok(listener)
+}
+
+fn bind_here(address: SocketAddr) -> Result<TcpListener, ListenerError> {
+    let bind_err = |source| ListenerError::Bind {
+        address,
+        netns: None,
+        source,
+    };
+    let listener = TcpListener::bind(address).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
+fn enter_netns(ns: &Path) -> Result<(), ListenerError> {
+    let netns_err = |reason: String| ListenerError::Netns {
+        netns: ns.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(ns).map_err(|e| netns_err(e.to_string()))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| netns_err(e.to_string()))
+}
+
+/// Serves `listener` with `app` until `shutdown` turns true.
+pub fn serve<A>(name: &str, listener: TcpListener, app: A, shutdown: ShutdownWatch) -> tokio::task::JoinHandle<()>
+where
+    A: ServerApp + Send + Sync + 'static,
+{
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| name.to_string());
+    let mut fds = Fds::new();
+    fds.add(address.clone(), listener.into_raw_fd());
+    let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
+    let mut service = Service::new(name.to_string(), app);
+    service.add_tcp(&address);
+    tokio::spawn(async move {
+        service.start_service(Some(fds), shutdown, 1).await;
+    })
+}
+
+/// The application behind an egress listener: CONNECT goes to the interceptor, everything
+/// else (and the decrypted tunnel) to the proxy pipeline.
+pub struct EgressApp {
+    proxy: Arc<HttpProxy<Egress>>,
+    interceptor: Arc<Interceptor>,
+    registry: Arc<AgentRegistry>,
+    binding: ListenerBinding,
+    first_bytes_timeout: Duration,
+}
+
+impl EgressApp {
+    /// The app for one listener.
+    pub fn new(
+        proxy: Arc<HttpProxy<Egress>>,
+        interceptor: Arc<Interceptor>,
+        registry: Arc<AgentRegistry>,
+        binding: ListenerBinding,
+        first_bytes_timeout: Duration,
+    ) -> Self {
+        EgressApp {
+            proxy,
+            interceptor,
+            registry,
+            binding,
+            first_bytes_timeout,
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for EgressApp {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let first = tokio::time::timeout(
+            self.first_bytes_timeout,
+            intercept::starts_with_connect(&mut stream),
+        )
+        .await;
+        let is_connect = match first {
+            Ok(Ok(is_connect)) => is_connect,
+            // Closed, failed or silent before sending 8 bytes: nothing to answer.
+            _ => return None,
+        };
+        if !is_connect {
+            return self.proxy.process_new(stream, shutdown).await;
+        }
+        let admit = |peer: Option<IpAddr>| {
+            identity::identify(&self.registry, &self.binding, peer)
+                .map(|_| ())
+                .map_err(|e| identity_refusal(&e))
+        };
+        let decrypted = self.interceptor.open(stream, admit).await?;
+        self.proxy.process_new(decrypted, shutdown).await
+    }
+}

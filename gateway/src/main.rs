@@ -1,0 +1,116 @@
+//! The `tollgate` command: a thin clap layer over the gateway library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tollgate_gateway::{Config, RunningGateway};
+
+/// Tollgate: the egress gateway for AI-agent sandboxes.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (egress proxy + admin API).
+    Serve {
+        /// TOML configuration file; without it the embedded default is used
+        /// (proxy 127.0.0.1:3128, admin 127.0.0.1:9901, demo agent `local` for 127.0.0.1).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory (CA, admin token); overrides `data_dir` in the config.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, data_dir } => serve(config, data_dir),
+        Command::DefaultConfig => {
+            print!("{}", tollgate_gateway::config::EMBEDDED_DEFAULT);
+            Ok(())
+        }
+    }
+}
+
+fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match &config_path {
+        Some(path) => Config::from_file(path)?,
+        None => Config::embedded_default()?,
+    };
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("tollgate");
+    if config.limits.worker_threads > 0 {
+        runtime.worker_threads(config.limits.worker_threads);
+    }
+    let runtime = runtime.build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let gateway = tollgate_gateway::start(&config).await?;
+        print_banner(&gateway, &config);
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        gateway.shutdown(Duration::from_secs(5)).await;
+        Ok(())
+    })
+}
+
+fn print_banner(g: &RunningGateway, config: &Config) {
+    let created = |yes: bool| if yes { " (created)" } else { "" };
+    println!("Tollgate is running.");
+    println!("  egress proxy: http://{}", g.egress);
+    for (agent, addr) in &g.agent_listeners {
+        println!("  agent listener: {agent} http://{addr}");
+    }
+    println!("  admin API: http://{}  (token in {}{})", g.admin, g.admin_token.display(), created(g.admin_token_created));
+    println!("  gateway CA: {}{}", g.ca_cert.display(), created(g.ca_created));
+    for agent in &config.agents {
+        for peer in &agent.peers {
+            println!("  agent {} ({:?}) from {peer}", agent.id, agent.run_mode);
+        }
+    }
+    println!("Try it:");
+    println!(
+        "  curl -x http://{} --cacert {} https://example.com/",
+        g.egress,
+        g.ca_cert.display()
+    );
+    println!("ready");
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+}

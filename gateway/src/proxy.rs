@@ -1,0 +1,297 @@
+//! The egress pipeline: pingora's request phases, each delegating to one step of the data
+//! path (see DESIGN.md). Plain HTTP and intercepted HTTPS both arrive here.
+//!
+//! `request_filter` does everything that must happen before a byte is forwarded — who is
+//! asking, where to, and whether that destination may be reached — so that nothing reaches
+//! an origin until every check has passed. The later phases only shape the forwarded request
+//! and response.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding};
+use crate::intercept::Tunnel;
+use crate::reply::Refusal;
+use crate::target::{Scheme, Target};
+use crate::upstream::{self, Upstream};
+
+/// State shared by every listener's pipeline.
+pub struct Shared {
+    /// The agents.
+    pub registry: Arc<AgentRegistry>,
+    /// How origins are reached.
+    pub upstream: Upstream,
+}
+
+/// The pipeline of one listener: the shared state plus how that listener identifies agents.
+pub struct Egress {
+    shared: Arc<Shared>,
+    binding: ListenerBinding,
+}
+
+impl Egress {
+    /// The pipeline for a listener with `binding`.
+    pub fn new(shared: Arc<Shared>, binding: ListenerBinding) -> Self {
+        Egress { shared, binding }
+    }
+}
+
+/// What the phases of one request learn and pass on.
+pub struct RequestCtx {
+    started: Instant,
+    agent: Option<Arc<Agent>>,
+    target: Option<Target>,
+    addr: Option<SocketAddr>,
+    /// Set when the gateway answered the request itself.
+    refusal: Option<Refusal>,
+}
+
+/// The sandbox's address as the socket reports it.
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// The refusal for a connection no agent owns.
+pub fn identity_refusal(e: &IdentityError) -> Refusal {
+    Refusal::new(
+        403,
+        "unknown_agent",
+        format!("{e}; the gateway forwards requests only for registered agents"),
+    )
+}
+
+/// Where the request goes: the tunnel's origin for intercepted HTTPS, the absolute URL for
+/// plain proxy requests.
+fn request_target(session: &Session) -> Result<Target, Refusal> {
+    let tunnel = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|ssl| ssl.extension.get::<Tunnel>());
+    let req = session.req_header();
+    match tunnel {
+        Some(tunnel) => {
+            // Inside a tunnel the origin is fixed by the CONNECT; a Host header (or h2
+            // :authority) naming another host is a request meant for someone else.
+            let named = req
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                });
+            if let Some(named) = named {
+                let agrees = Target::from_url_authority(Scheme::Https, &named)
+                    .map(|t| t.host == tunnel.target.host && t.port == tunnel.target.port)
+                    .unwrap_or(false);
+                if !agrees {
+                    return Err(Refusal::new(
+                        421,
+                        "misdirected_request",
+                        format!(
+                            "this tunnel leads to {}; the request names {:?}",
+                            tunnel.target.host_header(),
+                            named.chars().take(256).collect::<String>()
+                        ),
+                    ));
+                }
+            }
+            Ok(tunnel.target.clone())
+        }
+        None => {
+            // pingora keeps the absolute-form target as sent in raw_path(); `uri` holds only
+            // its path.
+            let raw = String::from_utf8_lossy(req.raw_path());
+            let uri: http::Uri = raw.parse().map_err(|_| {
+                Refusal::bad_request(
+                    crate::target::TargetError::NotAbsolute(raw.chars().take(256).collect())
+                        .to_string(),
+                )
+            })?;
+            let scheme = match uri.scheme_str() {
+                Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
+                Some(s) if s.eq_ignore_ascii_case("https") => Scheme::Https,
+                Some(other) => {
+                    return Err(Refusal::bad_request(
+                        crate::target::TargetError::BadScheme(other.to_string()).to_string(),
+                    ))
+                }
+                None => {
+                    return Err(Refusal::bad_request(
+                        crate::target::TargetError::NotAbsolute(uri.to_string()).to_string(),
+                    ))
+                }
+            };
+            let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+            Target::from_url_authority(scheme, authority)
+                .map_err(|e| Refusal::bad_request(e.to_string()))
+        }
+    }
+}
+
+impl Egress {
+    /// Steps 1–7 up to the connection: identity, destination, and the network guard.
+    async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Refusal> {
+        // 1. Who is asking.
+        let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
+            .map_err(|e| identity_refusal(&e))?;
+        ctx.agent = Some(agent);
+        // 2./3. Where to (interception already happened on the socket).
+        let target = request_target(session)?;
+        // 4.–6. Policy, approval and credentials plug in here (later issues).
+        // 7. Resolve asynchronously and keep internal networks out of reach.
+        ctx.addr = Some(self.shared.upstream.resolve(&target).await?);
+        ctx.target = Some(target);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Egress {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            agent: None,
+            target: None,
+            addr: None,
+            refusal: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+        match self.admit(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(refusal) => {
+                refusal.send(session).await?;
+                ctx.refusal = Some(refusal);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+        match (&ctx.target, ctx.addr) {
+            (Some(target), Some(addr)) => Ok(Box::new(self.shared.upstream.peer(target, addr))),
+            // request_filter either fills both or answers the request itself.
+            _ => pingora::Error::e_explain(ErrorType::InternalError, "no admitted target"),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let Some(target) = &ctx.target else {
+            return pingora::Error::e_explain(ErrorType::InternalError, "no admitted target");
+        };
+        // Origins get origin-form (`/path?query`), never the absolute URL sent to the proxy.
+        let origin_form = upstream_request
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .filter(|pq| pq.starts_with('/'))
+            .unwrap_or_else(|| "/".to_string());
+        let uri = origin_form
+            .parse::<http::Uri>()
+            .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e))?;
+        upstream_request.set_uri(uri);
+        for name in upstream::hop_by_hop_headers(&upstream_request.headers) {
+            upstream_request.remove_header(&name);
+        }
+        upstream_request.insert_header(http::header::HOST, target.host_header())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        for name in upstream::hop_by_hop_headers(&upstream_response.headers) {
+            upstream_response.remove_header(&name);
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let refusal = match e.esource() {
+            ErrorSource::Upstream => {
+                let target = ctx
+                    .target
+                    .as_ref()
+                    .map(|t| t.host_header())
+                    .unwrap_or_else(|| "the origin".into());
+                Some(upstream::refusal_for_upstream_error(e, &target))
+            }
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
+                _ => Some(Refusal::bad_request(format!(
+                    "malformed request: {}",
+                    e.etype().as_str()
+                ))),
+            },
+            _ => Some(Refusal::new(500, "internal_error", "the gateway failed to handle the request")),
+        };
+        let mut error_code = 0;
+        if let Some(refusal) = refusal {
+            error_code = refusal.status;
+            if session.response_written().is_none() {
+                if let Err(send_err) = refusal.send(session).await {
+                    tracing::debug!(error = %send_err, "could not send the error response");
+                }
+            }
+            ctx.refusal = Some(refusal);
+        }
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+        let req = session.req_header();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-");
+        let host = ctx
+            .target
+            .as_ref()
+            .map(|t| t.host_header())
+            .unwrap_or_else(|| "-".into());
+        // The path without its query: query strings often carry tokens.
+        let path = req.uri.path();
+        let elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
+        match (&ctx.refusal, e) {
+            (Some(refusal), _) => tracing::info!(
+                agent, method = %req.method, host, path, status, elapsed_ms,
+                refusal = refusal.error, detail = %refusal.detail, "request refused"
+            ),
+            (None, Some(err)) => tracing::info!(
+                agent, method = %req.method, host, path, status, elapsed_ms,
+                error = %err.etype().as_str(), "request failed"
+            ),
+            (None, None) => tracing::info!(
+                agent, method = %req.method, host, path, status, elapsed_ms, "request"
+            ),
+        }
+    }
+}

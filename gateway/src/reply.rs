@@ -1,0 +1,111 @@
+//! Every answer the gateway itself gives instead of the origin, in one place.
+//!
+//! A refusal is a status code plus a JSON body `{"error": <stable code>, "detail": <what
+//! happened and what to do>}`. The same shape is used on the egress listener (proxy and
+//! CONNECT) and on the admin API, so clients and operators parse one format. Details never
+//! contain secrets: they are built from the gateway's own knowledge (host names, agent ids,
+//! error kinds), not from credentials or payloads.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+/// A response the gateway gives on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status code.
+    pub status: u16,
+    /// A stable, machine-readable code, e.g. `unknown_agent`.
+    pub error: &'static str,
+    /// A sentence for the person reading the log or the client output.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// A refusal with this status, code and detail.
+    pub fn new(status: u16, error: &'static str, detail: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+
+    /// 400: the request itself is malformed.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(400, "bad_request", detail)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let json = serde_json::json!({ "error": self.error, "detail": self.detail });
+        Bytes::from(json.to_string())
+    }
+
+    /// A complete HTTP/1.1 response that closes the connection, for places with no HTTP
+    /// session to answer through (the CONNECT handler).
+    pub fn to_http1(&self) -> Vec<u8> {
+        let body = self.body();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n",
+            self.status,
+            reason_phrase(self.status),
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Sends this refusal as the response to the session's current request.
+    pub async fn send(&self, session: &mut Session) -> pingora::Result<()> {
+        let body = self.body();
+        let mut header = ResponseHeader::build(self.status, Some(3))?;
+        header.insert_header("content-type", "application/json")?;
+        header.insert_header("content-length", body.len().to_string())?;
+        header.insert_header("cache-control", "no-store")?;
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.error, self.detail)
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_is_json_with_code_and_detail() {
+        let r = Refusal::new(403, "unknown_agent", "no agent for \"x\"");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"], "unknown_agent");
+        assert_eq!(v["detail"], "no agent for \"x\"");
+    }
+
+    #[test]
+    fn the_raw_response_is_framed_and_closes() {
+        let r = Refusal::bad_request("nope");
+        let raw = String::from_utf8(r.to_http1()).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{raw}");
+        assert!(raw.contains("connection: close\r\n"));
+        let (_, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(raw.contains(&format!("content-length: {}\r\n", body.len())));
+    }
+}

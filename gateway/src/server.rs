@@ -1,0 +1,215 @@
+//! Start-up: from a [`Config`] to running listeners.
+//!
+//! Everything that can fail — the data directory, the CA, the admin token, the upstream trust
+//! bundle, every bind — is done before the first connection is accepted, so a gateway either
+//! starts completely or not at all, with an error that names what to fix.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::proxy::HttpProxy;
+use pingora::server::configuration::ServerConf;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminApi;
+use crate::ca::{CaError, GatewayCa, LeafCerts};
+use crate::config::Config;
+use crate::datadir::{self, FileError};
+use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
+use crate::intercept::Interceptor;
+use crate::listener::{self, EgressApp, ListenerError};
+use crate::proxy::{Egress, Shared};
+use crate::upstream::Upstream;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file in the data directory.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The gateway CA.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// A listener.
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
+    /// The agents in the config.
+    #[error("agents: {0}")]
+    Registry(#[from] RegistryError),
+    /// The upstream trust bundle.
+    #[error("upstream trust: {0}")]
+    Trust(String),
+}
+
+/// A running gateway: where it listens, and the handle to stop it.
+pub struct RunningGateway {
+    /// The shared egress listener's address.
+    pub egress: SocketAddr,
+    /// The admin API's address.
+    pub admin: SocketAddr,
+    /// Agents' own listeners: (agent id, address).
+    pub agent_listeners: Vec<(String, SocketAddr)>,
+    /// The CA certificate sandboxes must trust.
+    pub ca_cert: PathBuf,
+    /// Whether the CA was created by this start.
+    pub ca_created: bool,
+    /// The admin token file.
+    pub admin_token: PathBuf,
+    /// Whether the admin token was created by this start.
+    pub admin_token_created: bool,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Stops accepting connections and waits (up to `grace`) for the listeners to close.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = futures_join(self.tasks);
+        let _ = tokio::time::timeout(grace, all).await;
+    }
+}
+
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Starts the gateway described by `config` on the current tokio runtime.
+pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
+    datadir::ensure_dir(&config.data_dir)?;
+    let (ca, ca_created) = GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
+    let ca_cert = ca.cert_path().to_path_buf();
+    let (token, admin_token_created) = datadir::load_or_create_token(&config.admin_token_path())?;
+    let registry = Arc::new(AgentRegistry::new(config.agents.iter().map(Agent::from))?);
+
+    let server_conf = Arc::new(ServerConf {
+        ca_file: upstream_trust_file(config)?.map(|p| p.display().to_string()),
+        upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
+        ..ServerConf::default()
+    });
+    let shared = Arc::new(Shared {
+        registry: registry.clone(),
+        upstream: Upstream::new(&config.upstream),
+    });
+    let leaves = LeafCerts::new(
+        ca,
+        config.tls.leaf_cache_capacity,
+        Duration::from_secs(config.tls.leaf_validity_hours * 3600),
+    );
+    let interceptor = Arc::new(Interceptor::new(
+        Arc::new(leaves),
+        config.limits.max_connect_head_bytes,
+        config.limits.handshake_timeout(),
+    ));
+
+    // Bind everything before serving anything: a bind error starts nothing.
+    let egress_socket = listener::bind(config.egress.listen, None)?;
+    let admin_socket = listener::bind(config.admin.listen, None)?;
+    let mut agent_sockets = Vec::new();
+    for agent in &config.agents {
+        if let Some(listen) = &agent.listen {
+            let socket = listener::bind(listen.address, listen.netns.as_deref())?;
+            agent_sockets.push((agent.id.clone(), socket));
+        }
+    }
+    let local = |s: &std::net::TcpListener| {
+        s.local_addr().map_err(|source| {
+            StartError::Listener(ListenerError::Bind {
+                address: config.egress.listen,
+                netns: None,
+                source,
+            })
+        })
+    };
+    let egress = local(&egress_socket)?;
+    let admin = local(&admin_socket)?;
+
+    let (shutdown, watch) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(false));
+    let egress_app = |binding: ListenerBinding| {
+        let mut proxy = HttpProxy::new(Egress::new(shared.clone(), binding.clone()), server_conf.clone());
+        proxy.handle_init_modules();
+        EgressApp::new(
+            Arc::new(proxy),
+            interceptor.clone(),
+            registry.clone(),
+            binding,
+            config.limits.handshake_timeout(),
+        )
+    };
+    let mut tasks = vec![listener::serve(
+        "egress",
+        egress_socket,
+        egress_app(ListenerBinding::Shared),
+        watch.clone(),
+    )];
+    let mut agent_listeners = Vec::new();
+    for (agent_id, socket) in agent_sockets {
+        let addr = local(&socket)?;
+        let app = egress_app(ListenerBinding::Agent(agent_id.clone()));
+        tasks.push(listener::serve(&format!("agent-{agent_id}"), socket, app, watch.clone()));
+        agent_listeners.push((agent_id, addr));
+    }
+    let admin_api = AdminApi::new(token, registry.clone(), ready.clone());
+    tasks.push(listener::serve("admin", admin_socket, admin_api, watch.clone()));
+    ready.store(true, Ordering::Release);
+
+    Ok(RunningGateway {
+        egress,
+        admin,
+        agent_listeners,
+        ca_cert,
+        ca_created,
+        admin_token: config.admin_token_path(),
+        admin_token_created,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The CA bundle origin certificates are checked against, or `None` for the system roots
+/// alone (pingora loads those itself, honouring `SSL_CERT_FILE`).
+///
+/// With an extra CA file and system roots both wanted, the two are written together to
+/// `<data_dir>/upstream-trust.pem` (public certificates only), because pingora takes one file.
+fn upstream_trust_file(config: &Config) -> Result<Option<PathBuf>, StartError> {
+    let Some(extra) = &config.upstream.extra_ca_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(extra).map_err(|e| {
+        StartError::Trust(format!("cannot read upstream.extra_ca_file {}: {e}", extra.display()))
+    })?;
+    let extra_certs: Vec<pem::Pem> = pem::parse_many(&text)
+        .map_err(|e| StartError::Trust(format!("{} is not PEM: {e}", extra.display())))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .collect();
+    if extra_certs.is_empty() {
+        return Err(StartError::Trust(format!(
+            "upstream.extra_ca_file {} holds no CERTIFICATE block",
+            extra.display()
+        )));
+    }
+    if !config.upstream.system_roots {
+        return Ok(Some(extra.clone()));
+    }
+    let system = pingora::tls::load_native_certs()
+        .map_err(|e| StartError::Trust(format!("cannot load the system root certificates: {e}")))?;
+    let mut bundle: Vec<pem::Pem> = system
+        .iter()
+        .map(|der| pem::Pem::new("CERTIFICATE", der.to_vec()))
+        .collect();
+    bundle.extend(extra_certs);
+    let path = config.data_dir.join("upstream-trust.pem");
+    let tmp = config.data_dir.join("upstream-trust.pem.tmp");
+    let write_err = |e: std::io::Error| StartError::Trust(format!("cannot write {}: {e}", path.display()));
+    std::fs::write(&tmp, pem::encode_many(&bundle)).map_err(write_err)?;
+    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    Ok(Some(path))
+}

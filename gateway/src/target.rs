@@ -1,0 +1,255 @@
+//! Where a request is going: the origin's host and port, parsed once and strictly.
+//!
+//! Both the CONNECT authority and the absolute-form request target end up as a [`Target`],
+//! so interception, identity checks and forwarding all compare the same normalised value:
+//! host names are lower-cased without a trailing dot, IP literals are parsed (never treated
+//! as names), and anything else is refused.
+
+use std::fmt;
+use std::net::IpAddr;
+
+/// An origin host: a DNS name or an IP literal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// A DNS name, lower-case, no trailing dot.
+    Name(String),
+    /// An IP literal (`[v6]` brackets removed).
+    Ip(IpAddr),
+}
+
+/// Why a host or authority was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    /// Not a valid DNS name or IP literal.
+    #[error("{0:?} is not a valid host name or IP address")]
+    BadHost(String),
+    /// The port is missing, zero or not a number.
+    #[error("{0:?} does not end in a valid :port")]
+    BadPort(String),
+    /// The request target is not `scheme://authority/path`.
+    #[error("a forward proxy request needs an absolute URL (http://host/path), got {0:?}")]
+    NotAbsolute(String),
+    /// Only http and https are proxied.
+    #[error("scheme {0:?} is not supported: use http or https")]
+    BadScheme(String),
+}
+
+impl Host {
+    /// Parses a host as it appears in a URL or SNI: a DNS name or an IP literal.
+    pub fn parse(raw: &str) -> Result<Host, TargetError> {
+        let bad = || TargetError::BadHost(raw.chars().take(256).collect());
+        if let Some(inner) = raw.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            return inner
+                .parse::<std::net::Ipv6Addr>()
+                .map(|ip| Host::Ip(IpAddr::V6(ip)))
+                .map_err(|_| bad());
+        }
+        if let Ok(ip) = raw.parse::<IpAddr>() {
+            return Ok(Host::Ip(ip));
+        }
+        let name = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+        if name.is_empty() || name.len() > 253 {
+            return Err(bad());
+        }
+        for label in name.split('.') {
+            let ok = !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(bad());
+            }
+        }
+        // A name made only of digits and dots would be an IP address in disguise
+        // (e.g. "127.1"): refuse it instead of letting a resolver interpret it.
+        if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(bad());
+        }
+        Ok(Host::Name(name))
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// The scheme the origin is spoken to with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// The port used when the URL names none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+
+    /// "http" or "https".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// An origin: scheme, host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// How the origin is spoken to.
+    pub scheme: Scheme,
+    /// The origin's host.
+    pub host: Host,
+    /// The origin's port.
+    pub port: u16,
+}
+
+impl Target {
+    /// Parses a CONNECT authority (`host:port`, port required); the tunnel carries TLS.
+    pub fn from_connect_authority(raw: &str) -> Result<Target, TargetError> {
+        let (host, port) = split_host_port(raw)?;
+        let port = port.ok_or_else(|| TargetError::BadPort(raw.to_string()))?;
+        Ok(Target {
+            scheme: Scheme::Https,
+            host,
+            port,
+        })
+    }
+
+    /// Parses the authority of an absolute URL for `scheme` (port optional).
+    pub fn from_url_authority(scheme: Scheme, raw: &str) -> Result<Target, TargetError> {
+        let (host, port) = split_host_port(raw)?;
+        Ok(Target {
+            scheme,
+            host,
+            port: port.unwrap_or(scheme.default_port()),
+        })
+    }
+
+    /// The value of the `Host` header for this target (port omitted when it is the default).
+    pub fn host_header(&self) -> String {
+        if self.port == self.scheme.default_port() {
+            self.host.to_string()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme.as_str(), self.host, self.port)
+    }
+}
+
+/// Splits `host[:port]`, rejecting user info and empty or zero ports.
+fn split_host_port(raw: &str) -> Result<(Host, Option<u16>), TargetError> {
+    if raw.contains('@') {
+        return Err(TargetError::BadHost(raw.to_string()));
+    }
+    let (host, port) = if raw.starts_with('[') {
+        match raw.find(']') {
+            Some(end) => {
+                let rest = &raw[end + 1..];
+                let port = match rest {
+                    "" => None,
+                    _ => Some(
+                        rest.strip_prefix(':')
+                            .ok_or_else(|| TargetError::BadPort(raw.to_string()))?,
+                    ),
+                };
+                (&raw[..=end], port)
+            }
+            None => return Err(TargetError::BadHost(raw.to_string())),
+        }
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (raw, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+            _ => return Err(TargetError::BadPort(raw.to_string())),
+        },
+    };
+    Ok((Host::parse(host)?, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_normalised_and_ips_are_literals() {
+        assert_eq!(
+            Host::parse("API.GitHub.com.").unwrap(),
+            Host::Name("api.github.com".into())
+        );
+        assert_eq!(
+            Host::parse("[::1]").unwrap(),
+            Host::Ip("::1".parse().unwrap())
+        );
+        assert_eq!(
+            Host::parse("10.0.0.1").unwrap(),
+            Host::Ip("10.0.0.1".parse().unwrap())
+        );
+        for bad in ["", "a..b", "-a.com", "a b", "127.1", "0x7f.1", "a/b", "[zz]", "é.com"] {
+            assert!(Host::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn connect_authority_needs_a_port() {
+        let t = Target::from_connect_authority("example.com:8443").unwrap();
+        assert_eq!(t.port, 8443);
+        assert_eq!(t.scheme, Scheme::Https);
+        assert_eq!(
+            Target::from_connect_authority("[::1]:443").unwrap().host,
+            Host::Ip("::1".parse().unwrap())
+        );
+        for bad in [
+            "example.com",
+            "example.com:",
+            "example.com:0",
+            "example.com:99999",
+            "example.com:+1",
+            "user@example.com:443",
+            "[::1]443",
+        ] {
+            assert!(
+                Target::from_connect_authority(bad).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn url_authority_defaults_the_port_and_host_header_omits_it() {
+        let t = Target::from_url_authority(Scheme::Http, "example.com").unwrap();
+        assert_eq!(t.port, 80);
+        assert_eq!(t.host_header(), "example.com");
+        let t = Target::from_url_authority(Scheme::Http, "example.com:8080").unwrap();
+        assert_eq!(t.host_header(), "example.com:8080");
+        let t = Target::from_url_authority(Scheme::Https, "[::1]:8443").unwrap();
+        assert_eq!(t.host_header(), "[::1]:8443");
+    }
+}
