@@ -259,6 +259,7 @@ impl LeafCerts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::UnixTime;
     use std::os::unix::fs::PermissionsExt;
 

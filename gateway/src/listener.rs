@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
@@ -106,8 +107,14 @@ fn enter_netns(ns: &Path) -> Result<(), ListenerError> {
         .map_err(|e| netns_err(e.to_string()))
 }
 
-/// Serves `listener` with `app` until `shutdown` turns true.
-pub fn serve<A>(name: &str, listener: TcpListener, app: A, shutdown: ShutdownWatch) -> tokio::task::JoinHandle<()>
+/// Serves `listener` with `app` until `shutdown` turns true; with `tls`, connections are TLS.
+pub fn serve<A>(
+    name: &str,
+    listener: TcpListener,
+    app: A,
+    tls: Option<TlsSettings>,
+    shutdown: ShutdownWatch,
+) -> tokio::task::JoinHandle<()>
 where
     A: ServerApp + Send + Sync + 'static,
 {
@@ -119,7 +126,10 @@ where
     fds.add(address.clone(), listener.into_raw_fd());
     let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
     let mut service = Service::new(name.to_string(), app);
-    service.add_tcp(&address);
+    match tls {
+        Some(settings) => service.add_tls_with_settings(&address, None, settings),
+        None => service.add_tcp(&address),
+    }
     tokio::spawn(async move {
         service.start_service(Some(fds), shutdown, 1).await;
     })

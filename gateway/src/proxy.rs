@@ -211,9 +211,8 @@ impl ProxyHttp for Egress {
             .parse::<http::Uri>()
             .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e))?;
         upstream_request.set_uri(uri);
-        for name in upstream::hop_by_hop_headers(&upstream_request.headers) {
-            upstream_request.remove_header(&name);
-        }
+        // Hop-by-hop and proxy request headers (incl. those named in Connection) are already
+        // gone: pingora's default upstream request policy strips them.
         upstream_request.insert_header(http::header::HOST, target.host_header())?;
         Ok(())
     }
@@ -224,6 +223,8 @@ impl ProxyHttp for Egress {
         upstream_response: &mut ResponseHeader,
         _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        // pingora strips hop-by-hop headers from requests only; the sandbox must not see the
+        // origin's either (e.g. Proxy-Authenticate, or headers the origin named in Connection).
         for name in upstream::hop_by_hop_headers(&upstream_response.headers) {
             upstream_response.remove_header(&name);
         }

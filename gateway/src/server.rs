@@ -147,17 +147,24 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         "egress",
         egress_socket,
         egress_app(ListenerBinding::Shared),
+        None,
         watch.clone(),
     )];
     let mut agent_listeners = Vec::new();
     for (agent_id, socket) in agent_sockets {
         let addr = local(&socket)?;
         let app = egress_app(ListenerBinding::Agent(agent_id.clone()));
-        tasks.push(listener::serve(&format!("agent-{agent_id}"), socket, app, watch.clone()));
+        tasks.push(listener::serve(
+            &format!("agent-{agent_id}"),
+            socket,
+            app,
+            None,
+            watch.clone(),
+        ));
         agent_listeners.push((agent_id, addr));
     }
     let admin_api = AdminApi::new(token, registry.clone(), ready.clone());
-    tasks.push(listener::serve("admin", admin_socket, admin_api, watch.clone()));
+    tasks.push(listener::serve("admin", admin_socket, admin_api, None, watch.clone()));
     ready.store(true, Ordering::Release);
 
     Ok(RunningGateway {

@@ -63,9 +63,13 @@ impl Host {
                 return Err(bad());
             }
         }
-        // A name made only of digits and dots would be an IP address in disguise
-        // (e.g. "127.1"): refuse it instead of letting a resolver interpret it.
-        if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        // A name whose last label is a number is an IP address in disguise ("127.1",
+        // "0x7f.1"): URL parsers and resolvers read it as one. No real TLD is numeric.
+        let last = name.rsplit('.').next().unwrap_or_default();
+        let hex = last
+            .strip_prefix("0x")
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if hex || last.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         Ok(Host::Name(name))
@@ -212,7 +216,9 @@ mod tests {
             Host::parse("10.0.0.1").unwrap(),
             Host::Ip("10.0.0.1".parse().unwrap())
         );
-        for bad in ["", "a..b", "-a.com", "a b", "127.1", "0x7f.1", "a/b", "[zz]", "é.com"] {
+        for bad in [
+            "", "a..b", "-a.com", "a b", "127.1", "0x7f.1", "1.0x7f", "a/b", "[zz]", "é.com", "x.123",
+        ] {
             assert!(Host::parse(bad).is_err(), "{bad:?} must be refused");
         }
     }

@@ -244,7 +244,7 @@ fn root_cause_text(e: &pingora::Error) -> String {
     text.chars().take(200).collect()
 }
 
-/// Headers that describe one hop, not the message: never forwarded in either direction.
+/// Headers that describe one hop, not the message: never passed on to the sandbox.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",

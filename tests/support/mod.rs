@@ -1,0 +1,433 @@
+//! Real parts for end-to-end tests: the `tollgate` binary as a child process, origin servers
+//! (plain HTTP and HTTPS with their own test CA) on loopback, and curl as the client.
+//!
+//! Nothing here is mocked: the gateway is the release artefact users run, the origins are
+//! pingora HTTP servers on real sockets, and curl is the system's curl.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::http::ServerSession;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use tokio::sync::watch;
+
+/// Prints why a test is skipped and returns true when `curl` is missing.
+pub fn no_curl() -> bool {
+    let ok = Command::new("curl").arg("--version").output().is_ok();
+    if !ok {
+        eprintln!("SKIP: curl is not installed (apt-get install -y curl)");
+    }
+    !ok
+}
+
+/// A CA of the test's own, for origin certificates the gateway must verify.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
+            .expect("CA");
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).expect("write CA");
+        TestCa { dir, issuer }
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Writes a server certificate for localhost and 127.0.0.1; returns (cert, key) paths.
+    pub fn server_cert(&self) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let cert_path = self.dir.path().join("server.pem");
+        let key_path = self.dir.path().join("server-key.pem");
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+}
+
+/// What an origin saw of one request.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: HashMap<String, String>,
+    pub body_len: usize,
+}
+
+/// An origin that answers every request with a JSON [`Seen`] of it.
+/// `/sleep/<ms>` waits before answering; `/bytes/<n>` answers with n bytes; `/hop-by-hop`
+/// adds hop-by-hop response headers.
+struct Echo {
+    requests: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl ServeHttp for Echo {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let mut body_len = 0;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            body_len += chunk.len();
+        }
+        let req = session.req_header();
+        let target = String::from_utf8_lossy(req.raw_path()).to_string();
+        let path = req.uri.path().to_string();
+        if let Some(ms) = path.strip_prefix("/sleep/").and_then(|v| v.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let body = match path.strip_prefix("/bytes/").and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) => vec![b'x'; n],
+            None => {
+                let headers = req
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).to_string()))
+                    .collect();
+                let seen = Seen {
+                    method: req.method.to_string(),
+                    target,
+                    headers,
+                    body_len,
+                };
+                serde_json::to_vec(&seen).expect("json")
+            }
+        };
+        let mut r = Response::new(body);
+        r.headers_mut().insert("content-type", "application/json".parse().expect("hv"));
+        if path == "/hop-by-hop" {
+            for (name, value) in [
+                ("proxy-authenticate", "Basic realm=\"origin\""),
+                ("keep-alive", "timeout=5"),
+                ("x-origin-kept", "1"),
+            ] {
+                r.headers_mut().insert(name, value.parse().expect("hv"));
+            }
+        }
+        let len = r.body().len();
+        r.headers_mut().insert("content-length", len.into());
+        r
+    }
+}
+
+/// A running origin server on loopback.
+pub struct Origin {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    _stop: watch::Sender<bool>,
+}
+
+impl Origin {
+    /// A plain-HTTP origin on 127.0.0.1.
+    pub fn http() -> Origin {
+        Self::start(None)
+    }
+
+    /// An HTTPS origin on 127.0.0.1 with a certificate from `ca`.
+    pub fn https(ca: &TestCa) -> Origin {
+        let (cert, key) = ca.server_cert();
+        let settings = TlsSettings::intermediate(
+            cert.to_str().expect("utf8 path"),
+            key.to_str().expect("utf8 path"),
+        )
+        .expect("TLS settings");
+        Self::start(Some(settings))
+    }
+
+    fn start(tls: Option<TlsSettings>) -> Origin {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("bind origin");
+        let addr = socket.local_addr().expect("addr");
+        let (stop, watch) = watch::channel(false);
+        let app = Echo {
+            requests: requests.clone(),
+        };
+        tollgate_gateway::listener::serve("origin", socket, app, tls, watch);
+        Origin {
+            addr,
+            requests,
+            _stop: stop,
+        }
+    }
+
+    /// How many requests reached this origin.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// The `tollgate` binary, running as a child process with its own data directory.
+pub struct Gateway {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub egress: SocketAddr,
+    pub admin: SocketAddr,
+    pub agent_listeners: HashMap<String, SocketAddr>,
+    pub banner: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts `tollgate serve` with `config` (TOML); `data_dir` is set to a fresh temp dir
+    /// unless the config names one.
+    pub fn start(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, config)
+    }
+
+    /// Starts `tollgate serve` in `dir` (its data directory is `dir/data`).
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
+        let config_path = dir.path().join("tollgate.toml");
+        let config = format!("data_dir = {:?}\n{config}", dir.path().join("data"));
+        std::fs::write(&config_path, config).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        Self::spawn(cmd, dir)
+    }
+
+    /// Spawns a prepared `tollgate serve` command and waits for its banner.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Gateway {
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        cmd.current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line == "ready" => break,
+                Ok(line) => banner.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+                    panic!("tollgate did not start; stdout: {banner:?}\nlog:\n{log}");
+                }
+            }
+        }
+        let find = |prefix: &str| -> SocketAddr {
+            banner
+                .iter()
+                .find_map(|l| l.trim().strip_prefix(prefix))
+                .and_then(|rest| rest.trim().strip_prefix("http://"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix:?} line in banner {banner:?}"))
+        };
+        let egress = find("egress proxy:");
+        let admin = find("admin API:");
+        let agent_listeners = banner
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("agent listener:"))
+            .filter_map(|rest| {
+                let mut parts = rest.split_whitespace();
+                let id = parts.next()?.to_string();
+                let addr = parts.next()?.strip_prefix("http://")?.parse().ok()?;
+                Some((id, addr))
+            })
+            .collect();
+        Gateway {
+            child,
+            dir,
+            egress,
+            admin,
+            agent_listeners,
+            banner,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir().join("ca.pem")
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.egress)
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Stops the gateway and hands back its directory (to restart on the same data).
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What curl got.
+#[derive(Debug)]
+pub struct CurlResult {
+    /// curl's exit code (0 on any HTTP response).
+    pub exit: i32,
+    /// The HTTP status (0 if none).
+    pub status: u16,
+    /// The response body.
+    pub body: String,
+    /// curl's stderr (with -v: the TLS and header trace).
+    pub stderr: String,
+    /// `%{http_version}`.
+    pub http_version: String,
+}
+
+impl CurlResult {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The body as what the echo origin saw.
+    pub fn seen(&self) -> Seen {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not an echo ({e}): {:?}", self.body))
+    }
+}
+
+/// Runs curl with `args` (silent, with a 20 s limit) and collects status, body and trace.
+pub fn curl(args: &[&str]) -> CurlResult {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code} %{http_version}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, trailer) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+    let mut trailer = trailer.split_whitespace();
+    let status = trailer.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let http_version = trailer.next().unwrap_or_default().to_string();
+    CurlResult {
+        exit: out.status.code().unwrap_or(-1),
+        status,
+        body: body.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        http_version,
+    }
+}
+
+/// curl on a blocking thread, for use inside async tests.
+pub async fn curl_async(args: Vec<String>) -> CurlResult {
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&refs)
+    })
+    .await
+    .expect("curl thread")
+}
+
+/// Builds an argument vector from anything string-like.
+#[macro_export]
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { vec![$($a.to_string()),*] };
+}
+
+/// Sends raw bytes to `addr` and returns everything read until the peer closes or 5 s pass.
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.write_all(request).expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                // One response is enough for a request that did not ask to keep going.
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && response_complete(&out) {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn response_complete(raw: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    body.len() >= len
+}
+
+/// The config lines that let the gateway reach test origins on loopback and trust `ca`.
+pub fn loopback_upstream(ca: Option<&Path>) -> String {
+    let mut s = String::from("[upstream]\nallow_networks = [\"127.0.0.1/32\"]\n");
+    if let Some(ca) = ca {
+        s.push_str(&format!("extra_ca_file = {:?}\n", ca));
+    }
+    s
+}
+
+/// The listeners on port 0 so parallel tests never collide.
+pub const EPHEMERAL_LISTENERS: &str =
+    "[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
