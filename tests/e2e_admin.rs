@@ -1,8 +1,432 @@
-//! The admin API and start-up, end to end.
+//! The admin API, agent listeners and start-up, end to end.
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
 use support::*;
 
+fn gateway_with(extra_agents: &str) -> Gateway {
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n[[agents]]\nid = \"local\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n{extra_agents}",
+        loopback_upstream(None)
+    );
+    Gateway::start(&config)
+}
+
+fn admin(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> CurlResult {
+    let url = format!("http://{}{path}", gw.admin);
+    let mut args = vec!["-X".to_string(), method.to_string(), url];
+    if let Some(token) = token {
+        args.push("-H".into());
+        args.push(format!("Authorization: Bearer {token}"));
+    }
+    if let Some(body) = body {
+        args.extend([
+            "-H".into(),
+            "content-type: application/json".into(),
+            "--data-binary".into(),
+            body.into(),
+        ]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    curl(&refs)
+}
+
 #[test]
-fn placeholder() {}
+fn every_route_but_healthz_needs_the_admin_token() {
+    if no_curl() {
+        return;
+    }
+    let gw = gateway_with("");
+    let token = gw.admin_token();
+    assert_eq!(admin(&gw, "GET", "/healthz", None, None).status, 200);
+    for path in ["/readyz", "/v1/agents", "/v1/agents/local"] {
+        let missing = admin(&gw, "GET", path, None, None);
+        assert_eq!(missing.status, 401, "{path}: {missing:?}");
+        assert_eq!(missing.json()["error"], "unauthorized");
+        let wrong = admin(&gw, "GET", path, Some("not-the-token-at-all"), None);
+        assert_eq!(wrong.status, 401, "{path}: {wrong:?}");
+        let right = admin(&gw, "GET", path, Some(&token), None);
+        assert_eq!(right.status, 200, "{path}: {right:?}");
+    }
+    // A mutation without the token changes nothing.
+    let r = admin(&gw, "DELETE", "/v1/agents/local", None, None);
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        admin(&gw, "GET", "/v1/agents/local", Some(&token), None).status,
+        200
+    );
+}
+
+#[test]
+fn agents_are_created_read_replaced_and_deleted() {
+    if no_curl() {
+        return;
+    }
+    let gw = gateway_with("");
+    let t = gw.admin_token();
+    let body = r#"{"run_mode":"Autonomous","scopes":["/subscriptions/s1/resourceGroups/rg1"],"peers":["127.0.0.2"],"tags":{"team":"x"}}"#;
+    let created = admin(&gw, "PUT", "/v1/agents/agent-b", Some(&t), Some(body));
+    assert_eq!(created.status, 201, "{created:?}");
+    let got = admin(&gw, "GET", "/v1/agents/agent-b", Some(&t), None).json();
+    assert_eq!(got["id"], "agent-b");
+    assert_eq!(got["run_mode"], "Autonomous");
+    assert_eq!(got["scopes"][0], "/subscriptions/s1/resourceGroups/rg1");
+    assert_eq!(got["peers"][0], "127.0.0.2");
+
+    let replaced = admin(
+        &gw,
+        "PUT",
+        "/v1/agents/agent-b",
+        Some(&t),
+        Some(r#"{"run_mode":"ReadOnly","peers":["127.0.0.2"]}"#),
+    );
+    assert_eq!(replaced.status, 200, "{replaced:?}");
+    assert_eq!(replaced.json()["run_mode"], "ReadOnly");
+
+    let list = admin(&gw, "GET", "/v1/agents", Some(&t), None).json();
+    let ids: Vec<&str> = list["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["agent-b", "local"]);
+
+    assert_eq!(
+        admin(&gw, "DELETE", "/v1/agents/agent-b", Some(&t), None).status,
+        204
+    );
+    let gone = admin(&gw, "GET", "/v1/agents/agent-b", Some(&t), None);
+    assert_eq!(gone.status, 404);
+    assert_eq!(gone.json()["error"], "not_found");
+    assert_eq!(
+        admin(&gw, "DELETE", "/v1/agents/agent-b", Some(&t), None).status,
+        404
+    );
+}
+
+#[test]
+fn bad_agent_requests_get_clear_errors_and_change_nothing() {
+    if no_curl() {
+        return;
+    }
+    let gw = gateway_with("");
+    let t = gw.admin_token();
+    let cases = [
+        ("/v1/agents/x", "{not json", 400, "bad_request"),
+        ("/v1/agents/x", r#"{"run_mode":"Yolo"}"#, 400, "bad_request"),
+        (
+            "/v1/agents/x",
+            r#"{"run_mode":"Review","surprise":1}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/agents/x",
+            r#"{"id":"y","run_mode":"Review"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/agents/bad%20id",
+            r#"{"run_mode":"Review"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/agents/x",
+            r#"{"run_mode":"Review","peers":["127.0.0.1"]}"#,
+            409,
+            "conflict",
+        ),
+    ];
+    for (path, body, status, error) in cases {
+        let r = admin(&gw, "PUT", path, Some(&t), Some(body));
+        assert_eq!(r.status, status, "{body}: {r:?}");
+        assert_eq!(r.json()["error"], error, "{body}");
+        assert!(
+            !r.json()["detail"].as_str().unwrap_or("").is_empty(),
+            "{body}: a detail says why"
+        );
+    }
+    let list = admin(&gw, "GET", "/v1/agents", Some(&t), None).json();
+    assert_eq!(list["agents"].as_array().map(Vec::len), Some(1), "{list}");
+    let r = admin(&gw, "POST", "/v1/agents/local", Some(&t), Some("{}"));
+    assert_eq!(r.status, 405);
+    let r = admin(&gw, "GET", "/v2/nothing", Some(&t), None);
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registered_at_run_time_is_recognised_by_its_address() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = gateway_with("");
+    let url = format!("http://127.0.0.1:{}/", origin.port());
+    let before = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &url
+    ])
+    .await;
+    assert_eq!(before.status, 403, "{before:?}");
+    let t = gw.admin_token();
+    let put = admin(
+        &gw,
+        "PUT",
+        "/v1/agents/agent-b",
+        Some(&t),
+        Some(r#"{"run_mode":"Review","peers":["127.0.0.2"]}"#),
+    );
+    assert_eq!(put.status, 201, "{put:?}");
+    let after = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &url
+    ])
+    .await;
+    assert_eq!(after.status, 200, "{after:?}");
+    assert!(
+        gw.log().contains("agent=\"agent-b\""),
+        "the request is attributed to agent-b:\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        admin(&gw, "DELETE", "/v1/agents/agent-b", Some(&t), None).status,
+        204
+    );
+    let removed = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &url
+    ])
+    .await;
+    assert_eq!(removed.status, 403, "{removed:?}");
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_listener_attributes_every_connection_to_its_agent() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = gateway_with(
+        "[[agents]]\nid = \"bound\"\nrun_mode = \"ReadOnly\"\nlisten = { address = \"127.0.0.1:0\" }\n",
+    );
+    let listener = gw
+        .agent_listeners
+        .get("bound")
+        .copied()
+        .expect("agent listener in banner");
+    let url = format!("http://127.0.0.1:{}/", origin.port());
+    // 127.0.0.2 is nobody's address, but on bound's own listener it does not matter.
+    let r = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        format!("http://{listener}"),
+        &url
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(gw.log().contains("agent=\"bound\""), "{}", gw.log());
+    // Once the agent is gone, its listener forwards nothing.
+    let t = gw.admin_token();
+    assert_eq!(
+        admin(&gw, "DELETE", "/v1/agents/bound", Some(&t), None).status,
+        204
+    );
+    let r = curl_async(args!["-x", format!("http://{listener}"), &url]).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.json()["detail"].as_str().unwrap_or("").contains("bound"),
+        "{r:?}"
+    );
+    assert_eq!(origin.requests(), 1);
+}
+
+/// Runs `ip` with `args`, panicking with its output if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace made for one test and deleted afterwards.
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_listener_can_live_in_a_network_namespace() {
+    if no_curl() {
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIP: binding in a network namespace needs root");
+        return;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIP: iproute2 is not installed (apt-get install -y iproute2)");
+        return;
+    }
+    let name = format!("tollgate-test-{}", std::process::id());
+    ip(&["netns", "add", &name]);
+    let ns = Netns(name);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let origin = Origin::http();
+    let gw = gateway_with(&format!(
+        "[[agents]]\nid = \"vm\"\nrun_mode = \"Review\"\nlisten = {{ address = \"127.0.0.1:3128\", netns = \"/run/netns/{}\" }}\n",
+        ns.0
+    ));
+    // From inside the namespace the gateway's listener is the only thing there is; the
+    // gateway itself reaches the origin from the host's namespace.
+    let url = format!("http://127.0.0.1:{}/from-vm", origin.port());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-x",
+                "http://127.0.0.1:3128",
+                &url,
+            ])
+            .output()
+            .expect("curl in netns")
+    })
+    .await
+    .expect("join");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl in the namespace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(body.contains("/from-vm"), "{body}");
+    assert!(gw.log().contains("agent=\"vm\""), "{}", gw.log());
+    assert_eq!(origin.requests(), 1);
+}
+
+#[test]
+fn the_ca_and_admin_token_are_created_private_once_and_reused() {
+    let gw = gateway_with("");
+    let data = gw.data_dir();
+    for (file, mode) in [("ca-key.pem", 0o600), ("admin-token", 0o600)] {
+        let m = std::fs::metadata(data.join(file))
+            .expect(file)
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, mode, "{file} has mode {m:o}");
+    }
+    assert!(
+        gw.banner.iter().any(|l| l.contains("ca.pem (created)")),
+        "{:?}",
+        gw.banner
+    );
+    let ca = std::fs::read(data.join("ca.pem")).expect("ca");
+    let token = gw.admin_token();
+    let dir = gw.stop();
+    let config = std::fs::read_to_string(dir.path().join("tollgate.toml")).expect("config");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("tollgate.toml"));
+    let again = Gateway::spawn(cmd, dir);
+    assert!(config.contains("data_dir"));
+    assert_eq!(
+        std::fs::read(again.data_dir().join("ca.pem")).expect("ca"),
+        ca,
+        "the CA is reused"
+    );
+    assert_eq!(again.admin_token(), token, "the token is reused");
+    assert!(
+        !again.banner.iter().any(|l| l.contains("(created)")),
+        "{:?}",
+        again.banner
+    );
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[egress]\nlisten = \"127.0.0.1:0\"\nlisen = 3\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lisen") && err.contains("bad.toml"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_serves_the_demo_agent_on_port_3128() {
+    if no_curl() {
+        return;
+    }
+    if std::net::TcpListener::bind("127.0.0.1:3128").is_err()
+        || std::net::TcpListener::bind("127.0.0.1:9901").is_err()
+    {
+        eprintln!(
+            "SKIP: 127.0.0.1:3128 or :9901 is in use, so the embedded default cannot start here"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.arg("serve");
+    let gw = Gateway::spawn(cmd, dir);
+    assert_eq!(gw.egress.to_string(), "127.0.0.1:3128");
+    assert_eq!(gw.admin.to_string(), "127.0.0.1:9901");
+    assert!(
+        gw.dir.path().join("tollgate-data/ca.pem").exists(),
+        "data in ./tollgate-data"
+    );
+    assert!(
+        gw.banner
+            .iter()
+            .any(|l| l.contains("curl -x http://127.0.0.1:3128")),
+        "{:?}",
+        gw.banner
+    );
+    // The demo agent's first request goes through the pipeline and gets a decision: the
+    // default SSRF guard refuses loopback origins.
+    let r = curl_async(args!["-x", "http://127.0.0.1:3128", "http://127.0.0.1:9/"]).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["error"], "destination_forbidden");
+    assert!(gw.log().contains("agent=\"local\""), "{}", gw.log());
+}

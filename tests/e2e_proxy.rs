@@ -25,20 +25,37 @@ async fn plain_http_is_forwarded_in_origin_form_without_proxy_headers() {
     let gw = gateway(&ca, "");
     let url = format!("http://127.0.0.1:{}/echo?q=1", origin.port());
     let r = curl_async(args![
-        "-x", gw.proxy_url(), &url,
-        "-H", "Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==",
-        "-H", "Connection: keep-alive, X-Hop",
-        "-H", "X-Hop: drop-me",
-        "-H", "X-Kept: yes",
+        "-x",
+        gw.proxy_url(),
+        &url,
+        "-H",
+        "Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==",
+        "-H",
+        "Connection: keep-alive, X-Hop",
+        "-H",
+        "X-Hop: drop-me",
+        "-H",
+        "X-Kept: yes",
     ])
     .await;
     assert_eq!(r.status, 200, "{r:?}");
     let seen = r.seen();
     assert_eq!(seen.target, "/echo?q=1", "origin-form request target");
-    assert_eq!(seen.headers.get("host").map(String::as_str), Some(format!("127.0.0.1:{}", origin.port()).as_str()));
+    assert_eq!(
+        seen.headers.get("host").map(String::as_str),
+        Some(format!("127.0.0.1:{}", origin.port()).as_str())
+    );
     assert_eq!(seen.headers.get("x-kept").map(String::as_str), Some("yes"));
-    for hop in ["proxy-authorization", "proxy-connection", "x-hop", "connection"] {
-        assert!(!seen.headers.contains_key(hop), "{hop} reached the origin: {seen:?}");
+    for hop in [
+        "proxy-authorization",
+        "proxy-connection",
+        "x-hop",
+        "connection",
+    ] {
+        assert!(
+            !seen.headers.contains_key(hop),
+            "{hop} reached the origin: {seen:?}"
+        );
     }
     assert_eq!(origin.requests(), 1);
 }
@@ -60,11 +77,17 @@ async fn hop_by_hop_response_headers_do_not_reach_the_sandbox() {
         .filter_map(|l| l.strip_prefix("< "))
         .map(|l| l.to_ascii_lowercase())
         .collect();
-    assert!(headers.iter().any(|h| h.starts_with("x-origin-kept:")), "{headers:?}");
+    assert!(
+        headers.iter().any(|h| h.starts_with("x-origin-kept:")),
+        "{headers:?}"
+    );
     // (Connection-nominated response headers are covered by the unit test of
     // hop_by_hop_headers: the test origin's HTTP server rewrites Connection itself.)
     for hop in ["proxy-authenticate:", "keep-alive:"] {
-        assert!(!headers.iter().any(|h| h.starts_with(hop)), "{hop} reached the sandbox: {headers:?}");
+        assert!(
+            !headers.iter().any(|h| h.starts_with(hop)),
+            "{hop} reached the sandbox: {headers:?}"
+        );
     }
 }
 
@@ -89,7 +112,10 @@ async fn https_is_intercepted_with_a_leaf_from_the_gateway_ca() {
     // Trusting only the origin's own CA fails: what curl is shown is the gateway's leaf.
     let origin_ca = ca.cert_path().display().to_string();
     let r = curl_async(args!["-x", gw.proxy_url(), "--cacert", origin_ca, &url]).await;
-    assert_eq!(r.exit, 60, "curl must reject the leaf without the gateway CA: {r:?}");
+    assert_eq!(
+        r.exit, 60,
+        "curl must reject the leaf without the gateway CA: {r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,11 +128,30 @@ async fn http2_works_inside_the_tunnel() {
     let gw = gateway(&ca, "");
     let url = format!("https://localhost:{}/h2", origin.port());
     let gw_ca = gw.ca_cert().display().to_string();
-    let r = curl_async(args!["--http2", "-x", gw.proxy_url(), "--cacert", gw_ca, &url]).await;
+    let r = curl_async(args![
+        "--http2",
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw_ca,
+        &url
+    ])
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.http_version, "2", "ALPN must negotiate h2 with the gateway: {r:?}");
+    assert_eq!(
+        r.http_version, "2",
+        "ALPN must negotiate h2 with the gateway: {r:?}"
+    );
     assert_eq!(r.seen().target, "/h2");
-    let r = curl_async(args!["--http1.1", "-x", gw.proxy_url(), "--cacert", gw.ca_cert().display(), &url]).await;
+    let r = curl_async(args![
+        "--http1.1",
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        &url
+    ])
+    .await;
     assert_eq!(r.http_version, "1.1", "{r:?}");
 }
 
@@ -120,18 +165,41 @@ async fn an_unknown_source_address_is_refused_and_nothing_is_forwarded() {
     let https_origin = Origin::https(&ca);
     let gw = gateway(&ca, "");
     let plain = format!("http://127.0.0.1:{}/", http_origin.port());
-    let r = curl_async(args!["--interface", "127.0.0.2", "-x", gw.proxy_url(), &plain]).await;
+    let r = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &plain
+    ])
+    .await;
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["error"], "unknown_agent");
-    assert!(r.json()["detail"].as_str().unwrap_or("").contains("127.0.0.2"), "{r:?}");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("127.0.0.2"),
+        "{r:?}"
+    );
 
     let tls = format!("https://localhost:{}/", https_origin.port());
     let r = curl_async(args![
-        "--interface", "127.0.0.2", "-x", gw.proxy_url(), "--cacert", gw.ca_cert().display(), &tls
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        &tls
     ])
     .await;
     assert_ne!(r.exit, 0, "the CONNECT must be refused: {r:?}");
-    assert!(r.stderr.contains("403"), "curl reports the 403 to CONNECT: {}", r.stderr);
+    assert!(
+        r.stderr.contains("403"),
+        "curl reports the 403 to CONNECT: {}",
+        r.stderr
+    );
     assert_eq!(http_origin.requests() + https_origin.requests(), 0);
 }
 
@@ -156,7 +224,11 @@ async fn internal_networks_are_refused_unless_allowed() {
     }
     // Through a tunnel too: the CONNECT is answered, the request inside is refused.
     let r = curl_async(args![
-        "-x", gw.proxy_url(), "--cacert", gw.ca_cert().display(), "https://10.0.0.1:8443/"
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        "https://10.0.0.1:8443/"
     ])
     .await;
     assert_eq!(r.status, 403, "{r:?}");
@@ -179,20 +251,46 @@ async fn origin_failures_get_clear_gateway_errors() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let closed_port = closed.local_addr().expect("addr").port();
     drop(closed);
-    let r = curl_async(args!["-x", gw.proxy_url(), format!("http://127.0.0.1:{closed_port}/")]).await;
-    assert_eq!((r.status, r.json()["error"].as_str()), (502, Some("upstream_refused")), "{r:?}");
+    let r = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        format!("http://127.0.0.1:{closed_port}/")
+    ])
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (502, Some("upstream_refused")),
+        "{r:?}"
+    );
 
     // Too slow: 504.
-    let r = curl_async(args!["-x", gw.proxy_url(), format!("http://127.0.0.1:{}/sleep/3000", plain.port())]).await;
-    assert_eq!((r.status, r.json()["error"].as_str()), (504, Some("upstream_timeout")), "{r:?}");
+    let r = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        format!("http://127.0.0.1:{}/sleep/3000", plain.port())
+    ])
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (504, Some("upstream_timeout")),
+        "{r:?}"
+    );
 
     // TLS to an origin that speaks plain HTTP, and to one whose CA is not trusted: 502.
     for port in [plain.port(), untrusted.port()] {
         let url = format!("https://localhost:{port}/");
         let r = curl_async(args!["-x", gw.proxy_url(), "--cacert", &gw_ca, &url]).await;
-        assert_eq!((r.status, r.json()["error"].as_str()), (502, Some("upstream_tls_failed")), "{url}: {r:?}");
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (502, Some("upstream_tls_failed")),
+            "{url}: {r:?}"
+        );
     }
-    assert_eq!(untrusted.requests(), 0, "nothing is sent to an origin that failed verification");
+    assert_eq!(
+        untrusted.requests(),
+        0,
+        "nothing is sent to an origin that failed verification"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +303,13 @@ async fn a_host_header_naming_another_origin_inside_a_tunnel_is_misdirected() {
     let gw = gateway(&ca, "");
     let url = format!("https://localhost:{}/", origin.port());
     let r = curl_async(args![
-        "-x", gw.proxy_url(), "--cacert", gw.ca_cert().display(), "-H", "Host: evil.test", &url
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        "-H",
+        "Host: evil.test",
+        &url
     ])
     .await;
     assert_eq!(r.status, 421, "{r:?}");
@@ -214,9 +318,16 @@ async fn a_host_header_naming_another_origin_inside_a_tunnel_is_misdirected() {
 }
 
 /// A TLS client that sends CONNECT for one host and a ClientHello for another.
-async fn tls_after_connect(proxy: std::net::SocketAddr, authority: &str, sni: &str, gw_ca: &std::path::Path) -> Result<(), String> {
+async fn tls_after_connect(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    sni: &str,
+    gw_ca: &std::path::Path,
+) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
+    let mut tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| e.to_string())?;
     tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
@@ -229,15 +340,24 @@ async fn tls_after_connect(proxy: std::net::SocketAddr, authority: &str, sni: &s
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read_to_string(gw_ca).map_err(|e| e.to_string())?;
     let der = pem::parse(pem).map_err(|e| e.to_string())?;
-    roots.add(der.contents().to_vec().into()).map_err(|e| e.to_string())?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    roots
+        .add(der.contents().to_vec().into())
+        .map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = pingora::tls::TlsConnector::from(Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-    connector.connect(name, tcp).await.map(|_| ()).map_err(|e| e.to_string())
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    connector
+        .connect(name, tcp)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,8 +370,15 @@ async fn a_tls_server_name_that_disagrees_with_the_connect_is_refused() {
         .await
         .expect("a matching server name is intercepted");
     let refused = tls_after_connect(gw.egress, &authority, "evil.test", &gw.ca_cert()).await;
-    assert!(refused.is_err(), "SNI evil.test inside CONNECT localhost must fail");
-    assert!(gw.log().contains("does not match the CONNECT authority"), "{}", gw.log());
+    assert!(
+        refused.is_err(),
+        "SNI evil.test inside CONNECT localhost must fail"
+    );
+    assert!(
+        gw.log().contains("does not match the CONNECT authority"),
+        "{}",
+        gw.log()
+    );
     assert_eq!(origin.requests(), 0);
 }
 

@@ -68,7 +68,11 @@ impl AdminApi {
         if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
             Ok(())
         } else {
-            Err(Refusal::new(401, "unauthorized", "the admin token is wrong"))
+            Err(Refusal::new(
+                401,
+                "unauthorized",
+                "the admin token is wrong",
+            ))
         }
     }
 
@@ -85,15 +89,30 @@ impl AdminApi {
             ["readyz"] => {
                 only(&method, &[Method::GET])?;
                 if self.ready.load(std::sync::atomic::Ordering::Acquire) {
-                    Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ready" })))
+                    Ok(json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "status": "ready" }),
+                    ))
                 } else {
-                    Err(Refusal::new(503, "not_ready", "the gateway is still starting"))
+                    Err(Refusal::new(
+                        503,
+                        "not_ready",
+                        "the gateway is still starting",
+                    ))
                 }
             }
             ["v1", "agents"] => {
                 only(&method, &[Method::GET])?;
-                let agents: Vec<Agent> = self.registry.list().iter().map(|a| Agent::clone(a)).collect();
-                Ok(json(StatusCode::OK, &serde_json::json!({ "agents": agents })))
+                let agents: Vec<Agent> = self
+                    .registry
+                    .list()
+                    .iter()
+                    .map(|a| Agent::clone(a))
+                    .collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "agents": agents }),
+                ))
             }
             ["v1", "agents", id] => {
                 let id = id.to_string();
@@ -111,14 +130,26 @@ impl AdminApi {
                         }
                         None => Err(no_agent(&id)),
                     },
-                    _ => Err(method_not_allowed(&[Method::GET, Method::PUT, Method::DELETE])),
+                    _ => Err(method_not_allowed(&[
+                        Method::GET,
+                        Method::PUT,
+                        Method::DELETE,
+                    ])),
                 }
             }
-            _ => Err(Refusal::new(404, "not_found", format!("no route for {path}"))),
+            _ => Err(Refusal::new(
+                404,
+                "not_found",
+                format!("no route for {path}"),
+            )),
         }
     }
 
-    async fn put_agent(&self, session: &mut ServerSession, id: String) -> Result<Response<Vec<u8>>, Refusal> {
+    async fn put_agent(
+        &self,
+        session: &mut ServerSession,
+        id: String,
+    ) -> Result<Response<Vec<u8>>, Refusal> {
         let body = read_body(session).await?;
         let mut agent: Agent = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("invalid agent JSON: {e}")))?;
@@ -134,7 +165,11 @@ impl AdminApi {
             Ok(created) => {
                 tracing::info!(agent = %id, created, "agent registered");
                 let stored = self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
-                let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
                 Ok(json(status, &*stored))
             }
             Err(e @ RegistryError::InvalidId(_)) => Err(Refusal::bad_request(e.to_string())),
@@ -175,7 +210,11 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Refusal> {
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(e) => return Err(Refusal::bad_request(format!("cannot read the request body: {e}"))),
+            Err(e) => {
+                return Err(Refusal::bad_request(format!(
+                    "cannot read the request body: {e}"
+                )))
+            }
         }
     }
 }
@@ -234,6 +273,9 @@ fn response(status: StatusCode, body: Vec<u8>) -> Response<Vec<u8>> {
         );
     }
     headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     r
 }

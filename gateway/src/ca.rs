@@ -272,7 +272,9 @@ mod tests {
     /// Verifies `leaf` for `name` against `ca` the way a TLS client does.
     fn verify(ca: &GatewayCa, leaf: &CertifiedKey, name: &str) -> Result<(), rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.cert_der().clone()).expect("CA is a valid root");
+        roots
+            .add(ca.cert_der().clone())
+            .expect("CA is a valid root");
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::new(rustls::crypto::ring::default_provider()),
@@ -315,12 +317,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = new_ca(dir.path());
         let leaf = ca
-            .mint_leaf(&Host::Name("api.example.com".into()), Duration::from_secs(3600))
+            .mint_leaf(
+                &Host::Name("api.example.com".into()),
+                Duration::from_secs(3600),
+            )
             .unwrap();
         verify(&ca, &leaf, "api.example.com").expect("leaf verifies for its name");
         assert!(verify(&ca, &leaf, "other.example.com").is_err());
         let ip_leaf = ca
-            .mint_leaf(&Host::Ip("127.0.0.1".parse().unwrap()), Duration::from_secs(60))
+            .mint_leaf(
+                &Host::Ip("127.0.0.1".parse().unwrap()),
+                Duration::from_secs(60),
+            )
             .unwrap();
         verify(&ca, &ip_leaf, "127.0.0.1").expect("IP leaf verifies for its address");
     }
@@ -343,7 +351,10 @@ mod tests {
         let h = Host::Name("a.test".into());
         let first = leaves.get(&h).unwrap();
         let second = leaves.get(&h).unwrap();
-        assert!(Arc::ptr_eq(&first, &second), "a cache hit returns the same leaf");
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "a cache hit returns the same leaf"
+        );
         for i in 0..20 {
             leaves.get(&Host::Name(format!("h{i}.test"))).unwrap();
         }
@@ -355,11 +366,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         new_ca(dir.path());
         std::fs::remove_file(dir.path().join("ca-key.pem")).unwrap();
-        let err = GatewayCa::load_or_create(
-            &dir.path().join("ca.pem"),
-            &dir.path().join("ca-key.pem"),
-        )
-        .unwrap_err();
+        let err =
+            GatewayCa::load_or_create(&dir.path().join("ca.pem"), &dir.path().join("ca-key.pem"))
+                .unwrap_err();
         assert!(matches!(err, CaError::HalfPresent { .. }), "{err}");
         assert!(dir.path().join("ca.pem").exists());
     }

@@ -230,10 +230,16 @@ impl Config {
             return invalid("limits.max_connect_head_bytes must be at least 256".into());
         }
         for (name, ms) in [
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
             ("upstream.read_timeout_ms", self.upstream.read_timeout_ms),
             ("upstream.write_timeout_ms", self.upstream.write_timeout_ms),
-            ("limits.handshake_timeout_ms", self.limits.handshake_timeout_ms),
+            (
+                "limits.handshake_timeout_ms",
+                self.limits.handshake_timeout_ms,
+            ),
         ] {
             if ms == 0 {
                 return invalid(format!("{name} must be greater than 0"));
@@ -412,7 +418,10 @@ mod tests {
         assert_eq!(c.agents.len(), 1);
         assert_eq!(c.agents[0].id, "local");
         assert_eq!(c.agents[0].run_mode, RunMode::Review);
-        assert_eq!(c.agents[0].peers, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.agents[0].peers,
+            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(c.ca_cert_path(), PathBuf::from("./tollgate-data/ca.pem"));
     }
 

@@ -32,7 +32,8 @@ pub enum RunMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Agent {
-    /// Unique id.
+    /// Unique id. In an admin API body it may be left out: the path names the agent.
+    #[serde(default)]
     pub id: String,
     /// ReadOnly, Review or Autonomous.
     pub run_mode: RunMode,
@@ -258,9 +259,13 @@ mod tests {
 
     #[test]
     fn peers_map_to_their_agent_and_mapped_v6_is_v4() {
-        let r = AgentRegistry::new([agent("a", &["127.0.0.2"]), agent("b", &["127.0.0.3"])])
-            .unwrap();
-        let got = identify(&r, &ListenerBinding::Shared, Some("127.0.0.3".parse().unwrap()));
+        let r =
+            AgentRegistry::new([agent("a", &["127.0.0.2"]), agent("b", &["127.0.0.3"])]).unwrap();
+        let got = identify(
+            &r,
+            &ListenerBinding::Shared,
+            Some("127.0.0.3".parse().unwrap()),
+        );
         assert_eq!(got.unwrap().id, "b");
         let mapped = identify(
             &r,
@@ -268,7 +273,11 @@ mod tests {
             Some("::ffff:127.0.0.2".parse().unwrap()),
         );
         assert_eq!(mapped.unwrap().id, "a");
-        let unknown = identify(&r, &ListenerBinding::Shared, Some("127.0.0.9".parse().unwrap()));
+        let unknown = identify(
+            &r,
+            &ListenerBinding::Shared,
+            Some("127.0.0.9".parse().unwrap()),
+        );
         assert_eq!(
             unknown.unwrap_err(),
             IdentityError::UnknownPeer("127.0.0.9".parse().unwrap())

@@ -87,7 +87,8 @@ impl Interceptor {
             Ok(Ok(target)) => target,
             Ok(Err(refusal)) => return refuse(l4, peer, refusal).await,
             Err(_) => {
-                let refusal = Refusal::new(408, "request_timeout", "the CONNECT head took too long");
+                let refusal =
+                    Refusal::new(408, "request_timeout", "the CONNECT head took too long");
                 return refuse(l4, peer, refusal).await;
             }
         };
@@ -128,8 +129,12 @@ impl Interceptor {
             Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
                 match resolver.refused.get() {
-                    Some(why) => tracing::warn!(peer = ?peer, target = %target, "tunnel refused: {why}"),
-                    None => tracing::info!(peer = ?peer, target = %target, error = %e, "intercepted TLS handshake failed"),
+                    Some(why) => {
+                        tracing::warn!(peer = ?peer, target = %target, "tunnel refused: {why}")
+                    }
+                    None => {
+                        tracing::info!(peer = ?peer, target = %target, error = %e, "intercepted TLS handshake failed")
+                    }
                 }
                 None
             }
@@ -145,12 +150,13 @@ impl Interceptor {
         let mut buf = Vec::with_capacity(512);
         let mut chunk = [0u8; 1024];
         loop {
-            let n = l4
-                .read(&mut chunk)
-                .await
-                .map_err(|e| Refusal::bad_request(format!("reading the CONNECT head failed: {e}")))?;
+            let n = l4.read(&mut chunk).await.map_err(|e| {
+                Refusal::bad_request(format!("reading the CONNECT head failed: {e}"))
+            })?;
             if n == 0 {
-                return Err(Refusal::bad_request("the connection closed inside the CONNECT head"));
+                return Err(Refusal::bad_request(
+                    "the connection closed inside the CONNECT head",
+                ));
             }
             buf.extend_from_slice(&chunk[..n]);
             let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -166,11 +172,16 @@ impl Interceptor {
                     return Err(Refusal::new(
                         431,
                         "request_header_too_large",
-                        format!("the CONNECT head is larger than {} bytes", self.max_head_bytes),
+                        format!(
+                            "the CONNECT head is larger than {} bytes",
+                            self.max_head_bytes
+                        ),
                     ))
                 }
                 Err(e) => {
-                    return Err(Refusal::bad_request(format!("malformed CONNECT request: {e}")))
+                    return Err(Refusal::bad_request(format!(
+                        "malformed CONNECT request: {e}"
+                    )))
                 }
             }
         }
@@ -272,7 +283,10 @@ struct TunnelAttach(Arc<Tunnel>);
 
 #[async_trait]
 impl TlsAccept for TunnelAttach {
-    async fn handshake_complete_callback(&self, _tls: &TlsRef) -> Option<Arc<dyn Any + Send + Sync>> {
+    async fn handshake_complete_callback(
+        &self,
+        _tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
         Some(self.0.clone())
     }
 }

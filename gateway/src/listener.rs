@@ -68,7 +68,9 @@ pub fn bind(address: SocketAddr, netns: Option<&Path>) -> Result<TcpListener, Li
                 // This thread now lives in the namespace and ends right after binding, so the
                 // process's other threads never see it.
                 bind_here(address).map_err(|e| match e {
-                    ListenerError::Bind { address, source, .. } => ListenerError::Bind {
+                    ListenerError::Bind {
+                        address, source, ..
+                    } => ListenerError::Bind {
                         address,
                         netns: Some(ns.clone()),
                         source,
@@ -166,7 +168,11 @@ impl EgressApp {
 
 #[async_trait]
 impl ServerApp for EgressApp {
-    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let first = tokio::time::timeout(
             self.first_bytes_timeout,
             intercept::starts_with_connect(&mut stream),

@@ -49,6 +49,7 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = match &config_path {
         Some(path) => Config::from_file(path)?,
@@ -80,8 +81,17 @@ fn print_banner(g: &RunningGateway, config: &Config) {
     for (agent, addr) in &g.agent_listeners {
         println!("  agent listener: {agent} http://{addr}");
     }
-    println!("  admin API: http://{}  (token in {}{})", g.admin, g.admin_token.display(), created(g.admin_token_created));
-    println!("  gateway CA: {}{}", g.ca_cert.display(), created(g.ca_created));
+    println!(
+        "  admin API: http://{}  (token in {}{})",
+        g.admin,
+        g.admin_token.display(),
+        created(g.admin_token_created)
+    );
+    println!(
+        "  gateway CA: {}{}",
+        g.ca_cert.display(),
+        created(g.ca_created)
+    );
     for agent in &config.agents {
         for peer in &agent.peers {
             println!("  agent {} ({:?}) from {peer}", agent.id, agent.run_mode);

@@ -172,7 +172,11 @@ impl ProxyHttp for Egress {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(refusal) => {
@@ -183,7 +187,11 @@ impl ProxyHttp for Egress {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         match (&ctx.target, ctx.addr) {
             (Some(target), Some(addr)) => Ok(Box::new(self.shared.upstream.peer(target, addr))),
             // request_filter either fills both or answers the request itself.
@@ -207,9 +215,9 @@ impl ProxyHttp for Egress {
             .map(|pq| pq.as_str().to_string())
             .filter(|pq| pq.starts_with('/'))
             .unwrap_or_else(|| "/".to_string());
-        let uri = origin_form
-            .parse::<http::Uri>()
-            .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e))?;
+        let uri = origin_form.parse::<http::Uri>().map_err(|e| {
+            pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e)
+        })?;
         upstream_request.set_uri(uri);
         // Hop-by-hop and proxy request headers (incl. those named in Connection) are already
         // gone: pingora's default upstream request policy strips them.
@@ -231,7 +239,12 @@ impl ProxyHttp for Egress {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let refusal = match e.esource() {
             ErrorSource::Upstream => {
                 let target = ctx
@@ -248,7 +261,11 @@ impl ProxyHttp for Egress {
                     e.etype().as_str()
                 ))),
             },
-            _ => Some(Refusal::new(500, "internal_error", "the gateway failed to handle the request")),
+            _ => Some(Refusal::new(
+                500,
+                "internal_error",
+                "the gateway failed to handle the request",
+            )),
         };
         let mut error_code = 0;
         if let Some(refusal) = refusal {
@@ -266,7 +283,12 @@ impl ProxyHttp for Egress {
         }
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
         let req = session.req_header();
         let status = session
             .response_written()

@@ -83,7 +83,8 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
 /// Starts the gateway described by `config` on the current tokio runtime.
 pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     datadir::ensure_dir(&config.data_dir)?;
-    let (ca, ca_created) = GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
+    let (ca, ca_created) =
+        GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
     let ca_cert = ca.cert_path().to_path_buf();
     let (token, admin_token_created) = datadir::load_or_create_token(&config.admin_token_path())?;
     let registry = Arc::new(AgentRegistry::new(config.agents.iter().map(Agent::from))?);
@@ -133,7 +134,10 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     let (shutdown, watch) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
     let egress_app = |binding: ListenerBinding| {
-        let mut proxy = HttpProxy::new(Egress::new(shared.clone(), binding.clone()), server_conf.clone());
+        let mut proxy = HttpProxy::new(
+            Egress::new(shared.clone(), binding.clone()),
+            server_conf.clone(),
+        );
         proxy.handle_init_modules();
         EgressApp::new(
             Arc::new(proxy),
@@ -164,7 +168,13 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         agent_listeners.push((agent_id, addr));
     }
     let admin_api = AdminApi::new(token, registry.clone(), ready.clone());
-    tasks.push(listener::serve("admin", admin_socket, admin_api, None, watch.clone()));
+    tasks.push(listener::serve(
+        "admin",
+        admin_socket,
+        admin_api,
+        None,
+        watch.clone(),
+    ));
     ready.store(true, Ordering::Release);
 
     Ok(RunningGateway {
@@ -190,7 +200,10 @@ fn upstream_trust_file(config: &Config) -> Result<Option<PathBuf>, StartError> {
         return Ok(None);
     };
     let text = std::fs::read_to_string(extra).map_err(|e| {
-        StartError::Trust(format!("cannot read upstream.extra_ca_file {}: {e}", extra.display()))
+        StartError::Trust(format!(
+            "cannot read upstream.extra_ca_file {}: {e}",
+            extra.display()
+        ))
     })?;
     let extra_certs: Vec<pem::Pem> = pem::parse_many(&text)
         .map_err(|e| StartError::Trust(format!("{} is not PEM: {e}", extra.display())))?
@@ -215,7 +228,8 @@ fn upstream_trust_file(config: &Config) -> Result<Option<PathBuf>, StartError> {
     bundle.extend(extra_certs);
     let path = config.data_dir.join("upstream-trust.pem");
     let tmp = config.data_dir.join("upstream-trust.pem.tmp");
-    let write_err = |e: std::io::Error| StartError::Trust(format!("cannot write {}: {e}", path.display()));
+    let write_err =
+        |e: std::io::Error| StartError::Trust(format!("cannot write {}: {e}", path.display()));
     std::fs::write(&tmp, pem::encode_many(&bundle)).map_err(write_err)?;
     std::fs::rename(&tmp, &path).map_err(write_err)?;
     Ok(Some(path))

@@ -155,15 +155,20 @@ impl Upstream {
             }
         }
         match refused {
-            Some((ip, kind)) => Err(Refusal::new(
-                403,
-                "destination_forbidden",
-                format!(
-                    "{} resolves to {ip}, a {kind} address; the gateway does not connect to \
-                     internal networks unless upstream.allow_networks lists them",
-                    target.host
-                ),
-            )),
+            Some((ip, kind)) => {
+                let what = match &target.host {
+                    Host::Ip(_) => format!("{ip} is a {kind} address"),
+                    Host::Name(name) => format!("{name} resolves to {ip}, a {kind} address"),
+                };
+                Err(Refusal::new(
+                    403,
+                    "destination_forbidden",
+                    format!(
+                        "{what}; the gateway does not connect to internal networks unless \
+                         upstream.allow_networks lists them"
+                    ),
+                ))
+            }
             None => Err(Refusal::new(
                 502,
                 "upstream_unresolvable",
@@ -217,17 +222,15 @@ pub fn refusal_for_upstream_error(e: &pingora::Error, target: &str) -> Refusal {
             "upstream_unreachable",
             format!("cannot connect to {target}"),
         ),
-        TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => {
-            Refusal::new(
-                502,
-                "upstream_tls_failed",
-                format!(
-                    "TLS to {target} failed ({}); the origin's certificate must be valid for \
+        TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => Refusal::new(
+            502,
+            "upstream_tls_failed",
+            format!(
+                "TLS to {target} failed ({}); the origin's certificate must be valid for \
                      its name and issued by a trusted CA",
-                    root_cause_text(e)
-                ),
-            )
-        }
+                root_cause_text(e)
+            ),
+        ),
         _ => Refusal::new(
             502,
             "upstream_error",
@@ -313,7 +316,10 @@ mod tests {
             "2002:7f00:1::1",
             "224.0.0.1",
         ] {
-            assert!(guard.refuses(ip(internal)).is_some(), "{internal} must be refused");
+            assert!(
+                guard.refuses(ip(internal)).is_some(),
+                "{internal} must be refused"
+            );
         }
         for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "172.32.0.1"] {
             assert_eq!(guard.refuses(ip(public)), None, "{public} must be allowed");
@@ -349,7 +355,10 @@ mod tests {
     #[test]
     fn hop_by_hop_includes_connection_tokens_but_not_framing() {
         let mut h = http::HeaderMap::new();
-        h.insert("connection", "close, x-secret-hop, Transfer-Encoding".parse().unwrap());
+        h.insert(
+            "connection",
+            "close, x-secret-hop, Transfer-Encoding".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("proxy-authorization", "Basic abc".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());

@@ -46,8 +46,8 @@ impl TestCa {
             .distinguished_name
             .push(rcgen::DnType::CommonName, format!("{name} test CA"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("CA");
+        let issuer =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
         std::fs::write(dir.path().join("ca.pem"), issuer.pem()).expect("write CA");
         TestCa { dir, issuer }
     }
@@ -102,13 +102,21 @@ impl ServeHttp for Echo {
         if let Some(ms) = path.strip_prefix("/sleep/").and_then(|v| v.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        let body = match path.strip_prefix("/bytes/").and_then(|v| v.parse::<usize>().ok()) {
+        let body = match path
+            .strip_prefix("/bytes/")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             Some(n) => vec![b'x'; n],
             None => {
                 let headers = req
                     .headers
                     .iter()
-                    .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).to_string()))
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).to_string(),
+                        )
+                    })
                     .collect();
                 let seen = Seen {
                     method: req.method.to_string(),
@@ -120,7 +128,8 @@ impl ServeHttp for Echo {
             }
         };
         let mut r = Response::new(body);
-        r.headers_mut().insert("content-type", "application/json".parse().expect("hv"));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().expect("hv"));
         if path == "/hop-by-hop" {
             for (name, value) in [
                 ("proxy-authenticate", "Basic realm=\"origin\""),
@@ -239,7 +248,8 @@ impl Gateway {
                 Ok(line) => banner.push(line),
                 Err(_) => {
                     let _ = child.kill();
-                    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+                    let log =
+                        std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
                     panic!("tollgate did not start; stdout: {banner:?}\nlog:\n{log}");
                 }
             }
@@ -347,7 +357,13 @@ impl CurlResult {
 /// Runs curl with `args` (silent, with a 20 s limit) and collects status, body and trace.
 pub fn curl(args: &[&str]) -> CurlResult {
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code} %{http_version}"])
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code} %{http_version}",
+        ])
         .args(args)
         .output()
         .expect("run curl");
@@ -385,7 +401,8 @@ macro_rules! args {
 pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     s.write_all(request).expect("write");
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -413,7 +430,8 @@ fn response_complete(raw: &[u8]) -> bool {
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
         })
         .unwrap_or(0);
     body.len() >= len
@@ -431,3 +449,12 @@ pub fn loopback_upstream(ca: Option<&Path>) -> String {
 /// The listeners on port 0 so parallel tests never collide.
 pub const EPHEMERAL_LISTENERS: &str =
     "[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+/// Whether the tests run as root (needed for network namespaces).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
