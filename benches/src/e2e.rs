@@ -1,0 +1,449 @@
+//! End-to-end load comparison: a client talking to an origin directly, and through the
+//! `tollgate` gateway (plain HTTP, identity + SSRF guard + forwarding), measured side by
+//! side in one run on the same machine.
+//!
+//! Everything runs on loopback: an origin server that answers every request with a fixed
+//! body, the gateway as a child process (the release binary users run, logging at its
+//! default level), and a closed-loop load generator written here (N keep-alive HTTP/1.1
+//! connections, each sending its next request as soon as the previous response is read).
+//! Configurations are measured in interleaved rounds so that drift on a shared machine hits
+//! both alike; the table reports the median round of each.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Compare direct and through-Tollgate request rates and latencies.
+#[derive(Parser)]
+struct Args {
+    /// The `tollgate` binary to benchmark.
+    #[arg(long)]
+    gateway: PathBuf,
+    /// Also write the Markdown table here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Response body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// Seconds per measured round.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rounds per configuration (interleaved).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Worker threads of the gateway (0: one per CPU, the gateway's default).
+    #[arg(long, default_value_t = 0)]
+    gateway_threads: usize,
+    /// A one-round, one-second smoke run.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// One measured round.
+#[derive(Clone)]
+struct Round {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+    gateway_cpu: Option<Duration>,
+}
+
+impl Round {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.seconds = 1;
+        args.rounds = 1;
+    }
+    // The origin gets one thread of its own, the load generator two; the gateway process
+    // uses its default (one worker per CPU). All of them share the machine's cores.
+    let origin_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let body = vec![b'x'; args.body_bytes];
+    let origin = origin_rt.block_on(start_origin(body))?;
+    let mut gateway = Gateway::start(&args.gateway, args.gateway_threads)?;
+    let load_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    let direct_req = format!("GET /bench HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+    let proxied_req = format!("GET http://{origin}/bench HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+    let duration = Duration::from_secs(args.seconds);
+    // Warm up both paths (connections, pools, caches) before measuring.
+    load_rt.block_on(run_load(
+        origin,
+        &direct_req,
+        args.connections,
+        Duration::from_millis(500),
+    ))?;
+    load_rt.block_on(run_load(
+        gateway.egress,
+        &proxied_req,
+        args.connections,
+        Duration::from_millis(500),
+    ))?;
+
+    let mut direct = Vec::new();
+    let mut proxied = Vec::new();
+    for _ in 0..args.rounds {
+        direct.push(load_rt.block_on(run_load(origin, &direct_req, args.connections, duration))?);
+        let cpu_before = gateway.cpu_time();
+        let mut round = load_rt.block_on(run_load(
+            gateway.egress,
+            &proxied_req,
+            args.connections,
+            duration,
+        ))?;
+        round.gateway_cpu = match (cpu_before, gateway.cpu_time()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        proxied.push(round);
+    }
+    let direct = median(direct);
+    let proxied = median(proxied);
+    let rss = gateway.peak_rss_kib();
+    gateway.stop();
+
+    let table = render(&args, &direct, &proxied, rss);
+    println!("{table}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if direct.requests == 0 || proxied.requests == 0 {
+        bail!("a configuration completed no requests");
+    }
+    Ok(())
+}
+
+fn median(mut rounds: Vec<Round>) -> Round {
+    rounds.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+    rounds.swap_remove(rounds.len() / 2)
+}
+
+fn render(args: &Args, direct: &Round, proxied: &Round, gateway_rss_kib: Option<u64>) -> String {
+    let ms = |r: &Round, q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
+    let row = |name: &str, r: &Round| {
+        let cpu = r
+            .gateway_cpu
+            .map(|c| {
+                format!(
+                    "{:.2}",
+                    c.as_secs_f64() / r.requests.max(1) as f64 * 10_000.0
+                )
+            })
+            .unwrap_or_else(|| "–".into());
+        format!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {cpu} | {:.0}% |",
+            r.rps(),
+            ms(r, 0.5),
+            ms(r, 0.99),
+            r.latency_us.max() as f64 / 1000.0,
+            r.errors,
+            r.rps() / direct.rps() * 100.0,
+        )
+    };
+    let mut t = String::new();
+    t.push_str(&format!(
+        "HTTP/1.1, {} connections, {} B responses, {} round(s) of {} s each (median round shown)\n\n",
+        args.connections, args.body_bytes, args.rounds, args.seconds
+    ));
+    t.push_str("| configuration | req/s | p50 ms | p99 ms | max ms | errors | gateway CPU s / 10k req | of direct |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|\n");
+    t.push_str(&row("direct (client → origin)", direct));
+    t.push('\n');
+    t.push_str(&row(
+        "Tollgate plain HTTP (identity + SSRF guard + forward)",
+        proxied,
+    ));
+    t.push('\n');
+    t.push_str(&format!(
+        "\nOrigin connections accepted in the whole run: {}\n",
+        ORIGIN_CONNECTIONS.load(Ordering::Relaxed)
+    ));
+    if let Some(kib) = gateway_rss_kib {
+        t.push_str(&format!(
+            "\nTollgate peak RSS: {:.1} MiB\n",
+            kib as f64 / 1024.0
+        ));
+    }
+    t
+}
+
+/// Connections the origin accepted (a gateway that does not pool its upstream connections
+/// shows up here).
+static ORIGIN_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The origin: answers every request on a keep-alive connection with `body`.
+async fn start_origin(body: Vec<u8>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(&body);
+    let response: Arc<[u8]> = response.into();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            ORIGIN_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            let _ = socket.set_nodelay(true);
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(4096);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Answer each complete request head (bench requests carry no body).
+                    while let Some(end) = find_head_end(&buf) {
+                        buf.drain(..end);
+                        if socket.write_all(&response).await.is_err() {
+                            return;
+                        }
+                    }
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn content_length(head: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if name.eq_ignore_ascii_case("content-length") {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Runs `connections` closed-loop clients against `addr` for `duration`.
+async fn run_load(
+    addr: SocketAddr,
+    request: &str,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Round> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let request: Arc<[u8]> = request.as_bytes().into();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let stop = stop.clone();
+        let request = request.clone();
+        tasks.push(tokio::spawn(
+            async move { client(addr, &request, &stop).await },
+        ));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut requests, mut errors) = (0, 0);
+    for task in tasks {
+        let (hist, ok, failed) = task.await?;
+        latency_us.add(&hist)?;
+        requests += ok;
+        errors += failed;
+    }
+    Ok(Round {
+        requests,
+        errors,
+        elapsed: started.elapsed(),
+        latency_us,
+        gateway_cpu: None,
+    })
+}
+
+/// One keep-alive connection; reconnects after an error. Returns (latencies, ok, errors).
+async fn client(addr: SocketAddr, request: &[u8], stop: &AtomicBool) -> (Histogram<u64>, u64, u64) {
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+    let (mut ok, mut errors) = (0, 0);
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    'connections: while !stop.load(Ordering::Relaxed) {
+        let Ok(mut socket) = TcpStream::connect(addr).await else {
+            errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        buf.clear();
+        while !stop.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            if socket.write_all(request).await.is_err() {
+                errors += 1;
+                continue 'connections;
+            }
+            // Read one response: head, then content-length bytes of body.
+            let (head_end, body_len) = loop {
+                if let Some(end) = find_head_end(&buf) {
+                    match content_length(&buf[..end]) {
+                        Some(len) => break (end, len),
+                        None => {
+                            errors += 1;
+                            continue 'connections;
+                        }
+                    }
+                }
+                match socket.read(&mut chunk).await {
+                    Ok(0) | Err(_) => {
+                        errors += 1;
+                        continue 'connections;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            while buf.len() < head_end + body_len {
+                match socket.read(&mut chunk).await {
+                    Ok(0) | Err(_) => {
+                        errors += 1;
+                        continue 'connections;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let status_ok = buf.starts_with(b"HTTP/1.1 200");
+            buf.drain(..head_end + body_len);
+            if status_ok {
+                ok += 1;
+                let _ = hist.record(start.elapsed().as_micros().max(1) as u64);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    (hist, ok, errors)
+}
+
+/// The gateway under test, as a child process on ephemeral loopback ports.
+struct Gateway {
+    child: Child,
+    egress: SocketAddr,
+    _dir: TempDir,
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Gateway {
+    fn start(binary: &PathBuf, threads: usize) -> anyhow::Result<Gateway> {
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let dir = TempDir(dir);
+        let config = format!(
+            "data_dir = {:?}\n[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [limits]\nworker_threads = {threads}\n\
+             [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
+             [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
+            dir.0.join("data")
+        );
+        let config_path = dir.0.join("tollgate.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.0.join("gateway.log"))?;
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("gateway stdout")?;
+        let mut egress = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(addr) = line.trim().strip_prefix("egress proxy: http://") {
+                egress = Some(addr.parse()?);
+            }
+            if line == "ready" {
+                break;
+            }
+        }
+        let Some(egress) = egress else {
+            let _ = child.kill();
+            bail!("the gateway did not report its egress address; see its log");
+        };
+        Ok(Gateway {
+            child,
+            egress,
+            _dir: dir,
+        })
+    }
+
+    /// User + system CPU time of the gateway process so far.
+    fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command name (which may contain spaces) start after ") ".
+        let rest = stat.rsplit_once(") ")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        let ticks = clock_ticks_per_second();
+        Some(Duration::from_secs_f64(
+            (utime + stime) as f64 / ticks as f64,
+        ))
+    }
+
+    /// Peak resident set size of the gateway process, in KiB.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `getconf CLK_TCK`; 100 on every Linux this runs on, asked anyway.
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
