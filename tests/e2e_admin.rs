@@ -202,7 +202,7 @@ async fn an_agent_registered_at_run_time_is_recognised_by_its_address() {
     .await;
     assert_eq!(after.status, 200, "{after:?}");
     assert!(
-        gw.log().contains("agent=\"agent-b\""),
+        gw.log_contains("agent=\"agent-b\""),
         "the request is attributed to agent-b:\n{}",
         gw.log()
     );
@@ -247,7 +247,7 @@ async fn an_agent_listener_attributes_every_connection_to_its_agent() {
     ])
     .await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(gw.log().contains("agent=\"bound\""), "{}", gw.log());
+    assert!(gw.log_contains("agent=\"bound\""), "{}", gw.log());
     // Once the agent is gone, its listener forwards nothing.
     let t = gw.admin_token();
     assert_eq!(
@@ -334,7 +334,7 @@ async fn an_agent_listener_can_live_in_a_network_namespace() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(body.contains("/from-vm"), "{body}");
-    assert!(gw.log().contains("agent=\"vm\""), "{}", gw.log());
+    assert!(gw.log_contains("agent=\"vm\""), "{}", gw.log());
     assert_eq!(origin.requests(), 1);
 }
 
@@ -428,5 +428,5 @@ async fn the_embedded_default_serves_the_demo_agent_on_port_3128() {
     let r = curl_async(args!["-x", "http://127.0.0.1:3128", "http://127.0.0.1:9/"]).await;
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["error"], "destination_forbidden");
-    assert!(gw.log().contains("agent=\"local\""), "{}", gw.log());
+    assert!(gw.log_contains("agent=\"local\""), "{}", gw.log());
 }

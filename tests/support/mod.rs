@@ -309,6 +309,21 @@ impl Gateway {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
+    /// Waits (up to 5 s) until the log contains `needle`; the gateway logs a request after it
+    /// has answered it, so a client can be faster than the log line.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the gateway and hands back its directory (to restart on the same data).
     pub fn stop(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
