@@ -12,7 +12,7 @@ fn gateway_with(extra_agents: &str) -> Gateway {
         "{EPHEMERAL_LISTENERS}{}\n[[agents]]\nid = \"local\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n{extra_agents}",
         loopback_upstream(None)
     );
-    Gateway::start(&config)
+    Gateway::start_with_policies(&config, &[ALLOW_ALL])
 }
 
 fn admin(
@@ -424,9 +424,11 @@ async fn the_embedded_default_serves_the_demo_agent_on_port_3128() {
         gw.banner
     );
     // The demo agent's first request goes through the pipeline and gets a decision: the
-    // default SSRF guard refuses loopback origins.
+    // default policies' allowlist does not include 127.0.0.1.
     let r = curl_async(args!["-x", "http://127.0.0.1:3128", "http://127.0.0.1:9/"]).await;
     assert_eq!(r.status, 403, "{r:?}");
-    assert_eq!(r.json()["error"], "destination_forbidden");
+    assert_eq!(r.json()["error"], "denied");
+    assert_eq!(r.json()["decision"], "deny");
+    assert_eq!(r.json()["policies"][0], "allowlist");
     assert!(gw.log_contains("agent=\"local\""), "{}", gw.log());
 }

@@ -12,7 +12,7 @@ fn gateway(ca: &TestCa, extra: &str) -> Gateway {
         "{EPHEMERAL_LISTENERS}{}{extra}\n[[agents]]\nid = \"local\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n",
         loopback_upstream(Some(&ca.cert_path()))
     );
-    Gateway::start(&config)
+    Gateway::start_with_policies(&config, &[ALLOW_ALL])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

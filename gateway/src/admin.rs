@@ -12,6 +12,8 @@
 //! | `GET /v1/agents/{id}` | one agent |
 //! | `PUT /v1/agents/{id}` | create (201) or replace (200) an agent |
 //! | `DELETE /v1/agents/{id}` | remove an agent (204) |
+//! | `GET /v1/policies` | the policy set in force: version, policies, rejected problems |
+//! | `POST /v1/policies/reload` | reload the policy directory now |
 
 use std::sync::Arc;
 
@@ -21,6 +23,9 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use subtle::ConstantTimeEq;
 
+use tollgate_policy::LoadError;
+
+use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, RegistryError};
 use crate::reply::Refusal;
 
@@ -31,19 +36,22 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct AdminApi {
     token: String,
     registry: Arc<AgentRegistry>,
+    policies: Arc<PolicyStore>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminApi {
-    /// The API guarding `registry` with `token`; `/readyz` reports `ready`.
+    /// The API guarding `registry` and `policies` with `token`; `/readyz` reports `ready`.
     pub fn new(
         token: String,
         registry: Arc<AgentRegistry>,
+        policies: Arc<PolicyStore>,
         ready: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         AdminApi {
             token,
             registry,
+            policies,
             ready,
         }
     }
@@ -137,11 +145,51 @@ impl AdminApi {
                     ])),
                 }
             }
+            ["v1", "policies"] => {
+                only(&method, &[Method::GET])?;
+                Ok(json(StatusCode::OK, &self.policies.status()))
+            }
+            ["v1", "policies", "reload"] => {
+                only(&method, &[Method::POST])?;
+                self.reload_policies().await
+            }
             _ => Err(Refusal::new(
                 404,
                 "not_found",
                 format!("no route for {path}"),
             )),
+        }
+    }
+
+    async fn reload_policies(&self) -> Result<Response<Vec<u8>>, Refusal> {
+        let store = self.policies.clone();
+        // Reading and validating the files is blocking work: keep it off the runtime.
+        let result = tokio::task::spawn_blocking(move || store.reload())
+            .await
+            .map_err(|_| Refusal::new(500, "internal_error", "the reload task failed"))?;
+        match result {
+            Ok(reloaded) => Ok(json(StatusCode::OK, &reloaded)),
+            Err(LoadError::Invalid { problems, .. }) => {
+                let mut refusal = Refusal::new(
+                    422,
+                    "invalid_policies",
+                    format!(
+                        "the new policy set is invalid ({} problem(s)); the set in force ({}) stays",
+                        problems.len(),
+                        self.policies.engine().version()
+                    ),
+                );
+                let mut extra = serde_json::Map::new();
+                extra.insert(
+                    "problems".into(),
+                    serde_json::to_value(&problems).unwrap_or_default(),
+                );
+                refusal.extra = Some(extra);
+                Err(refusal)
+            }
+            Err(e @ LoadError::Io { .. }) => {
+                Err(Refusal::new(500, "policy_dir_unreadable", e.to_string()))
+            }
         }
     }
 

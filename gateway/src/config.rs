@@ -66,6 +66,9 @@ pub struct Config {
     /// Sizes, timeouts and worker threads.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The Cedar policy set.
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// The agents known at start-up (the admin API can add more).
     #[serde(default)]
     pub agents: Vec<AgentConfig>,
@@ -135,6 +138,11 @@ pub struct UpstreamConfig {
     /// Longest wait for a write to an origin before the request fails.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// Fixed addresses for host names, used instead of DNS (like /etc/hosts, but only for
+    /// the gateway): for pinning internal services, and for tests. The SSRF guard still
+    /// applies to these addresses.
+    #[serde(default)]
+    pub resolve: BTreeMap<String, IpAddr>,
     /// Idle upstream connections kept for reuse.
     #[serde(default = "default_pool_size")]
     pub keepalive_pool_size: usize,
@@ -154,6 +162,20 @@ pub struct LimitsConfig {
     /// Worker threads of the gateway's runtime; 0 means one per CPU.
     #[serde(default)]
     pub worker_threads: usize,
+}
+
+/// `[policy]`: where the Cedar policies come from.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// A directory of `*.cedar` files; without it, the default set compiled into the gateway
+    /// (`policies/default/`) is used.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// How often the directory is checked for changes, in ms; 0 turns the watch off
+    /// (`POST /v1/policies/reload` still reloads).
+    #[serde(default = "default_policy_watch_ms")]
+    pub watch_interval_ms: u64,
 }
 
 /// `[[agents]]`: one agent known at start-up.
@@ -252,6 +274,14 @@ impl Config {
                     .into(),
             );
         }
+        for name in self.upstream.resolve.keys() {
+            if !matches!(
+                crate::target::Host::parse(name),
+                Ok(crate::target::Host::Name(_))
+            ) {
+                return invalid(format!("upstream.resolve: {name:?} is not a host name"));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         let mut peers = std::collections::HashMap::new();
         for agent in &self.agents {
@@ -320,6 +350,9 @@ impl LimitsConfig {
     }
 }
 
+fn default_policy_watch_ms() -> u64 {
+    2_000
+}
 fn yes() -> bool {
     true
 }
@@ -388,10 +421,19 @@ impl Default for UpstreamConfig {
             system_roots: true,
             extra_ca_file: None,
             allow_networks: Vec::new(),
+            resolve: BTreeMap::new(),
             connect_timeout_ms: default_connect_timeout_ms(),
             read_timeout_ms: default_read_timeout_ms(),
             write_timeout_ms: default_write_timeout_ms(),
             keepalive_pool_size: default_pool_size(),
+        }
+    }
+}
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            watch_interval_ms: default_policy_watch_ms(),
         }
     }
 }

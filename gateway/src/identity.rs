@@ -17,16 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AgentConfig, AgentListenConfig};
 
-/// How much an agent may do on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum RunMode {
-    /// Reads only.
-    ReadOnly,
-    /// Reads; writes once a person approves them.
-    Review,
-    /// Reads and writes within the agent's RBAC scopes.
-    Autonomous,
-}
+pub use tollgate_policy::RunMode;
 
 /// One agent as the gateway knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +43,27 @@ pub struct Agent {
     /// The agent's own listener, if it has one (set from the config file).
     #[serde(default, skip_deserializing)]
     pub listen: Option<AgentListenConfig>,
+    /// Numbers this version of the record (set by the registry on every change), so caches
+    /// keyed by it never serve facts of an older version.
+    #[serde(default, skip_deserializing)]
+    pub revision: u64,
 }
+
+impl Agent {
+    /// The agent as the policies see it.
+    pub fn facts(&self) -> tollgate_policy::AgentFacts<'_> {
+        tollgate_policy::AgentFacts {
+            id: &self.id,
+            revision: self.revision,
+            run_mode: self.run_mode,
+            scopes: &self.scopes,
+            tags: &self.tags,
+        }
+    }
+}
+
+/// The source of agent revisions: every registry change in this process gets a new one.
+static NEXT_REVISION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl From<&AgentConfig> for Agent {
     fn from(c: &AgentConfig) -> Self {
@@ -64,6 +75,7 @@ impl From<&AgentConfig> for Agent {
             tags: c.tags.clone(),
             peers: c.peers.iter().map(|ip| canonical_ip(*ip)).collect(),
             listen: c.listen.clone(),
+            revision: 0,
         }
     }
 }
@@ -166,6 +178,7 @@ impl AgentRegistry {
                 next.by_peer.remove(peer);
             }
         }
+        agent.revision = NEXT_REVISION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let agent = Arc::new(agent);
         for peer in &agent.peers {
             next.by_peer.insert(*peer, agent.clone());
@@ -254,6 +267,7 @@ mod tests {
             tags: BTreeMap::new(),
             peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
             listen: None,
+            revision: 0,
         }
     }
 

@@ -9,28 +9,32 @@
 //!   everything else to [`proxy`].
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
-//! - [`target`] — where a request goes, parsed strictly and once.
+//! - [`target`] — where a request goes, parsed strictly and once (from the policy crate).
+//! - classification — step 3: read or write, the ARM target (`tollgate_policy::classify`).
+//! - [`decide`] — step 4: the Cedar decision, and reloading the policy set.
 //! - [`proxy`] — the pingora request phases, which call each step in order.
 //! - [`upstream`] — step 7: asynchronous resolution, the SSRF guard, origin connections.
 //! - [`reply`] — every answer the gateway gives itself (JSON `{error, detail}`).
 //! - [`admin`] — the authenticated control API.
 //! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
 //!
-//! Policy (step 4), approvals (5), credentials (6) and telemetry (9) plug into
-//! [`proxy::Egress`] as their issues land.
+//! Approvals (5), credentials (6) and telemetry (9) plug into [`proxy::Egress`] as their
+//! issues land.
 
 pub mod admin;
 pub mod ca;
 pub mod config;
 pub mod datadir;
+pub mod decide;
 pub mod identity;
 pub mod intercept;
 pub mod listener;
 pub mod proxy;
 pub mod reply;
 pub mod server;
-pub mod target;
 pub mod upstream;
 
 pub use config::Config;
 pub use server::{start, RunningGateway, StartError};
+/// Where a request goes (shared with the policy model).
+pub use tollgate_policy::target;

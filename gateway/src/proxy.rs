@@ -16,6 +16,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use tollgate_policy::{Decision, Outcome, RequestFacts};
+
+use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding};
 use crate::intercept::Tunnel;
 use crate::reply::Refusal;
@@ -26,6 +29,8 @@ use crate::upstream::{self, Upstream};
 pub struct Shared {
     /// The agents.
     pub registry: Arc<AgentRegistry>,
+    /// The policy set in force.
+    pub policies: Arc<PolicyStore>,
     /// How origins are reached.
     pub upstream: Upstream,
 }
@@ -48,6 +53,7 @@ pub struct RequestCtx {
     started: Instant,
     agent: Option<Arc<Agent>>,
     target: Option<Target>,
+    decision: Option<Decision>,
     addr: Option<SocketAddr>,
     /// Set when the gateway answered the request itself.
     refusal: Option<Refusal>,
@@ -70,9 +76,9 @@ pub fn identity_refusal(e: &IdentityError) -> Refusal {
     )
 }
 
-/// Where the request goes: the tunnel's origin for intercepted HTTPS, the absolute URL for
-/// plain proxy requests.
-fn request_target(session: &Session) -> Result<Target, Refusal> {
+/// Where the request goes, and its path (with query): the tunnel's origin for intercepted
+/// HTTPS, the absolute URL for plain proxy requests.
+fn request_target(session: &Session) -> Result<(Target, String), Refusal> {
     let tunnel = session
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
@@ -108,7 +114,12 @@ fn request_target(session: &Session) -> Result<Target, Refusal> {
                     ));
                 }
             }
-            Ok(tunnel.target.clone())
+            let path = req
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            Ok((tunnel.target.clone(), path))
         }
         None => {
             // pingora keeps the absolute-form target as sent in raw_path(); `uri` holds only
@@ -135,25 +146,41 @@ fn request_target(session: &Session) -> Result<Target, Refusal> {
                 }
             };
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            Target::from_url_authority(scheme, authority)
-                .map_err(|e| Refusal::bad_request(e.to_string()))
+            let target = Target::from_url_authority(scheme, authority)
+                .map_err(|e| Refusal::bad_request(e.to_string()))?;
+            let path = uri
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            Ok((target, path))
         }
     }
 }
 
 impl Egress {
-    /// Steps 1–7 up to the connection: identity, destination, and the network guard.
+    /// Steps 1–7 up to the connection: identity, destination, classification, decision, and
+    /// the network guard. Nothing is forwarded unless every step admits the request.
     async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Refusal> {
         // 1. Who is asking.
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
             .map_err(|e| identity_refusal(&e))?;
-        ctx.agent = Some(agent);
-        // 2./3. Where to (interception already happened on the socket).
-        let target = request_target(session)?;
-        // 4.–6. Policy, approval and credentials plug in here (later issues).
+        ctx.agent = Some(agent.clone());
+        // 2. Where to (interception already happened on the socket).
+        let (target, path) = request_target(session)?;
+        ctx.target = Some(target.clone());
+        // 3. What it asks for.
+        let request = RequestFacts::new(session.req_header().method.as_str(), target, &path);
+        // 4. Whether it may: allow, deny, or needs approval.
+        let (decision, engine) = self.shared.policies.decide(&agent, &request);
+        let refusal = (decision.outcome != Outcome::Allow)
+            .then(|| Refusal::for_decision(&decision, engine.version()));
+        ctx.decision = Some(decision);
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        // 5.–6. Approval and credentials plug in here (later issues).
         // 7. Resolve asynchronously and keep internal networks out of reach.
-        ctx.addr = Some(self.shared.upstream.resolve(&target).await?);
-        ctx.target = Some(target);
+        ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
         Ok(())
     }
 }
@@ -167,6 +194,7 @@ impl ProxyHttp for Egress {
             started: Instant::now(),
             agent: None,
             target: None,
+            decision: None,
             addr: None,
             refusal: None,
         }
@@ -303,17 +331,22 @@ impl ProxyHttp for Egress {
         // The path without its query: query strings often carry tokens.
         let path = req.uri.path();
         let elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
+        let (decision, policies) = match &ctx.decision {
+            Some(d) => (d.outcome.as_str(), d.policies.join(",")),
+            None => ("-", String::new()),
+        };
         match (&ctx.refusal, e) {
             (Some(refusal), _) => tracing::info!(
-                agent, method = %req.method, host, path, status, elapsed_ms,
+                agent, method = %req.method, host, path, decision, policies, status, elapsed_ms,
                 refusal = refusal.error, detail = %refusal.detail, "request refused"
             ),
             (None, Some(err)) => tracing::info!(
-                agent, method = %req.method, host, path, status, elapsed_ms,
+                agent, method = %req.method, host, path, decision, policies, status, elapsed_ms,
                 error = %err.etype().as_str(), "request failed"
             ),
             (None, None) => tracing::info!(
-                agent, method = %req.method, host, path, status, elapsed_ms, "request"
+                agent, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                "request"
             ),
         }
     }

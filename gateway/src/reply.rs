@@ -19,6 +19,8 @@ pub struct Refusal {
     pub error: &'static str,
     /// A sentence for the person reading the log or the client output.
     pub detail: String,
+    /// More fields for the body (e.g. the policy decision), merged beside error and detail.
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Refusal {
@@ -28,6 +30,30 @@ impl Refusal {
             status,
             error,
             detail: detail.into(),
+            extra: None,
+        }
+    }
+
+    /// The refusal for a policy decision that is not `allow`: 403 with the decision, the
+    /// policies that made it and any evaluation errors.
+    pub fn for_decision(decision: &tollgate_policy::Decision, policy_version: &str) -> Self {
+        let (error, detail) = match decision.outcome {
+            tollgate_policy::Outcome::NeedsApproval => (
+                "approval_required",
+                format!("approval required: {}", decision.reason),
+            ),
+            _ => ("denied", decision.reason.clone()),
+        };
+        let mut extra = serde_json::Map::new();
+        extra.insert("decision".into(), decision.outcome.as_str().into());
+        extra.insert("policies".into(), decision.policies.clone().into());
+        extra.insert("errors".into(), decision.errors.clone().into());
+        extra.insert("policy_version".into(), policy_version.into());
+        Refusal {
+            status: 403,
+            error,
+            detail,
+            extra: Some(extra),
         }
     }
 
@@ -38,8 +64,10 @@ impl Refusal {
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        let json = serde_json::json!({ "error": self.error, "detail": self.detail });
-        Bytes::from(json.to_string())
+        let mut body = self.extra.clone().unwrap_or_default();
+        body.insert("error".into(), self.error.into());
+        body.insert("detail".into(), self.detail.clone().into());
+        Bytes::from(serde_json::Value::Object(body).to_string())
     }
 
     /// A complete HTTP/1.1 response that closes the connection, for places with no HTTP

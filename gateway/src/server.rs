@@ -19,6 +19,7 @@ use crate::admin::AdminApi;
 use crate::ca::{CaError, GatewayCa, LeafCerts};
 use crate::config::Config;
 use crate::datadir::{self, FileError};
+use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
@@ -43,6 +44,9 @@ pub enum StartError {
     /// The upstream trust bundle.
     #[error("upstream trust: {0}")]
     Trust(String),
+    /// The policy set.
+    #[error(transparent)]
+    Policy(#[from] tollgate_policy::LoadError),
 }
 
 /// A running gateway: where it listens, and the handle to stop it.
@@ -88,6 +92,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     let ca_cert = ca.cert_path().to_path_buf();
     let (token, admin_token_created) = datadir::load_or_create_token(&config.admin_token_path())?;
     let registry = Arc::new(AgentRegistry::new(config.agents.iter().map(Agent::from))?);
+    let policies = Arc::new(PolicyStore::load(config.policy.dir.as_deref())?);
 
     let server_conf = Arc::new(ServerConf {
         ca_file: upstream_trust_file(config)?.map(|p| p.display().to_string()),
@@ -96,6 +101,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     });
     let shared = Arc::new(Shared {
         registry: registry.clone(),
+        policies: policies.clone(),
         upstream: Upstream::new(&config.upstream),
     });
     let leaves = LeafCerts::new(
@@ -167,7 +173,11 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         ));
         agent_listeners.push((agent_id, addr));
     }
-    let admin_api = AdminApi::new(token, registry.clone(), ready.clone());
+    if config.policy.watch_interval_ms > 0 {
+        let interval = Duration::from_millis(config.policy.watch_interval_ms);
+        tasks.extend(policies.clone().watch(interval, watch.clone()));
+    }
+    let admin_api = AdminApi::new(token, registry.clone(), policies.clone(), ready.clone());
     tasks.push(listener::serve(
         "admin",
         admin_socket,

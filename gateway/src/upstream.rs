@@ -103,6 +103,7 @@ fn internal_v6(ip: Ipv6Addr) -> Option<&'static str> {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     guard: NetworkGuard,
+    resolve: std::collections::BTreeMap<String, IpAddr>,
     connect_timeout: Duration,
     read_timeout: Duration,
     write_timeout: Duration,
@@ -113,6 +114,11 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Self {
         Upstream {
             guard: NetworkGuard::new(config.allow_networks.clone()),
+            resolve: config
+                .resolve
+                .iter()
+                .map(|(name, ip)| (name.trim_end_matches('.').to_ascii_lowercase(), *ip))
+                .collect(),
             connect_timeout: config.connect_timeout(),
             read_timeout: config.read_timeout(),
             write_timeout: config.write_timeout(),
@@ -126,26 +132,10 @@ impl Upstream {
     pub async fn resolve(&self, target: &Target) -> Result<SocketAddr, Refusal> {
         let candidates: Vec<SocketAddr> = match &target.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
-            Host::Name(name) => {
-                let lookup = tokio::net::lookup_host((name.as_str(), target.port));
-                match tokio::time::timeout(self.connect_timeout, lookup).await {
-                    Ok(Ok(addrs)) => addrs.collect(),
-                    Ok(Err(e)) => {
-                        return Err(Refusal::new(
-                            502,
-                            "upstream_unresolvable",
-                            format!("cannot resolve {name}: {e}"),
-                        ))
-                    }
-                    Err(_) => {
-                        return Err(Refusal::new(
-                            504,
-                            "upstream_timeout",
-                            format!("resolving {name} timed out"),
-                        ))
-                    }
-                }
-            }
+            Host::Name(name) => match self.resolve.get(name) {
+                Some(ip) => vec![SocketAddr::new(*ip, target.port)],
+                None => self.lookup(name, target.port).await?,
+            },
         };
         let mut refused = None;
         for addr in &candidates {
@@ -173,6 +163,24 @@ impl Upstream {
                 502,
                 "upstream_unresolvable",
                 format!("{} has no addresses", target.host),
+            )),
+        }
+    }
+
+    /// Resolves `name` with the system resolver, off the proxy's worker threads.
+    async fn lookup(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
+        let lookup = tokio::net::lookup_host((name, port));
+        match tokio::time::timeout(self.connect_timeout, lookup).await {
+            Ok(Ok(addrs)) => Ok(addrs.collect()),
+            Ok(Err(e)) => Err(Refusal::new(
+                502,
+                "upstream_unresolvable",
+                format!("cannot resolve {name}: {e}"),
+            )),
+            Err(_) => Err(Refusal::new(
+                504,
+                "upstream_timeout",
+                format!("resolving {name} timed out"),
             )),
         }
     }

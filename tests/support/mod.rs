@@ -214,6 +214,24 @@ impl Gateway {
         Self::start_in(dir, config)
     }
 
+    /// Starts `tollgate serve` with `config` and a policy directory holding `policies`
+    /// (file name, Cedar text).
+    pub fn start_with_policies(config: &str, policies: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir_all(&policy_dir).expect("policy dir");
+        for (name, text) in policies {
+            std::fs::write(policy_dir.join(name), text).expect("write policy");
+        }
+        let config = format!("{config}\n[policy]\ndir = {policy_dir:?}\n");
+        Self::start_in(dir, &config)
+    }
+
+    /// The policy directory of a gateway started with [`Gateway::start_with_policies`].
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+
     /// Starts `tollgate serve` in `dir` (its data directory is `dir/data`).
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
         let config_path = dir.path().join("tollgate.toml");
@@ -459,6 +477,29 @@ pub fn loopback_upstream(ca: Option<&Path>) -> String {
         s.push_str(&format!("extra_ca_file = {:?}\n", ca));
     }
     s
+}
+
+/// A policy that permits everything: for tests of the data path, not of policies.
+pub const ALLOW_ALL: (&str, &str) = (
+    "allow-all.cedar",
+    "@id(\"allow-all\")\npermit (principal, action, resource);\n",
+);
+
+/// The repository's default policy files (policies/default/).
+pub fn default_policies() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .expect("policies/default")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .map(|p| {
+            let name = p.file_name().expect("name").to_string_lossy().to_string();
+            (name, std::fs::read_to_string(&p).expect("read policy"))
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 /// The listeners on port 0 so parallel tests never collide.

@@ -1,7 +1,8 @@
 //! Where a request is going: the origin's host and port, parsed once and strictly.
 //!
-//! Both the CONNECT authority and the absolute-form request target end up as a [`Target`],
-//! so interception, identity checks and forwarding all compare the same normalised value:
+//! The gateway turns both the CONNECT authority and the absolute-form request target into a
+//! [`Target`], and the policy model names the same normalised host as the resource, so
+//! interception, policy and forwarding all compare one value:
 //! host names are lower-cased without a trailing dot, IP literals are parsed (never treated
 //! as names), and anything else is refused.
 
@@ -146,6 +147,26 @@ impl Target {
         })
     }
 
+    /// Parses an absolute `http://` or `https://` URL into its target and path (with query).
+    pub fn from_url(url: &str) -> Result<(Target, String), TargetError> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| TargetError::NotAbsolute(url.to_string()))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => return Err(TargetError::BadScheme(other.to_string())),
+        };
+        let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(split);
+        let path = match path {
+            "" => "/".to_string(),
+            p if p.starts_with('/') => p.to_string(),
+            p => format!("/{p}"),
+        };
+        Ok((Target::from_url_authority(scheme, authority)?, path))
+    }
+
     /// The value of the `Host` header for this target (port omitted when it is the default).
     pub fn host_header(&self) -> String {
         if self.port == self.scheme.default_port() {
@@ -247,6 +268,18 @@ mod tests {
                 "{bad:?} must be refused"
             );
         }
+    }
+
+    #[test]
+    fn urls_split_into_target_and_path() {
+        let (t, path) = Target::from_url("https://API.github.com:8443/repos/x?per_page=1").unwrap();
+        assert_eq!(t.host, Host::Name("api.github.com".into()));
+        assert_eq!((t.port, t.scheme), (8443, Scheme::Https));
+        assert_eq!(path, "/repos/x?per_page=1");
+        assert_eq!(Target::from_url("http://example.com").unwrap().1, "/");
+        assert_eq!(Target::from_url("http://example.com?q").unwrap().1, "/?q");
+        assert!(Target::from_url("ftp://example.com/").is_err());
+        assert!(Target::from_url("example.com/").is_err());
     }
 
     #[test]

@@ -1,0 +1,70 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+//! One decision — entity building plus the two-pass evaluation — with policy sets of 10, 100
+//! and 1,000 policies. Run: `cargo bench -p tollgate-policy --bench decision`.
+//!
+//! The sets are the default policies plus generated ones of the shapes real sets have: a
+//! permit per allowlisted service domain, a policy per agent, a forbid per blocked host.
+
+use std::collections::BTreeMap;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use tollgate_policy::target::Target;
+use tollgate_policy::{AgentFacts, PolicyEngine, PolicySources, RequestFacts, RunMode};
+
+fn policy_set(total: usize) -> PolicySources {
+    let mut sources = PolicySources::embedded_default();
+    let mut text = String::new();
+    let generated = total.saturating_sub(4);
+    for i in 0..generated {
+        let policy = match i % 3 {
+            0 => format!(
+                "@id(\"svc-{i}\") permit (principal, action == Action::\"read\", resource in Domain::\"svc{i}.example.net\");\n"
+            ),
+            1 => format!(
+                "@id(\"agent-{i}\") permit (principal == Agent::\"agent-{i}\", action == Action::\"write\", resource in Domain::\"github.com\") when {{ context.approved }};\n"
+            ),
+            _ => format!(
+                "@id(\"block-{i}\") forbid (principal, action, resource == Host::\"blocked{i}.github.com\");\n"
+            ),
+        };
+        text.push_str(&policy);
+    }
+    sources.files.push(("generated.cedar".into(), text));
+    sources
+}
+
+fn decision(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decision");
+    let scopes = vec!["/subscriptions/sub-1/resourceGroups/rg-a".to_string()];
+    let tags = BTreeMap::from([("team".to_string(), "data".to_string())]);
+    let agent = AgentFacts {
+        revision: 0,
+        id: "agent-1",
+        run_mode: RunMode::Review,
+        scopes: &scopes,
+        tags: &tags,
+    };
+    let cases = [
+        ("read-allow", "GET", "https://api.github.com/repos/octo/hello"),
+        ("write-needs-approval", "POST", "https://api.github.com/repos/octo/hello/issues"),
+        (
+            "arm-write",
+            "PUT",
+            "https://management.azure.com/subscriptions/sub-1/resourceGroups/rg-a/providers/Microsoft.Web/sites/app",
+        ),
+    ];
+    for total in [10, 100, 1000] {
+        let engine = PolicyEngine::load(&policy_set(total)).expect("generated set is valid");
+        for (name, method, url) in cases {
+            let (target, path) = Target::from_url(url).expect("url");
+            let request = RequestFacts::new(method, target, &path);
+            group.bench_with_input(BenchmarkId::new(name, total), &request, |b, request| {
+                b.iter(|| engine.decide(&agent, request))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision);
+criterion_main!(benches);

@@ -1,0 +1,253 @@
+//! Step 3 of the data path: what a request asks for.
+//!
+//! A request becomes an [`Action`] (read or write, from its method) and, when it goes to an
+//! Azure Resource Manager endpoint, an [`ArmTarget`] parsed from its path: the subscription,
+//! resource group, provider, resource and operation it touches, and every RBAC scope that
+//! contains it. Policies compare those scopes with the agent's own.
+
+use crate::target::{Host, Target};
+
+/// The two Cedar actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// GET, HEAD, OPTIONS.
+    Read,
+    /// Every other method.
+    Write,
+}
+
+impl Action {
+    /// The action for an HTTP method. Anything but GET, HEAD and OPTIONS writes (an ARM
+    /// `POST .../listKeys` included: it returns secrets).
+    pub fn of_method(method: &str) -> Action {
+        match method {
+            "GET" | "HEAD" | "OPTIONS" => Action::Read,
+            _ => Action::Write,
+        }
+    }
+
+    /// The Cedar action id.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Read => "read",
+            Action::Write => "write",
+        }
+    }
+}
+
+/// Host names of Azure Resource Manager endpoints (public, US Government, China clouds).
+pub const ARM_HOSTS: [&str; 3] = [
+    "management.azure.com",
+    "management.usgovcloudapi.net",
+    "management.chinacloudapi.cn",
+];
+
+/// Whether `host` is an Azure Resource Manager endpoint.
+pub fn is_arm_host(host: &Host) -> bool {
+    matches!(host, Host::Name(name) if ARM_HOSTS.contains(&name.as_str()))
+}
+
+/// What an ARM request targets. All values are lower-case (ARM ids are case-insensitive).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArmTarget {
+    /// Every scope the target lies in, outermost first.
+    pub scopes: Vec<String>,
+    /// The subscription id.
+    pub subscription: Option<String>,
+    /// The resource group.
+    pub resource_group: Option<String>,
+    /// The resource provider namespace.
+    pub provider: Option<String>,
+    /// The resource type; nested types joined by `/`.
+    pub resource_type: Option<String>,
+    /// The resource name; nested names joined by `/`.
+    pub resource: Option<String>,
+    /// A trailing operation on a resource or scope (e.g. `listkeys`).
+    pub operation: Option<String>,
+}
+
+impl ArmTarget {
+    /// Parses an ARM request path (without query). Paths that do not start with
+    /// `/subscriptions/<id>` (tenant-level and provider-level calls) have no scopes.
+    pub fn parse(path: &str) -> ArmTarget {
+        let segments: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        let mut arm = ArmTarget::default();
+        let mut rest = segments.as_slice();
+        let mut scope = match rest {
+            [kw, sub, tail @ ..] if kw == "subscriptions" => {
+                arm.subscription = Some(sub.clone());
+                rest = tail;
+                format!("/subscriptions/{sub}")
+            }
+            _ => {
+                // Tenant- or provider-level: no scope to compare.
+                arm.operation = rest.last().cloned();
+                return arm;
+            }
+        };
+        arm.scopes.push(scope.clone());
+        if let [kw, rg, tail @ ..] = rest {
+            if kw == "resourcegroups" {
+                arm.resource_group = Some(rg.clone());
+                scope = format!("{scope}/resourcegroups/{rg}");
+                arm.scopes.push(scope.clone());
+                rest = tail;
+            }
+        }
+        if let [kw, namespace, tail @ ..] = rest {
+            if kw == "providers" {
+                arm.provider = Some(namespace.clone());
+                scope = format!("{scope}/providers/{namespace}");
+                rest = tail;
+                let (mut types, mut names) = (Vec::new(), Vec::new());
+                while let [ty, name, tail @ ..] = rest {
+                    scope = format!("{scope}/{ty}/{name}");
+                    arm.scopes.push(scope.clone());
+                    types.push(ty.clone());
+                    names.push(name.clone());
+                    rest = tail;
+                }
+                if !types.is_empty() {
+                    arm.resource_type = Some(types.join("/"));
+                    arm.resource = Some(names.join("/"));
+                }
+            }
+        }
+        // What is left is an operation (listKeys) or a collection (resources, deployments).
+        if let [.., last] = rest {
+            arm.operation = Some(last.clone());
+        }
+        arm
+    }
+}
+
+/// Everything the policies are told about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// Read or write.
+    pub action: Action,
+    /// The HTTP method, upper-case.
+    pub method: String,
+    /// Where it goes.
+    pub target: Target,
+    /// The path, without the query.
+    pub path: String,
+    /// The ARM target, for ARM hosts.
+    pub arm: Option<ArmTarget>,
+    /// The agent's open tool call, if any.
+    pub tool_call: Option<String>,
+}
+
+impl RequestFacts {
+    /// Classifies a request: `path` may carry a query, which is dropped.
+    pub fn new(method: &str, target: Target, path: &str) -> RequestFacts {
+        let method = method.to_ascii_uppercase();
+        let path = path.split(['?', '#']).next().unwrap_or("/");
+        let path = if path.is_empty() { "/" } else { path }.to_string();
+        let arm = is_arm_host(&target.host).then(|| ArmTarget::parse(&path));
+        RequestFacts {
+            action: Action::of_method(&method),
+            method,
+            target,
+            path,
+            arm,
+            tool_call: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::Scheme;
+
+    #[test]
+    fn methods_map_to_read_or_write() {
+        for m in ["GET", "HEAD", "OPTIONS"] {
+            assert_eq!(Action::of_method(m), Action::Read, "{m}");
+        }
+        for m in ["POST", "PUT", "PATCH", "DELETE", "PROPFIND", "get"] {
+            assert_eq!(Action::of_method(m), Action::Write, "{m}");
+        }
+    }
+
+    #[test]
+    fn a_resource_path_yields_every_enclosing_scope() {
+        let arm = ArmTarget::parse(
+            "/subscriptions/SUB-1/resourceGroups/RG-A/providers/Microsoft.Storage/storageAccounts/Acct/listKeys",
+        );
+        assert_eq!(arm.subscription.as_deref(), Some("sub-1"));
+        assert_eq!(arm.resource_group.as_deref(), Some("rg-a"));
+        assert_eq!(arm.provider.as_deref(), Some("microsoft.storage"));
+        assert_eq!(arm.resource_type.as_deref(), Some("storageaccounts"));
+        assert_eq!(arm.resource.as_deref(), Some("acct"));
+        assert_eq!(arm.operation.as_deref(), Some("listkeys"));
+        assert_eq!(
+            arm.scopes,
+            [
+                "/subscriptions/sub-1",
+                "/subscriptions/sub-1/resourcegroups/rg-a",
+                "/subscriptions/sub-1/resourcegroups/rg-a/providers/microsoft.storage/storageaccounts/acct",
+            ]
+        );
+    }
+
+    #[test]
+    fn nested_resources_and_collections() {
+        let arm = ArmTarget::parse(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/a/blobServices/default",
+        );
+        assert_eq!(
+            arm.resource_type.as_deref(),
+            Some("storageaccounts/blobservices")
+        );
+        assert_eq!(arm.resource.as_deref(), Some("a/default"));
+        assert_eq!(arm.operation, None);
+        assert_eq!(arm.scopes.len(), 4);
+
+        let list = ArmTarget::parse("/subscriptions/s/resourceGroups/rg/resources");
+        assert_eq!(list.scopes.len(), 2);
+        assert_eq!(list.operation.as_deref(), Some("resources"));
+
+        let sub_provider =
+            ArmTarget::parse("/subscriptions/s/providers/Microsoft.Compute/virtualMachines");
+        assert_eq!(sub_provider.provider.as_deref(), Some("microsoft.compute"));
+        assert_eq!(sub_provider.resource_type, None);
+        assert_eq!(sub_provider.operation.as_deref(), Some("virtualmachines"));
+        assert_eq!(sub_provider.scopes, ["/subscriptions/s"]);
+    }
+
+    #[test]
+    fn tenant_level_paths_have_no_scope() {
+        let arm = ArmTarget::parse("/providers/Microsoft.Resources/operations");
+        assert!(arm.scopes.is_empty());
+        assert_eq!(arm.subscription, None);
+        let root = ArmTarget::parse("/");
+        assert!(root.scopes.is_empty());
+        let sub_only = ArmTarget::parse("/subscriptions");
+        assert!(sub_only.scopes.is_empty());
+    }
+
+    #[test]
+    fn only_arm_hosts_get_an_arm_target_and_the_query_is_dropped() {
+        let arm_host = Target::from_url_authority(Scheme::Https, "MANAGEMENT.azure.com").unwrap();
+        let facts = RequestFacts::new(
+            "post",
+            arm_host,
+            "/subscriptions/s/resourceGroups/rg?api-version=1",
+        );
+        assert_eq!(facts.method, "POST");
+        assert_eq!(facts.action, Action::Write);
+        assert_eq!(facts.path, "/subscriptions/s/resourceGroups/rg");
+        assert_eq!(facts.arm.unwrap().resource_group.as_deref(), Some("rg"));
+        let other =
+            Target::from_url_authority(Scheme::Https, "management.azure.com.evil.test").unwrap();
+        assert!(RequestFacts::new("GET", other, "/subscriptions/s")
+            .arm
+            .is_none());
+    }
+}

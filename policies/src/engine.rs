@@ -1,0 +1,927 @@
+//! Step 4 of the data path: the decision.
+//!
+//! A [`PolicyEngine`] is one validated policy set (one version). It is built once per load or
+//! reload — schema, policy set, index — and then only read. A decision evaluates Cedar twice:
+//! with `context.approved = false`, and, if that denies, with `approved = true`; allowed the
+//! second time means *needs approval*. Evaluation errors deny.
+//!
+//! Cedar evaluates every policy of the set it is given, about a microsecond or more each. So
+//! the engine indexes policies by their scope (action; `principal == Agent::"…"`;
+//! `resource in Domain::"…"` or `resource == Host::"…"`) and evaluates only the subset whose
+//! scope can match the request. A policy whose scope cannot match could neither permit, forbid
+//! nor fail, so the subset decides exactly as the whole set would. Subsets are cached per
+//! (action, agent, host).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    ActionConstraint, Authorizer, Decision as CedarDecision, Entities, EntityUid, Policy, PolicyId,
+    PolicySet, PrincipalConstraint, Request, ResourceConstraint, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::agent::AgentFacts;
+use crate::classify::{Action, RequestFacts};
+use crate::entities::{self, domains_of, host_id};
+
+/// The Cedar schema every policy set is validated against (part of the gateway release).
+pub const SCHEMA: &str = include_str!("../tollgate.cedarschema");
+
+/// The default policy set shipped with Tollgate (`policies/default/`), used when the gateway
+/// is not configured with a policy directory.
+pub const DEFAULT_POLICIES: [(&str, &str); 2] = [
+    (
+        "allowlist.cedar",
+        include_str!("../default/allowlist.cedar"),
+    ),
+    (
+        "run-modes.cedar",
+        include_str!("../default/run-modes.cedar"),
+    ),
+];
+
+/// One problem found while loading policies, located as precisely as Cedar allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The policy file (or the schema).
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Why a policy set could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The directory or a file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// What could not be read.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The policies are invalid; every problem is listed.
+    #[error("invalid policy set {origin}:\n{}", list(.problems))]
+    Invalid {
+        /// The directory, or "(embedded default)".
+        origin: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The text of a policy set: `.cedar` files by name.
+#[derive(Debug, Clone)]
+pub struct PolicySources {
+    /// Where the files came from, for messages.
+    pub origin: String,
+    /// (file name, contents), sorted by name.
+    pub files: Vec<(String, String)>,
+}
+
+impl PolicySources {
+    /// Reads every `*.cedar` file directly in `dir` (sub-directories are not read).
+    pub fn from_dir(dir: &Path) -> Result<PolicySources, LoadError> {
+        let io = |path: &Path, source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let path = entry.map_err(|e| io(dir, e))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("cedar") || !path.is_file() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            files.push((name, text));
+        }
+        files.sort();
+        Ok(PolicySources {
+            origin: dir.display().to_string(),
+            files,
+        })
+    }
+
+    /// The default policy set compiled into this build.
+    pub fn embedded_default() -> PolicySources {
+        PolicySources {
+            origin: "(embedded default)".into(),
+            files: DEFAULT_POLICIES
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.to_string()))
+                .collect(),
+        }
+    }
+
+    /// The content hash of schema and files: the policy set's version.
+    pub fn version(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(SCHEMA.as_bytes());
+        for (name, text) in &self.files {
+            hash.update((name.len() as u64).to_le_bytes());
+            hash.update(name.as_bytes());
+            hash.update((text.len() as u64).to_le_bytes());
+            hash.update(text.as_bytes());
+        }
+        hex::encode(&hash.finalize()[..8])
+    }
+}
+
+/// The three outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Forward it.
+    Allow,
+    /// Refuse it.
+    Deny,
+    /// Hold it for a person; allowed once approved.
+    NeedsApproval,
+}
+
+impl Outcome {
+    /// `allow`, `deny` or `needs_approval`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::NeedsApproval => "needs_approval",
+        }
+    }
+}
+
+/// A decision and what determined it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Allow, deny or needs approval.
+    pub outcome: Outcome,
+    /// The policies that determined the outcome (the permits that allow, the forbids that
+    /// deny; empty when nothing permits).
+    pub policies: Vec<String>,
+    /// Evaluation errors (any error denies).
+    pub errors: Vec<String>,
+    /// One sentence for people.
+    pub reason: String,
+}
+
+/// The policies one (action, agent, host) can be decided by, prepared for both passes.
+struct Subset {
+    /// Every applicable policy: the first pass (`approved = false`).
+    first: PolicySet,
+    /// The second pass (`approved = true`) needs only the policies whose result can differ or
+    /// still matters: forbids that do not read `context.approved` did not fire in the first
+    /// pass (or the decision was settled there) and cannot fire now, so they are left out.
+    second: PolicySet,
+    /// Whether any applicable policy reads `context.approved` at all; if none does, the second
+    /// pass would repeat the first.
+    second_can_differ: bool,
+}
+
+/// Whether a policy's result can depend on `context.approved`: it names `approved`, or uses
+/// the context as a whole (anything but `context.<attr>` or `context has <attr>`).
+fn reads_approval(policy: &Policy) -> bool {
+    let text = policy.to_string();
+    if text.contains("approved") {
+        return true;
+    }
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("context") {
+        let after = rest[at + "context".len()..].trim_start();
+        if !(after.starts_with('.') || after.starts_with("has ") || after.starts_with("has\t")) {
+            return true;
+        }
+        rest = &rest[at + "context".len()..];
+    }
+    false
+}
+
+/// Which requests a policy's scope can match.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PrincipalKey {
+    Any,
+    Agent(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ResourceKey {
+    Any,
+    Domain(String),
+    Host(String),
+}
+
+/// The policies' scopes, by action.
+#[derive(Debug, Default)]
+struct Index {
+    /// For read and for write: (principal key, resource key, policy).
+    by_action: [Vec<(PrincipalKey, ResourceKey, Policy)>; 2],
+}
+
+fn action_slot(action: Action) -> usize {
+    match action {
+        Action::Read => 0,
+        Action::Write => 1,
+    }
+}
+
+impl Index {
+    fn new(set: &PolicySet) -> Index {
+        let mut index = Index::default();
+        for policy in set.policies() {
+            let principal = match policy.principal_constraint() {
+                PrincipalConstraint::Eq(uid) if uid.type_name().to_string() == "Agent" => {
+                    PrincipalKey::Agent(uid.id().unescaped().to_string())
+                }
+                _ => PrincipalKey::Any,
+            };
+            let resource = match policy.resource_constraint() {
+                ResourceConstraint::In(uid) | ResourceConstraint::IsIn(_, uid) => {
+                    resource_key(&uid)
+                }
+                ResourceConstraint::Eq(uid) => resource_key(&uid),
+                _ => ResourceKey::Any,
+            };
+            let actions: Vec<Action> = match policy.action_constraint() {
+                ActionConstraint::Any => vec![Action::Read, Action::Write],
+                ActionConstraint::Eq(uid) => action_of(&uid).into_iter().collect(),
+                ActionConstraint::In(uids) => uids.iter().filter_map(action_of).collect(),
+            };
+            for action in actions {
+                index.by_action[action_slot(action)].push((
+                    principal.clone(),
+                    resource.clone(),
+                    policy.clone(),
+                ));
+            }
+        }
+        index
+    }
+
+    /// The policies whose scope can match `action` by `agent` on `host`.
+    fn subset(&self, action: Action, agent: &str, host: &crate::target::Host) -> Subset {
+        let host_name = host_id(host);
+        let domains = domains_of(host);
+        let applicable: Vec<&Policy> = self.by_action[action_slot(action)]
+            .iter()
+            .filter(|(p, r, _)| {
+                let principal_ok = match p {
+                    PrincipalKey::Any => true,
+                    PrincipalKey::Agent(id) => id == agent,
+                };
+                let resource_ok = match r {
+                    ResourceKey::Any => true,
+                    ResourceKey::Domain(d) => domains.contains(&d.as_str()),
+                    ResourceKey::Host(h) => *h == host_name,
+                };
+                principal_ok && resource_ok
+            })
+            .map(|(_, _, policy)| policy)
+            .collect();
+        let second_can_differ = applicable.iter().any(|p| reads_approval(p));
+        let second = applicable
+            .iter()
+            .filter(|p| p.effect() == cedar_policy::Effect::Permit || reads_approval(p))
+            .map(|p| (*p).clone());
+        // Every policy came from a valid set with unique ids, so adding cannot fail.
+        Subset {
+            first: PolicySet::from_policies(applicable.iter().map(|p| (*p).clone()))
+                .unwrap_or_default(),
+            second: PolicySet::from_policies(second).unwrap_or_default(),
+            second_can_differ,
+        }
+    }
+}
+
+fn resource_key(uid: &EntityUid) -> ResourceKey {
+    let id = uid.id().unescaped().to_string();
+    match uid.type_name().to_string().as_str() {
+        "Domain" => ResourceKey::Domain(id),
+        "Host" => ResourceKey::Host(id),
+        _ => ResourceKey::Any,
+    }
+}
+
+fn action_of(uid: &EntityUid) -> Option<Action> {
+    match uid.id().unescaped() {
+        "read" => Some(Action::Read),
+        "write" => Some(Action::Write),
+        _ => None,
+    }
+}
+
+/// A validated policy set, ready to decide.
+pub struct PolicyEngine {
+    schema: Schema,
+    /// The whole set (the index evaluates subsets of it).
+    all: PolicySet,
+    index: Index,
+    subsets: moka::sync::Cache<(Action, String, String), Arc<Subset>>,
+    /// Entities per (agent, agent revision, host): building and checking them costs more
+    /// than evaluating a small policy subset.
+    entities: moka::sync::Cache<(String, u64, String), Arc<Entities>>,
+    /// Forbid policies that do not read `context.approved`: when one of them denies the
+    /// first pass, it would deny the second too, so the decision is settled.
+    settling_forbids: HashSet<String>,
+    version: String,
+    origin: String,
+    /// policy id → file.
+    files: BTreeMap<String, String>,
+    warnings: Vec<Problem>,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("version", &self.version)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The schema, parsed (it is compiled into the build, so a failure is a build defect that
+/// every test would show).
+pub fn schema() -> Result<Schema, LoadError> {
+    Schema::from_cedarschema_str(SCHEMA)
+        .map(|(schema, _warnings)| schema)
+        .map_err(|e| LoadError::Invalid {
+            origin: "tollgate.cedarschema".into(),
+            problems: vec![Problem {
+                file: "tollgate.cedarschema".into(),
+                line: None,
+                column: None,
+                message: e.to_string(),
+            }],
+        })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+fn problem_at(file: &str, text: &str, diagnostic: &dyn Diagnostic, message: String) -> Problem {
+    let offset = diagnostic
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| label.offset());
+    let (line, column) = match offset {
+        Some(o) => {
+            let (l, c) = line_col(text, o);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    Problem {
+        file: file.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+impl PolicyEngine {
+    /// Parses, checks and validates (strictly, against [`SCHEMA`]) a policy set. Every
+    /// problem is reported, with file, line and reason.
+    pub fn load(sources: &PolicySources) -> Result<PolicyEngine, LoadError> {
+        let schema = schema()?;
+        let mut problems = Vec::new();
+        let mut combined = PolicySet::new();
+        let mut files = BTreeMap::new();
+        let mut texts = HashMap::new();
+        if sources.files.is_empty() {
+            problems.push(Problem {
+                file: sources.origin.clone(),
+                line: None,
+                column: None,
+                message: "no .cedar files: a policy set without policies would deny everything"
+                    .into(),
+            });
+        }
+        for (file, text) in &sources.files {
+            texts.insert(file.clone(), text.clone());
+            let parsed = match PolicySet::from_str(text) {
+                Ok(set) => set,
+                Err(errors) => {
+                    for e in errors.iter() {
+                        problems.push(problem_at(file, text, e, e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            if parsed.templates().next().is_some() {
+                problems.push(Problem {
+                    file: file.clone(),
+                    line: None,
+                    column: None,
+                    message: "policy templates are not supported; write static policies".into(),
+                });
+            }
+            // Cedar names parsed policies policy0, policy1, … in file order.
+            let mut in_order: Vec<&Policy> = parsed.policies().collect();
+            in_order.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
+            for (n, policy) in in_order.into_iter().enumerate() {
+                let Some(id) = policy
+                    .annotation("id")
+                    .map(str::trim)
+                    .filter(|id| !id.is_empty())
+                else {
+                    problems.push(Problem {
+                        file: file.clone(),
+                        line: None,
+                        column: None,
+                        message: format!(
+                            "policy #{} has no @id(\"…\") annotation: every policy needs a unique id",
+                            n + 1
+                        ),
+                    });
+                    continue;
+                };
+                if let Some(other) = files.get(id) {
+                    problems.push(Problem {
+                        file: file.clone(),
+                        line: None,
+                        column: None,
+                        message: format!("policy id {id:?} is also used in {other}"),
+                    });
+                    continue;
+                }
+                files.insert(id.to_string(), file.clone());
+                if let Err(e) = combined.add(policy.new_id(PolicyId::new(id))) {
+                    problems.push(Problem {
+                        file: file.clone(),
+                        line: None,
+                        column: None,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        if problems.is_empty() {
+            let result = Validator::new(schema.clone()).validate(&combined, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                let id = e.policy_id().to_string();
+                let file = files
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| sources.origin.clone());
+                let text = texts.get(&file).map(String::as_str).unwrap_or("");
+                problems.push(problem_at(&file, text, e, format!("policy {id:?}: {e}")));
+            }
+            for w in result.validation_warnings() {
+                let id = w.policy_id().to_string();
+                let file = files
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| sources.origin.clone());
+                let text = texts.get(&file).map(String::as_str).unwrap_or("");
+                warnings.push(problem_at(&file, text, w, format!("policy {id:?}: {w}")));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(LoadError::Invalid {
+                origin: sources.origin.clone(),
+                problems,
+            });
+        }
+        let settling_forbids = combined
+            .policies()
+            .filter(|p| p.effect() == cedar_policy::Effect::Forbid && !reads_approval(p))
+            .map(|p| p.id().to_string())
+            .collect();
+        Ok(PolicyEngine {
+            index: Index::new(&combined),
+            all: combined,
+            entities: moka::sync::Cache::new(10_000),
+            settling_forbids,
+            schema,
+            subsets: moka::sync::Cache::new(10_000),
+            version: sources.version(),
+            origin: sources.origin.clone(),
+            files,
+            warnings,
+        })
+    }
+
+    /// The content hash of the set.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Where the set was loaded from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Policy ids and the files they are in.
+    pub fn policies(&self) -> &BTreeMap<String, String> {
+        &self.files
+    }
+
+    /// Validator warnings (not fatal).
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
+    }
+
+    /// Decides one request. Never fails: anything unexpected denies, with the error listed.
+    pub fn decide(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
+        let subset = self.applicable(agent, request);
+        self.evaluate(agent, request, &subset, true)
+            .unwrap_or_else(|error| denied_by_error(vec![error]))
+    }
+
+    /// Decides the plain way — every policy of the set, both passes, no shortcuts — as the
+    /// reference the indexed decision is checked against.
+    pub fn decide_without_index(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
+        let everything = Subset {
+            first: self.all.clone(),
+            second: self.all.clone(),
+            second_can_differ: true,
+        };
+        self.evaluate(agent, request, &everything, false)
+            .unwrap_or_else(|error| denied_by_error(vec![error]))
+    }
+
+    fn applicable(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Arc<Subset> {
+        let host = &request.target.host;
+        let key = (request.action, agent.id.to_string(), host_id(host));
+        self.subsets.get_with(key, || {
+            Arc::new(self.index.subset(request.action, agent.id, host))
+        })
+    }
+
+    /// The two passes. With `shortcuts`, a first-pass deny by a forbid that does not read
+    /// `context.approved` settles the decision, and the second pass runs only when it can
+    /// change the outcome, on the policies that matter to it.
+    fn evaluate(
+        &self,
+        agent: &AgentFacts<'_>,
+        request: &RequestFacts,
+        subset: &Subset,
+        shortcuts: bool,
+    ) -> Result<Decision, String> {
+        let host = &request.target.host;
+        let entities = self
+            .entities
+            .try_get_with(
+                (agent.id.to_string(), agent.revision, host_id(host)),
+                || entities::entities(agent, host, &self.schema).map(Arc::new),
+            )
+            .map_err(|e| e.to_string())?;
+        let principal = entities::agent_uid(agent.id);
+        let action = entities::action_uid(request.action);
+        let resource = entities::host_uid(host);
+        let authorizer = Authorizer::new();
+        // The context is built by `entities::context` in one fixed shape, which a unit test
+        // checks against the schema; checking every request again would cost about 2 µs per
+        // pass. A value of the wrong type would still be an evaluation error, and deny.
+        let pass =
+            |approved: bool, policies: &PolicySet| -> Result<cedar_policy::Response, String> {
+                let context = entities::context(request, approved)?;
+                let schema = (!shortcuts).then_some(&self.schema);
+                let cedar_request = Request::new(
+                    principal.clone(),
+                    action.clone(),
+                    resource.clone(),
+                    context,
+                    schema,
+                )
+                .map_err(|e| format!("request: {e}"))?;
+                Ok(authorizer.is_authorized(&cedar_request, policies, entities.as_ref()))
+            };
+
+        let first = pass(false, &subset.first)?;
+        let first_errors = errors(&first);
+        if !first_errors.is_empty() {
+            return Ok(denied_by_error(first_errors));
+        }
+        let first_ids = ids(&first);
+        if first.decision() == CedarDecision::Allow {
+            return Ok(Decision {
+                outcome: Outcome::Allow,
+                reason: format!("allowed by {}", first_ids.join(", ")),
+                policies: first_ids,
+                errors: Vec::new(),
+            });
+        }
+        let settled = first_ids
+            .iter()
+            .any(|id| self.settling_forbids.contains(id));
+        if shortcuts && (settled || !subset.second_can_differ) {
+            return Ok(denied(agent, request, first_ids));
+        }
+        let second = pass(true, &subset.second)?;
+        let second_errors = errors(&second);
+        if !second_errors.is_empty() {
+            return Ok(denied_by_error(second_errors));
+        }
+        let second_ids = ids(&second);
+        if second.decision() == CedarDecision::Allow {
+            return Ok(Decision {
+                outcome: Outcome::NeedsApproval,
+                reason: format!(
+                    "needs a person's approval: {} permit(s) it once approved",
+                    second_ids.join(", ")
+                ),
+                policies: second_ids,
+                errors: Vec::new(),
+            });
+        }
+        Ok(denied(
+            agent,
+            request,
+            if first_ids.is_empty() {
+                second_ids
+            } else {
+                first_ids
+            },
+        ))
+    }
+}
+
+/// The deciding policy ids of a response, sorted.
+fn ids(response: &cedar_policy::Response) -> Vec<String> {
+    let mut ids: Vec<String> = response
+        .diagnostics()
+        .reason()
+        .map(|id| id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn errors(response: &cedar_policy::Response) -> Vec<String> {
+    response
+        .diagnostics()
+        .errors()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+fn denied_by_error(errors: Vec<String>) -> Decision {
+    Decision {
+        outcome: Outcome::Deny,
+        policies: Vec::new(),
+        reason: format!(
+            "denied: a policy failed to evaluate, and errors deny ({})",
+            errors.join("; ")
+        ),
+        errors,
+    }
+}
+
+fn denied(agent: &AgentFacts<'_>, request: &RequestFacts, forbids: Vec<String>) -> Decision {
+    let reason = if forbids.is_empty() {
+        format!(
+            "denied: no policy permits a {} by {} agent {:?} to {}",
+            request.action.as_str(),
+            agent.run_mode.as_str(),
+            agent.id,
+            request.target.host
+        )
+    } else {
+        format!("denied by {}", forbids.join(", "))
+    };
+    Decision {
+        outcome: Outcome::Deny,
+        policies: forbids,
+        errors: Vec::new(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::RunMode;
+    use crate::target::Target;
+
+    fn sources(files: &[(&str, &str)]) -> PolicySources {
+        PolicySources {
+            origin: "test".into(),
+            files: files
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.to_string()))
+                .collect(),
+        }
+    }
+
+    fn problems(files: &[(&str, &str)]) -> Vec<Problem> {
+        match PolicyEngine::load(&sources(files)) {
+            Err(LoadError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    fn request(method: &str, url: &str) -> RequestFacts {
+        let (target, path) = Target::from_url(url).unwrap();
+        RequestFacts::new(method, target, &path)
+    }
+
+    #[test]
+    fn the_default_set_passes_its_own_test_file() {
+        let engine = PolicyEngine::load(&PolicySources::embedded_default()).unwrap();
+        let files =
+            crate::testcases::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests")))
+                .unwrap();
+        let results = crate::testcases::run(&engine, &files);
+        assert!(
+            results.len() >= 20,
+            "the default test file covers the model"
+        );
+        let failures: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.case.name)))
+            .collect();
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
+    #[test]
+    fn embedded_default_matches_the_policy_directory() {
+        let dir =
+            PolicySources::from_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/default")))
+                .unwrap();
+        assert_eq!(
+            dir.files,
+            PolicySources::embedded_default().files,
+            "DEFAULT_POLICIES lists every file of policies/default"
+        );
+        assert_eq!(dir.version(), PolicySources::embedded_default().version());
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_with_file_and_line() {
+        let p = problems(&[("a.cedar", "@id(\"ok\")\npermit (principal, action, resource);\n\n@id(\"bad\")\npermit (principal, action, resource) when { ;\n")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].file, "a.cedar");
+        assert_eq!(p[0].line, Some(5), "{p:?}");
+    }
+
+    #[test]
+    fn a_type_error_is_reported_with_file_line_and_policy() {
+        let p = problems(&[
+            ("ok.cedar", "@id(\"fine\")\npermit (principal, action, resource);\n"),
+            ("typo.cedar", "\n\n@id(\"typo\")\npermit (principal, action, resource)\nwhen { principal.run_mod == \"Review\" };\n"),
+        ]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].file, "typo.cedar");
+        assert_eq!(p[0].line, Some(5), "{p:?}");
+        assert!(
+            p[0].message.contains("typo") && p[0].message.contains("run_mod"),
+            "{}",
+            p[0].message
+        );
+    }
+
+    #[test]
+    fn ids_are_required_and_unique_and_every_problem_is_listed() {
+        let p = problems(&[
+            ("a.cedar", "permit (principal, action, resource);\n"),
+            (
+                "b.cedar",
+                "@id(\"x\") permit (principal, action, resource);\n",
+            ),
+            (
+                "c.cedar",
+                "@id(\"x\") forbid (principal, action, resource);\n",
+            ),
+        ]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].message.contains("no @id"), "{}", p[0]);
+        assert!(p[1].message.contains("also used in b.cedar"), "{}", p[1]);
+        let unknown = problems(&[(
+            "u.cedar",
+            "@id(\"u\") permit (principal == User::\"x\", action, resource);",
+        )]);
+        assert!(unknown[0].message.contains("User"), "{}", unknown[0]);
+        assert!(!problems(&[]).is_empty(), "an empty set is refused");
+    }
+
+    #[test]
+    fn errors_deny() {
+        // Strict validation rules out most runtime errors; an integer overflow remains. The
+        // erroring permit must not allow, and the decision lists the error.
+        let engine = PolicyEngine::load(&sources(&[(
+            "t.cedar",
+            "@id(\"overflow\") permit (principal, action, resource) when { context.port * 9223372036854775807 > 0 };\n\
+             @id(\"fine\") permit (principal, action, resource);",
+        )]))
+        .unwrap();
+        let tags = BTreeMap::new();
+        let agent = AgentFacts {
+            revision: 0,
+            id: "a",
+            run_mode: RunMode::Autonomous,
+            scopes: &[],
+            tags: &tags,
+        };
+        let d = engine.decide(&agent, &request("GET", "https://example.com/"));
+        assert_eq!(
+            d.outcome,
+            Outcome::Deny,
+            "an error denies even when another policy permits: {d:?}"
+        );
+        assert!(d.errors.iter().any(|e| e.contains("overflow")), "{d:?}");
+    }
+
+    #[test]
+    fn the_index_decides_exactly_like_the_whole_set() {
+        let mut text = String::new();
+        for i in 0..40 {
+            text.push_str(&format!(
+                "@id(\"d{i}\") permit (principal, action == Action::\"read\", resource in Domain::\"svc{i}.test\");\n\
+                 @id(\"a{i}\") permit (principal == Agent::\"agent{i}\", action == Action::\"write\", resource) when {{ context.approved }};\n\
+                 @id(\"h{i}\") forbid (principal, action, resource == Host::\"blocked{i}.svc{i}.test\");\n"
+            ));
+        }
+        text.push_str("@id(\"any\") permit (principal, action in [Action::\"read\", Action::\"write\"], resource in Domain::\"open.test\") when { principal.run_mode == \"Autonomous\" };\n");
+        let engine = PolicyEngine::load(&sources(&[("gen.cedar", &text)])).unwrap();
+        let tags = BTreeMap::new();
+        for agent_n in [0, 7, 39, 99] {
+            let id = format!("agent{agent_n}");
+            for mode in [RunMode::ReadOnly, RunMode::Autonomous] {
+                let agent = AgentFacts {
+                    revision: 0,
+                    id: &id,
+                    run_mode: mode,
+                    scopes: &[],
+                    tags: &tags,
+                };
+                for host_n in [0, 7, 39, 99] {
+                    for url in [
+                        format!("https://svc{host_n}.test/"),
+                        format!("https://x.svc{host_n}.test/"),
+                        format!("https://blocked{host_n}.svc{host_n}.test/"),
+                        "https://a.open.test/".to_string(),
+                        "https://svc7.test.evil/".to_string(),
+                    ] {
+                        for method in ["GET", "POST"] {
+                            let r = request(method, &url);
+                            let indexed = engine.decide(&agent, &r);
+                            let whole = engine.decide_without_index(&agent, &r);
+                            assert_eq!(
+                                (indexed.outcome, &indexed.policies),
+                                (whole.outcome, &whole.policies),
+                                "{id} {mode:?} {method} {url}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_version_is_a_content_hash() {
+        let a = sources(&[(
+            "a.cedar",
+            "@id(\"a\") permit (principal, action, resource);",
+        )]);
+        let mut b = a.clone();
+        assert_eq!(a.version(), b.version());
+        b.files[0].1.push(' ');
+        assert_ne!(a.version(), b.version());
+    }
+}
