@@ -1,6 +1,6 @@
 //! End-to-end load comparison: a client talking to an origin directly, and through the
-//! `tollgate` gateway (plain HTTP, identity + SSRF guard + forwarding), measured side by
-//! side in one run on the same machine.
+//! `tollgate` gateway (plain HTTP: identity, the default Cedar policies' allow path, SSRF
+//! guard, forwarding), measured side by side in one run on the same machine.
 //!
 //! Everything runs on loopback: an origin server that answers every request with a fixed
 //! body, the gateway as a child process (the release binary users run, logging at its
@@ -89,7 +89,10 @@ fn main() -> anyhow::Result<()> {
         .build()?;
 
     let direct_req = format!("GET /bench HTTP/1.1\r\nHost: {origin}\r\n\r\n");
-    let proxied_req = format!("GET http://{origin}/bench HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+    // Through the gateway the origin is named api.github.com (pinned to the loopback origin),
+    // so the request is decided by the shipped default policies' allow path.
+    let github = format!("api.github.com:{}", origin.port());
+    let proxied_req = format!("GET http://{github}/bench HTTP/1.1\r\nHost: {github}\r\n\r\n");
     let duration = Duration::from_secs(args.seconds);
     // Warm up both paths (connections, pools, caches) before measuring.
     load_rt.block_on(run_load(
@@ -175,7 +178,7 @@ fn render(args: &Args, direct: &Round, proxied: &Round, gateway_rss_kib: Option<
     t.push_str(&row("direct (client → origin)", direct));
     t.push('\n');
     t.push_str(&row(
-        "Tollgate plain HTTP (identity + SSRF guard + forward)",
+        "Tollgate plain HTTP (identity + default Cedar policies + SSRF guard + forward)",
         proxied,
     ));
     t.push('\n');
@@ -373,6 +376,7 @@ impl Gateway {
             "data_dir = {:?}\n[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [limits]\nworker_threads = {threads}\n\
              [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
+             resolve = {{ \"api.github.com\" = \"127.0.0.1\" }}\n\
              [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
             dir.0.join("data")
         );

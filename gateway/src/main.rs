@@ -1,6 +1,9 @@
 //! The `tollgate` command: a thin clap layer over the gateway library.
 
+mod policy_cmd;
+
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -29,16 +32,26 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Tools for policy authors: validate, test, explain.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, data_dir } => serve(config, data_dir),
+        Command::Serve { config, data_dir } => match serve(config, data_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::DefaultConfig => {
             print!("{}", tollgate_gateway::config::EMBEDDED_DEFAULT);
-            Ok(())
+            ExitCode::SUCCESS
         }
+        Command::Policy(command) => policy_cmd::run(command),
     }
 }
 

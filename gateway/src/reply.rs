@@ -64,9 +64,12 @@ impl Refusal {
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        let mut body = self.extra.clone().unwrap_or_default();
+        let mut body = serde_json::Map::new();
         body.insert("error".into(), self.error.into());
         body.insert("detail".into(), self.detail.clone().into());
+        if let Some(extra) = &self.extra {
+            body.extend(extra.clone());
+        }
         Bytes::from(serde_json::Value::Object(body).to_string())
     }
 

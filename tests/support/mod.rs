@@ -56,10 +56,13 @@ impl TestCa {
         self.dir.path().join("ca.pem")
     }
 
-    /// Writes a server certificate for localhost and 127.0.0.1; returns (cert, key) paths.
-    pub fn server_cert(&self) -> (PathBuf, PathBuf) {
+    /// Writes a server certificate for `names`, localhost and 127.0.0.1; returns (cert, key)
+    /// paths.
+    pub fn server_cert(&self, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let mut all = vec!["localhost".to_string()];
+        all.extend(names.iter().map(|n| n.to_string()));
+        let mut params = CertificateParams::new(all).expect("params");
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
@@ -158,9 +161,14 @@ impl Origin {
         Self::start(None)
     }
 
-    /// An HTTPS origin on 127.0.0.1 with a certificate from `ca`.
+    /// An HTTPS origin on 127.0.0.1 with a certificate from `ca` (for localhost).
     pub fn https(ca: &TestCa) -> Origin {
-        let (cert, key) = ca.server_cert();
+        Self::https_for(ca, &[])
+    }
+
+    /// An HTTPS origin on 127.0.0.1 whose certificate from `ca` also names `names`.
+    pub fn https_for(ca: &TestCa, names: &[&str]) -> Origin {
+        let (cert, key) = ca.server_cert(names);
         let settings = TlsSettings::intermediate(
             cert.to_str().expect("utf8 path"),
             key.to_str().expect("utf8 path"),
@@ -217,13 +225,23 @@ impl Gateway {
     /// Starts `tollgate serve` with `config` and a policy directory holding `policies`
     /// (file name, Cedar text).
     pub fn start_with_policies(config: &str, policies: &[(&str, &str)]) -> Gateway {
+        Self::start_with_policy_settings(config, policies, "")
+    }
+
+    /// Like [`Gateway::start_with_policies`], with more `[policy]` lines (e.g. the watch
+    /// interval).
+    pub fn start_with_policy_settings(
+        config: &str,
+        policies: &[(&str, &str)],
+        settings: &str,
+    ) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).expect("policy dir");
         for (name, text) in policies {
             std::fs::write(policy_dir.join(name), text).expect("write policy");
         }
-        let config = format!("{config}\n[policy]\ndir = {policy_dir:?}\n");
+        let config = format!("{config}\n[policy]\ndir = {policy_dir:?}\n{settings}");
         Self::start_in(dir, &config)
     }
 
