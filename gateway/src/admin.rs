@@ -201,6 +201,11 @@ impl AdminApi {
         let body = read_body(session).await?;
         let mut agent: Agent = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("invalid agent JSON: {e}")))?;
+        if agent.listen.is_some() {
+            return Err(Refusal::bad_request(
+                "an agent's own listener can only be configured in the config file",
+            ));
+        }
         if agent.id.is_empty() {
             agent.id = id.clone();
         } else if agent.id != id {

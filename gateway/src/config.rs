@@ -13,7 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::identity::RunMode;
+use crate::identity::Agent;
 
 /// The configuration `tollgate serve` uses when no `--config` is given: egress proxy on
 /// 127.0.0.1:3128, admin API on 127.0.0.1:9901, data in `./tollgate-data`, and a demo agent
@@ -69,9 +69,10 @@ pub struct Config {
     /// The Cedar policy set.
     #[serde(default)]
     pub policy: PolicyConfig,
-    /// The agents known at start-up (the admin API can add more).
+    /// The agents known at start-up (the admin API can add more): `[[agents]]`, the same
+    /// record the admin API takes, plus an optional listener of the agent's own.
     #[serde(default)]
-    pub agents: Vec<AgentConfig>,
+    pub agents: Vec<Agent>,
 }
 
 /// `[egress]`: the shared sandbox-facing listener.
@@ -176,31 +177,6 @@ pub struct PolicyConfig {
     /// (`POST /v1/policies/reload` still reloads).
     #[serde(default = "default_policy_watch_ms")]
     pub watch_interval_ms: u64,
-}
-
-/// `[[agents]]`: one agent known at start-up.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The agent's id, unique in the registry.
-    pub id: String,
-    /// ReadOnly, Review or Autonomous.
-    pub run_mode: RunMode,
-    /// Azure RBAC scopes the agent's managed identity holds.
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// Name of the identity provider the agent's tokens come from.
-    #[serde(default)]
-    pub identity: Option<String>,
-    /// Free-form tags, visible to policies.
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-    /// Source addresses on the shared egress listener that belong to this agent.
-    #[serde(default)]
-    pub peers: Vec<IpAddr>,
-    /// A listener of the agent's own: every connection to it is this agent's.
-    #[serde(default)]
-    pub listen: Option<AgentListenConfig>,
 }
 
 /// Where an agent's own listener is bound.
@@ -459,7 +435,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./tollgate-data"));
         assert_eq!(c.agents.len(), 1);
         assert_eq!(c.agents[0].id, "local");
-        assert_eq!(c.agents[0].run_mode, RunMode::Review);
+        assert_eq!(c.agents[0].run_mode, crate::identity::RunMode::Review);
         assert_eq!(
             c.agents[0].peers,
             vec!["127.0.0.1".parse::<IpAddr>().unwrap()]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AgentConfig, AgentListenConfig};
+use crate::config::AgentListenConfig;
 
 pub use tollgate_policy::RunMode;
 
@@ -40,8 +40,9 @@ pub struct Agent {
     /// Source addresses on the shared egress listener that belong to this agent.
     #[serde(default)]
     pub peers: Vec<IpAddr>,
-    /// The agent's own listener, if it has one (set from the config file).
-    #[serde(default, skip_deserializing)]
+    /// A listener of the agent's own (config file only): every connection to it is this
+    /// agent's, whatever its source address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<AgentListenConfig>,
     /// Numbers this version of the record (set by the registry on every change), so caches
     /// keyed by it never serve facts of an older version.
@@ -64,21 +65,6 @@ impl Agent {
 
 /// The source of agent revisions: every registry change in this process gets a new one.
 static NEXT_REVISION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-impl From<&AgentConfig> for Agent {
-    fn from(c: &AgentConfig) -> Self {
-        Agent {
-            id: c.id.clone(),
-            run_mode: c.run_mode,
-            scopes: c.scopes.clone(),
-            identity: c.identity.clone(),
-            tags: c.tags.clone(),
-            peers: c.peers.iter().map(|ip| canonical_ip(*ip)).collect(),
-            listen: c.listen.clone(),
-            revision: 0,
-        }
-    }
-}
 
 /// Why a registry change was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -38,32 +38,36 @@ pub enum PolicyCommand {
         tests: PathBuf,
     },
     /// Decide one request and show the outcome and the policies that decided it.
-    Explain {
-        /// The agent asking.
-        #[arg(long)]
-        agent: String,
-        /// The HTTP method.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// The absolute URL.
-        #[arg(long)]
-        url: String,
-        /// Take the agent (and the policy directory, if DIR is not given) from this gateway
-        /// config.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The agent's run mode (instead of --config).
-        #[arg(long, value_name = "MODE")]
-        run_mode: Option<RunModeArg>,
-        /// An RBAC scope of the agent (repeatable).
-        #[arg(long = "scope", value_name = "SCOPE")]
-        scopes: Vec<String>,
-        /// A tag of the agent, key=value (repeatable).
-        #[arg(long = "tag", value_name = "KEY=VALUE")]
-        tags: Vec<String>,
-        /// Directory of *.cedar files (default: the config's policy.dir, else policies/default).
-        dir: Option<PathBuf>,
-    },
+    Explain(ExplainArgs),
+}
+
+/// `tollgate policy explain` arguments.
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    /// The agent asking.
+    #[arg(long)]
+    agent: String,
+    /// The HTTP method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// The absolute URL.
+    #[arg(long)]
+    url: String,
+    /// Take the agent (and the policy directory, if DIR is not given) from this gateway
+    /// config.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The agent's run mode (instead of --config).
+    #[arg(long, value_name = "MODE")]
+    run_mode: Option<RunModeArg>,
+    /// An RBAC scope of the agent (repeatable).
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// A tag of the agent, key=value (repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    /// Directory of *.cedar files (default: the config's policy.dir, else policies/default).
+    dir: Option<PathBuf>,
 }
 
 /// Run modes as command-line values.
@@ -95,25 +99,7 @@ pub fn run(command: PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Validate { dir } => validate(&dir),
         PolicyCommand::Test { dir, tests } => test(&dir, &tests),
-        PolicyCommand::Explain {
-            agent,
-            method,
-            url,
-            config,
-            run_mode,
-            scopes,
-            tags,
-            dir,
-        } => explain(ExplainArgs {
-            agent,
-            method,
-            url,
-            config,
-            run_mode,
-            scopes,
-            tags,
-            dir,
-        }),
+        PolicyCommand::Explain(args) => explain(args),
     }
 }
 
@@ -199,17 +185,6 @@ fn test(dir: &Path, tests: &Path) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-struct ExplainArgs {
-    agent: String,
-    method: String,
-    url: String,
-    config: Option<PathBuf>,
-    run_mode: Option<RunModeArg>,
-    scopes: Vec<String>,
-    tags: Vec<String>,
-    dir: Option<PathBuf>,
 }
 
 fn explain(args: ExplainArgs) -> ExitCode {

@@ -20,7 +20,7 @@ use crate::ca::{CaError, GatewayCa, LeafCerts};
 use crate::config::Config;
 use crate::datadir::{self, FileError};
 use crate::decide::PolicyStore;
-use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
+use crate::identity::{AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
 use crate::proxy::{Egress, Shared};
@@ -91,7 +91,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
     let ca_cert = ca.cert_path().to_path_buf();
     let (token, admin_token_created) = datadir::load_or_create_token(&config.admin_token_path())?;
-    let registry = Arc::new(AgentRegistry::new(config.agents.iter().map(Agent::from))?);
+    let registry = Arc::new(AgentRegistry::new(config.agents.iter().cloned())?);
     let policies = Arc::new(PolicyStore::load(config.policy.dir.as_deref())?);
 
     let server_conf = Arc::new(ServerConf {
