@@ -12,6 +12,9 @@
 //! | `GET /v1/agents/{id}` | one agent |
 //! | `PUT /v1/agents/{id}` | create (201) or replace (200) an agent |
 //! | `DELETE /v1/agents/{id}` | remove an agent (204) |
+//! | `GET /v1/agents/{id}/tool-calls` | the agent's open tool calls |
+//! | `POST /v1/agents/{id}/tool-calls` | open one: `{"id": "...", "ttl_secs": 600}` (201) |
+//! | `DELETE /v1/agents/{id}/tool-calls/{tc}` | close it (204) |
 //! | `GET /v1/policies` | the policy set in force: version, policies, rejected problems |
 //! | `POST /v1/policies/reload` | reload the policy directory now |
 
@@ -28,6 +31,7 @@ use tollgate_policy::LoadError;
 use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, RegistryError};
 use crate::reply::Refusal;
+use crate::toolcall::{ToolCallError, ToolCalls};
 
 /// Largest request body the admin API reads.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -37,21 +41,25 @@ pub struct AdminApi {
     token: String,
     registry: Arc<AgentRegistry>,
     policies: Arc<PolicyStore>,
+    tool_calls: Arc<ToolCalls>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminApi {
-    /// The API guarding `registry` and `policies` with `token`; `/readyz` reports `ready`.
+    /// The API guarding the registry, policies and tool calls with `token`; `/readyz` reports
+    /// `ready`.
     pub fn new(
         token: String,
         registry: Arc<AgentRegistry>,
         policies: Arc<PolicyStore>,
+        tool_calls: Arc<ToolCalls>,
         ready: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         AdminApi {
             token,
             registry,
             policies,
+            tool_calls,
             ready,
         }
     }
@@ -133,6 +141,7 @@ impl AdminApi {
                     Method::PUT => self.put_agent(session, id).await,
                     Method::DELETE => match self.registry.remove(&id) {
                         Some(removed) => {
+                            self.tool_calls.close_all(&removed.id);
                             tracing::info!(agent = %removed.id, "agent removed");
                             Ok(empty(StatusCode::NO_CONTENT))
                         }
@@ -143,6 +152,31 @@ impl AdminApi {
                         Method::PUT,
                         Method::DELETE,
                     ])),
+                }
+            }
+            ["v1", "agents", id, "tool-calls"] => {
+                let id = id.to_string();
+                self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
+                match method {
+                    Method::GET => Ok(json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "tool_calls": self.tool_calls.list(&id) }),
+                    )),
+                    Method::POST => self.open_tool_call(session, &id).await,
+                    _ => Err(method_not_allowed(&[Method::GET, Method::POST])),
+                }
+            }
+            ["v1", "agents", id, "tool-calls", tool_call] => {
+                only(&method, &[Method::DELETE])?;
+                if self.tool_calls.close(id, tool_call) {
+                    tracing::info!(agent = %id, tool_call = %tool_call, "tool call closed");
+                    Ok(empty(StatusCode::NO_CONTENT))
+                } else {
+                    Err(Refusal::new(
+                        404,
+                        "not_found",
+                        format!("no open tool call {tool_call:?} for agent {id:?}"),
+                    ))
                 }
             }
             ["v1", "policies"] => {
@@ -158,6 +192,34 @@ impl AdminApi {
                 "not_found",
                 format!("no route for {path}"),
             )),
+        }
+    }
+
+    async fn open_tool_call(
+        &self,
+        session: &mut ServerSession,
+        agent: &str,
+    ) -> Result<Response<Vec<u8>>, Refusal> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct OpenToolCall {
+            id: String,
+            #[serde(default)]
+            ttl_secs: Option<u64>,
+        }
+        let body = read_body(session).await?;
+        let request: OpenToolCall = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::bad_request(format!("invalid tool call JSON: {e}")))?;
+        let ttl = request.ttl_secs.map(std::time::Duration::from_secs);
+        match self.tool_calls.open(agent, &request.id, ttl) {
+            Ok(info) => {
+                tracing::info!(agent, tool_call = %info.id, ttl_secs = ?request.ttl_secs, "tool call opened");
+                Ok(json(StatusCode::CREATED, &info))
+            }
+            Err(e @ ToolCallError::AlreadyOpen(_)) => {
+                Err(Refusal::new(409, "conflict", e.to_string()))
+            }
+            Err(e) => Err(Refusal::bad_request(e.to_string())),
         }
     }
 

@@ -8,6 +8,7 @@
 //!   asked) and serves them with pingora; the egress app sends CONNECT to [`intercept`] and
 //!   everything else to [`proxy`].
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
+//! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
 //! - [`target`] — where a request goes, parsed strictly and once (from the policy crate).
 //! - classification — step 3: read or write, the ARM target (`tollgate_policy::classify`).
@@ -32,6 +33,7 @@ pub mod listener;
 pub mod proxy;
 pub mod reply;
 pub mod server;
+pub mod toolcall;
 pub mod upstream;
 
 pub use config::Config;

@@ -23,6 +23,7 @@ use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding
 use crate::intercept::Tunnel;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
+use crate::toolcall::{ToolCalls, TOOL_CALL_HEADER};
 use crate::upstream::{self, Upstream};
 
 /// State shared by every listener's pipeline.
@@ -31,6 +32,8 @@ pub struct Shared {
     pub registry: Arc<AgentRegistry>,
     /// The policy set in force.
     pub policies: Arc<PolicyStore>,
+    /// The agents' open tool calls.
+    pub tool_calls: Arc<ToolCalls>,
     /// How origins are reached.
     pub upstream: Upstream,
 }
@@ -53,6 +56,7 @@ pub struct RequestCtx {
     started: Instant,
     agent: Option<Arc<Agent>>,
     target: Option<Target>,
+    tool_call: Option<String>,
     decision: Option<Decision>,
     addr: Option<SocketAddr>,
     /// Set when the gateway answered the request itself.
@@ -168,8 +172,15 @@ impl Egress {
         // 2. Where to (interception already happened on the socket).
         let (target, path) = request_target(session)?;
         ctx.target = Some(target.clone());
-        // 3. What it asks for.
-        let request = RequestFacts::new(session.req_header().method.as_str(), target, &path);
+        // 3. What it asks for, and in which of the agent's tool calls.
+        let mut request = RequestFacts::new(session.req_header().method.as_str(), target, &path);
+        let named = session
+            .req_header()
+            .headers
+            .get(TOOL_CALL_HEADER)
+            .and_then(|v| v.to_str().ok());
+        request.tool_call = self.shared.tool_calls.current(&agent.id, named);
+        ctx.tool_call = request.tool_call.clone();
         // 4. Whether it may: allow, deny, or needs approval.
         let (decision, engine) = self.shared.policies.decide(&agent, &request);
         let refusal = (decision.outcome != Outcome::Allow)
@@ -194,6 +205,7 @@ impl ProxyHttp for Egress {
             started: Instant::now(),
             agent: None,
             target: None,
+            tool_call: None,
             decision: None,
             addr: None,
             refusal: None,
@@ -247,6 +259,7 @@ impl ProxyHttp for Egress {
             pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e)
         })?;
         upstream_request.set_uri(uri);
+        upstream_request.remove_header(TOOL_CALL_HEADER);
         // Hop-by-hop and proxy request headers (incl. those named in Connection) are already
         // gone: pingora's default upstream request policy strips them.
         upstream_request.insert_header(http::header::HOST, target.host_header())?;
@@ -323,6 +336,7 @@ impl ProxyHttp for Egress {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-");
+        let tool_call = ctx.tool_call.as_deref().unwrap_or("-");
         let host = ctx
             .target
             .as_ref()
@@ -337,15 +351,15 @@ impl ProxyHttp for Egress {
         };
         match (&ctx.refusal, e) {
             (Some(refusal), _) => tracing::info!(
-                agent, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                agent, tool_call, method = %req.method, host, path, decision, policies, status, elapsed_ms,
                 refusal = refusal.error, detail = %refusal.detail, "request refused"
             ),
             (None, Some(err)) => tracing::info!(
-                agent, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                agent, tool_call, method = %req.method, host, path, decision, policies, status, elapsed_ms,
                 error = %err.etype().as_str(), "request failed"
             ),
             (None, None) => tracing::info!(
-                agent, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                agent, tool_call, method = %req.method, host, path, decision, policies, status, elapsed_ms,
                 "request"
             ),
         }

@@ -24,6 +24,7 @@ use crate::identity::{AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
 use crate::proxy::{Egress, Shared};
+use crate::toolcall::ToolCalls;
 use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
@@ -99,9 +100,11 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
         ..ServerConf::default()
     });
+    let tool_calls = Arc::new(ToolCalls::default());
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         policies: policies.clone(),
+        tool_calls: tool_calls.clone(),
         upstream: Upstream::new(&config.upstream),
     });
     let leaves = LeafCerts::new(
@@ -177,7 +180,13 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         let interval = Duration::from_millis(config.policy.watch_interval_ms);
         tasks.extend(policies.clone().watch(interval, watch.clone()));
     }
-    let admin_api = AdminApi::new(token, registry.clone(), policies.clone(), ready.clone());
+    let admin_api = AdminApi::new(
+        token,
+        registry.clone(),
+        policies.clone(),
+        tool_calls,
+        ready.clone(),
+    );
     tasks.push(listener::serve(
         "admin",
         admin_socket,

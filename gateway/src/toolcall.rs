@@ -1,0 +1,241 @@
+//! Tool calls: the unit of an agent's work that credentials are scoped to.
+//!
+//! The agent runtime (control plane) opens a tool call on the admin API before the agent acts
+//! and closes it afterwards. Requests from the agent are attributed to its open tool call,
+//! which the policies see as `context.tool_call`; a request outside any open tool call has
+//! none. When an agent has several tool calls open at once, the request names one with the
+//! `Tollgate-Tool-Call` header (the header never reaches the origin).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::RwLock;
+use serde::Serialize;
+
+/// The request header that picks one of several open tool calls.
+pub const TOOL_CALL_HEADER: &str = "tollgate-tool-call";
+
+/// Longest TTL a tool call may ask for.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// One open tool call.
+#[derive(Debug, Clone)]
+struct Open {
+    id: String,
+    opened_at: SystemTime,
+    expires_at: Option<Instant>,
+}
+
+impl Open {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+/// What the admin API shows of a tool call.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ToolCallInfo {
+    /// The tool call's id.
+    pub id: String,
+    /// The agent it belongs to.
+    pub agent: String,
+    /// When it was opened (seconds since the Unix epoch).
+    pub opened_at: u64,
+    /// Seconds until it closes by itself, if it has a TTL.
+    pub expires_in: Option<u64>,
+}
+
+/// Why a tool call could not be opened.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ToolCallError {
+    /// The id is empty, too long or has characters outside `[A-Za-z0-9._:-]`.
+    #[error("tool call id {0:?} is invalid: use 1 to 128 characters of A-Z a-z 0-9 . _ : -")]
+    InvalidId(String),
+    /// A tool call with this id is already open for the agent.
+    #[error("tool call {0:?} is already open")]
+    AlreadyOpen(String),
+    /// The TTL is zero or longer than [`MAX_TTL`].
+    #[error("ttl_secs must be between 1 and {}", MAX_TTL.as_secs())]
+    BadTtl,
+}
+
+/// The open tool calls of every agent.
+#[derive(Default)]
+pub struct ToolCalls {
+    open: RwLock<HashMap<String, Vec<Open>>>,
+}
+
+impl ToolCalls {
+    /// Opens tool call `id` for `agent`, closing by itself after `ttl` if given.
+    pub fn open(
+        &self,
+        agent: &str,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<ToolCallInfo, ToolCallError> {
+        let valid = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if !valid {
+            return Err(ToolCallError::InvalidId(id.chars().take(200).collect()));
+        }
+        if ttl.is_some_and(|t| t.is_zero() || t > MAX_TTL) {
+            return Err(ToolCallError::BadTtl);
+        }
+        let now = Instant::now();
+        let mut open = self.open.write();
+        let calls = open.entry(agent.to_string()).or_default();
+        calls.retain(|c| c.live(now));
+        if calls.iter().any(|c| c.id == id) {
+            return Err(ToolCallError::AlreadyOpen(id.to_string()));
+        }
+        let call = Open {
+            id: id.to_string(),
+            opened_at: SystemTime::now(),
+            expires_at: ttl.map(|t| now + t),
+        };
+        let info = info(agent, &call, now);
+        calls.push(call);
+        Ok(info)
+    }
+
+    /// Closes tool call `id` of `agent`; false if it was not open.
+    pub fn close(&self, agent: &str, id: &str) -> bool {
+        let now = Instant::now();
+        let mut open = self.open.write();
+        let Some(calls) = open.get_mut(agent) else {
+            return false;
+        };
+        let before = calls.len();
+        calls.retain(|c| c.id != id);
+        let closed = calls.len() < before;
+        calls.retain(|c| c.live(now));
+        if calls.is_empty() {
+            open.remove(agent);
+        }
+        closed
+    }
+
+    /// Closes every tool call of `agent` (the agent was removed).
+    pub fn close_all(&self, agent: &str) {
+        self.open.write().remove(agent);
+    }
+
+    /// The open tool calls of `agent`.
+    pub fn list(&self, agent: &str) -> Vec<ToolCallInfo> {
+        let now = Instant::now();
+        self.open
+            .read()
+            .get(agent)
+            .map(|calls| {
+                calls
+                    .iter()
+                    .filter(|c| c.live(now))
+                    .map(|c| info(agent, c, now))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The tool call a request of `agent` belongs to: its only open one, or the one `named`
+    /// (by the request's `Tollgate-Tool-Call` header) among several. `None` when the agent
+    /// has none open, or several and the request names none of them.
+    pub fn current(&self, agent: &str, named: Option<&str>) -> Option<String> {
+        let now = Instant::now();
+        let open = self.open.read();
+        let mut live = open.get(agent)?.iter().filter(|c| c.live(now));
+        match named {
+            Some(name) => live.find(|c| c.id == name).map(|c| c.id.clone()),
+            None => {
+                let first = live.next()?;
+                live.next().is_none().then(|| first.id.clone())
+            }
+        }
+    }
+}
+
+fn info(agent: &str, call: &Open, now: Instant) -> ToolCallInfo {
+    ToolCallInfo {
+        id: call.id.clone(),
+        agent: agent.to_string(),
+        opened_at: call
+            .opened_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        expires_in: call
+            .expires_at
+            .map(|at| at.saturating_duration_since(now).as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_only_open_tool_call_is_the_current_one() {
+        let t = ToolCalls::default();
+        assert_eq!(t.current("a", None), None);
+        t.open("a", "tc-1", None).unwrap();
+        assert_eq!(t.current("a", None).as_deref(), Some("tc-1"));
+        assert_eq!(t.current("b", None), None, "tool calls are per agent");
+        assert!(t.close("a", "tc-1"));
+        assert_eq!(t.current("a", None), None);
+        assert!(!t.close("a", "tc-1"));
+    }
+
+    #[test]
+    fn several_open_tool_calls_need_the_request_to_name_one() {
+        let t = ToolCalls::default();
+        t.open("a", "tc-1", None).unwrap();
+        t.open("a", "tc-2", None).unwrap();
+        assert_eq!(t.current("a", None), None, "ambiguous: no tool call");
+        assert_eq!(t.current("a", Some("tc-2")).as_deref(), Some("tc-2"));
+        assert_eq!(t.current("a", Some("tc-9")), None);
+        assert_eq!(
+            t.current("b", Some("tc-1")),
+            None,
+            "another agent's tool call"
+        );
+        assert_eq!(t.list("a").len(), 2);
+    }
+
+    #[test]
+    fn ids_are_unique_per_agent_and_checked() {
+        let t = ToolCalls::default();
+        t.open("a", "x", None).unwrap();
+        assert_eq!(
+            t.open("a", "x", None),
+            Err(ToolCallError::AlreadyOpen("x".into()))
+        );
+        assert!(t.open("b", "x", None).is_ok());
+        assert!(matches!(
+            t.open("a", "a b", None),
+            Err(ToolCallError::InvalidId(_))
+        ));
+        assert_eq!(
+            t.open("a", "y", Some(Duration::ZERO)),
+            Err(ToolCallError::BadTtl)
+        );
+    }
+
+    #[test]
+    fn an_expired_tool_call_is_no_longer_current() {
+        let t = ToolCalls::default();
+        t.open("a", "short", Some(Duration::from_millis(30)))
+            .unwrap();
+        assert_eq!(t.current("a", None).as_deref(), Some("short"));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(t.current("a", None), None);
+        assert!(t.list("a").is_empty());
+        t.open("a", "short", None).unwrap();
+        assert_eq!(
+            t.current("a", None).as_deref(),
+            Some("short"),
+            "the id can be reused"
+        );
+    }
+}
