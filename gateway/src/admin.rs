@@ -28,6 +28,7 @@ use subtle::ConstantTimeEq;
 
 use tollgate_policy::LoadError;
 
+use crate::credentials::Credentials;
 use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, RegistryError};
 use crate::reply::Refusal;
@@ -42,6 +43,7 @@ pub struct AdminApi {
     registry: Arc<AgentRegistry>,
     policies: Arc<PolicyStore>,
     tool_calls: Arc<ToolCalls>,
+    credentials: Arc<Credentials>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -53,6 +55,7 @@ impl AdminApi {
         registry: Arc<AgentRegistry>,
         policies: Arc<PolicyStore>,
         tool_calls: Arc<ToolCalls>,
+        credentials: Arc<Credentials>,
         ready: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         AdminApi {
@@ -60,6 +63,7 @@ impl AdminApi {
             registry,
             policies,
             tool_calls,
+            credentials,
             ready,
         }
     }
@@ -142,6 +146,7 @@ impl AdminApi {
                     Method::DELETE => match self.registry.remove(&id) {
                         Some(removed) => {
                             self.tool_calls.close_all(&removed.id);
+                            self.credentials.evict_agent(&removed.id);
                             tracing::info!(agent = %removed.id, "agent removed");
                             Ok(empty(StatusCode::NO_CONTENT))
                         }
@@ -168,7 +173,9 @@ impl AdminApi {
             }
             ["v1", "agents", id, "tool-calls", tool_call] => {
                 only(&method, &[Method::DELETE])?;
-                if self.tool_calls.close(id, tool_call) {
+                if let Some(serial) = self.tool_calls.close(id, tool_call) {
+                    // Its tokens go at once, not when they expire.
+                    self.credentials.evict_tool_call(id, serial);
                     tracing::info!(agent = %id, tool_call = %tool_call, "tool call closed");
                     Ok(empty(StatusCode::NO_CONTENT))
                 } else {

@@ -69,6 +69,15 @@ pub struct Config {
     /// The Cedar policy set.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Where tokens come from: `[[identity_providers]]`.
+    #[serde(default)]
+    pub identity_providers: Vec<IdentityProviderConfig>,
+    /// Which destinations get which token: `[[credential_rules]]`.
+    #[serde(default)]
+    pub credential_rules: Vec<CredentialRuleConfig>,
+    /// Token cache and fetch settings.
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
     /// The agents known at start-up (the admin API can add more): `[[agents]]`, the same
     /// record the admin API takes, plus an optional listener of the agent's own.
     #[serde(default)]
@@ -179,6 +188,165 @@ pub struct PolicyConfig {
     pub watch_interval_ms: u64,
 }
 
+/// Where a secret comes from: a file (first line, trimmed) or an environment variable. The
+/// value itself is never in the config.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// Read the secret from this file.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Read the secret from this environment variable.
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+/// `[[identity_providers]]`: one source of tokens, by the protocol it speaks (`kind`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IdentityProviderConfig {
+    /// OAuth 2.0 client credentials (RFC 6749 §4.4), e.g. Microsoft Entra ID.
+    ClientCredentials {
+        /// The name agents (`identity`) and credential rules (`provider`) refer to.
+        name: String,
+        /// The token endpoint.
+        token_url: String,
+        /// The client id.
+        client_id: String,
+        /// The client secret.
+        client_secret: SecretSource,
+        /// The form parameter the audience is sent as: `scope` (Entra v2, default) or
+        /// `resource` (Entra v1).
+        #[serde(default = "default_audience_param")]
+        audience_param: String,
+    },
+    /// The Azure managed-identity endpoint (IMDS, or App Service's IDENTITY_ENDPOINT).
+    ManagedIdentity {
+        /// The provider's name.
+        name: String,
+        /// The endpoint; default: `$IDENTITY_ENDPOINT` if set, else the instance metadata
+        /// service `http://169.254.169.254/metadata/identity/oauth2/token`.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// The `api-version`; default `2019-08-01` with IDENTITY_ENDPOINT, else `2018-02-01`.
+        #[serde(default)]
+        api_version: Option<String>,
+        /// A user-assigned identity's client id.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// The `X-IDENTITY-HEADER` secret; default: `$IDENTITY_HEADER` when IDENTITY_ENDPOINT
+        /// is used. IMDS takes `Metadata: true` instead.
+        #[serde(default)]
+        identity_header: Option<SecretSource>,
+    },
+    /// A fixed token, for development and tests.
+    Static {
+        /// The provider's name.
+        name: String,
+        /// The token.
+        token: SecretSource,
+        /// How long each handed-out token is treated as valid, in seconds.
+        #[serde(default = "default_static_ttl")]
+        expires_in_secs: u64,
+    },
+}
+
+/// `[[credential_rules]]`: destinations that get a token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRuleConfig {
+    /// Host patterns: `api.example.com` (that host) or `*.example.com` (its sub-domains).
+    pub hosts: Vec<String>,
+    /// The audience / scope the token is for, e.g. `https://management.azure.com/.default`.
+    pub audience: String,
+    /// The identity provider; default: the agent's own `identity`.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The header the token goes in.
+    #[serde(default = "default_credential_header")]
+    pub header: String,
+    /// The header value; `{token}` is replaced by the token.
+    #[serde(default = "default_credential_format")]
+    pub format: String,
+    /// More headers to strip from the sandbox's request (API keys), besides Authorization
+    /// and Proxy-Authorization.
+    #[serde(default)]
+    pub strip_headers: Vec<String>,
+}
+
+/// `[credentials]`: the token cache and fetching.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// A cached token is dropped this long before it expires, in seconds.
+    #[serde(default = "default_refresh_margin")]
+    pub refresh_margin_secs: u64,
+    /// Time allowed for one token request, in ms.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout_ms: u64,
+    /// After a failed token request, the first wait before the next attempt, in ms; it
+    /// doubles with every failure up to `backoff_max_ms`.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    /// The longest wait between attempts, in ms.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// Tokens kept in memory at most.
+    #[serde(default = "default_token_cache")]
+    pub cache_capacity: u64,
+}
+
+impl IdentityProviderConfig {
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::ClientCredentials { name, .. }
+            | Self::ManagedIdentity { name, .. }
+            | Self::Static { name, .. } => name,
+        }
+    }
+}
+
+fn default_audience_param() -> String {
+    "scope".into()
+}
+fn default_static_ttl() -> u64 {
+    3600
+}
+fn default_credential_header() -> String {
+    "authorization".into()
+}
+fn default_credential_format() -> String {
+    "Bearer {token}".into()
+}
+fn default_refresh_margin() -> u64 {
+    60
+}
+fn default_fetch_timeout() -> u64 {
+    5_000
+}
+fn default_backoff_initial() -> u64 {
+    500
+}
+fn default_backoff_max() -> u64 {
+    30_000
+}
+fn default_token_cache() -> u64 {
+    10_000
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        Self {
+            refresh_margin_secs: default_refresh_margin(),
+            fetch_timeout_ms: default_fetch_timeout(),
+            backoff_initial_ms: default_backoff_initial(),
+            backoff_max_ms: default_backoff_max(),
+            cache_capacity: default_token_cache(),
+        }
+    }
+}
+
 /// Where an agent's own listener is bound.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +426,7 @@ impl Config {
                 return invalid(format!("upstream.resolve: {name:?} is not a host name"));
             }
         }
+        self.validate_credentials()?;
         let mut ids = std::collections::HashSet::new();
         let mut peers = std::collections::HashMap::new();
         for agent in &self.agents {
@@ -271,6 +440,85 @@ impl Config {
                 if let Some(other) = peers.insert(*peer, agent.id.as_str()) {
                     return invalid(format!(
                         "agents: peer address {peer} is given to both {other:?} and {:?}",
+                        agent.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mut names = std::collections::HashSet::new();
+        for p in &self.identity_providers {
+            if p.name().is_empty() || !names.insert(p.name()) {
+                return invalid(format!(
+                    "identity_providers: name {:?} is empty or used twice",
+                    p.name()
+                ));
+            }
+            let sources: Vec<&SecretSource> = match p {
+                IdentityProviderConfig::ClientCredentials {
+                    client_secret,
+                    audience_param,
+                    ..
+                } => {
+                    if audience_param != "scope" && audience_param != "resource" {
+                        return invalid(format!(
+                            "identity provider {:?}: audience_param must be \"scope\" or \"resource\"",
+                            p.name()
+                        ));
+                    }
+                    vec![client_secret]
+                }
+                IdentityProviderConfig::ManagedIdentity {
+                    identity_header, ..
+                } => identity_header.iter().collect(),
+                IdentityProviderConfig::Static { token, .. } => vec![token],
+            };
+            for source in sources {
+                if source.file.is_some() == source.env.is_some() {
+                    return invalid(format!(
+                        "identity provider {:?}: a secret needs exactly one of file or env",
+                        p.name()
+                    ));
+                }
+            }
+        }
+        for (n, rule) in self.credential_rules.iter().enumerate() {
+            let at = format!("credential_rules[{n}]");
+            if rule.hosts.is_empty() {
+                return invalid(format!("{at}: hosts is empty"));
+            }
+            for host in &rule.hosts {
+                let name = host.strip_prefix("*.").unwrap_or(host);
+                if !matches!(
+                    crate::target::Host::parse(name),
+                    Ok(crate::target::Host::Name(_))
+                ) {
+                    return invalid(format!("{at}: {host:?} is not a host name or *.domain"));
+                }
+            }
+            if let Some(provider) = &rule.provider {
+                if !names.contains(provider.as_str()) {
+                    return invalid(format!("{at}: no identity provider named {provider:?}"));
+                }
+            }
+            if !rule.format.contains("{token}") {
+                return invalid(format!("{at}: format must contain {{token}}"));
+            }
+            for header in std::iter::once(&rule.header).chain(&rule.strip_headers) {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    return invalid(format!("{at}: {header:?} is not a header name"));
+                }
+            }
+        }
+        for agent in &self.agents {
+            if let Some(identity) = &agent.identity {
+                if !names.contains(identity.as_str()) {
+                    return invalid(format!(
+                        "agent {:?}: no identity provider named {identity:?}",
                         agent.id
                     ));
                 }

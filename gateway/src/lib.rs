@@ -13,18 +13,20 @@
 //! - [`target`] — where a request goes, parsed strictly and once (from the policy crate).
 //! - classification — step 3: read or write, the ARM target (`tollgate_policy::classify`).
 //! - [`decide`] — step 4: the Cedar decision, and reloading the policy set.
+//! - [`credentials`] — step 6: strip what the sandbox sent, inject a token for this agent and
+//!   tool call (identity providers, token cache).
 //! - [`proxy`] — the pingora request phases, which call each step in order.
 //! - [`upstream`] — step 7: asynchronous resolution, the SSRF guard, origin connections.
 //! - [`reply`] — every answer the gateway gives itself (JSON `{error, detail}`).
 //! - [`admin`] — the authenticated control API.
 //! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
 //!
-//! Approvals (5), credentials (6) and telemetry (9) plug into [`proxy::Egress`] as their
-//! issues land.
+//! Approvals (5) and telemetry (9) plug into [`proxy::Egress`] as their issues land.
 
 pub mod admin;
 pub mod ca;
 pub mod config;
+pub mod credentials;
 pub mod datadir;
 pub mod decide;
 pub mod identity;

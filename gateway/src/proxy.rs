@@ -18,12 +18,13 @@ use pingora::{ErrorSource, ErrorType};
 
 use tollgate_policy::{Decision, Outcome, RequestFacts};
 
+use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding};
 use crate::intercept::Tunnel;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
-use crate::toolcall::{ToolCalls, TOOL_CALL_HEADER};
+use crate::toolcall::{ToolCallRef, ToolCalls, TOOL_CALL_HEADER};
 use crate::upstream::{self, Upstream};
 
 /// State shared by every listener's pipeline.
@@ -34,6 +35,8 @@ pub struct Shared {
     pub policies: Arc<PolicyStore>,
     /// The agents' open tool calls.
     pub tool_calls: Arc<ToolCalls>,
+    /// Credential rules, providers and tokens.
+    pub credentials: Arc<Credentials>,
     /// How origins are reached.
     pub upstream: Upstream,
 }
@@ -56,8 +59,9 @@ pub struct RequestCtx {
     started: Instant,
     agent: Option<Arc<Agent>>,
     target: Option<Target>,
-    tool_call: Option<String>,
+    tool_call: Option<ToolCallRef>,
     decision: Option<Decision>,
+    credential: Option<Injection>,
     addr: Option<SocketAddr>,
     /// Set when the gateway answered the request itself.
     refusal: Option<Refusal>,
@@ -179,8 +183,8 @@ impl Egress {
             .headers
             .get(TOOL_CALL_HEADER)
             .and_then(|v| v.to_str().ok());
-        request.tool_call = self.shared.tool_calls.current(&agent.id, named);
-        ctx.tool_call = request.tool_call.clone();
+        ctx.tool_call = self.shared.tool_calls.current(&agent.id, named);
+        request.tool_call = ctx.tool_call.as_ref().map(|tc| tc.id.clone());
         // 4. Whether it may: allow, deny, or needs approval.
         let (decision, engine) = self.shared.policies.decide(&agent, &request);
         let refusal = (decision.outcome != Outcome::Allow)
@@ -189,7 +193,13 @@ impl Egress {
         if let Some(refusal) = refusal {
             return Err(refusal);
         }
-        // 5.–6. Approval and credentials plug in here (later issues).
+        // 5. Approval plugs in here (approvals issue).
+        // 6. Credentials: the sandbox's are stripped, a token for this tool call injected.
+        ctx.credential = self
+            .shared
+            .credentials
+            .for_request(&agent, ctx.tool_call.as_ref(), &request.target)
+            .await?;
         // 7. Resolve asynchronously and keep internal networks out of reach.
         ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
         Ok(())
@@ -207,6 +217,7 @@ impl ProxyHttp for Egress {
             target: None,
             tool_call: None,
             decision: None,
+            credential: None,
             addr: None,
             refusal: None,
         }
@@ -260,6 +271,14 @@ impl ProxyHttp for Egress {
         })?;
         upstream_request.set_uri(uri);
         upstream_request.remove_header(TOOL_CALL_HEADER);
+        if let Some(credential) = &ctx.credential {
+            for name in &credential.strip {
+                upstream_request.remove_header(name);
+            }
+            if let Some((name, value)) = &credential.header {
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
+        }
         // Hop-by-hop and proxy request headers (incl. those named in Connection) are already
         // gone: pingora's default upstream request policy strips them.
         upstream_request.insert_header(http::header::HOST, target.host_header())?;
@@ -336,7 +355,17 @@ impl ProxyHttp for Egress {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-");
-        let tool_call = ctx.tool_call.as_deref().unwrap_or("-");
+        let tool_call = ctx
+            .tool_call
+            .as_ref()
+            .map(|tc| tc.id.as_str())
+            .unwrap_or("-");
+        // The provider a token came from; never the token.
+        let credential = match &ctx.credential {
+            Some(c) if c.header.is_some() => c.provider.as_str(),
+            Some(_) => "stripped",
+            None => "-",
+        };
         let host = ctx
             .target
             .as_ref()
@@ -351,15 +380,15 @@ impl ProxyHttp for Egress {
         };
         match (&ctx.refusal, e) {
             (Some(refusal), _) => tracing::info!(
-                agent, tool_call, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                agent, tool_call, method = %req.method, host, path, decision, credential, policies, status, elapsed_ms,
                 refusal = refusal.error, detail = %refusal.detail, "request refused"
             ),
             (None, Some(err)) => tracing::info!(
-                agent, tool_call, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                agent, tool_call, method = %req.method, host, path, decision, credential, policies, status, elapsed_ms,
                 error = %err.etype().as_str(), "request failed"
             ),
             (None, None) => tracing::info!(
-                agent, tool_call, method = %req.method, host, path, decision, policies, status, elapsed_ms,
+                agent, tool_call, method = %req.method, host, path, decision, credential, policies, status, elapsed_ms,
                 "request"
             ),
         }

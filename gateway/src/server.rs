@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminApi;
 use crate::ca::{CaError, GatewayCa, LeafCerts};
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::datadir::{self, FileError};
 use crate::decide::PolicyStore;
 use crate::identity::{AgentRegistry, ListenerBinding, RegistryError};
@@ -48,6 +49,9 @@ pub enum StartError {
     /// The policy set.
     #[error(transparent)]
     Policy(#[from] tollgate_policy::LoadError),
+    /// Identity providers and credential rules.
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
 }
 
 /// A running gateway: where it listens, and the handle to stop it.
@@ -101,10 +105,16 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         ..ServerConf::default()
     });
     let tool_calls = Arc::new(ToolCalls::default());
+    // Token endpoints are reached with the same trusted roots as origins.
+    let token_connector = pingora::connectors::http::Connector::new(Some(
+        pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
+    ));
+    let credentials = Arc::new(Credentials::new(config, token_connector)?);
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         policies: policies.clone(),
         tool_calls: tool_calls.clone(),
+        credentials: credentials.clone(),
         upstream: Upstream::new(&config.upstream),
     });
     let leaves = LeafCerts::new(
@@ -180,11 +190,17 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         let interval = Duration::from_millis(config.policy.watch_interval_ms);
         tasks.extend(policies.clone().watch(interval, watch.clone()));
     }
+    tasks.push(sweep_tool_calls(
+        tool_calls.clone(),
+        credentials.clone(),
+        watch.clone(),
+    ));
     let admin_api = AdminApi::new(
         token,
         registry.clone(),
         policies.clone(),
         tool_calls,
+        credentials,
         ready.clone(),
     );
     tasks.push(listener::serve(
@@ -206,6 +222,26 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         admin_token_created,
         shutdown,
         tasks,
+    })
+}
+
+/// Closes tool calls whose TTL has passed, and drops their tokens, once a second.
+fn sweep_tool_calls(
+    tool_calls: Arc<ToolCalls>,
+    credentials: Arc<Credentials>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            for (agent, serial) in tool_calls.sweep_expired() {
+                credentials.evict_tool_call(&agent, serial);
+                tracing::info!(agent, "tool call expired");
+            }
+        }
     })
 }
 

@@ -18,10 +18,23 @@ pub const TOOL_CALL_HEADER: &str = "tollgate-tool-call";
 /// Longest TTL a tool call may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// A tool call a request belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCallRef {
+    /// The id the control plane gave it.
+    pub id: String,
+    /// Unique for each opening in this process: an id opened again after closing is another
+    /// tool call, and never sees the tokens of the first.
+    pub serial: u64,
+}
+
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// One open tool call.
 #[derive(Debug, Clone)]
 struct Open {
     id: String,
+    serial: u64,
     opened_at: SystemTime,
     expires_at: Option<Instant>,
 }
@@ -93,6 +106,7 @@ impl ToolCalls {
         }
         let call = Open {
             id: id.to_string(),
+            serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             opened_at: SystemTime::now(),
             expires_at: ttl.map(|t| now + t),
         };
@@ -101,21 +115,34 @@ impl ToolCalls {
         Ok(info)
     }
 
-    /// Closes tool call `id` of `agent`; false if it was not open.
-    pub fn close(&self, agent: &str, id: &str) -> bool {
-        let now = Instant::now();
+    /// Closes tool call `id` of `agent`; returns its serial, or `None` if it was not open.
+    pub fn close(&self, agent: &str, id: &str) -> Option<u64> {
         let mut open = self.open.write();
-        let Some(calls) = open.get_mut(agent) else {
-            return false;
-        };
-        let before = calls.len();
-        calls.retain(|c| c.id != id);
-        let closed = calls.len() < before;
-        calls.retain(|c| c.live(now));
+        let calls = open.get_mut(agent)?;
+        let at = calls.iter().position(|c| c.id == id)?;
+        let closed = calls.remove(at);
         if calls.is_empty() {
             open.remove(agent);
         }
-        closed
+        Some(closed.serial)
+    }
+
+    /// Removes the tool calls whose TTL has passed; returns (agent, serial) of each.
+    pub fn sweep_expired(&self) -> Vec<(String, u64)> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut open = self.open.write();
+        open.retain(|agent, calls| {
+            calls.retain(|c| {
+                let live = c.live(now);
+                if !live {
+                    expired.push((agent.clone(), c.serial));
+                }
+                live
+            });
+            !calls.is_empty()
+        });
+        expired
     }
 
     /// Closes every tool call of `agent` (the agent was removed).
@@ -142,17 +169,21 @@ impl ToolCalls {
     /// The tool call a request of `agent` belongs to: its only open one, or the one `named`
     /// (by the request's `Tollgate-Tool-Call` header) among several. `None` when the agent
     /// has none open, or several and the request names none of them.
-    pub fn current(&self, agent: &str, named: Option<&str>) -> Option<String> {
+    pub fn current(&self, agent: &str, named: Option<&str>) -> Option<ToolCallRef> {
         let now = Instant::now();
         let open = self.open.read();
         let mut live = open.get(agent)?.iter().filter(|c| c.live(now));
-        match named {
-            Some(name) => live.find(|c| c.id == name).map(|c| c.id.clone()),
+        let found = match named {
+            Some(name) => live.find(|c| c.id == name),
             None => {
                 let first = live.next()?;
-                live.next().is_none().then(|| first.id.clone())
+                live.next().is_none().then_some(first)
             }
-        }
+        };
+        found.map(|c| ToolCallRef {
+            id: c.id.clone(),
+            serial: c.serial,
+        })
     }
 }
 
@@ -175,16 +206,20 @@ fn info(agent: &str, call: &Open, now: Instant) -> ToolCallInfo {
 mod tests {
     use super::*;
 
+    fn current(t: &ToolCalls, agent: &str, named: Option<&str>) -> Option<String> {
+        t.current(agent, named).map(|c| c.id)
+    }
+
     #[test]
     fn the_only_open_tool_call_is_the_current_one() {
         let t = ToolCalls::default();
-        assert_eq!(t.current("a", None), None);
+        assert_eq!(current(&t, "a", None), None);
         t.open("a", "tc-1", None).unwrap();
-        assert_eq!(t.current("a", None).as_deref(), Some("tc-1"));
-        assert_eq!(t.current("b", None), None, "tool calls are per agent");
-        assert!(t.close("a", "tc-1"));
-        assert_eq!(t.current("a", None), None);
-        assert!(!t.close("a", "tc-1"));
+        assert_eq!(current(&t, "a", None).as_deref(), Some("tc-1"));
+        assert_eq!(current(&t, "b", None), None, "tool calls are per agent");
+        assert!(t.close("a", "tc-1").is_some());
+        assert_eq!(current(&t, "a", None), None);
+        assert!(t.close("a", "tc-1").is_none());
     }
 
     #[test]
@@ -192,11 +227,11 @@ mod tests {
         let t = ToolCalls::default();
         t.open("a", "tc-1", None).unwrap();
         t.open("a", "tc-2", None).unwrap();
-        assert_eq!(t.current("a", None), None, "ambiguous: no tool call");
-        assert_eq!(t.current("a", Some("tc-2")).as_deref(), Some("tc-2"));
-        assert_eq!(t.current("a", Some("tc-9")), None);
+        assert_eq!(current(&t, "a", None), None, "ambiguous: no tool call");
+        assert_eq!(current(&t, "a", Some("tc-2")).as_deref(), Some("tc-2"));
+        assert_eq!(current(&t, "a", Some("tc-9")), None);
         assert_eq!(
-            t.current("b", Some("tc-1")),
+            current(&t, "b", Some("tc-1")),
             None,
             "another agent's tool call"
         );
@@ -223,19 +258,20 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_tool_call_is_no_longer_current() {
+    fn an_expired_tool_call_is_no_longer_current_and_a_reopened_id_is_another_call() {
         let t = ToolCalls::default();
         t.open("a", "short", Some(Duration::from_millis(30)))
             .unwrap();
-        assert_eq!(t.current("a", None).as_deref(), Some("short"));
+        let first = t.current("a", None).unwrap();
+        assert_eq!(first.id, "short");
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(t.current("a", None), None);
         assert!(t.list("a").is_empty());
+        assert_eq!(t.sweep_expired(), vec![("a".to_string(), first.serial)]);
+        assert!(t.sweep_expired().is_empty());
         t.open("a", "short", None).unwrap();
-        assert_eq!(
-            t.current("a", None).as_deref(),
-            Some("short"),
-            "the id can be reused"
-        );
+        let again = t.current("a", None).unwrap();
+        assert_eq!(again.id, "short", "the id can be reused");
+        assert_ne!(again.serial, first.serial, "but it is another tool call");
     }
 }

@@ -1,0 +1,349 @@
+//! Step 6 of the data path: credentials. The sandbox never holds one.
+//!
+//! A credential rule names destinations (host patterns) and the audience a token must be for.
+//! For a request to such a destination, whatever credential the sandbox sent is stripped, and
+//! — if the request belongs to an open tool call — a short-lived token obtained for this agent
+//! is injected. Tokens are cached in memory per (agent, tool call, provider, audience) until
+//! a margin before they expire or until the tool call closes; concurrent misses fetch once; a
+//! failing provider is retried with exponential backoff, not hammered. Token values live in
+//! [`Secret`]s, whose `Debug` prints nothing of them, and in header values marked sensitive.
+
+pub mod provider;
+pub mod token_client;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue};
+use moka::Expiry;
+use parking_lot::Mutex;
+use pingora::connectors::http::Connector;
+use tollgate_policy::target::{Host, Target};
+
+use crate::config::{Config, CredentialRuleConfig};
+use crate::identity::Agent;
+use crate::reply::Refusal;
+use crate::toolcall::ToolCallRef;
+use provider::Provider;
+use token_client::FetchError;
+
+/// A secret value (token, client secret). `Debug` shows nothing of it; there is no `Display`.
+#[derive(Clone)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: String) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+/// A token and when it stops being valid.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The token.
+    pub value: Secret,
+    /// Its expiry.
+    pub expires_at: Instant,
+}
+
+/// One credential rule, ready to match.
+struct Rule {
+    exact: Vec<String>,
+    suffixes: Vec<String>,
+    audience: String,
+    provider: Option<String>,
+    header: HeaderName,
+    prefix: String,
+    suffix: String,
+    strip: Vec<HeaderName>,
+}
+
+impl Rule {
+    fn new(config: &CredentialRuleConfig) -> Result<Rule, String> {
+        let header_name = |h: &str| {
+            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map_err(|_| format!("{h:?} is not a header name"))
+        };
+        let (prefix, suffix) = config
+            .format
+            .split_once("{token}")
+            .ok_or_else(|| "format must contain {token}".to_string())?;
+        let mut strip = vec![
+            http::header::AUTHORIZATION,
+            http::header::PROXY_AUTHORIZATION,
+        ];
+        for h in &config.strip_headers {
+            strip.push(header_name(h)?);
+        }
+        let header = header_name(&config.header)?;
+        strip.push(header.clone());
+        strip.dedup();
+        let (mut exact, mut suffixes) = (Vec::new(), Vec::new());
+        for host in &config.hosts {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            match host.strip_prefix("*.") {
+                Some(domain) => suffixes.push(format!(".{domain}")),
+                None => exact.push(host),
+            }
+        }
+        Ok(Rule {
+            exact,
+            suffixes,
+            audience: config.audience.clone(),
+            provider: config.provider.clone(),
+            header,
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+            strip,
+        })
+    }
+
+    fn matches(&self, host: &Host) -> bool {
+        let Host::Name(name) = host else {
+            return false;
+        };
+        self.exact.iter().any(|e| e == name)
+            || self.suffixes.iter().any(|s| name.ends_with(s.as_str()))
+    }
+}
+
+/// What the forwarded request's headers get: sandbox credentials removed, and the token (if
+/// the request belongs to a tool call) added.
+#[derive(Debug)]
+pub struct Injection {
+    /// Headers removed from the sandbox's request.
+    pub strip: Vec<HeaderName>,
+    /// The header carrying the token, marked sensitive.
+    pub header: Option<(HeaderName, HeaderValue)>,
+    /// The provider the token came from (for logs; never the token).
+    pub provider: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    agent: String,
+    tool_call: u64,
+    provider: String,
+    audience: String,
+}
+
+struct TokenExpiry {
+    margin: Duration,
+}
+
+impl Expiry<TokenKey, Arc<Token>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &TokenKey,
+        token: &Arc<Token>,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(
+            token
+                .expires_at
+                .saturating_duration_since(now)
+                .saturating_sub(self.margin),
+        )
+    }
+}
+
+/// When a provider may be asked again after failures.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+}
+
+/// Why credentials could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+#[error("credentials: {0}")]
+pub struct CredentialsError(String);
+
+/// The credential rules, the providers and the token cache.
+pub struct Credentials {
+    rules: Vec<Rule>,
+    providers: HashMap<String, Provider>,
+    cache: moka::future::Cache<TokenKey, Arc<Token>>,
+    connector: Connector,
+    fetch_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    backoffs: Mutex<HashMap<(String, String), Backoff>>,
+}
+
+impl Credentials {
+    /// Builds the rules and providers of `config`; reads every secret now.
+    pub fn new(config: &Config, connector: Connector) -> Result<Credentials, CredentialsError> {
+        let rules = config
+            .credential_rules
+            .iter()
+            .enumerate()
+            .map(|(n, r)| {
+                Rule::new(r).map_err(|e| CredentialsError(format!("credential_rules[{n}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut providers = HashMap::new();
+        for p in &config.identity_providers {
+            let provider = Provider::from_config(p).map_err(CredentialsError)?;
+            providers.insert(provider.name().to_string(), provider);
+        }
+        let c = &config.credentials;
+        Ok(Credentials {
+            rules,
+            providers,
+            cache: moka::future::Cache::builder()
+                .max_capacity(c.cache_capacity)
+                .expire_after(TokenExpiry {
+                    margin: Duration::from_secs(c.refresh_margin_secs),
+                })
+                .support_invalidation_closures()
+                .build(),
+            connector,
+            fetch_timeout: Duration::from_millis(c.fetch_timeout_ms),
+            backoff_initial: Duration::from_millis(c.backoff_initial_ms),
+            backoff_max: Duration::from_millis(c.backoff_max_ms),
+            backoffs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What to do with the credentials of a request from `agent` in `tool_call` to `target`:
+    /// nothing (no rule covers it), strip only (no open tool call), or strip and inject.
+    pub async fn for_request(
+        &self,
+        agent: &Agent,
+        tool_call: Option<&ToolCallRef>,
+        target: &Target,
+    ) -> Result<Option<Injection>, Refusal> {
+        let Some(rule) = self.rules.iter().find(|r| r.matches(&target.host)) else {
+            return Ok(None);
+        };
+        let provider_name = rule.provider.as_deref().or(agent.identity.as_deref());
+        let Some(tool_call) = tool_call else {
+            return Ok(Some(Injection {
+                strip: rule.strip.clone(),
+                header: None,
+                provider: provider_name.unwrap_or("-").to_string(),
+            }));
+        };
+        let unavailable = |why: String| {
+            Refusal::new(
+                502,
+                "credential_unavailable",
+                format!(
+                    "could not obtain a credential for {} (audience {}): {why}; nothing was forwarded",
+                    target.host, rule.audience
+                ),
+            )
+        };
+        let Some(provider_name) = provider_name else {
+            return Err(unavailable(format!(
+                "agent {:?} has no identity and the rule names no provider",
+                agent.id
+            )));
+        };
+        let Some(provider) = self.providers.get(provider_name) else {
+            return Err(unavailable(format!(
+                "no identity provider named {provider_name:?}"
+            )));
+        };
+        let key = TokenKey {
+            agent: agent.id.clone(),
+            tool_call: tool_call.serial,
+            provider: provider_name.to_string(),
+            audience: rule.audience.clone(),
+        };
+        let token = self
+            .cache
+            .try_get_with(key, self.fetch(provider, &rule.audience))
+            .await
+            .map_err(|e| unavailable(format!("identity provider {provider_name:?}: {e}")))?;
+        let mut value = HeaderValue::from_str(&format!(
+            "{}{}{}",
+            rule.prefix,
+            token.value.expose(),
+            rule.suffix
+        ))
+        .map_err(|_| unavailable("the token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        Ok(Some(Injection {
+            strip: rule.strip.clone(),
+            header: Some((rule.header.clone(), value)),
+            provider: provider_name.to_string(),
+        }))
+    }
+
+    /// Fetches a token, unless the provider is backing off after failures.
+    async fn fetch(&self, provider: &Provider, audience: &str) -> Result<Arc<Token>, FetchFailure> {
+        let backoff_key = (provider.name().to_string(), audience.to_string());
+        let now = Instant::now();
+        if let Some(backoff) = self.backoffs.lock().get(&backoff_key) {
+            if now < backoff.until {
+                return Err(FetchFailure::BackingOff(backoff.until - now));
+            }
+        }
+        match provider
+            .fetch(audience, &self.connector, self.fetch_timeout)
+            .await
+        {
+            Ok(token) => {
+                self.backoffs.lock().remove(&backoff_key);
+                Ok(Arc::new(token))
+            }
+            Err(e) => {
+                let mut backoffs = self.backoffs.lock();
+                let delay = backoffs
+                    .get(&backoff_key)
+                    .map(|b| (b.delay * 2).min(self.backoff_max))
+                    .unwrap_or(self.backoff_initial);
+                backoffs.insert(
+                    backoff_key,
+                    Backoff {
+                        until: Instant::now() + delay,
+                        delay,
+                    },
+                );
+                tracing::warn!(provider = provider.name(), audience, error = %e, retry_in_ms = delay.as_millis() as u64, "token request failed");
+                Err(FetchFailure::Fetch(e))
+            }
+        }
+    }
+
+    /// Drops every cached token of one tool call (it closed).
+    pub fn evict_tool_call(&self, agent: &str, tool_call: u64) {
+        let agent = agent.to_string();
+        // Only fails if invalidation closures were not enabled, which `new` does.
+        let _ = self
+            .cache
+            .invalidate_entries_if(move |key, _| key.agent == agent && key.tool_call == tool_call);
+    }
+
+    /// Drops every cached token of an agent (it was removed).
+    pub fn evict_agent(&self, agent: &str) {
+        let agent = agent.to_string();
+        let _ = self
+            .cache
+            .invalidate_entries_if(move |key, _| key.agent == agent);
+    }
+}
+
+/// Why a token could not be had this time.
+#[derive(Debug, thiserror::Error)]
+enum FetchFailure {
+    #[error("{0}")]
+    Fetch(FetchError),
+    #[error("a recent request failed; the next attempt is in {} ms", .0.as_millis())]
+    BackingOff(Duration),
+}
