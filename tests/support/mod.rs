@@ -84,11 +84,172 @@ pub struct Seen {
     pub body_len: usize,
 }
 
+/// Tokens a [`TokenEndpoint`] issued: token → audience.
+pub type Issued = Arc<std::sync::Mutex<HashMap<String, String>>>;
+
+/// How a [`TokenEndpoint`] behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenMode {
+    /// Issue tokens.
+    Normal,
+    /// Answer 500.
+    Failing,
+}
+
+/// A real OAuth 2.0 client-credentials token endpoint (RFC 6749 §4.4) on loopback: it checks
+/// the client id and secret, and issues random tokens with a short `expires_in`.
+pub struct TokenEndpoint {
+    pub addr: SocketAddr,
+    pub issued: Issued,
+    requests: Arc<AtomicUsize>,
+    mode: Arc<std::sync::Mutex<TokenMode>>,
+    _stop: watch::Sender<bool>,
+}
+
+struct TokenApp {
+    client_id: String,
+    client_secret: String,
+    expires_in: u64,
+    delay: Duration,
+    issued: Issued,
+    requests: Arc<AtomicUsize>,
+    mode: Arc<std::sync::Mutex<TokenMode>>,
+}
+
+#[async_trait]
+impl ServeHttp for TokenApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            body.extend_from_slice(&chunk);
+        }
+        tokio::time::sleep(self.delay).await;
+        let reply = |status: u16, json: serde_json::Value| {
+            let mut r = Response::new(json.to_string().into_bytes());
+            *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().expect("hv"));
+            let len = r.body().len();
+            r.headers_mut().insert("content-length", len.into());
+            r
+        };
+        if *self.mode.lock().expect("mode") == TokenMode::Failing {
+            return reply(
+                500,
+                serde_json::json!({"error": "temporarily_unavailable", "secret_detail": "endpoint-internal-text"}),
+            );
+        }
+        let form: HashMap<String, String> = String::from_utf8_lossy(&body)
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| {
+                let decode = |x: &str| {
+                    percent_encoding::percent_decode_str(x)
+                        .decode_utf8_lossy()
+                        .to_string()
+                };
+                (decode(k), decode(v))
+            })
+            .collect();
+        let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        if session.req_header().method != http::Method::POST
+            || get("grant_type") != "client_credentials"
+        {
+            return reply(400, serde_json::json!({"error": "unsupported_grant_type"}));
+        }
+        if get("client_id") != self.client_id || get("client_secret") != self.client_secret {
+            return reply(401, serde_json::json!({"error": "invalid_client"}));
+        }
+        let token = format!("tok-{}", hex_token());
+        self.issued
+            .lock()
+            .expect("issued")
+            .insert(token.clone(), get("scope").to_string());
+        reply(
+            200,
+            serde_json::json!({"token_type": "Bearer", "expires_in": self.expires_in, "access_token": token}),
+        )
+    }
+}
+
+fn hex_token() -> String {
+    use std::fmt::Write;
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+impl TokenEndpoint {
+    /// Starts an endpoint for `client_id` / `client_secret` issuing tokens valid for
+    /// `expires_in` seconds, answering after `delay`.
+    pub fn start(
+        client_id: &str,
+        client_secret: &str,
+        expires_in: u64,
+        delay: Duration,
+    ) -> TokenEndpoint {
+        let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let issued: Issued = Default::default();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let mode = Arc::new(std::sync::Mutex::new(TokenMode::Normal));
+        let (stop, watch) = watch::channel(false);
+        let app = TokenApp {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            expires_in,
+            delay,
+            issued: issued.clone(),
+            requests: requests.clone(),
+            mode: mode.clone(),
+        };
+        tollgate_gateway::listener::serve("token-endpoint", socket, app, None, watch);
+        TokenEndpoint {
+            addr,
+            issued,
+            requests,
+            mode,
+            _stop: stop,
+        }
+    }
+
+    /// How many token requests arrived.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Switches between issuing and failing.
+    pub fn set_mode(&self, mode: TokenMode) {
+        *self.mode.lock().expect("mode") = mode;
+    }
+
+    /// The token endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/oauth2/v2.0/token", self.addr)
+    }
+
+    /// Every token issued so far.
+    pub fn tokens(&self) -> Vec<String> {
+        self.issued
+            .lock()
+            .expect("issued")
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
 /// An origin that answers every request with a JSON [`Seen`] of it.
 /// `/sleep/<ms>` waits before answering; `/bytes/<n>` answers with n bytes; `/hop-by-hop`
 /// adds hop-by-hop response headers.
 struct Echo {
     requests: Arc<AtomicUsize>,
+    /// A protected origin: only a bearer token issued for this audience gets through.
+    guard: Option<(Issued, String)>,
 }
 
 #[async_trait]
@@ -100,6 +261,23 @@ impl ServeHttp for Echo {
             body_len += chunk.len();
         }
         let req = session.req_header();
+        if let Some((issued, audience)) = &self.guard {
+            let presented = req
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_string);
+            let valid = presented
+                .and_then(|t| issued.lock().expect("issued").get(&t).cloned())
+                .is_some_and(|a| &a == audience);
+            if !valid {
+                let mut r = Response::new(b"{\"error\":\"invalid_token\"}".to_vec());
+                *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+                r.headers_mut().insert("content-length", 23.into());
+                return r;
+            }
+        }
         let target = String::from_utf8_lossy(req.raw_path()).to_string();
         let path = req.uri.path().to_string();
         if let Some(ms) = path.strip_prefix("/sleep/").and_then(|v| v.parse().ok()) {
@@ -177,7 +355,16 @@ impl Origin {
         Self::start(Some(settings))
     }
 
+    /// A plain-HTTP origin that accepts only bearer tokens `endpoint` issued for `audience`.
+    pub fn protected(endpoint: &TokenEndpoint, audience: &str) -> Origin {
+        Self::start_guarded(None, Some((endpoint.issued.clone(), audience.to_string())))
+    }
+
     fn start(tls: Option<TlsSettings>) -> Origin {
+        Self::start_guarded(tls, None)
+    }
+
+    fn start_guarded(tls: Option<TlsSettings>, guard: Option<(Issued, String)>) -> Origin {
         let requests = Arc::new(AtomicUsize::new(0));
         let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None)
             .expect("bind origin");
@@ -185,6 +372,7 @@ impl Origin {
         let (stop, watch) = watch::channel(false);
         let app = Echo {
             requests: requests.clone(),
+            guard,
         };
         tollgate_gateway::listener::serve("origin", socket, app, tls, watch);
         Origin {
@@ -235,6 +423,17 @@ impl Gateway {
         policies: &[(&str, &str)],
         settings: &str,
     ) -> Gateway {
+        Self::start_with_env(config, policies, settings, &[])
+    }
+
+    /// Like [`Gateway::start_with_policy_settings`], with environment variables for the
+    /// gateway process (e.g. `RUST_LOG=debug`, or a secret's variable).
+    pub fn start_with_env(
+        config: &str,
+        policies: &[(&str, &str)],
+        settings: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).expect("policy dir");
@@ -242,7 +441,21 @@ impl Gateway {
             std::fs::write(policy_dir.join(name), text).expect("write policy");
         }
         let config = format!("{config}\n[policy]\ndir = {policy_dir:?}\n{settings}");
-        Self::start_in(dir, &config)
+        let mut cmd = Self::command(&dir, &config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, dir)
+    }
+
+    /// A `tollgate serve` command for `config` in `dir` (its data directory is `dir/data`).
+    fn command(dir: &tempfile::TempDir, config: &str) -> Command {
+        let config_path = dir.path().join("tollgate.toml");
+        let config = format!("data_dir = {:?}\n{config}", dir.path().join("data"));
+        std::fs::write(&config_path, config).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        cmd
     }
 
     /// The policy directory of a gateway started with [`Gateway::start_with_policies`].
@@ -252,19 +465,17 @@ impl Gateway {
 
     /// Starts `tollgate serve` in `dir` (its data directory is `dir/data`).
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
-        let config_path = dir.path().join("tollgate.toml");
-        let config = format!("data_dir = {:?}\n{config}", dir.path().join("data"));
-        std::fs::write(&config_path, config).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        cmd.arg("serve").arg("--config").arg(&config_path);
+        let cmd = Self::command(&dir, config);
         Self::spawn(cmd, dir)
     }
 
     /// Spawns a prepared `tollgate serve` command and waits for its banner.
     pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Gateway {
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         cmd.current_dir(dir.path())
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log);
         let mut child = cmd.spawn().expect("spawn tollgate");

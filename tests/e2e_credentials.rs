@@ -1,0 +1,365 @@
+//! Credentials end to end: a real client-credentials token endpoint and a protected origin
+//! on loopback, the gateway injecting tokens per agent and tool call, curl as the sandbox.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const CLIENT_ID: &str = "tollgate-test-client";
+const CLIENT_SECRET: &str = "client-secret-7f3a9c1e";
+const AUDIENCE: &str = "api://protected/.default";
+const HOST: &str = "api.protected.test";
+
+/// A gateway with agent `a` (127.0.0.1), provider `entra` for the endpoint, and a rule
+/// giving `HOST` a token for `AUDIENCE`.
+fn gateway(endpoint: &TokenEndpoint, credentials: &str, env: &[(&str, &str)]) -> Gateway {
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = secret_dir.path().join("secret");
+    std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).expect("write secret");
+    let config = format!(
+        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
+
+[[identity_providers]]
+name = "entra"
+kind = "client_credentials"
+token_url = "{url}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ file = {secret_file:?} }}
+
+[[credential_rules]]
+hosts = ["{HOST}"]
+audience = "{AUDIENCE}"
+strip_headers = ["x-api-key"]
+
+[credentials]
+backoff_initial_ms = 400
+{credentials}
+
+[[agents]]
+id = "a"
+run_mode = "Autonomous"
+identity = "entra"
+peers = ["127.0.0.1"]
+"#,
+        upstream = loopback_upstream(None),
+        url = endpoint.url(),
+    );
+    let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
+    // The secret was read at start; the file can go (the test checks it is not copied).
+    drop(secret_dir);
+    gw
+}
+
+fn admin(gw: &Gateway, method: &str, path: &str, body: Option<&str>) -> u16 {
+    let token = gw.admin_token();
+    let url = format!("http://{}{path}", gw.admin);
+    let auth = format!("Authorization: Bearer {token}");
+    let mut args = vec!["-X", method, "-H", auth.as_str(), url.as_str()];
+    if let Some(body) = body {
+        args.extend(["--data-binary", body]);
+    }
+    curl(&args).status
+}
+
+async fn call(gw: &Gateway, origin: &Origin, extra: &[&str]) -> CurlResult {
+    let url = format!("http://{HOST}:{}/resource", origin.port());
+    let mut args = args!["-x", gw.proxy_url(), &url];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    curl_async(args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, "", &[]);
+    let sandbox_auth = [
+        "-H",
+        "Authorization: Bearer sandbox-held-secret",
+        "-H",
+        "X-Api-Key: sandbox-key",
+    ];
+
+    // Outside a tool call: the sandbox's credential is stripped, none is injected.
+    let outside = call(&gw, &origin, &sandbox_auth).await;
+    assert_eq!(outside.status, 401, "{outside:?}");
+    assert_eq!(endpoint.requests(), 0);
+
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc-1"}"#)
+        ),
+        201
+    );
+    let first = call(&gw, &origin, &sandbox_auth).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let seen = first.seen();
+    let tokens = endpoint.tokens();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(
+        seen.headers.get("authorization"),
+        Some(&format!("Bearer {}", tokens[0]))
+    );
+    assert!(!seen.headers.contains_key("x-api-key"), "{seen:?}");
+    assert!(gw.log_contains("credential=\"entra\""), "{}", gw.log());
+
+    // A cache hit: no second token request.
+    assert_eq!(call(&gw, &origin, &[]).await.status, 200);
+    assert_eq!(endpoint.requests(), 1);
+
+    // Closing the tool call drops its token: the next request has none.
+    assert_eq!(
+        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/tc-1", None),
+        204
+    );
+    assert_eq!(call(&gw, &origin, &[]).await.status, 401);
+    assert_eq!(endpoint.requests(), 1);
+
+    // The same id opened again is a new tool call with a new token.
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc-1"}"#)
+        ),
+        201
+    );
+    assert_eq!(call(&gw, &origin, &[]).await.status, 200);
+    assert_eq!(endpoint.requests(), 2);
+    assert_eq!(origin.requests(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refreshed_before_they_expire() {
+    if no_curl() {
+        return;
+    }
+    // Tokens live 2 s; the cache drops them 1 s before expiry.
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 2, Duration::ZERO);
+    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, "refresh_margin_secs = 1", &[]);
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc"}"#)
+        ),
+        201
+    );
+    assert_eq!(call(&gw, &origin, &[]).await.status, 200);
+    assert_eq!(call(&gw, &origin, &[]).await.status, 200);
+    assert_eq!(endpoint.requests(), 1);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let after = call(&gw, &origin, &[]).await;
+    assert_eq!(after.status, 200, "{after:?}");
+    assert_eq!(
+        endpoint.requests(),
+        2,
+        "a new token after the old one's refresh point"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_a_cold_cache_fetch_one_token() {
+    // The endpoint answers slowly, so all requests arrive while the first fetch is running.
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::from_millis(300));
+    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, "", &[]);
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc"}"#)
+        ),
+        201
+    );
+    let request = format!(
+        "GET http://{HOST}:{port}/c HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n",
+        port = origin.port()
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let request = request.clone();
+        let proxy = gw.egress;
+        tasks.push(tokio::task::spawn_blocking(move || {
+            raw_exchange(proxy, request.as_bytes())
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        let answer = task.await.expect("join");
+        if answer.starts_with("HTTP/1.1 200") {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 100);
+    assert_eq!(
+        endpoint.requests(),
+        1,
+        "exactly one token request for 100 concurrent misses"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_token_endpoint_gives_502_and_is_not_hammered() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    endpoint.set_mode(TokenMode::Failing);
+    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, "", &[]);
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc"}"#)
+        ),
+        201
+    );
+
+    let failed = call(&gw, &origin, &[]).await;
+    assert_eq!(failed.status, 502, "{failed:?}");
+    assert_eq!(failed.json()["error"], "credential_unavailable");
+    let detail = failed.json()["detail"].as_str().unwrap_or("").to_string();
+    assert!(detail.contains("HTTP 500"), "{detail}");
+    for secret in [CLIENT_SECRET, "endpoint-internal-text"] {
+        assert!(
+            !failed.body.contains(secret),
+            "the error body must not carry {secret}"
+        );
+    }
+    // Right after a failure the gateway backs off instead of asking again.
+    let again = call(&gw, &origin, &[]).await;
+    assert_eq!(again.status, 502);
+    assert!(
+        again.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("next attempt"),
+        "{again:?}"
+    );
+    assert_eq!(endpoint.requests(), 1, "not hammered");
+    assert_eq!(
+        origin.requests(),
+        0,
+        "nothing is forwarded without the credential"
+    );
+
+    // Once the endpoint recovers and the backoff has passed, requests go through.
+    endpoint.set_mode(TokenMode::Normal);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recovered = call(&gw, &origin, &[]).await;
+    assert_eq!(recovered.status, 200, "{recovered:?}");
+    assert_eq!(endpoint.requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_unreachable_token_endpoint_gives_502() {
+    if no_curl() {
+        return;
+    }
+    let slow = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::from_secs(3));
+    let origin = Origin::protected(&slow, AUDIENCE);
+    let gw = gateway(&slow, "fetch_timeout_ms = 300", &[]);
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc"}"#)
+        ),
+        201
+    );
+    let r = call(&gw, &origin, &[]).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not answer in time"),
+        "{r:?}"
+    );
+    assert_eq!(origin.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_secret_is_ever_written() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, "", &[("RUST_LOG", "debug")]);
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc"}"#)
+        ),
+        201
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            call(
+                &gw,
+                &origin,
+                &["-H", "Authorization: Bearer sandbox-held-secret"]
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    assert_eq!(
+        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/tc", None),
+        204
+    );
+    let tokens = endpoint.tokens();
+    assert_eq!(tokens.len(), 1);
+    assert!(gw.log_contains("tool call closed"));
+    let log = gw.log();
+    assert!(log.contains("DEBUG"), "the log was written at debug level");
+    // Everything the gateway wrote: its log and every file under its data directory.
+    let mut written = vec![("gateway.log".to_string(), log)];
+    let mut dirs = vec![gw.data_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("data dir")
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                written.push((
+                    path.display().to_string(),
+                    String::from_utf8_lossy(&bytes).to_string(),
+                ));
+            }
+        }
+    }
+    for (name, text) in &written {
+        for secret in tokens
+            .iter()
+            .map(String::as_str)
+            .chain([CLIENT_SECRET, "sandbox-held-secret"])
+        {
+            assert!(!text.contains(secret), "{name} contains a secret");
+        }
+    }
+}
