@@ -363,3 +363,103 @@ async fn no_token_or_secret_is_ever_written() {
         }
     }
 }
+
+/// A gateway whose only provider is `provider` (TOML lines) and whose rule gives `HOST` a
+/// token for `audience`, with agent `a` in tool call `tc`.
+fn gateway_with_provider(provider: &str, audience: &str, env: &[(&str, &str)]) -> Gateway {
+    let config = format!(
+        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
+
+[[identity_providers]]
+{provider}
+
+[[credential_rules]]
+hosts = ["{HOST}"]
+audience = "{audience}"
+provider = "p"
+
+[[agents]]
+id = "a"
+run_mode = "Autonomous"
+peers = ["127.0.0.1"]
+"#,
+        upstream = loopback_upstream(None),
+    );
+    let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
+    assert_eq!(admin(&gw, "POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#)), 201);
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_managed_identity_protocol_is_spoken_both_ways() {
+    if no_curl() {
+        return;
+    }
+    // IMDS: Metadata: true; the v2 scope becomes a v1 resource.
+    let imds = ManagedIdentityEndpoint::start(None);
+    let origin = Origin::protected_by(imds.issued.clone(), "https://management.azure.com");
+    let gw = gateway_with_provider(
+        &format!("name = \"p\"\nkind = \"managed_identity\"\nendpoint = \"{}\"", imds.url()),
+        "https://management.azure.com/.default",
+        &[],
+    );
+    let r = call(&gw, &origin, &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(imds.requests(), 1);
+
+    // The IDENTITY_ENDPOINT variant: the X-IDENTITY-HEADER secret instead of Metadata.
+    let app_service = ManagedIdentityEndpoint::start(Some("identity-header-secret"));
+    let origin = Origin::protected_by(app_service.issued.clone(), "https://vault.azure.net");
+    let gw = gateway_with_provider(
+        &format!(
+            "name = \"p\"\nkind = \"managed_identity\"\nendpoint = \"{}\"\nidentity_header = {{ env = \"TEST_IDENTITY_HEADER\" }}",
+            app_service.url()
+        ),
+        "https://vault.azure.net",
+        &[("TEST_IDENTITY_HEADER", "identity-header-secret")],
+    );
+    let r = call(&gw, &origin, &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(app_service.requests(), 1);
+    assert!(!gw.log().contains("identity-header-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_provider_injects_its_token() {
+    if no_curl() {
+        return;
+    }
+    let issued: Issued = Default::default();
+    issued.lock().expect("issued").insert("static-dev-token".into(), "dev".into());
+    let origin = Origin::protected_by(issued, "dev");
+    let gw = gateway_with_provider(
+        "name = \"p\"\nkind = \"static\"\ntoken = { env = \"TEST_STATIC_TOKEN\" }",
+        "dev",
+        &[("TEST_STATIC_TOKEN", "static-dev-token")],
+    );
+    let r = call(&gw, &origin, &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.seen().headers.get("authorization").map(String::as_str), Some("Bearer static-dev-token"));
+}
+
+#[test]
+fn a_missing_secret_stops_the_gateway_from_starting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n{EPHEMERAL_LISTENERS}\n[[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"TOLLGATE_TEST_NOT_SET\" }}\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TOLLGATE_TEST_NOT_SET"), "{err}");
+}

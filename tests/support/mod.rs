@@ -243,6 +243,84 @@ impl TokenEndpoint {
     }
 }
 
+/// The Azure managed-identity token protocol on loopback: `GET …?api-version=…&resource=…`
+/// with `Metadata: true` (IMDS), or with `X-IDENTITY-HEADER: <secret>` (the
+/// IDENTITY_ENDPOINT variant) when started with one. Tokens are issued for the resource.
+pub struct ManagedIdentityEndpoint {
+    pub addr: SocketAddr,
+    pub issued: Issued,
+    requests: Arc<AtomicUsize>,
+    _stop: watch::Sender<bool>,
+}
+
+struct ManagedIdentityApp {
+    identity_header: Option<String>,
+    issued: Issued,
+    requests: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl ServeHttp for ManagedIdentityApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let req = session.req_header();
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let query: HashMap<String, String> = req
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_string(), percent_encoding::percent_decode_str(v).decode_utf8_lossy().to_string()))
+            .collect();
+        let authorized = match &self.identity_header {
+            Some(secret) => header("x-identity-header").as_deref() == Some(secret.as_str()),
+            None => header("metadata").as_deref() == Some("true"),
+        };
+        let (status, body) = match (req.method == http::Method::GET, authorized, query.get("resource"), query.get("api-version")) {
+            (true, true, Some(resource), Some(_)) => {
+                let token = format!("mi-{}", hex_token());
+                self.issued.lock().expect("issued").insert(token.clone(), resource.clone());
+                (200, serde_json::json!({"access_token": token, "expires_in": "3599", "resource": resource, "token_type": "Bearer"}))
+            }
+            _ => (400, serde_json::json!({"error": "invalid_request"})),
+        };
+        let mut r = Response::new(body.to_string().into_bytes());
+        *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        let len = r.body().len();
+        r.headers_mut().insert("content-length", len.into());
+        r
+    }
+}
+
+impl ManagedIdentityEndpoint {
+    /// Starts the endpoint; with `identity_header`, it requires that secret.
+    pub fn start(identity_header: Option<&str>) -> ManagedIdentityEndpoint {
+        let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None).expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let issued: Issued = Default::default();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (stop, watch) = watch::channel(false);
+        let app = ManagedIdentityApp {
+            identity_header: identity_header.map(str::to_string),
+            issued: issued.clone(),
+            requests: requests.clone(),
+        };
+        tollgate_gateway::listener::serve("mi-endpoint", socket, app, None, watch);
+        ManagedIdentityEndpoint { addr, issued, requests, _stop: stop }
+    }
+
+    /// The endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/metadata/identity/oauth2/token", self.addr)
+    }
+
+    /// How many token requests arrived.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
 /// An origin that answers every request with a JSON [`Seen`] of it.
 /// `/sleep/<ms>` waits before answering; `/bytes/<n>` answers with n bytes; `/hop-by-hop`
 /// adds hop-by-hop response headers.
@@ -357,7 +435,12 @@ impl Origin {
 
     /// A plain-HTTP origin that accepts only bearer tokens `endpoint` issued for `audience`.
     pub fn protected(endpoint: &TokenEndpoint, audience: &str) -> Origin {
-        Self::start_guarded(None, Some((endpoint.issued.clone(), audience.to_string())))
+        Self::protected_by(endpoint.issued.clone(), audience)
+    }
+
+    /// A plain-HTTP origin that accepts only bearer tokens in `issued` for `audience`.
+    pub fn protected_by(issued: Issued, audience: &str) -> Origin {
+        Self::start_guarded(None, Some((issued, audience.to_string())))
     }
 
     fn start(tls: Option<TlsSettings>) -> Origin {

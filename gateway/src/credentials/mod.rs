@@ -347,3 +347,56 @@ enum FetchFailure {
     #[error("a recent request failed; the next attempt is in {} ms", .0.as_millis())]
     BackingOff(Duration),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(hosts: &[&str]) -> Rule {
+        Rule::new(&CredentialRuleConfig {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            audience: "aud".into(),
+            provider: None,
+            header: "X-Token".into(),
+            format: "Token {token}!".into(),
+            strip_headers: vec!["X-Api-Key".into()],
+        })
+        .unwrap()
+    }
+
+    fn host(h: &str) -> Host {
+        Host::parse(h).unwrap()
+    }
+
+    #[test]
+    fn host_patterns_match_exact_names_and_sub_domains_only() {
+        let r = rule(&["api.example.com", "*.vault.test"]);
+        assert!(r.matches(&host("api.example.com")));
+        assert!(r.matches(&host("API.Example.com.")));
+        assert!(!r.matches(&host("x.api.example.com")));
+        assert!(r.matches(&host("kv1.vault.test")));
+        assert!(r.matches(&host("a.b.vault.test")));
+        assert!(!r.matches(&host("vault.test")), "*.domain does not cover the apex");
+        assert!(!r.matches(&host("evilvault.test")));
+        assert!(!r.matches(&host("kv1.vault.test.evil")));
+        assert!(!r.matches(&host("10.0.0.1")));
+    }
+
+    #[test]
+    fn the_rule_strips_every_credential_header_and_formats_the_value() {
+        let r = rule(&["a.test"]);
+        for h in ["authorization", "proxy-authorization", "x-api-key", "x-token"] {
+            assert!(r.strip.iter().any(|s| s == h), "{h} is stripped");
+        }
+        assert_eq!((r.prefix.as_str(), r.suffix.as_str()), ("Token ", "!"));
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let token = Token {
+            value: Secret::new("very-secret-token".into()),
+            expires_at: Instant::now(),
+        };
+        assert!(!format!("{token:?}").contains("very-secret"));
+    }
+}
