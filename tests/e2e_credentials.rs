@@ -386,7 +386,15 @@ peers = ["127.0.0.1"]
         upstream = loopback_upstream(None),
     );
     let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
-    assert_eq!(admin(&gw, "POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#)), 201);
+    assert_eq!(
+        admin(
+            &gw,
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(r#"{"id":"tc"}"#)
+        ),
+        201
+    );
     gw
 }
 
@@ -399,7 +407,10 @@ async fn the_managed_identity_protocol_is_spoken_both_ways() {
     let imds = ManagedIdentityEndpoint::start(None);
     let origin = Origin::protected_by(imds.issued.clone(), "https://management.azure.com");
     let gw = gateway_with_provider(
-        &format!("name = \"p\"\nkind = \"managed_identity\"\nendpoint = \"{}\"", imds.url()),
+        &format!(
+            "name = \"p\"\nkind = \"managed_identity\"\nendpoint = \"{}\"",
+            imds.url()
+        ),
         "https://management.azure.com/.default",
         &[],
     );
@@ -430,7 +441,10 @@ async fn a_static_provider_injects_its_token() {
         return;
     }
     let issued: Issued = Default::default();
-    issued.lock().expect("issued").insert("static-dev-token".into(), "dev".into());
+    issued
+        .lock()
+        .expect("issued")
+        .insert("static-dev-token".into(), "dev".into());
     let origin = Origin::protected_by(issued, "dev");
     let gw = gateway_with_provider(
         "name = \"p\"\nkind = \"static\"\ntoken = { env = \"TEST_STATIC_TOKEN\" }",
@@ -439,7 +453,10 @@ async fn a_static_provider_injects_its_token() {
     );
     let r = call(&gw, &origin, &[]).await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.seen().headers.get("authorization").map(String::as_str), Some("Bearer static-dev-token"));
+    assert_eq!(
+        r.seen().headers.get("authorization").map(String::as_str),
+        Some("Bearer static-dev-token")
+    );
 }
 
 #[test]

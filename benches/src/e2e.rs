@@ -108,34 +108,38 @@ fn main() -> anyhow::Result<()> {
         Duration::from_millis(500),
     ))?;
 
+    // The same route to a host a credential rule covers, inside an open tool call: the token
+    // injection hit path (the token is fetched once, in the warm-up).
+    let graph = format!("graph.microsoft.com:{}", origin.port());
+    let injected_req = format!("GET http://{graph}/bench HTTP/1.1\r\nHost: {graph}\r\n\r\n");
+    gateway.open_tool_call()?;
+    load_rt.block_on(run_load(
+        gateway.egress,
+        &injected_req,
+        args.connections,
+        Duration::from_millis(500),
+    ))?;
+
     let mut direct = Vec::new();
     let mut proxied = Vec::new();
+    let mut injected = Vec::new();
     for _ in 0..args.rounds {
         direct.push(load_rt.block_on(run_load(origin, &direct_req, args.connections, duration))?);
-        let cpu_before = gateway.cpu_time();
-        let mut round = load_rt.block_on(run_load(
-            gateway.egress,
-            &proxied_req,
-            args.connections,
-            duration,
-        ))?;
-        round.gateway_cpu = match (cpu_before, gateway.cpu_time()) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-            _ => None,
-        };
-        proxied.push(round);
+        injected.push(gateway.measure(&load_rt, &injected_req, args.connections, duration)?);
+        proxied.push(gateway.measure(&load_rt, &proxied_req, args.connections, duration)?);
     }
     let direct = median(direct);
     let proxied = median(proxied);
+    let injected = median(injected);
     let rss = gateway.peak_rss_kib();
     gateway.stop();
 
-    let table = render(&args, &direct, &proxied, rss);
+    let table = render(&args, &direct, &proxied, &injected, rss);
     println!("{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
     }
-    if direct.requests == 0 || proxied.requests == 0 {
+    if direct.requests == 0 || proxied.requests == 0 || injected.requests == 0 {
         bail!("a configuration completed no requests");
     }
     Ok(())
@@ -146,7 +150,13 @@ fn median(mut rounds: Vec<Round>) -> Round {
     rounds.swap_remove(rounds.len() / 2)
 }
 
-fn render(args: &Args, direct: &Round, proxied: &Round, gateway_rss_kib: Option<u64>) -> String {
+fn render(
+    args: &Args,
+    direct: &Round,
+    proxied: &Round,
+    injected: &Round,
+    gateway_rss_kib: Option<u64>,
+) -> String {
     let ms = |r: &Round, q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
     let row = |name: &str, r: &Round| {
         let cpu = r
@@ -182,6 +192,15 @@ fn render(args: &Args, direct: &Round, proxied: &Round, gateway_rss_kib: Option<
         proxied,
     ));
     t.push('\n');
+    t.push_str(&row(
+        "Tollgate plain HTTP + token injection (cache hit, in a tool call)",
+        injected,
+    ));
+    t.push('\n');
+    t.push_str(&format!(
+        "\nToken injection: {:.1}% of the throughput without it (same run).\n",
+        injected.rps() / proxied.rps() * 100.0
+    ));
     t.push_str(&format!(
         "\nOrigin connections accepted in the whole run: {}\n",
         ORIGIN_CONNECTIONS.load(Ordering::Relaxed)
@@ -356,7 +375,8 @@ async fn client(addr: SocketAddr, request: &[u8], stop: &AtomicBool) -> (Histogr
 struct Gateway {
     child: Child,
     egress: SocketAddr,
-    _dir: TempDir,
+    admin: SocketAddr,
+    dir: TempDir,
 }
 
 /// A directory removed when dropped.
@@ -372,13 +392,17 @@ impl Gateway {
         let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let dir = TempDir(dir);
+        let token_file = dir.0.join("static-token");
+        std::fs::write(&token_file, "bench-static-token\n")?;
         let config = format!(
-            "data_dir = {:?}\n[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+            "data_dir = {data:?}\n[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [limits]\nworker_threads = {threads}\n\
              [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
-             resolve = {{ \"api.github.com\" = \"127.0.0.1\" }}\n\
-             [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
-            dir.0.join("data")
+             resolve = {{ \"api.github.com\" = \"127.0.0.1\", \"graph.microsoft.com\" = \"127.0.0.1\" }}\n\
+             [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
+             [[credential_rules]]\nhosts = [\"graph.microsoft.com\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
+             [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n",
+            data = dir.0.join("data")
         );
         let config_path = dir.0.join("tollgate.toml");
         std::fs::write(&config_path, config)?;
@@ -392,25 +416,71 @@ impl Gateway {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let stdout = child.stdout.take().context("gateway stdout")?;
-        let mut egress = None;
+        let (mut egress, mut admin) = (None, None);
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             if let Some(addr) = line.trim().strip_prefix("egress proxy: http://") {
                 egress = Some(addr.parse()?);
             }
+            if let Some(rest) = line.trim().strip_prefix("admin API: http://") {
+                admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
             if line == "ready" {
                 break;
             }
         }
-        let Some(egress) = egress else {
+        let (Some(egress), Some(admin)) = (egress, admin) else {
             let _ = child.kill();
-            bail!("the gateway did not report its egress address; see its log");
+            bail!("the gateway did not report its addresses; see its log");
         };
         Ok(Gateway {
             child,
             egress,
-            _dir: dir,
+            admin,
+            dir,
         })
+    }
+
+    /// Opens tool call "bench" for the bench agent on the admin API.
+    fn open_tool_call(&self) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        let token = std::fs::read_to_string(self.dir.0.join("data/admin-token"))?;
+        let body = r#"{"id":"bench"}"#;
+        let mut admin = std::net::TcpStream::connect(self.admin)?;
+        write!(
+            admin,
+            "POST /v1/agents/bench/tool-calls HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.admin,
+            token.trim(),
+            body.len()
+        )?;
+        let mut answer = String::new();
+        admin.read_to_string(&mut answer)?;
+        if !answer.starts_with("HTTP/1.1 201") {
+            bail!(
+                "opening the bench tool call failed: {}",
+                answer.lines().next().unwrap_or("")
+            );
+        }
+        Ok(())
+    }
+
+    /// One round of load through the gateway, with the gateway's CPU time for it.
+    fn measure(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        request: &str,
+        connections: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Round> {
+        let before = self.cpu_time();
+        let mut round = runtime.block_on(run_load(self.egress, request, connections, duration))?;
+        round.gateway_cpu = match (before, self.cpu_time()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        Ok(round)
     }
 
     /// User + system CPU time of the gateway process so far.

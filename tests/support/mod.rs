@@ -264,24 +264,47 @@ impl ServeHttp for ManagedIdentityApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let req = session.req_header();
-        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         let query: HashMap<String, String> = req
             .uri
             .query()
             .unwrap_or("")
             .split('&')
             .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.to_string(), percent_encoding::percent_decode_str(v).decode_utf8_lossy().to_string()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    percent_encoding::percent_decode_str(v)
+                        .decode_utf8_lossy()
+                        .to_string(),
+                )
+            })
             .collect();
         let authorized = match &self.identity_header {
             Some(secret) => header("x-identity-header").as_deref() == Some(secret.as_str()),
             None => header("metadata").as_deref() == Some("true"),
         };
-        let (status, body) = match (req.method == http::Method::GET, authorized, query.get("resource"), query.get("api-version")) {
+        let (status, body) = match (
+            req.method == http::Method::GET,
+            authorized,
+            query.get("resource"),
+            query.get("api-version"),
+        ) {
             (true, true, Some(resource), Some(_)) => {
                 let token = format!("mi-{}", hex_token());
-                self.issued.lock().expect("issued").insert(token.clone(), resource.clone());
-                (200, serde_json::json!({"access_token": token, "expires_in": "3599", "resource": resource, "token_type": "Bearer"}))
+                self.issued
+                    .lock()
+                    .expect("issued")
+                    .insert(token.clone(), resource.clone());
+                (
+                    200,
+                    serde_json::json!({"access_token": token, "expires_in": "3599", "resource": resource, "token_type": "Bearer"}),
+                )
             }
             _ => (400, serde_json::json!({"error": "invalid_request"})),
         };
@@ -296,7 +319,8 @@ impl ServeHttp for ManagedIdentityApp {
 impl ManagedIdentityEndpoint {
     /// Starts the endpoint; with `identity_header`, it requires that secret.
     pub fn start(identity_header: Option<&str>) -> ManagedIdentityEndpoint {
-        let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None).expect("bind");
+        let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("bind");
         let addr = socket.local_addr().expect("addr");
         let issued: Issued = Default::default();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -307,7 +331,12 @@ impl ManagedIdentityEndpoint {
             requests: requests.clone(),
         };
         tollgate_gateway::listener::serve("mi-endpoint", socket, app, None, watch);
-        ManagedIdentityEndpoint { addr, issued, requests, _stop: stop }
+        ManagedIdentityEndpoint {
+            addr,
+            issued,
+            requests,
+            _stop: stop,
+        }
     }
 
     /// The endpoint URL.

@@ -376,7 +376,10 @@ mod tests {
         assert!(!r.matches(&host("x.api.example.com")));
         assert!(r.matches(&host("kv1.vault.test")));
         assert!(r.matches(&host("a.b.vault.test")));
-        assert!(!r.matches(&host("vault.test")), "*.domain does not cover the apex");
+        assert!(
+            !r.matches(&host("vault.test")),
+            "*.domain does not cover the apex"
+        );
         assert!(!r.matches(&host("evilvault.test")));
         assert!(!r.matches(&host("kv1.vault.test.evil")));
         assert!(!r.matches(&host("10.0.0.1")));
@@ -385,7 +388,12 @@ mod tests {
     #[test]
     fn the_rule_strips_every_credential_header_and_formats_the_value() {
         let r = rule(&["a.test"]);
-        for h in ["authorization", "proxy-authorization", "x-api-key", "x-token"] {
+        for h in [
+            "authorization",
+            "proxy-authorization",
+            "x-api-key",
+            "x-token",
+        ] {
             assert!(r.strip.iter().any(|s| s == h), "{h} is stripped");
         }
         assert_eq!((r.prefix.as_str(), r.suffix.as_str()), ("Token ", "!"));
