@@ -267,7 +267,7 @@ async fn a_failing_token_endpoint_gives_502_and_is_not_hammered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_or_unreachable_token_endpoint_gives_502() {
+async fn a_slow_or_down_token_endpoint_gives_502() {
     if no_curl() {
         return;
     }
@@ -292,6 +292,29 @@ async fn a_slow_or_unreachable_token_endpoint_gives_502() {
             .contains("did not answer in time"),
         "{r:?}"
     );
+    assert_eq!(origin.requests(), 0);
+
+    // Down: nothing listens where the token endpoint should be.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let gw = gateway_with_provider(
+        &format!(
+            "name = \"p\"\nkind = \"client_credentials\"\ntoken_url = \"http://127.0.0.1:{port}/token\"\nclient_id = \"c\"\nclient_secret = {{ env = \"TEST_DOWN_SECRET\" }}"
+        ),
+        AUDIENCE,
+        &[("TEST_DOWN_SECRET", "down-secret-value")],
+    );
+    let r = call(&gw, &origin, &[]).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot be reached"),
+        "{r:?}"
+    );
+    assert!(!r.body.contains("down-secret-value"));
     assert_eq!(origin.requests(), 0);
 }
 
