@@ -22,22 +22,7 @@ fn admin(
     token: Option<&str>,
     body: Option<&str>,
 ) -> CurlResult {
-    let url = format!("http://{}{path}", gw.admin);
-    let mut args = vec!["-X".to_string(), method.to_string(), url];
-    if let Some(token) = token {
-        args.push("-H".into());
-        args.push(format!("Authorization: Bearer {token}"));
-    }
-    if let Some(body) = body {
-        args.extend([
-            "-H".into(),
-            "content-type: application/json".into(),
-            "--data-binary".into(),
-            body.into(),
-        ]);
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    curl(&refs)
+    gw.admin_as(token, method, path, body)
 }
 
 #[test]

@@ -52,17 +52,6 @@ peers = ["127.0.0.1"]
     gw
 }
 
-fn admin(gw: &Gateway, method: &str, path: &str, body: Option<&str>) -> u16 {
-    let token = gw.admin_token();
-    let url = format!("http://{}{path}", gw.admin);
-    let auth = format!("Authorization: Bearer {token}");
-    let mut args = vec!["-X", method, "-H", auth.as_str(), url.as_str()];
-    if let Some(body) = body {
-        args.extend(["--data-binary", body]);
-    }
-    curl(&args).status
-}
-
 async fn call(gw: &Gateway, origin: &Origin, extra: &[&str]) -> CurlResult {
     let url = format!("http://{HOST}:{}/resource", origin.port());
     let mut args = args!["-x", gw.proxy_url(), &url];
@@ -91,12 +80,8 @@ async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
     assert_eq!(endpoint.requests(), 0);
 
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc-1"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc-1"}"#))
+            .status,
         201
     );
     let first = call(&gw, &origin, &sandbox_auth).await;
@@ -117,7 +102,8 @@ async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
 
     // Closing the tool call drops its token: the next request has none.
     assert_eq!(
-        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/tc-1", None),
+        gw.admin_call("DELETE", "/v1/agents/a/tool-calls/tc-1", None)
+            .status,
         204
     );
     assert_eq!(call(&gw, &origin, &[]).await.status, 401);
@@ -125,12 +111,8 @@ async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
 
     // The same id opened again is a new tool call with a new token.
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc-1"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc-1"}"#))
+            .status,
         201
     );
     assert_eq!(call(&gw, &origin, &[]).await.status, 200);
@@ -148,12 +130,8 @@ async fn tokens_are_refreshed_before_they_expire() {
     let origin = Origin::protected(&endpoint, AUDIENCE);
     let gw = gateway(&endpoint, "refresh_margin_secs = 1", &[]);
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
         201
     );
     assert_eq!(call(&gw, &origin, &[]).await.status, 200);
@@ -176,12 +154,8 @@ async fn concurrent_requests_on_a_cold_cache_fetch_one_token() {
     let origin = Origin::protected(&endpoint, AUDIENCE);
     let gw = gateway(&endpoint, "", &[]);
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
         201
     );
     let request = format!(
@@ -221,12 +195,8 @@ async fn a_failing_token_endpoint_gives_502_and_is_not_hammered() {
     let origin = Origin::protected(&endpoint, AUDIENCE);
     let gw = gateway(&endpoint, "", &[]);
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
         201
     );
 
@@ -275,12 +245,8 @@ async fn a_slow_or_down_token_endpoint_gives_502() {
     let origin = Origin::protected(&slow, AUDIENCE);
     let gw = gateway(&slow, "fetch_timeout_ms = 300", &[]);
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
         201
     );
     let r = call(&gw, &origin, &[]).await;
@@ -327,12 +293,8 @@ async fn no_token_or_secret_is_ever_written() {
     let origin = Origin::protected(&endpoint, AUDIENCE);
     let gw = gateway(&endpoint, "", &[("RUST_LOG", "debug")]);
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
         201
     );
     for _ in 0..3 {
@@ -348,7 +310,8 @@ async fn no_token_or_secret_is_ever_written() {
         );
     }
     assert_eq!(
-        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/tc", None),
+        gw.admin_call("DELETE", "/v1/agents/a/tool-calls/tc", None)
+            .status,
         204
     );
     let tokens = endpoint.tokens();
@@ -410,12 +373,8 @@ peers = ["127.0.0.1"]
     );
     let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
     assert_eq!(
-        admin(
-            &gw,
-            "POST",
-            "/v1/agents/a/tool-calls",
-            Some(r#"{"id":"tc"}"#)
-        ),
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
         201
     );
     gw
@@ -485,21 +444,11 @@ async fn a_static_provider_injects_its_token() {
 #[test]
 fn a_missing_secret_stops_the_gateway_from_starting() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n{EPHEMERAL_LISTENERS}\n[[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"TOLLGATE_TEST_NOT_SET\" }}\n",
-            dir.path().join("data")
+    let err = start_fails(
+        dir.path(),
+        &format!(
+            "{EPHEMERAL_LISTENERS}\n[[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"TOLLGATE_TEST_NOT_SET\" }}\n"
         ),
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(err.contains("TOLLGATE_TEST_NOT_SET"), "{err}");
 }

@@ -313,22 +313,10 @@ fn an_invalid_policy_directory_stops_the_gateway_from_starting() {
         "@id(\"x\")\npermit (principal, action, resource)\nwhen { nonsense };\n",
     )
     .expect("write");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n{EPHEMERAL_LISTENERS}[policy]\ndir = {policies:?}\n",
-            dir.path().join("data")
-        ),
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = start_fails(
+        dir.path(),
+        &format!("{EPHEMERAL_LISTENERS}[policy]\ndir = {policies:?}\n"),
+    );
     assert!(err.contains("bad.cedar:3"), "file and line: {err}");
 }
 

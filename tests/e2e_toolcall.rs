@@ -16,17 +16,6 @@ const POLICIES: [(&str, &str); 2] = [
     ),
 ];
 
-fn admin(gw: &Gateway, method: &str, path: &str, body: Option<&str>) -> CurlResult {
-    let token = gw.admin_token();
-    let url = format!("http://{}{path}", gw.admin);
-    let auth = format!("Authorization: Bearer {token}");
-    let mut args = vec!["-X", method, "-H", auth.as_str(), url.as_str()];
-    if let Some(body) = body {
-        args.extend(["--data-binary", body]);
-    }
-    curl(&args)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_attributed_to_the_open_tool_call() {
     if no_curl() {
@@ -49,8 +38,7 @@ async fn requests_are_attributed_to_the_open_tool_call() {
     assert_eq!(outside.status, 403, "{outside:?}");
     assert_eq!(outside.json()["policies"][0], "only-in-tool-calls");
 
-    let opened = admin(
-        &gw,
+    let opened = gw.admin_call(
         "POST",
         "/v1/agents/a/tool-calls",
         Some(r#"{"id":"tc-1","ttl_secs":600}"#),
@@ -63,8 +51,7 @@ async fn requests_are_attributed_to_the_open_tool_call() {
 
     // Two open: the request must name one; the header never reaches the origin.
     assert_eq!(
-        admin(
-            &gw,
+        gw.admin_call(
             "POST",
             "/v1/agents/a/tool-calls",
             Some(r#"{"id":"blocked"}"#)
@@ -90,7 +77,7 @@ async fn requests_are_attributed_to_the_open_tool_call() {
         "not-this-tool-call",
         "{blocked:?}"
     );
-    let listed = admin(&gw, "GET", "/v1/agents/a/tool-calls", None).json();
+    let listed = gw.admin_call("GET", "/v1/agents/a/tool-calls", None).json();
     assert_eq!(
         listed["tool_calls"].as_array().map(Vec::len),
         Some(2),
@@ -99,17 +86,20 @@ async fn requests_are_attributed_to_the_open_tool_call() {
 
     // Closing: the remaining one is current again; closing it too leaves none.
     assert_eq!(
-        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/blocked", None).status,
+        gw.admin_call("DELETE", "/v1/agents/a/tool-calls/blocked", None)
+            .status,
         204
     );
     assert_eq!(get(vec![]).await.status, 200);
     assert_eq!(
-        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/tc-1", None).status,
+        gw.admin_call("DELETE", "/v1/agents/a/tool-calls/tc-1", None)
+            .status,
         204
     );
     assert_eq!(get(vec![]).await.status, 403);
     assert_eq!(
-        admin(&gw, "DELETE", "/v1/agents/a/tool-calls/tc-1", None).status,
+        gw.admin_call("DELETE", "/v1/agents/a/tool-calls/tc-1", None)
+            .status,
         404
     );
     assert_eq!(origin.requests(), 3);
@@ -133,7 +123,7 @@ fn bad_tool_call_requests_get_clear_errors() {
         ("/v1/agents/a/tool-calls", r#"{"id":"dup"}"#, 409),
     ];
     for (path, body, status) in cases {
-        let r = admin(&gw, "POST", path, Some(body));
+        let r = gw.admin_call("POST", path, Some(body));
         assert_eq!(r.status, status, "{path} {body}: {r:?}");
         if status >= 400 {
             assert!(
@@ -143,10 +133,10 @@ fn bad_tool_call_requests_get_clear_errors() {
         }
     }
     // Removing the agent closes its tool calls.
-    assert_eq!(admin(&gw, "DELETE", "/v1/agents/a", None).status, 204);
+    assert_eq!(gw.admin_call("DELETE", "/v1/agents/a", None).status, 204);
     let body = r#"{"run_mode":"Review","peers":["127.0.0.1"]}"#;
-    assert_eq!(admin(&gw, "PUT", "/v1/agents/a", Some(body)).status, 201);
-    let listed = admin(&gw, "GET", "/v1/agents/a/tool-calls", None).json();
+    assert_eq!(gw.admin_call("PUT", "/v1/agents/a", Some(body)).status, 201);
+    let listed = gw.admin_call("GET", "/v1/agents/a/tool-calls", None).json();
     assert_eq!(
         listed["tool_calls"].as_array().map(Vec::len),
         Some(0),

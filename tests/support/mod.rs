@@ -668,6 +668,39 @@ impl Gateway {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
+    /// Calls the admin API with the admin token.
+    pub fn admin_call(&self, method: &str, path: &str, body: Option<&str>) -> CurlResult {
+        self.admin_as(Some(&self.admin_token()), method, path, body)
+    }
+
+    /// Calls the admin API presenting `token` (or none).
+    pub fn admin_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> CurlResult {
+        let mut args = vec![
+            "-X".to_string(),
+            method.to_string(),
+            format!("http://{}{path}", self.admin),
+        ];
+        if let Some(token) = token {
+            args.extend(["-H".to_string(), format!("Authorization: Bearer {token}")]);
+        }
+        if let Some(body) = body {
+            args.extend([
+                "-H".into(),
+                "content-type: application/json".into(),
+                "--data-binary".into(),
+                body.into(),
+            ]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&refs)
+    }
+
     /// Waits (up to 5 s) until the log contains `needle`; the gateway logs a request after it
     /// has answered it, so a client can be faster than the log line.
     pub fn log_contains(&self, needle: &str) -> bool {
@@ -854,4 +887,25 @@ pub fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
+}
+
+/// Runs `tollgate serve` on `config` (data in `dir`), which must fail to start; returns what
+/// it printed on stderr.
+pub fn start_fails(dir: &Path, config: &str) -> String {
+    let path = dir.join("tollgate.toml");
+    std::fs::write(
+        &path,
+        format!("data_dir = {:?}\n{config}", dir.join("data")),
+    )
+    .expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run tollgate");
+    assert!(
+        !out.status.success(),
+        "tollgate started although it should not have"
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
 }
