@@ -249,11 +249,6 @@ impl LeafCerts {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
-
-    /// The CA that signs the leaves.
-    pub fn ca(&self) -> &GatewayCa {
-        &self.ca
-    }
 }
 
 #[cfg(test)]

@@ -186,11 +186,6 @@ impl Interceptor {
             }
         }
     }
-
-    /// The leaf certificates, for metrics.
-    pub fn leaves(&self) -> &LeafCerts {
-        &self.leaves
-    }
 }
 
 /// Validates a parsed CONNECT request and returns its target.

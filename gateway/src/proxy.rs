@@ -272,7 +272,7 @@ impl ProxyHttp for Egress {
         upstream_request.set_uri(uri);
         upstream_request.remove_header(TOOL_CALL_HEADER);
         if let Some(credential) = &ctx.credential {
-            for name in &credential.strip {
+            for name in credential.strip.iter() {
                 upstream_request.remove_header(name);
             }
             if let Some((name, value)) = &credential.header {

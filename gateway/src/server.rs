@@ -135,20 +135,20 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     for agent in &config.agents {
         if let Some(listen) = &agent.listen {
             let socket = listener::bind(listen.address, listen.netns.as_deref())?;
-            agent_sockets.push((agent.id.clone(), socket));
+            agent_sockets.push((agent.id.clone(), listen.address, socket));
         }
     }
-    let local = |s: &std::net::TcpListener| {
+    let local = |s: &std::net::TcpListener, address: SocketAddr| {
         s.local_addr().map_err(|source| {
             StartError::Listener(ListenerError::Bind {
-                address: config.egress.listen,
+                address,
                 netns: None,
                 source,
             })
         })
     };
-    let egress = local(&egress_socket)?;
-    let admin = local(&admin_socket)?;
+    let egress = local(&egress_socket, config.egress.listen)?;
+    let admin = local(&admin_socket, config.admin.listen)?;
 
     let (shutdown, watch) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
@@ -174,8 +174,8 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         watch.clone(),
     )];
     let mut agent_listeners = Vec::new();
-    for (agent_id, socket) in agent_sockets {
-        let addr = local(&socket)?;
+    for (agent_id, address, socket) in agent_sockets {
+        let addr = local(&socket, address)?;
         let app = egress_app(ListenerBinding::Agent(agent_id.clone()));
         tasks.push(listener::serve(
             &format!("agent-{agent_id}"),

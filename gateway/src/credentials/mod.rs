@@ -68,7 +68,7 @@ struct Rule {
     header: HeaderName,
     prefix: String,
     suffix: String,
-    strip: Vec<HeaderName>,
+    strip: Arc<[HeaderName]>,
 }
 
 impl Rule {
@@ -107,7 +107,7 @@ impl Rule {
             header,
             prefix: prefix.to_string(),
             suffix: suffix.to_string(),
-            strip,
+            strip: strip.into(),
         })
     }
 
@@ -124,8 +124,8 @@ impl Rule {
 /// the request belongs to a tool call) added.
 #[derive(Debug)]
 pub struct Injection {
-    /// Headers removed from the sandbox's request.
-    pub strip: Vec<HeaderName>,
+    /// Headers removed from the sandbox's request (the rule's list, shared).
+    pub strip: Arc<[HeaderName]>,
     /// The header carrying the token, marked sensitive.
     pub header: Option<(HeaderName, HeaderValue)>,
     /// The provider the token came from (for logs; never the token).

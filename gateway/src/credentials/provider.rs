@@ -57,8 +57,8 @@ pub enum Provider {
 /// Reads a secret from its file or environment variable.
 pub fn read_secret(source: &SecretSource, what: &str) -> Result<Secret, String> {
     let value = match (&source.file, &source.env) {
-        (Some(path), None) => std::fs::read_to_string(path)
-            .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))?
+        (Some(path), None) => crate::datadir::read_secret(path)
+            .map_err(|e| format!("{what}: {e}"))?
             .lines()
             .next()
             .unwrap_or_default()
