@@ -1,0 +1,670 @@
+//! The database: a registry keyspace plus one keyspace per agent.
+//!
+//! Keys inside an agent's keyspace: `approval/<id>` and `audit/<seq as 8 big-endian bytes>`,
+//! so an agent's audit trail is read in order by a prefix scan.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::{Mutex, RwLock};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::approval::{ApprovalFilter, ApprovalRecord, ApprovalState, Settlement};
+use crate::audit::AuditRecord;
+use crate::now_millis;
+
+const REGISTRY: &str = "agents";
+const AGENT_PREFIX: &str = "agent.";
+const APPROVAL_KEY: &[u8] = b"approval/";
+const AUDIT_KEY: &[u8] = b"audit/";
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (disk, permissions, corruption).
+    #[error("storage at {path}: {source}")]
+    Database {
+        /// The database directory.
+        path: PathBuf,
+        /// What fjall reported.
+        source: fjall::Error,
+    },
+    /// A stored record could not be read back.
+    #[error("a stored {what} record is unreadable: {source}")]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+        /// What serde reported.
+        source: serde_json::Error,
+    },
+    /// No approval has this id.
+    #[error("no approval {0:?}")]
+    NoApproval(String),
+    /// The approval was already settled; settlements never change.
+    #[error("approval {id:?} is already {state}", state = state.as_str())]
+    AlreadySettled {
+        /// The approval.
+        id: String,
+        /// Its state.
+        state: ApprovalState,
+    },
+    /// A settlement must leave `Pending`.
+    #[error("an approval cannot be settled back to pending")]
+    StillPending,
+    /// The agent has no data here (it was never registered, or was removed).
+    #[error("agent {0:?} has no stored data")]
+    NoAgent(String),
+}
+
+/// One agent's keyspace, and the next position in its audit trail.
+struct AgentSpace {
+    keyspace: Keyspace,
+    next_audit: AtomicU64,
+}
+
+/// The gateway's durable state. Cheap to share: clone the `Arc` it comes in.
+pub struct Store {
+    path: PathBuf,
+    db: Database,
+    registry: Keyspace,
+    agents: RwLock<HashMap<String, Arc<AgentSpace>>>,
+    /// Approval id → agent id, rebuilt at open, so an approval is found by its id alone.
+    approval_owner: RwLock<HashMap<String, String>>,
+    /// Serializes read-modify-write of approval records: a settlement checks `Pending` and
+    /// writes its outcome as one step, so an approval and an expiry cannot both win.
+    settling: Mutex<()>,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `path`.
+    pub fn open(path: &Path) -> Result<Arc<Store>, StoreError> {
+        let err = |source| StoreError::Database {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = Database::builder(path).open().map_err(err)?;
+        let registry = db
+            .keyspace(REGISTRY, KeyspaceCreateOptions::default)
+            .map_err(err)?;
+        let store = Store {
+            path: path.to_path_buf(),
+            db,
+            registry,
+            agents: RwLock::default(),
+            approval_owner: RwLock::default(),
+            settling: Mutex::new(()),
+        };
+        for name in store.db.list_keyspace_names() {
+            let Some(agent) = name.strip_prefix(AGENT_PREFIX) else {
+                continue;
+            };
+            let space = store.open_space(agent)?;
+            for record in scan::<ApprovalRecord>(&space.keyspace, APPROVAL_KEY, "approval")
+                .map_err(|e| store.with_path(e))?
+            {
+                store
+                    .approval_owner
+                    .write()
+                    .insert(record.id, agent.to_string());
+            }
+        }
+        Ok(Arc::new(store))
+    }
+
+    fn with_path(&self, e: ScanError) -> StoreError {
+        match e {
+            ScanError::Db(source) => StoreError::Database {
+                path: self.path.clone(),
+                source,
+            },
+            ScanError::Corrupt(what, source) => StoreError::Corrupt { what, source },
+        }
+    }
+
+    fn db_err(&self, source: fjall::Error) -> StoreError {
+        StoreError::Database {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn open_space(&self, agent: &str) -> Result<Arc<AgentSpace>, StoreError> {
+        if let Some(space) = self.agents.read().get(agent) {
+            return Ok(space.clone());
+        }
+        let mut agents = self.agents.write();
+        if let Some(space) = agents.get(agent) {
+            return Ok(space.clone());
+        }
+        let keyspace = self
+            .db
+            .keyspace(
+                &format!("{AGENT_PREFIX}{agent}"),
+                KeyspaceCreateOptions::default,
+            )
+            .map_err(|e| self.db_err(e))?;
+        let next_audit = match keyspace.prefix(AUDIT_KEY).next_back() {
+            Some(last) => {
+                let key = last.key().map_err(|e| self.db_err(e))?;
+                audit_seq(&key).map_or(0, |seq| seq + 1)
+            }
+            None => 0,
+        };
+        let space = Arc::new(AgentSpace {
+            keyspace,
+            next_audit: AtomicU64::new(next_audit),
+        });
+        agents.insert(agent.to_string(), space.clone());
+        Ok(space)
+    }
+
+    fn existing_space(&self, agent: &str) -> Option<Arc<AgentSpace>> {
+        self.agents.read().get(agent).cloned()
+    }
+
+    /// Writes `items` as one atomic batch, fsync'd before returning.
+    fn commit_durably(
+        &self,
+        items: &[(&Keyspace, Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        for (keyspace, key, value) in items {
+            match value {
+                Some(value) => batch.insert(keyspace, key.clone(), value.clone()),
+                None => batch.remove(keyspace, key.clone()),
+            }
+        }
+        batch.commit().map_err(|e| self.db_err(e))
+    }
+
+    // ---- agent registry ----
+
+    /// Stores (or replaces) an agent's registry record, durably. The record is the caller's
+    /// own type: the store only keeps it.
+    pub fn put_agent<T: Serialize>(&self, id: &str, agent: &T) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(agent).map_err(|source| StoreError::Corrupt {
+            what: "agent",
+            source,
+        })?;
+        self.open_space(id)?;
+        self.commit_durably(&[(&self.registry, id.as_bytes().to_vec(), Some(value))])
+    }
+
+    /// Every stored agent record.
+    pub fn agents<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        scan(&self.registry, b"", "agent").map_err(|e| self.with_path(e))
+    }
+
+    /// Removes an agent's registry record and all of its data (approvals, audit trail).
+    pub fn remove_agent(&self, id: &str) -> Result<(), StoreError> {
+        self.commit_durably(&[(&self.registry, id.as_bytes().to_vec(), None)])?;
+        let space = self.agents.write().remove(id);
+        if let Some(space) = space {
+            self.approval_owner.write().retain(|_, owner| owner != id);
+            self.db
+                .delete_keyspace(space.keyspace.clone())
+                .map_err(|e| self.db_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the agent has a keyspace of its own (for tests of the layout).
+    pub fn has_agent_space(&self, id: &str) -> bool {
+        self.db.keyspace_exists(&format!("{AGENT_PREFIX}{id}"))
+    }
+
+    // ---- approvals ----
+
+    /// Stores a new approval record, durably: the request may be held only once this returns.
+    pub fn insert_approval(&self, record: &ApprovalRecord) -> Result<(), StoreError> {
+        let space = self.open_space(&record.agent)?;
+        self.write_approval(&space, record)?;
+        self.approval_owner
+            .write()
+            .insert(record.id.clone(), record.agent.clone());
+        Ok(())
+    }
+
+    fn write_approval(
+        &self,
+        space: &AgentSpace,
+        record: &ApprovalRecord,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(|source| StoreError::Corrupt {
+            what: "approval",
+            source,
+        })?;
+        self.commit_durably(&[(&space.keyspace, approval_key(&record.id), Some(value))])
+    }
+
+    /// The approval with this id.
+    pub fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        let Some(agent) = self.approval_owner.read().get(id).cloned() else {
+            return Ok(None);
+        };
+        let Some(space) = self.existing_space(&agent) else {
+            return Ok(None);
+        };
+        read_approval(&space.keyspace, id).map_err(|e| self.with_path(e))
+    }
+
+    /// Approvals matching `filter`, oldest request first.
+    pub fn approvals(&self, filter: &ApprovalFilter) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let spaces: Vec<Arc<AgentSpace>> = match &filter.agent {
+            Some(agent) => self.existing_space(agent).into_iter().collect(),
+            None => self.agents.read().values().cloned().collect(),
+        };
+        let mut found = Vec::new();
+        for space in spaces {
+            let records: Vec<ApprovalRecord> =
+                scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
+            found.extend(records.into_iter().filter(|r| filter.matches(r)));
+        }
+        found.sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
+        Ok(found)
+    }
+
+    /// Moves a pending approval to its final state, durably, and returns the settled record.
+    /// Fails with [`StoreError::AlreadySettled`] if something else settled it first.
+    pub fn settle(&self, id: &str, settlement: Settlement) -> Result<ApprovalRecord, StoreError> {
+        if settlement.state == ApprovalState::Pending {
+            return Err(StoreError::StillPending);
+        }
+        let _one_at_a_time = self.settling.lock();
+        let agent = self
+            .approval_owner
+            .read()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
+        let space = self
+            .existing_space(&agent)
+            .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
+        let mut record = read_approval(&space.keyspace, id)
+            .map_err(|e| self.with_path(e))?
+            .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
+        if record.state != ApprovalState::Pending {
+            return Err(StoreError::AlreadySettled {
+                id: id.to_string(),
+                state: record.state,
+            });
+        }
+        record.state = settlement.state;
+        record.decided_at = Some(now_millis());
+        record.approver = settlement.approver;
+        record.reason = settlement.reason;
+        if let Some((sealed, audience)) = settlement.sealed_obo_token {
+            record.sealed_obo_token = Some(sealed);
+            record.obo_audience = Some(audience);
+        }
+        self.write_approval(&space, &record)?;
+        Ok(record)
+    }
+
+    /// Marks every pending approval abandoned: called at start, when no held connection can
+    /// have survived the previous process. Returns how many there were.
+    pub fn abandon_all_pending(&self) -> Result<usize, StoreError> {
+        let pending = self.approvals(&ApprovalFilter {
+            agent: None,
+            state: Some(ApprovalState::Pending),
+        })?;
+        let mut abandoned = 0;
+        for record in pending {
+            match self.settle(&record.id, Settlement::by_gateway(ApprovalState::Abandoned)) {
+                Ok(_) => abandoned += 1,
+                Err(StoreError::AlreadySettled { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(abandoned)
+    }
+
+    /// Deletes the sealed on-behalf-of tokens of approvals that match `forget` (e.g. those of
+    /// a tool call that ended, or that expired). Returns how many were deleted.
+    pub fn forget_obo_tokens(
+        &self,
+        agent: &str,
+        forget: impl Fn(&ApprovalRecord) -> bool,
+    ) -> Result<usize, StoreError> {
+        let Some(space) = self.existing_space(agent) else {
+            return Ok(0);
+        };
+        let _one_at_a_time = self.settling.lock();
+        let records: Vec<ApprovalRecord> =
+            scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
+        let mut forgotten = 0;
+        for mut record in records {
+            if record.sealed_obo_token.is_some() && forget(&record) {
+                record.sealed_obo_token = None;
+                self.write_approval(&space, &record)?;
+                forgotten += 1;
+            }
+        }
+        Ok(forgotten)
+    }
+
+    // ---- audit ----
+
+    /// Appends a record to its agent's audit trail and returns its position. Not fsync'd:
+    /// the audit trail trades the last moments before a power loss for request latency.
+    pub fn append_audit(&self, mut record: AuditRecord) -> Result<u64, StoreError> {
+        let space = self
+            .existing_space(&record.agent)
+            .ok_or_else(|| StoreError::NoAgent(record.agent.clone()))?;
+        record.seq = space.next_audit.fetch_add(1, Ordering::Relaxed);
+        let value = serde_json::to_vec(&record).map_err(|source| StoreError::Corrupt {
+            what: "audit",
+            source,
+        })?;
+        space
+            .keyspace
+            .insert(audit_key(record.seq), value)
+            .map_err(|e| self.db_err(e))?;
+        Ok(record.seq)
+    }
+
+    /// An agent's audit records from position `since` on, at most `limit` of them.
+    pub fn audit(
+        &self,
+        agent: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let space = self
+            .existing_space(agent)
+            .ok_or_else(|| StoreError::NoAgent(agent.to_string()))?;
+        let mut records = Vec::new();
+        for item in space
+            .keyspace
+            .range(audit_key(since)..audit_key(u64::MAX))
+            .take(limit)
+        {
+            let value = item.value().map_err(|e| self.db_err(e))?;
+            records.push(
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    what: "audit",
+                    source,
+                })?,
+            );
+        }
+        Ok(records)
+    }
+
+    /// Deletes audit records, and settled approvals, older than `before` (ms since the epoch).
+    /// Returns how many records were deleted.
+    pub fn prune(&self, before: u64) -> Result<usize, StoreError> {
+        let spaces: Vec<(String, Arc<AgentSpace>)> = self
+            .agents
+            .read()
+            .iter()
+            .map(|(id, space)| (id.clone(), space.clone()))
+            .collect();
+        let mut pruned = 0;
+        for (_, space) in spaces {
+            let audit: Vec<AuditRecord> =
+                scan(&space.keyspace, AUDIT_KEY, "audit").map_err(|e| self.with_path(e))?;
+            for record in audit.iter().take_while(|r| r.at < before) {
+                space
+                    .keyspace
+                    .remove(audit_key(record.seq))
+                    .map_err(|e| self.db_err(e))?;
+                pruned += 1;
+            }
+            let _one_at_a_time = self.settling.lock();
+            let approvals: Vec<ApprovalRecord> =
+                scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
+            for record in approvals {
+                let settled_before = record.decided_at.is_some_and(|at| at < before);
+                if record.state != ApprovalState::Pending && settled_before {
+                    self.commit_durably(&[(&space.keyspace, approval_key(&record.id), None)])?;
+                    self.approval_owner.write().remove(&record.id);
+                    pruned += 1;
+                }
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+fn approval_key(id: &str) -> Vec<u8> {
+    [APPROVAL_KEY, id.as_bytes()].concat()
+}
+
+fn audit_key(seq: u64) -> Vec<u8> {
+    [AUDIT_KEY, &seq.to_be_bytes()].concat()
+}
+
+fn audit_seq(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.strip_prefix(AUDIT_KEY)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+enum ScanError {
+    Db(fjall::Error),
+    Corrupt(&'static str, serde_json::Error),
+}
+
+fn scan<T: DeserializeOwned>(
+    keyspace: &Keyspace,
+    prefix: &[u8],
+    what: &'static str,
+) -> Result<Vec<T>, ScanError> {
+    let mut out = Vec::new();
+    for item in keyspace.prefix(prefix) {
+        let value = item.value().map_err(ScanError::Db)?;
+        out.push(serde_json::from_slice(&value).map_err(|e| ScanError::Corrupt(what, e))?);
+    }
+    Ok(out)
+}
+
+fn read_approval(keyspace: &Keyspace, id: &str) -> Result<Option<ApprovalRecord>, ScanError> {
+    match keyspace.get(approval_key(id)).map_err(ScanError::Db)? {
+        Some(value) => serde_json::from_slice(&value)
+            .map(Some)
+            .map_err(|e| ScanError::Corrupt("approval", e)),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::approval::ApprovalKind;
+
+    fn pending(id: &str, agent: &str) -> ApprovalRecord {
+        ApprovalRecord {
+            id: id.into(),
+            agent: agent.into(),
+            tool_call: Some("tc-1".into()),
+            kind: ApprovalKind::Request,
+            method: "POST".into(),
+            url: "https://api.example.com/things".into(),
+            body_sha256: "00".repeat(32),
+            body_bytes: 0,
+            credential: None,
+            policies: vec!["review-approved-writes".into()],
+            requested_at: now_millis(),
+            expires_at: now_millis() + 600_000,
+            state: ApprovalState::Pending,
+            decided_at: None,
+            approver: None,
+            reason: None,
+            sealed_obo_token: None,
+            obo_audience: None,
+        }
+    }
+
+    fn audit(agent: &str, at: u64) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            at,
+            agent: agent.into(),
+            tool_call: None,
+            method: "GET".into(),
+            host: "example.com".into(),
+            path: "/".into(),
+            decision: "allow".into(),
+            policies: vec![],
+            approval: None,
+            credential: None,
+            status: 200,
+            error: None,
+            bytes_in: 0,
+            bytes_out: 10,
+            latency_us: 100,
+        }
+    }
+
+    #[test]
+    fn a_settlement_is_final_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_agent("a1", &"record").unwrap();
+            store.insert_approval(&pending("ap1", "a1")).unwrap();
+            let settled = store
+                .settle(
+                    "ap1",
+                    Settlement {
+                        state: ApprovalState::Approved,
+                        approver: Some("alice".into()),
+                        reason: None,
+                        sealed_obo_token: None,
+                    },
+                )
+                .unwrap();
+            assert_eq!(settled.state, ApprovalState::Approved);
+            let again = store.settle("ap1", Settlement::by_gateway(ApprovalState::Expired));
+            assert!(matches!(
+                again,
+                Err(StoreError::AlreadySettled {
+                    state: ApprovalState::Approved,
+                    ..
+                })
+            ));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let record = store.approval("ap1").unwrap().unwrap();
+        assert_eq!(record.state, ApprovalState::Approved);
+        assert_eq!(record.approver.as_deref(), Some("alice"));
+        assert_eq!(
+            store.agents::<String>().unwrap(),
+            vec!["record".to_string()]
+        );
+    }
+
+    #[test]
+    fn agents_live_in_separate_keyspaces_and_removal_drops_their_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_agent("a1", &1).unwrap();
+        store.put_agent("a2", &2).unwrap();
+        store.insert_approval(&pending("x", "a1")).unwrap();
+        store.insert_approval(&pending("y", "a2")).unwrap();
+        store.append_audit(audit("a1", 1)).unwrap();
+        assert!(store.has_agent_space("a1") && store.has_agent_space("a2"));
+        let only_a2 = store
+            .approvals(&ApprovalFilter {
+                agent: Some("a2".into()),
+                state: None,
+            })
+            .unwrap();
+        assert_eq!(only_a2.len(), 1);
+        assert_eq!(only_a2[0].id, "y");
+
+        store.remove_agent("a1").unwrap();
+        assert!(!store.has_agent_space("a1"));
+        assert!(store.approval("x").unwrap().is_none());
+        assert!(store.approval("y").unwrap().is_some());
+        assert_eq!(store.agents::<i32>().unwrap(), vec![2]);
+        assert!(matches!(
+            store.append_audit(audit("a1", 2)),
+            Err(StoreError::NoAgent(_))
+        ));
+    }
+
+    #[test]
+    fn pending_approvals_are_abandoned_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_approval(&pending("p1", "a1")).unwrap();
+        store.insert_approval(&pending("p2", "a1")).unwrap();
+        store
+            .settle("p2", Settlement::by_gateway(ApprovalState::Expired))
+            .unwrap();
+        assert_eq!(store.abandon_all_pending().unwrap(), 1);
+        assert_eq!(
+            store.approval("p1").unwrap().unwrap().state,
+            ApprovalState::Abandoned
+        );
+        assert_eq!(
+            store.approval("p2").unwrap().unwrap().state,
+            ApprovalState::Expired
+        );
+    }
+
+    #[test]
+    fn audit_trail_is_ordered_resumes_after_reopen_and_is_pruned_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_agent("a1", &1).unwrap();
+            for at in [10, 20, 30] {
+                store.append_audit(audit("a1", at)).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.append_audit(audit("a1", 40)).unwrap(), 3);
+        let all = store.audit("a1", 0, 100).unwrap();
+        assert_eq!(
+            all.iter().map(|r| (r.seq, r.at)).collect::<Vec<_>>(),
+            vec![(0, 10), (1, 20), (2, 30), (3, 40)]
+        );
+        assert_eq!(store.audit("a1", 2, 1).unwrap()[0].at, 30);
+        assert_eq!(store.prune(25).unwrap(), 2);
+        let left = store.audit("a1", 0, 100).unwrap();
+        assert_eq!(left.iter().map(|r| r.at).collect::<Vec<_>>(), vec![30, 40]);
+    }
+
+    #[test]
+    fn obo_tokens_are_forgotten_selectively() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_approval(&pending("o1", "a1")).unwrap();
+        store
+            .settle(
+                "o1",
+                Settlement {
+                    state: ApprovalState::Approved,
+                    approver: Some("bob".into()),
+                    reason: None,
+                    sealed_obo_token: Some((vec![1, 2, 3], "https://management.azure.com".into())),
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            store.approval("o1").unwrap().unwrap().sealed_obo_token,
+            Some(vec![1, 2, 3])
+        );
+        assert_eq!(
+            store
+                .forget_obo_tokens("a1", |r| r.tool_call.as_deref() == Some("other"))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store
+                .forget_obo_tokens("a1", |r| r.tool_call.as_deref() == Some("tc-1"))
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store.approval("o1").unwrap().unwrap().sealed_obo_token,
+            None
+        );
+    }
+}
