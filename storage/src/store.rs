@@ -166,17 +166,17 @@ impl Store {
         self.agents.read().get(agent).cloned()
     }
 
-    /// Writes `items` as one atomic batch, fsync'd before returning.
+    /// Writes (`Some`) or removes (`None`) one key, fsync'd before returning.
     fn commit_durably(
         &self,
-        items: &[(&Keyspace, Vec<u8>, Option<Vec<u8>>)],
+        keyspace: &Keyspace,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
-        for (keyspace, key, value) in items {
-            match value {
-                Some(value) => batch.insert(keyspace, key.clone(), value.clone()),
-                None => batch.remove(keyspace, key.clone()),
-            }
+        match value {
+            Some(value) => batch.insert(keyspace, key, value),
+            None => batch.remove(keyspace, key),
         }
         batch.commit().map_err(|e| self.db_err(e))
     }
@@ -191,7 +191,7 @@ impl Store {
             source,
         })?;
         self.open_space(id)?;
-        self.commit_durably(&[(&self.registry, id.as_bytes().to_vec(), Some(value))])
+        self.commit_durably(&self.registry, id.as_bytes().to_vec(), Some(value))
     }
 
     /// Every stored agent record.
@@ -201,7 +201,7 @@ impl Store {
 
     /// Removes an agent's registry record and all of its data (approvals, audit trail).
     pub fn remove_agent(&self, id: &str) -> Result<(), StoreError> {
-        self.commit_durably(&[(&self.registry, id.as_bytes().to_vec(), None)])?;
+        self.commit_durably(&self.registry, id.as_bytes().to_vec(), None)?;
         let space = self.agents.write().remove(id);
         if let Some(space) = space {
             self.approval_owner.write().retain(|_, owner| owner != id);
@@ -238,7 +238,7 @@ impl Store {
             what: "approval",
             source,
         })?;
-        self.commit_durably(&[(&space.keyspace, approval_key(&record.id), Some(value))])
+        self.commit_durably(&space.keyspace, approval_key(&record.id), Some(value))
     }
 
     /// The approval with this id.
@@ -420,7 +420,7 @@ impl Store {
             for record in approvals {
                 let settled_before = record.decided_at.is_some_and(|at| at < before);
                 if record.state != ApprovalState::Pending && settled_before {
-                    self.commit_durably(&[(&space.keyspace, approval_key(&record.id), None)])?;
+                    self.commit_durably(&space.keyspace, approval_key(&record.id), None)?;
                     self.approval_owner.write().remove(&record.id);
                     pruned += 1;
                 }
