@@ -32,14 +32,14 @@ peers = ["127.0.0.3"]
 "#;
 
 /// A gateway on the repository's default policies, reaching NAMES on loopback, with
-/// `policy_settings` lines in [policy].
+/// `policy_settings` lines in [policy]. Requests needing approval expire after 1 s.
 fn gateway(ca: &TestCa, policy_settings: &str) -> Gateway {
     let resolve: Vec<String> = NAMES
         .iter()
         .map(|n| format!("{n:?} = \"127.0.0.1\""))
         .collect();
     let config = format!(
-        "{EPHEMERAL_LISTENERS}{}resolve = {{ {} }}\n{AGENTS}",
+        "{EPHEMERAL_LISTENERS}{}resolve = {{ {} }}\n[approvals]\ntimeout_secs = 1\n{AGENTS}",
         loopback_upstream(Some(&ca.cert_path())),
         resolve.join(", ")
     );
@@ -110,7 +110,7 @@ async fn run_modes_decide_reads_writes_and_arm_scopes() {
             "POST",
             github.clone(),
             403,
-            Some("approval_required"),
+            Some("approval_expired"),
             Some("review-approved-writes"),
         ),
         (auto, "PUT", arm("rg-a", ""), 200, None, None),
@@ -120,7 +120,7 @@ async fn run_modes_decide_reads_writes_and_arm_scopes() {
             "PUT",
             arm("rg-b", ""),
             403,
-            Some("approval_required"),
+            Some("approval_expired"),
             Some("autonomous-approved-writes"),
         ),
     ];

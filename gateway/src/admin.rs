@@ -1,7 +1,9 @@
 //! The admin API: the control plane's way in, on its own host-only listener.
 //!
-//! Every route except `/healthz` needs `Authorization: Bearer <admin token>`; the token is
-//! compared in constant time. Bodies are JSON, errors are the gateway's usual
+//! Every route except `/healthz` needs `Authorization: Bearer <token>`, compared in constant
+//! time: the admin token opens every route; a named approver's token (`[[admin.approvers]]`)
+//! opens the approval routes only, and the approver's name is recorded on what they decide.
+//! Sandboxes never reach this listener, so an agent cannot approve its own request. Bodies are JSON, errors are the gateway's usual
 //! `{"error", "detail"}` (see [`crate::reply`]).
 //!
 //! | route | does |
@@ -17,6 +19,10 @@
 //! | `DELETE /v1/agents/{id}/tool-calls/{tc}` | close it (204) |
 //! | `GET /v1/policies` | the policy set in force: version, policies, rejected problems |
 //! | `POST /v1/policies/reload` | reload the policy directory now |
+//! | `GET /v1/approvals?state=pending&agent=ID` | approvals, oldest first (both filters optional) |
+//! | `GET /v1/approvals/{id}` | one approval: the held request's method, URL, body hash, … |
+//! | `POST /v1/approvals/{id}/approve` | release the held request (once) |
+//! | `POST /v1/approvals/{id}/deny` | refuse it: `{"reason": "..."}` (required) |
 
 use std::sync::Arc;
 
@@ -28,6 +34,9 @@ use subtle::ConstantTimeEq;
 
 use tollgate_policy::LoadError;
 
+use tollgate_storage::{ApprovalFilter, ApprovalRecord, ApprovalState, Store};
+
+use crate::approval::{Approvals, DecideError};
 use crate::credentials::Credentials;
 use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, RegistryError};
@@ -37,38 +46,87 @@ use crate::toolcall::{ToolCallError, ToolCalls};
 /// Largest request body the admin API reads.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Who may call the admin API: the admin token, and the named approvers' tokens.
+pub struct Approvers {
+    admin_token: String,
+    named: Vec<(String, String)>,
+}
+
+impl Approvers {
+    /// The admin token plus `(name, token)` pairs of approvers.
+    pub fn new(admin_token: String, named: Vec<(String, String)>) -> Self {
+        Approvers { admin_token, named }
+    }
+
+    /// The caller a bearer token belongs to. Every token is compared (in constant time), so
+    /// the time taken does not tell which one nearly matched.
+    fn caller(&self, presented: &str) -> Option<Caller> {
+        let mut found = None;
+        if bool::from(presented.as_bytes().ct_eq(self.admin_token.as_bytes())) {
+            found = Some(Caller {
+                name: "admin".to_string(),
+                admin: true,
+            });
+        }
+        for (name, token) in &self.named {
+            if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) && found.is_none() {
+                found = Some(Caller {
+                    name: name.clone(),
+                    admin: false,
+                });
+            }
+        }
+        found
+    }
+}
+
+/// An authenticated caller.
+struct Caller {
+    /// Recorded on approvals they settle.
+    name: String,
+    /// Whether every route is open to them (else only approvals).
+    admin: bool,
+}
+
 /// The admin API application.
 pub struct AdminApi {
-    token: String,
+    callers: Approvers,
     registry: Arc<AgentRegistry>,
     policies: Arc<PolicyStore>,
     tool_calls: Arc<ToolCalls>,
     credentials: Arc<Credentials>,
+    approvals: Arc<Approvals>,
+    store: Arc<Store>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminApi {
-    /// The API guarding the registry, policies and tool calls with `token`; `/readyz` reports
-    /// `ready`.
+    /// The API over the registry, policies, tool calls and approvals, open to `callers`;
+    /// `/readyz` reports `ready`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        token: String,
+        callers: Approvers,
         registry: Arc<AgentRegistry>,
         policies: Arc<PolicyStore>,
         tool_calls: Arc<ToolCalls>,
         credentials: Arc<Credentials>,
+        approvals: Arc<Approvals>,
+        store: Arc<Store>,
         ready: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         AdminApi {
-            token,
+            callers,
             registry,
             policies,
             tool_calls,
             credentials,
+            approvals,
+            store,
             ready,
         }
     }
 
-    fn authorized(&self, session: &ServerSession) -> Result<(), Refusal> {
+    fn authorized(&self, session: &ServerSession) -> Result<Caller, Refusal> {
         let header = session
             .req_header()
             .headers
@@ -85,15 +143,13 @@ impl AdminApi {
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .unwrap_or("");
-        if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
-            Ok(())
-        } else {
-            Err(Refusal::new(
+        self.callers.caller(presented).ok_or_else(|| {
+            Refusal::new(
                 401,
                 "unauthorized",
-                "the admin token is wrong",
-            ))
-        }
+                "the token is neither the admin token nor an approver's",
+            )
+        })
     }
 
     async fn route(&self, session: &mut ServerSession) -> Result<Response<Vec<u8>>, Refusal> {
@@ -103,8 +159,21 @@ impl AdminApi {
             return only(&method, &[Method::GET])
                 .map(|_| json(StatusCode::OK, &serde_json::json!({ "status": "ok" })));
         }
-        self.authorized(session)?;
+        let caller = self.authorized(session)?;
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["v1", "approvals", rest @ ..] = segments.as_slice() {
+            return self.approvals_route(session, &method, rest, &caller).await;
+        }
+        if !caller.admin {
+            return Err(Refusal::new(
+                403,
+                "forbidden",
+                format!(
+                    "approver {:?} may use the approval routes only",
+                    caller.name
+                ),
+            ));
+        }
         match segments.as_slice() {
             ["readyz"] => {
                 only(&method, &[Method::GET])?;
@@ -145,6 +214,18 @@ impl AdminApi {
                     Method::PUT => self.put_agent(session, id).await,
                     Method::DELETE => match self.registry.remove(&id) {
                         Some(removed) => {
+                            self.approvals
+                                .deny_all(&removed.id, "the agent was removed")
+                                .await;
+                            let store = self.store.clone();
+                            let gone = removed.id.clone();
+                            match tokio::task::spawn_blocking(move || store.remove_agent(&gone))
+                                .await
+                            {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => return Err(store_failed(&e.to_string())),
+                                Err(e) => return Err(store_failed(&e.to_string())),
+                            }
                             self.tool_calls.close_all(&removed.id);
                             self.credentials.evict_agent(&removed.id);
                             tracing::info!(agent = %removed.id, "agent removed");
@@ -283,10 +364,30 @@ impl AdminApi {
                 agent.id
             )));
         }
+        let previous = self.registry.get(&id);
         match self.registry.put(agent) {
             Ok(created) => {
-                tracing::info!(agent = %id, created, "agent registered");
                 let stored = self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
+                // Durable before it is acknowledged; undone if it cannot be stored.
+                let store = self.store.clone();
+                let record = stored.clone();
+                let persisted =
+                    tokio::task::spawn_blocking(move || store.put_agent(&record.id, &*record))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(e) = persisted {
+                    match previous {
+                        Some(previous) => {
+                            let _ = self.registry.put((*previous).clone());
+                        }
+                        None => {
+                            self.registry.remove(&id);
+                        }
+                    }
+                    return Err(store_failed(&e));
+                }
+                tracing::info!(agent = %id, created, "agent registered");
                 let status = if created {
                     StatusCode::CREATED
                 } else {
@@ -315,6 +416,131 @@ impl ServeHttp for AdminApi {
             }
         }
     }
+}
+
+impl AdminApi {
+    async fn approvals_route(
+        &self,
+        session: &mut ServerSession,
+        method: &Method,
+        rest: &[&str],
+        caller: &Caller,
+    ) -> Result<Response<Vec<u8>>, Refusal> {
+        match rest {
+            [] => {
+                only(method, &[Method::GET])?;
+                let filter = approval_filter(session.req_header().uri.query().unwrap_or(""))?;
+                let approvals = self.approvals.list(&filter).map_err(decide_refusal)?;
+                let views: Vec<serde_json::Value> = approvals.iter().map(approval_view).collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "approvals": views }),
+                ))
+            }
+            [id] => {
+                only(method, &[Method::GET])?;
+                let record = self.approvals.get(id).map_err(decide_refusal)?;
+                Ok(json(StatusCode::OK, &approval_view(&record)))
+            }
+            [id, "approve"] => {
+                only(method, &[Method::POST])?;
+                let record = self
+                    .approvals
+                    .approve(id, &caller.name)
+                    .await
+                    .map_err(decide_refusal)?;
+                Ok(json(StatusCode::OK, &approval_view(&record)))
+            }
+            [id, "deny"] => {
+                only(method, &[Method::POST])?;
+                let body = read_body(session).await?;
+                let denial: Denial = serde_json::from_slice(&body).map_err(|e| {
+                    Refusal::bad_request(format!(
+                        "a denial needs a JSON body {{\"reason\": \"...\"}}: {e}"
+                    ))
+                })?;
+                if denial.reason.trim().is_empty() {
+                    return Err(Refusal::bad_request(
+                        "a denial needs a reason: the agent is told why",
+                    ));
+                }
+                let record = self
+                    .approvals
+                    .deny(id, &caller.name, denial.reason.trim())
+                    .await
+                    .map_err(decide_refusal)?;
+                Ok(json(StatusCode::OK, &approval_view(&record)))
+            }
+            _ => Err(Refusal::new(
+                404,
+                "not_found",
+                "approval routes: /v1/approvals, /v1/approvals/{id}, …/approve, …/deny",
+            )),
+        }
+    }
+}
+
+/// A denial's body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Denial {
+    reason: String,
+}
+
+/// An approval as approvers see it: the record without its sealed token (they see only
+/// whether one is held).
+fn approval_view(record: &ApprovalRecord) -> serde_json::Value {
+    let obo_token_held = record.sealed_obo_token.is_some();
+    let mut view = serde_json::to_value(record).unwrap_or_default();
+    if let Some(fields) = view.as_object_mut() {
+        fields.remove("sealed_obo_token");
+        fields.insert("obo_token_held".into(), obo_token_held.into());
+    }
+    view
+}
+
+/// `state=…&agent=…` from a query string.
+fn approval_filter(query: &str) -> Result<ApprovalFilter, Refusal> {
+    let mut filter = ApprovalFilter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8_lossy()
+            .to_string();
+        match key {
+            "state" => {
+                filter.state = Some(ApprovalState::parse(&value).ok_or_else(|| {
+                    Refusal::bad_request(format!(
+                    "unknown state {value:?}: use pending, approved, denied, expired or abandoned"
+                ))
+                })?)
+            }
+            "agent" => filter.agent = Some(value),
+            other => {
+                return Err(Refusal::bad_request(format!(
+                    "unknown filter {other:?}: use state and agent"
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+fn decide_refusal(e: DecideError) -> Refusal {
+    match e {
+        DecideError::NotFound(_) => Refusal::new(404, "not_found", e.to_string()),
+        DecideError::AlreadySettled { .. } => Refusal::new(409, "already_settled", e.to_string()),
+        DecideError::Store(why) => store_failed(&why),
+    }
+}
+
+fn store_failed(why: &str) -> Refusal {
+    tracing::error!(error = why, "the store failed");
+    Refusal::new(
+        503,
+        "store_unavailable",
+        "the change could not be stored durably, so it was not made; see the gateway log",
+    )
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Refusal> {

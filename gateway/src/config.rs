@@ -78,6 +78,12 @@ pub struct Config {
     /// Token cache and fetch settings.
     #[serde(default)]
     pub credentials: CredentialsConfig,
+    /// Held requests: how long they wait, how many, how large.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+    /// The durable store and how long it keeps history.
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// The agents known at start-up (the admin API can add more): `[[agents]]`, the same
     /// record the admin API takes, plus an optional listener of the agent's own.
     #[serde(default)]
@@ -104,6 +110,46 @@ pub struct AdminConfig {
     /// Default: `<data_dir>/admin-token`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// People who may approve or deny held requests, each with a token of their own:
+    /// `[[admin.approvers]]`. Their tokens open the approval routes and page only; the admin
+    /// token opens everything and approves as "admin".
+    #[serde(default)]
+    pub approvers: Vec<ApproverConfig>,
+}
+
+/// `[[admin.approvers]]`: one named approver.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    /// The name recorded on the approvals this person settles.
+    pub name: String,
+    /// Where the approver's bearer token is read from.
+    pub token: SecretSource,
+}
+
+/// `[approvals]`: requests held for a person.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// How long a held request waits for a decision before it is refused as expired.
+    #[serde(default = "default_approval_timeout")]
+    pub timeout_secs: u64,
+    /// How many requests of one agent may wait at once; more get 429.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_per_agent: usize,
+    /// Largest request body a held request may have: the body is kept in memory (and its
+    /// SHA-256 recorded) so that exactly those bytes are sent once approved. Larger: 413.
+    #[serde(default = "default_max_held_body")]
+    pub max_body_bytes: usize,
+}
+
+/// `[storage]`: the durable store under the data directory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Audit records and settled approvals older than this are deleted (checked hourly).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
 }
 
 /// `[tls]`: interception.
@@ -426,6 +472,33 @@ impl Config {
                 return invalid(format!("upstream.resolve: {name:?} is not a host name"));
             }
         }
+        if self.approvals.timeout_secs == 0 || self.approvals.max_pending_per_agent == 0 {
+            return invalid(
+                "approvals.timeout_secs and approvals.max_pending_per_agent must be at least 1"
+                    .into(),
+            );
+        }
+        if self.storage.retention_days == 0 {
+            return invalid("storage.retention_days must be at least 1".into());
+        }
+        let mut approvers = std::collections::HashSet::new();
+        for approver in &self.admin.approvers {
+            if approver.name.is_empty()
+                || approver.name == "admin"
+                || !approvers.insert(&approver.name)
+            {
+                return invalid(format!(
+                    "admin.approvers: name {:?} is empty, reserved or used twice",
+                    approver.name
+                ));
+            }
+            if approver.token.file.is_some() == approver.token.env.is_some() {
+                return invalid(format!(
+                    "admin.approvers {:?}: the token needs exactly one of file or env",
+                    approver.name
+                ));
+            }
+        }
         self.validate_credentials()?;
         let mut ids = std::collections::HashSet::new();
         let mut peers = std::collections::HashMap::new();
@@ -574,6 +647,18 @@ impl LimitsConfig {
     }
 }
 
+fn default_approval_timeout() -> u64 {
+    600
+}
+fn default_max_pending() -> usize {
+    16
+}
+fn default_max_held_body() -> usize {
+    1024 * 1024
+}
+fn default_retention_days() -> u64 {
+    30
+}
 fn default_policy_watch_ms() -> u64 {
     2_000
 }
@@ -626,6 +711,23 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             token_file: None,
+            approvers: Vec::new(),
+        }
+    }
+}
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: default_approval_timeout(),
+            max_pending_per_agent: default_max_pending(),
+            max_body_bytes: default_max_held_body(),
+        }
+    }
+}
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: default_retention_days(),
         }
     }
 }

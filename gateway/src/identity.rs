@@ -45,8 +45,9 @@ pub struct Agent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<AgentListenConfig>,
     /// Numbers this version of the record (set by the registry on every change), so caches
-    /// keyed by it never serve facts of an older version.
-    #[serde(default, skip_deserializing)]
+    /// keyed by it never serve facts of an older version. A value given in input is
+    /// ignored: the registry always sets its own.
+    #[serde(default)]
     pub revision: u64,
 }
 

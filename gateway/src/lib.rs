@@ -13,6 +13,9 @@
 //! - [`target`] — where a request goes, parsed strictly and once (from the policy crate).
 //! - classification — step 3: read or write, the ARM target (`tollgate_policy::classify`).
 //! - [`decide`] — step 4: the Cedar decision, and reloading the policy set.
+//! - [`approval`] — step 5: a request that needs approval is recorded (durably, in
+//!   `tollgate_storage`) and held until a person decides, it expires, or its client leaves;
+//!   [`replay`] sends a released request with the body that was held.
 //! - [`credentials`] — step 6: strip what the sandbox sent, inject a token for this agent and
 //!   tool call (identity providers, token cache).
 //! - [`proxy`] — the pingora request phases, which call each step in order.
@@ -21,9 +24,11 @@
 //! - [`admin`] — the authenticated control API.
 //! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
 //!
-//! Approvals (5) and telemetry (9) plug into [`proxy::Egress`] as their issues land.
+//! Telemetry plugs into [`proxy::Egress`] as its issue lands; every request already ends in a
+//! log line and an audit record (`tollgate_storage::AuditRecord`).
 
 pub mod admin;
+pub mod approval;
 pub mod ca;
 pub mod config;
 pub mod credentials;
@@ -33,6 +38,7 @@ pub mod identity;
 pub mod intercept;
 pub mod listener;
 pub mod proxy;
+pub mod replay;
 pub mod reply;
 pub mod server;
 pub mod toolcall;

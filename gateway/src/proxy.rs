@@ -16,12 +16,17 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
 use tollgate_policy::{Decision, Outcome, RequestFacts};
+use tollgate_storage::{ApprovalKind, AuditRecord, Store};
 
+use crate::approval::{Approvals, HoldEnd, HoldRequest};
 use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding};
 use crate::intercept::Tunnel;
+use crate::replay;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
 use crate::toolcall::{ToolCallRef, ToolCalls, TOOL_CALL_HEADER};
@@ -39,6 +44,12 @@ pub struct Shared {
     pub credentials: Arc<Credentials>,
     /// How origins are reached.
     pub upstream: Upstream,
+    /// Requests held for a person.
+    pub approvals: Arc<Approvals>,
+    /// Sends released requests (same trust and pool settings as the proxy's own).
+    pub connector: Connector,
+    /// Where audit records go.
+    pub store: Arc<Store>,
 }
 
 /// The pipeline of one listener: the shared state plus how that listener identifies agents.
@@ -63,8 +74,45 @@ pub struct RequestCtx {
     decision: Option<Decision>,
     credential: Option<Injection>,
     addr: Option<SocketAddr>,
+    /// The approval that held the request.
+    approval: Option<String>,
+    /// Request body bytes the gateway read itself (a held request).
+    bytes_in: u64,
+    /// Set when a released request was sent by the gateway itself.
+    released: Option<replay::Relayed>,
     /// Set when the gateway answered the request itself.
     refusal: Option<Refusal>,
+}
+
+/// Why the pipeline stopped before forwarding.
+enum Stop {
+    /// Answer the sandbox with this.
+    Refuse(Refusal),
+    /// The sandbox went away while its request was held: nothing to answer, nothing sent.
+    ClientGone,
+}
+
+impl From<Refusal> for Stop {
+    fn from(refusal: Refusal) -> Self {
+        Stop::Refuse(refusal)
+    }
+}
+
+impl From<HoldEnd> for Stop {
+    fn from(end: HoldEnd) -> Self {
+        match end {
+            HoldEnd::Refused(refusal) => Stop::Refuse(refusal),
+            HoldEnd::ClientGone => Stop::ClientGone,
+        }
+    }
+}
+
+/// How an admitted request goes on.
+enum Admitted {
+    /// Through pingora's proxy path, body streamed.
+    Proxy,
+    /// Released after approval: the gateway sends it with the body it holds.
+    Release(Bytes),
 }
 
 /// The sandbox's address as the socket reports it.
@@ -168,7 +216,7 @@ fn request_target(session: &Session) -> Result<(Target, String), Refusal> {
 impl Egress {
     /// Steps 1–7 up to the connection: identity, destination, classification, decision, and
     /// the network guard. Nothing is forwarded unless every step admits the request.
-    async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Refusal> {
+    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Admitted, Stop> {
         // 1. Who is asking.
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
             .map_err(|e| identity_refusal(&e))?;
@@ -187,13 +235,31 @@ impl Egress {
         request.tool_call = ctx.tool_call.as_ref().map(|tc| tc.id.clone());
         // 4. Whether it may: allow, deny, or needs approval.
         let (decision, engine) = self.shared.policies.decide(&agent, &request);
-        let refusal = (decision.outcome != Outcome::Allow)
-            .then(|| Refusal::for_decision(&decision, engine.version()));
-        ctx.decision = Some(decision);
-        if let Some(refusal) = refusal {
-            return Err(refusal);
+        let outcome = decision.outcome;
+        if outcome == Outcome::Deny {
+            let refusal = Refusal::for_decision(&decision, engine.version());
+            ctx.decision = Some(decision);
+            return Err(refusal.into());
         }
-        // 5. Approval plugs in here (approvals issue).
+        // 5. A person decides: the request, its body included, is held until then.
+        let admitted = if outcome == Outcome::NeedsApproval {
+            let policies = decision.policies.clone();
+            let held = self
+                .hold(session, ctx, &agent, &request, &path, policies)
+                .await;
+            // A refused hold (denied, expired, too many) still says which policies asked.
+            let body = held.map_err(|stop| match stop {
+                Stop::Refuse(refusal) => {
+                    Stop::Refuse(refusal.with_decision(&decision, engine.version()))
+                }
+                gone => gone,
+            });
+            ctx.decision = Some(decision);
+            Admitted::Release(body?)
+        } else {
+            ctx.decision = Some(decision);
+            Admitted::Proxy
+        };
         // 6. Credentials: the sandbox's are stripped, a token for this tool call injected.
         ctx.credential = self
             .shared
@@ -202,7 +268,161 @@ impl Egress {
             .await?;
         // 7. Resolve asynchronously and keep internal networks out of reach.
         ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
-        Ok(())
+        Ok(admitted)
+    }
+
+    /// Reads the whole body (up to the limit), records the approval and waits for it.
+    /// Returns the body to send once approved.
+    async fn hold(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        agent: &Agent,
+        request: &RequestFacts,
+        path: &str,
+        policies: Vec<String>,
+    ) -> Result<Bytes, Stop> {
+        let approvals = &self.shared.approvals;
+        approvals.check_capacity(&agent.id)?;
+        let body = read_whole_body(session, approvals.max_body_bytes()).await?;
+        ctx.bytes_in = body.len() as u64;
+        let held = HoldRequest {
+            agent: agent.id.clone(),
+            tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
+            kind: ApprovalKind::Request,
+            method: request.method.clone(),
+            url: format!(
+                "{}://{}{}",
+                request.target.scheme.as_str(),
+                request.target.host_header(),
+                path
+            ),
+            body: body.clone(),
+            credential: self.shared.credentials.class(agent, &request.target),
+            policies,
+        };
+        let client_gone = async {
+            // The body is read, so this returns only when the client closes or resets.
+            let _ = session.downstream_session.read_body_or_idle(true).await;
+        };
+        let approved = approvals.hold(held, client_gone).await;
+        match approved {
+            Ok(record) => {
+                ctx.approval = Some(record.id);
+                Ok(body)
+            }
+            Err(end) => Err(end.into()),
+        }
+    }
+}
+
+/// Reads the request body into memory, refusing (413) one larger than `limit`.
+async fn read_whole_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            413,
+            "body_too_large",
+            format!(
+                "this request needs approval, and such requests are held whole; its body is \
+                 larger than approvals.max_body_bytes ({limit} bytes)"
+            ),
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                return Err(Refusal::bad_request(format!(
+                    "could not read the request body: {}",
+                    e.etype().as_str()
+                )))
+            }
+        }
+    }
+}
+
+/// The request header sent to the origin: origin-form target, the gateway's own header
+/// removed, sandbox credentials stripped and the tool call's token injected, and `Host` set
+/// to the admitted target. Used by the proxy path and by released requests alike.
+fn shape_upstream_request(
+    upstream_request: &mut RequestHeader,
+    target: &Target,
+    credential: Option<&Injection>,
+) -> pingora::Result<()> {
+    // Origins get origin-form (`/path?query`), never the absolute URL sent to the proxy.
+    let origin_form = upstream_request
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .filter(|pq| pq.starts_with('/'))
+        .unwrap_or_else(|| "/".to_string());
+    let uri = origin_form
+        .parse::<http::Uri>()
+        .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e))?;
+    upstream_request.set_uri(uri);
+    upstream_request.remove_header(TOOL_CALL_HEADER);
+    if let Some(credential) = credential {
+        for name in credential.strip.iter() {
+            upstream_request.remove_header(name);
+        }
+        if let Some((name, value)) = &credential.header {
+            upstream_request.insert_header(name.clone(), value.clone())?;
+        }
+    }
+    upstream_request.insert_header(http::header::HOST, target.host_header())?;
+    Ok(())
+}
+
+impl Egress {
+    /// Sends an approved request with the body that was held, and relays the answer.
+    async fn release(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Bytes,
+    ) -> pingora::Result<()> {
+        let (Some(target), Some(addr)) = (&ctx.target, ctx.addr) else {
+            return pingora::Error::e_explain(ErrorType::InternalError, "no admitted target");
+        };
+        let mut request = session.req_header().clone();
+        for name in upstream::hop_by_hop_headers(&request.headers) {
+            request.remove_header(&name);
+        }
+        shape_upstream_request(&mut request, target, ctx.credential.as_ref())?;
+        let peer = self.shared.upstream.peer(target, addr);
+        let host = target.host_header();
+        match replay::send(&self.shared.connector, &peer, request, body, session, &host).await {
+            Ok(relayed) => {
+                ctx.released = Some(relayed);
+                Ok(())
+            }
+            Err(refusal) if refusal.status == 0 => Err(pingora::Error::explain(
+                ErrorType::WriteError,
+                "the released request's response broke off",
+            )
+            .into_down()),
+            Err(refusal) => {
+                refusal.send(session).await?;
+                ctx.refusal = Some(refusal);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -219,6 +439,9 @@ impl ProxyHttp for Egress {
             decision: None,
             credential: None,
             addr: None,
+            approval: None,
+            bytes_in: 0,
+            released: None,
             refusal: None,
         }
     }
@@ -229,12 +452,21 @@ impl ProxyHttp for Egress {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         match self.admit(session, ctx).await {
-            Ok(()) => Ok(false),
-            Err(refusal) => {
+            Ok(Admitted::Proxy) => Ok(false),
+            Ok(Admitted::Release(body)) => {
+                self.release(session, ctx, body).await?;
+                Ok(true)
+            }
+            Err(Stop::Refuse(refusal)) => {
                 refusal.send(session).await?;
                 ctx.refusal = Some(refusal);
                 Ok(true)
             }
+            Err(Stop::ClientGone) => Err(pingora::Error::explain(
+                ErrorType::ConnectionClosed,
+                "the client left while its request was held",
+            )
+            .into_down()),
         }
     }
 
@@ -259,30 +491,9 @@ impl ProxyHttp for Egress {
         let Some(target) = &ctx.target else {
             return pingora::Error::e_explain(ErrorType::InternalError, "no admitted target");
         };
-        // Origins get origin-form (`/path?query`), never the absolute URL sent to the proxy.
-        let origin_form = upstream_request
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str().to_string())
-            .filter(|pq| pq.starts_with('/'))
-            .unwrap_or_else(|| "/".to_string());
-        let uri = origin_form.parse::<http::Uri>().map_err(|e| {
-            pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e)
-        })?;
-        upstream_request.set_uri(uri);
-        upstream_request.remove_header(TOOL_CALL_HEADER);
-        if let Some(credential) = &ctx.credential {
-            for name in credential.strip.iter() {
-                upstream_request.remove_header(name);
-            }
-            if let Some((name, value)) = &credential.header {
-                upstream_request.insert_header(name.clone(), value.clone())?;
-            }
-        }
         // Hop-by-hop and proxy request headers (incl. those named in Connection) are already
         // gone: pingora's default upstream request policy strips them.
-        upstream_request.insert_header(http::header::HOST, target.host_header())?;
-        Ok(())
+        shape_upstream_request(upstream_request, target, ctx.credential.as_ref())
     }
 
     async fn response_filter(
@@ -373,24 +584,69 @@ impl ProxyHttp for Egress {
             .unwrap_or_else(|| "-".into());
         // The path without its query: query strings often carry tokens.
         let path = req.uri.path();
-        let elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
+        let elapsed = ctx.started.elapsed();
+        let elapsed_ms = elapsed.as_secs_f64() * 1e3;
         let (decision, policies) = match &ctx.decision {
             Some(d) => (d.outcome.as_str(), d.policies.join(",")),
             None => ("-", String::new()),
         };
-        match (&ctx.refusal, e) {
-            (Some(refusal), _) => tracing::info!(
-                agent, tool_call, method = %req.method, host, path, decision, credential, policies, status, elapsed_ms,
-                refusal = refusal.error, detail = %refusal.detail, "request refused"
-            ),
-            (None, Some(err)) => tracing::info!(
-                agent, tool_call, method = %req.method, host, path, decision, credential, policies, status, elapsed_ms,
-                error = %err.etype().as_str(), "request failed"
-            ),
-            (None, None) => tracing::info!(
-                agent, tool_call, method = %req.method, host, path, decision, credential, policies, status, elapsed_ms,
-                "request"
-            ),
+        let approval = ctx.approval.as_deref().unwrap_or("-");
+        let error = match (&ctx.refusal, e) {
+            (Some(refusal), _) => {
+                tracing::info!(
+                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms,
+                    refusal = refusal.error, detail = %refusal.detail, "request refused"
+                );
+                Some(refusal.error.to_string())
+            }
+            (None, Some(err)) => {
+                tracing::info!(
+                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms,
+                    error = %err.etype().as_str(), "request failed"
+                );
+                Some(err.etype().as_str().to_string())
+            }
+            (None, None) => {
+                tracing::info!(
+                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms,
+                    "request"
+                );
+                None
+            }
+        };
+        // The agent's audit trail: the same summary, never a body, a query or a header value.
+        let Some(agent) = &ctx.agent else { return };
+        let record = AuditRecord {
+            seq: 0,
+            at: tollgate_storage::now_millis().saturating_sub(elapsed.as_millis() as u64),
+            agent: agent.id.clone(),
+            tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
+            method: req.method.to_string(),
+            host,
+            path: path.to_string(),
+            decision: ctx
+                .decision
+                .as_ref()
+                .map(|d| d.outcome.as_str().to_string())
+                .unwrap_or_default(),
+            policies: ctx
+                .decision
+                .as_ref()
+                .map(|d| d.policies.clone())
+                .unwrap_or_default(),
+            approval: ctx.approval.clone(),
+            credential: (credential != "-").then(|| credential.to_string()),
+            status,
+            error,
+            bytes_in: ctx.bytes_in.max(session.body_bytes_read() as u64),
+            bytes_out: ctx
+                .released
+                .as_ref()
+                .map_or(session.body_bytes_sent() as u64, |r| r.bytes_out),
+            latency_us: elapsed.as_micros() as u64,
+        };
+        if let Err(e) = self.shared.store.append_audit(record) {
+            tracing::warn!(agent = agent.id, error = %e, "could not append to the audit trail");
         }
     }
 }

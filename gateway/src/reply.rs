@@ -34,27 +34,27 @@ impl Refusal {
         }
     }
 
-    /// The refusal for a policy decision that is not `allow`: 403 with the decision, the
-    /// policies that made it and any evaluation errors.
+    /// The refusal for a policy decision that denies: 403 with the decision, the policies
+    /// that made it and any evaluation errors.
     pub fn for_decision(decision: &tollgate_policy::Decision, policy_version: &str) -> Self {
-        let (error, detail) = match decision.outcome {
-            tollgate_policy::Outcome::NeedsApproval => (
-                "approval_required",
-                format!("approval required: {}", decision.reason),
-            ),
-            _ => ("denied", decision.reason.clone()),
-        };
-        let mut extra = serde_json::Map::new();
-        extra.insert("decision".into(), decision.outcome.as_str().into());
-        extra.insert("policies".into(), decision.policies.clone().into());
-        extra.insert("errors".into(), decision.errors.clone().into());
-        extra.insert("policy_version".into(), policy_version.into());
-        Refusal {
-            status: 403,
-            error,
-            detail,
-            extra: Some(extra),
-        }
+        Refusal::new(403, "denied", decision.reason.clone()).with_decision(decision, policy_version)
+    }
+
+    /// The same refusal with the policy decision behind it (decision, policies, errors,
+    /// policy version) in its body: e.g. an expired approval says which policies asked for it.
+    pub fn with_decision(self, decision: &tollgate_policy::Decision, policy_version: &str) -> Self {
+        self.with_extra("decision", decision.outcome.as_str())
+            .with_extra("policies", decision.policies.clone())
+            .with_extra("errors", decision.errors.clone())
+            .with_extra("policy_version", policy_version)
+    }
+
+    /// The same refusal with one more body field.
+    pub fn with_extra(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra
+            .get_or_insert_with(serde_json::Map::new)
+            .insert(key.to_string(), value.into());
+        self
     }
 
     /// 400: the request itself is malformed.

@@ -15,13 +15,16 @@ use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::AdminApi;
+use tollgate_storage::{now_millis, Store};
+
+use crate::admin::{AdminApi, Approvers};
+use crate::approval::Approvals;
 use crate::ca::{CaError, GatewayCa, LeafCerts};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::datadir::{self, FileError};
 use crate::decide::PolicyStore;
-use crate::identity::{AgentRegistry, ListenerBinding, RegistryError};
+use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
 use crate::proxy::{Egress, Shared};
@@ -52,6 +55,12 @@ pub enum StartError {
     /// Identity providers and credential rules.
     #[error(transparent)]
     Credentials(#[from] crate::credentials::CredentialsError),
+    /// The durable store.
+    #[error(transparent)]
+    Storage(#[from] tollgate_storage::StoreError),
+    /// An approver's token.
+    #[error("admin.approvers: {0}")]
+    Approver(String),
 }
 
 /// A running gateway: where it listens, and the handle to stop it.
@@ -96,7 +105,21 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
     let ca_cert = ca.cert_path().to_path_buf();
     let (token, admin_token_created) = datadir::load_or_create_token(&config.admin_token_path())?;
+    let store = Store::open(&config.data_dir.join("store"))?;
+    // No connection survives a restart: requests still held by the previous process are gone.
+    let abandoned = store.abandon_all_pending()?;
+    if abandoned > 0 {
+        tracing::info!(
+            abandoned,
+            "approvals pending at the last stop were marked abandoned"
+        );
+    }
+    // The config's agents first, then those the admin API stored (their latest version).
     let registry = Arc::new(AgentRegistry::new(config.agents.iter().cloned())?);
+    for agent in store.agents::<Agent>()? {
+        registry.put(agent)?;
+    }
+    let approvers = load_approvers(config)?;
     let policies = Arc::new(PolicyStore::load(config.policy.dir.as_deref())?);
 
     let server_conf = Arc::new(ServerConf {
@@ -110,12 +133,18 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
     ));
     let credentials = Arc::new(Credentials::new(config, token_connector)?);
+    let approvals = Arc::new(Approvals::new(store.clone(), config.approvals.clone()));
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         policies: policies.clone(),
         tool_calls: tool_calls.clone(),
         credentials: credentials.clone(),
         upstream: Upstream::new(&config.upstream),
+        approvals: approvals.clone(),
+        connector: pingora::connectors::http::Connector::new(Some(
+            pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
+        )),
+        store: store.clone(),
     });
     let leaves = LeafCerts::new(
         ca,
@@ -195,12 +224,19 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         credentials.clone(),
         watch.clone(),
     ));
+    tasks.push(prune_history(
+        store.clone(),
+        Duration::from_secs(config.storage.retention_days * 86_400),
+        watch.clone(),
+    ));
     let admin_api = AdminApi::new(
-        token,
+        Approvers::new(token, approvers),
         registry.clone(),
         policies.clone(),
         tool_calls,
         credentials,
+        approvals,
+        store,
         ready.clone(),
     );
     tasks.push(listener::serve(
@@ -243,6 +279,44 @@ fn sweep_tool_calls(
             }
         }
     })
+}
+
+/// Deletes audit records and settled approvals older than the retention, at start and hourly.
+fn prune_history(
+    store: Arc<Store>,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let before = now_millis().saturating_sub(retention.as_millis() as u64);
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.prune(before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(pruned)) => tracing::info!(pruned, "pruned history past its retention"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "pruning history failed"),
+                Err(e) => tracing::warn!(error = %e, "pruning history failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    })
+}
+
+/// Reads every named approver's token.
+fn load_approvers(config: &Config) -> Result<Vec<(String, String)>, StartError> {
+    config
+        .admin
+        .approvers
+        .iter()
+        .map(|a| {
+            crate::credentials::provider::read_secret(&a.token, &format!("approver {:?}", a.name))
+                .map(|token| (a.name.clone(), token.expose().to_string()))
+                .map_err(StartError::Approver)
+        })
+        .collect()
 }
 
 /// The CA bundle origin certificates are checked against, or `None` for the system roots

@@ -26,20 +26,22 @@ const AUDIT_KEY: &[u8] = b"audit/";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database failed (disk, permissions, corruption).
-    #[error("storage at {path}: {source}")]
+    #[error(
+        "the store at {path} failed: {reason} (is another gateway using this data directory?)"
+    )]
     Database {
         /// The database directory.
         path: PathBuf,
         /// What fjall reported.
-        source: fjall::Error,
+        reason: fjall::Error,
     },
     /// A stored record could not be read back.
-    #[error("a stored {what} record is unreadable: {source}")]
+    #[error("a stored {what} record is unreadable: {reason}")]
     Corrupt {
         /// Which kind of record.
         what: &'static str,
         /// What serde reported.
-        source: serde_json::Error,
+        reason: serde_json::Error,
     },
     /// No approval has this id.
     #[error("no approval {0:?}")]
@@ -82,9 +84,9 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `path`.
     pub fn open(path: &Path) -> Result<Arc<Store>, StoreError> {
-        let err = |source| StoreError::Database {
+        let err = |reason| StoreError::Database {
             path: path.to_path_buf(),
-            source,
+            reason,
         };
         let db = Database::builder(path).open().map_err(err)?;
         let registry = db
@@ -117,18 +119,18 @@ impl Store {
 
     fn with_path(&self, e: ScanError) -> StoreError {
         match e {
-            ScanError::Db(source) => StoreError::Database {
+            ScanError::Db(reason) => StoreError::Database {
                 path: self.path.clone(),
-                source,
+                reason,
             },
-            ScanError::Corrupt(what, source) => StoreError::Corrupt { what, source },
+            ScanError::Corrupt(what, reason) => StoreError::Corrupt { what, reason },
         }
     }
 
-    fn db_err(&self, source: fjall::Error) -> StoreError {
+    fn db_err(&self, reason: fjall::Error) -> StoreError {
         StoreError::Database {
             path: self.path.clone(),
-            source,
+            reason,
         }
     }
 
@@ -186,9 +188,9 @@ impl Store {
     /// Stores (or replaces) an agent's registry record, durably. The record is the caller's
     /// own type: the store only keeps it.
     pub fn put_agent<T: Serialize>(&self, id: &str, agent: &T) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(agent).map_err(|source| StoreError::Corrupt {
+        let value = serde_json::to_vec(agent).map_err(|reason| StoreError::Corrupt {
             what: "agent",
-            source,
+            reason,
         })?;
         self.open_space(id)?;
         self.commit_durably(&self.registry, id.as_bytes().to_vec(), Some(value))
@@ -234,9 +236,9 @@ impl Store {
         space: &AgentSpace,
         record: &ApprovalRecord,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(record).map_err(|source| StoreError::Corrupt {
+        let value = serde_json::to_vec(record).map_err(|reason| StoreError::Corrupt {
             what: "approval",
-            source,
+            reason,
         })?;
         self.commit_durably(&space.keyspace, approval_key(&record.id), Some(value))
     }
@@ -349,16 +351,15 @@ impl Store {
 
     // ---- audit ----
 
-    /// Appends a record to its agent's audit trail and returns its position. Not fsync'd:
+    /// Appends a record to its agent's audit trail (creating the agent's keyspace if needed)
+    /// and returns its position. Not fsync'd:
     /// the audit trail trades the last moments before a power loss for request latency.
     pub fn append_audit(&self, mut record: AuditRecord) -> Result<u64, StoreError> {
-        let space = self
-            .existing_space(&record.agent)
-            .ok_or_else(|| StoreError::NoAgent(record.agent.clone()))?;
+        let space = self.open_space(&record.agent)?;
         record.seq = space.next_audit.fetch_add(1, Ordering::Relaxed);
-        let value = serde_json::to_vec(&record).map_err(|source| StoreError::Corrupt {
+        let value = serde_json::to_vec(&record).map_err(|reason| StoreError::Corrupt {
             what: "audit",
-            source,
+            reason,
         })?;
         space
             .keyspace
@@ -385,9 +386,9 @@ impl Store {
         {
             let value = item.value().map_err(|e| self.db_err(e))?;
             records.push(
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                serde_json::from_slice(&value).map_err(|reason| StoreError::Corrupt {
                     what: "audit",
-                    source,
+                    reason,
                 })?,
             );
         }
@@ -582,7 +583,7 @@ mod tests {
         assert!(store.approval("y").unwrap().is_some());
         assert_eq!(store.agents::<i32>().unwrap(), vec![2]);
         assert!(matches!(
-            store.append_audit(audit("a1", 2)),
+            store.audit("a1", 0, 10),
             Err(StoreError::NoAgent(_))
         ));
     }

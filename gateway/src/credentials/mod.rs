@@ -219,6 +219,14 @@ impl Credentials {
         })
     }
 
+    /// The credential a request from `agent` to `target` would carry, as "provider audience"
+    /// (for approval records: what kind of access is being approved, never a token).
+    pub fn class(&self, agent: &Agent, target: &Target) -> Option<String> {
+        let rule = self.rules.iter().find(|r| r.matches(&target.host))?;
+        let provider = rule.provider.as_deref().or(agent.identity.as_deref())?;
+        Some(format!("{provider} {}", rule.audience))
+    }
+
     /// What to do with the credentials of a request from `agent` in `tool_call` to `target`:
     /// nothing (no rule covers it), strip only (no open tool call), or strip and inject.
     pub async fn for_request(

@@ -1,0 +1,420 @@
+//! Step 5 of the data path: a request that needs approval waits here for a person.
+//!
+//! The request is bound to a durable [`ApprovalRecord`] (method, full URL, SHA-256 of the
+//! body, tool call, credential) that is fsync'd before the request is held. Then one of four
+//! things ends the wait, and whichever settles the record first wins (the store settles a
+//! record once):
+//!
+//! - an approver approves → the held request is released, once;
+//! - an approver denies → 403 with the approver's reason;
+//! - the timeout passes → 403 "approval expired";
+//! - the client goes away → the record is abandoned and nothing is sent.
+//!
+//! Held requests cost a waiter entry and the buffered body; the store does the rest. Store
+//! writes (with their fsync) run on the blocking pool, off the proxy's worker threads.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tollgate_storage::{
+    now_millis, ApprovalFilter, ApprovalKind, ApprovalRecord, ApprovalState, Settlement, Store,
+    StoreError,
+};
+
+use crate::config::ApprovalsConfig;
+use crate::reply::Refusal;
+
+/// The request to hold, as the approval record will describe it.
+pub struct HoldRequest {
+    /// The agent.
+    pub agent: String,
+    /// Its tool call, if one is open.
+    pub tool_call: Option<String>,
+    /// Why it is held.
+    pub kind: ApprovalKind,
+    /// HTTP method.
+    pub method: String,
+    /// Full URL.
+    pub url: String,
+    /// The whole body.
+    pub body: bytes::Bytes,
+    /// The credential class ("provider audience"), if a rule covers the destination.
+    pub credential: Option<String>,
+    /// The policies that asked for approval.
+    pub policies: Vec<String>,
+}
+
+/// How a hold ended without a release.
+#[derive(Debug)]
+pub enum HoldEnd {
+    /// Answer the sandbox with this.
+    Refused(Refusal),
+    /// The client went away; there is nobody to answer.
+    ClientGone,
+}
+
+/// Why an approver's decision was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    /// No such approval.
+    #[error("no approval {0:?}")]
+    NotFound(String),
+    /// It was settled already (approved, denied, expired or abandoned).
+    #[error("approval {id:?} is already {state}; a decision is final", state = state.as_str())]
+    AlreadySettled {
+        /// The approval.
+        id: String,
+        /// Its state.
+        state: ApprovalState,
+    },
+    /// The store failed; nothing changed.
+    #[error("the approval store failed: {0}")]
+    Store(String),
+}
+
+impl From<StoreError> for DecideError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoApproval(id) => DecideError::NotFound(id),
+            StoreError::AlreadySettled { id, state } => DecideError::AlreadySettled { id, state },
+            other => DecideError::Store(other.to_string()),
+        }
+    }
+}
+
+/// Held requests and the decisions that release them.
+pub struct Approvals {
+    store: Arc<Store>,
+    settings: ApprovalsConfig,
+    /// The held requests of this process, by approval id: the approver's decision is sent
+    /// through the channel after it is durable.
+    waiters: Mutex<HashMap<String, oneshot::Sender<ApprovalRecord>>>,
+    /// How many requests each agent has held.
+    held: Mutex<HashMap<String, usize>>,
+}
+
+impl Approvals {
+    /// Approvals recorded in `store`, with the limits of `settings`.
+    pub fn new(store: Arc<Store>, settings: ApprovalsConfig) -> Self {
+        Approvals {
+            store,
+            settings,
+            waiters: Mutex::default(),
+            held: Mutex::default(),
+        }
+    }
+
+    /// The largest body a held request may have.
+    pub fn max_body_bytes(&self) -> usize {
+        self.settings.max_body_bytes
+    }
+
+    /// Refuses up front if `agent` already has the maximum of held requests (checked again
+    /// when the hold starts; this early check spares buffering a body for nothing).
+    pub fn check_capacity(&self, agent: &str) -> Result<(), Refusal> {
+        let held = self.held.lock().get(agent).copied().unwrap_or(0);
+        if held >= self.settings.max_pending_per_agent {
+            return Err(too_many(self.settings.max_pending_per_agent));
+        }
+        Ok(())
+    }
+
+    /// Records `request` as pending, holds it until it is settled, and returns the approved
+    /// record — or how the hold ended otherwise. `client_gone` resolves when the sandbox's
+    /// connection closes.
+    pub async fn hold(
+        &self,
+        request: HoldRequest,
+        client_gone: impl Future<Output = ()>,
+    ) -> Result<ApprovalRecord, HoldEnd> {
+        let requested_at = now_millis();
+        let timeout = Duration::from_secs(self.settings.timeout_secs);
+        let record = ApprovalRecord {
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            agent: request.agent,
+            tool_call: request.tool_call,
+            kind: request.kind,
+            method: request.method,
+            url: request.url,
+            body_sha256: body_sha256(&request.body),
+            body_bytes: request.body.len() as u64,
+            credential: request.credential,
+            policies: request.policies,
+            requested_at,
+            expires_at: requested_at + timeout.as_millis() as u64,
+            state: ApprovalState::Pending,
+            decided_at: None,
+            approver: None,
+            reason: None,
+            sealed_obo_token: None,
+            obo_audience: None,
+        };
+        let (slot, decided) = self.reserve(&record)?;
+        let store = self.store.clone();
+        let stored = record.clone();
+        match tokio::task::spawn_blocking(move || store.insert_approval(&stored)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
+            Err(e) => return Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
+        }
+        tracing::info!(
+            agent = record.agent, approval = record.id, method = record.method,
+            kind = ?record.kind, "request held for approval"
+        );
+        let settled = self.wait(&record.id, decided, timeout, client_gone).await;
+        drop(slot);
+        match settled {
+            Ok(record) if record.state == ApprovalState::Approved => Ok(record),
+            Ok(record) => Err(end_for(&record, self.settings.timeout_secs)),
+            Err(e) => Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
+        }
+    }
+
+    /// Takes a held-request slot for the record's agent and registers its waiter.
+    fn reserve(
+        &self,
+        record: &ApprovalRecord,
+    ) -> Result<(HeldSlot<'_>, oneshot::Receiver<ApprovalRecord>), HoldEnd> {
+        {
+            let mut held = self.held.lock();
+            let count = held.entry(record.agent.clone()).or_default();
+            if *count >= self.settings.max_pending_per_agent {
+                return Err(HoldEnd::Refused(too_many(
+                    self.settings.max_pending_per_agent,
+                )));
+            }
+            *count += 1;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().insert(record.id.clone(), tx);
+        Ok((
+            HeldSlot {
+                approvals: self,
+                agent: record.agent.clone(),
+                id: record.id.clone(),
+            },
+            rx,
+        ))
+    }
+
+    async fn wait(
+        &self,
+        id: &str,
+        mut decided: oneshot::Receiver<ApprovalRecord>,
+        timeout: Duration,
+        client_gone: impl Future<Output = ()>,
+    ) -> Result<ApprovalRecord, StoreError> {
+        let by_gateway = tokio::select! {
+            record = &mut decided => match record {
+                Ok(record) => return Ok(record),
+                // The sender is dropped only with its waiter entry: read what was stored.
+                Err(_) => return self.current(id),
+            },
+            _ = tokio::time::sleep(timeout) => ApprovalState::Expired,
+            _ = client_gone => ApprovalState::Abandoned,
+        };
+        match self.settle(id, Settlement::by_gateway(by_gateway)).await {
+            Ok(record) => {
+                tracing::info!(
+                    approval = id,
+                    state = by_gateway.as_str(),
+                    "approval settled by the gateway"
+                );
+                Ok(record)
+            }
+            // An approver got there first; their decision is on its way.
+            Err(StoreError::AlreadySettled { .. }) => match decided.await {
+                Ok(record) => Ok(record),
+                Err(_) => self.current(id),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn current(&self, id: &str) -> Result<ApprovalRecord, StoreError> {
+        self.store
+            .approval(id)?
+            .ok_or_else(|| StoreError::NoApproval(id.to_string()))
+    }
+
+    async fn settle(&self, id: &str, settlement: Settlement) -> Result<ApprovalRecord, StoreError> {
+        let store = self.store.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || store.settle(&id, settlement))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::NoApproval(format!(
+                    "(settling task failed: {e})"
+                )))
+            })
+    }
+
+    /// Approves a pending request; it is released once the approval is durable.
+    pub async fn approve(&self, id: &str, approver: &str) -> Result<ApprovalRecord, DecideError> {
+        self.decide(
+            id,
+            Settlement {
+                state: ApprovalState::Approved,
+                approver: Some(approver.to_string()),
+                reason: None,
+                sealed_obo_token: None,
+            },
+        )
+        .await
+    }
+
+    /// Denies a pending request with the approver's reason.
+    pub async fn deny(
+        &self,
+        id: &str,
+        approver: &str,
+        reason: &str,
+    ) -> Result<ApprovalRecord, DecideError> {
+        self.decide(
+            id,
+            Settlement {
+                state: ApprovalState::Denied,
+                approver: Some(approver.to_string()),
+                reason: Some(reason.to_string()),
+                sealed_obo_token: None,
+            },
+        )
+        .await
+    }
+
+    async fn decide(
+        &self,
+        id: &str,
+        settlement: Settlement,
+    ) -> Result<ApprovalRecord, DecideError> {
+        let record = self.settle(id, settlement).await?;
+        if let Some(waiter) = self.waiters.lock().remove(id) {
+            let _ = waiter.send(record.clone());
+        }
+        tracing::info!(
+            approval = id,
+            agent = record.agent,
+            state = record.state.as_str(),
+            approver = record.approver.as_deref().unwrap_or("-"),
+            "approval decided"
+        );
+        Ok(record)
+    }
+
+    /// Denies every pending request of `agent` (the agent is being removed).
+    pub async fn deny_all(&self, agent: &str, reason: &str) {
+        let pending = self.list(&ApprovalFilter {
+            agent: Some(agent.to_string()),
+            state: Some(ApprovalState::Pending),
+        });
+        for record in pending.unwrap_or_default() {
+            let _ = self.deny(&record.id, "gateway", reason).await;
+        }
+    }
+
+    /// Approvals matching `filter`.
+    pub fn list(&self, filter: &ApprovalFilter) -> Result<Vec<ApprovalRecord>, DecideError> {
+        Ok(self.store.approvals(filter)?)
+    }
+
+    /// One approval.
+    pub fn get(&self, id: &str) -> Result<ApprovalRecord, DecideError> {
+        self.store
+            .approval(id)?
+            .ok_or_else(|| DecideError::NotFound(id.to_string()))
+    }
+
+    /// How many requests are held right now, over all agents.
+    pub fn held(&self) -> usize {
+        self.waiters.lock().len()
+    }
+}
+
+/// A held request's place: released when the hold ends, however it ends (including the
+/// request's task being dropped, e.g. at shutdown — then the record is abandoned too).
+struct HeldSlot<'a> {
+    approvals: &'a Approvals,
+    agent: String,
+    id: String,
+}
+
+impl Drop for HeldSlot<'_> {
+    fn drop(&mut self) {
+        let waiter = self.approvals.waiters.lock().remove(&self.id);
+        if let Some(count) = self.approvals.held.lock().get_mut(&self.agent) {
+            *count = count.saturating_sub(1);
+        }
+        // The waiter is still registered only if nothing settled the record: the request's
+        // task was dropped mid-hold. Abandon the record so it never stays pending.
+        if waiter.is_some() {
+            match self
+                .approvals
+                .store
+                .settle(&self.id, Settlement::by_gateway(ApprovalState::Abandoned))
+            {
+                Ok(_) | Err(StoreError::AlreadySettled { .. }) | Err(StoreError::NoApproval(_)) => {
+                }
+                Err(e) => {
+                    tracing::warn!(approval = self.id, error = %e, "could not abandon a dropped hold")
+                }
+            }
+        }
+    }
+}
+
+/// Hex SHA-256 of a request body.
+pub fn body_sha256(body: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, body))
+}
+
+fn too_many(max: usize) -> Refusal {
+    Refusal::new(
+        429,
+        "too_many_pending_approvals",
+        format!(
+            "this agent already has {max} requests waiting for approval; wait for a decision \
+             before sending more"
+        ),
+    )
+}
+
+fn store_unavailable(why: &str) -> Refusal {
+    tracing::error!(error = why, "approval store failed; refusing the request");
+    Refusal::new(
+        503,
+        "approval_store_unavailable",
+        "the request needs approval but the approval could not be recorded; nothing was forwarded",
+    )
+}
+
+fn end_for(record: &ApprovalRecord, timeout_secs: u64) -> HoldEnd {
+    let refusal = match record.state {
+        ApprovalState::Denied => Refusal::new(
+            403,
+            "approval_denied",
+            format!(
+                "denied by {}: {}",
+                record.approver.as_deref().unwrap_or("an approver"),
+                record.reason.as_deref().unwrap_or("no reason given")
+            ),
+        ),
+        ApprovalState::Expired => Refusal::new(
+            403,
+            "approval_expired",
+            format!(
+                "approval expired: nobody decided within {timeout_secs} s; nothing was forwarded"
+            ),
+        ),
+        ApprovalState::Abandoned => return HoldEnd::ClientGone,
+        ApprovalState::Pending | ApprovalState::Approved => Refusal::new(
+            500,
+            "internal_error",
+            "the approval ended in an unexpected state",
+        ),
+    };
+    HoldEnd::Refused(refusal.with_extra("approval", record.id.clone()))
+}

@@ -1,0 +1,354 @@
+//! Approvals end to end: a Review-mode write is held at the gateway until a person decides
+//! on the admin API, bound to its exact body, released once, refused when denied or expired,
+//! never sent when its client leaves — and every acknowledged decision survives SIGKILL.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+/// Reads are allowed, writes need approval.
+const POLICIES: &str = "@id(\"reads\")\npermit (principal, action == Action::\"read\", resource);\n\n\
+    @id(\"approved-writes\")\npermit (principal, action == Action::\"write\", resource) when { context.approved };\n";
+
+const AGENT: &str = "[[agents]]\nid = \"a\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n";
+
+/// Starts the gateway in `dir` (fresh or a stopped gateway's) with the approval policies and
+/// `extra` config lines.
+fn start_in(dir: tempfile::TempDir, extra: &str) -> Gateway {
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir).expect("policy dir");
+    std::fs::write(policy_dir.join("approvals.cedar"), POLICIES).expect("policy");
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n{extra}\n{AGENT}\n[policy]\ndir = {policy_dir:?}\n",
+        loopback_upstream(None)
+    );
+    Gateway::start_in(dir, &config)
+}
+
+fn start(extra: &str) -> Gateway {
+    start_in(tempfile::tempdir().expect("tempdir"), extra)
+}
+
+/// POSTs `body` through the gateway in the background.
+fn post(
+    gw: &Gateway,
+    url: &str,
+    body: &str,
+    extra: &[&str],
+) -> tokio::task::JoinHandle<CurlResult> {
+    let mut a = args![
+        "-x",
+        gw.proxy_url(),
+        "-X",
+        "POST",
+        "--data-binary",
+        body,
+        url
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    tokio::spawn(curl_async(a))
+}
+
+/// Waits (up to 10 s) until `n` approvals are pending, and returns them.
+fn pending(gw: &Gateway, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = gw.admin_call("GET", "/v1/approvals?state=pending", None);
+        assert_eq!(listed.status, 200, "{listed:?}");
+        let approvals = listed.json()["approvals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if approvals.len() == n {
+            return approvals;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {n} pending approvals, have {approvals:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (up to 10 s) until approval `id` is in `state`.
+fn wait_state(gw: &Gateway, id: &str, state: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = gw.admin_call("GET", &format!("/v1/approvals/{id}"), None);
+        if got.status == 200 && got.json()["state"] == state {
+            return got.json();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "approval {id} never became {state}: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    tollgate_gateway::approval::body_sha256(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_write_is_released_once_on_approval_and_refused_on_denial() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("");
+    let url = format!("http://127.0.0.1:{}/things?x=1", origin.port());
+
+    // Reads pass; the write is held and nothing reaches the origin.
+    let read = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    assert_eq!(read.status, 200, "{read:?}");
+    let before = origin.requests();
+    let held = post(&gw, &url, "hello, approver", &[]);
+    let approval = pending(&gw, 1).remove(0);
+    assert_eq!(approval["agent"], "a");
+    assert_eq!(approval["method"], "POST");
+    assert_eq!(approval["url"], url.as_str());
+    assert_eq!(approval["kind"], "request");
+    assert_eq!(approval["body_bytes"], 15);
+    assert_eq!(approval["body_sha256"], sha256_hex(b"hello, approver"));
+    assert_eq!(approval["policies"][0], "approved-writes");
+    assert!(approval["expires_at"].as_u64() > approval["requested_at"].as_u64());
+    assert_eq!(origin.requests(), before, "a held request must not be sent");
+    let id = approval["id"].as_str().expect("id").to_string();
+
+    // Approve: the very request is sent, once, with its body.
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(approved.json()["approver"], "admin");
+    let released = held.await.expect("curl");
+    assert_eq!(released.status, 200, "{released:?}");
+    let seen = released.seen();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.target, "/things?x=1");
+    assert_eq!(seen.body_len, 15);
+    assert_eq!(origin.requests(), before + 1);
+    assert!(
+        gw.log_contains(&format!("approval=\"{id}\"")),
+        "{}",
+        gw.log()
+    );
+
+    // A decision is final, and never covers another request.
+    let again = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(again.status, 409, "{again:?}");
+    let second = post(&gw, &url, "hello, approver", &[]);
+    let second_approval = pending(&gw, 1).remove(0);
+    assert_ne!(second_approval["id"], id.as_str());
+    assert_eq!(origin.requests(), before + 1);
+
+    // Deny: 403 with the approver's reason, nothing sent.
+    let second_id = second_approval["id"].as_str().expect("id");
+    let no_reason = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{second_id}/deny"),
+        Some(r#"{"reason":" "}"#),
+    );
+    assert_eq!(no_reason.status, 400, "{no_reason:?}");
+    let denied = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{second_id}/deny"),
+        Some(r#"{"reason":"not during the freeze"}"#),
+    );
+    assert_eq!(denied.status, 200, "{denied:?}");
+    let refused = second.await.expect("curl");
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(refused.json()["error"], "approval_denied");
+    assert!(
+        refused.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not during the freeze") && d.contains("admin")),
+        "{refused:?}"
+    );
+    assert_eq!(origin.requests(), before + 1);
+
+    // The history: filters by state and agent; unknown ones are errors.
+    let all = gw.admin_call("GET", "/v1/approvals?agent=a", None).json();
+    let states: Vec<&str> = all["approvals"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|a| a["state"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(states, vec!["approved", "denied"]);
+    assert_eq!(
+        gw.admin_call("GET", "/v1/approvals?state=maybe", None)
+            .status,
+        400
+    );
+    assert_eq!(
+        gw.admin_call("POST", "/v1/approvals/nope/approve", None)
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecided_request_expires_and_a_departed_client_abandons_its_request() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("[approvals]\ntimeout_secs = 1\n");
+    let url = format!("http://127.0.0.1:{}/things", origin.port());
+
+    let expired = post(&gw, &url, "{}", &[]).await.expect("curl");
+    assert_eq!(expired.status, 403, "{expired:?}");
+    assert_eq!(expired.json()["error"], "approval_expired");
+    assert!(expired.json()["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("approval expired")));
+    let id = expired.json()["approval"].as_str().expect("id").to_string();
+    wait_state(&gw, &id, "expired");
+    assert_eq!(origin.requests(), 0);
+    assert_eq!(
+        gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None)
+            .status,
+        409,
+        "an expired approval cannot be approved"
+    );
+    drop(gw);
+
+    // The client gives up after 300 ms, long before the timeout: the record is abandoned,
+    // and approving it afterwards sends nothing.
+    let gw = start("[approvals]\ntimeout_secs = 30\n");
+    let gone = post(&gw, &url, "{}", &["--max-time", "0.3"])
+        .await
+        .expect("curl");
+    assert_eq!(gone.status, 0, "{gone:?}");
+    let listed = gw.admin_call("GET", "/v1/approvals", None).json();
+    let id = listed["approvals"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_state(&gw, &id, "abandoned");
+    assert_eq!(
+        gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None)
+            .status,
+        409
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        origin.requests(),
+        0,
+        "an abandoned request must never be sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_are_limited_in_number_and_body_size() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("[approvals]\nmax_pending_per_agent = 1\nmax_body_bytes = 64\n");
+    let url = format!("http://127.0.0.1:{}/things", origin.port());
+
+    let large = post(&gw, &url, &"x".repeat(65), &[]).await.expect("curl");
+    assert_eq!(large.status, 413, "{large:?}");
+    assert_eq!(large.json()["error"], "body_too_large");
+
+    let first = post(&gw, &url, "{}", &[]);
+    let held = pending(&gw, 1).remove(0);
+    let second = post(&gw, &url, "{}", &[]).await.expect("curl");
+    assert_eq!(second.status, 429, "{second:?}");
+    assert_eq!(second.json()["error"], "too_many_pending_approvals");
+
+    let id = held["id"].as_str().expect("id");
+    gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{id}/deny"),
+        Some(r#"{"reason":"test"}"#),
+    );
+    assert_eq!(first.await.expect("curl").status, 403);
+    // The slot is free again.
+    let third = post(&gw, &url, "{}", &[]);
+    pending(&gw, 1);
+    drop(gw);
+    assert_eq!(third.await.expect("curl").status, 0);
+    assert_eq!(origin.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_approvers_decide_under_their_own_name_and_nothing_else() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("alice.token");
+    std::fs::write(&token_file, "alice-secret-token\n").expect("token");
+    let gw = start_in(
+        dir,
+        &format!("[[admin.approvers]]\nname = \"alice\"\ntoken = {{ file = {token_file:?} }}\n"),
+    );
+    let url = format!("http://127.0.0.1:{}/things", origin.port());
+    let alice = Some("alice-secret-token");
+
+    let held = post(&gw, &url, "{}", &[]);
+    let id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    assert_eq!(gw.admin_as(alice, "GET", "/v1/agents", None).status, 403);
+    assert_eq!(
+        gw.admin_as(Some("wrong"), "GET", "/v1/approvals", None)
+            .status,
+        401
+    );
+    let shown = gw.admin_as(alice, "GET", &format!("/v1/approvals/{id}"), None);
+    assert_eq!(shown.status, 200, "{shown:?}");
+    let approved = gw.admin_as(alice, "POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(approved.json()["approver"], "alice");
+    assert_eq!(held.await.expect("curl").status, 200);
+    assert!(!gw.log().contains("alice-secret-token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("");
+    let url = format!("http://127.0.0.1:{}/things", origin.port());
+
+    // An agent registered through the API, one approved request, one still pending.
+    let put = gw.admin_call(
+        "PUT",
+        "/v1/agents/b",
+        Some(r#"{"run_mode":"Autonomous","peers":["127.0.0.9"]}"#),
+    );
+    assert_eq!(put.status, 201, "{put:?}");
+    let first = post(&gw, &url, "one", &[]);
+    let approved_id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let ack = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{approved_id}/approve"),
+        None,
+    );
+    assert_eq!(ack.status, 200);
+    assert_eq!(first.await.expect("curl").status, 200);
+    let second = post(&gw, &url, "two", &[]);
+    let pending_id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+
+    // SIGKILL, no chance to flush anything, then start again on the same data.
+    let dir = gw.stop();
+    let _ = second.await;
+    let gw = start_in(dir, "");
+    let approved = gw.admin_call("GET", &format!("/v1/approvals/{approved_id}"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(approved.json()["state"], "approved");
+    assert_eq!(approved.json()["approver"], "admin");
+    let abandoned = gw.admin_call("GET", &format!("/v1/approvals/{pending_id}"), None);
+    assert_eq!(abandoned.json()["state"], "abandoned", "{abandoned:?}");
+    assert_eq!(abandoned.json()["body_sha256"], sha256_hex(b"two"));
+    let agent = gw.admin_call("GET", "/v1/agents/b", None);
+    assert_eq!(agent.status, 200, "{agent:?}");
+    assert_eq!(agent.json()["run_mode"], "Autonomous");
+    assert_eq!(origin.requests(), 1);
+}
