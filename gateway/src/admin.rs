@@ -9,6 +9,7 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /healthz` | liveness, no authentication |
+//! | `GET /ui/approvals` | the approvers' web page (static; it asks for a token) |
 //! | `GET /readyz` | readiness: listeners bound |
 //! | `GET /v1/agents` | every agent |
 //! | `GET /v1/agents/{id}` | one agent |
@@ -158,6 +159,11 @@ impl AdminApi {
         if path == "/healthz" {
             return only(&method, &[Method::GET])
                 .map(|_| json(StatusCode::OK, &serde_json::json!({ "status": "ok" })));
+        }
+        if path == "/ui/approvals" {
+            // The page holds no data: it asks for a token and calls the approval routes.
+            only(&method, &[Method::GET])?;
+            return Ok(approvals_page());
         }
         let caller = self.authorized(session)?;
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -524,6 +530,30 @@ fn approval_filter(query: &str) -> Result<ApprovalFilter, Refusal> {
         }
     }
     Ok(filter)
+}
+
+/// The approvers' page. It is served without a token because it contains nothing but code;
+/// the data it shows comes from the token-guarded routes. Its policy forbids loading or
+/// sending anything anywhere but this listener.
+fn approvals_page() -> Response<Vec<u8>> {
+    let mut response = Response::new(include_str!("ui/approvals.html").as_bytes().to_vec());
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("content-type", "text/html; charset=utf-8"),
+        (
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; form-action 'none'; frame-ancestors 'none'",
+        ),
+        ("cache-control", "no-store"),
+        ("referrer-policy", "no-referrer"),
+        ("x-content-type-options", "nosniff"),
+    ] {
+        headers.insert(name, http::HeaderValue::from_static(value));
+    }
+    let len = response.body().len();
+    response.headers_mut().insert(http::header::CONTENT_LENGTH, len.into());
+    response
 }
 
 fn decide_refusal(e: DecideError) -> Refusal {
