@@ -352,3 +352,74 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
     assert_eq!(agent.json()["run_mode"], "Autonomous");
     assert_eq!(origin.requests(), 1);
 }
+
+/// Runs `tollgate approvals <args>` against `gw`'s admin API with `token_file`.
+fn approvals_cli(
+    gw: &Gateway,
+    token_file: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("approvals")
+        .args(args)
+        .arg("--admin")
+        .arg(format!("http://{}", gw.admin))
+        .arg("--token-file")
+        .arg(token_file)
+        .output()
+        .expect("run tollgate approvals");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approvals_command_lists_shows_approves_and_denies() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("");
+    let token = gw.data_dir().join("admin-token");
+    let url = format!("http://127.0.0.1:{}/deploy", origin.port());
+
+    let first = post(&gw, &url, "v1", &[]);
+    let id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let (code, out, err) = approvals_cli(&gw, &token, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&id) && out.contains(&url) && out.contains("pending"),
+        "{out}"
+    );
+    let (code, out, _) = approvals_cli(&gw, &token, &["show", &id]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&sha256_hex(b"v1")), "{out}");
+    let (code, out, err) = approvals_cli(&gw, &token, &["approve", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("approved"), "{out}");
+    assert_eq!(first.await.expect("curl").status, 200);
+
+    let second = post(&gw, &url, "v2", &[]);
+    let id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let (code, _, err) = approvals_cli(&gw, &token, &["deny", &id, "--reason", "wrong version"]);
+    assert_eq!(code, 0, "{err}");
+    let denied = second.await.expect("curl");
+    assert_eq!(denied.status, 403);
+    assert!(denied.body.contains("wrong version"), "{denied:?}");
+
+    // Settled twice, unknown, or a wrong token: the API's own error, exit code 1.
+    let (code, _, err) = approvals_cli(&gw, &token, &["approve", &id]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("409") && err.contains("already denied"),
+        "{err}"
+    );
+    let wrong = gw.dir.path().join("wrong-token");
+    std::fs::write(&wrong, "nope").expect("token");
+    let (code, _, err) = approvals_cli(&gw, &wrong, &["list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(origin.requests(), 1);
+}

@@ -552,7 +552,9 @@ fn approvals_page() -> Response<Vec<u8>> {
         headers.insert(name, http::HeaderValue::from_static(value));
     }
     let len = response.body().len();
-    response.headers_mut().insert(http::header::CONTENT_LENGTH, len.into());
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, len.into());
     response
 }
 

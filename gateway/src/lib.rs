@@ -23,6 +23,7 @@
 //! - [`reply`] — every answer the gateway gives itself (JSON `{error, detail}`).
 //! - [`admin`] — the authenticated control API.
 //! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
+//! - [`client`] — the gateway's own HTTP client (token endpoints, the CLI).
 //!
 //! Telemetry plugs into [`proxy::Egress`] as its issue lands; every request already ends in a
 //! log line and an audit record (`tollgate_storage::AuditRecord`).
@@ -30,6 +31,7 @@
 pub mod admin;
 pub mod approval;
 pub mod ca;
+pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod datadir;

@@ -1,5 +1,6 @@
 //! The `tollgate` command: a thin clap layer over the gateway library.
 
+mod approvals_cmd;
 mod policy_cmd;
 
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ enum Command {
     /// Tools for policy authors: validate, test, explain.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// For approvers: list, show, approve and deny held requests (through the admin API).
+    #[command(subcommand)]
+    Approvals(approvals_cmd::ApprovalsCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Policy(command) => policy_cmd::run(command),
+        Command::Approvals(command) => approvals_cmd::run(command),
     }
 }
 

@@ -9,7 +9,6 @@
 //! [`Secret`]s, whose `Debug` prints nothing of them, and in header values marked sensitive.
 
 pub mod provider;
-pub mod token_client;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,8 +24,8 @@ use crate::config::{Config, CredentialRuleConfig};
 use crate::identity::Agent;
 use crate::reply::Refusal;
 use crate::toolcall::ToolCallRef;
+use provider::FetchError;
 use provider::Provider;
-use token_client::FetchError;
 
 /// A secret value (token, client secret). `Debug` shows nothing of it; there is no `Display`.
 #[derive(Clone)]

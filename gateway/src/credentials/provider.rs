@@ -5,8 +5,8 @@ use std::time::{Duration, Instant, SystemTime};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use pingora::connectors::http::Connector;
 
-use super::token_client::{self, FetchError, TokenRequest};
 use super::{Secret, Token};
+use crate::client::{self, ClientError};
 use crate::config::{IdentityProviderConfig, SecretSource};
 
 /// The instance metadata service's token endpoint.
@@ -180,13 +180,13 @@ impl Provider {
                     encode(client_secret.expose()),
                     encode(audience)
                 );
-                let request = TokenRequest {
+                let request = client::Request {
                     method: "POST",
                     url: token_url,
                     headers: Vec::new(),
-                    form: Some(form),
+                    body: Some(("application/x-www-form-urlencoded", form.into())),
                 };
-                token_client::send(connector, request, timeout).await?
+                fetch(connector, request, timeout).await?
             }
             Provider::ManagedIdentity {
                 endpoint,
@@ -209,17 +209,63 @@ impl Provider {
                     Some(secret) => vec![("x-identity-header", secret.expose().to_string())],
                     None => vec![("metadata", "true".to_string())],
                 };
-                let request = TokenRequest {
+                let request = client::Request {
                     method: "GET",
                     url: &url,
                     headers,
-                    form: None,
+                    body: None,
                 };
-                token_client::send(connector, request, timeout).await?
+                fetch(connector, request, timeout).await?
             }
         };
         parse_token_response(&body)
     }
+}
+
+/// Largest token response read.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Why a token request failed. The messages name the kind of failure only: never the
+/// secret sent, never the endpoint's body.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FetchError {
+    /// The endpoint gave no answer (bad URL, unresolvable, unreachable, too slow).
+    #[error("the token endpoint {0}")]
+    NoAnswer(&'static str),
+    /// A non-2xx status.
+    #[error("the token endpoint answered HTTP {0}")]
+    Status(u16),
+    /// A 2xx answer without a usable token.
+    #[error("the token endpoint's answer holds no usable token")]
+    BadResponse,
+    /// The provider is misconfigured or a secret is missing.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<ClientError> for FetchError {
+    fn from(e: ClientError) -> Self {
+        FetchError::NoAnswer(match e {
+            ClientError::BadRequest => "URL is invalid",
+            ClientError::Unresolvable => "host cannot be resolved",
+            ClientError::Unreachable => "cannot be reached",
+            ClientError::Timeout => "did not answer in time",
+            ClientError::TooLarge => "answered with too much data",
+        })
+    }
+}
+
+/// Sends a token request and returns the 2xx body.
+async fn fetch(
+    connector: &Connector,
+    request: client::Request<'_>,
+    timeout: Duration,
+) -> Result<bytes::Bytes, FetchError> {
+    let (status, body) = client::send(connector, request, timeout, MAX_RESPONSE_BYTES).await?;
+    if !(200..300).contains(&status) {
+        return Err(FetchError::Status(status));
+    }
+    Ok(body)
 }
 
 /// Reads `access_token` and its lifetime (`expires_in`, a number or a string, or the
