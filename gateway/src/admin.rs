@@ -22,7 +22,7 @@
 //! | `POST /v1/policies/reload` | reload the policy directory now |
 //! | `GET /v1/approvals?state=pending&agent=ID` | approvals, oldest first (both filters optional) |
 //! | `GET /v1/approvals/{id}` | one approval: the held request's method, URL, body hash, … |
-//! | `POST /v1/approvals/{id}/approve` | release the held request (once) |
+//! | `POST /v1/approvals/{id}/approve` | release the held request (once); `{"obo_token": "..."}` lends the approver's token (required for on-behalf-of approvals) |
 //! | `POST /v1/approvals/{id}/deny` | refuse it: `{"reason": "..."}` (required) |
 
 use std::sync::Arc;
@@ -38,9 +38,9 @@ use tollgate_policy::LoadError;
 use tollgate_storage::{ApprovalFilter, ApprovalRecord, ApprovalState, Store};
 
 use crate::approval::{Approvals, DecideError};
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, Secret};
 use crate::decide::PolicyStore;
-use crate::identity::{Agent, AgentRegistry, RegistryError};
+use crate::identity::{Agent, AgentRegistry, RegistryError, RunMode};
 use crate::reply::Refusal;
 use crate::toolcall::{ToolCallError, ToolCalls};
 
@@ -261,8 +261,9 @@ impl AdminApi {
             ["v1", "agents", id, "tool-calls", tool_call] => {
                 only(&method, &[Method::DELETE])?;
                 if let Some(serial) = self.tool_calls.close(id, tool_call) {
-                    // Its tokens go at once, not when they expire.
+                    // Its tokens go at once, not when they expire, lent ones from the store too.
                     self.credentials.evict_tool_call(id, serial);
+                    self.approvals.forget_tool_call(id, tool_call).await;
                     tracing::info!(agent = %id, tool_call = %tool_call, "tool call closed");
                     Ok(empty(StatusCode::NO_CONTENT))
                 } else {
@@ -450,9 +451,29 @@ impl AdminApi {
             }
             [id, "approve"] => {
                 only(method, &[Method::POST])?;
+                let body = read_body(session).await?;
+                let approval: Approval = if body.iter().all(u8::is_ascii_whitespace) {
+                    Approval::default()
+                } else {
+                    serde_json::from_slice(&body).map_err(|e| {
+                        Refusal::bad_request(format!(
+                            "an approval takes no body or {{\"obo_token\": \"...\"}}: {e}"
+                        ))
+                    })?
+                };
+                let obo_token = approval
+                    .obo_token
+                    .map(|t| Secret::new(t.trim().to_string()));
+                // ReadOnly agents never act on a person's behalf.
+                let registry = &self.registry;
+                let may_lend = |record: &ApprovalRecord| {
+                    registry
+                        .get(&record.agent)
+                        .is_some_and(|agent| agent.run_mode != RunMode::ReadOnly)
+                };
                 let record = self
                     .approvals
-                    .approve(id, &caller.name)
+                    .approve(id, &caller.name, obo_token, may_lend)
                     .await
                     .map_err(decide_refusal)?;
                 Ok(json(StatusCode::OK, &approval_view(&record)))
@@ -484,6 +505,14 @@ impl AdminApi {
             )),
         }
     }
+}
+
+/// An approval's body (optional).
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Approval {
+    /// The approver's own token, lent for an on-behalf-of approval.
+    obo_token: Option<String>,
 }
 
 /// A denial's body.
@@ -562,6 +591,9 @@ fn decide_refusal(e: DecideError) -> Refusal {
     match e {
         DecideError::NotFound(_) => Refusal::new(404, "not_found", e.to_string()),
         DecideError::AlreadySettled { .. } => Refusal::new(409, "already_settled", e.to_string()),
+        DecideError::OboTokenRequired(_) | DecideError::OboTokenRefused(_) => {
+            Refusal::bad_request(e.to_string())
+        }
         DecideError::Store(why) => store_failed(&why),
     }
 }

@@ -26,6 +26,8 @@ use tollgate_storage::{
 };
 
 use crate::config::ApprovalsConfig;
+use crate::credentials::Secret;
+use crate::obo::OboSealer;
 use crate::reply::Refusal;
 
 /// The request to hold, as the approval record will describe it.
@@ -44,9 +46,22 @@ pub struct HoldRequest {
     pub body: bytes::Bytes,
     /// The credential class ("provider audience"), if a rule covers the destination.
     pub credential: Option<String>,
+    /// For an on-behalf-of approval: the audience the approver's token is lent for.
+    pub obo_audience: Option<String>,
     /// The policies that asked for approval.
     pub policies: Vec<String>,
 }
+
+/// An approval that released a held request.
+pub struct Released {
+    /// The settled record.
+    pub record: ApprovalRecord,
+    /// The token the approver lent (on-behalf-of), in the clear for this process only.
+    pub obo_token: Option<Secret>,
+}
+
+/// What the approver's decision hands the held request.
+type Verdict = (ApprovalRecord, Option<Secret>);
 
 /// How a hold ended without a release.
 #[derive(Debug)]
@@ -63,6 +78,12 @@ pub enum DecideError {
     /// No such approval.
     #[error("no approval {0:?}")]
     NotFound(String),
+    /// The approval lends the approver's identity, so it needs their token.
+    #[error("approval {0:?} is on-behalf-of: approve it with your token (obo_token)")]
+    OboTokenRequired(String),
+    /// A token was offered where none can be used.
+    #[error("{0}")]
+    OboTokenRefused(String),
     /// It was settled already (approved, denied, expired or abandoned).
     #[error("approval {id:?} is already {state}; a decision is final", state = state.as_str())]
     AlreadySettled {
@@ -92,17 +113,20 @@ pub struct Approvals {
     settings: ApprovalsConfig,
     /// The held requests of this process, by approval id: the approver's decision is sent
     /// through the channel after it is durable.
-    waiters: Mutex<HashMap<String, oneshot::Sender<ApprovalRecord>>>,
+    waiters: Mutex<HashMap<String, oneshot::Sender<Verdict>>>,
+    /// Seals lent tokens before they are stored.
+    sealer: OboSealer,
     /// How many requests each agent has held.
     held: Mutex<HashMap<String, usize>>,
 }
 
 impl Approvals {
     /// Approvals recorded in `store`, with the limits of `settings`.
-    pub fn new(store: Arc<Store>, settings: ApprovalsConfig) -> Self {
+    pub fn new(store: Arc<Store>, settings: ApprovalsConfig, sealer: OboSealer) -> Self {
         Approvals {
             store,
             settings,
+            sealer,
             waiters: Mutex::default(),
             held: Mutex::default(),
         }
@@ -123,14 +147,19 @@ impl Approvals {
         Ok(())
     }
 
-    /// Records `request` as pending, holds it until it is settled, and returns the approved
-    /// record — or how the hold ended otherwise. `client_gone` resolves when the sandbox's
+    /// How long a lent token may be used (within its tool call).
+    pub fn obo_lifetime(&self) -> Duration {
+        Duration::from_secs(self.settings.obo_token_lifetime_secs)
+    }
+
+    /// Records `request` as pending, holds it until it is settled, and returns the approval
+    /// — or how the hold ended otherwise. `client_gone` resolves when the sandbox's
     /// connection closes.
     pub async fn hold(
         &self,
         request: HoldRequest,
         client_gone: impl Future<Output = ()>,
-    ) -> Result<ApprovalRecord, HoldEnd> {
+    ) -> Result<Released, HoldEnd> {
         let requested_at = now_millis();
         let timeout = Duration::from_secs(self.settings.timeout_secs);
         let record = ApprovalRecord {
@@ -151,7 +180,7 @@ impl Approvals {
             approver: None,
             reason: None,
             sealed_obo_token: None,
-            obo_audience: None,
+            obo_audience: request.obo_audience,
         };
         let (slot, decided) = self.reserve(&record)?;
         let store = self.store.clone();
@@ -168,8 +197,10 @@ impl Approvals {
         let settled = self.wait(&record.id, decided, timeout, client_gone).await;
         drop(slot);
         match settled {
-            Ok(record) if record.state == ApprovalState::Approved => Ok(record),
-            Ok(record) => Err(end_for(&record, self.settings.timeout_secs)),
+            Ok((record, obo_token)) if record.state == ApprovalState::Approved => {
+                Ok(Released { record, obo_token })
+            }
+            Ok((record, _)) => Err(end_for(&record, self.settings.timeout_secs)),
             Err(e) => Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
         }
     }
@@ -178,7 +209,7 @@ impl Approvals {
     fn reserve(
         &self,
         record: &ApprovalRecord,
-    ) -> Result<(HeldSlot<'_>, oneshot::Receiver<ApprovalRecord>), HoldEnd> {
+    ) -> Result<(HeldSlot<'_>, oneshot::Receiver<Verdict>), HoldEnd> {
         {
             let mut held = self.held.lock();
             let count = held.entry(record.agent.clone()).or_default();
@@ -204,15 +235,15 @@ impl Approvals {
     async fn wait(
         &self,
         id: &str,
-        mut decided: oneshot::Receiver<ApprovalRecord>,
+        mut decided: oneshot::Receiver<Verdict>,
         timeout: Duration,
         client_gone: impl Future<Output = ()>,
-    ) -> Result<ApprovalRecord, StoreError> {
+    ) -> Result<Verdict, StoreError> {
         let by_gateway = tokio::select! {
-            record = &mut decided => match record {
-                Ok(record) => return Ok(record),
+            verdict = &mut decided => match verdict {
+                Ok(verdict) => return Ok(verdict),
                 // The sender is dropped only with its waiter entry: read what was stored.
-                Err(_) => return self.current(id),
+                Err(_) => return self.current(id).map(|r| (r, None)),
             },
             _ = tokio::time::sleep(timeout) => ApprovalState::Expired,
             _ = client_gone => ApprovalState::Abandoned,
@@ -224,12 +255,12 @@ impl Approvals {
                     state = by_gateway.as_str(),
                     "approval settled by the gateway"
                 );
-                Ok(record)
+                Ok((record, None))
             }
             // An approver got there first; their decision is on its way.
             Err(StoreError::AlreadySettled { .. }) => match decided.await {
-                Ok(record) => Ok(record),
-                Err(_) => self.current(id),
+                Ok(verdict) => Ok(verdict),
+                Err(_) => self.current(id).map(|r| (r, None)),
             },
             Err(e) => Err(e),
         }
@@ -253,16 +284,43 @@ impl Approvals {
             })
     }
 
-    /// Approves a pending request; it is released once the approval is durable.
-    pub async fn approve(&self, id: &str, approver: &str) -> Result<ApprovalRecord, DecideError> {
+    /// Approves a pending request; it is released once the approval is durable. An
+    /// on-behalf-of approval needs the approver's token, which is stored only sealed.
+    /// `may_lend` says whether the agent may act on a person's behalf at all (ReadOnly agents
+    /// may not).
+    pub async fn approve(
+        &self,
+        id: &str,
+        approver: &str,
+        obo_token: Option<Secret>,
+        may_lend: impl FnOnce(&ApprovalRecord) -> bool,
+    ) -> Result<ApprovalRecord, DecideError> {
+        let pending = self.get(id)?;
+        if let Some(token) = &obo_token {
+            if pending.obo_audience.is_none() || !may_lend(&pending) {
+                return Err(DecideError::OboTokenRefused(format!(
+                    "approval {id:?} cannot take a token: it is not an on-behalf-of approval, \
+                     or its agent may not act on a person's behalf"
+                )));
+            }
+            if token.expose().is_empty() {
+                return Err(DecideError::OboTokenRequired(id.to_string()));
+            }
+        } else if pending.kind == ApprovalKind::OnBehalfOf
+            && pending.state == ApprovalState::Pending
+        {
+            return Err(DecideError::OboTokenRequired(id.to_string()));
+        }
+        let sealed = obo_token.as_ref().map(|token| self.sealer.seal(token, id));
         self.decide(
             id,
             Settlement {
                 state: ApprovalState::Approved,
                 approver: Some(approver.to_string()),
                 reason: None,
-                sealed_obo_token: None,
+                sealed_obo_token: sealed,
             },
+            obo_token,
         )
         .await
     }
@@ -282,18 +340,21 @@ impl Approvals {
                 reason: Some(reason.to_string()),
                 sealed_obo_token: None,
             },
+            None,
         )
         .await
     }
 
+    /// Settles durably, then hands the verdict (and a lent token) to the held request.
     async fn decide(
         &self,
         id: &str,
         settlement: Settlement,
+        obo_token: Option<Secret>,
     ) -> Result<ApprovalRecord, DecideError> {
         let record = self.settle(id, settlement).await?;
         if let Some(waiter) = self.waiters.lock().remove(id) {
-            let _ = waiter.send(record.clone());
+            let _ = waiter.send((record.clone(), obo_token));
         }
         tracing::info!(
             approval = id,
@@ -326,6 +387,35 @@ impl Approvals {
         self.store
             .approval(id)?
             .ok_or_else(|| DecideError::NotFound(id.to_string()))
+    }
+
+    /// Deletes the sealed tokens lent within a tool call that ended.
+    pub async fn forget_tool_call(&self, agent: &str, tool_call: &str) {
+        let (store, agent, tool_call) =
+            (self.store.clone(), agent.to_string(), tool_call.to_string());
+        let forgotten = tokio::task::spawn_blocking(move || {
+            store.forget_obo_tokens(Some(&agent), |r| {
+                r.tool_call.as_deref() == Some(tool_call.as_str())
+            })
+        })
+        .await;
+        match forgotten {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not delete the tokens lent in a closed tool call")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete the tokens lent in a closed tool call")
+            }
+        }
+    }
+
+    /// Deletes sealed tokens lent longer ago than their lifetime (or, with `all`, every one:
+    /// at start, when no tool call has survived).
+    pub fn forget_expired_tokens(&self, all: bool) -> Result<usize, StoreError> {
+        let cutoff = now_millis().saturating_sub(self.obo_lifetime().as_millis() as u64);
+        self.store
+            .forget_obo_tokens(None, |r| all || r.decided_at.is_none_or(|at| at < cutoff))
     }
 
     /// How many requests are held right now, over all agents.

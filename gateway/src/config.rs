@@ -141,6 +141,15 @@ pub struct ApprovalsConfig {
     /// SHA-256 recorded) so that exactly those bytes are sent once approved. Larger: 413.
     #[serde(default = "default_max_held_body")]
     pub max_body_bytes: usize,
+    /// How long a token an approver lent (on-behalf-of) may be used, within its tool call;
+    /// it is deleted when the tool call closes or this time has passed.
+    #[serde(default = "default_obo_lifetime")]
+    pub obo_token_lifetime_secs: u64,
+    /// The key sealing lent tokens at rest (64 hex characters). Default:
+    /// `<data_dir>/obo-key`, created (mode 0600) if missing; the `TOLLGATE_OBO_KEY`
+    /// environment variable overrides both.
+    #[serde(default)]
+    pub obo_key_file: Option<PathBuf>,
 }
 
 /// `[storage]`: the durable store under the data directory.
@@ -608,6 +617,14 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("admin-token"))
     }
 
+    /// The key file sealing lent (on-behalf-of) tokens, defaulted into the data directory.
+    pub fn obo_key_path(&self) -> PathBuf {
+        self.approvals
+            .obo_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("obo-key"))
+    }
+
     /// The CA certificate file, defaulted into the data directory.
     pub fn ca_cert_path(&self) -> PathBuf {
         self.tls
@@ -655,6 +672,9 @@ fn default_max_pending() -> usize {
 }
 fn default_max_held_body() -> usize {
     1024 * 1024
+}
+fn default_obo_lifetime() -> u64 {
+    3600
 }
 fn default_retention_days() -> u64 {
     30
@@ -721,6 +741,8 @@ impl Default for ApprovalsConfig {
             timeout_secs: default_approval_timeout(),
             max_pending_per_agent: default_max_pending(),
             max_body_bytes: default_max_held_body(),
+            obo_token_lifetime_secs: default_obo_lifetime(),
+            obo_key_file: None,
         }
     }
 }

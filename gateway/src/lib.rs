@@ -15,7 +15,8 @@
 //! - [`decide`] — step 4: the Cedar decision, and reloading the policy set.
 //! - [`approval`] — step 5: a request that needs approval is recorded (durably, in
 //!   `tollgate_storage`) and held until a person decides, it expires, or its client leaves;
-//!   [`replay`] sends a released request with the body that was held.
+//!   [`replay`] sends a released request with the body that was held; [`obo`] seals the
+//!   tokens approvers lend (on-behalf-of) before they are stored.
 //! - [`credentials`] — step 6: strip what the sandbox sent, inject a token for this agent and
 //!   tool call (identity providers, token cache).
 //! - [`proxy`] — the pingora request phases, which call each step in order.
@@ -39,6 +40,7 @@ pub mod decide;
 pub mod identity;
 pub mod intercept;
 pub mod listener;
+pub mod obo;
 pub mod proxy;
 pub mod replay;
 pub mod reply;

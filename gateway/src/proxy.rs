@@ -21,10 +21,10 @@ use pingora::connectors::http::Connector;
 use tollgate_policy::{Decision, Outcome, RequestFacts};
 use tollgate_storage::{ApprovalKind, AuditRecord, Store};
 
-use crate::approval::{Approvals, HoldEnd, HoldRequest};
+use crate::approval::{Approvals, HoldEnd, HoldRequest, Released};
 use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
-use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding};
+use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding, RunMode};
 use crate::intercept::Tunnel;
 use crate::replay;
 use crate::reply::Refusal;
@@ -74,12 +74,14 @@ pub struct RequestCtx {
     decision: Option<Decision>,
     credential: Option<Injection>,
     addr: Option<SocketAddr>,
-    /// The approval that held the request.
+    /// The full URL (for approval records).
+    url: String,
+    /// The approval that held the request (the last one, if it was held twice).
     approval: Option<String>,
-    /// Request body bytes the gateway read itself (a held request).
+    /// Request body bytes the gateway read itself.
     bytes_in: u64,
-    /// Set when a released request was sent by the gateway itself.
-    released: Option<replay::Relayed>,
+    /// Set when the gateway sent the request itself and relayed the answer.
+    relayed: Option<replay::Relayed>,
     /// Set when the gateway answered the request itself.
     refusal: Option<Refusal>,
 }
@@ -111,8 +113,15 @@ impl From<HoldEnd> for Stop {
 enum Admitted {
     /// Through pingora's proxy path, body streamed.
     Proxy,
-    /// Released after approval: the gateway sends it with the body it holds.
-    Release(Bytes),
+    /// The gateway sends it itself with the body it holds: it was released by an approval,
+    /// or (`obo_fallback`) a 401/403 answer to the agent's own token may turn into an
+    /// on-behalf-of approval and a second try with the approver's token.
+    Send {
+        /// The whole request body.
+        body: Bytes,
+        /// Whether a 401/403 answer becomes an on-behalf-of approval.
+        obo_fallback: bool,
+    },
 }
 
 /// The sandbox's address as the socket reports it.
@@ -241,79 +250,142 @@ impl Egress {
             ctx.decision = Some(decision);
             return Err(refusal.into());
         }
-        // 5. A person decides: the request, its body included, is held until then.
-        let admitted = if outcome == Outcome::NeedsApproval {
-            let policies = decision.policies.clone();
-            let held = self
-                .hold(session, ctx, &agent, &request, &path, policies)
-                .await;
+        ctx.url = format!(
+            "{}://{}{}",
+            request.target.scheme.as_str(),
+            request.target.host_header(),
+            path
+        );
+        // 5. A person decides: the request, its body included, is held until then. An ARM
+        //    write outside the agent's RBAC scopes needs the approver's own identity.
+        let mut body = None;
+        let mut lent = None;
+        if outcome == Outcome::NeedsApproval {
+            // The approval record names the policies that asked for it.
+            ctx.decision = Some(decision.clone());
+            let kind = if self.may_act_on_behalf(&agent, &request.target)
+                && request.outside_scopes(&agent.scopes)
+            {
+                ApprovalKind::OnBehalfOf
+            } else {
+                ApprovalKind::Request
+            };
+            let approvals = &self.shared.approvals;
+            let held = match approvals.check_capacity(&agent.id) {
+                Ok(()) => match read_whole_body(session, approvals.max_body_bytes()).await {
+                    Ok(held) => self.hold(session, ctx, &agent, kind, held).await,
+                    Err(refusal) => Err(refusal.into()),
+                },
+                Err(refusal) => Err(refusal.into()),
+            };
             // A refused hold (denied, expired, too many) still says which policies asked.
-            let body = held.map_err(|stop| match stop {
+            let (held, released) = held.map_err(|stop| match stop {
                 Stop::Refuse(refusal) => {
                     Stop::Refuse(refusal.with_decision(&decision, engine.version()))
                 }
                 gone => gone,
-            });
-            ctx.decision = Some(decision);
-            Admitted::Release(body?)
-        } else {
-            ctx.decision = Some(decision);
-            Admitted::Proxy
+            })?;
+            body = Some(held);
+            lent = released.obo_token.zip(released.record.approver);
+        }
+        ctx.decision = Some(decision);
+        // 6. Credentials: the sandbox's are stripped; a token for this tool call — or the one
+        //    the approver lent — injected.
+        let credentials = &self.shared.credentials;
+        ctx.credential = match lent {
+            Some((token, approver)) => Some(credentials.lend(
+                &agent,
+                ctx.tool_call.as_ref(),
+                &request.target,
+                token,
+                &approver,
+                self.shared.approvals.obo_lifetime(),
+            )?),
+            None => {
+                credentials
+                    .for_request(&agent, ctx.tool_call.as_ref(), &request.target)
+                    .await?
+            }
         };
-        // 6. Credentials: the sandbox's are stripped, a token for this tool call injected.
-        ctx.credential = self
-            .shared
-            .credentials
-            .for_request(&agent, ctx.tool_call.as_ref(), &request.target)
-            .await?;
+        // With the agent's own token on its way, a 401/403 may call for the approver's: keep
+        // the body (when it is small enough) to send it again.
+        let obo_fallback = ctx.credential.as_ref().is_some_and(|c| {
+            c.header.is_some() && !c.on_behalf_of && agent.run_mode != RunMode::ReadOnly
+        });
+        if body.is_none() && obo_fallback {
+            let limit = self.shared.approvals.max_body_bytes();
+            if body_fits(session, limit) {
+                body = Some(read_whole_body(session, limit).await?);
+            }
+        }
         // 7. Resolve asynchronously and keep internal networks out of reach.
         ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
-        Ok(admitted)
+        Ok(match body {
+            Some(body) => Admitted::Send { body, obo_fallback },
+            None => Admitted::Proxy,
+        })
     }
 
-    /// Reads the whole body (up to the limit), records the approval and waits for it.
-    /// Returns the body to send once approved.
+    /// Whether a person may lend `agent` their identity for `target`: never for ReadOnly
+    /// agents, and only where a credential rule says what the token is for.
+    fn may_act_on_behalf(&self, agent: &Agent, target: &Target) -> bool {
+        agent.run_mode != RunMode::ReadOnly && self.shared.credentials.audience(target).is_some()
+    }
+
+    /// Records the approval for the request whose `body` the gateway holds, and waits for
+    /// it. Returns the body and the approval that released it.
     async fn hold(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         agent: &Agent,
-        request: &RequestFacts,
-        path: &str,
-        policies: Vec<String>,
-    ) -> Result<Bytes, Stop> {
-        let approvals = &self.shared.approvals;
-        approvals.check_capacity(&agent.id)?;
-        let body = read_whole_body(session, approvals.max_body_bytes()).await?;
+        kind: ApprovalKind,
+        body: Bytes,
+    ) -> Result<(Bytes, Released), Stop> {
         ctx.bytes_in = body.len() as u64;
+        let target = ctx.target.as_ref();
         let held = HoldRequest {
             agent: agent.id.clone(),
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
-            kind: ApprovalKind::Request,
-            method: request.method.clone(),
-            url: format!(
-                "{}://{}{}",
-                request.target.scheme.as_str(),
-                request.target.host_header(),
-                path
-            ),
+            kind,
+            method: session.req_header().method.to_string(),
+            url: ctx.url.clone(),
             body: body.clone(),
-            credential: self.shared.credentials.class(agent, &request.target),
-            policies,
+            credential: target.and_then(|t| self.shared.credentials.class(agent, t)),
+            obo_audience: match kind {
+                ApprovalKind::OnBehalfOf => target
+                    .and_then(|t| self.shared.credentials.audience(t))
+                    .map(str::to_string),
+                ApprovalKind::Request => None,
+            },
+            policies: ctx
+                .decision
+                .as_ref()
+                .map(|d| d.policies.clone())
+                .unwrap_or_default(),
         };
         let client_gone = async {
             // The body is read, so this returns only when the client closes or resets.
             let _ = session.downstream_session.read_body_or_idle(true).await;
         };
-        let approved = approvals.hold(held, client_gone).await;
-        match approved {
-            Ok(record) => {
-                ctx.approval = Some(record.id);
-                Ok(body)
-            }
-            Err(end) => Err(end.into()),
-        }
+        let released = self.shared.approvals.hold(held, client_gone).await?;
+        ctx.approval = Some(released.record.id.clone());
+        Ok((body, released))
     }
+}
+
+/// Whether the request's body can be held whole: none, or a declared length within `limit`.
+fn body_fits(session: &mut Session, limit: usize) -> bool {
+    if session.is_body_empty() {
+        return true;
+    }
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n <= limit as u64)
 }
 
 /// Reads the request body into memory, refusing (413) one larger than `limit`.
@@ -390,38 +462,111 @@ fn shape_upstream_request(
 }
 
 impl Egress {
-    /// Sends an approved request with the body that was held, and relays the answer.
-    async fn release(
+    /// Sends a request whose body the gateway holds, and relays the answer — unless the
+    /// agent's own token was refused (401/403) where a person may lend theirs: then the
+    /// request is held for an on-behalf-of approval and sent again with the approver's token.
+    async fn send(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         body: Bytes,
-    ) -> pingora::Result<()> {
+        obo_fallback: bool,
+    ) -> Result<(), Stop> {
+        let answer = self.exchange(session, ctx, body.clone()).await?;
+        let refused = matches!(answer.status(), 401 | 403);
+        let answer = match (obo_fallback, refused, ctx.agent.clone()) {
+            (true, true, Some(agent)) => {
+                answer.discard();
+                tracing::info!(
+                    agent = agent.id,
+                    host = ctx.target.as_ref().map(|t| t.host_header()).unwrap_or_default(),
+                    "the origin refused the agent's own identity; holding for an on-behalf-of approval"
+                );
+                let (body, released) = self
+                    .hold(session, ctx, &agent, ApprovalKind::OnBehalfOf, body)
+                    .await?;
+                let (Some(token), Some(approver), Some(target)) = (
+                    released.obo_token,
+                    released.record.approver,
+                    ctx.target.as_ref(),
+                ) else {
+                    return Err(Refusal::new(
+                        500,
+                        "internal_error",
+                        "an on-behalf-of approval came without a token",
+                    )
+                    .into());
+                };
+                ctx.credential = Some(self.shared.credentials.lend(
+                    &agent,
+                    ctx.tool_call.as_ref(),
+                    target,
+                    token,
+                    &approver,
+                    self.shared.approvals.obo_lifetime(),
+                )?);
+                self.exchange(session, ctx, body).await?
+            }
+            _ => answer,
+        };
+        let relayed = answer.relay(session).await.map_err(|e| {
+            tracing::debug!(error = %e, "relaying the answer broke off");
+            Stop::ClientGone
+        })?;
+        ctx.relayed = Some(relayed);
+        Ok(())
+    }
+
+    /// One try: the request as the proxy path would shape it, with `body`.
+    async fn exchange(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        body: Bytes,
+    ) -> Result<replay::Answer<'_>, Refusal> {
         let (Some(target), Some(addr)) = (&ctx.target, ctx.addr) else {
-            return pingora::Error::e_explain(ErrorType::InternalError, "no admitted target");
+            return Err(Refusal::new(500, "internal_error", "no admitted target"));
         };
         let mut request = session.req_header().clone();
         for name in upstream::hop_by_hop_headers(&request.headers) {
             request.remove_header(&name);
         }
-        shape_upstream_request(&mut request, target, ctx.credential.as_ref())?;
+        shape_upstream_request(&mut request, target, ctx.credential.as_ref())
+            .map_err(|e| Refusal::bad_request(format!("the request cannot be sent: {e}")))?;
         let peer = self.shared.upstream.peer(target, addr);
-        let host = target.host_header();
-        match replay::send(&self.shared.connector, &peer, request, body, session, &host).await {
-            Ok(relayed) => {
-                ctx.released = Some(relayed);
-                Ok(())
+        replay::exchange(
+            &self.shared.connector,
+            peer,
+            request,
+            body,
+            &target.host_header(),
+        )
+        .await
+    }
+}
+
+impl Egress {
+    /// Ends a request the pipeline stopped: answers a refusal, or gives up on a client that
+    /// left.
+    async fn stop(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        stop: Stop,
+    ) -> pingora::Result<bool> {
+        match stop {
+            Stop::Refuse(refusal) => {
+                if session.response_written().is_none() {
+                    refusal.send(session).await?;
+                }
+                ctx.refusal = Some(refusal);
+                Ok(true)
             }
-            Err(refusal) if refusal.status == 0 => Err(pingora::Error::explain(
-                ErrorType::WriteError,
-                "the released request's response broke off",
+            Stop::ClientGone => Err(pingora::Error::explain(
+                ErrorType::ConnectionClosed,
+                "the client left before its answer was complete",
             )
             .into_down()),
-            Err(refusal) => {
-                refusal.send(session).await?;
-                ctx.refusal = Some(refusal);
-                Ok(())
-            }
         }
     }
 }
@@ -439,9 +584,10 @@ impl ProxyHttp for Egress {
             decision: None,
             credential: None,
             addr: None,
+            url: String::new(),
             approval: None,
             bytes_in: 0,
-            released: None,
+            relayed: None,
             refusal: None,
         }
     }
@@ -453,20 +599,13 @@ impl ProxyHttp for Egress {
     ) -> pingora::Result<bool> {
         match self.admit(session, ctx).await {
             Ok(Admitted::Proxy) => Ok(false),
-            Ok(Admitted::Release(body)) => {
-                self.release(session, ctx, body).await?;
-                Ok(true)
+            Ok(Admitted::Send { body, obo_fallback }) => {
+                match self.send(session, ctx, body, obo_fallback).await {
+                    Ok(()) => Ok(true),
+                    Err(stop) => self.stop(session, ctx, stop).await,
+                }
             }
-            Err(Stop::Refuse(refusal)) => {
-                refusal.send(session).await?;
-                ctx.refusal = Some(refusal);
-                Ok(true)
-            }
-            Err(Stop::ClientGone) => Err(pingora::Error::explain(
-                ErrorType::ConnectionClosed,
-                "the client left while its request was held",
-            )
-            .into_down()),
+            Err(stop) => self.stop(session, ctx, stop).await,
         }
     }
 
@@ -640,7 +779,7 @@ impl ProxyHttp for Egress {
             error,
             bytes_in: ctx.bytes_in.max(session.body_bytes_read() as u64),
             bytes_out: ctx
-                .released
+                .relayed
                 .as_ref()
                 .map_or(session.body_bytes_sent() as u64, |r| r.bytes_out),
             latency_us: elapsed.as_micros() as u64,

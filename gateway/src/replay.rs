@@ -1,21 +1,24 @@
-//! Sending a request whose whole body the gateway holds: a request released by an approval.
+//! Sending a request whose whole body the gateway holds, and reading the answer before the
+//! sandbox sees any of it.
 //!
 //! pingora's proxy path streams the body from the sandbox to the origin and can replay at most
-//! 64 KiB of it, but a held request's body (up to `approvals.max_body_bytes`) was read in full
-//! before the hold, to bind its hash to the approval. So the released request is sent here,
-//! with pingora's connector and the same peer settings, header shaping and response filtering
-//! as the proxy path, and the answer is relayed to the sandbox.
+//! 64 KiB of it. Two kinds of request need more: one released by an approval (its body was
+//! read in full before the hold, to bind its hash to the approval), and one sent with the
+//! agent's own token whose 401/403 answer may turn into an on-behalf-of approval and be sent
+//! again. Those are sent here, with pingora's connector and the same peer settings, header
+//! shaping and response filtering as the proxy path.
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::reply::Refusal;
 use crate::upstream;
 
-/// What the exchange did: the status relayed and the response body bytes.
+/// What a relayed answer amounted to.
 pub struct Relayed {
     /// The origin's status.
     pub status: u16,
@@ -23,24 +26,32 @@ pub struct Relayed {
     pub bytes_out: u64,
 }
 
-/// Sends `request` with `body` to `peer` and relays the response to the sandbox.
-///
-/// Errors before any response byte was written come back as a refusal for the sandbox
-/// (`target` names the origin in it); after that, the connection is simply closed.
-pub async fn send(
-    connector: &Connector,
-    peer: &HttpPeer,
+/// The origin's answer, read up to its header: not yet seen by the sandbox.
+pub struct Answer<'a> {
+    connector: &'a Connector,
+    peer: HttpPeer,
+    origin: HttpSession,
+    header: ResponseHeader,
+}
+
+/// Sends `request` with `body` to `peer` and reads the answer's header. Failures are
+/// refusals for the sandbox (`target` names the origin in them).
+pub async fn exchange<'a>(
+    connector: &'a Connector,
+    peer: HttpPeer,
     mut request: RequestHeader,
     body: Bytes,
-    session: &mut Session,
     target: &str,
-) -> Result<Relayed, Refusal> {
+) -> Result<Answer<'a>, Refusal> {
     let refusal = |e: pingora::BError| upstream::refusal_for_upstream_error(&e, target);
-    let (mut origin, _reused) = connector.get_http_session(peer).await.map_err(refusal)?;
-    request
-        .insert_header(http::header::CONTENT_LENGTH, body.len().to_string())
-        .map_err(refusal)?;
+    let (mut origin, _reused) = connector.get_http_session(&peer).await.map_err(refusal)?;
     request.remove_header(&http::header::TRANSFER_ENCODING);
+    // The body goes whole, so its length is known (a request without one announces none).
+    if !body.is_empty() || request.headers.contains_key(http::header::CONTENT_LENGTH) {
+        request
+            .insert_header(http::header::CONTENT_LENGTH, body.len().to_string())
+            .map_err(refusal)?;
+    }
     origin
         .write_request_header(Box::new(request))
         .await
@@ -53,38 +64,46 @@ pub async fn send(
     }
     origin.finish_request_body().await.map_err(refusal)?;
     origin.read_response_header().await.map_err(refusal)?;
-    let mut response = origin
+    let mut header = origin
         .response_header()
         .cloned()
         .ok_or_else(|| Refusal::new(502, "upstream_error", format!("{target} sent no response")))?;
-    for name in upstream::hop_by_hop_headers(&response.headers) {
-        response.remove_header(&name);
+    for name in upstream::hop_by_hop_headers(&header.headers) {
+        header.remove_header(&name);
     }
-    let status = response.status.as_u16();
-    // From here on the sandbox has part of the answer: failures close the connection.
-    let closed = |_| {
-        Refusal::new(
-            0,
-            "connection_closed",
-            "the exchange broke off mid-response",
-        )
-    };
-    session
-        .write_response_header(Box::new(response), false)
-        .await
-        .map_err(closed)?;
-    let mut bytes_out = 0;
-    while let Some(chunk) = origin.read_response_body().await.map_err(closed)? {
-        bytes_out += chunk.len() as u64;
+    Ok(Answer {
+        connector,
+        peer,
+        origin,
+        header,
+    })
+}
+
+impl Answer<'_> {
+    /// The origin's status code.
+    pub fn status(&self) -> u16 {
+        self.header.status.as_u16()
+    }
+
+    /// Drops the answer unseen (its connection is not reused).
+    pub fn discard(self) {}
+
+    /// Relays the answer to the sandbox. A failure here leaves the sandbox with part of an
+    /// answer: the connection is closed, so the error is pingora's.
+    pub async fn relay(mut self, session: &mut Session) -> pingora::Result<Relayed> {
+        let status = self.status();
         session
-            .write_response_body(Some(chunk), false)
-            .await
-            .map_err(closed)?;
+            .write_response_header(Box::new(self.header), false)
+            .await?;
+        let mut bytes_out = 0;
+        while let Some(chunk) = self.origin.read_response_body().await? {
+            bytes_out += chunk.len() as u64;
+            session.write_response_body(Some(chunk), false).await?;
+        }
+        session.write_response_body(None, true).await?;
+        self.connector
+            .release_http_session(self.origin, &self.peer, None)
+            .await;
+        Ok(Relayed { status, bytes_out })
     }
-    session
-        .write_response_body(None, true)
-        .await
-        .map_err(closed)?;
-    connector.release_http_session(origin, peer, None).await;
-    Ok(Relayed { status, bytes_out })
 }

@@ -27,6 +27,7 @@ use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
+use crate::obo::OboSealer;
 use crate::proxy::{Egress, Shared};
 use crate::toolcall::ToolCalls;
 use crate::upstream::Upstream;
@@ -58,6 +59,9 @@ pub enum StartError {
     /// The durable store.
     #[error(transparent)]
     Storage(#[from] tollgate_storage::StoreError),
+    /// The key sealing lent tokens.
+    #[error(transparent)]
+    Seal(#[from] crate::obo::SealError),
     /// An approver's token.
     #[error("admin.approvers: {0}")]
     Approver(String),
@@ -133,7 +137,14 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
     ));
     let credentials = Arc::new(Credentials::new(config, token_connector)?);
-    let approvals = Arc::new(Approvals::new(store.clone(), config.approvals.clone()));
+    let sealer = OboSealer::load(&config.obo_key_path())?;
+    let approvals = Arc::new(Approvals::new(
+        store.clone(),
+        config.approvals.clone(),
+        sealer,
+    ));
+    // Lent tokens live as long as their tool call, and no tool call survives a restart.
+    approvals.forget_expired_tokens(true)?;
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         policies: policies.clone(),
@@ -222,6 +233,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     tasks.push(sweep_tool_calls(
         tool_calls.clone(),
         credentials.clone(),
+        approvals.clone(),
         watch.clone(),
     ));
     tasks.push(prune_history(
@@ -261,21 +273,36 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     })
 }
 
-/// Closes tool calls whose TTL has passed, and drops their tokens, once a second.
+/// Closes tool calls whose TTL has passed, and drops their tokens, once a second; deletes
+/// stored lent tokens past their lifetime every ten seconds.
 fn sweep_tool_calls(
     tool_calls: Arc<ToolCalls>,
     credentials: Arc<Credentials>,
+    approvals: Arc<Approvals>,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        loop {
+        for tick in 1u64.. {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
-            for (agent, serial) in tool_calls.sweep_expired() {
+            for (agent, serial, id) in tool_calls.sweep_expired() {
                 credentials.evict_tool_call(&agent, serial);
-                tracing::info!(agent, "tool call expired");
+                approvals.forget_tool_call(&agent, &id).await;
+                tracing::info!(agent, tool_call = id, "tool call expired");
+            }
+            if tick % 10 == 0 {
+                let approvals = approvals.clone();
+                match tokio::task::spawn_blocking(move || approvals.forget_expired_tokens(false))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not delete expired lent tokens")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not delete expired lent tokens"),
+                }
             }
         }
     })

@@ -127,8 +127,8 @@ impl ToolCalls {
         Some(closed.serial)
     }
 
-    /// Removes the tool calls whose TTL has passed; returns (agent, serial) of each.
-    pub fn sweep_expired(&self) -> Vec<(String, u64)> {
+    /// Removes the tool calls whose TTL has passed; returns (agent, serial, id) of each.
+    pub fn sweep_expired(&self) -> Vec<(String, u64, String)> {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut open = self.open.write();
@@ -136,7 +136,7 @@ impl ToolCalls {
             calls.retain(|c| {
                 let live = c.live(now);
                 if !live {
-                    expired.push((agent.clone(), c.serial));
+                    expired.push((agent.clone(), c.serial, c.id.clone()));
                 }
                 live
             });
@@ -267,7 +267,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(t.current("a", None), None);
         assert!(t.list("a").is_empty());
-        assert_eq!(t.sweep_expired(), vec![("a".to_string(), first.serial)]);
+        assert_eq!(
+            t.sweep_expired(),
+            vec![("a".to_string(), first.serial, first.id.clone())]
+        );
         assert!(t.sweep_expired().is_empty());
         t.open("a", "short", None).unwrap();
         let again = t.current("a", None).unwrap();

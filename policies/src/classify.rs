@@ -158,12 +158,37 @@ impl RequestFacts {
             tool_call: None,
         }
     }
+
+    /// Whether this is an ARM request none of whose scopes the agent's RBAC `scopes` cover:
+    /// the agent's own identity would lack permission, so approving it means acting on a
+    /// person's behalf.
+    pub fn outside_scopes(&self, scopes: &[String]) -> bool {
+        self.arm.as_ref().is_some_and(|arm| {
+            !scopes
+                .iter()
+                .map(|s| crate::agent::normalize_scope(s))
+                .any(|held| arm.scopes.contains(&held))
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::target::Scheme;
+
+    #[test]
+    fn arm_requests_outside_the_agents_scopes_are_recognised() {
+        let target = Target::from_url_authority(Scheme::Https, "management.azure.com").unwrap();
+        let path = "/subscriptions/sub-1/resourceGroups/rg-b/providers/Microsoft.Storage/storageAccounts/x";
+        let request = RequestFacts::new("PUT", target.clone(), path);
+        let rg_a = vec!["/subscriptions/sub-1/resourceGroups/RG-A".to_string()];
+        let sub = vec!["/Subscriptions/SUB-1/".to_string()];
+        assert!(request.outside_scopes(&rg_a));
+        assert!(!request.outside_scopes(&sub));
+        let github = Target::from_url_authority(Scheme::Https, "api.github.com").unwrap();
+        assert!(!RequestFacts::new("POST", github, "/repos").outside_scopes(&[]));
+    }
 
     #[test]
     fn methods_map_to_read_or_write() {

@@ -97,7 +97,8 @@ pub struct ApprovalRecord {
     /// holds it in the clear. Removed when the tool call ends or the record expires.
     #[serde(default, with = "hex_opt", skip_serializing_if = "Option::is_none")]
     pub sealed_obo_token: Option<Vec<u8>>,
-    /// The audience the on-behalf-of token is for.
+    /// For an on-behalf-of approval: the audience (token scope) the approver's token is
+    /// lent for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub obo_audience: Option<String>,
 }
@@ -111,8 +112,8 @@ pub struct Settlement {
     pub approver: Option<String>,
     /// Why, in the approver's words.
     pub reason: Option<String>,
-    /// A sealed on-behalf-of token lent with an approval, and its audience.
-    pub sealed_obo_token: Option<(Vec<u8>, String)>,
+    /// A sealed on-behalf-of token lent with an approval.
+    pub sealed_obo_token: Option<Vec<u8>>,
 }
 
 impl Settlement {

@@ -299,9 +299,8 @@ impl Store {
         record.decided_at = Some(now_millis());
         record.approver = settlement.approver;
         record.reason = settlement.reason;
-        if let Some((sealed, audience)) = settlement.sealed_obo_token {
+        if let Some(sealed) = settlement.sealed_obo_token {
             record.sealed_obo_token = Some(sealed);
-            record.obo_audience = Some(audience);
         }
         self.write_approval(&space, &record)?;
         Ok(record)
@@ -326,24 +325,28 @@ impl Store {
     }
 
     /// Deletes the sealed on-behalf-of tokens of approvals that match `forget` (e.g. those of
-    /// a tool call that ended, or that expired). Returns how many were deleted.
+    /// a tool call that ended, or past their lifetime), of one agent or (`None`) of all.
+    /// Returns how many were deleted.
     pub fn forget_obo_tokens(
         &self,
-        agent: &str,
+        agent: Option<&str>,
         forget: impl Fn(&ApprovalRecord) -> bool,
     ) -> Result<usize, StoreError> {
-        let Some(space) = self.existing_space(agent) else {
-            return Ok(0);
+        let spaces: Vec<Arc<AgentSpace>> = match agent {
+            Some(agent) => self.existing_space(agent).into_iter().collect(),
+            None => self.agents.read().values().cloned().collect(),
         };
         let _one_at_a_time = self.settling.lock();
-        let records: Vec<ApprovalRecord> =
-            scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
         let mut forgotten = 0;
-        for mut record in records {
-            if record.sealed_obo_token.is_some() && forget(&record) {
-                record.sealed_obo_token = None;
-                self.write_approval(&space, &record)?;
-                forgotten += 1;
+        for space in spaces {
+            let records: Vec<ApprovalRecord> =
+                scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
+            for mut record in records {
+                if record.sealed_obo_token.is_some() && forget(&record) {
+                    record.sealed_obo_token = None;
+                    self.write_approval(&space, &record)?;
+                    forgotten += 1;
+                }
             }
         }
         Ok(forgotten)
@@ -643,7 +646,7 @@ mod tests {
                     state: ApprovalState::Approved,
                     approver: Some("bob".into()),
                     reason: None,
-                    sealed_obo_token: Some((vec![1, 2, 3], "https://management.azure.com".into())),
+                    sealed_obo_token: Some(vec![1, 2, 3]),
                 },
             )
             .unwrap();
@@ -653,13 +656,13 @@ mod tests {
         );
         assert_eq!(
             store
-                .forget_obo_tokens("a1", |r| r.tool_call.as_deref() == Some("other"))
+                .forget_obo_tokens(Some("a1"), |r| r.tool_call.as_deref() == Some("other"))
                 .unwrap(),
             0
         );
         assert_eq!(
             store
-                .forget_obo_tokens("a1", |r| r.tool_call.as_deref() == Some("tc-1"))
+                .forget_obo_tokens(Some("a1"), |r| r.tool_call.as_deref() == Some("tc-1"))
                 .unwrap(),
             1
         );

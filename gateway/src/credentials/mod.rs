@@ -110,6 +110,31 @@ impl Rule {
         })
     }
 
+    /// The injection of `token` by this rule.
+    fn inject(
+        &self,
+        token: &Secret,
+        provider: String,
+        on_behalf_of: bool,
+    ) -> Result<Injection, Refusal> {
+        let mut value =
+            HeaderValue::from_str(&format!("{}{}{}", self.prefix, token.expose(), self.suffix))
+                .map_err(|_| {
+                    Refusal::new(
+                        502,
+                        "credential_unavailable",
+                        "the token is not a valid header value; nothing was forwarded",
+                    )
+                })?;
+        value.set_sensitive(true);
+        Ok(Injection {
+            strip: self.strip.clone(),
+            header: Some((self.header.clone(), value)),
+            provider,
+            on_behalf_of,
+        })
+    }
+
     fn matches(&self, host: &Host) -> bool {
         let Host::Name(name) = host else {
             return false;
@@ -127,8 +152,12 @@ pub struct Injection {
     pub strip: Arc<[HeaderName]>,
     /// The header carrying the token, marked sensitive.
     pub header: Option<(HeaderName, HeaderValue)>,
-    /// The provider the token came from (for logs; never the token).
+    /// The provider the token came from (for logs; never the token), or
+    /// "on-behalf-of <approver>".
     pub provider: String,
+    /// Whether the token is a person's, lent with an approval (never replaced by another
+    /// on-behalf-of approval).
+    pub on_behalf_of: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -181,6 +210,15 @@ pub struct Credentials {
     backoff_initial: Duration,
     backoff_max: Duration,
     backoffs: Mutex<HashMap<(String, String), Backoff>>,
+    /// Tokens approvers lent for the rest of a tool call, by (agent, tool call, audience).
+    lent: Mutex<HashMap<TokenKey, LentToken>>,
+}
+
+/// A person's token lent with an on-behalf-of approval.
+struct LentToken {
+    token: Secret,
+    approver: String,
+    until: Instant,
 }
 
 impl Credentials {
@@ -215,15 +253,91 @@ impl Credentials {
             backoff_initial: Duration::from_millis(c.backoff_initial_ms),
             backoff_max: Duration::from_millis(c.backoff_max_ms),
             backoffs: Mutex::new(HashMap::new()),
+            lent: Mutex::new(HashMap::new()),
         })
     }
 
     /// The credential a request from `agent` to `target` would carry, as "provider audience"
     /// (for approval records: what kind of access is being approved, never a token).
     pub fn class(&self, agent: &Agent, target: &Target) -> Option<String> {
-        let rule = self.rules.iter().find(|r| r.matches(&target.host))?;
+        let rule = self.rule_for(target)?;
         let provider = rule.provider.as_deref().or(agent.identity.as_deref())?;
         Some(format!("{provider} {}", rule.audience))
+    }
+
+    /// The audience of the rule covering `target`: what an on-behalf-of token is lent for.
+    pub fn audience(&self, target: &Target) -> Option<&str> {
+        self.rule_for(target).map(|r| r.audience.as_str())
+    }
+
+    fn rule_for(&self, target: &Target) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.matches(&target.host))
+    }
+
+    /// Lends an approver's token: it goes on this request and, within `tool_call`, on every
+    /// later request for the same audience until the tool call closes or `lifetime` passes.
+    pub fn lend(
+        &self,
+        agent: &Agent,
+        tool_call: Option<&ToolCallRef>,
+        target: &Target,
+        token: Secret,
+        approver: &str,
+        lifetime: Duration,
+    ) -> Result<Injection, Refusal> {
+        let rule = self.rule_for(target).ok_or_else(|| {
+            Refusal::new(
+                502,
+                "credential_unavailable",
+                format!(
+                    "no credential rule covers {}, so no token can be lent for it",
+                    target.host
+                ),
+            )
+        })?;
+        let injection = rule.inject(&token, format!("on-behalf-of {approver}"), true)?;
+        if let Some(tool_call) = tool_call {
+            self.lent.lock().insert(
+                TokenKey {
+                    agent: agent.id.clone(),
+                    tool_call: tool_call.serial,
+                    provider: String::new(),
+                    audience: rule.audience.clone(),
+                },
+                LentToken {
+                    token,
+                    approver: approver.to_string(),
+                    until: Instant::now() + lifetime,
+                },
+            );
+        }
+        Ok(injection)
+    }
+
+    /// The token an approver lent for this tool call and audience, if one is still valid.
+    fn lent_for(
+        &self,
+        agent: &str,
+        tool_call: u64,
+        rule: &Rule,
+    ) -> Option<Result<Injection, Refusal>> {
+        let key = TokenKey {
+            agent: agent.to_string(),
+            tool_call,
+            provider: String::new(),
+            audience: rule.audience.clone(),
+        };
+        let mut lent = self.lent.lock();
+        let entry = lent.get(&key)?;
+        if Instant::now() >= entry.until {
+            lent.remove(&key);
+            return None;
+        }
+        Some(rule.inject(
+            &entry.token,
+            format!("on-behalf-of {}", entry.approver),
+            true,
+        ))
     }
 
     /// What to do with the credentials of a request from `agent` in `tool_call` to `target`:
@@ -234,7 +348,7 @@ impl Credentials {
         tool_call: Option<&ToolCallRef>,
         target: &Target,
     ) -> Result<Option<Injection>, Refusal> {
-        let Some(rule) = self.rules.iter().find(|r| r.matches(&target.host)) else {
+        let Some(rule) = self.rule_for(target) else {
             return Ok(None);
         };
         let provider_name = rule.provider.as_deref().or(agent.identity.as_deref());
@@ -243,8 +357,12 @@ impl Credentials {
                 strip: rule.strip.clone(),
                 header: None,
                 provider: provider_name.unwrap_or("-").to_string(),
+                on_behalf_of: false,
             }));
         };
+        if let Some(lent) = self.lent_for(&agent.id, tool_call.serial, rule) {
+            return lent.map(Some);
+        }
         let unavailable = |why: String| {
             Refusal::new(
                 502,
@@ -277,19 +395,8 @@ impl Credentials {
             .try_get_with(key, self.fetch(provider, &rule.audience))
             .await
             .map_err(|e| unavailable(format!("identity provider {provider_name:?}: {e}")))?;
-        let mut value = HeaderValue::from_str(&format!(
-            "{}{}{}",
-            rule.prefix,
-            token.value.expose(),
-            rule.suffix
-        ))
-        .map_err(|_| unavailable("the token is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        Ok(Some(Injection {
-            strip: rule.strip.clone(),
-            header: Some((rule.header.clone(), value)),
-            provider: provider_name.to_string(),
-        }))
+        rule.inject(&token.value, provider_name.to_string(), false)
+            .map(Some)
     }
 
     /// Fetches a token, unless the provider is backing off after failures.
@@ -328,8 +435,11 @@ impl Credentials {
         }
     }
 
-    /// Drops every cached token of one tool call (it closed).
+    /// Drops every cached and lent token of one tool call (it closed).
     pub fn evict_tool_call(&self, agent: &str, tool_call: u64) {
+        self.lent
+            .lock()
+            .retain(|key, _| !(key.agent == agent && key.tool_call == tool_call));
         let agent = agent.to_string();
         // Only fails if invalidation closures were not enabled, which `new` does.
         let _ = self
@@ -337,8 +447,9 @@ impl Credentials {
             .invalidate_entries_if(move |key, _| key.agent == agent && key.tool_call == tool_call);
     }
 
-    /// Drops every cached token of an agent (it was removed).
+    /// Drops every cached and lent token of an agent (it was removed).
     pub fn evict_agent(&self, agent: &str) {
+        self.lent.lock().retain(|key, _| key.agent != agent);
         let agent = agent.to_string();
         let _ = self
             .cache

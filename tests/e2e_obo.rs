@@ -1,0 +1,237 @@
+//! On-behalf-of end to end: an origin refuses the agent's own token, the gateway holds the
+//! request for a person, the approver lends their token, and the very request is sent again
+//! with it — and later requests of the same tool call use it, until the tool call closes.
+//! Real token endpoint, real protected origin, curl as the sandbox.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+
+const CLIENT_ID: &str = "tollgate-obo-client";
+const CLIENT_SECRET: &str = "client-secret-0b0";
+const AUDIENCE: &str = "api://protected/.default";
+const HOST: &str = "api.protected.test";
+/// The approver's own token: the only one the origin accepts.
+const PERSON_TOKEN: &str = "alice-obo-token-5d2e91";
+
+fn gateway(endpoint: &TokenEndpoint) -> Gateway {
+    let config = format!(
+        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
+
+[[identity_providers]]
+name = "entra"
+kind = "client_credentials"
+token_url = "{url}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ env = "OBO_TEST_SECRET" }}
+
+[[credential_rules]]
+hosts = ["{HOST}"]
+audience = "{AUDIENCE}"
+
+[[agents]]
+id = "a"
+run_mode = "Autonomous"
+identity = "entra"
+peers = ["127.0.0.1"]
+
+[[agents]]
+id = "ro"
+run_mode = "ReadOnly"
+identity = "entra"
+peers = ["127.0.0.2"]
+"#,
+        upstream = loopback_upstream(None),
+        url = endpoint.url(),
+    );
+    Gateway::start_with_env(
+        &config,
+        &[ALLOW_ALL],
+        "",
+        &[("OBO_TEST_SECRET", CLIENT_SECRET), ("RUST_LOG", "debug")],
+    )
+}
+
+fn pending(gw: &Gateway, agent: &str) -> Vec<serde_json::Value> {
+    let listed = gw.admin_call(
+        "GET",
+        &format!("/v1/approvals?state=pending&agent={agent}"),
+        None,
+    );
+    assert_eq!(listed.status, 200, "{listed:?}");
+    listed.json()["approvals"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits (up to 10 s) for the agent's one pending approval.
+fn wait_pending(gw: &Gateway, agent: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let [one] = pending(gw, agent).as_slice() {
+            return one.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pending approval for {agent}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the_tool_call() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    let people: Issued = Arc::new(Mutex::new(HashMap::from([(
+        PERSON_TOKEN.to_string(),
+        AUDIENCE.to_string(),
+    )])));
+    let origin = Origin::protected_by(people, AUDIENCE);
+    let gw = gateway(&endpoint);
+    let url = format!("http://{HOST}:{}/resource", origin.port());
+    let open = |id: &str| {
+        let r = gw.admin_call(
+            "POST",
+            "/v1/agents/a/tool-calls",
+            Some(&format!(r#"{{"id":"{id}"}}"#)),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+    };
+
+    // The agent's own token is refused: the request is held, not answered 401.
+    open("tc-1");
+    let write = tokio::spawn(curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        "-X",
+        "POST",
+        "--data-binary",
+        "payload",
+        &url
+    ]));
+    let approval = wait_pending(&gw, "a");
+    assert_eq!(approval["kind"], "on_behalf_of");
+    assert_eq!(approval["obo_audience"], AUDIENCE);
+    assert_eq!(approval["tool_call"], "tc-1");
+    assert_eq!(approval["body_bytes"], 7);
+    assert_eq!(endpoint.requests(), 1, "the agent's token was tried first");
+    assert_eq!(origin.requests(), 1);
+    let id = approval["id"].as_str().expect("id").to_string();
+
+    // It needs the approver's token; with it, the same request goes again, with that token.
+    let bare = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(bare.status, 400, "{bare:?}");
+    let approved = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        Some(&format!(r#"{{"obo_token":"{PERSON_TOKEN}"}}"#)),
+    );
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(approved.json()["obo_token_held"], true);
+    assert!(!approved.body.contains(PERSON_TOKEN));
+    let replayed = write.await.expect("curl");
+    assert_eq!(replayed.status, 200, "{replayed:?}");
+    let seen = replayed.seen();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.body_len, 7);
+    assert_eq!(
+        seen.headers.get("authorization").map(String::as_str),
+        Some(format!("Bearer {PERSON_TOKEN}").as_str())
+    );
+    assert_eq!(origin.requests(), 2);
+
+    // The rest of the tool call uses it without asking again.
+    let read = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    assert_eq!(read.status, 200, "{read:?}");
+    assert_eq!(
+        read.seen().headers.get("authorization").map(String::as_str),
+        Some(format!("Bearer {PERSON_TOKEN}").as_str())
+    );
+    assert!(pending(&gw, "a").is_empty());
+
+    // Stored only sealed: no file of the data directory, and no log line, holds it.
+    for (path, bytes) in files_under(&gw.data_dir()) {
+        assert!(
+            !contains(&bytes, PERSON_TOKEN),
+            "{} holds the token",
+            path.display()
+        );
+    }
+    assert!(gw.log().contains("on-behalf-of admin"), "{}", gw.log());
+    assert!(!gw.log().contains(PERSON_TOKEN));
+
+    // Closing the tool call deletes it, from memory and from the store.
+    let closed = gw.admin_call("DELETE", "/v1/agents/a/tool-calls/tc-1", None);
+    assert_eq!(closed.status, 204);
+    let record = gw.admin_call("GET", &format!("/v1/approvals/{id}"), None);
+    assert_eq!(record.json()["obo_token_held"], false, "{record:?}");
+    open("tc-2");
+    let next = tokio::spawn(curl_async(args!["-x", gw.proxy_url(), &url]));
+    let again = wait_pending(&gw, "a");
+    assert_ne!(again["id"], id.as_str(), "a new tool call asks again");
+    let again_id = again["id"].as_str().expect("id");
+    gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{again_id}/deny"),
+        Some(r#"{"reason":"not for this task"}"#),
+    );
+    let denied = next.await.expect("curl");
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(denied.json()["error"], "approval_denied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_agent_never_acts_on_a_persons_behalf() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    let people: Issued = Arc::new(Mutex::new(HashMap::new()));
+    let origin = Origin::protected_by(people, AUDIENCE);
+    let gw = gateway(&endpoint);
+    let opened = gw.admin_call("POST", "/v1/agents/ro/tool-calls", Some(r#"{"id":"t"}"#));
+    assert_eq!(opened.status, 201);
+    let url = format!("http://{HOST}:{}/resource", origin.port());
+    let refused = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &url
+    ])
+    .await;
+    assert_eq!(
+        refused.status, 401,
+        "the origin's answer, as it was: {refused:?}"
+    );
+    assert!(pending(&gw, "ro").is_empty());
+    assert_eq!(endpoint.requests(), 1);
+}
