@@ -187,6 +187,44 @@ async fn a_held_write_is_released_once_on_approval_and_refused_on_denial() {
             .status,
         404
     );
+
+    // The agent's audit trail: one summary per request, without query or body.
+    assert!(gw.log_contains("approval_denied"));
+    let audit = gw.admin_call("GET", "/v1/agents/a/audit", None);
+    assert_eq!(audit.status, 200, "{audit:?}");
+    let records = audit.json()["records"]
+        .as_array()
+        .cloned()
+        .expect("records");
+    let summary: Vec<(String, u64, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap_or_default().to_string(),
+                r["status"].as_u64().unwrap_or_default(),
+                r["decision"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("GET".to_string(), 200, "allow".to_string()),
+            ("POST".to_string(), 200, "needs_approval".to_string()),
+            ("POST".to_string(), 403, "needs_approval".to_string()),
+        ]
+    );
+    assert_eq!(records[1]["approval"], id.as_str());
+    assert_eq!(records[1]["bytes_in"], 15);
+    assert_eq!(records[1]["path"], "/things");
+    assert_eq!(records[2]["error"], "approval_denied");
+    assert!(!audit.body.contains("x=1") && !audit.body.contains("hello, approver"));
+    let page = gw
+        .admin_call("GET", "/v1/agents/a/audit?since=2&limit=1", None)
+        .json();
+    assert_eq!(page["records"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page["records"][0]["seq"], 2);
+    assert_eq!(page["next"], 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

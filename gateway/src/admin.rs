@@ -18,6 +18,7 @@
 //! | `GET /v1/agents/{id}/tool-calls` | the agent's open tool calls |
 //! | `POST /v1/agents/{id}/tool-calls` | open one: `{"id": "...", "ttl_secs": 600}` (201) |
 //! | `DELETE /v1/agents/{id}/tool-calls/{tc}` | close it (204) |
+//! | `GET /v1/agents/{id}/audit?since=SEQ&limit=N` | the agent's audit trail from position SEQ (`next` continues it) |
 //! | `GET /v1/policies` | the policy set in force: version, policies, rejected problems |
 //! | `POST /v1/policies/reload` | reload the policy directory now |
 //! | `GET /v1/approvals?state=pending&agent=ID` | approvals, oldest first (both filters optional) |
@@ -244,6 +245,33 @@ impl AdminApi {
                         Method::PUT,
                         Method::DELETE,
                     ])),
+                }
+            }
+            ["v1", "agents", id, "audit"] => {
+                only(&method, &[Method::GET])?;
+                let id = id.to_string();
+                let (since, limit) = audit_window(session.req_header().uri.query().unwrap_or(""))?;
+                let store = self.store.clone();
+                let agent = id.clone();
+                let read = tokio::task::spawn_blocking(move || store.audit(&agent, since, limit))
+                    .await
+                    .map_err(|e| store_failed(&e.to_string()))?;
+                match read {
+                    Ok(records) => {
+                        let next = records.last().map_or(since, |r| r.seq + 1);
+                        Ok(json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "records": records, "next": next }),
+                        ))
+                    }
+                    Err(tollgate_storage::StoreError::NoAgent(_)) => {
+                        self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
+                        Ok(json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "records": [], "next": since }),
+                        ))
+                    }
+                    Err(e) => Err(store_failed(&e.to_string())),
                 }
             }
             ["v1", "agents", id, "tool-calls"] => {
@@ -532,6 +560,34 @@ fn approval_view(record: &ApprovalRecord) -> serde_json::Value {
         fields.insert("obo_token_held".into(), obo_token_held.into());
     }
     view
+}
+
+/// Most audit records one call returns.
+const MAX_AUDIT_PAGE: usize = 1000;
+
+/// `since=<seq>&limit=<n>` from a query string (defaults: from the start, 100 records).
+fn audit_window(query: &str) -> Result<(u64, usize), Refusal> {
+    let (mut since, mut limit) = (0, 100);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = |what: &str| {
+            value.parse::<u64>().map_err(|_| {
+                Refusal::bad_request(format!(
+                    "{what} must be a non-negative integer, not {value:?}"
+                ))
+            })
+        };
+        match key {
+            "since" => since = number("since")?,
+            "limit" => limit = (number("limit")? as usize).clamp(1, MAX_AUDIT_PAGE),
+            other => {
+                return Err(Refusal::bad_request(format!(
+                    "unknown parameter {other:?}: use since and limit"
+                )))
+            }
+        }
+    }
+    Ok((since, limit))
 }
 
 /// `state=…&agent=…` from a query string.
