@@ -389,6 +389,37 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
     assert_eq!(agent.status, 200, "{agent:?}");
     assert_eq!(agent.json()["run_mode"], "Autonomous");
     assert_eq!(origin.requests(), 1);
+
+    // On disk, each agent's data lives in a keyspace of its own.
+    let from_b = curl_async(args![
+        "--interface",
+        "127.0.0.9",
+        "-x",
+        gw.proxy_url(),
+        &url
+    ])
+    .await;
+    assert_eq!(from_b.status, 200, "{from_b:?}");
+    assert!(gw.log_contains("agent=\"b\""));
+    let dir = gw.stop();
+    let store = tollgate_storage::Store::open(&dir.path().join("data/store")).expect("store");
+    assert!(store.has_agent_space("a") && store.has_agent_space("b"));
+    let of = |agent: &str| {
+        store
+            .approvals(&tollgate_storage::ApprovalFilter {
+                agent: Some(agent.to_string()),
+                state: None,
+            })
+            .expect("approvals")
+            .len()
+    };
+    assert_eq!((of("a"), of("b")), (2, 0));
+    assert_eq!(store.audit("b", 0, 10).expect("audit b").len(), 1);
+    assert!(store
+        .audit("a", 0, 10)
+        .expect("audit a")
+        .iter()
+        .all(|r| r.agent == "a"));
 }
 
 /// Runs `tollgate approvals <args>` against `gw`'s admin API with `token_file`.
