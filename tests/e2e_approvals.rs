@@ -8,20 +8,14 @@ use std::time::Duration;
 
 use support::*;
 
-/// Reads are allowed, writes need approval.
-const POLICIES: &str = "@id(\"reads\")\npermit (principal, action == Action::\"read\", resource);\n\n\
-    @id(\"approved-writes\")\npermit (principal, action == Action::\"write\", resource) when { context.approved };\n";
-
-const AGENT: &str = "[[agents]]\nid = \"a\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n";
-
 /// Starts the gateway in `dir` (fresh or a stopped gateway's) with the approval policies and
 /// `extra` config lines.
 fn start_in(dir: tempfile::TempDir, extra: &str) -> Gateway {
     let policy_dir = dir.path().join("policies");
     std::fs::create_dir_all(&policy_dir).expect("policy dir");
-    std::fs::write(policy_dir.join("approvals.cedar"), POLICIES).expect("policy");
+    std::fs::write(policy_dir.join(APPROVAL_POLICIES.0), APPROVAL_POLICIES.1).expect("policy");
     let config = format!(
-        "{EPHEMERAL_LISTENERS}{}\n{extra}\n{AGENT}\n[policy]\ndir = {policy_dir:?}\n",
+        "{EPHEMERAL_LISTENERS}{}\n{extra}\n{REVIEW_AGENT}\n[policy]\ndir = {policy_dir:?}\n",
         loopback_upstream(None)
     );
     Gateway::start_in(dir, &config)
@@ -29,47 +23,6 @@ fn start_in(dir: tempfile::TempDir, extra: &str) -> Gateway {
 
 fn start(extra: &str) -> Gateway {
     start_in(tempfile::tempdir().expect("tempdir"), extra)
-}
-
-/// POSTs `body` through the gateway in the background.
-fn post(
-    gw: &Gateway,
-    url: &str,
-    body: &str,
-    extra: &[&str],
-) -> tokio::task::JoinHandle<CurlResult> {
-    let mut a = args![
-        "-x",
-        gw.proxy_url(),
-        "-X",
-        "POST",
-        "--data-binary",
-        body,
-        url
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    tokio::spawn(curl_async(a))
-}
-
-/// Waits (up to 10 s) until `n` approvals are pending, and returns them.
-fn pending(gw: &Gateway, n: usize) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let listed = gw.admin_call("GET", "/v1/approvals?state=pending", None);
-        assert_eq!(listed.status, 200, "{listed:?}");
-        let approvals = listed.json()["approvals"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if approvals.len() == n {
-            return approvals;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expected {n} pending approvals, have {approvals:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits (up to 10 s) until approval `id` is in `state`.
@@ -88,10 +41,6 @@ fn wait_state(gw: &Gateway, id: &str, state: &str) -> serde_json::Value {
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    tollgate_gateway::approval::body_sha256(data)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_write_is_released_once_on_approval_and_refused_on_denial() {
     if no_curl() {
@@ -105,8 +54,8 @@ async fn a_held_write_is_released_once_on_approval_and_refused_on_denial() {
     let read = curl_async(args!["-x", gw.proxy_url(), &url]).await;
     assert_eq!(read.status, 200, "{read:?}");
     let before = origin.requests();
-    let held = post(&gw, &url, "hello, approver", &[]);
-    let approval = pending(&gw, 1).remove(0);
+    let held = post_in_background(&gw, &url, "hello, approver", &[]);
+    let approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
     assert_eq!(approval["agent"], "a");
     assert_eq!(approval["method"], "POST");
     assert_eq!(approval["url"], url.as_str());
@@ -138,8 +87,8 @@ async fn a_held_write_is_released_once_on_approval_and_refused_on_denial() {
     // A decision is final, and never covers another request.
     let again = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
     assert_eq!(again.status, 409, "{again:?}");
-    let second = post(&gw, &url, "hello, approver", &[]);
-    let second_approval = pending(&gw, 1).remove(0);
+    let second = post_in_background(&gw, &url, "hello, approver", &[]);
+    let second_approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
     assert_ne!(second_approval["id"], id.as_str());
     assert_eq!(origin.requests(), before + 1);
 
@@ -236,7 +185,9 @@ async fn an_undecided_request_expires_and_a_departed_client_abandons_its_request
     let gw = start("[approvals]\ntimeout_secs = 1\n");
     let url = format!("http://127.0.0.1:{}/things", origin.port());
 
-    let expired = post(&gw, &url, "{}", &[]).await.expect("curl");
+    let expired = post_in_background(&gw, &url, "{}", &[])
+        .await
+        .expect("curl");
     assert_eq!(expired.status, 403, "{expired:?}");
     assert_eq!(expired.json()["error"], "approval_expired");
     assert!(expired.json()["detail"]
@@ -256,7 +207,7 @@ async fn an_undecided_request_expires_and_a_departed_client_abandons_its_request
     // The client gives up after 300 ms, long before the timeout: the record is abandoned,
     // and approving it afterwards sends nothing.
     let gw = start("[approvals]\ntimeout_secs = 30\n");
-    let gone = post(&gw, &url, "{}", &["--max-time", "0.3"])
+    let gone = post_in_background(&gw, &url, "{}", &["--max-time", "0.3"])
         .await
         .expect("curl");
     assert_eq!(gone.status, 0, "{gone:?}");
@@ -288,13 +239,17 @@ async fn held_requests_are_limited_in_number_and_body_size() {
     let gw = start("[approvals]\nmax_pending_per_agent = 1\nmax_body_bytes = 64\n");
     let url = format!("http://127.0.0.1:{}/things", origin.port());
 
-    let large = post(&gw, &url, &"x".repeat(65), &[]).await.expect("curl");
+    let large = post_in_background(&gw, &url, &"x".repeat(65), &[])
+        .await
+        .expect("curl");
     assert_eq!(large.status, 413, "{large:?}");
     assert_eq!(large.json()["error"], "body_too_large");
 
-    let first = post(&gw, &url, "{}", &[]);
-    let held = pending(&gw, 1).remove(0);
-    let second = post(&gw, &url, "{}", &[]).await.expect("curl");
+    let first = post_in_background(&gw, &url, "{}", &[]);
+    let held = wait_for_approvals(&gw, "state=pending", 1).remove(0);
+    let second = post_in_background(&gw, &url, "{}", &[])
+        .await
+        .expect("curl");
     assert_eq!(second.status, 429, "{second:?}");
     assert_eq!(second.json()["error"], "too_many_pending_approvals");
 
@@ -306,8 +261,8 @@ async fn held_requests_are_limited_in_number_and_body_size() {
     );
     assert_eq!(first.await.expect("curl").status, 403);
     // The slot is free again.
-    let third = post(&gw, &url, "{}", &[]);
-    pending(&gw, 1);
+    let third = post_in_background(&gw, &url, "{}", &[]);
+    wait_for_approvals(&gw, "state=pending", 1);
     drop(gw);
     assert_eq!(third.await.expect("curl").status, 0);
     assert_eq!(origin.requests(), 0);
@@ -329,8 +284,11 @@ async fn named_approvers_decide_under_their_own_name_and_nothing_else() {
     let url = format!("http://127.0.0.1:{}/things", origin.port());
     let alice = Some("alice-secret-token");
 
-    let held = post(&gw, &url, "{}", &[]);
-    let id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let held = post_in_background(&gw, &url, "{}", &[]);
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     assert_eq!(gw.admin_as(alice, "GET", "/v1/agents", None).status, 403);
     assert_eq!(
         gw.admin_as(Some("wrong"), "GET", "/v1/approvals", None)
@@ -362,8 +320,11 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
         Some(r#"{"run_mode":"Autonomous","peers":["127.0.0.9"]}"#),
     );
     assert_eq!(put.status, 201, "{put:?}");
-    let first = post(&gw, &url, "one", &[]);
-    let approved_id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let first = post_in_background(&gw, &url, "one", &[]);
+    let approved_id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let ack = gw.admin_call(
         "POST",
         &format!("/v1/approvals/{approved_id}/approve"),
@@ -371,8 +332,11 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
     );
     assert_eq!(ack.status, 200);
     assert_eq!(first.await.expect("curl").status, 200);
-    let second = post(&gw, &url, "two", &[]);
-    let pending_id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let second = post_in_background(&gw, &url, "two", &[]);
+    let pending_id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
 
     // SIGKILL, no chance to flush anything, then start again on the same data.
     let dir = gw.stop();
@@ -454,8 +418,11 @@ async fn the_approvals_command_lists_shows_approves_and_denies() {
     let token = gw.data_dir().join("admin-token");
     let url = format!("http://127.0.0.1:{}/deploy", origin.port());
 
-    let first = post(&gw, &url, "v1", &[]);
-    let id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let first = post_in_background(&gw, &url, "v1", &[]);
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let (code, out, err) = approvals_cli(&gw, &token, &["list"]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -470,8 +437,11 @@ async fn the_approvals_command_lists_shows_approves_and_denies() {
     assert!(out.contains("approved"), "{out}");
     assert_eq!(first.await.expect("curl").status, 200);
 
-    let second = post(&gw, &url, "v2", &[]);
-    let id = pending(&gw, 1)[0]["id"].as_str().expect("id").to_string();
+    let second = post_in_background(&gw, &url, "v2", &[]);
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let (code, _, err) = approvals_cli(&gw, &token, &["deny", &id, "--reason", "wrong version"]);
     assert_eq!(code, 0, "{err}");
     let denied = second.await.expect("curl");

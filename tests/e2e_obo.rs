@@ -69,21 +69,6 @@ fn pending(gw: &Gateway, agent: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-/// Waits (up to 10 s) for the agent's one pending approval.
-fn wait_pending(gw: &Gateway, agent: &str) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let [one] = pending(gw, agent).as_slice() {
-            return one.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no pending approval for {agent}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Every file under `dir`, read whole.
 fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -137,7 +122,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
         "payload",
         &url
     ]));
-    let approval = wait_pending(&gw, "a");
+    let approval = wait_for_approvals(&gw, "state=pending&agent=a", 1).remove(0);
     assert_eq!(approval["kind"], "on_behalf_of");
     assert_eq!(approval["obo_audience"], AUDIENCE);
     assert_eq!(approval["tool_call"], "tc-1");
@@ -195,7 +180,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     assert_eq!(record.json()["obo_token_held"], false, "{record:?}");
     open("tc-2");
     let next = tokio::spawn(curl_async(args!["-x", gw.proxy_url(), &url]));
-    let again = wait_pending(&gw, "a");
+    let again = wait_for_approvals(&gw, "state=pending&agent=a", 1).remove(0);
     assert_ne!(again["id"], id.as_str(), "a new tool call asks again");
     let again_id = again["id"].as_str().expect("id");
     gw.admin_call(

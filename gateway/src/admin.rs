@@ -90,44 +90,27 @@ struct Caller {
     admin: bool,
 }
 
-/// The admin API application.
+/// The admin API application: the state it reads and changes.
 pub struct AdminApi {
-    callers: Approvers,
-    registry: Arc<AgentRegistry>,
-    policies: Arc<PolicyStore>,
-    tool_calls: Arc<ToolCalls>,
-    credentials: Arc<Credentials>,
-    approvals: Arc<Approvals>,
-    store: Arc<Store>,
-    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Who may call, and as whom.
+    pub callers: Approvers,
+    /// The agents.
+    pub registry: Arc<AgentRegistry>,
+    /// The policy set in force.
+    pub policies: Arc<PolicyStore>,
+    /// Open tool calls.
+    pub tool_calls: Arc<ToolCalls>,
+    /// Tokens to drop when tool calls close or agents go.
+    pub credentials: Arc<Credentials>,
+    /// Held requests.
+    pub approvals: Arc<Approvals>,
+    /// The durable store (registry, audit).
+    pub store: Arc<Store>,
+    /// What `/readyz` reports.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminApi {
-    /// The API over the registry, policies, tool calls and approvals, open to `callers`;
-    /// `/readyz` reports `ready`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        callers: Approvers,
-        registry: Arc<AgentRegistry>,
-        policies: Arc<PolicyStore>,
-        tool_calls: Arc<ToolCalls>,
-        credentials: Arc<Credentials>,
-        approvals: Arc<Approvals>,
-        store: Arc<Store>,
-        ready: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Self {
-        AdminApi {
-            callers,
-            registry,
-            policies,
-            tool_calls,
-            credentials,
-            approvals,
-            store,
-            ready,
-        }
-    }
-
     fn authorized(&self, session: &ServerSession) -> Result<Caller, Refusal> {
         let header = session
             .req_header()

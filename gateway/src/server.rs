@@ -241,16 +241,16 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         Duration::from_secs(config.storage.retention_days * 86_400),
         watch.clone(),
     ));
-    let admin_api = AdminApi::new(
-        Approvers::new(token, approvers),
-        registry.clone(),
-        policies.clone(),
+    let admin_api = AdminApi {
+        callers: Approvers::new(token, approvers),
+        registry: registry.clone(),
+        policies: policies.clone(),
         tool_calls,
         credentials,
         approvals,
         store,
-        ready.clone(),
-    );
+        ready: ready.clone(),
+    };
     tasks.push(listener::serve(
         "admin",
         admin_socket,
