@@ -220,3 +220,98 @@ async fn a_read_only_agent_never_acts_on_a_persons_behalf() {
     assert!(pending(&gw, "ro").is_empty());
     assert_eq!(endpoint.requests(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arm_write_outside_the_agents_scopes_is_sent_only_with_the_approvers_token() {
+    if no_curl() {
+        return;
+    }
+    let ca = TestCa::new("arm");
+    let origin = Origin::https_for(&ca, &["management.azure.com"]);
+    let config = format!(
+        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "management.azure.com" = "127.0.0.1" }}
+
+[[identity_providers]]
+name = "dev"
+kind = "static"
+token = {{ env = "OBO_TEST_AGENT_TOKEN" }}
+
+[[credential_rules]]
+hosts = ["management.azure.com"]
+audience = "https://management.azure.com/.default"
+
+[[agents]]
+id = "auto"
+run_mode = "Autonomous"
+identity = "dev"
+scopes = ["/subscriptions/sub-1/resourceGroups/rg-a"]
+peers = ["127.0.0.1"]
+"#,
+        upstream = loopback_upstream(Some(&ca.cert_path())),
+    );
+    let files = default_policies();
+    let policies: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let gw = Gateway::start_with_env(
+        &config,
+        &policies,
+        "",
+        &[("OBO_TEST_AGENT_TOKEN", "agent-own-token")],
+    );
+    let opened = gw.admin_call("POST", "/v1/agents/auto/tool-calls", Some(r#"{"id":"t"}"#));
+    assert_eq!(opened.status, 201);
+    let arm = |rg: &str| {
+        format!(
+            "https://management.azure.com:{}/subscriptions/sub-1/resourceGroups/{rg}/providers/Microsoft.Storage/storageAccounts/acct?api-version=2023-01-01",
+            origin.port()
+        )
+    };
+    let put = |url: String| {
+        tokio::spawn(curl_async(args![
+            "-x",
+            gw.proxy_url(),
+            "--cacert",
+            gw.ca_cert().display(),
+            "-X",
+            "PUT",
+            "--data-binary",
+            "{}",
+            url
+        ]))
+    };
+
+    // Inside its scope the agent writes with its own token.
+    let inside = put(arm("rg-a")).await.expect("curl");
+    assert_eq!(inside.status, 200, "{inside:?}");
+    assert_eq!(
+        inside
+            .seen()
+            .headers
+            .get("authorization")
+            .map(String::as_str),
+        Some("Bearer agent-own-token")
+    );
+
+    // Outside it, nothing is sent until a person lends their identity.
+    let outside = put(arm("rg-b"));
+    let approval = wait_for_approvals(&gw, "state=pending&agent=auto", 1).remove(0);
+    assert_eq!(approval["kind"], "on_behalf_of");
+    assert_eq!(approval["policies"][0], "autonomous-approved-writes");
+    assert_eq!(origin.requests(), 1, "no first try with the agent's token");
+    let id = approval["id"].as_str().expect("id");
+    let approved = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        Some(&format!(r#"{{"obo_token":"{PERSON_TOKEN}"}}"#)),
+    );
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let sent = outside.await.expect("curl");
+    assert_eq!(sent.status, 200, "{sent:?}");
+    assert_eq!(
+        sent.seen().headers.get("authorization").map(String::as_str),
+        Some(format!("Bearer {PERSON_TOKEN}").as_str())
+    );
+    assert_eq!(origin.requests(), 2);
+}

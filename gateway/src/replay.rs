@@ -45,6 +45,12 @@ pub async fn exchange<'a>(
 ) -> Result<Answer<'a>, Refusal> {
     let refusal = |e: pingora::BError| upstream::refusal_for_upstream_error(&e, target);
     let (mut origin, _reused) = connector.get_http_session(&peer).await.map_err(refusal)?;
+    // The sandbox may have spoken HTTP/2 to the gateway; the origin connection speaks
+    // whatever was negotiated with the origin.
+    request.set_version(match origin.as_http2() {
+        Some(_) => http::Version::HTTP_2,
+        None => http::Version::HTTP_11,
+    });
     request.remove_header(&http::header::TRANSFER_ENCODING);
     // The body goes whole, so its length is known (a request without one announces none).
     if !body.is_empty() || request.headers.contains_key(http::header::CONTENT_LENGTH) {
