@@ -462,3 +462,29 @@ async fn the_approvals_command_lists_shows_approves_and_denies() {
     assert!(err.contains("401"), "{err}");
     assert_eq!(origin.requests(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_100_continue_is_asked_for_its_body_before_the_hold() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("");
+    let url = format!("http://127.0.0.1:{}/upload", origin.port());
+    let body = "b".repeat(2048);
+    let held = post_in_background(&gw, &url, &body, &["-v", "-H", "Expect: 100-continue"]);
+    let approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
+    assert_eq!(approval["body_bytes"], 2048);
+    let id = approval["id"].as_str().expect("id");
+    gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    let released = held.await.expect("curl");
+    assert_eq!(released.status, 200, "{released:?}");
+    assert!(
+        released.stderr.contains("HTTP/1.1 100 Continue"),
+        "{}",
+        released.stderr
+    );
+    let seen = released.seen();
+    assert_eq!(seen.body_len, 2048);
+    assert!(!seen.headers.contains_key("expect"), "{:?}", seen.headers);
+}

@@ -409,6 +409,21 @@ async fn read_whole_body(session: &mut Session, limit: usize) -> Result<Bytes, R
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
+    // A client waiting for `100 Continue` is told to send: the gateway takes the body whole.
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue {
+        if let Err(e) = session.downstream_session.write_continue_response().await {
+            return Err(Refusal::bad_request(format!(
+                "could not ask for the request body: {}",
+                e.etype().as_str()
+            )));
+        }
+    }
     let mut body = bytes::BytesMut::new();
     loop {
         match session.read_request_body().await {

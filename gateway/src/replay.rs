@@ -52,6 +52,8 @@ pub async fn exchange<'a>(
         None => http::Version::HTTP_11,
     });
     request.remove_header(&http::header::TRANSFER_ENCODING);
+    // The whole body goes at once: nothing waits for the origin's `100 Continue`.
+    request.remove_header(&http::header::EXPECT);
     // The body goes whole, so its length is known (a request without one announces none).
     if !body.is_empty() || request.headers.contains_key(http::header::CONTENT_LENGTH) {
         request
