@@ -9,10 +9,8 @@
 //! Configurations are measured in interleaved rounds so that drift on a shared machine hits
 //! both alike; the table reports the median round of each.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +19,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use tollgate_benches::http::{content_length, find_head_end};
+use tollgate_benches::origin::{connections_accepted, start_origin};
+use tollgate_benches::{Gateway, TempDir};
 
 /// Compare direct and through-Tollgate request rates and latencies.
 #[derive(Parser)]
@@ -82,7 +83,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let body = vec![b'x'; args.body_bytes];
     let origin = origin_rt.block_on(start_origin(body))?;
-    let mut gateway = Gateway::start(&args.gateway, args.gateway_threads)?;
+    let dir = TempDir::new("tollgate-bench")?;
+    let config = gateway_config(dir.path(), args.gateway_threads)?;
+    let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
     let load_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,7 +115,7 @@ fn main() -> anyhow::Result<()> {
     // injection hit path (the token is fetched once, in the warm-up).
     let graph = format!("graph.microsoft.com:{}", origin.port());
     let injected_req = format!("GET http://{graph}/bench HTTP/1.1\r\nHost: {graph}\r\n\r\n");
-    gateway.open_tool_call()?;
+    open_tool_call(&gateway)?;
     load_rt.block_on(run_load(
         gateway.egress,
         &injected_req,
@@ -123,16 +126,18 @@ fn main() -> anyhow::Result<()> {
     let mut direct = Vec::new();
     let mut proxied = Vec::new();
     let mut injected = Vec::new();
+    let through_gateway =
+        |request: &str| measure(&gateway, &load_rt, request, args.connections, duration);
     for round in 0..args.rounds {
         direct.push(load_rt.block_on(run_load(origin, &direct_req, args.connections, duration))?);
         // The gateway route measured first in a round comes out slower on this kind of
         // machine; alternating the order (ABBA) keeps that out of the comparison.
         if round % 2 == 0 {
-            proxied.push(gateway.measure(&load_rt, &proxied_req, args.connections, duration)?);
-            injected.push(gateway.measure(&load_rt, &injected_req, args.connections, duration)?);
+            proxied.push(through_gateway(&proxied_req)?);
+            injected.push(through_gateway(&injected_req)?);
         } else {
-            injected.push(gateway.measure(&load_rt, &injected_req, args.connections, duration)?);
-            proxied.push(gateway.measure(&load_rt, &proxied_req, args.connections, duration)?);
+            injected.push(through_gateway(&injected_req)?);
+            proxied.push(through_gateway(&proxied_req)?);
         }
     }
     let direct = median(direct);
@@ -210,7 +215,7 @@ fn render(
     ));
     t.push_str(&format!(
         "\nOrigin connections accepted in the whole run: {}\n",
-        ORIGIN_CONNECTIONS.load(Ordering::Relaxed)
+        connections_accepted()
     ));
     if let Some(kib) = gateway_rss_kib {
         t.push_str(&format!(
@@ -219,64 +224,6 @@ fn render(
         ));
     }
     t
-}
-
-/// Connections the origin accepted (a gateway that does not pool its upstream connections
-/// shows up here).
-static ORIGIN_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// The origin: answers every request on a keep-alive connection with `body`.
-async fn start_origin(body: Vec<u8>) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let mut response = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    response.extend_from_slice(&body);
-    let response: Arc<[u8]> = response.into();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            ORIGIN_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
-            let _ = socket.set_nodelay(true);
-            let response = response.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::with_capacity(4096);
-                let mut chunk = [0u8; 4096];
-                loop {
-                    // Answer each complete request head (bench requests carry no body).
-                    while let Some(end) = find_head_end(&buf) {
-                        buf.drain(..end);
-                        if socket.write_all(&response).await.is_err() {
-                            return;
-                        }
-                    }
-                    match socket.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
-}
-
-fn content_length(head: &[u8]) -> Option<usize> {
-    let text = std::str::from_utf8(head).ok()?;
-    text.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        if name.eq_ignore_ascii_case("content-length") {
-            value.trim().parse().ok()
-        } else {
-            None
-        }
-    })
 }
 
 /// Runs `connections` closed-loop clients against `addr` for `duration`.
@@ -378,153 +325,47 @@ async fn client(addr: SocketAddr, request: &[u8], stop: &AtomicBool) -> (Histogr
     (hist, ok, errors)
 }
 
-/// The gateway under test, as a child process on ephemeral loopback ports.
-struct Gateway {
-    child: Child,
-    egress: SocketAddr,
-    admin: SocketAddr,
-    dir: TempDir,
+/// The bench agent's configuration: token injection for graph.microsoft.com (a static
+/// provider), both bench hosts pinned to the loopback origin.
+fn gateway_config(dir: &Path, threads: usize) -> anyhow::Result<String> {
+    let token_file = dir.join("static-token");
+    std::fs::write(&token_file, "bench-static-token\n")?;
+    Ok(format!(
+        "[limits]\nworker_threads = {threads}\n\
+         [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
+         resolve = {{ \"api.github.com\" = \"127.0.0.1\", \"graph.microsoft.com\" = \"127.0.0.1\" }}\n\
+         [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
+         [[credential_rules]]\nhosts = [\"graph.microsoft.com\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
+         [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n"
+    ))
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Opens tool call "bench" for the bench agent on the admin API.
+fn open_tool_call(gateway: &Gateway) -> anyhow::Result<()> {
+    let answer = gateway.admin_api()?.call(
+        "POST",
+        "/v1/agents/bench/tool-calls",
+        Some(r#"{"id":"bench"}"#),
+    )?;
+    if answer.status != 201 {
+        bail!("opening the bench tool call failed: {}", answer.status_line);
     }
+    Ok(())
 }
 
-impl Gateway {
-    fn start(binary: &PathBuf, threads: usize) -> anyhow::Result<Gateway> {
-        let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let dir = TempDir(dir);
-        let token_file = dir.0.join("static-token");
-        std::fs::write(&token_file, "bench-static-token\n")?;
-        let config = format!(
-            "data_dir = {data:?}\n[egress]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [limits]\nworker_threads = {threads}\n\
-             [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
-             resolve = {{ \"api.github.com\" = \"127.0.0.1\", \"graph.microsoft.com\" = \"127.0.0.1\" }}\n\
-             [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
-             [[credential_rules]]\nhosts = [\"graph.microsoft.com\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
-             [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n",
-            data = dir.0.join("data")
-        );
-        let config_path = dir.0.join("tollgate.toml");
-        std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.0.join("gateway.log"))?;
-        let mut child = Command::new(binary)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("gateway stdout")?;
-        let (mut egress, mut admin) = (None, None);
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            if let Some(addr) = line.trim().strip_prefix("egress proxy: http://") {
-                egress = Some(addr.parse()?);
-            }
-            if let Some(rest) = line.trim().strip_prefix("admin API: http://") {
-                admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-            }
-            if line == "ready" {
-                break;
-            }
-        }
-        let (Some(egress), Some(admin)) = (egress, admin) else {
-            let _ = child.kill();
-            bail!("the gateway did not report its addresses; see its log");
-        };
-        Ok(Gateway {
-            child,
-            egress,
-            admin,
-            dir,
-        })
-    }
-
-    /// Opens tool call "bench" for the bench agent on the admin API.
-    fn open_tool_call(&self) -> anyhow::Result<()> {
-        use std::io::{Read, Write};
-        let token = std::fs::read_to_string(self.dir.0.join("data/admin-token"))?;
-        let body = r#"{"id":"bench"}"#;
-        let mut admin = std::net::TcpStream::connect(self.admin)?;
-        write!(
-            admin,
-            "POST /v1/agents/bench/tool-calls HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.admin,
-            token.trim(),
-            body.len()
-        )?;
-        let mut answer = String::new();
-        admin.read_to_string(&mut answer)?;
-        if !answer.starts_with("HTTP/1.1 201") {
-            bail!(
-                "opening the bench tool call failed: {}",
-                answer.lines().next().unwrap_or("")
-            );
-        }
-        Ok(())
-    }
-
-    /// One round of load through the gateway, with the gateway's CPU time for it.
-    fn measure(
-        &self,
-        runtime: &tokio::runtime::Runtime,
-        request: &str,
-        connections: usize,
-        duration: Duration,
-    ) -> anyhow::Result<Round> {
-        let before = self.cpu_time();
-        let mut round = runtime.block_on(run_load(self.egress, request, connections, duration))?;
-        round.gateway_cpu = match (before, self.cpu_time()) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-            _ => None,
-        };
-        Ok(round)
-    }
-
-    /// User + system CPU time of the gateway process so far.
-    fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the command name (which may contain spaces) start after ") ".
-        let rest = stat.rsplit_once(") ")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        let ticks = clock_ticks_per_second();
-        Some(Duration::from_secs_f64(
-            (utime + stime) as f64 / ticks as f64,
-        ))
-    }
-
-    /// Peak resident set size of the gateway process, in KiB.
-    fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `getconf CLK_TCK`; 100 on every Linux this runs on, asked anyway.
-fn clock_ticks_per_second() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
+/// One round of load through the gateway, with the gateway's CPU time for it.
+fn measure(
+    gateway: &Gateway,
+    runtime: &tokio::runtime::Runtime,
+    request: &str,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Round> {
+    let before = gateway.cpu_time();
+    let mut round = runtime.block_on(run_load(gateway.egress, request, connections, duration))?;
+    round.gateway_cpu = match (before, gateway.cpu_time()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    Ok(round)
 }

@@ -1,0 +1,64 @@
+//! The origin both benchmarks send their requests to: on loopback, in the driver's process,
+//! it answers every request on a keep-alive connection with the same 200 response.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::http::{content_length, find_head_end};
+
+/// Connections the origin accepted (a gateway that does not pool its upstream connections
+/// shows up here).
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many connections the origin has accepted so far (in this process).
+pub fn connections_accepted() -> u64 {
+    CONNECTIONS.load(Ordering::Relaxed)
+}
+
+/// Starts the origin on an ephemeral loopback port, on the current Tokio runtime: every
+/// request (its body, if it has a `Content-Length`, read and dropped) is answered with a
+/// 200 carrying `body`.
+pub async fn start_origin(body: Vec<u8>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(&body);
+    let response: Arc<[u8]> = response.into();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            let _ = socket.set_nodelay(true);
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(4096);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Answer each complete request.
+                    while let Some(end) = find_head_end(&buf) {
+                        let len = end + content_length(&buf[..end]).unwrap_or(0);
+                        if buf.len() < len {
+                            break;
+                        }
+                        buf.drain(..len);
+                        if socket.write_all(&response).await.is_err() {
+                            return;
+                        }
+                    }
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
