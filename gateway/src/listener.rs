@@ -191,7 +191,9 @@ impl ServerApp for EgressApp {
                 .map(|_| ())
                 .map_err(|e| identity_refusal(&e))
         };
-        let decrypted = self.interceptor.open(stream, admit).await?;
+        // Boxed: the handshake's state would otherwise stay in every connection's future,
+        // plain HTTP ones included.
+        let decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;
         self.proxy.process_new(decrypted, shutdown).await
     }
 }

@@ -83,7 +83,13 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
         config.data_dir = dir;
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("tollgate");
+    // The blocking pool runs store writes (each fsync'd) and name lookups. fjall commits
+    // one journal write at a time, so hundreds of threads waiting on it (tokio's default
+    // allows 512) only cost memory: a burst of held requests would start one each.
+    runtime
+        .enable_all()
+        .thread_name("tollgate")
+        .max_blocking_threads(32);
     if config.limits.worker_threads > 0 {
         runtime.worker_threads(config.limits.worker_threads);
     }

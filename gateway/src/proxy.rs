@@ -615,7 +615,8 @@ impl ProxyHttp for Egress {
         match self.admit(session, ctx).await {
             Ok(Admitted::Proxy) => Ok(false),
             Ok(Admitted::Send { body, obo_fallback }) => {
-                match self.send(session, ctx, body, obo_fallback).await {
+                // Boxed: this path's state is large, and the proxy path should not carry it.
+                match Box::pin(self.send(session, ctx, body, obo_fallback)).await {
                     Ok(()) => Ok(true),
                     Err(stop) => self.stop(session, ctx, stop).await,
                 }

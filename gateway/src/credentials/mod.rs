@@ -390,11 +390,18 @@ impl Credentials {
             provider: provider_name.to_string(),
             audience: rule.audience.clone(),
         };
-        let token = self
-            .cache
-            .try_get_with(key, self.fetch(provider, &rule.audience))
+        // A hit is the common case and needs only a lookup. The miss path (coalesced fetch) is
+        // a large future: boxed, so that every request's state — and each request held for
+        // approval keeps its state for minutes — does not carry it.
+        let token = match self.cache.get(&key).await {
+            Some(token) => token,
+            None => Box::pin(
+                self.cache
+                    .try_get_with(key, self.fetch(provider, &rule.audience)),
+            )
             .await
-            .map_err(|e| unavailable(format!("identity provider {provider_name:?}: {e}")))?;
+            .map_err(|e| unavailable(format!("identity provider {provider_name:?}: {e}")))?,
+        };
         rule.inject(&token.value, provider_name.to_string(), false)
             .map(Some)
     }
