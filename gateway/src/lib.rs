@@ -26,11 +26,13 @@
 //! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
 //! - [`client`] — the gateway's own HTTP client (token endpoints, the CLI).
 //!
-//! Telemetry plugs into [`proxy::Egress`] as its issue lands; every request already ends in a
-//! log line and an audit record (`tollgate_storage::AuditRecord`).
+//! - [`audit`] — the last step: each request's summary, queued for the agent's audit trail.
+//!
+//! Telemetry plugs into [`proxy::Egress`] as its issue lands.
 
 pub mod admin;
 pub mod approval;
+pub mod audit;
 pub mod ca;
 pub mod client;
 pub mod config;

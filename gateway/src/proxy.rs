@@ -19,9 +19,10 @@ use pingora::{ErrorSource, ErrorType};
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use tollgate_policy::{Decision, Outcome, RequestFacts};
-use tollgate_storage::{ApprovalKind, AuditRecord, Store};
+use tollgate_storage::{ApprovalKind, AuditRecord};
 
 use crate::approval::{Approvals, HoldEnd, HoldRequest, Released};
+use crate::audit::AuditTrail;
 use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding, RunMode};
@@ -49,7 +50,7 @@ pub struct Shared {
     /// Sends released requests (same trust and pool settings as the proxy's own).
     pub connector: Connector,
     /// Where audit records go.
-    pub store: Arc<Store>,
+    pub audit: AuditTrail,
 }
 
 /// The pipeline of one listener: the shared state plus how that listener identifies agents.
@@ -800,8 +801,6 @@ impl ProxyHttp for Egress {
                 .map_or(session.body_bytes_sent() as u64, |r| r.bytes_out),
             latency_us: elapsed.as_micros() as u64,
         };
-        if let Err(e) = self.shared.store.append_audit(record) {
-            tracing::warn!(agent = agent.id, error = %e, "could not append to the audit trail");
-        }
+        self.shared.audit.record(record);
     }
 }

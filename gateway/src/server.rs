@@ -19,6 +19,7 @@ use tollgate_storage::{now_millis, Store};
 
 use crate::admin::{AdminApi, Approvers};
 use crate::approval::Approvals;
+use crate::audit::AuditTrail;
 use crate::ca::{CaError, GatewayCa, LeafCerts};
 use crate::config::Config;
 use crate::credentials::Credentials;
@@ -62,6 +63,9 @@ pub enum StartError {
     /// The key sealing lent tokens.
     #[error(transparent)]
     Seal(#[from] crate::obo::SealError),
+    /// The audit writer thread.
+    #[error("cannot start the audit writer: {0}")]
+    AuditWriter(std::io::Error),
     /// An approver's token.
     #[error("admin.approvers: {0}")]
     Approver(String),
@@ -155,7 +159,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
         )),
-        store: store.clone(),
+        audit: AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?,
     });
     let leaves = LeafCerts::new(
         ca,

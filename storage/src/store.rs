@@ -22,6 +22,18 @@ const AGENT_PREFIX: &str = "agent.";
 const APPROVAL_KEY: &[u8] = b"approval/";
 const AUDIT_KEY: &[u8] = b"audit/";
 
+// Memory bounds. fjall's defaults (64 MiB memtable per keyspace, 32 MiB block cache) suit a
+// database that is the process's main job; here the store sits beside a proxy, with one
+// keyspace per agent, and its reads (approvals, audit pages) are rare.
+/// Block cache for reads.
+const BLOCK_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// A keyspace's memtable is flushed to disk at this size.
+const MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+
+fn keyspace_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+}
+
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,10 +100,11 @@ impl Store {
             path: path.to_path_buf(),
             reason,
         };
-        let db = Database::builder(path).open().map_err(err)?;
-        let registry = db
-            .keyspace(REGISTRY, KeyspaceCreateOptions::default)
+        let db = Database::builder(path)
+            .cache_size(BLOCK_CACHE_BYTES)
+            .open()
             .map_err(err)?;
+        let registry = db.keyspace(REGISTRY, keyspace_options).map_err(err)?;
         let store = Store {
             path: path.to_path_buf(),
             db,
@@ -144,10 +157,7 @@ impl Store {
         }
         let keyspace = self
             .db
-            .keyspace(
-                &format!("{AGENT_PREFIX}{agent}"),
-                KeyspaceCreateOptions::default,
-            )
+            .keyspace(&format!("{AGENT_PREFIX}{agent}"), keyspace_options)
             .map_err(|e| self.db_err(e))?;
         let next_audit = match keyspace.prefix(AUDIT_KEY).next_back() {
             Some(last) => {
@@ -354,21 +364,21 @@ impl Store {
 
     // ---- audit ----
 
-    /// Appends a record to its agent's audit trail (creating the agent's keyspace if needed)
-    /// and returns its position. Not fsync'd:
-    /// the audit trail trades the last moments before a power loss for request latency.
-    pub fn append_audit(&self, mut record: AuditRecord) -> Result<u64, StoreError> {
-        let space = self.open_space(&record.agent)?;
-        record.seq = space.next_audit.fetch_add(1, Ordering::Relaxed);
-        let value = serde_json::to_vec(&record).map_err(|reason| StoreError::Corrupt {
-            what: "audit",
-            reason,
-        })?;
-        space
-            .keyspace
-            .insert(audit_key(record.seq), value)
-            .map_err(|e| self.db_err(e))?;
-        Ok(record.seq)
+    /// Appends records (of any agents) to their audit trails in one write, creating agents'
+    /// keyspaces as needed. Not fsync'd: the audit trail trades the last moments before a
+    /// power loss for request latency.
+    pub fn append_audit_batch(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for mut record in records {
+            let space = self.open_space(&record.agent)?;
+            record.seq = space.next_audit.fetch_add(1, Ordering::Relaxed);
+            let value = serde_json::to_vec(&record).map_err(|reason| StoreError::Corrupt {
+                what: "audit",
+                reason,
+            })?;
+            batch.insert(&space.keyspace, audit_key(record.seq), value);
+        }
+        batch.commit().map_err(|e| self.db_err(e))
     }
 
     /// An agent's audit records from position `since` on, at most `limit` of them.
@@ -569,7 +579,7 @@ mod tests {
         store.put_agent("a2", &2).unwrap();
         store.insert_approval(&pending("x", "a1")).unwrap();
         store.insert_approval(&pending("y", "a2")).unwrap();
-        store.append_audit(audit("a1", 1)).unwrap();
+        store.append_audit_batch(vec![audit("a1", 1)]).unwrap();
         assert!(store.has_agent_space("a1") && store.has_agent_space("a2"));
         let only_a2 = store
             .approvals(&ApprovalFilter {
@@ -618,11 +628,11 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store.put_agent("a1", &1).unwrap();
             for at in [10, 20, 30] {
-                store.append_audit(audit("a1", at)).unwrap();
+                store.append_audit_batch(vec![audit("a1", at)]).unwrap();
             }
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.append_audit(audit("a1", 40)).unwrap(), 3);
+        store.append_audit_batch(vec![audit("a1", 40)]).unwrap();
         let all = store.audit("a1", 0, 100).unwrap();
         assert_eq!(
             all.iter().map(|r| (r.seq, r.at)).collect::<Vec<_>>(),
