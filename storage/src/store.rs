@@ -88,6 +88,9 @@ pub struct Store {
     agents: RwLock<HashMap<String, Arc<AgentSpace>>>,
     /// Approval id → agent id, rebuilt at open, so an approval is found by its id alone.
     approval_owner: RwLock<HashMap<String, String>>,
+    /// Agents removed by this process: audit records still on their way for them are
+    /// dropped instead of bringing a removed agent's keyspace back.
+    removed: RwLock<std::collections::HashSet<String>>,
     /// Serializes read-modify-write of approval records: a settlement checks `Pending` and
     /// writes its outcome as one step, so an approval and an expiry cannot both win.
     settling: Mutex<()>,
@@ -111,6 +114,7 @@ impl Store {
             registry,
             agents: RwLock::default(),
             approval_owner: RwLock::default(),
+            removed: RwLock::default(),
             settling: Mutex::new(()),
         };
         for name in store.db.list_keyspace_names() {
@@ -203,6 +207,7 @@ impl Store {
             reason,
         })?;
         self.open_space(id)?;
+        self.removed.write().remove(id);
         self.commit_durably(&self.registry, id.as_bytes().to_vec(), Some(value))
     }
 
@@ -214,6 +219,7 @@ impl Store {
     /// Removes an agent's registry record and all of its data (approvals, audit trail).
     pub fn remove_agent(&self, id: &str) -> Result<(), StoreError> {
         self.commit_durably(&self.registry, id.as_bytes().to_vec(), None)?;
+        self.removed.write().insert(id.to_string());
         let space = self.agents.write().remove(id);
         if let Some(space) = space {
             self.approval_owner.write().retain(|_, owner| owner != id);
@@ -370,6 +376,9 @@ impl Store {
     pub fn append_audit_batch(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         for mut record in records {
+            if self.removed.read().contains(&record.agent) {
+                continue;
+            }
             let space = self.open_space(&record.agent)?;
             record.seq = space.next_audit.fetch_add(1, Ordering::Relaxed);
             let value = serde_json::to_vec(&record).map_err(|reason| StoreError::Corrupt {
@@ -591,6 +600,9 @@ mod tests {
         assert_eq!(only_a2[0].id, "y");
 
         store.remove_agent("a1").unwrap();
+        assert!(!store.has_agent_space("a1"));
+        // A record still on its way for a removed agent does not bring its keyspace back.
+        store.append_audit_batch(vec![audit("a1", 3)]).unwrap();
         assert!(!store.has_agent_space("a1"));
         assert!(store.approval("x").unwrap().is_none());
         assert!(store.approval("y").unwrap().is_some());
