@@ -209,6 +209,16 @@ async fn an_undecided_request_expires_and_a_departed_client_abandons_its_request
         409,
         "an expired approval cannot be approved"
     );
+    // An agent cannot reach the admin API through the gateway, although this gateway lets
+    // sandboxes reach loopback origins.
+    let to_admin = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        format!("http://{}/v1/approvals", gw.admin)
+    ])
+    .await;
+    assert_eq!(to_admin.status, 403, "{to_admin:?}");
+    assert_eq!(to_admin.json()["error"], "destination_forbidden");
     drop(gw);
 
     // The client gives up after 300 ms, long before the timeout: the record is abandoned,

@@ -149,18 +149,6 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     ));
     // Lent tokens live as long as their tool call, and no tool call survives a restart.
     approvals.forget_expired_tokens(true)?;
-    let shared = Arc::new(Shared {
-        registry: registry.clone(),
-        policies: policies.clone(),
-        tool_calls: tool_calls.clone(),
-        credentials: credentials.clone(),
-        upstream: Upstream::new(&config.upstream),
-        approvals: approvals.clone(),
-        connector: pingora::connectors::http::Connector::new(Some(
-            pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
-        )),
-        audit: AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?,
-    });
     let leaves = LeafCerts::new(
         ca,
         config.tls.leaf_cache_capacity,
@@ -193,6 +181,24 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     };
     let egress = local(&egress_socket, config.egress.listen)?;
     let admin = local(&admin_socket, config.admin.listen)?;
+    // Sandboxes never reach the gateway's own listeners through it, whatever
+    // upstream.allow_networks says: no loops, and no way to the admin API.
+    let mut own_addresses = vec![egress, admin];
+    for (_, address, socket) in &agent_sockets {
+        own_addresses.push(local(socket, *address)?);
+    }
+    let shared = Arc::new(Shared {
+        registry: registry.clone(),
+        policies: policies.clone(),
+        tool_calls: tool_calls.clone(),
+        credentials: credentials.clone(),
+        upstream: Upstream::new(&config.upstream).refusing(own_addresses),
+        approvals: approvals.clone(),
+        connector: pingora::connectors::http::Connector::new(Some(
+            pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
+        )),
+        audit: AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?,
+    });
 
     let (shutdown, watch) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));

@@ -103,6 +103,8 @@ fn internal_v6(ip: Ipv6Addr) -> Option<&'static str> {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     guard: NetworkGuard,
+    /// The gateway's own listeners: never an origin.
+    own: Vec<SocketAddr>,
     resolve: std::collections::BTreeMap<String, IpAddr>,
     connect_timeout: Duration,
     read_timeout: Duration,
@@ -114,6 +116,7 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Self {
         Upstream {
             guard: NetworkGuard::new(config.allow_networks.clone()),
+            own: Vec::new(),
             resolve: config
                 .resolve
                 .iter()
@@ -123,6 +126,20 @@ impl Upstream {
             read_timeout: config.read_timeout(),
             write_timeout: config.write_timeout(),
         }
+    }
+
+    /// The same settings, refusing `own` addresses (the gateway's listeners) as origins. A
+    /// listener on an unspecified address (0.0.0.0, ::) is matched on any loopback address.
+    pub fn refusing(mut self, own: Vec<SocketAddr>) -> Self {
+        self.own = own;
+        self
+    }
+
+    fn is_own(&self, addr: &SocketAddr) -> bool {
+        self.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip() || (own.ip().is_unspecified() && addr.ip().is_loopback()))
+        })
     }
 
     /// Resolves `target` and picks the first address the guard allows.
@@ -137,6 +154,13 @@ impl Upstream {
                 None => self.lookup(name, target.port).await?,
             },
         };
+        if let Some(own) = candidates.iter().find(|a| self.is_own(a)) {
+            return Err(Refusal::new(
+                403,
+                "destination_forbidden",
+                format!("{own} is one of the gateway's own listeners; it is never an origin"),
+            ));
+        }
         let mut refused = None;
         for addr in &candidates {
             match self.guard.refuses(addr.ip()) {
