@@ -113,7 +113,10 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
     let ca_cert = ca.cert_path().to_path_buf();
     let (token, admin_token_created) = datadir::load_or_create_token(&config.admin_token_path())?;
-    let store = Store::open(&config.data_dir.join("store"))?;
+    // Approval records name what agents asked for: the store is the gateway's alone (0700).
+    let store_dir = config.data_dir.join("store");
+    datadir::ensure_dir(&store_dir)?;
+    let store = Store::open(&store_dir)?;
     // No connection survives a restart: requests still held by the previous process are gone.
     let abandoned = store.abandon_all_pending()?;
     if abandoned > 0 {
