@@ -19,6 +19,7 @@
 //! | `POST /v1/agents/{id}/tool-calls` | open one: `{"id": "...", "ttl_secs": 600}` (201) |
 //! | `DELETE /v1/agents/{id}/tool-calls/{tc}` | close it (204) |
 //! | `GET /v1/agents/{id}/audit?since=SEQ&limit=N` | the agent's audit trail from position SEQ (`next` continues it) |
+//! | `GET /v1/agents/{id}/audit/verify` | check the trail's hash chain: `{records, first_seq, last_seq, broken: {seq, reason} \| null}` |
 //! | `GET /v1/policies` | the policy set in force: version, policies, rejected problems |
 //! | `POST /v1/policies/reload` | reload the policy directory now |
 //! | `GET /v1/approvals?state=pending&agent=ID` | approvals, oldest first (both filters optional) |
@@ -232,30 +233,24 @@ impl AdminApi {
             }
             ["v1", "agents", id, "audit"] => {
                 only(&method, &[Method::GET])?;
-                let id = id.to_string();
                 let (since, limit) = audit_window(session.req_header().uri.query().unwrap_or(""))?;
-                let store = self.store.clone();
-                let agent = id.clone();
-                let read = tokio::task::spawn_blocking(move || store.audit(&agent, since, limit))
-                    .await
-                    .map_err(|e| store_failed(&e.to_string()))?;
-                match read {
-                    Ok(records) => {
-                        let next = records.last().map_or(since, |r| r.seq + 1);
-                        Ok(json(
-                            StatusCode::OK,
-                            &serde_json::json!({ "records": records, "next": next }),
-                        ))
-                    }
-                    Err(tollgate_storage::StoreError::NoAgent(_)) => {
-                        self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
-                        Ok(json(
-                            StatusCode::OK,
-                            &serde_json::json!({ "records": [], "next": since }),
-                        ))
-                    }
-                    Err(e) => Err(store_failed(&e.to_string())),
-                }
+                let records = self
+                    .read_agent_data(id, move |store, agent| store.audit(agent, since, limit))
+                    .await?
+                    .unwrap_or_default();
+                let next = records.last().map_or(since, |r| r.seq + 1);
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "records": records, "next": next }),
+                ))
+            }
+            ["v1", "agents", id, "audit", "verify"] => {
+                only(&method, &[Method::GET])?;
+                let report = self
+                    .read_agent_data(id, |store, agent| store.verify_audit(agent))
+                    .await?
+                    .unwrap_or_default();
+                Ok(json(StatusCode::OK, &report))
             }
             ["v1", "agents", id, "tool-calls"] => {
                 let id = id.to_string();
@@ -437,6 +432,28 @@ impl ServeHttp for AdminApi {
 }
 
 impl AdminApi {
+    /// Reads an agent's stored data on the blocking pool: `None` for a registered agent that
+    /// has none yet, 404 for an unknown one.
+    async fn read_agent_data<T: Send + 'static>(
+        &self,
+        id: &str,
+        read: impl FnOnce(&Store, &str) -> Result<T, tollgate_storage::StoreError> + Send + 'static,
+    ) -> Result<Option<T>, Refusal> {
+        let store = self.store.clone();
+        let agent = id.to_string();
+        let result = tokio::task::spawn_blocking(move || read(&store, &agent))
+            .await
+            .map_err(|e| store_failed(&e.to_string()))?;
+        match result {
+            Ok(data) => Ok(Some(data)),
+            Err(tollgate_storage::StoreError::NoAgent(_)) => {
+                self.registry.get(id).ok_or_else(|| no_agent(id))?;
+                Ok(None)
+            }
+            Err(e) => Err(store_failed(&e.to_string())),
+        }
+    }
+
     async fn approvals_route(
         &self,
         session: &mut ServerSession,

@@ -3,26 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use serde_json::Value;
-use tollgate_gateway::client::{self, Request};
 
-/// Largest API answer read.
-const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
-
-/// Where the admin API is and who is calling.
-#[derive(Args)]
-pub struct ApiArgs {
-    /// The admin API's base URL.
-    #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:9901")]
-    admin: String,
-    /// A file holding the bearer token (the admin token or an approver's own). Default: the
-    /// TOLLGATE_TOKEN environment variable, else ./tollgate-data/admin-token.
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-}
+use crate::admin_client::{self, call, ApiArgs, Failure};
 
 /// Approver commands.
 #[derive(Subcommand)]
@@ -70,32 +55,7 @@ pub enum ApprovalsCommand {
 
 /// Runs an approvals command.
 pub fn run(command: ApprovalsCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(execute(command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Api(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-enum Failure {
-    Usage(String),
-    Api(String),
+    admin_client::run(execute(command))
 }
 
 async fn execute(command: ApprovalsCommand) -> Result<(), Failure> {
@@ -154,63 +114,6 @@ async fn execute(command: ApprovalsCommand) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-/// Calls the admin API and returns its JSON answer, or the API's own error as the failure.
-async fn call(
-    api: &ApiArgs,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, Failure> {
-    let token = token(api)?;
-    let connector = pingora::connectors::http::Connector::new(None);
-    let url = format!("{}{path}", api.admin.trim_end_matches('/'));
-    let request = Request {
-        method,
-        url: &url,
-        headers: vec![("authorization", format!("Bearer {token}"))],
-        body: body.map(|b| ("application/json", b.to_string().into())),
-    };
-    let (status, answer) = client::send(
-        &connector,
-        request,
-        Duration::from_secs(30),
-        MAX_ANSWER_BYTES,
-    )
-    .await
-    .map_err(|e| Failure::Api(format!("admin API at {}: {e}", api.admin)))?;
-    let json: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
-    if (200..300).contains(&status) {
-        Ok(json)
-    } else {
-        Err(Failure::Api(format!(
-            "HTTP {status} {}: {}",
-            json["error"].as_str().unwrap_or("error"),
-            json["detail"].as_str().unwrap_or("(no detail)")
-        )))
-    }
-}
-
-fn token(api: &ApiArgs) -> Result<String, Failure> {
-    if let Some(file) = &api.token_file {
-        return read_token(file);
-    }
-    if let Ok(token) = std::env::var("TOLLGATE_TOKEN") {
-        return Ok(token.trim().to_string());
-    }
-    read_token(&PathBuf::from("tollgate-data/admin-token"))
-}
-
-fn read_token(file: &PathBuf) -> Result<String, Failure> {
-    std::fs::read_to_string(file)
-        .map(|t| t.trim().to_string())
-        .map_err(|e| {
-            Failure::Usage(format!(
-                "cannot read the token file {}: {e} (give --token-file or TOLLGATE_TOKEN)",
-                file.display()
-            ))
-        })
 }
 
 fn print_table(approvals: &[Value]) {

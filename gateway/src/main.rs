@@ -1,6 +1,8 @@
 //! The `tollgate` command: a thin clap layer over the gateway library.
 
+mod admin_client;
 mod approvals_cmd;
+mod audit_cmd;
 mod policy_cmd;
 
 use std::path::PathBuf;
@@ -39,6 +41,9 @@ enum Command {
     /// For approvers: list, show, approve and deny held requests (through the admin API).
     #[command(subcommand)]
     Approvals(approvals_cmd::ApprovalsCommand),
+    /// An agent's audit trail: print it, or verify its hash chain (through the admin API).
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         }
         Command::Policy(command) => policy_cmd::run(command),
         Command::Approvals(command) => approvals_cmd::run(command),
+        Command::Audit(command) => audit_cmd::run(command),
     }
 }
 

@@ -800,6 +800,9 @@ impl ProxyHttp for Egress {
                 .as_ref()
                 .map_or(session.body_bytes_sent() as u64, |r| r.bytes_out),
             latency_us: elapsed.as_micros() as u64,
+            // Linked into the agent's chain by the store.
+            prev_hash: String::new(),
+            hash: String::new(),
         };
         self.shared.audit.record(record);
     }

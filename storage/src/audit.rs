@@ -1,6 +1,17 @@
-//! Audit records: what an agent's request was and what became of it, summarized.
+//! Audit records: what an agent's request was and what became of it, summarized — and
+//! chained, so that editing or deleting a stored record is detectable.
+//!
+//! Each record carries the hash of the agent's previous record (`prev_hash`) and its own
+//! (`hash`): SHA-256 over the previous hash and the record's JSON with `hash` empty. A record
+//! edited in place no longer matches its hash; a record deleted from the middle breaks the
+//! sequence and the next record's link; records deleted from the end are caught by the head
+//! (the last sequence number and hash), which the store keeps beside the trail. Retention
+//! deletes the oldest records on purpose: verification starts at the oldest one kept.
 
 use serde::{Deserialize, Serialize};
+
+/// The `prev_hash` of an agent's first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The summary of one request. It deliberately has no field for a body, a query string or a
 /// header value: the audit trail says what happened without copying what was sent.
@@ -39,4 +50,130 @@ pub struct AuditRecord {
     pub bytes_out: u64,
     /// Time from arrival to the end of the response, in microseconds.
     pub latency_us: u64,
+    /// The hash of the agent's previous record (set by the store).
+    #[serde(default)]
+    pub prev_hash: String,
+    /// This record's hash (set by the store).
+    #[serde(default)]
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The hash this record must have: SHA-256 of `prev_hash`, a zero byte, and the record's
+    /// JSON with `hash` empty.
+    pub fn expected_hash(&self) -> String {
+        let mut unhashed = self.clone();
+        unhashed.hash = String::new();
+        // Serializing a plain struct of strings and integers cannot fail.
+        let json = serde_json::to_vec(&unhashed).unwrap_or_default();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(self.prev_hash.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&json);
+        hex::encode(ctx.finish())
+    }
+}
+
+/// Where an agent's audit chain ends: the next position and the last hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    /// The position the next record gets.
+    pub next_seq: u64,
+    /// The hash of the last record written (or [`GENESIS`]).
+    pub hash: String,
+    /// Records before this position were deleted by retention, on purpose.
+    #[serde(default)]
+    pub pruned_before: u64,
+}
+
+impl Default for ChainHead {
+    fn default() -> Self {
+        ChainHead {
+            next_seq: 0,
+            hash: GENESIS.to_string(),
+            pruned_before: 0,
+        }
+    }
+}
+
+/// What verifying an agent's audit chain found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainReport {
+    /// Records checked.
+    pub records: u64,
+    /// The oldest record kept (retention deletes older ones).
+    pub first_seq: Option<u64>,
+    /// The newest record.
+    pub last_seq: Option<u64>,
+    /// The first broken link, if any.
+    pub broken: Option<BrokenLink>,
+}
+
+/// A place where the chain does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokenLink {
+    /// The position of the first record (or missing record) that does not fit.
+    pub seq: u64,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+/// Walks records in order and reports the first broken link; `head` is where the chain
+/// should end.
+pub fn verify_chain(
+    records: impl IntoIterator<Item = AuditRecord>,
+    head: &ChainHead,
+) -> ChainReport {
+    let mut report = ChainReport {
+        records: 0,
+        first_seq: None,
+        last_seq: None,
+        broken: None,
+    };
+    let missing = |from: u64, to: u64| BrokenLink {
+        seq: from,
+        reason: format!("records {from} to {to} are missing"),
+    };
+    let mut previous: Option<AuditRecord> = None;
+    for record in records {
+        report.records += 1;
+        report.first_seq.get_or_insert(record.seq);
+        report.last_seq = Some(record.seq);
+        if report.broken.is_some() {
+            continue;
+        }
+        let expected_seq = previous.as_ref().map_or(head.pruned_before, |p| p.seq + 1);
+        let expected_prev = match &previous {
+            Some(prev) => Some(prev.hash.as_str()),
+            // The oldest record kept: its link can be checked only if nothing was pruned.
+            None if record.seq == 0 => Some(GENESIS),
+            None => None,
+        };
+        report.broken = if record.seq != expected_seq {
+            Some(missing(expected_seq, record.seq.saturating_sub(1)))
+        } else if expected_prev.is_some_and(|h| h != record.prev_hash) {
+            Some(BrokenLink {
+                seq: record.seq,
+                reason: "its prev_hash does not match the previous record's hash".into(),
+            })
+        } else if record.hash != record.expected_hash() {
+            Some(BrokenLink {
+                seq: record.seq,
+                reason: "its content does not match its hash (edited)".into(),
+            })
+        } else {
+            None
+        };
+        previous = Some(record);
+    }
+    if report.broken.is_none() {
+        let (end, hash) = match &previous {
+            Some(last) => (last.seq + 1, last.hash.as_str()),
+            None => (head.pruned_before, GENESIS),
+        };
+        if end != head.next_seq || (previous.is_some() && hash != head.hash) {
+            report.broken = Some(missing(end, head.next_seq.saturating_sub(1)));
+        }
+    }
+    report
 }

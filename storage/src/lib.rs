@@ -9,7 +9,8 @@
 //!   it moves through (pending → approved / denied / expired / abandoned). Every state change
 //!   is fsync'd before the call returns: the gateway acts on a change only after it is durable.
 //! - [`AuditRecord`] (`audit`) — the summary of one request (never its body or credentials),
-//!   appended per agent and pruned by age.
+//!   appended per agent, hash-chained to the agent's previous record so that an edited or
+//!   deleted record is detected ([`Store::verify_audit`]), and pruned by age.
 //!
 //! This crate knows nothing of HTTP or pingora: it stores and returns records, and the
 //! gateway decides what they mean.
@@ -19,7 +20,7 @@ mod audit;
 mod store;
 
 pub use approval::{ApprovalFilter, ApprovalKind, ApprovalRecord, ApprovalState, Settlement};
-pub use audit::AuditRecord;
+pub use audit::{AuditRecord, BrokenLink, ChainHead, ChainReport, GENESIS};
 pub use store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch: the one time unit of every stored record.

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -14,13 +13,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::approval::{ApprovalFilter, ApprovalRecord, ApprovalState, Settlement};
-use crate::audit::AuditRecord;
+use crate::audit::{verify_chain, AuditRecord, ChainHead, ChainReport};
 use crate::now_millis;
 
 const REGISTRY: &str = "agents";
 const AGENT_PREFIX: &str = "agent.";
 const APPROVAL_KEY: &[u8] = b"approval/";
 const AUDIT_KEY: &[u8] = b"audit/";
+const AUDIT_HEAD_KEY: &[u8] = b"audit-head";
 
 // Memory bounds. fjall's defaults (64 MiB memtable per keyspace, 32 MiB block cache) suit a
 // database that is the process's main job; here the store sits beside a proxy, with one
@@ -77,7 +77,8 @@ pub enum StoreError {
 /// One agent's keyspace, and the next position in its audit trail.
 struct AgentSpace {
     keyspace: Keyspace,
-    next_audit: AtomicU64,
+    /// Where the agent's audit chain ends (also stored, under `audit-head`).
+    head: Mutex<ChainHead>,
 }
 
 /// The gateway's durable state. Cheap to share: clone the `Arc` it comes in.
@@ -91,6 +92,8 @@ pub struct Store {
     /// Agents removed by this process: audit records still on their way for them are
     /// dropped instead of bringing a removed agent's keyspace back.
     removed: RwLock<std::collections::HashSet<String>>,
+    /// One audit appender (or verifier) at a time.
+    appending: Mutex<()>,
     /// Serializes read-modify-write of approval records: a settlement checks `Pending` and
     /// writes its outcome as one step, so an approval and an expiry cannot both win.
     settling: Mutex<()>,
@@ -115,6 +118,7 @@ impl Store {
             agents: RwLock::default(),
             approval_owner: RwLock::default(),
             removed: RwLock::default(),
+            appending: Mutex::new(()),
             settling: Mutex::new(()),
         };
         for name in store.db.list_keyspace_names() {
@@ -163,19 +167,23 @@ impl Store {
             .db
             .keyspace(&format!("{AGENT_PREFIX}{agent}"), keyspace_options)
             .map_err(|e| self.db_err(e))?;
-        let next_audit = match keyspace.prefix(AUDIT_KEY).next_back() {
-            Some(last) => {
-                let key = last.key().map_err(|e| self.db_err(e))?;
-                audit_seq(&key).map_or(0, |seq| seq + 1)
-            }
-            None => 0,
-        };
+        let head = self.read_head(&keyspace)?;
         let space = Arc::new(AgentSpace {
             keyspace,
-            next_audit: AtomicU64::new(next_audit),
+            head: Mutex::new(head),
         });
         agents.insert(agent.to_string(), space.clone());
         Ok(space)
+    }
+
+    fn read_head(&self, keyspace: &Keyspace) -> Result<ChainHead, StoreError> {
+        match keyspace.get(AUDIT_HEAD_KEY).map_err(|e| self.db_err(e))? {
+            Some(value) => serde_json::from_slice(&value).map_err(|reason| StoreError::Corrupt {
+                what: "audit head",
+                reason,
+            }),
+            None => Ok(ChainHead::default()),
+        }
     }
 
     fn existing_space(&self, agent: &str) -> Option<Arc<AgentSpace>> {
@@ -374,20 +382,61 @@ impl Store {
     /// keyspaces as needed. Not fsync'd: the audit trail trades the last moments before a
     /// power loss for request latency.
     pub fn append_audit_batch(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
+        // One appender at a time: each record links to the one before it.
+        let _in_order = self.appending.lock();
         let mut batch = self.db.batch();
+        let mut touched: Vec<Arc<AgentSpace>> = Vec::new();
         for mut record in records {
             if self.removed.read().contains(&record.agent) {
                 continue;
             }
             let space = self.open_space(&record.agent)?;
-            record.seq = space.next_audit.fetch_add(1, Ordering::Relaxed);
+            let mut head = space.head.lock();
+            record.seq = head.next_seq;
+            record.prev_hash = std::mem::take(&mut head.hash);
+            record.hash = record.expected_hash();
+            head.next_seq += 1;
+            head.hash = record.hash.clone();
+            drop(head);
             let value = serde_json::to_vec(&record).map_err(|reason| StoreError::Corrupt {
                 what: "audit",
                 reason,
             })?;
             batch.insert(&space.keyspace, audit_key(record.seq), value);
+            if !touched.iter().any(|t| Arc::ptr_eq(t, &space)) {
+                touched.push(space);
+            }
         }
-        batch.commit().map_err(|e| self.db_err(e))
+        for space in &touched {
+            let head =
+                serde_json::to_vec(&*space.head.lock()).map_err(|reason| StoreError::Corrupt {
+                    what: "audit head",
+                    reason,
+                })?;
+            batch.insert(&space.keyspace, AUDIT_HEAD_KEY, head);
+        }
+        if let Err(e) = batch.commit() {
+            // Nothing was written: the chains end where the stored heads say.
+            for space in &touched {
+                if let Ok(head) = self.read_head(&space.keyspace) {
+                    *space.head.lock() = head;
+                }
+            }
+            return Err(self.db_err(e));
+        }
+        Ok(())
+    }
+
+    /// Checks an agent's audit chain and reports the first broken link.
+    pub fn verify_audit(&self, agent: &str) -> Result<ChainReport, StoreError> {
+        let space = self
+            .existing_space(agent)
+            .ok_or_else(|| StoreError::NoAgent(agent.to_string()))?;
+        let _in_order = self.appending.lock();
+        let head = space.head.lock().clone();
+        let records: Vec<AuditRecord> =
+            scan(&space.keyspace, AUDIT_KEY, "audit").map_err(|e| self.with_path(e))?;
+        Ok(verify_chain(records, &head))
     }
 
     /// An agent's audit records from position `since` on, at most `limit` of them.
@@ -428,14 +477,28 @@ impl Store {
             .collect();
         let mut pruned = 0;
         for (_, space) in spaces {
-            let audit: Vec<AuditRecord> =
-                scan(&space.keyspace, AUDIT_KEY, "audit").map_err(|e| self.with_path(e))?;
-            for record in audit.iter().take_while(|r| r.at < before) {
-                space
-                    .keyspace
-                    .remove(audit_key(record.seq))
-                    .map_err(|e| self.db_err(e))?;
-                pruned += 1;
+            {
+                let _in_order = self.appending.lock();
+                let audit: Vec<AuditRecord> =
+                    scan(&space.keyspace, AUDIT_KEY, "audit").map_err(|e| self.with_path(e))?;
+                let old: Vec<&AuditRecord> = audit.iter().take_while(|r| r.at < before).collect();
+                if let Some(last_pruned) = old.last() {
+                    // The chain now starts later, on purpose: verification starts there.
+                    let mut batch = self.db.batch();
+                    for record in &old {
+                        batch.remove(&space.keyspace, audit_key(record.seq));
+                    }
+                    let mut head = space.head.lock();
+                    head.pruned_before = last_pruned.seq + 1;
+                    let value =
+                        serde_json::to_vec(&*head).map_err(|reason| StoreError::Corrupt {
+                            what: "audit head",
+                            reason,
+                        })?;
+                    batch.insert(&space.keyspace, AUDIT_HEAD_KEY, value);
+                    batch.commit().map_err(|e| self.db_err(e))?;
+                    pruned += old.len();
+                }
             }
             let _one_at_a_time = self.settling.lock();
             let approvals: Vec<ApprovalRecord> =
@@ -459,11 +522,6 @@ fn approval_key(id: &str) -> Vec<u8> {
 
 fn audit_key(seq: u64) -> Vec<u8> {
     [AUDIT_KEY, &seq.to_be_bytes()].concat()
-}
-
-fn audit_seq(key: &[u8]) -> Option<u64> {
-    let bytes: [u8; 8] = key.strip_prefix(AUDIT_KEY)?.try_into().ok()?;
-    Some(u64::from_be_bytes(bytes))
 }
 
 enum ScanError {
@@ -539,6 +597,8 @@ mod tests {
             bytes_in: 0,
             bytes_out: 10,
             latency_us: 100,
+            prev_hash: String::new(),
+            hash: String::new(),
         }
     }
 
@@ -654,6 +714,77 @@ mod tests {
         assert_eq!(store.prune(25).unwrap(), 2);
         let left = store.audit("a1", 0, 100).unwrap();
         assert_eq!(left.iter().map(|r| r.at).collect::<Vec<_>>(), vec![30, 40]);
+    }
+
+    /// An agent's stored audit trail, its raw keyspace (to tamper with) and the store.
+    fn trail(records: u64) -> (tempfile::TempDir, Arc<Store>, Keyspace) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let batch = (0..records).map(|at| audit("a1", at * 10)).collect();
+        store.append_audit_batch(batch).unwrap();
+        let keyspace = store.existing_space("a1").unwrap().keyspace.clone();
+        (dir, store, keyspace)
+    }
+
+    #[test]
+    fn an_untouched_chain_verifies_also_after_reopening_and_pruning() {
+        let (dir, store, _) = trail(5);
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!((report.records, report.broken), (5, None));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.append_audit_batch(vec![audit("a1", 100)]).unwrap();
+        assert_eq!(store.verify_audit("a1").unwrap().broken, None);
+        assert_eq!(store.prune(25).unwrap(), 3);
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!(
+            (report.records, report.first_seq, report.broken),
+            (3, Some(3), None)
+        );
+        assert_eq!(store.prune(1000).unwrap(), 3);
+        assert_eq!(store.verify_audit("a1").unwrap().broken, None);
+    }
+
+    #[test]
+    fn an_edited_record_is_found() {
+        let (_dir, store, keyspace) = trail(5);
+        let mut record = store.audit("a1", 2, 1).unwrap().remove(0);
+        record.status = 500;
+        keyspace
+            .insert(audit_key(2), serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        let broken = store.verify_audit("a1").unwrap().broken.unwrap();
+        assert_eq!(broken.seq, 2);
+        assert!(broken.reason.contains("edited"), "{}", broken.reason);
+
+        // Re-hashing the edited record does not help: the next one's link breaks.
+        record.hash = record.expected_hash();
+        keyspace
+            .insert(audit_key(2), serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        let broken = store.verify_audit("a1").unwrap().broken.unwrap();
+        assert_eq!(broken.seq, 3);
+        assert!(broken.reason.contains("prev_hash"), "{}", broken.reason);
+    }
+
+    #[test]
+    fn deleted_records_are_found_in_the_middle_and_at_the_end() {
+        let (_dir, store, keyspace) = trail(5);
+        keyspace.remove(audit_key(1)).unwrap();
+        let broken = store.verify_audit("a1").unwrap().broken.unwrap();
+        assert_eq!(broken.seq, 1);
+        assert!(broken.reason.contains("missing"), "{}", broken.reason);
+
+        let (_dir, store, keyspace) = trail(5);
+        keyspace.remove(audit_key(4)).unwrap();
+        keyspace.remove(audit_key(3)).unwrap();
+        let broken = store.verify_audit("a1").unwrap().broken.unwrap();
+        assert_eq!(broken.seq, 3);
+        assert!(
+            broken.reason.contains("3 to 4 are missing"),
+            "{}",
+            broken.reason
+        );
     }
 
     #[test]
