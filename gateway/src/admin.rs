@@ -11,6 +11,7 @@
 //! | `GET /healthz` | liveness, no authentication |
 //! | `GET /ui/approvals` | the approvers' web page (static; it asks for a token) |
 //! | `GET /readyz` | readiness: listeners bound |
+//! | `GET /metrics` | Prometheus text: requests, latency, held approvals, token cache, TLS leaves, policy version |
 //! | `GET /v1/agents` | every agent |
 //! | `GET /v1/agents/{id}` | one agent |
 //! | `PUT /v1/agents/{id}` | create (201) or replace (200) an agent |
@@ -40,9 +41,12 @@ use tollgate_policy::LoadError;
 use tollgate_storage::{ApprovalFilter, ApprovalRecord, ApprovalState, Store};
 
 use crate::approval::{Approvals, DecideError};
+use crate::audit::AuditTrail;
+use crate::ca::LeafCerts;
 use crate::credentials::{Credentials, Secret};
 use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, RegistryError, RunMode};
+use crate::metrics::{Gauges, Metrics};
 use crate::reply::Refusal;
 use crate::toolcall::{ToolCallError, ToolCalls};
 
@@ -107,6 +111,12 @@ pub struct AdminApi {
     pub approvals: Arc<Approvals>,
     /// The durable store (registry, audit).
     pub store: Arc<Store>,
+    /// Request counters.
+    pub metrics: Arc<Metrics>,
+    /// The audit writer (its drop count).
+    pub audit: Arc<AuditTrail>,
+    /// The TLS leaf cache (its size).
+    pub leaves: Arc<LeafCerts>,
     /// What `/readyz` reports.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -166,6 +176,28 @@ impl AdminApi {
             ));
         }
         match segments.as_slice() {
+            ["metrics"] => {
+                only(&method, &[Method::GET])?;
+                let tokens = self.credentials.counters();
+                let gauges = Gauges {
+                    held_approvals: self.approvals.held(),
+                    token_cache_hits: tokens.hits,
+                    token_cache_misses: tokens.misses,
+                    token_endpoint_errors: tokens.errors,
+                    tls_leaf_cache_entries: self.leaves.cached(),
+                    policy_version: self.policies.status().version,
+                    audit_records_dropped: self.audit.dropped(),
+                };
+                let mut response = Response::new(self.metrics.render(&gauges).into_bytes());
+                let len = response.body().len();
+                let headers = response.headers_mut();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                headers.insert(http::header::CONTENT_LENGTH, len.into());
+                Ok(response)
+            }
             ["readyz"] => {
                 only(&method, &[Method::GET])?;
                 if self.ready.load(std::sync::atomic::Ordering::Acquire) {

@@ -26,7 +26,8 @@
 //! - [`config`], [`datadir`], [`server`] — configuration, files on disk, start-up.
 //! - [`client`] — the gateway's own HTTP client (token endpoints, the CLI).
 //!
-//! - [`audit`] — the last step: each request's summary, queued for the agent's audit trail.
+//! - [`audit`] — the last step: each request's summary, queued for the agent's audit trail;
+//!   [`metrics`] counts it for `/metrics`.
 //!
 //! Telemetry plugs into [`proxy::Egress`] as its issue lands.
 
@@ -42,6 +43,7 @@ pub mod decide;
 pub mod identity;
 pub mod intercept;
 pub mod listener;
+pub mod metrics;
 pub mod obo;
 pub mod proxy;
 pub mod replay;

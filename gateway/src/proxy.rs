@@ -27,6 +27,7 @@ use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding, RunMode};
 use crate::intercept::Tunnel;
+use crate::metrics::Metrics;
 use crate::replay;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
@@ -50,7 +51,9 @@ pub struct Shared {
     /// Sends released requests (same trust and pool settings as the proxy's own).
     pub connector: Connector,
     /// Where audit records go.
-    pub audit: AuditTrail,
+    pub audit: Arc<AuditTrail>,
+    /// Request counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The pipeline of one listener: the shared state plus how that listener identifies agents.
@@ -770,6 +773,12 @@ impl ProxyHttp for Egress {
                 None
             }
         };
+        self.shared.metrics.record_request(
+            ctx.agent.as_ref().map_or("(unknown)", |a| a.id.as_str()),
+            ctx.decision.as_ref().map_or("none", |d| d.outcome.as_str()),
+            status,
+            elapsed,
+        );
         // The agent's audit trail: the same summary, never a body, a query or a header value.
         let Some(agent) = &ctx.agent else { return };
         let record = AuditRecord {

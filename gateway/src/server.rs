@@ -28,6 +28,7 @@ use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
+use crate::metrics::Metrics;
 use crate::obo::OboSealer;
 use crate::proxy::{Egress, Shared};
 use crate::toolcall::ToolCalls;
@@ -157,8 +158,9 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         config.tls.leaf_cache_capacity,
         Duration::from_secs(config.tls.leaf_validity_hours * 3600),
     );
+    let leaves = Arc::new(leaves);
     let interceptor = Arc::new(Interceptor::new(
-        Arc::new(leaves),
+        leaves.clone(),
         config.limits.max_connect_head_bytes,
         config.limits.handshake_timeout(),
     ));
@@ -186,6 +188,8 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     let admin = local(&admin_socket, config.admin.listen)?;
     // Sandboxes never reach the gateway's own listeners through it, whatever
     // upstream.allow_networks says: no loops, and no way to the admin API.
+    let audit = Arc::new(AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?);
+    let metrics = Arc::new(Metrics::default());
     let mut own_addresses = vec![egress, admin];
     for (_, address, socket) in &agent_sockets {
         own_addresses.push(local(socket, *address)?);
@@ -200,7 +204,8 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
         )),
-        audit: AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?,
+        audit: audit.clone(),
+        metrics: metrics.clone(),
     });
 
     let (shutdown, watch) = watch::channel(false);
@@ -262,6 +267,9 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         credentials,
         approvals,
         store,
+        metrics,
+        audit,
+        leaves,
         ready: ready.clone(),
     };
     tasks.push(listener::serve(

@@ -11,6 +11,7 @@
 pub mod provider;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -212,6 +213,20 @@ pub struct Credentials {
     backoffs: Mutex<HashMap<(String, String), Backoff>>,
     /// Tokens approvers lent for the rest of a tool call, by (agent, tool call, audience).
     lent: Mutex<HashMap<TokenKey, LentToken>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Token cache and endpoint counters since start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenCounters {
+    /// Tokens served from the cache.
+    pub hits: u64,
+    /// Token requests that had to ask a provider (concurrent misses count once each).
+    pub misses: u64,
+    /// Failed requests to providers.
+    pub errors: u64,
 }
 
 /// A person's token lent with an on-behalf-of approval.
@@ -254,6 +269,9 @@ impl Credentials {
             backoff_max: Duration::from_millis(c.backoff_max_ms),
             backoffs: Mutex::new(HashMap::new()),
             lent: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         })
     }
 
@@ -394,7 +412,10 @@ impl Credentials {
         // a large future: boxed, so that every request's state — and each request held for
         // approval keeps its state for minutes — does not carry it.
         let token = match self.cache.get(&key).await {
-            Some(token) => token,
+            Some(token) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                token
+            }
             None => Box::pin(
                 self.cache
                     .try_get_with(key, self.fetch(provider, &rule.audience)),
@@ -408,6 +429,7 @@ impl Credentials {
 
     /// Fetches a token, unless the provider is backing off after failures.
     async fn fetch(&self, provider: &Provider, audience: &str) -> Result<Arc<Token>, FetchFailure> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let backoff_key = (provider.name().to_string(), audience.to_string());
         let now = Instant::now();
         if let Some(backoff) = self.backoffs.lock().get(&backoff_key) {
@@ -424,6 +446,7 @@ impl Credentials {
                 Ok(Arc::new(token))
             }
             Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
                 let mut backoffs = self.backoffs.lock();
                 let delay = backoffs
                     .get(&backoff_key)
@@ -439,6 +462,15 @@ impl Credentials {
                 tracing::warn!(provider = provider.name(), audience, error = %e, retry_in_ms = delay.as_millis() as u64, "token request failed");
                 Err(FetchFailure::Fetch(e))
             }
+        }
+    }
+
+    /// Token cache and endpoint counters since start.
+    pub fn counters(&self) -> TokenCounters {
+        TokenCounters {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
         }
     }
 

@@ -1,0 +1,159 @@
+//! `/metrics` end to end: requests through the real gateway show up in a Prometheus scrape
+//! of the admin listener, which parses as the text exposition format.
+
+mod support;
+
+use std::collections::HashMap;
+
+use support::*;
+
+/// One scrape: `name{labels}` → value, every line checked against the text format.
+fn scrape(gw: &Gateway) -> HashMap<String, f64> {
+    let r = gw.admin_call("GET", "/metrics", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut samples = HashMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in r.body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value in {line:?}"));
+        let name = series.split('{').next().expect("name");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| typed.contains(*f))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "no # TYPE before {line:?}");
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "twice: {line}"
+        );
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
+    if no_curl() {
+        return;
+    }
+    let ca = TestCa::new("metrics");
+    let plain = Origin::http();
+    let tls = Origin::https(&ca);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("static-token");
+    std::fs::write(&token, "static-agent-token\n").expect("token");
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}resolve = {{ \"api.metrics.test\" = \"127.0.0.1\" }}\n\
+         [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token:?} }}\n\
+         [[credential_rules]]\nhosts = [\"api.metrics.test\"]\naudience = \"api://metrics\"\n\
+         [[agents]]\nid = \"a\"\nrun_mode = \"Review\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n",
+        loopback_upstream(Some(&ca.cert_path()))
+    );
+    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
+    assert_eq!(
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"t"}"#))
+            .status,
+        201
+    );
+    let credentialed = format!("http://api.metrics.test:{}/x", plain.port());
+    for _ in 0..2 {
+        let r = curl_async(args!["-x", gw.proxy_url(), &credentialed]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let secure = format!("https://localhost:{}/", tls.port());
+    let r = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        &secure
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let stranger = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &credentialed
+    ])
+    .await;
+    assert_eq!(stranger.status, 403, "{stranger:?}");
+    let held = post_in_background(
+        &gw,
+        &format!("http://127.0.0.1:{}/w", plain.port()),
+        "{}",
+        &[],
+    );
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+
+    let m = scrape(&gw);
+    let get = |series: &str| {
+        m.get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("no {series} in {m:?}"))
+    };
+    assert_eq!(get("tollgate_held_approvals"), 1.0);
+    assert_eq!(
+        get(r#"tollgate_requests_total{agent="a",decision="allow",status="200"}"#),
+        3.0
+    );
+    assert_eq!(get("tollgate_token_cache_misses_total"), 1.0);
+    assert_eq!(get("tollgate_token_cache_hits_total"), 1.0);
+    assert_eq!(get("tollgate_tls_leaf_cache_entries"), 1.0);
+    let version = gw.admin_call("GET", "/v1/policies", None).json()["version"]
+        .as_str()
+        .expect("version")
+        .to_string();
+    assert_eq!(
+        get(&format!("tollgate_policy_info{{version=\"{version}\"}}")),
+        1.0
+    );
+    // Buckets are cumulative and end at the count.
+    let count = get(r#"tollgate_request_duration_seconds_count{decision="allow"}"#);
+    assert_eq!(count, 3.0);
+    assert_eq!(
+        get(r#"tollgate_request_duration_seconds_bucket{decision="allow",le="+Inf"}"#),
+        count
+    );
+    assert!(
+        get(r#"tollgate_request_duration_seconds_bucket{decision="allow",le="0.0005"}"#) <= count
+    );
+
+    gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{id}/deny"),
+        Some(r#"{"reason":"no"}"#),
+    );
+    assert_eq!(held.await.expect("curl").status, 403);
+    assert!(gw.log_contains("approval_denied"));
+    let m = scrape(&gw);
+    assert_eq!(m.get("tollgate_held_approvals"), Some(&0.0));
+    assert_eq!(
+        m.get(r#"tollgate_requests_total{agent="a",decision="needs_approval",status="403"}"#),
+        Some(&1.0)
+    );
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with(r#"tollgate_requests_total{agent="(unknown)""#)),
+        "{m:?}"
+    );
+    assert!(!gw
+        .admin_call("GET", "/metrics", None)
+        .body
+        .contains("static-agent-token"));
+}
