@@ -157,3 +157,39 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
         .body
         .contains("static-agent-token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_request_fields() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n[log]\nformat = \"json\"\n{REVIEW_AGENT}",
+        loopback_upstream(None)
+    );
+    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
+    let url = format!(
+        "http://127.0.0.1:{}/logged?token=query-secret",
+        origin.port()
+    );
+    let r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(gw.log_contains("\"message\":\"request\""), "{}", gw.log());
+    let lines: Vec<serde_json::Value> = gw
+        .log()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["message"] == "request")
+        .expect("a request line");
+    assert_eq!(request["level"], "INFO");
+    assert_eq!(request["agent"], "a");
+    assert_eq!(request["method"], "GET");
+    assert_eq!(request["path"], "/logged");
+    assert_eq!(request["status"], 200);
+    assert!(!gw.log().contains("query-secret"));
+}

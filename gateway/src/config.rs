@@ -69,6 +69,9 @@ pub struct Config {
     /// The Cedar policy set.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// How the gateway logs.
+    #[serde(default)]
+    pub log: LogConfig,
     /// Where tokens come from: `[[identity_providers]]`.
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderConfig>,
@@ -125,6 +128,27 @@ pub struct ApproverConfig {
     pub name: String,
     /// Where the approver's bearer token is read from.
     pub token: SecretSource,
+}
+
+/// `[log]`: the gateway's own log (stderr).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (one object per line, for log shippers). `RUST_LOG`
+    /// sets the level (default info).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[approvals]`: requests held for a person.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tollgate_gateway::config::LogFormat;
 use tollgate_gateway::{Config, RunningGateway};
 
 /// Tollgate: the egress gateway for AI-agent sandboxes.
@@ -76,17 +77,22 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
             filter = filter.add_directive(directive);
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let mut config = match &config_path {
         Some(path) => Config::from_file(path)?,
         None => Config::embedded_default()?,
     };
     if let Some(dir) = data_dir {
         config.data_dir = dir;
+    }
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object per line, the event's fields flattened beside time and level.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // The blocking pool runs store writes (each fsync'd) and name lookups. fjall commits
