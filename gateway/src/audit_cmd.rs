@@ -56,13 +56,7 @@ async fn execute(command: AuditCommand) -> Result<(), Failure> {
             let mut next = match since {
                 Some(since) => since,
                 None => {
-                    let report = call(
-                        &api,
-                        "GET",
-                        &format!("/v1/agents/{agent}/audit/verify"),
-                        None,
-                    )
-                    .await?;
+                    let report = chain_report(&api, &agent).await?;
                     report["last_seq"]
                         .as_u64()
                         .map_or(0, |last| last.saturating_sub(19))
@@ -90,13 +84,7 @@ async fn execute(command: AuditCommand) -> Result<(), Failure> {
             }
         }
         AuditCommand::Verify { agent, api } => {
-            let report = call(
-                &api,
-                "GET",
-                &format!("/v1/agents/{agent}/audit/verify"),
-                None,
-            )
-            .await?;
+            let report = chain_report(&api, &agent).await?;
             let records = report["records"].as_u64().unwrap_or(0);
             let span = match (report["first_seq"].as_u64(), report["last_seq"].as_u64()) {
                 (Some(first), Some(last)) => format!(" ({first} to {last})"),
@@ -115,6 +103,17 @@ async fn execute(command: AuditCommand) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// The gateway's check of the agent's chain (also tells where the trail ends).
+async fn chain_report(api: &ApiArgs, agent: &str) -> Result<Value, Failure> {
+    call(
+        api,
+        "GET",
+        &format!("/v1/agents/{agent}/audit/verify"),
+        None,
+    )
+    .await
 }
 
 /// One record as a line: position, time, request, outcome.
