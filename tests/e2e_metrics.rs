@@ -90,6 +90,16 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
     ])
     .await;
     assert_eq!(stranger.status, 403, "{stranger:?}");
+    // Refused at CONNECT, before any HTTP request exists inside a tunnel: counted too.
+    let tunnel_stranger = curl_async(args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        &secure
+    ])
+    .await;
+    assert_ne!(tunnel_stranger.status, 200, "{tunnel_stranger:?}");
     let held = post_in_background(
         &gw,
         &format!("http://127.0.0.1:{}/w", plain.port()),
@@ -147,10 +157,10 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
         m.get(r#"tollgate_requests_total{agent="a",decision="needs_approval",status="403"}"#),
         Some(&1.0)
     );
-    assert!(
-        m.keys()
-            .any(|k| k.starts_with(r#"tollgate_requests_total{agent="(unknown)""#)),
-        "{m:?}"
+    assert_eq!(
+        m.get(r#"tollgate_requests_total{agent="(unknown)",decision="none",status="403"}"#),
+        Some(&2.0),
+        "one plain request and one CONNECT from an unknown address: {m:?}"
     );
     assert!(!gw
         .admin_call("GET", "/metrics", None)

@@ -27,6 +27,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::ca::LeafCerts;
+use crate::metrics::Metrics;
 use crate::reply::Refusal;
 use crate::target::{Host, Target};
 
@@ -42,6 +43,8 @@ pub struct Interceptor {
     leaves: Arc<LeafCerts>,
     max_head_bytes: usize,
     handshake_timeout: Duration,
+    /// Refused CONNECTs are counted here (no HTTP request exists for the proxy to count).
+    metrics: Arc<Metrics>,
 }
 
 /// The first bytes of a CONNECT request.
@@ -56,11 +59,17 @@ pub async fn starts_with_connect(stream: &mut Stream) -> std::io::Result<bool> {
 
 impl Interceptor {
     /// An interceptor minting leaves from `leaves`.
-    pub fn new(leaves: Arc<LeafCerts>, max_head_bytes: usize, handshake_timeout: Duration) -> Self {
+    pub fn new(
+        leaves: Arc<LeafCerts>,
+        max_head_bytes: usize,
+        handshake_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Interceptor {
             leaves,
             max_head_bytes,
             handshake_timeout,
+            metrics,
         }
     }
 
@@ -82,18 +91,25 @@ impl Interceptor {
             }
         };
         let peer = peer_ip(&l4);
+        let started = std::time::Instant::now();
+        let refuse = |l4, refusal: Refusal| {
+            // Refused before any agent was identified (or because none was).
+            self.metrics
+                .record_request("(unknown)", "none", refusal.status, started.elapsed());
+            refuse(l4, peer, refusal)
+        };
         let head = tokio::time::timeout(self.handshake_timeout, self.read_head(&mut l4)).await;
         let target = match head {
             Ok(Ok(target)) => target,
-            Ok(Err(refusal)) => return refuse(l4, peer, refusal).await,
+            Ok(Err(refusal)) => return refuse(l4, refusal).await,
             Err(_) => {
                 let refusal =
                     Refusal::new(408, "request_timeout", "the CONNECT head took too long");
-                return refuse(l4, peer, refusal).await;
+                return refuse(l4, refusal).await;
             }
         };
         if let Err(refusal) = admit(peer) {
-            return refuse(l4, peer, refusal).await;
+            return refuse(l4, refusal).await;
         }
         if l4
             .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")

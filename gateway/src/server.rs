@@ -159,10 +159,12 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         Duration::from_secs(config.tls.leaf_validity_hours * 3600),
     );
     let leaves = Arc::new(leaves);
+    let metrics = Arc::new(Metrics::default());
     let interceptor = Arc::new(Interceptor::new(
         leaves.clone(),
         config.limits.max_connect_head_bytes,
         config.limits.handshake_timeout(),
+        metrics.clone(),
     ));
 
     // Bind everything before serving anything: a bind error starts nothing.
@@ -189,7 +191,6 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
     // Sandboxes never reach the gateway's own listeners through it, whatever
     // upstream.allow_networks says: no loops, and no way to the admin API.
     let audit = Arc::new(AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?);
-    let metrics = Arc::new(Metrics::default());
     let mut own_addresses = vec![egress, admin];
     for (_, address, socket) in &agent_sockets {
         own_addresses.push(local(socket, *address)?);
