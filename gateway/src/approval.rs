@@ -250,6 +250,8 @@ impl Approvals {
         };
         match self.settle(id, Settlement::by_gateway(by_gateway)).await {
             Ok(record) => {
+                // Settled: the slot has nothing left to abandon when it is dropped.
+                self.waiters.lock().remove(id);
                 tracing::info!(
                     approval = id,
                     state = by_gateway.as_str(),

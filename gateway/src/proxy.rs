@@ -78,8 +78,8 @@ pub struct RequestCtx {
     decision: Option<Decision>,
     credential: Option<Injection>,
     addr: Option<SocketAddr>,
-    /// The full URL (for approval records).
-    url: String,
+    /// The path with its query, as the request named it (for approval records).
+    path_and_query: String,
     /// The approval that held the request (the last one, if it was held twice).
     approval: Option<String>,
     /// Request body bytes the gateway read itself.
@@ -254,12 +254,7 @@ impl Egress {
             ctx.decision = Some(decision);
             return Err(refusal.into());
         }
-        ctx.url = format!(
-            "{}://{}{}",
-            request.target.scheme.as_str(),
-            request.target.host_header(),
-            path
-        );
+        ctx.path_and_query = path;
         // 5. A person decides: the request, its body included, is held until then. An ARM
         //    write outside the agent's RBAC scopes needs the approver's own identity.
         let mut body = None;
@@ -353,7 +348,15 @@ impl Egress {
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             kind,
             method: session.req_header().method.to_string(),
-            url: ctx.url.clone(),
+            url: match target {
+                Some(t) => format!(
+                    "{}://{}{}",
+                    t.scheme.as_str(),
+                    t.host_header(),
+                    ctx.path_and_query
+                ),
+                None => ctx.path_and_query.clone(),
+            },
             body: body.clone(),
             credential: target.and_then(|t| self.shared.credentials.class(agent, t)),
             obo_audience: match kind {
@@ -380,16 +383,17 @@ impl Egress {
 
 /// Whether the request's body can be held whole: none, or a declared length within `limit`.
 fn body_fits(session: &mut Session, limit: usize) -> bool {
-    if session.is_body_empty() {
-        return true;
-    }
+    session.is_body_empty() || declared_length(session).is_some_and(|n| n <= limit as u64)
+}
+
+/// The request's `Content-Length`, if it has a valid one.
+fn declared_length(session: &Session) -> Option<u64> {
     session
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|n| n <= limit as u64)
 }
 
 /// Reads the request body into memory, refusing (413) one larger than `limit`.
@@ -404,13 +408,7 @@ async fn read_whole_body(session: &mut Session, limit: usize) -> Result<Bytes, R
             ),
         )
     };
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared_length(session).is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     // A client waiting for `100 Continue` is told to send: the gateway takes the body whole.
@@ -603,7 +601,7 @@ impl ProxyHttp for Egress {
             decision: None,
             credential: None,
             addr: None,
-            url: String::new(),
+            path_and_query: String::new(),
             approval: None,
             bytes_in: 0,
             relayed: None,
