@@ -24,7 +24,8 @@ use tollgate_benches::http::{content_length, find_head_end};
 use tollgate_benches::origin::{connections_accepted, start_origin};
 use tollgate_benches::{Gateway, TempDir};
 
-/// Compare direct and through-Tollgate request rates and latencies.
+/// Compare direct and through-Tollgate request rates and latencies (also with OpenTelemetry
+/// export on and its collector unreachable).
 #[derive(Parser)]
 struct Args {
     /// The `tollgate` binary to benchmark.
@@ -86,6 +87,15 @@ fn main() -> anyhow::Result<()> {
     let dir = TempDir::new("tollgate-bench")?;
     let config = gateway_config(dir.path(), args.gateway_threads)?;
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
+    // The same gateway with OpenTelemetry export on and its collector unreachable (a
+    // loopback port nobody listens on): exporting must not cost requests anything.
+    let otel_dir = TempDir::new("tollgate-bench-otel")?;
+    let otel_config = format!(
+        "{}\n[telemetry]\nendpoint = \"http://{}\"\n",
+        gateway_config(otel_dir.path(), args.gateway_threads)?,
+        unreachable_address()?
+    );
+    let mut gateway_otel = Gateway::start(&args.gateway, otel_dir, &otel_config)?;
     let load_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -104,12 +114,14 @@ fn main() -> anyhow::Result<()> {
         args.connections,
         Duration::from_millis(500),
     ))?;
-    load_rt.block_on(run_load(
-        gateway.egress,
-        &proxied_req,
-        args.connections,
-        Duration::from_millis(500),
-    ))?;
+    for warm in [&gateway, &gateway_otel] {
+        load_rt.block_on(run_load(
+            warm.egress,
+            &proxied_req,
+            args.connections,
+            Duration::from_millis(500),
+        ))?;
+    }
 
     // The same route to a host a credential rule covers, inside an open tool call: the token
     // injection hit path (the token is fetched once, in the warm-up).
@@ -126,32 +138,63 @@ fn main() -> anyhow::Result<()> {
     let mut direct = Vec::new();
     let mut proxied = Vec::new();
     let mut injected = Vec::new();
-    let through_gateway =
-        |request: &str| measure(&gateway, &load_rt, request, args.connections, duration);
+    let mut exporting = Vec::new();
     for round in 0..args.rounds {
         direct.push(load_rt.block_on(run_load(origin, &direct_req, args.connections, duration))?);
         // The gateway route measured first in a round comes out slower on this kind of
-        // machine; alternating the order (ABBA) keeps that out of the comparison.
-        if round % 2 == 0 {
-            proxied.push(through_gateway(&proxied_req)?);
-            injected.push(through_gateway(&injected_req)?);
-        } else {
-            injected.push(through_gateway(&injected_req)?);
-            proxied.push(through_gateway(&proxied_req)?);
+        // machine; rotating the order keeps that out of the comparison.
+        for turn in 0..3 {
+            match (round + turn) % 3 {
+                0 => proxied.push(measure(
+                    &gateway,
+                    &load_rt,
+                    &proxied_req,
+                    args.connections,
+                    duration,
+                )?),
+                1 => injected.push(measure(
+                    &gateway,
+                    &load_rt,
+                    &injected_req,
+                    args.connections,
+                    duration,
+                )?),
+                _ => exporting.push(measure(
+                    &gateway_otel,
+                    &load_rt,
+                    &proxied_req,
+                    args.connections,
+                    duration,
+                )?),
+            }
         }
     }
     let direct = median(direct);
     let proxied = median(proxied);
     let injected = median(injected);
+    let exporting = median(exporting);
     let rss = gateway.peak_rss_kib();
+    let spans_dropped = spans_dropped(&gateway_otel)?;
     gateway.stop();
+    gateway_otel.stop();
 
-    let table = render(&args, &direct, &proxied, &injected, rss);
+    let measured = Measured {
+        direct,
+        proxied,
+        injected,
+        exporting,
+        spans_dropped,
+    };
+    let table = render(&args, &measured, rss);
     println!("{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
     }
-    if direct.requests == 0 || proxied.requests == 0 || injected.requests == 0 {
+    let m = &measured;
+    if [&m.direct, &m.proxied, &m.injected, &m.exporting]
+        .iter()
+        .any(|r| r.requests == 0)
+    {
         bail!("a configuration completed no requests");
     }
     Ok(())
@@ -162,13 +205,19 @@ fn median(mut rounds: Vec<Round>) -> Round {
     rounds.swap_remove(rounds.len() / 2)
 }
 
-fn render(
-    args: &Args,
-    direct: &Round,
-    proxied: &Round,
-    injected: &Round,
-    gateway_rss_kib: Option<u64>,
-) -> String {
+/// The median rounds of one run.
+struct Measured {
+    direct: Round,
+    proxied: Round,
+    injected: Round,
+    /// Plain HTTP through the gateway that exports to an unreachable collector.
+    exporting: Round,
+    /// Spans that gateway dropped over the whole run.
+    spans_dropped: u64,
+}
+
+fn render(args: &Args, m: &Measured, gateway_rss_kib: Option<u64>) -> String {
+    let (direct, proxied, injected) = (&m.direct, &m.proxied, &m.injected);
     let ms = |r: &Round, q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
     let row = |name: &str, r: &Round| {
         let cpu = r
@@ -209,9 +258,20 @@ fn render(
         injected,
     ));
     t.push('\n');
+    t.push_str(&row(
+        "Tollgate plain HTTP, OpenTelemetry export on, collector unreachable",
+        &m.exporting,
+    ));
+    t.push('\n');
     t.push_str(&format!(
         "\nToken injection: {:.1}% of the throughput without it (same run).\n",
         injected.rps() / proxied.rps() * 100.0
+    ));
+    t.push_str(&format!(
+        "\nOpenTelemetry on with the collector unreachable: {:.1}% of the throughput without \
+         telemetry (same run); {} spans dropped and counted.\n",
+        m.exporting.rps() / proxied.rps() * 100.0,
+        m.spans_dropped
     ));
     t.push_str(&format!(
         "\nOrigin connections accepted in the whole run: {}\n",
@@ -338,6 +398,22 @@ fn gateway_config(dir: &Path, threads: usize) -> anyhow::Result<String> {
          [[credential_rules]]\nhosts = [\"graph.microsoft.com\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
          [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n"
     ))
+}
+
+/// A loopback address nothing listens on (bound, then closed).
+fn unreachable_address() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// `tollgate_telemetry_spans_dropped_total` from the gateway's `/metrics`.
+fn spans_dropped(gateway: &Gateway) -> anyhow::Result<u64> {
+    let answer = gateway.admin_api()?.call("GET", "/metrics", None)?;
+    String::from_utf8_lossy(&answer.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_telemetry_spans_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no tollgate_telemetry_spans_dropped_total in /metrics")
 }
 
 /// Opens tool call "bench" for the bench agent on the admin API.

@@ -11,7 +11,7 @@
 //! | `GET /healthz` | liveness, no authentication |
 //! | `GET /ui/approvals` | the approvers' web page (static; it asks for a token) |
 //! | `GET /readyz` | readiness: listeners bound |
-//! | `GET /metrics` | Prometheus text: requests, latency, held approvals, token cache, TLS leaves, policy version |
+//! | `GET /metrics` | Prometheus text: requests, latency, held approvals, token cache, TLS leaves, dropped audit records and telemetry, policy version |
 //! | `GET /v1/agents` | every agent |
 //! | `GET /v1/agents/{id}` | one agent |
 //! | `PUT /v1/agents/{id}` | create (201) or replace (200) an agent |
@@ -41,12 +41,10 @@ use tollgate_policy::LoadError;
 use tollgate_storage::{ApprovalFilter, ApprovalRecord, ApprovalState, Store};
 
 use crate::approval::{Approvals, DecideError};
-use crate::audit::AuditTrail;
-use crate::ca::LeafCerts;
 use crate::credentials::{Credentials, Secret};
 use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, RegistryError, RunMode};
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{GaugeSources, Metrics};
 use crate::reply::Refusal;
 use crate::toolcall::{ToolCallError, ToolCalls};
 
@@ -113,10 +111,8 @@ pub struct AdminApi {
     pub store: Arc<Store>,
     /// Request counters.
     pub metrics: Arc<Metrics>,
-    /// The audit writer (its drop count).
-    pub audit: Arc<AuditTrail>,
-    /// The TLS leaf cache (its size).
-    pub leaves: Arc<LeafCerts>,
+    /// Where the values `/metrics` reports at scrape time live.
+    pub gauges: Arc<GaugeSources>,
     /// What `/readyz` reports.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -178,17 +174,8 @@ impl AdminApi {
         match segments.as_slice() {
             ["metrics"] => {
                 only(&method, &[Method::GET])?;
-                let tokens = self.credentials.counters();
-                let gauges = Gauges {
-                    held_approvals: self.approvals.held(),
-                    token_cache_hits: tokens.hits,
-                    token_cache_misses: tokens.misses,
-                    token_endpoint_errors: tokens.errors,
-                    tls_leaf_cache_entries: self.leaves.cached(),
-                    policy_version: self.policies.status().version,
-                    audit_records_dropped: self.audit.dropped(),
-                };
-                let mut response = Response::new(self.metrics.render(&gauges).into_bytes());
+                let mut response =
+                    Response::new(self.metrics.render(&self.gauges.read()).into_bytes());
                 let len = response.body().len();
                 let headers = response.headers_mut();
                 headers.insert(

@@ -69,8 +69,8 @@ pub async fn call(
     let request = Request {
         method,
         url: &url,
-        headers: vec![("authorization", format!("Bearer {token}"))],
-        body: body.map(|b| ("application/json", b.to_string().into())),
+        headers: vec![("authorization".into(), format!("Bearer {token}"))],
+        body: body.map(|b| ("application/json".into(), b.to_string().into())),
     };
     let (status, answer) = client::send(
         &connector,

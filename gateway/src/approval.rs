@@ -32,6 +32,8 @@ use crate::reply::Refusal;
 
 /// The request to hold, as the approval record will describe it.
 pub struct HoldRequest {
+    /// The approval's id (from [`new_approval_id`]), known to the caller whatever the outcome.
+    pub id: String,
     /// The agent.
     pub agent: String,
     /// Its tool call, if one is open.
@@ -107,6 +109,11 @@ impl From<StoreError> for DecideError {
     }
 }
 
+/// A fresh approval id: 128 random bits, in hex.
+pub fn new_approval_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
 /// Held requests and the decisions that release them.
 pub struct Approvals {
     store: Arc<Store>,
@@ -163,7 +170,7 @@ impl Approvals {
         let requested_at = now_millis();
         let timeout = Duration::from_secs(self.settings.timeout_secs);
         let record = ApprovalRecord {
-            id: hex::encode(rand::random::<[u8; 16]>()),
+            id: request.id,
             agent: request.agent,
             tool_call: request.tool_call,
             kind: request.kind,

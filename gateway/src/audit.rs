@@ -7,12 +7,13 @@
 //! request. If the writer falls so far behind that the buffer is full, records are dropped
 //! and counted (and the count is logged) rather than slowing every request down.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tollgate_storage::{AuditRecord, Store};
+
+use crate::queue::DropQueue;
 
 /// Records waiting for the writer at most.
 const CAPACITY: usize = 64 * 1024;
@@ -25,8 +26,7 @@ pub struct AuditTrail {
 }
 
 struct Shared {
-    buffer: Mutex<Vec<AuditRecord>>,
-    dropped: AtomicU64,
+    queue: DropQueue<AuditRecord>,
     closing: AtomicBool,
 }
 
@@ -35,8 +35,7 @@ impl AuditTrail {
     /// what is buffered.
     pub fn start(store: Arc<Store>) -> std::io::Result<AuditTrail> {
         let shared = Arc::new(Shared {
-            buffer: Mutex::new(Vec::new()),
-            dropped: AtomicU64::new(0),
+            queue: DropQueue::new(CAPACITY),
             closing: AtomicBool::new(false),
         });
         let writer = shared.clone();
@@ -48,25 +47,20 @@ impl AuditTrail {
 
     /// Buffers a record; never blocks on the store.
     pub fn record(&self, record: AuditRecord) {
-        let mut buffer = self.shared.buffer.lock();
-        if buffer.len() < CAPACITY {
-            buffer.push(record);
-            return;
-        }
-        drop(buffer);
-        let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        if dropped.is_power_of_two() {
-            tracing::warn!(
-                dropped,
-                agent = record.agent,
-                "the audit writer is behind; audit records were dropped"
-            );
+        if let Err((record, dropped)) = self.shared.queue.push(record) {
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped,
+                    agent = record.agent,
+                    "the audit writer is behind; audit records were dropped"
+                );
+            }
         }
     }
 
     /// Records dropped so far because the writer was behind.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.shared.queue.dropped()
     }
 }
 
@@ -80,7 +74,7 @@ fn write_batches(store: &Store, shared: &Shared) {
     loop {
         std::thread::sleep(FLUSH_INTERVAL);
         let closing = shared.closing.load(Ordering::Acquire);
-        let batch = std::mem::take(&mut *shared.buffer.lock());
+        let batch = shared.queue.take();
         let written = batch.len();
         if written > 0 {
             if let Err(e) = store.append_audit_batch(batch) {

@@ -5,6 +5,7 @@
 //! managed-identity endpoint is 169.254.169.254; the admin API is on loopback). Errors name
 //! the kind of failure only: never a header value sent, never the peer's body.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -41,9 +42,9 @@ pub struct Request<'a> {
     /// The absolute URL, query included.
     pub url: &'a str,
     /// Extra headers (names and values); values are marked sensitive (never logged).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(Cow<'static, str>, String)>,
     /// A body and its content type.
-    pub body: Option<(&'static str, Bytes)>,
+    pub body: Option<(Cow<'static, str>, Bytes)>,
 }
 
 /// Sends `request` and returns the status and body (at most `max_response` bytes).
@@ -91,11 +92,13 @@ async fn exchange(
     for (name, value) in request.headers {
         let mut value = http::HeaderValue::from_str(&value).map_err(|_| ClientError::BadRequest)?;
         value.set_sensitive(true);
-        header.insert_header(name, value).map_err(unreachable)?;
+        header
+            .insert_header(name.into_owned(), value)
+            .map_err(unreachable)?;
     }
     if let Some((content_type, body)) = &request.body {
         header
-            .insert_header("content-type", *content_type)
+            .insert_header("content-type", content_type.to_string())
             .map_err(unreachable)?;
         header
             .insert_header("content-length", body.len().to_string())

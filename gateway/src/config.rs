@@ -72,6 +72,9 @@ pub struct Config {
     /// How the gateway logs.
     #[serde(default)]
     pub log: LogConfig,
+    /// OpenTelemetry export (traces, metrics, logs) over OTLP.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// Where tokens come from: `[[identity_providers]]`.
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderConfig>,
@@ -149,6 +152,87 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `[telemetry]`: OpenTelemetry export over OTLP. Off unless an endpoint is named here or in
+/// the standard `OTEL_EXPORTER_OTLP_*ENDPOINT` variables; `OTEL_SDK_DISABLED=true` turns it
+/// off whatever this says. Values set here win over the environment.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector: for `http/protobuf` its base URL (`/v1/traces`, `/v1/metrics`,
+    /// `/v1/logs` are appended), for `grpc` its URL.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `http/protobuf` or `grpc`; unset: `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    #[serde(default)]
+    pub protocol: Option<OtlpProtocol>,
+    /// Headers sent with every export (e.g. a collector's API key), each from a file or an
+    /// environment variable. `OTEL_EXPORTER_OTLP_HEADERS` adds to these.
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretSource>,
+    /// The `service.name` resource attribute; `OTEL_SERVICE_NAME` when unset, else `tollgate`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Export a span per request.
+    #[serde(default = "yes")]
+    pub traces: bool,
+    /// Export the gateway's metrics.
+    #[serde(default = "yes")]
+    pub metrics: bool,
+    /// Export the gateway's log events (info and above).
+    #[serde(default = "yes")]
+    pub logs: bool,
+    /// Spans, and log events, waiting for export at most (each); more are dropped and
+    /// counted in `tollgate_telemetry_dropped_total`.
+    #[serde(default = "default_telemetry_queue")]
+    pub queue_size: usize,
+    /// How often queued spans and log events are sent.
+    #[serde(default = "default_telemetry_flush_ms")]
+    pub flush_interval_ms: u64,
+    /// How often metrics are sent; unset: `OTEL_METRIC_EXPORT_INTERVAL` (ms), else 60 s.
+    #[serde(default)]
+    pub metrics_interval_secs: Option<u64>,
+    /// How long one export may take before it is abandoned; unset:
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` (ms), else 10 s.
+    #[serde(default)]
+    pub export_timeout_secs: Option<u64>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            endpoint: None,
+            protocol: None,
+            headers: BTreeMap::new(),
+            service_name: None,
+            traces: true,
+            metrics: true,
+            logs: true,
+            queue_size: default_telemetry_queue(),
+            flush_interval_ms: default_telemetry_flush_ms(),
+            metrics_interval_secs: None,
+            export_timeout_secs: None,
+        }
+    }
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    /// Protobuf over HTTP POST (port 4318 by convention).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// gRPC (port 4317 by convention).
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+fn default_telemetry_queue() -> usize {
+    4096
+}
+fn default_telemetry_flush_ms() -> u64 {
+    1000
 }
 
 /// `[approvals]`: requests held for a person.

@@ -27,9 +27,8 @@
 //! - [`client`] — the gateway's own HTTP client (token endpoints, the CLI).
 //!
 //! - [`audit`] — the last step: each request's summary, queued for the agent's audit trail;
-//!   [`metrics`] counts it for `/metrics`.
-//!
-//! Telemetry plugs into [`proxy::Egress`] as its issue lands.
+//!   [`metrics`] counts it for `/metrics`; [`telemetry`] ends its span and exports spans,
+//!   metrics and log events over OTLP. [`queue`] is the bounded hand-off both writers use.
 
 pub mod admin;
 pub mod approval;
@@ -46,9 +45,11 @@ pub mod listener;
 pub mod metrics;
 pub mod obo;
 pub mod proxy;
+pub mod queue;
 pub mod replay;
 pub mod reply;
 pub mod server;
+pub mod telemetry;
 pub mod toolcall;
 pub mod upstream;
 

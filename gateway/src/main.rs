@@ -9,10 +9,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::config::LogFormat;
+use tollgate_gateway::telemetry::Telemetry;
 use tollgate_gateway::{Config, RunningGateway};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
 
 /// Tollgate: the egress gateway for AI-agent sandboxes.
 #[derive(Parser)]
@@ -84,16 +90,21 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
+    // Telemetry starts first, so that the gateway's own log events are exported too.
+    let telemetry = Arc::new(Telemetry::start(&config)?);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match config.log.format {
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+            .boxed(),
         // One JSON object per line, the event's fields flattened beside time and level.
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(telemetry.log_layer())
+        .init();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // The blocking pool runs store writes (each fsync'd) and name lookups. fjall commits
     // one journal write at a time, so hundreds of threads waiting on it (tokio's default
@@ -107,16 +118,18 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     }
     let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let gateway = tollgate_gateway::start(&config).await?;
-        print_banner(&gateway, &config);
+        let gateway = tollgate_gateway::start(&config, telemetry.clone()).await?;
+        print_banner(&gateway, &config, &telemetry);
         wait_for_signal().await;
         tracing::info!("shutting down");
         gateway.shutdown(Duration::from_secs(5)).await;
+        // What is still queued goes to the collector if it answers soon.
+        telemetry.shutdown(Duration::from_secs(2));
         Ok(())
     })
 }
 
-fn print_banner(g: &RunningGateway, config: &Config) {
+fn print_banner(g: &RunningGateway, config: &Config, telemetry: &Telemetry) {
     let created = |yes: bool| if yes { " (created)" } else { "" };
     println!("Tollgate is running.");
     println!("  egress proxy: http://{}", g.egress);
@@ -129,6 +142,7 @@ fn print_banner(g: &RunningGateway, config: &Config) {
         g.admin_token.display(),
         created(g.admin_token_created)
     );
+    println!("  telemetry: {}", telemetry.summary());
     println!(
         "  gateway CA: {}{}",
         g.ca_cert.display(),

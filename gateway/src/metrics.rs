@@ -8,13 +8,21 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::approval::Approvals;
+use crate::audit::AuditTrail;
+use crate::ca::LeafCerts;
+use crate::credentials::Credentials;
+use crate::decide::PolicyStore;
+use crate::telemetry::DroppedTelemetry;
+
 /// Upper bounds of the latency buckets, in seconds. Held requests wait for a person, so the
 /// buckets reach to the approval timeout.
-const LATENCY_BUCKETS: [f64; 16] = [
+pub const LATENCY_BUCKETS: [f64; 16] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0,
     900.0,
 ];
@@ -70,7 +78,119 @@ pub struct Gauges {
     pub policy_version: String,
     /// Audit records dropped because the writer was behind.
     pub audit_records_dropped: u64,
+    /// Spans dropped because the OTLP exporter was behind.
+    pub telemetry_spans_dropped: u64,
+    /// Log events dropped because the OTLP exporter was behind.
+    pub telemetry_logs_dropped: u64,
 }
+
+/// The owners the [`Gauges`] are read from.
+pub struct GaugeSources {
+    /// Held requests.
+    pub approvals: Arc<Approvals>,
+    /// The token cache.
+    pub credentials: Arc<Credentials>,
+    /// The TLS leaf cache.
+    pub leaves: Arc<LeafCerts>,
+    /// The policy set.
+    pub policies: Arc<PolicyStore>,
+    /// The audit writer.
+    pub audit: Arc<AuditTrail>,
+    /// The OTLP export queues.
+    pub telemetry: DroppedTelemetry,
+}
+
+impl GaugeSources {
+    /// Reads every value now.
+    pub fn read(&self) -> Gauges {
+        let tokens = self.credentials.counters();
+        Gauges {
+            held_approvals: self.approvals.held(),
+            token_cache_hits: tokens.hits,
+            token_cache_misses: tokens.misses,
+            token_endpoint_errors: tokens.errors,
+            tls_leaf_cache_entries: self.leaves.cached(),
+            policy_version: self.policies.status().version,
+            audit_records_dropped: self.audit.dropped(),
+            telemetry_spans_dropped: self.telemetry.spans(),
+            telemetry_logs_dropped: self.telemetry.logs(),
+        }
+    }
+}
+
+/// One single-valued metric, under its Prometheus and its OpenTelemetry name.
+pub struct Scalar {
+    /// The Prometheus name.
+    pub name: &'static str,
+    /// The OpenTelemetry instrument name.
+    pub otel_name: &'static str,
+    /// Counter (since start) or gauge (now).
+    pub counter: bool,
+    /// What it counts.
+    pub help: &'static str,
+    /// Where its value is.
+    pub read: fn(&Gauges) -> u64,
+}
+
+/// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
+pub const SCALARS: [Scalar; 8] = [
+    Scalar {
+        name: "tollgate_held_approvals",
+        otel_name: "tollgate.approvals.held",
+        counter: false,
+        help: "Requests held for approval now.",
+        read: |g| g.held_approvals as u64,
+    },
+    Scalar {
+        name: "tollgate_token_cache_hits_total",
+        otel_name: "tollgate.token_cache.hits",
+        counter: true,
+        help: "Token requests answered from the cache.",
+        read: |g| g.token_cache_hits,
+    },
+    Scalar {
+        name: "tollgate_token_cache_misses_total",
+        otel_name: "tollgate.token_cache.misses",
+        counter: true,
+        help: "Token requests that had to ask an identity provider.",
+        read: |g| g.token_cache_misses,
+    },
+    Scalar {
+        name: "tollgate_token_endpoint_errors_total",
+        otel_name: "tollgate.token_endpoint.errors",
+        counter: true,
+        help: "Failed requests to identity providers.",
+        read: |g| g.token_endpoint_errors,
+    },
+    Scalar {
+        name: "tollgate_tls_leaf_cache_entries",
+        otel_name: "tollgate.tls.leaf_cache.entries",
+        counter: false,
+        help: "Minted TLS leaf certificates in the cache.",
+        read: |g| g.tls_leaf_cache_entries,
+    },
+    Scalar {
+        name: "tollgate_audit_records_dropped_total",
+        otel_name: "tollgate.audit.dropped",
+        counter: true,
+        help: "Audit records dropped because the writer was behind.",
+        read: |g| g.audit_records_dropped,
+    },
+    Scalar {
+        name: "tollgate_telemetry_spans_dropped_total",
+        otel_name: "tollgate.telemetry.spans_dropped",
+        counter: true,
+        help: "Spans dropped because the OTLP exporter was behind (collector slow or down).",
+        read: |g| g.telemetry_spans_dropped,
+    },
+    Scalar {
+        name: "tollgate_telemetry_logs_dropped_total",
+        otel_name: "tollgate.telemetry.logs_dropped",
+        counter: true,
+        help: "Log events dropped because the OTLP exporter was behind (collector slow or down).",
+        read: |g| g.telemetry_logs_dropped,
+    },
+];
 
 impl Metrics {
     /// Counts one finished request.
@@ -86,6 +206,16 @@ impl Metrics {
             None => requests.entry(agent.to_string()).or_default(),
         };
         *by_agent.entry((DECISIONS[decision], status)).or_default() += 1;
+    }
+
+    /// Calls `each` with every (agent, decision, status) and its request count.
+    pub fn request_counts(&self, mut each: impl FnMut(&str, &'static str, u16, u64)) {
+        let requests = self.requests.lock();
+        for (agent, rows) in requests.iter() {
+            for ((decision, status), count) in rows {
+                each(agent, decision, *status, *count);
+            }
+        }
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -130,47 +260,14 @@ impl Metrics {
             );
         }
         let g = gauges;
-        for (name, kind, help, value) in [
-            (
-                "tollgate_held_approvals",
-                "gauge",
-                "Requests held for approval now.",
-                g.held_approvals as u64,
-            ),
-            (
-                "tollgate_token_cache_hits_total",
-                "counter",
-                "Token requests answered from the cache.",
-                g.token_cache_hits,
-            ),
-            (
-                "tollgate_token_cache_misses_total",
-                "counter",
-                "Token requests that had to ask an identity provider.",
-                g.token_cache_misses,
-            ),
-            (
-                "tollgate_token_endpoint_errors_total",
-                "counter",
-                "Failed requests to identity providers.",
-                g.token_endpoint_errors,
-            ),
-            (
-                "tollgate_tls_leaf_cache_entries",
-                "gauge",
-                "Minted TLS leaf certificates in the cache.",
-                g.tls_leaf_cache_entries,
-            ),
-            (
-                "tollgate_audit_records_dropped_total",
-                "counter",
-                "Audit records dropped because the writer was behind.",
-                g.audit_records_dropped,
-            ),
-        ] {
+        for scalar in &SCALARS {
+            let kind = if scalar.counter { "counter" } else { "gauge" };
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}",
+                name = scalar.name,
+                help = scalar.help,
+                value = (scalar.read)(g),
             );
         }
         let _ = writeln!(
@@ -205,6 +302,8 @@ mod tests {
             tls_leaf_cache_entries: 3,
             policy_version: "abc".into(),
             audit_records_dropped: 0,
+            telemetry_spans_dropped: 7,
+            telemetry_logs_dropped: 0,
         }
     }
 
@@ -251,6 +350,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tollgate_held_approvals 2"), "{text}");
+        assert!(
+            text.contains("# TYPE tollgate_telemetry_spans_dropped_total counter\ntollgate_telemetry_spans_dropped_total 7"),
+            "{text}"
+        );
         assert!(
             text.contains("tollgate_policy_info{version=\"abc\"} 1"),
             "{text}"

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -21,7 +21,7 @@ use pingora::connectors::http::Connector;
 use tollgate_policy::{Decision, Outcome, RequestFacts};
 use tollgate_storage::{ApprovalKind, AuditRecord};
 
-use crate::approval::{Approvals, HoldEnd, HoldRequest, Released};
+use crate::approval::{new_approval_id, Approvals, HoldEnd, HoldRequest, Released};
 use crate::audit::AuditTrail;
 use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::replay;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
+use crate::telemetry::{RequestTrace, SpanExtras, Telemetry};
 use crate::toolcall::{ToolCallRef, ToolCalls, TOOL_CALL_HEADER};
 use crate::upstream::{self, Upstream};
 
@@ -54,6 +55,8 @@ pub struct Shared {
     pub audit: Arc<AuditTrail>,
     /// Request counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The span per request, exported over OTLP.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// The pipeline of one listener: the shared state plus how that listener identifies agents.
@@ -88,6 +91,10 @@ pub struct RequestCtx {
     relayed: Option<replay::Relayed>,
     /// Set when the gateway answered the request itself.
     refusal: Option<Refusal>,
+    /// Time spent held for approval.
+    approval_wait: Duration,
+    /// The request's trace id and span.
+    trace: RequestTrace,
 }
 
 /// Why the pipeline stopped before forwarding.
@@ -342,8 +349,11 @@ impl Egress {
         body: Bytes,
     ) -> Result<(Bytes, Released), Stop> {
         ctx.bytes_in = body.len() as u64;
+        let id = new_approval_id();
+        ctx.approval = Some(id.clone());
         let target = ctx.target.as_ref();
         let held = HoldRequest {
+            id,
             agent: agent.id.clone(),
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             kind,
@@ -375,8 +385,20 @@ impl Egress {
             // The body is read, so this returns only when the client closes or resets.
             let _ = session.downstream_session.read_body_or_idle(true).await;
         };
-        let released = self.shared.approvals.hold(held, client_gone).await?;
-        ctx.approval = Some(released.record.id.clone());
+        let held_at = Instant::now();
+        let released = self.shared.approvals.hold(held, client_gone).await;
+        ctx.approval_wait += held_at.elapsed();
+        if let Err(HoldEnd::Refused(refusal)) = &released {
+            // Refused before it was recorded (too many pending, store down): no approval.
+            let recorded = refusal
+                .extra
+                .as_ref()
+                .is_some_and(|extra| extra.contains_key("approval"));
+            if !recorded {
+                ctx.approval = None;
+            }
+        }
+        let released = released?;
         Ok((body, released))
     }
 }
@@ -606,6 +628,8 @@ impl ProxyHttp for Egress {
             bytes_in: 0,
             relayed: None,
             refusal: None,
+            approval_wait: Duration::ZERO,
+            trace: self.shared.telemetry.start_request(),
         }
     }
 
@@ -722,6 +746,8 @@ impl ProxyHttp for Egress {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        let trace = std::mem::take(&mut ctx.trace);
+        let trace_id = trace.id();
         let agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-");
         let tool_call = ctx
             .tool_call
@@ -751,21 +777,21 @@ impl ProxyHttp for Egress {
         let error = match (&ctx.refusal, e) {
             (Some(refusal), _) => {
                 tracing::info!(
-                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms,
+                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
                     refusal = refusal.error, detail = %refusal.detail, "request refused"
                 );
                 Some(refusal.error.to_string())
             }
             (None, Some(err)) => {
                 tracing::info!(
-                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms,
+                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
                     error = %err.etype().as_str(), "request failed"
                 );
                 Some(err.etype().as_str().to_string())
             }
             (None, None) => {
                 tracing::info!(
-                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms,
+                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
                     "request"
                 );
                 None
@@ -777,12 +803,12 @@ impl ProxyHttp for Egress {
             status,
             elapsed,
         );
-        // The agent's audit trail: the same summary, never a body, a query or a header value.
-        let Some(agent) = &ctx.agent else { return };
+        // The request's summary — never a body, a query or a header value — is its span and,
+        // for a known agent, its audit record.
         let record = AuditRecord {
             seq: 0,
             at: tollgate_storage::now_millis().saturating_sub(elapsed.as_millis() as u64),
-            agent: agent.id.clone(),
+            agent: agent.to_string(),
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             method: req.method.to_string(),
             host,
@@ -798,6 +824,10 @@ impl ProxyHttp for Egress {
                 .map(|d| d.policies.clone())
                 .unwrap_or_default(),
             approval: ctx.approval.clone(),
+            approval_wait_ms: ctx
+                .approval
+                .is_some()
+                .then_some(ctx.approval_wait.as_millis() as u64),
             credential: (credential != "-").then(|| credential.to_string()),
             status,
             error,
@@ -807,10 +837,21 @@ impl ProxyHttp for Egress {
                 .as_ref()
                 .map_or(session.body_bytes_sent() as u64, |r| r.bytes_out),
             latency_us: elapsed.as_micros() as u64,
+            trace_id,
             // Linked into the agent's chain by the store.
             prev_hash: String::new(),
             hash: String::new(),
         };
-        self.shared.audit.record(record);
+        self.shared.telemetry.finish_request(
+            trace,
+            &record,
+            SpanExtras {
+                run_mode: ctx.agent.as_ref().map(|a| a.run_mode.as_str()),
+                latency: elapsed,
+            },
+        );
+        if ctx.agent.is_some() {
+            self.shared.audit.record(record);
+        }
     }
 }

@@ -28,9 +28,10 @@ use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeSources, Metrics};
 use crate::obo::OboSealer;
 use crate::proxy::{Egress, Shared};
+use crate::telemetry::Telemetry;
 use crate::toolcall::ToolCalls;
 use crate::upstream::Upstream;
 
@@ -107,8 +108,12 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Starts the gateway described by `config` on the current tokio runtime.
-pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
+/// Starts the gateway described by `config` on the current tokio runtime, reporting to
+/// `telemetry` (started before, so that start-up is logged through it too).
+pub async fn start(
+    config: &Config,
+    telemetry: Arc<Telemetry>,
+) -> Result<RunningGateway, StartError> {
     datadir::ensure_dir(&config.data_dir)?;
     let (ca, ca_created) =
         GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
@@ -207,6 +212,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         )),
         audit: audit.clone(),
         metrics: metrics.clone(),
+        telemetry: telemetry.clone(),
     });
 
     let (shutdown, watch) = watch::channel(false);
@@ -260,6 +266,15 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         Duration::from_secs(config.storage.retention_days * 86_400),
         watch.clone(),
     ));
+    let gauges = Arc::new(GaugeSources {
+        approvals: approvals.clone(),
+        credentials: credentials.clone(),
+        leaves,
+        policies: policies.clone(),
+        audit,
+        telemetry: telemetry.dropped(),
+    });
+    telemetry.observe(metrics.clone(), gauges.clone());
     let admin_api = AdminApi {
         callers: Approvers::new(token, approvers),
         registry: registry.clone(),
@@ -269,8 +284,7 @@ pub async fn start(config: &Config) -> Result<RunningGateway, StartError> {
         approvals,
         store,
         metrics,
-        audit,
-        leaves,
+        gauges,
         ready: ready.clone(),
     };
     tasks.push(listener::serve(

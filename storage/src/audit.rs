@@ -38,6 +38,9 @@ pub struct AuditRecord {
     pub policies: Vec<String>,
     /// The approval that held it, if any.
     pub approval: Option<String>,
+    /// How long it was held, in milliseconds (set when it was held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_wait_ms: Option<u64>,
     /// The credential provider used (never the token).
     pub credential: Option<String>,
     /// The status sent to the agent (0 if none was).
@@ -50,6 +53,9 @@ pub struct AuditRecord {
     pub bytes_out: u64,
     /// Time from arrival to the end of the response, in microseconds.
     pub latency_us: u64,
+    /// The request's OpenTelemetry trace id (32 hex digits), also in its log line and span.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
     /// The hash of the agent's previous record (set by the store).
     #[serde(default)]
     pub prev_hash: String,

@@ -184,7 +184,7 @@ impl Provider {
                     method: "POST",
                     url: token_url,
                     headers: Vec::new(),
-                    body: Some(("application/x-www-form-urlencoded", form.into())),
+                    body: Some(("application/x-www-form-urlencoded".into(), form.into())),
                 };
                 fetch(connector, request, timeout).await?
             }
@@ -206,8 +206,8 @@ impl Provider {
                     url.push_str(&format!("&client_id={}", encode(client_id)));
                 }
                 let headers = match identity_header {
-                    Some(secret) => vec![("x-identity-header", secret.expose().to_string())],
-                    None => vec![("metadata", "true".to_string())],
+                    Some(secret) => vec![("x-identity-header".into(), secret.expose().to_string())],
+                    None => vec![("metadata".into(), "true".to_string())],
                 };
                 let request = client::Request {
                     method: "GET",

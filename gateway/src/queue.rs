@@ -1,0 +1,71 @@
+//! A bounded hand-off from the data path to a background writer: requests push and go on,
+//! the writer takes everything at its own pace.
+//!
+//! Pushing is one short lock and never wakes a thread (a channel send would, at a context
+//! switch per request); the writer polls. When the writer falls so far behind that the queue
+//! is full, items are dropped and counted rather than slowing requests down: the count is
+//! what operators alert on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+/// Items waiting for a writer, at most `capacity` of them.
+pub struct DropQueue<T> {
+    items: Mutex<Vec<T>>,
+    capacity: usize,
+    dropped: AtomicU64,
+}
+
+impl<T> DropQueue<T> {
+    /// An empty queue holding at most `capacity` items.
+    pub fn new(capacity: usize) -> DropQueue<T> {
+        DropQueue {
+            items: Mutex::new(Vec::new()),
+            capacity,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues `item`, or drops it if the queue is full. On a drop, gives the item back with
+    /// how many items this queue has dropped so far (callers log the powers of two, so a
+    /// lasting backlog is reported without a log line per request).
+    pub fn push(&self, item: T) -> Result<(), (T, u64)> {
+        let mut items = self.items.lock();
+        if items.len() < self.capacity {
+            items.push(item);
+            return Ok(());
+        }
+        drop(items);
+        Err((item, self.dropped.fetch_add(1, Ordering::Relaxed) + 1))
+    }
+
+    /// Takes everything queued.
+    pub fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.items.lock())
+    }
+
+    /// Items dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DropQueue;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_taking_makes_room() {
+        let queue = DropQueue::new(2);
+        assert_eq!(queue.push(1), Ok(()));
+        assert_eq!(queue.push(2), Ok(()));
+        assert_eq!(queue.push(3), Err((3, 1)));
+        assert_eq!(queue.push(4), Err((4, 2)));
+        assert_eq!(queue.dropped(), 2);
+        assert_eq!(queue.take(), vec![1, 2]);
+        assert_eq!(queue.push(5), Ok(()));
+        assert_eq!(queue.take(), vec![5]);
+        assert_eq!(queue.dropped(), 2);
+    }
+}
