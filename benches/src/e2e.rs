@@ -87,15 +87,21 @@ fn main() -> anyhow::Result<()> {
     let dir = TempDir::new("tollgate-bench")?;
     let config = gateway_config(dir.path(), args.gateway_threads)?;
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
-    // The same gateway with OpenTelemetry export on and its collector unreachable (a
-    // loopback port nobody listens on): exporting must not cost requests anything.
-    let otel_dir = TempDir::new("tollgate-bench-otel")?;
-    let otel_config = format!(
-        "{}\n[telemetry]\nendpoint = \"http://{}\"\n",
-        gateway_config(otel_dir.path(), args.gateway_threads)?,
-        unreachable_address()?
-    );
-    let mut gateway_otel = Gateway::start(&args.gateway, otel_dir, &otel_config)?;
+    // The same gateway with OpenTelemetry export on (spans, metrics, logs), once with a
+    // collector that answers (a loopback sink that takes every export and answers 200) and
+    // once with its collector unreachable (a loopback port nobody listens on): a collector
+    // that is down must not cost requests anything.
+    let sink = origin_rt.block_on(start_origin(Vec::new()))?;
+    let exporting_to = |name: &str, collector: SocketAddr| -> anyhow::Result<Gateway> {
+        let dir = TempDir::new(name)?;
+        let config = format!(
+            "{}\n[telemetry]\nendpoint = \"http://{collector}\"\n",
+            gateway_config(dir.path(), args.gateway_threads)?
+        );
+        Gateway::start(&args.gateway, dir, &config)
+    };
+    let mut gateway_up = exporting_to("tollgate-bench-otel-up", sink)?;
+    let mut gateway_down = exporting_to("tollgate-bench-otel-down", unreachable_address()?)?;
     let load_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -114,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         args.connections,
         Duration::from_millis(500),
     ))?;
-    for warm in [&gateway, &gateway_otel] {
+    for warm in [&gateway, &gateway_up, &gateway_down] {
         load_rt.block_on(run_load(
             warm.egress,
             &proxied_req,
@@ -138,52 +144,51 @@ fn main() -> anyhow::Result<()> {
     let mut direct = Vec::new();
     let mut proxied = Vec::new();
     let mut injected = Vec::new();
-    let mut exporting = Vec::new();
+    let mut collector_up = Vec::new();
+    let mut collector_down = Vec::new();
+    let routes = [
+        (&gateway, &proxied_req),
+        (&gateway, &injected_req),
+        (&gateway_up, &proxied_req),
+        (&gateway_down, &proxied_req),
+    ];
     for round in 0..args.rounds {
         direct.push(load_rt.block_on(run_load(origin, &direct_req, args.connections, duration))?);
         // The gateway route measured first in a round comes out slower on this kind of
         // machine; rotating the order keeps that out of the comparison.
-        for turn in 0..3 {
-            match (round + turn) % 3 {
-                0 => proxied.push(measure(
-                    &gateway,
-                    &load_rt,
-                    &proxied_req,
-                    args.connections,
-                    duration,
-                )?),
-                1 => injected.push(measure(
-                    &gateway,
-                    &load_rt,
-                    &injected_req,
-                    args.connections,
-                    duration,
-                )?),
-                _ => exporting.push(measure(
-                    &gateway_otel,
-                    &load_rt,
-                    &proxied_req,
-                    args.connections,
-                    duration,
-                )?),
-            }
+        for turn in 0..routes.len() {
+            let route = (round + turn) % routes.len();
+            let (through, request) = routes[route];
+            let measured = measure(through, &load_rt, request, args.connections, duration)?;
+            [
+                &mut proxied,
+                &mut injected,
+                &mut collector_up,
+                &mut collector_down,
+            ][route]
+                .push(measured);
         }
     }
     let direct = median(direct);
     let proxied = median(proxied);
     let injected = median(injected);
-    let exporting = median(exporting);
+    let collector_up = median(collector_up);
+    let collector_down = median(collector_down);
     let rss = gateway.peak_rss_kib();
-    let spans_dropped = spans_dropped(&gateway_otel)?;
+    let dropped_up = spans_dropped(&gateway_up)?;
+    let dropped_down = spans_dropped(&gateway_down)?;
     gateway.stop();
-    gateway_otel.stop();
+    gateway_up.stop();
+    gateway_down.stop();
 
     let measured = Measured {
         direct,
         proxied,
         injected,
-        exporting,
-        spans_dropped,
+        collector_up,
+        collector_down,
+        dropped_up,
+        dropped_down,
     };
     let table = render(&args, &measured, rss);
     println!("{table}");
@@ -191,9 +196,15 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
     }
     let m = &measured;
-    if [&m.direct, &m.proxied, &m.injected, &m.exporting]
-        .iter()
-        .any(|r| r.requests == 0)
+    if [
+        &m.direct,
+        &m.proxied,
+        &m.injected,
+        &m.collector_up,
+        &m.collector_down,
+    ]
+    .iter()
+    .any(|r| r.requests == 0)
     {
         bail!("a configuration completed no requests");
     }
@@ -210,10 +221,13 @@ struct Measured {
     direct: Round,
     proxied: Round,
     injected: Round,
-    /// Plain HTTP through the gateway that exports to an unreachable collector.
-    exporting: Round,
-    /// Spans that gateway dropped over the whole run.
-    spans_dropped: u64,
+    /// Plain HTTP through a gateway exporting to a collector that answers.
+    collector_up: Round,
+    /// Plain HTTP through a gateway exporting to an unreachable collector.
+    collector_down: Round,
+    /// Spans each of those two dropped over the whole run.
+    dropped_up: u64,
+    dropped_down: u64,
 }
 
 fn render(args: &Args, m: &Measured, gateway_rss_kib: Option<u64>) -> String {
@@ -259,8 +273,13 @@ fn render(args: &Args, m: &Measured, gateway_rss_kib: Option<u64>) -> String {
     ));
     t.push('\n');
     t.push_str(&row(
+        "Tollgate plain HTTP, OpenTelemetry export on, collector up",
+        &m.collector_up,
+    ));
+    t.push('\n');
+    t.push_str(&row(
         "Tollgate plain HTTP, OpenTelemetry export on, collector unreachable",
-        &m.exporting,
+        &m.collector_down,
     ));
     t.push('\n');
     t.push_str(&format!(
@@ -268,10 +287,14 @@ fn render(args: &Args, m: &Measured, gateway_rss_kib: Option<u64>) -> String {
         injected.rps() / proxied.rps() * 100.0
     ));
     t.push_str(&format!(
-        "\nOpenTelemetry on with the collector unreachable: {:.1}% of the throughput without \
-         telemetry (same run); {} spans dropped and counted.\n",
-        m.exporting.rps() / proxied.rps() * 100.0,
-        m.spans_dropped
+        "\nOpenTelemetry export on: {:.1}% of the throughput without it with the collector up \
+         ({} spans dropped), {:.1}% with it unreachable ({} spans dropped and counted); \
+         unreachable vs. up: {:.1}% (same run).\n",
+        m.collector_up.rps() / proxied.rps() * 100.0,
+        m.dropped_up,
+        m.collector_down.rps() / proxied.rps() * 100.0,
+        m.dropped_down,
+        m.collector_down.rps() / m.collector_up.rps() * 100.0,
     ));
     t.push_str(&format!(
         "\nOrigin connections accepted in the whole run: {}\n",

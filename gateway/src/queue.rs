@@ -27,14 +27,15 @@ impl<T> DropQueue<T> {
         }
     }
 
-    /// Queues `item`, or drops it if the queue is full. On a drop, gives the item back with
-    /// how many items this queue has dropped so far (callers log the powers of two, so a
-    /// lasting backlog is reported without a log line per request).
-    pub fn push(&self, item: T) -> Result<(), (T, u64)> {
+    /// Queues `item` and returns how many are queued now, or drops it if the queue is full.
+    /// On a drop, gives the item back with how many items this queue has dropped so far
+    /// (callers log the powers of two, so a lasting backlog is reported without a log line
+    /// per request).
+    pub fn push(&self, item: T) -> Result<usize, (T, u64)> {
         let mut items = self.items.lock();
         if items.len() < self.capacity {
             items.push(item);
-            return Ok(());
+            return Ok(items.len());
         }
         drop(items);
         Err((item, self.dropped.fetch_add(1, Ordering::Relaxed) + 1))
@@ -58,13 +59,13 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_and_taking_makes_room() {
         let queue = DropQueue::new(2);
-        assert_eq!(queue.push(1), Ok(()));
-        assert_eq!(queue.push(2), Ok(()));
+        assert_eq!(queue.push(1), Ok(1));
+        assert_eq!(queue.push(2), Ok(2));
         assert_eq!(queue.push(3), Err((3, 1)));
         assert_eq!(queue.push(4), Err((4, 2)));
         assert_eq!(queue.dropped(), 2);
         assert_eq!(queue.take(), vec![1, 2]);
-        assert_eq!(queue.push(5), Ok(()));
+        assert_eq!(queue.push(5), Ok(1));
         assert_eq!(queue.take(), vec![5]);
         assert_eq!(queue.dropped(), 2);
     }

@@ -364,13 +364,25 @@ impl Handle {
     }
 }
 
-/// Sleeps `interval`; true when export is stopping instead.
-async fn tick(interval: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+/// Waits `interval`, or until `ready` says a full batch is waiting; true when export is
+/// stopping instead.
+async fn tick(
+    interval: Duration,
+    ready: Option<&tokio::sync::Notify>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
     if *stop.borrow() {
         return true;
     }
+    let batch_full = async {
+        match ready {
+            Some(ready) => ready.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = tokio::time::sleep(interval) => false,
+        _ = batch_full => false,
         _ = stop.changed() => true,
     }
 }
@@ -390,7 +402,7 @@ async fn run(
         let mut stop = stop.clone();
         let mut health = Health::new(Signal::Traces);
         loop {
-            let last = tick(plan.flush_interval, &mut stop).await;
+            let last = tick(plan.flush_interval, Some(&queues.spans_ready), &mut stop).await;
             let mut batch = queues.spans.take();
             while !batch.is_empty() {
                 let rest = batch.split_off(batch.len().min(BATCH));
@@ -409,7 +421,7 @@ async fn run(
         let mut stop = stop.clone();
         let mut health = Health::new(Signal::Logs);
         loop {
-            let last = tick(plan.flush_interval, &mut stop).await;
+            let last = tick(plan.flush_interval, Some(&queues.logs_ready), &mut stop).await;
             let events = queues.logs.take();
             for chunk in events.chunks(BATCH) {
                 let refs: Vec<_> = chunk
@@ -430,7 +442,7 @@ async fn run(
         let mut stop = stop.clone();
         let mut health = Health::new(Signal::Metrics);
         loop {
-            let last = tick(plan.metrics_interval, &mut stop).await;
+            let last = tick(plan.metrics_interval, None, &mut stop).await;
             let mut collected = ResourceMetrics::default();
             match reader.collect(&mut collected) {
                 Ok(()) => health.report(exporter.export(&collected).await),
@@ -518,7 +530,11 @@ pub(super) struct LogQueue(pub Arc<Queues>);
 
 impl LogProcessor for LogQueue {
     fn emit(&self, record: &mut SdkLogRecord, scope: &opentelemetry::InstrumentationScope) {
-        let _ = self.0.logs.push((record.clone(), scope.clone()));
+        if let Ok(queued) = self.0.logs.push((record.clone(), scope.clone())) {
+            if queued % BATCH == 0 {
+                self.0.logs_ready.notify_one();
+            }
+        }
     }
 
     fn force_flush(&self) -> OTelSdkResult {

@@ -3,8 +3,9 @@
 //!
 //! Exporting never slows a request. A finished span (or log event) is pushed into a bounded
 //! [`DropQueue`] with one short lock; one thread of its own (`tollgate-otlp`, with a small
-//! single-threaded runtime) takes the queues every `flush_interval_ms` and exports them, and
-//! collects and exports the metrics every metrics interval. A collector that is slow or down
+//! single-threaded runtime) takes the queues every `flush_interval_ms`, or as soon as a full
+//! batch (512) is waiting, and exports them; it collects and exports the metrics every
+//! metrics interval. A collector that is slow or down
 //! only keeps that thread waiting: the queues fill, further spans and events are dropped and
 //! counted (`tollgate_telemetry_dropped_total`), and requests go on as before.
 //!
@@ -14,7 +15,6 @@
 mod export;
 mod http;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,7 +79,11 @@ struct Providers {
 pub(crate) struct Queues {
     spans: DropQueue<SpanData>,
     logs: DropQueue<(SdkLogRecord, opentelemetry::InstrumentationScope)>,
-    closing: AtomicBool,
+    /// Woken when a full export batch of spans is waiting (so a busy gateway exports as
+    /// fast as batches fill, not only on the flush interval).
+    spans_ready: tokio::sync::Notify,
+    /// The same for log events.
+    logs_ready: tokio::sync::Notify,
 }
 
 /// Read access to how much telemetry was dropped (for `/metrics`).
@@ -207,23 +211,10 @@ impl Telemetry {
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
-        use tracing_subscriber::filter::{LevelFilter, Targets};
-        use tracing_subscriber::Layer as _;
         let provider = self.providers.as_ref()?.logs.as_ref()?;
-        let exported = Targets::new()
-            .with_default(LevelFilter::INFO)
-            .with_target("tollgate_gateway::telemetry", LevelFilter::OFF)
-            .with_target("opentelemetry", LevelFilter::OFF)
-            .with_target("opentelemetry_sdk", LevelFilter::OFF)
-            .with_target("opentelemetry_otlp", LevelFilter::OFF)
-            .with_target("tonic", LevelFilter::OFF)
-            .with_target("h2", LevelFilter::OFF)
-            .with_target("hyper", LevelFilter::OFF)
-            .with_target("tower", LevelFilter::OFF);
-        Some(
-            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(provider)
-                .with_filter(exported),
-        )
+        Some(ExportedEvents(
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(provider),
+        ))
     }
 
     /// Exports the gateway's metrics: the request counts and the values `/metrics` reads.
@@ -289,7 +280,6 @@ impl Telemetry {
 
     /// Stops exporting: what is queued is sent if the collector answers within `grace`.
     pub fn shutdown(&self, grace: Duration) {
-        self.queues.closing.store(true, Ordering::Release);
         if let Some(exporter) = self.exporter.lock().take() {
             exporter.stop(grace);
         }
@@ -314,12 +304,44 @@ impl Drop for Telemetry {
     }
 }
 
+/// Passes the events worth exporting to the OpenTelemetry bridge: info and above, and none
+/// from the export path itself (which would feed the queue it drains). The `RUST_LOG` filter
+/// in front of every layer still decides what is logged at all.
+struct ExportedEvents<L>(L);
+
+/// Targets whose events are never exported.
+const NOT_EXPORTED: [&str; 6] = [
+    "tollgate_gateway::telemetry",
+    "opentelemetry",
+    "tonic",
+    "h2",
+    "hyper",
+    "tower",
+];
+
+impl<S, L> tracing_subscriber::Layer<S> for ExportedEvents<L>
+where
+    S: tracing::Subscriber,
+    L: tracing_subscriber::Layer<S>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let metadata = event.metadata();
+        let target = metadata.target();
+        if *metadata.level() <= tracing::Level::INFO
+            && !NOT_EXPORTED.iter().any(|t| target.starts_with(t))
+        {
+            self.0.on_event(event, ctx);
+        }
+    }
+}
+
 impl Queues {
     fn new(capacity: usize) -> Queues {
         Queues {
             spans: DropQueue::new(capacity),
             logs: DropQueue::new(capacity),
-            closing: AtomicBool::new(false),
+            spans_ready: tokio::sync::Notify::new(),
+            logs_ready: tokio::sync::Notify::new(),
         }
     }
 }

@@ -1,0 +1,117 @@
+//! What OpenTelemetry costs a request, piece by piece: its span (start and finish, with the
+//! summary's attributes) and its log line (through the `fmt` layer alone, and through the
+//! OTLP log bridge as well). Export runs against a loopback port nobody listens on, so the
+//! queues fill and drop — the work a request does is the same whether or not the collector
+//! answers. Run: `cargo bench -p tollgate-gateway --bench telemetry`.
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tollgate_gateway::config::Config;
+use tollgate_gateway::telemetry::{SpanExtras, Telemetry};
+use tollgate_storage::AuditRecord;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+fn summary() -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        at: 0,
+        agent: "bench".into(),
+        tool_call: Some("tc-1".into()),
+        method: "GET".into(),
+        host: "api.github.com:443".into(),
+        path: "/repos/x/y".into(),
+        decision: "allow".into(),
+        policies: vec!["allowlist".into(), "readonly-reads".into()],
+        approval: None,
+        approval_wait_ms: None,
+        credential: Some("dev".into()),
+        status: 200,
+        error: None,
+        bytes_in: 0,
+        bytes_out: 1024,
+        latency_us: 900,
+        trace_id: String::new(),
+        prev_hash: String::new(),
+        hash: String::new(),
+    }
+}
+
+/// Telemetry exporting everything to a closed loopback port.
+fn exporting() -> Telemetry {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let config = Config::from_toml(
+        &format!("[telemetry]\nendpoint = \"http://127.0.0.1:{port}\"\n"),
+        "bench",
+    )
+    .expect("config");
+    Telemetry::start(&config).expect("telemetry")
+}
+
+fn request_span(c: &mut Criterion) {
+    let record = summary();
+    let extras = || SpanExtras {
+        run_mode: Some("Autonomous"),
+        latency: Duration::from_micros(900),
+    };
+    let mut group = c.benchmark_group("request span");
+    let off = Telemetry::off();
+    group.bench_function("export off (trace id only)", |b| {
+        b.iter(|| {
+            let trace = off.start_request();
+            let _ = trace.id();
+            off.finish_request(trace, &record, extras());
+        })
+    });
+    let on = exporting();
+    group.bench_function("exported", |b| {
+        b.iter(|| {
+            let trace = on.start_request();
+            let _ = trace.id();
+            on.finish_request(trace, &record, extras());
+        })
+    });
+    group.finish();
+}
+
+/// The per-request log line's fields, as `proxy.rs` logs them.
+fn log_line() {
+    tracing::info!(
+        agent = "bench", tool_call = "tc-1", method = %http::Method::GET, host = "api.github.com:443",
+        path = "/repos/x/y", decision = "allow", credential = "dev", policies = "allowlist,readonly-reads",
+        approval = "-", status = 200u16, elapsed_ms = 0.9f64,
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736", "request"
+    );
+}
+
+fn request_log_line(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request log line");
+    let fmt = || {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::sink)
+            .with_ansi(false)
+    };
+    let plain = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("info"))
+        .with(fmt());
+    tracing::subscriber::with_default(plain, || {
+        group.bench_function("fmt only", |b| b.iter(log_line));
+    });
+    let telemetry = Arc::new(exporting());
+    let bridged = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("info"))
+        .with(fmt())
+        .with(telemetry.log_layer());
+    tracing::subscriber::with_default(bridged, || {
+        group.bench_function("fmt + OTLP log bridge", |b| b.iter(log_line));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, request_span, request_log_line);
+criterion_main!(benches);
