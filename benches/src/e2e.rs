@@ -91,7 +91,12 @@ fn main() -> anyhow::Result<()> {
     // collector that answers (a loopback sink that takes every export and answers 200) and
     // once with its collector unreachable (a loopback port nobody listens on): a collector
     // that is down must not cost requests anything.
-    let sink = origin_rt.block_on(start_origin(Vec::new()))?;
+    // The sink has a thread of its own: on the origin's, exports would queue behind the load.
+    let sink_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let sink = sink_rt.block_on(start_origin(Vec::new()))?;
     let exporting_to = |name: &str, collector: SocketAddr| -> anyhow::Result<Gateway> {
         let dir = TempDir::new(name)?;
         let config = format!(

@@ -23,6 +23,7 @@ use super::{Queues, TelemetryError};
 use crate::config::{Config, OtlpProtocol};
 use crate::credentials::provider::read_secret;
 use crate::metrics::{GaugeSources, Metrics, SCALARS};
+use crate::queue::DropQueue;
 
 /// Spans or log events handed to one export call at most.
 const BATCH: usize = 512;
@@ -490,6 +491,20 @@ impl Health {
     }
 }
 
+/// Queues `item` for export and wakes the exporter each time another full batch waits; on
+/// a drop, returns how many this queue has dropped.
+fn enqueue<T>(queue: &DropQueue<T>, ready: &tokio::sync::Notify, item: T) -> Result<(), u64> {
+    match queue.push(item) {
+        Ok(queued) => {
+            if queued % BATCH == 0 {
+                ready.notify_one();
+            }
+            Ok(())
+        }
+        Err((_, dropped)) => Err(dropped),
+    }
+}
+
 /// Puts finished spans in the export queue.
 #[derive(Debug)]
 pub(super) struct SpanQueue(pub Arc<Queues>);
@@ -504,7 +519,7 @@ impl SpanProcessor for SpanQueue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if let Err((_, dropped)) = self.0.spans.push(span) {
+        if let Err(dropped) = enqueue(&self.0.spans, &self.0.spans_ready, span) {
             if dropped.is_power_of_two() {
                 tracing::warn!(
                     dropped,
@@ -530,11 +545,11 @@ pub(super) struct LogQueue(pub Arc<Queues>);
 
 impl LogProcessor for LogQueue {
     fn emit(&self, record: &mut SdkLogRecord, scope: &opentelemetry::InstrumentationScope) {
-        if let Ok(queued) = self.0.logs.push((record.clone(), scope.clone())) {
-            if queued % BATCH == 0 {
-                self.0.logs_ready.notify_one();
-            }
-        }
+        let _ = enqueue(
+            &self.0.logs,
+            &self.0.logs_ready,
+            (record.clone(), scope.clone()),
+        );
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -694,6 +709,37 @@ mod tests {
         .expect("on");
         assert_eq!(p.protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(p.metrics_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_exporter_is_woken_by_every_full_batch_not_only_by_its_timer() {
+        let queue = DropQueue::new(2 * BATCH + 1);
+        let ready = tokio::sync::Notify::new();
+        let woken = |ready: &tokio::sync::Notify| ready_at_first_poll(ready.notified());
+        for n in 0..BATCH - 1 {
+            assert_eq!(enqueue(&queue, &ready, n), Ok(()));
+        }
+        assert!(!woken(&ready), "not before a batch is full");
+        assert_eq!(enqueue(&queue, &ready, BATCH), Ok(()));
+        assert!(woken(&ready), "a full batch wakes the exporter");
+        for n in 0..BATCH {
+            assert_eq!(enqueue(&queue, &ready, n), Ok(()));
+        }
+        assert!(woken(&ready), "and so does the next one");
+        assert_eq!(enqueue(&queue, &ready, 0), Ok(()));
+        assert_eq!(
+            enqueue(&queue, &ready, 0),
+            Err(1),
+            "beyond capacity: dropped, counted"
+        );
+    }
+
+    /// Whether `future` is ready at its first poll.
+    fn ready_at_first_poll(future: impl std::future::Future<Output = ()>) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut future = std::pin::pin!(future);
+        future.as_mut().poll(&mut cx).is_ready()
     }
 
     #[test]
