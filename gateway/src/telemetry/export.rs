@@ -30,7 +30,7 @@ const BATCH: usize = 512;
 
 /// The three OpenTelemetry signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
+enum Signal {
     /// Spans.
     Traces,
     /// Metrics.

@@ -5,9 +5,9 @@
 //! [`DropQueue`] with one short lock; one thread of its own (`tollgate-otlp`, with a small
 //! single-threaded runtime) takes the queues every `flush_interval_ms`, or as soon as a full
 //! batch (512) is waiting, and exports them; it collects and exports the metrics every
-//! metrics interval. A collector that is slow or down
-//! only keeps that thread waiting: the queues fill, further spans and events are dropped and
-//! counted (`tollgate_telemetry_dropped_total`), and requests go on as before.
+//! metrics interval. A collector that is slow or down only keeps that thread waiting: the
+//! queues fill, further spans and events are dropped and counted
+//! (`tollgate_telemetry_{spans,logs}_dropped_total`), and requests go on as before.
 //!
 //! Every request gets a trace id, exported or not: the per-request log line and the audit
 //! record carry it, so a trace, a log line and an audit record can be joined.
@@ -33,8 +33,6 @@ use tollgate_storage::AuditRecord;
 use crate::config::{Config, OtlpProtocol, TelemetryConfig};
 use crate::metrics::{GaugeSources, Metrics};
 use crate::queue::DropQueue;
-
-pub use export::Signal;
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -193,11 +191,6 @@ impl Telemetry {
             queues,
             exporter: Mutex::new(Some(exporter)),
         })
-    }
-
-    /// Whether anything is exported.
-    pub fn is_on(&self) -> bool {
-        self.providers.is_some()
     }
 
     /// What is exported, for the start-up banner: "off", or the protocol and signals.
