@@ -46,7 +46,12 @@ impl<T> DropQueue<T> {
         std::mem::take(&mut *self.items.lock())
     }
 
-    /// Items dropped so far because the queue was full.
+    /// Counts `n` items the writer took but could not deliver as dropped.
+    pub fn count_dropped(&self, n: usize) {
+        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Items dropped so far: the queue was full, or the writer could not deliver them.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

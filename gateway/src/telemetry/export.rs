@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::Meter;
 use opentelemetry::KeyValue;
@@ -400,41 +400,39 @@ async fn run(
         let Some(exporter) = &exporters.spans else {
             return;
         };
-        let mut stop = stop.clone();
-        let mut health = Health::new(Signal::Traces);
-        loop {
-            let last = tick(plan.flush_interval, Some(&queues.spans_ready), &mut stop).await;
-            let mut batch = queues.spans.take();
-            while !batch.is_empty() {
-                let rest = batch.split_off(batch.len().min(BATCH));
-                health.report(exporter.export(batch).await);
-                batch = rest;
-            }
-            if last {
-                return;
-            }
-        }
+        let send = async |batch: Vec<SpanData>| exporter.export(batch).await;
+        let health = Health::new(Signal::Traces);
+        drain(
+            &queues.spans,
+            &queues.spans_ready,
+            plan,
+            health,
+            stop.clone(),
+            send,
+        )
+        .await;
     };
     let logs = async {
         let Some(exporter) = &exporters.logs else {
             return;
         };
-        let mut stop = stop.clone();
-        let mut health = Health::new(Signal::Logs);
-        loop {
-            let last = tick(plan.flush_interval, Some(&queues.logs_ready), &mut stop).await;
-            let events = queues.logs.take();
-            for chunk in events.chunks(BATCH) {
-                let refs: Vec<_> = chunk
-                    .iter()
-                    .map(|(record, scope)| (record, scope))
-                    .collect();
-                health.report(exporter.export(LogBatch::new(&refs)).await);
-            }
-            if last {
-                return;
-            }
-        }
+        let send = async |events: Vec<(SdkLogRecord, opentelemetry::InstrumentationScope)>| {
+            let refs: Vec<_> = events
+                .iter()
+                .map(|(record, scope)| (record, scope))
+                .collect();
+            exporter.export(LogBatch::new(&refs)).await
+        };
+        let health = Health::new(Signal::Logs);
+        drain(
+            &queues.logs,
+            &queues.logs_ready,
+            plan,
+            health,
+            stop.clone(),
+            send,
+        )
+        .await;
     };
     let metrics = async {
         let (Some(exporter), Some(reader)) = (&exporters.metrics, &reader) else {
@@ -445,10 +443,10 @@ async fn run(
         loop {
             let last = tick(plan.metrics_interval, None, &mut stop).await;
             let mut collected = ResourceMetrics::default();
-            match reader.collect(&mut collected) {
+            let _ = match reader.collect(&mut collected) {
                 Ok(()) => health.report(exporter.export(&collected).await),
                 Err(e) => health.report(Err(e)),
-            }
+            };
             if last {
                 return;
             }
@@ -462,31 +460,89 @@ async fn run(
 struct Health {
     signal: Signal,
     failing: bool,
+    /// While the collector fails, how long to wait before trying again (doubling).
+    backoff: Duration,
+    /// No export is tried before this.
+    next_try: Option<Instant>,
 }
+
+/// The first wait after a failed export, and the longest.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 impl Health {
     fn new(signal: Signal) -> Health {
         Health {
             signal,
             failing: false,
+            backoff: Duration::ZERO,
+            next_try: None,
         }
     }
 
-    fn report(&mut self, result: OTelSdkResult) {
-        match (result, self.failing) {
-            (Err(e), false) => {
-                self.failing = true;
-                tracing::warn!(
-                    signal = self.signal.name(),
-                    error = %e,
-                    "telemetry export failed; requests are unaffected, data is dropped until the collector answers"
-                );
-            }
-            (Ok(()), true) => {
+    /// Whether an export may be tried now (not while backing off from a failure).
+    fn may_try(&self) -> bool {
+        self.next_try.is_none_or(|at| Instant::now() >= at)
+    }
+
+    /// Notes an export's outcome; true if it succeeded.
+    fn report(&mut self, result: OTelSdkResult) -> bool {
+        match result {
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!(signal = self.signal.name(), "telemetry export recovered");
+                }
                 self.failing = false;
-                tracing::info!(signal = self.signal.name(), "telemetry export recovered");
+                self.backoff = Duration::ZERO;
+                self.next_try = None;
+                true
             }
-            _ => {}
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(
+                        signal = self.signal.name(),
+                        error = %e,
+                        "telemetry export failed; requests are unaffected, data is dropped until the collector answers"
+                    );
+                }
+                self.failing = true;
+                self.backoff = (self.backoff * 2).clamp(BACKOFF.0, BACKOFF.1);
+                self.next_try = Some(Instant::now() + self.backoff);
+                false
+            }
+        }
+    }
+}
+
+/// Exports `queue` in batches, every flush interval or when a full batch waits, until
+/// export stops (then once more). While the collector fails, exports are not tried (backing
+/// off up to 30 s): the queue fills and further items are dropped as they come, so a dead
+/// collector costs no encoding or connection attempts per batch. Items taken but not
+/// delivered count as dropped too.
+async fn drain<T>(
+    queue: &DropQueue<T>,
+    ready: &tokio::sync::Notify,
+    plan: &Plan,
+    mut health: Health,
+    mut stop: watch::Receiver<bool>,
+    mut send: impl AsyncFnMut(Vec<T>) -> OTelSdkResult,
+) {
+    loop {
+        let last = tick(plan.flush_interval, Some(ready), &mut stop).await;
+        if !last && !health.may_try() {
+            continue;
+        }
+        let mut batch = queue.take();
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(BATCH));
+            let tried = batch.len();
+            if !health.report(send(batch).await) {
+                queue.count_dropped(tried + rest.len());
+                break;
+            }
+            batch = rest;
+        }
+        if last {
+            return;
         }
     }
 }
@@ -732,6 +788,44 @@ mod tests {
             Err(1),
             "beyond capacity: dropped, counted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failing_collector_is_backed_off_from_and_what_it_missed_is_counted() {
+        let plan = plan("endpoint = \"http://c:4318\"\nflush_interval_ms = 10", &[])
+            .expect("plan")
+            .expect("on");
+        let queue = DropQueue::new(100);
+        let ready = tokio::sync::Notify::new();
+        for n in 0..10 {
+            assert_eq!(enqueue(&queue, &ready, n), Ok(()));
+        }
+        let (stop, stopped) = watch::channel(false);
+        let attempts = std::cell::Cell::new(0);
+        let send = async |_batch: Vec<i32>| {
+            attempts.set(attempts.get() + 1);
+            Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                "down".into(),
+            ))
+        };
+        let health = Health::new(Signal::Traces);
+        let drained = drain(&queue, &ready, &plan, health, stopped, send);
+        let later = async {
+            // Several flush intervals pass within the first 1 s back-off.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(queue.dropped(), 10, "the failed batch counts as dropped");
+            for n in 0..5 {
+                assert_eq!(enqueue(&queue, &ready, n), Ok(()));
+            }
+            let _ = stop.send(true);
+        };
+        tokio::join!(drained, later);
+        assert_eq!(
+            attempts.get(),
+            2,
+            "one try, then only the last one at shutdown"
+        );
+        assert_eq!(queue.dropped(), 15);
     }
 
     /// Whether `future` is ready at its first poll.
