@@ -177,7 +177,7 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     let config = format!(
         "{EPHEMERAL_LISTENERS}{}resolve = {{ \"api.otel.test\" = \"127.0.0.1\", \"blocked.test\" = \"127.0.0.1\" }}\n\
          [telemetry]\nendpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"tollgate-e2e\"\n\
-         flush_interval_ms = 100\nmetrics_interval_secs = 1\n\
+         flush_interval_ms = 100\nmetrics_interval_secs = 1\nrequest_logs = true\n\
          headers = {{ \"x-collector-key\" = {{ env = \"E2E_COLLECTOR_KEY\" }} }}\n\
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token:?} }}\n\
          [[credential_rules]]\nhosts = [\"api.otel.test\"]\naudience = \"api://otel\"\n\

@@ -183,6 +183,11 @@ pub struct TelemetryConfig {
     /// Export the gateway's log events (info and above).
     #[serde(default = "yes")]
     pub logs: bool,
+    /// Export the one log line per request as a log record too. Off by default while spans
+    /// are exported: the span carries the same fields, and a backend would ingest (and bill)
+    /// every request twice.
+    #[serde(default)]
+    pub request_logs: bool,
     /// Spans, and log events, waiting for export at most (each); more are dropped and
     /// counted in `tollgate_telemetry_dropped_total`.
     #[serde(default = "default_telemetry_queue")]
@@ -209,6 +214,7 @@ impl Default for TelemetryConfig {
             traces: true,
             metrics: true,
             logs: true,
+            request_logs: false,
             queue_size: default_telemetry_queue(),
             flush_interval_ms: default_telemetry_flush_ms(),
             metrics_interval_secs: None,

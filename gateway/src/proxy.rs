@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::replay;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
-use crate::telemetry::{RequestTrace, SpanExtras, Telemetry};
+use crate::telemetry::{RequestTrace, SpanExtras, Telemetry, REQUEST_LOG_TARGET};
 use crate::toolcall::{ToolCallRef, ToolCalls, TOOL_CALL_HEADER};
 use crate::upstream::{self, Upstream};
 
@@ -777,6 +777,7 @@ impl ProxyHttp for Egress {
         let error = match (&ctx.refusal, e) {
             (Some(refusal), _) => {
                 tracing::info!(
+                    target: REQUEST_LOG_TARGET,
                     agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
                     refusal = refusal.error, detail = %refusal.detail, "request refused"
                 );
@@ -784,6 +785,7 @@ impl ProxyHttp for Egress {
             }
             (None, Some(err)) => {
                 tracing::info!(
+                    target: REQUEST_LOG_TARGET,
                     agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
                     error = %err.etype().as_str(), "request failed"
                 );
@@ -791,6 +793,7 @@ impl ProxyHttp for Egress {
             }
             (None, None) => {
                 tracing::info!(
+                    target: REQUEST_LOG_TARGET,
                     agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
                     "request"
                 );

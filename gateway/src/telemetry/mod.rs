@@ -34,6 +34,11 @@ use crate::config::{Config, OtlpProtocol, TelemetryConfig};
 use crate::metrics::{GaugeSources, Metrics};
 use crate::queue::DropQueue;
 
+/// The `tracing` target of the one log line per request. Its fields are the span's, so it is
+/// exported as an OTLP log record only when `telemetry.request_logs` asks for it (or spans
+/// are not exported): a backend would otherwise ingest every request twice.
+pub const REQUEST_LOG_TARGET: &str = "tollgate_gateway::request";
+
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -64,6 +69,8 @@ pub struct Telemetry {
     queues: Arc<Queues>,
     exporter: Mutex<Option<export::Handle>>,
     summary: String,
+    /// Whether the per-request log lines are exported as log records.
+    export_request_lines: bool,
 }
 
 /// The SDK providers, kept for as long as telemetry runs.
@@ -131,6 +138,7 @@ impl Telemetry {
             queues: Arc::new(Queues::new(0)),
             exporter: Mutex::new(None),
             summary: "off".into(),
+            export_request_lines: false,
         }
     }
 
@@ -190,6 +198,7 @@ impl Telemetry {
             }),
             queues,
             exporter: Mutex::new(Some(exporter)),
+            export_request_lines: settings.request_logs || !plan.signals.traces,
         })
     }
 
@@ -205,9 +214,12 @@ impl Telemetry {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         let provider = self.providers.as_ref()?.logs.as_ref()?;
-        Some(ExportedEvents(
-            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(provider),
-        ))
+        Some(ExportedEvents {
+            bridge: opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(
+                provider,
+            ),
+            request_lines: self.export_request_lines,
+        })
     }
 
     /// Exports the gateway's metrics: the request counts and the values `/metrics` reads.
@@ -300,7 +312,11 @@ impl Drop for Telemetry {
 /// Passes the events worth exporting to the OpenTelemetry bridge: info and above, and none
 /// from the export path itself (which would feed the queue it drains). The `RUST_LOG` filter
 /// in front of every layer still decides what is logged at all.
-struct ExportedEvents<L>(L);
+struct ExportedEvents<L> {
+    bridge: L,
+    /// Whether the per-request lines ([`REQUEST_LOG_TARGET`]) are exported too.
+    request_lines: bool,
+}
 
 /// Targets whose events are never exported.
 const NOT_EXPORTED: [&str; 6] = [
@@ -319,13 +335,17 @@ where
 {
     fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
         let metadata = event.metadata();
-        let target = metadata.target();
-        if *metadata.level() <= tracing::Level::INFO
-            && !NOT_EXPORTED.iter().any(|t| target.starts_with(t))
-        {
-            self.0.on_event(event, ctx);
+        if exported(metadata.level(), metadata.target(), self.request_lines) {
+            self.bridge.on_event(event, ctx);
         }
     }
+}
+
+/// Whether an event of `level` from `target` is exported as an OTLP log record.
+fn exported(level: &tracing::Level, target: &str, request_lines: bool) -> bool {
+    *level <= tracing::Level::INFO
+        && (request_lines || target != REQUEST_LOG_TARGET)
+        && !NOT_EXPORTED.iter().any(|t| target.starts_with(t))
 }
 
 impl Queues {
@@ -482,6 +502,22 @@ mod tests {
             Some("entra")
         );
         assert_eq!(get("error.type"), None);
+    }
+
+    #[test]
+    fn request_lines_are_exported_as_logs_only_when_asked_and_the_export_path_never() {
+        use tracing::Level;
+        assert!(exported(&Level::WARN, "tollgate_gateway::upstream", false));
+        assert!(exported(&Level::INFO, "pingora_core::services", false));
+        assert!(!exported(&Level::DEBUG, "tollgate_gateway::upstream", true));
+        assert!(!exported(&Level::INFO, REQUEST_LOG_TARGET, false));
+        assert!(exported(&Level::INFO, REQUEST_LOG_TARGET, true));
+        assert!(!exported(
+            &Level::WARN,
+            "tollgate_gateway::telemetry::export",
+            true
+        ));
+        assert!(!exported(&Level::ERROR, "h2::proto", true));
     }
 
     #[test]
