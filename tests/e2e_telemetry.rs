@@ -49,16 +49,7 @@ impl ServeHttp for HttpReceiver {
             body.extend_from_slice(&chunk);
         }
         let req = session.req_header();
-        let headers = req
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).to_string(),
-                )
-            })
-            .collect();
+        let headers = header_map(req);
         self.received.lock().expect("received").push(Received {
             path: req.uri.path().to_string(),
             headers,

@@ -85,6 +85,19 @@ pub struct Seen {
     pub body_len: usize,
 }
 
+/// A request's headers, name → value (lossy UTF-8), as a test server saw them.
+pub fn header_map(req: &pingora::http::RequestHeader) -> HashMap<String, String> {
+    req.headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Tokens a [`TokenEndpoint`] issued: token → audience.
 pub type Issued = Arc<std::sync::Mutex<HashMap<String, String>>>;
 
@@ -397,16 +410,7 @@ impl ServeHttp for Echo {
         {
             Some(n) => vec![b'x'; n],
             None => {
-                let headers = req
-                    .headers
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.as_str().to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).to_string(),
-                        )
-                    })
-                    .collect();
+                let headers = header_map(req);
                 let seen = Seen {
                     method: req.method.to_string(),
                     target,
