@@ -227,7 +227,7 @@ macro_rules! exporter {
                 if plan.grpc_tls(signal) {
                     b = b.with_tls_config(
                         opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                            .with_webpki_roots(),
+                            .with_native_roots(),
                     );
                 }
                 if let Some(endpoint) = plan.endpoint(signal) {
