@@ -314,36 +314,41 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     assert_eq!(int(a, "http.response.status_code"), Some(200));
     assert_eq!(int(a, "http.request.body.size"), Some(7));
 
-    // Metrics: the request counter by agent, decision and status, and the duration histogram.
-    let metrics = eventually("exported request metrics", || {
-        let names: Vec<(String, String)> = collector
-            .bodies("/v1/metrics")
-            .iter()
-            .flat_map(|b| {
-                let request = ExportMetricsServiceRequest::decode(&b[..]).expect("metrics");
-                request
-                    .resource_metrics
-                    .into_iter()
-                    .flat_map(|r| r.scope_metrics)
-                    .flat_map(|s| s.metrics)
-                    .map(|m| (m.name.clone(), format!("{:?}", m.data)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let has = |n: &str| names.iter().any(|(name, _)| name == n);
-        (has("tollgate.requests")
-            && has("tollgate.request.duration")
-            && has("tollgate.telemetry.spans_dropped"))
-        .then_some(names)
-    });
-    let requests = &metrics
-        .iter()
-        .rev()
-        .find(|(n, _)| n == "tollgate.requests")
-        .expect("requests")
-        .1;
-    assert!(requests.contains("needs_approval"), "{requests}");
-    assert!(requests.contains("\"deny\""), "{requests}");
+    // Metrics: the request counter by agent, decision and status, and the duration
+    // histogram. Exports are cumulative and periodic: wait for one made after the held
+    // request ended.
+    eventually(
+        "exported request metrics that count all three requests",
+        || {
+            let names: Vec<(String, String)> = collector
+                .bodies("/v1/metrics")
+                .iter()
+                .flat_map(|b| {
+                    let request = ExportMetricsServiceRequest::decode(&b[..]).expect("metrics");
+                    request
+                        .resource_metrics
+                        .into_iter()
+                        .flat_map(|r| r.scope_metrics)
+                        .flat_map(|s| s.metrics)
+                        .map(|m| (m.name.clone(), format!("{:?}", m.data)))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let has = |n: &str| names.iter().any(|(name, _)| name == n);
+            let requests = names
+                .iter()
+                .rev()
+                .find(|(n, _)| n == "tollgate.requests")
+                .map(|(_, data)| data.as_str())
+                .unwrap_or("");
+            (has("tollgate.request.duration")
+                && has("tollgate.telemetry.spans_dropped")
+                && requests.contains("\"allow\"")
+                && requests.contains("\"deny\"")
+                && requests.contains("\"needs_approval\""))
+            .then_some(())
+        },
+    );
 
     // Logs: the per-request line, with its fields.
     eventually("the exported request log line", || {
