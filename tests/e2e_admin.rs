@@ -268,37 +268,40 @@ impl Drop for Netns {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_listener_can_live_in_a_network_namespace() {
+/// Whether this test can make network namespaces (root and iproute2); prints why not.
+fn can_make_namespaces() -> bool {
     if no_curl() {
-        return;
+        return false;
     }
     if !is_root() {
         eprintln!("SKIP: binding in a network namespace needs root");
-        return;
+        return false;
     }
     if Command::new("ip").arg("-V").output().is_err() {
         eprintln!("SKIP: iproute2 is not installed (apt-get install -y iproute2)");
-        return;
+        return false;
     }
-    let name = format!("tollgate-test-{}", std::process::id());
+    true
+}
+
+/// A fresh network namespace with `lo` up, deleted when dropped.
+fn namespace(tag: &str) -> Netns {
+    let name = format!("tollgate-{tag}-{}", std::process::id());
     ip(&["netns", "add", &name]);
     let ns = Netns(name);
     ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    let origin = Origin::http();
-    let gw = gateway_with(&format!(
-        "[[agents]]\nid = \"vm\"\nrun_mode = \"Review\"\nlisten = {{ address = \"127.0.0.1:3128\", netns = \"/run/netns/{}\" }}\n",
-        ns.0
-    ));
-    // From inside the namespace the gateway's listener is the only thing there is; the
-    // gateway itself reaches the origin from the host's namespace.
-    let url = format!("http://127.0.0.1:{}/from-vm", origin.port());
-    let out = tokio::task::spawn_blocking(move || {
+    ns
+}
+
+/// curl `url` through the proxy at 127.0.0.1:3128, from inside namespace `ns`.
+async fn curl_in(ns: &str, url: &str) -> std::process::Output {
+    let (ns, url) = (ns.to_string(), url.to_string());
+    tokio::task::spawn_blocking(move || {
         Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                &ns.0,
+                &ns,
                 "curl",
                 "-sS",
                 "--max-time",
@@ -311,7 +314,24 @@ async fn an_agent_listener_can_live_in_a_network_namespace() {
             .expect("curl in netns")
     })
     .await
-    .expect("join");
+    .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_listener_can_live_in_a_network_namespace() {
+    if !can_make_namespaces() {
+        return;
+    }
+    let ns = namespace("test");
+    let origin = Origin::http();
+    let gw = gateway_with(&format!(
+        "[[agents]]\nid = \"vm\"\nrun_mode = \"Review\"\nlisten = {{ address = \"127.0.0.1:3128\", netns = \"/run/netns/{}\" }}\n",
+        ns.0
+    ));
+    // From inside the namespace the gateway's listener is the only thing there is; the
+    // gateway itself reaches the origin from the host's namespace.
+    let url = format!("http://127.0.0.1:{}/from-vm", origin.port());
+    let out = curl_in(&ns.0, &url).await;
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -321,6 +341,91 @@ async fn an_agent_listener_can_live_in_a_network_namespace() {
     assert!(body.contains("/from-vm"), "{body}");
     assert!(gw.log_contains("agent=\"vm\""), "{}", gw.log());
     assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registered_over_the_api_gets_its_listener_in_its_namespace_until_removed() {
+    if !can_make_namespaces() {
+        return;
+    }
+    let ns = namespace("api");
+    let origin = Origin::http();
+    let gw = gateway_with("");
+    let url = format!("http://127.0.0.1:{}/from-api-vm", origin.port());
+    // Nothing listens in the namespace before the agent is registered.
+    assert!(!curl_in(&ns.0, &url).await.status.success());
+
+    let record = format!(
+        r#"{{"run_mode":"Review","listen":{{"address":"127.0.0.1:3128","netns":"/run/netns/{}"}}}}"#,
+        ns.0
+    );
+    let put = gw.admin_call("PUT", "/v1/agents/vm2", Some(&record));
+    assert_eq!(put.status, 201, "{put:?}");
+    let out = curl_in(&ns.0, &url).await;
+    assert!(
+        out.status.success(),
+        "curl in the namespace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/from-api-vm"));
+    assert!(gw.log_contains("agent=\"vm2\""), "{}", gw.log());
+    assert_eq!(origin.requests(), 1);
+    // Registering it again the same way keeps the listener.
+    assert_eq!(
+        gw.admin_call("PUT", "/v1/agents/vm2", Some(&record)).status,
+        200
+    );
+    assert!(curl_in(&ns.0, &url).await.status.success());
+    // The registration is stored: after a restart the listener is back in the namespace.
+    let dir = gw.stop();
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n[policy]\ndir = {:?}\n",
+        loopback_upstream(None),
+        dir.path().join("policies")
+    );
+    let gw = Gateway::start_in(dir, &config);
+    let out = curl_in(&ns.0, &url).await;
+    assert!(
+        out.status.success(),
+        "after a restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(origin.requests(), 3);
+
+    // A listener in the gateway's own namespace cannot be registered over the API, and a
+    // namespace that does not exist is refused with the reason.
+    let here = gw.admin_call(
+        "PUT",
+        "/v1/agents/vm3",
+        Some(r#"{"run_mode":"Review","listen":{"address":"127.0.0.1:0"}}"#),
+    );
+    assert_eq!(here.status, 400, "{here:?}");
+    assert!(here.body.contains("listen.netns"), "{here:?}");
+    let missing = gw.admin_call(
+        "PUT",
+        "/v1/agents/vm3",
+        Some(r#"{"run_mode":"Review","listen":{"address":"127.0.0.1:3128","netns":"/run/netns/tollgate-no-such-ns"}}"#),
+    );
+    assert_eq!(missing.status, 400, "{missing:?}");
+    assert!(missing.body.contains("tollgate-no-such-ns"), "{missing:?}");
+    assert_eq!(gw.admin_call("GET", "/v1/agents/vm3", None).status, 404);
+
+    // Removing the agent closes its listener.
+    let removed = gw.admin_call("DELETE", "/v1/agents/vm2", None);
+    assert!(removed.status < 300, "{removed:?}");
+    let mut closed = false;
+    for _ in 0..50 {
+        if !curl_in(&ns.0, &url).await.status.success() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed,
+        "the listener still answers after the agent was removed"
+    );
+    assert_eq!(origin.requests(), 3);
 }
 
 #[test]

@@ -40,6 +40,7 @@ use tollgate_policy::LoadError;
 
 use tollgate_storage::{ApprovalFilter, ApprovalRecord, ApprovalState, Store};
 
+use crate::agent_listener::AgentListeners;
 use crate::approval::{Approvals, DecideError};
 use crate::credentials::{Credentials, Secret};
 use crate::decide::PolicyStore;
@@ -113,6 +114,8 @@ pub struct AdminApi {
     pub metrics: Arc<Metrics>,
     /// Where the values `/metrics` reports at scrape time live.
     pub gauges: Arc<GaugeSources>,
+    /// The agents' own listeners (opened for agents registered with one).
+    pub listeners: Arc<AgentListeners>,
     /// What `/readyz` reports.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -238,6 +241,7 @@ impl AdminApi {
                             }
                             self.tool_calls.close_all(&removed.id);
                             self.credentials.evict_agent(&removed.id);
+                            self.listeners.close(&removed.id);
                             tracing::info!(agent = %removed.id, "agent removed");
                             Ok(empty(StatusCode::NO_CONTENT))
                         }
@@ -383,9 +387,11 @@ impl AdminApi {
         let body = read_body(session).await?;
         let mut agent: Agent = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("invalid agent JSON: {e}")))?;
-        if agent.listen.is_some() {
+        if agent.listen.as_ref().is_some_and(|l| l.netns.is_none()) {
             return Err(Refusal::bad_request(
-                "an agent's own listener can only be configured in the config file",
+                "an agent's own listener registered over the API must name the network \
+                 namespace of its sandbox (listen.netns); one in the gateway's own namespace \
+                 can only be configured in the config file",
             ));
         }
         if agent.id.is_empty() {
@@ -397,6 +403,7 @@ impl AdminApi {
             )));
         }
         let previous = self.registry.get(&id);
+        let listen = agent.listen.clone();
         match self.registry.put(agent) {
             Ok(created) => {
                 let stored = self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
@@ -409,15 +416,14 @@ impl AdminApi {
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()));
                 if let Err(e) = persisted {
-                    match previous {
-                        Some(previous) => {
-                            let _ = self.registry.put((*previous).clone());
-                        }
-                        None => {
-                            self.registry.remove(&id);
-                        }
-                    }
+                    self.restore(&id, previous.as_deref()).await;
                     return Err(store_failed(&e));
+                }
+                // Its own listener, in its sandbox's namespace: bound before the answer, so
+                // the launcher may start the sandbox as soon as it has it.
+                if let Err(refusal) = self.apply_listener(&id, listen.as_ref()).await {
+                    self.restore(&id, previous.as_deref()).await;
+                    return Err(refusal);
                 }
                 tracing::info!(agent = %id, created, "agent registered");
                 let status = if created {
@@ -451,6 +457,49 @@ impl ServeHttp for AdminApi {
 }
 
 impl AdminApi {
+    /// Opens, moves or closes `agent`'s own listener as its record now says.
+    async fn apply_listener(
+        &self,
+        agent: &str,
+        listen: Option<&crate::config::AgentListenConfig>,
+    ) -> Result<(), Refusal> {
+        let Some(listen) = listen.cloned() else {
+            self.listeners.close(agent);
+            return Ok(());
+        };
+        let listeners = self.listeners.clone();
+        let id = agent.to_string();
+        match tokio::task::spawn_blocking(move || listeners.open(&id, &listen)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Refusal::bad_request(format!(
+                "cannot open the agent's listener: {e}"
+            ))),
+            Err(e) => Err(Refusal::new(500, "internal_error", e.to_string())),
+        }
+    }
+
+    /// Puts `agent` back as it was before a registration that failed half-way: its previous
+    /// record (stored, with its listener) or nothing.
+    async fn restore(&self, agent: &str, previous: Option<&Agent>) {
+        match previous {
+            Some(previous) => {
+                let _ = self.registry.put(previous.clone());
+                let store = self.store.clone();
+                let record = previous.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || store.put_agent(&record.id, &record)).await;
+                let _ = self.apply_listener(agent, previous.listen.as_ref()).await;
+            }
+            None => {
+                self.registry.remove(agent);
+                let store = self.store.clone();
+                let id = agent.to_string();
+                let _ = tokio::task::spawn_blocking(move || store.remove_agent(&id)).await;
+                self.listeners.close(agent);
+            }
+        }
+    }
+
     /// Reads an agent's stored data on the blocking pool: `None` for a registered agent that
     /// has none yet, 404 for an unknown one.
     async fn read_agent_data<T: Send + 'static>(

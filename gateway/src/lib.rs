@@ -6,7 +6,8 @@
 //!
 //! - [`listener`] binds the egress and admin sockets (inside an agent's network namespace when
 //!   asked) and serves them with pingora; the egress app sends CONNECT to [`intercept`] and
-//!   everything else to [`proxy`].
+//!   everything else to [`proxy`]. [`agent_listener`] opens and closes agents' own listeners
+//!   while the gateway runs (the sandbox launcher registers them over the admin API).
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
 //! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
@@ -31,6 +32,7 @@
 //!   metrics and log events over OTLP. [`queue`] is the bounded hand-off both writers use.
 
 pub mod admin;
+pub mod agent_listener;
 pub mod approval;
 pub mod audit;
 pub mod ca;

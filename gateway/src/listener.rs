@@ -40,6 +40,14 @@ pub enum ListenerError {
         /// What the operating system said.
         source: std::io::Error,
     },
+    /// The agent's listener is set in the config file.
+    #[error(
+        "agent {agent}'s listener is set in the config file and cannot be changed over the API"
+    )]
+    Configured {
+        /// The agent.
+        agent: String,
+    },
     /// The network namespace could not be entered.
     #[error("cannot enter network namespace {netns}: {reason} (binding in a namespace needs root or CAP_SYS_ADMIN)")]
     Netns {

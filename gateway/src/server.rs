@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,6 +17,7 @@ use tokio::task::JoinHandle;
 use tollgate_storage::{now_millis, Store};
 
 use crate::admin::{AdminApi, Approvers};
+use crate::agent_listener::{AgentListeners, EgressApps};
 use crate::approval::Approvals;
 use crate::audit::AuditTrail;
 use crate::ca::{CaError, GatewayCa, LeafCerts};
@@ -27,10 +27,10 @@ use crate::datadir::{self, FileError};
 use crate::decide::PolicyStore;
 use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
-use crate::listener::{self, EgressApp, ListenerError};
+use crate::listener::{self, ListenerError};
 use crate::metrics::{GaugeSources, Metrics};
 use crate::obo::OboSealer;
-use crate::proxy::{Egress, Shared};
+use crate::proxy::Shared;
 use crate::telemetry::Telemetry;
 use crate::toolcall::ToolCalls;
 use crate::upstream::Upstream;
@@ -179,7 +179,7 @@ pub async fn start(
     for agent in &config.agents {
         if let Some(listen) = &agent.listen {
             let socket = listener::bind(listen.address, listen.netns.as_deref())?;
-            agent_sockets.push((agent.id.clone(), listen.address, socket));
+            agent_sockets.push((agent.id.clone(), listen.clone(), socket));
         }
     }
     let local = |s: &std::net::TcpListener, address: SocketAddr| {
@@ -197,8 +197,8 @@ pub async fn start(
     // upstream.allow_networks says: no loops, and no way to the admin API.
     let audit = Arc::new(AuditTrail::start(store.clone()).map_err(StartError::AuditWriter)?);
     let mut own_addresses = vec![egress, admin];
-    for (_, address, socket) in &agent_sockets {
-        own_addresses.push(local(socket, *address)?);
+    for (_, listen, socket) in &agent_sockets {
+        own_addresses.push(local(socket, listen.address)?);
     }
     let shared = Arc::new(Shared {
         registry: registry.clone(),
@@ -217,39 +217,36 @@ pub async fn start(
 
     let (shutdown, watch) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
-    let egress_app = |binding: ListenerBinding| {
-        let mut proxy = HttpProxy::new(
-            Egress::new(shared.clone(), binding.clone()),
-            server_conf.clone(),
-        );
-        proxy.handle_init_modules();
-        EgressApp::new(
-            Arc::new(proxy),
-            interceptor.clone(),
-            registry.clone(),
-            binding,
-            config.limits.handshake_timeout(),
-        )
+    let apps = EgressApps {
+        shared: shared.clone(),
+        interceptor: interceptor.clone(),
+        registry: registry.clone(),
+        server_conf: server_conf.clone(),
+        first_bytes_timeout: config.limits.handshake_timeout(),
     };
     let mut tasks = vec![listener::serve(
         "egress",
         egress_socket,
-        egress_app(ListenerBinding::Shared),
+        apps.app(ListenerBinding::Shared),
         None,
         watch.clone(),
     )];
-    let mut agent_listeners = Vec::new();
-    for (agent_id, address, socket) in agent_sockets {
-        let addr = local(&socket, address)?;
-        let app = egress_app(ListenerBinding::Agent(agent_id.clone()));
-        tasks.push(listener::serve(
-            &format!("agent-{agent_id}"),
-            socket,
-            app,
-            None,
-            watch.clone(),
-        ));
-        agent_listeners.push((agent_id, addr));
+    let agent_listeners = Arc::new(AgentListeners::new(apps, watch.clone()));
+    for (agent_id, listen, socket) in agent_sockets {
+        agent_listeners.serve(&agent_id, listen, socket, true)?;
+    }
+    // Agents registered over the admin API with a listener in their sandbox's namespace:
+    // the namespace may have gone with its sandbox while the gateway was down.
+    for agent in registry.list() {
+        let Some(listen) = &agent.listen else {
+            continue;
+        };
+        if config.agents.iter().any(|a| a.id == agent.id) {
+            continue;
+        }
+        if let Err(e) = agent_listeners.open(&agent.id, listen) {
+            tracing::warn!(agent = %agent.id, error = %e, "cannot reopen the agent's listener; it has none until it is registered again");
+        }
     }
     if config.policy.watch_interval_ms > 0 {
         let interval = Duration::from_millis(config.policy.watch_interval_ms);
@@ -276,6 +273,7 @@ pub async fn start(
     });
     telemetry.observe(metrics.clone(), gauges.clone());
     let admin_api = AdminApi {
+        listeners: agent_listeners.clone(),
         callers: Approvers::new(token, approvers),
         registry: registry.clone(),
         policies: policies.clone(),
@@ -299,7 +297,7 @@ pub async fn start(
     Ok(RunningGateway {
         egress,
         admin,
-        agent_listeners,
+        agent_listeners: agent_listeners.addresses(),
         ca_cert,
         ca_created,
         admin_token: config.admin_token_path(),

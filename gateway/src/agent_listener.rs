@@ -1,0 +1,176 @@
+//! Agents' own egress listeners, opened and closed while the gateway runs.
+//!
+//! A listener of an agent's own is bound inside the network namespace of that agent's
+//! sandbox (its microVM's), so whatever connects to it can only be that agent: identity is
+//! bound to the VM, and nothing the guest sends can change it. The sandbox launcher creates
+//! the namespace, then registers the agent over the admin API naming it; the gateway binds
+//! there and serves the socket from its own process. Removing the agent, or registering it
+//! again without a listener, closes the listener — unless it comes from the config file:
+//! those live as long as the gateway.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pingora::proxy::HttpProxy;
+use pingora::server::configuration::ServerConf;
+use tokio::sync::watch;
+
+use crate::config::AgentListenConfig;
+use crate::identity::{AgentRegistry, ListenerBinding};
+use crate::intercept::Interceptor;
+use crate::listener::{self, EgressApp, ListenerError};
+use crate::proxy::{Egress, Shared};
+
+/// Builds the egress app of a listener: the same pipeline for every listener, told apart
+/// only by its binding (shared, or one agent's).
+pub struct EgressApps {
+    /// The pipeline's shared state.
+    pub shared: Arc<Shared>,
+    /// CONNECT handling and TLS interception.
+    pub interceptor: Arc<Interceptor>,
+    /// The agents.
+    pub registry: Arc<AgentRegistry>,
+    /// pingora's settings for the proxy.
+    pub server_conf: Arc<ServerConf>,
+    /// How long a new connection may take to send its first bytes.
+    pub first_bytes_timeout: Duration,
+}
+
+impl EgressApps {
+    /// The app for a listener with `binding`.
+    pub fn app(&self, binding: ListenerBinding) -> EgressApp {
+        let mut proxy = HttpProxy::new(
+            Egress::new(self.shared.clone(), binding.clone()),
+            self.server_conf.clone(),
+        );
+        proxy.handle_init_modules();
+        EgressApp::new(
+            Arc::new(proxy),
+            self.interceptor.clone(),
+            self.registry.clone(),
+            binding,
+            self.first_bytes_timeout,
+        )
+    }
+}
+
+/// The agents' listeners that are open now.
+pub struct AgentListeners {
+    apps: EgressApps,
+    /// Fires when the whole gateway stops.
+    gateway_stopping: watch::Receiver<bool>,
+    open: Mutex<HashMap<String, Open>>,
+}
+
+/// One open listener.
+struct Open {
+    config: AgentListenConfig,
+    address: SocketAddr,
+    stop: Arc<watch::Sender<bool>>,
+    /// From the config file: it lives as long as the gateway (an agent removed over the API
+    /// then gets 403 on it, and its port is never left for another process to take).
+    configured: bool,
+}
+
+impl AgentListeners {
+    /// No listeners yet; each one opened later stops with the gateway.
+    pub fn new(apps: EgressApps, gateway_stopping: watch::Receiver<bool>) -> AgentListeners {
+        AgentListeners {
+            apps,
+            gateway_stopping,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Binds `listen` (in its namespace) for `agent`, now, and serves it; returns the bound
+    /// address. Blocks briefly (entering a namespace takes a thread of its own). An agent
+    /// that already listens there keeps its listener; one that listens elsewhere moves, and
+    /// its old listener closes only once the new one is bound.
+    pub fn open(
+        &self,
+        agent: &str,
+        listen: &AgentListenConfig,
+    ) -> Result<SocketAddr, ListenerError> {
+        if let Some(open) = self.open.lock().get(agent) {
+            if open.config == *listen {
+                return Ok(open.address);
+            }
+            if open.configured {
+                return Err(ListenerError::Configured {
+                    agent: agent.to_string(),
+                });
+            }
+        }
+        let socket = listener::bind(listen.address, listen.netns.as_deref())?;
+        self.serve(agent, listen.clone(), socket, false)
+    }
+
+    /// Serves `socket`, already bound as `listen` says, as `agent`'s listener; `configured`
+    /// for one from the config file, which stays open as long as the gateway runs.
+    pub fn serve(
+        &self,
+        agent: &str,
+        listen: AgentListenConfig,
+        socket: std::net::TcpListener,
+        configured: bool,
+    ) -> Result<SocketAddr, ListenerError> {
+        let address = socket.local_addr().map_err(|source| ListenerError::Bind {
+            address: listen.address,
+            netns: listen.netns.clone(),
+            source,
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        let stop = Arc::new(stop);
+        let app = self.apps.app(ListenerBinding::Agent(agent.to_string()));
+        listener::serve(&format!("agent-{agent}"), socket, app, None, stopped);
+        // The listener also stops with the gateway.
+        let mut gateway_stopping = self.gateway_stopping.clone();
+        let stop_on_exit = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = gateway_stopping.changed() => { let _ = stop_on_exit.send(true); }
+                _ = stop_on_exit.closed() => {}
+            }
+        });
+        let previous = self.open.lock().insert(
+            agent.to_string(),
+            Open {
+                config: listen,
+                address,
+                stop,
+                configured,
+            },
+        );
+        if let Some(previous) = previous {
+            let _ = previous.stop.send(true);
+        }
+        tracing::info!(agent, %address, "agent listener open");
+        Ok(address)
+    }
+
+    /// Closes `agent`'s listener, if it has one that was not configured in the file.
+    pub fn close(&self, agent: &str) {
+        let mut open = self.open.lock();
+        if open.get(agent).is_some_and(|o| !o.configured) {
+            if let Some(closed) = open.remove(agent) {
+                let _ = closed.stop.send(true);
+                tracing::info!(agent, address = %closed.address, "agent listener closed");
+            }
+        }
+    }
+
+    /// Every open listener: agent and address.
+    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        let mut all: Vec<_> = self
+            .open
+            .lock()
+            .iter()
+            .map(|(agent, open)| (agent.clone(), open.address))
+            .collect();
+        all.sort();
+        all
+    }
+}
