@@ -1,0 +1,283 @@
+//! One sandbox's network: two network namespaces joined by a veth pair, and a firewall that
+//! leaves the sandbox exactly one way out — the gateway's listener for its agent.
+//!
+//! - `tg-<agent>` is the gateway's side. It holds `lo` and the host end of the pair
+//!   (`tgw0`, [`HOST_ADDRESS`]/30). The gateway binds the agent's own listener here
+//!   ([`SandboxNetwork::listen_address`]), registered over its admin API. Its nftables table
+//!   (policy drop) accepts only new TCP connections from the sandbox's address to that port
+//!   (and what belongs to them), answers every other attempt with a reset or an
+//!   administratively-prohibited, and forwards nothing: no route leads further.
+//! - `tg-<agent>-s` is the sandbox's side, where the process backend runs its workload (a
+//!   microVM's tap takes this place). It holds `lo` and `eth0` ([`SANDBOX_ADDRESS`]/30), with
+//!   the default route via the gateway's side. No DNS server is offered: the gateway resolves
+//!   names.
+//!
+//! Every sandbox gets the same addresses; namespaces never meet, so they cannot clash. IPv6
+//! is disabled in both namespaces (link-local addresses would otherwise come up beside the
+//! IPv4-only rules). Deleting the two namespaces removes the pair and the rules with them.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+/// The gateway's address on the pair, which the sandbox's traffic is addressed to.
+pub const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
+/// The sandbox's address on the pair.
+pub const SANDBOX_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+/// The pair's host end, inside the gateway's namespace.
+const HOST_DEVICE: &str = "tgw0";
+/// The pair's sandbox end, inside the sandbox's namespace.
+const SANDBOX_DEVICE: &str = "eth0";
+/// Longest agent id a namespace is named after.
+const MAX_AGENT_ID: usize = 48;
+
+/// Why a sandbox's network could not be set up or taken down.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The agent id cannot name a namespace.
+    #[error("agent id {0:?} cannot name a network namespace: use 1 to 48 of a-z, 0-9 and '-'")]
+    InvalidAgent(String),
+    /// A command could not be run at all.
+    #[error("cannot run {program}: {source} (the launcher needs iproute2 and nftables: apt-get install -y iproute2 nftables)")]
+    Missing {
+        /// The program.
+        program: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+/// The network of one agent's sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxNetwork {
+    gateway_namespace: String,
+    sandbox_namespace: String,
+    port: u16,
+}
+
+impl SandboxNetwork {
+    /// The network for `agent`'s sandbox, whose gateway listener will be on `port`.
+    pub fn new(agent: &str, port: u16) -> Result<SandboxNetwork, NetworkError> {
+        let valid = !agent.is_empty()
+            && agent.len() <= MAX_AGENT_ID
+            && agent
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(NetworkError::InvalidAgent(agent.to_string()));
+        }
+        Ok(SandboxNetwork {
+            gateway_namespace: format!("tg-{agent}"),
+            sandbox_namespace: format!("tg-{agent}-s"),
+            port,
+        })
+    }
+
+    /// The gateway's side's namespace name.
+    pub fn gateway_namespace(&self) -> &str {
+        &self.gateway_namespace
+    }
+
+    /// The gateway's side's namespace, as the path the gateway enters to bind.
+    pub fn gateway_namespace_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.gateway_namespace)
+    }
+
+    /// The sandbox's side's namespace name.
+    pub fn sandbox_namespace(&self) -> &str {
+        &self.sandbox_namespace
+    }
+
+    /// Where the gateway listens for this agent (inside the gateway's side's namespace).
+    pub fn listen_address(&self) -> SocketAddr {
+        SocketAddr::from((HOST_ADDRESS, self.port))
+    }
+
+    /// The gateway's side's nftables table.
+    pub fn ruleset(&self) -> String {
+        format!(
+            "table inet tollgate {{\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy drop;\n\
+             \t\tiif \"lo\" accept\n\
+             \t\tct state established,related accept\n\
+             \t\tiifname \"{HOST_DEVICE}\" ip saddr {SANDBOX_ADDRESS} ip daddr {HOST_ADDRESS} tcp dport {port} ct state new accept\n\
+             \t\tiifname \"{HOST_DEVICE}\" meta l4proto tcp reject with tcp reset\n\
+             \t\tiifname \"{HOST_DEVICE}\" reject with icmpx type admin-prohibited\n\
+             \t}}\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy drop;\n\
+             \t}}\n\
+             }}\n",
+            port = self.port
+        )
+    }
+
+    /// Creates both namespaces, the pair, the addresses and the rules. On any failure what
+    /// was made is removed again.
+    pub fn create(&self) -> Result<(), NetworkError> {
+        let made = self.build();
+        if made.is_err() {
+            let _ = self.destroy();
+        }
+        made
+    }
+
+    fn build(&self) -> Result<(), NetworkError> {
+        let (gw, sb) = (&self.gateway_namespace, &self.sandbox_namespace);
+        run("ip", &["netns", "add", gw], None)?;
+        run("ip", &["netns", "add", sb], None)?;
+        for ns in [gw, sb] {
+            disable_ipv6(ns)?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"], None)?;
+        }
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                HOST_DEVICE,
+                "netns",
+                gw,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                SANDBOX_DEVICE,
+                "netns",
+                sb,
+            ],
+            None,
+        )?;
+        let host = format!("{HOST_ADDRESS}/30");
+        let sandbox = format!("{SANDBOX_ADDRESS}/30");
+        run(
+            "ip",
+            &["-n", gw, "addr", "add", &host, "dev", HOST_DEVICE],
+            None,
+        )?;
+        run(
+            "ip",
+            &["-n", sb, "addr", "add", &sandbox, "dev", SANDBOX_DEVICE],
+            None,
+        )?;
+        run("ip", &["-n", gw, "link", "set", HOST_DEVICE, "up"], None)?;
+        run("ip", &["-n", sb, "link", "set", SANDBOX_DEVICE, "up"], None)?;
+        let via = HOST_ADDRESS.to_string();
+        run(
+            "ip",
+            &["-n", sb, "route", "add", "default", "via", &via],
+            None,
+        )?;
+        run(
+            "ip",
+            &["netns", "exec", gw, "nft", "-f", "-"],
+            Some(&self.ruleset()),
+        )?;
+        tracing::info!(namespace = %gw, sandbox = %sb, "sandbox network created");
+        Ok(())
+    }
+
+    /// Removes both namespaces (and with them the pair and the rules). Removing what is
+    /// already gone is not an error.
+    pub fn destroy(&self) -> Result<(), NetworkError> {
+        for ns in [&self.sandbox_namespace, &self.gateway_namespace] {
+            if namespace_exists(ns) {
+                run("ip", &["netns", "delete", ns], None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether either namespace exists.
+    pub fn exists(&self) -> bool {
+        namespace_exists(&self.gateway_namespace) || namespace_exists(&self.sandbox_namespace)
+    }
+}
+
+fn namespace_exists(name: &str) -> bool {
+    PathBuf::from("/run/netns").join(name).exists()
+}
+
+/// IPv6 off for every device of namespace `ns`, present and future.
+fn disable_ipv6(ns: &str) -> Result<(), NetworkError> {
+    // /proc/sys/net shows the namespace of the process reading it.
+    let script = "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && \
+                  echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6";
+    run("ip", &["netns", "exec", ns, "sh", "-c", script], None)
+}
+
+/// Runs `program args`, feeding it `stdin`; an error carries the command and its stderr.
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), NetworkError> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let missing = |source| NetworkError::Missing {
+        program: program.to_string(),
+        source,
+    };
+    let mut child = command.spawn().map_err(missing)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(missing)?;
+    }
+    let output = child.wait_with_output().map_err(missing)?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(NetworkError::Command {
+        command: format!("{program} {}", args.join(" ")),
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ids_that_cannot_name_a_namespace_are_refused() {
+        for bad in ["", "A", "a b", "../x", "a/b", &"a".repeat(49)] {
+            assert!(SandboxNetwork::new(bad, 3128).is_err(), "{bad:?}");
+        }
+        let net = SandboxNetwork::new("agent-7", 3128).expect("valid");
+        assert_eq!(net.gateway_namespace(), "tg-agent-7");
+        assert_eq!(net.sandbox_namespace(), "tg-agent-7-s");
+        assert_eq!(
+            net.gateway_namespace_path(),
+            PathBuf::from("/run/netns/tg-agent-7")
+        );
+        assert_eq!(net.listen_address().to_string(), "10.200.1.1:3128");
+    }
+
+    #[test]
+    fn the_ruleset_admits_only_new_connections_from_the_sandbox_to_the_gateway_port() {
+        let rules = SandboxNetwork::new("a", 4128).expect("valid").ruleset();
+        assert!(
+            rules.contains("policy drop;\n\t\tiif \"lo\" accept"),
+            "{rules}"
+        );
+        assert!(rules.contains(
+            "iifname \"tgw0\" ip saddr 10.200.1.2 ip daddr 10.200.1.1 tcp dport 4128 ct state new accept"
+        ));
+        assert!(rules.contains(
+            "chain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}"
+        ));
+        assert_eq!(rules.matches(" accept").count(), 3, "{rules}");
+    }
+}
