@@ -273,15 +273,13 @@ fn can_make_namespaces() -> bool {
     if no_curl() {
         return false;
     }
-    if !is_root() {
-        eprintln!("SKIP: binding in a network namespace needs root");
-        return false;
+    match missing_namespace_tools(false) {
+        Some(why) => {
+            eprintln!("SKIP: {why}");
+            false
+        }
+        None => true,
     }
-    if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIP: iproute2 is not installed (apt-get install -y iproute2)");
-        return false;
-    }
-    true
 }
 
 /// A fresh network namespace with `lo` up, deleted when dropped.
@@ -295,26 +293,7 @@ fn namespace(tag: &str) -> Netns {
 
 /// curl `url` through the proxy at 127.0.0.1:3128, from inside namespace `ns`.
 async fn curl_in(ns: &str, url: &str) -> std::process::Output {
-    let (ns, url) = (ns.to_string(), url.to_string());
-    tokio::task::spawn_blocking(move || {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "-x",
-                "http://127.0.0.1:3128",
-                &url,
-            ])
-            .output()
-            .expect("curl in netns")
-    })
-    .await
-    .expect("join")
+    curl_in_netns(ns, &["-x", "http://127.0.0.1:3128", url]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

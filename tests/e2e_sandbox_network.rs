@@ -6,42 +6,17 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::*;
 use tollgate_launcher::network::SandboxNetwork;
-
-/// curl from inside namespace `ns`, with `args`.
-async fn curl_in(ns: &str, args: &[&str]) -> std::process::Output {
-    let mut full = vec![
-        "netns".to_string(),
-        "exec".to_string(),
-        ns.to_string(),
-        "curl".to_string(),
-        "-sS".to_string(),
-        "--max-time".to_string(),
-        "5".to_string(),
-    ];
-    full.extend(args.iter().map(|a| a.to_string()));
-    tokio::task::spawn_blocking(move || Command::new("ip").args(&full).output().expect("ip"))
-        .await
-        .expect("join")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_reaches_origins_only_through_its_own_gateway_listener() {
     if no_curl() {
         return;
     }
-    if !is_root() {
-        eprintln!("SKIP: network namespaces need root");
+    if let Some(why) = missing_namespace_tools(true) {
+        eprintln!("SKIP: {why}");
         return;
-    }
-    for (program, package) in [("ip", "iproute2"), ("nft", "nftables")] {
-        if Command::new(program).arg("--version").output().is_err() {
-            eprintln!("SKIP: {program} is missing (apt-get install -y {package})");
-            return;
-        }
     }
     let agent = format!("e2e{}", std::process::id());
     let net = SandboxNetwork::new(&agent, 3128).expect("plan");
@@ -76,7 +51,7 @@ async fn a_sandbox_reaches_origins_only_through_its_own_gateway_listener() {
     let url = format!("http://127.0.0.1:{}/from-sandbox", origin.port());
     let proxy = format!("http://{}", net.0.listen_address());
     // Through the gateway: identified as the agent, forwarded.
-    let through = curl_in(&sandbox, &["-x", &proxy, &url]).await;
+    let through = curl_in_netns(&sandbox, &["-x", &proxy, &url]).await;
     assert!(
         through.status.success(),
         "{}",
@@ -91,12 +66,12 @@ async fn a_sandbox_reaches_origins_only_through_its_own_gateway_listener() {
     assert_eq!(origin.requests(), 1);
     // Around it: the origin's loopback is the sandbox's own, and the gateway's side answers
     // only on the agent's port.
-    let direct = curl_in(&sandbox, &[&url]).await;
+    let direct = curl_in_netns(&sandbox, &[&url]).await;
     assert!(
         !direct.status.success(),
         "the sandbox reached the origin directly"
     );
-    let other_port = curl_in(&sandbox, &["http://10.200.1.1:9901/v1/agents"]).await;
+    let other_port = curl_in_netns(&sandbox, &["http://10.200.1.1:9901/v1/agents"]).await;
     assert!(!other_port.status.success());
     assert_eq!(
         origin.requests(),
@@ -112,7 +87,7 @@ async fn a_sandbox_reaches_origins_only_through_its_own_gateway_listener() {
     );
     let mut closed = false;
     for _ in 0..50 {
-        if !curl_in(&sandbox, &["-x", &proxy, &url])
+        if !curl_in_netns(&sandbox, &["-x", &proxy, &url])
             .await
             .status
             .success()

@@ -57,6 +57,7 @@ fn request_span(c: &mut Criterion) {
     let record = summary();
     let extras = || SpanExtras {
         run_mode: Some("Autonomous"),
+        decision: "allow",
         latency: Duration::from_micros(900),
     };
     let mut group = c.benchmark_group("request span");

@@ -68,6 +68,9 @@ type Verdict = (ApprovalRecord, Option<Secret>);
 /// How a hold ended without a release.
 #[derive(Debug)]
 pub enum HoldEnd {
+    /// Refused before an approval was recorded (too many pending, the store failed): there
+    /// is no approval to name. Answer the sandbox with this.
+    NotRecorded(Refusal),
     /// Answer the sandbox with this.
     Refused(Refusal),
     /// The client went away; there is nobody to answer.
@@ -194,8 +197,8 @@ impl Approvals {
         let stored = record.clone();
         match tokio::task::spawn_blocking(move || store.insert_approval(&stored)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
-            Err(e) => return Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
+            Ok(Err(e)) => return Err(HoldEnd::NotRecorded(store_unavailable(&e.to_string()))),
+            Err(e) => return Err(HoldEnd::NotRecorded(store_unavailable(&e.to_string()))),
         }
         tracing::info!(
             agent = record.agent, approval = record.id, method = record.method,
@@ -221,7 +224,7 @@ impl Approvals {
             let mut held = self.held.lock();
             let count = held.entry(record.agent.clone()).or_default();
             if *count >= self.settings.max_pending_per_agent {
-                return Err(HoldEnd::Refused(too_many(
+                return Err(HoldEnd::NotRecorded(too_many(
                     self.settings.max_pending_per_agent,
                 )));
             }

@@ -114,7 +114,7 @@ impl From<Refusal> for Stop {
 impl From<HoldEnd> for Stop {
     fn from(end: HoldEnd) -> Self {
         match end {
-            HoldEnd::Refused(refusal) => Stop::Refuse(refusal),
+            HoldEnd::NotRecorded(refusal) | HoldEnd::Refused(refusal) => Stop::Refuse(refusal),
             HoldEnd::ClientGone => Stop::ClientGone,
         }
     }
@@ -388,15 +388,8 @@ impl Egress {
         let held_at = Instant::now();
         let released = self.shared.approvals.hold(held, client_gone).await;
         ctx.approval_wait += held_at.elapsed();
-        if let Err(HoldEnd::Refused(refusal)) = &released {
-            // Refused before it was recorded (too many pending, store down): no approval.
-            let recorded = refusal
-                .extra
-                .as_ref()
-                .is_some_and(|extra| extra.contains_key("approval"));
-            if !recorded {
-                ctx.approval = None;
-            }
+        if let Err(HoldEnd::NotRecorded(_)) = &released {
+            ctx.approval = None;
         }
         let released = released?;
         Ok((body, released))
@@ -800,9 +793,11 @@ impl ProxyHttp for Egress {
                 None
             }
         };
+        // The metrics' decision label ("none": refused before a decision).
+        let decided = ctx.decision.as_ref().map_or("none", |d| d.outcome.as_str());
         self.shared.metrics.record_request(
             ctx.agent.as_ref().map_or("(unknown)", |a| a.id.as_str()),
-            ctx.decision.as_ref().map_or("none", |d| d.outcome.as_str()),
+            decided,
             status,
             elapsed,
         );
@@ -850,6 +845,7 @@ impl ProxyHttp for Egress {
             &record,
             SpanExtras {
                 run_mode: ctx.agent.as_ref().map(|a| a.run_mode.as_str()),
+                decision: decided,
                 latency: elapsed,
             },
         );

@@ -124,6 +124,8 @@ impl RequestTrace {
 pub struct SpanExtras<'a> {
     /// The agent's run mode, if the agent is known.
     pub run_mode: Option<&'a str>,
+    /// The decision as metrics label it (`none` when the request never reached one).
+    pub decision: &'static str,
     /// Time from arrival to the end of the answer.
     pub latency: Duration,
 }
@@ -259,14 +261,9 @@ impl Telemetry {
     /// no body, query or header value), and records its duration.
     pub fn finish_request(&self, trace: RequestTrace, request: &AuditRecord, extras: SpanExtras) {
         if let Some(duration) = &self.duration {
-            let decision = if request.decision.is_empty() {
-                "none"
-            } else {
-                request.decision.as_str()
-            };
             duration.record(
                 extras.latency.as_secs_f64(),
-                &[KeyValue::new("decision", decision.to_string())],
+                &[KeyValue::new("decision", extras.decision)],
             );
         }
         let Some(mut span) = trace.span else { return };
@@ -483,6 +480,7 @@ mod tests {
     fn spans_carry_the_request_summary_under_semantic_names() {
         let extras = SpanExtras {
             run_mode: Some("Review"),
+            decision: "allow",
             latency: Duration::from_millis(2),
         };
         let attributes = span_attributes(&record(), &extras);
