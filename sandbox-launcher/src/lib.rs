@@ -1,8 +1,19 @@
-//! Tollgate's sandbox launcher: one sandbox per agent (a microVM, or a process on hosts
-//! without QEMU) whose only network route is the gateway.
+//! Tollgate's sandbox launcher: one sandbox per agent — a QEMU microVM, or a process on hosts
+//! without QEMU — whose only network route is the gateway.
 //!
-//! This is the first part of it: [`network`], the per-sandbox network namespaces and the
-//! firewall that makes the gateway the only way out. The launcher binary (`up`, `down`,
-//! `list`, `logs`), the guest image and QEMU come next (issue 7).
+//! The data path, in module order: [`image`] builds the guest (kernel + initramfs, whose init
+//! is [`guest`], written with [`cpio`]); [`network`] makes the sandbox's namespace, device
+//! ([`tap`] for a VM) and firewall; [`gateway_api`] registers the agent with its listener in
+//! that namespace; [`vmm`] runs QEMU, or [`workload`] the process; [`sandbox`] ties these
+//! into `up` and `down`, remembering each sandbox in [`state`].
 
+pub mod cpio;
+pub mod gateway_api;
+pub mod guest;
+pub mod image;
 pub mod network;
+pub mod sandbox;
+pub mod state;
+pub mod tap;
+pub mod vmm;
+pub mod workload;

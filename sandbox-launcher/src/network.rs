@@ -7,10 +7,13 @@
 //!   (policy drop) accepts only new TCP connections from the sandbox's address to that port
 //!   (and what belongs to them), answers every other attempt with a reset or an
 //!   administratively-prohibited, and forwards nothing: no route leads further.
-//! - `tg-<agent>-s` is the sandbox's side, where the process backend runs its workload (a
-//!   microVM's tap takes this place). It holds `lo` and `eth0` ([`SANDBOX_ADDRESS`]/30), with
-//!   the default route via the gateway's side. No DNS server is offered: the gateway resolves
-//!   names.
+//! - `tg-<agent>-s` is the sandbox's side, where the process backend runs its workload. It
+//!   holds `lo` and `eth0` ([`SANDBOX_ADDRESS`]/30), with the default route via the gateway's
+//!   side. No DNS server is offered (its `resolv.conf`, `/etc/netns/tg-<agent>-s/resolv.conf`,
+//!   names none): the gateway resolves names.
+//! - A microVM needs no second namespace: its tap device ([`SandboxNetwork::create_for_vm`])
+//!   takes the veth's place in `tg-<agent>`, under the same name and rules, and the guest
+//!   configures [`SANDBOX_ADDRESS`] itself.
 //!
 //! Every sandbox gets the same addresses; namespaces never meet, so they cannot clash. IPv6
 //! is disabled in both namespaces (link-local addresses would otherwise come up beside the
@@ -20,6 +23,8 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+use crate::tap::Tap;
 
 /// The gateway's address on the pair, which the sandbox's traffic is addressed to.
 pub const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
@@ -43,6 +48,22 @@ pub enum NetworkError {
     Missing {
         /// The program.
         program: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The tap device could not be made.
+    #[error("cannot create the VM's tap device in namespace {namespace}: {source} (needs root and /dev/net/tun)")]
+    Tap {
+        /// The namespace.
+        namespace: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The sandbox's resolver file could not be written or removed.
+    #[error("cannot write or remove {path}: {source}")]
+    Resolver {
+        /// The file or directory.
+        path: PathBuf,
         /// What the operating system said.
         source: std::io::Error,
     },
@@ -122,24 +143,85 @@ impl SandboxNetwork {
         )
     }
 
-    /// Creates both namespaces, the pair, the addresses and the rules. On any failure what
-    /// was made is removed again.
+    /// Creates both namespaces, the pair, the addresses and the rules (the process backend's
+    /// network). On any failure what was made is removed again.
     pub fn create(&self) -> Result<(), NetworkError> {
-        let made = self.build();
+        self.undo_on_error(|| {
+            self.build_gateway_side()?;
+            self.build_sandbox_side()
+        })
+    }
+
+    /// Creates the gateway's side with a tap device in the pair's place (a microVM's
+    /// network), and returns the tap, open: whoever holds it is the other end of the wire.
+    /// The device goes when the last holder closes it. On any failure what was made is
+    /// removed again.
+    pub fn create_for_vm(&self) -> Result<Tap, NetworkError> {
+        self.undo_on_error(|| {
+            self.build_gateway_side()?;
+            let tap =
+                Tap::open_in(&self.gateway_namespace_path(), HOST_DEVICE).map_err(|source| {
+                    NetworkError::Tap {
+                        namespace: self.gateway_namespace.clone(),
+                        source,
+                    }
+                })?;
+            self.address_host_device()?;
+            Ok(tap)
+        })
+    }
+
+    fn undo_on_error<T>(
+        &self,
+        build: impl FnOnce() -> Result<T, NetworkError>,
+    ) -> Result<T, NetworkError> {
+        let made = build();
         if made.is_err() {
             let _ = self.destroy();
         }
         made
     }
 
-    fn build(&self) -> Result<(), NetworkError> {
+    /// The gateway's side: its namespace, IPv6 off, `lo`, and the rules.
+    fn build_gateway_side(&self) -> Result<(), NetworkError> {
+        let gw = &self.gateway_namespace;
+        make_namespace(gw)?;
+        run(
+            "ip",
+            &["netns", "exec", gw, "nft", "-f", "-"],
+            Some(&self.ruleset()),
+        )?;
+        Ok(())
+    }
+
+    /// The host end's address, and the device up.
+    fn address_host_device(&self) -> Result<(), NetworkError> {
+        let gw = &self.gateway_namespace;
+        let host = format!("{HOST_ADDRESS}/30");
+        run(
+            "ip",
+            &["-n", gw, "addr", "add", &host, "dev", HOST_DEVICE],
+            None,
+        )?;
+        run("ip", &["-n", gw, "link", "set", HOST_DEVICE, "up"], None)
+    }
+
+    /// The sandbox's namespace, the pair into it, addresses and the route; no DNS.
+    fn build_sandbox_side(&self) -> Result<(), NetworkError> {
         let (gw, sb) = (&self.gateway_namespace, &self.sandbox_namespace);
-        run("ip", &["netns", "add", gw], None)?;
-        run("ip", &["netns", "add", sb], None)?;
-        for ns in [gw, sb] {
-            disable_ipv6(ns)?;
-            run("ip", &["-n", ns, "link", "set", "lo", "up"], None)?;
-        }
+        make_namespace(sb)?;
+        let etc = self.sandbox_etc();
+        std::fs::create_dir_all(&etc)
+            .and_then(|()| {
+                std::fs::write(
+                    etc.join("resolv.conf"),
+                    "# No DNS in a Tollgate sandbox: the gateway resolves names.\n",
+                )
+            })
+            .map_err(|source| NetworkError::Resolver {
+                path: etc.clone(),
+                source,
+            })?;
         run(
             "ip",
             &[
@@ -158,19 +240,13 @@ impl SandboxNetwork {
             ],
             None,
         )?;
-        let host = format!("{HOST_ADDRESS}/30");
+        self.address_host_device()?;
         let sandbox = format!("{SANDBOX_ADDRESS}/30");
-        run(
-            "ip",
-            &["-n", gw, "addr", "add", &host, "dev", HOST_DEVICE],
-            None,
-        )?;
         run(
             "ip",
             &["-n", sb, "addr", "add", &sandbox, "dev", SANDBOX_DEVICE],
             None,
         )?;
-        run("ip", &["-n", gw, "link", "set", HOST_DEVICE, "up"], None)?;
         run("ip", &["-n", sb, "link", "set", SANDBOX_DEVICE, "up"], None)?;
         let via = HOST_ADDRESS.to_string();
         run(
@@ -178,22 +254,31 @@ impl SandboxNetwork {
             &["-n", sb, "route", "add", "default", "via", &via],
             None,
         )?;
-        run(
-            "ip",
-            &["netns", "exec", gw, "nft", "-f", "-"],
-            Some(&self.ruleset()),
-        )?;
         tracing::info!(namespace = %gw, sandbox = %sb, "sandbox network created");
         Ok(())
     }
 
-    /// Removes both namespaces (and with them the pair and the rules). Removing what is
-    /// already gone is not an error.
+    /// `/etc/netns/<sandbox namespace>`: `ip netns exec` shows the files in it over `/etc`.
+    fn sandbox_etc(&self) -> PathBuf {
+        PathBuf::from("/etc/netns").join(&self.sandbox_namespace)
+    }
+
+    /// Removes both namespaces (and with them the pair or tap and the rules), after ending
+    /// every process still inside them: a process keeps its namespace alive after the name is
+    /// gone. Removing what is already gone is not an error.
     pub fn destroy(&self) -> Result<(), NetworkError> {
         for ns in [&self.sandbox_namespace, &self.gateway_namespace] {
             if namespace_exists(ns) {
+                kill_processes_in(ns);
                 run("ip", &["netns", "delete", ns], None)?;
             }
+        }
+        let etc = self.sandbox_etc();
+        if etc.exists() {
+            std::fs::remove_dir_all(&etc).map_err(|source| NetworkError::Resolver {
+                path: etc.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -206,6 +291,34 @@ impl SandboxNetwork {
 
 fn namespace_exists(name: &str) -> bool {
     PathBuf::from("/run/netns").join(name).exists()
+}
+
+/// A new namespace `ns` with IPv6 off and `lo` up.
+fn make_namespace(ns: &str) -> Result<(), NetworkError> {
+    run("ip", &["netns", "add", ns], None)?;
+    disable_ipv6(ns)?;
+    run("ip", &["-n", ns, "link", "set", "lo", "up"], None)
+}
+
+/// SIGKILLs every process in namespace `ns` (as `ip netns pids` lists them).
+fn kill_processes_in(ns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        tracing::info!(
+            namespace = ns,
+            pid,
+            "ending a process left in the sandbox's namespace"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// IPv6 off for every device of namespace `ns`, present and future.

@@ -1,0 +1,248 @@
+//! The few calls the launcher makes to the gateway's admin API: register an agent with its
+//! listener in the sandbox's namespace, and remove it again. Plain HTTP/1.1 to the admin
+//! listener (which is on loopback or a management network, never reachable by sandboxes).
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// How long the gateway may take to connect and to answer (binding a listener in a
+/// namespace and storing the registration are quick; this is a safety net).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call to the gateway failed. Never carries the admin token.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The admin URL is not `http://host:port`.
+    #[error("admin URL {0:?} is not http://HOST:PORT (the launcher speaks plain HTTP to the admin listener)")]
+    BadUrl(String),
+    /// The gateway could not be reached.
+    #[error("cannot reach the gateway's admin API at {url}: {source}")]
+    Unreachable {
+        /// The admin URL.
+        url: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The gateway answered with an error.
+    #[error("the gateway refused {what} ({status}): {body}")]
+    Refused {
+        /// The call.
+        what: String,
+        /// Its status code.
+        status: u16,
+        /// Its answer (the gateway's JSON error).
+        body: String,
+    },
+}
+
+/// An agent's registration, as the gateway's `PUT /v1/agents/{id}` takes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registration {
+    /// ReadOnly, Review or Autonomous.
+    pub run_mode: String,
+    /// RBAC scopes (Azure subscription / resource-group ids).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// The identity provider whose tokens the agent's calls get.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The agent's own listener.
+    pub listen: Listen,
+}
+
+/// Where the gateway listens for the agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listen {
+    /// `10.200.1.1:3128`.
+    pub address: String,
+    /// `/run/netns/tg-<agent>`.
+    pub netns: String,
+}
+
+/// A gateway's admin API.
+pub struct GatewayApi {
+    url: String,
+    authority: String,
+    token: String,
+}
+
+impl std::fmt::Debug for GatewayApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayApi")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayApi {
+    /// The admin API at `url` (`http://host:port`), called with `token`.
+    pub fn new(url: &str, token: String) -> Result<GatewayApi, ApiError> {
+        let authority = url
+            .strip_prefix("http://")
+            .map(|rest| rest.trim_end_matches('/'))
+            .filter(|a| !a.is_empty() && !a.contains('/') && a.rsplit_once(':').is_some())
+            .ok_or_else(|| ApiError::BadUrl(url.to_string()))?;
+        Ok(GatewayApi {
+            url: url.trim_end_matches('/').to_string(),
+            authority: authority.to_string(),
+            token,
+        })
+    }
+
+    /// Registers (or re-registers) `agent`.
+    pub fn register(&self, agent: &str, registration: &Registration) -> Result<(), ApiError> {
+        let body = serde_json::to_string(registration).unwrap_or_default();
+        let what = format!("registering agent {agent}");
+        let (status, answer) = self.call("PUT", &format!("/v1/agents/{agent}"), Some(&body))?;
+        match status {
+            200 | 201 => Ok(()),
+            _ => Err(ApiError::Refused {
+                what,
+                status,
+                body: answer,
+            }),
+        }
+    }
+
+    /// Removes `agent` (closing its listener); an agent already gone is not an error.
+    pub fn deregister(&self, agent: &str) -> Result<(), ApiError> {
+        let (status, answer) = self.call("DELETE", &format!("/v1/agents/{agent}"), None)?;
+        match status {
+            200 | 204 | 404 => Ok(()),
+            _ => Err(ApiError::Refused {
+                what: format!("removing agent {agent}"),
+                status,
+                body: answer,
+            }),
+        }
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), ApiError> {
+        let unreachable = |source| ApiError::Unreachable {
+            url: self.url.clone(),
+            source,
+        };
+        let address = self
+            .authority
+            .to_socket_addrs()
+            .map_err(unreachable)?
+            .next()
+            .ok_or_else(|| unreachable(std::io::Error::other("the host name has no address")))?;
+        let mut stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(TIMEOUT))
+            .map_err(unreachable)?;
+        stream
+            .set_write_timeout(Some(TIMEOUT))
+            .map_err(unreachable)?;
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.authority,
+            self.token,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).map_err(unreachable)?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).map_err(unreachable)?;
+        parse_response(&answer).ok_or_else(|| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the answer is not HTTP",
+            ))
+        })
+    }
+}
+
+/// Status and body of a complete HTTP/1.1 response (the connection was closed after it).
+fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(head) = response.parse(raw).ok()? else {
+        return None;
+    };
+    let status = response.code?;
+    let body = String::from_utf8_lossy(&raw[head..]).trim().to_string();
+    Some((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn admin_urls_must_be_plain_http_host_and_port() {
+        for bad in [
+            "https://127.0.0.1:9901",
+            "127.0.0.1:9901",
+            "http://",
+            "http://h/x",
+            "http://host",
+        ] {
+            assert!(GatewayApi::new(bad, "t".into()).is_err(), "{bad}");
+        }
+        assert!(GatewayApi::new("http://127.0.0.1:9901/", "t".into()).is_ok());
+    }
+
+    #[test]
+    fn a_registration_is_put_with_the_token_and_a_refusal_says_why_without_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = vec![0; 4096];
+            let n = s.read(&mut buf).expect("read");
+            let request = String::from_utf8_lossy(&buf[..n]).to_string();
+            let body = r#"{"error":"invalid_agent","detail":"the namespace cannot be entered"}"#;
+            write!(
+                s,
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .expect("write");
+            request
+        });
+        let api = GatewayApi::new(&format!("http://127.0.0.1:{port}"), "secret-token".into())
+            .expect("api");
+        let err = api
+            .register(
+                "vm-a",
+                &Registration {
+                    run_mode: "Review".into(),
+                    scopes: vec![],
+                    identity: None,
+                    listen: Listen {
+                        address: "10.200.1.1:3128".into(),
+                        netns: "/run/netns/tg-vm-a".into(),
+                    },
+                },
+            )
+            .expect_err("refused");
+        let request = server.join().expect("server");
+        assert!(
+            request.starts_with("PUT /v1/agents/vm-a HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(request.contains("Authorization: Bearer secret-token\r\n"));
+        assert!(request.ends_with(
+            r#"{"run_mode":"Review","listen":{"address":"10.200.1.1:3128","netns":"/run/netns/tg-vm-a"}}"#
+        ));
+        let message = err.to_string();
+        assert!(
+            message.contains("(400)") && message.contains("cannot be entered"),
+            "{message}"
+        );
+        assert!(!message.contains("secret-token"));
+        assert!(!format!("{api:?}").contains("secret-token"));
+    }
+}

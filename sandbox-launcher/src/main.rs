@@ -1,0 +1,314 @@
+//! `tollgate-launcher`: start and stop agents' sandboxes (see the crate's documentation).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate_launcher::image::{build, BuildOptions};
+use tollgate_launcher::sandbox::{down, up, AccelChoice, UpOptions};
+use tollgate_launcher::state::{resident_kib, Backend, ProcessState, StateDir, CONSOLE_FILE};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate-launcher",
+    version,
+    about = "One sandbox per agent whose only way out is the Tollgate gateway"
+)]
+struct Cli {
+    /// Where the launcher keeps its sandboxes' state.
+    #[arg(
+        long,
+        env = "TOLLGATE_LAUNCHER_STATE",
+        default_value = "/run/tollgate-launcher",
+        global = true
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The guest image.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Start an agent's sandbox; returns once it is ready.
+    Up(UpArgs),
+    /// Take an agent's sandbox down: process, registration, network, state.
+    Down {
+        /// The agent.
+        agent: String,
+    },
+    /// The sandboxes: agent, backend, PID, uptime, state, memory.
+    List,
+    /// A sandbox's console (a VM's serial console, a process's output).
+    Logs {
+        /// The agent.
+        agent: String,
+        /// Keep printing what comes until the sandbox ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the guest image: Debian's kernel (downloaded with apt-get) and an initramfs with
+    /// busybox and curl.
+    Build {
+        /// The image directory.
+        #[arg(long, default_value = "/var/lib/tollgate-launcher/image")]
+        out: PathBuf,
+        /// Where the kernel package is downloaded to.
+        #[arg(long, default_value = "/var/cache/tollgate-launcher")]
+        cache: PathBuf,
+        /// Use only a kernel package already in the cache.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// A QEMU microVM.
+    Qemu,
+    /// A process in a network namespace (hosts without QEMU).
+    Netns,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AccelArg {
+    /// KVM if a probe boot with it works, else software emulation.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RunModeArg {
+    #[value(name = "ReadOnly")]
+    ReadOnly,
+    #[value(name = "Review")]
+    Review,
+    #[value(name = "Autonomous")]
+    Autonomous,
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// The agent (1 to 48 of a-z, 0-9, '-').
+    #[arg(long)]
+    agent: String,
+    /// What runs the sandbox.
+    #[arg(long, value_enum, default_value = "qemu")]
+    backend: BackendArg,
+    /// The agent's run mode.
+    #[arg(long, value_enum, default_value = "ReadOnly")]
+    run_mode: RunModeArg,
+    /// An RBAC scope of the agent's identity (repeatable), e.g.
+    /// /subscriptions/<id>/resourceGroups/<rg>.
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// The identity provider whose tokens the agent's tool calls get.
+    #[arg(long)]
+    identity: Option<String>,
+    /// The port of the agent's gateway listener inside the sandbox's namespace.
+    #[arg(long, default_value_t = 3128)]
+    port: u16,
+    /// The gateway's admin API.
+    #[arg(long, default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// The admin token's file (or set TOLLGATE_TOKEN and pass --token-file "").
+    #[arg(long, default_value = "./tollgate-data/admin-token")]
+    token_file: PathBuf,
+    /// The gateway's CA certificate, installed as the sandbox's only trust anchor.
+    #[arg(long, default_value = "./tollgate-data/ca.pem")]
+    ca: PathBuf,
+    /// The guest image (qemu).
+    #[arg(long, default_value = "/var/lib/tollgate-launcher/image")]
+    image: PathBuf,
+    /// Guest memory in MiB (qemu).
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// KVM or software emulation (qemu).
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelArg,
+    /// Seconds the guest may take to report ready (qemu).
+    #[arg(long, default_value_t = 60)]
+    ready_timeout: u64,
+    /// The unprivileged user the workload (netns) or QEMU (qemu) runs as.
+    #[arg(long, default_value = "nobody")]
+    user: String,
+    /// The workload: a command run in the sandbox (none: it idles until `down`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let state = StateDir::new(&cli.state_dir);
+    match run(cli.command, &state) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tollgate-launcher: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command, state: &StateDir) -> Result<(), String> {
+    match command {
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    out,
+                    cache,
+                    offline,
+                },
+        } => {
+            let image = build(&BuildOptions {
+                out,
+                cache,
+                offline,
+            })
+            .map_err(|e| e.to_string())?;
+            let m = &image.manifest;
+            println!(
+                "guest image: {} ({} MiB kernel, {} MiB initramfs) in {}",
+                m.kernel_package,
+                m.kernel_bytes >> 20,
+                m.initramfs_bytes >> 20,
+                image
+                    .kernel()
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Up(args) => {
+            let options = up_options(args);
+            let launched = up(&options, state).map_err(|e| e.to_string())?;
+            let r = &launched.record;
+            println!(
+                "agent {} up: {}{} pid {}, ready in {:.1} s; its output: tollgate-launcher logs {}",
+                r.agent,
+                r.backend,
+                r.accel
+                    .as_deref()
+                    .map(|a| format!(" ({a})"))
+                    .unwrap_or_default(),
+                r.pid,
+                launched.ready_after.as_secs_f64(),
+                r.agent
+            );
+            Ok(())
+        }
+        Command::Down { agent } => {
+            down(&agent, state).map_err(|e| e.to_string())?;
+            println!("agent {agent} down");
+            Ok(())
+        }
+        Command::List => {
+            println!(
+                "{:<24} {:<7} {:>8} {:>8} {:<8} {:>9}",
+                "AGENT", "BACKEND", "PID", "UPTIME", "STATE", "RSS"
+            );
+            for record in state.list() {
+                match record {
+                    Ok(r) => {
+                        let running = r.state();
+                        let rss = (running == ProcessState::Running)
+                            .then(|| resident_kib(r.pid))
+                            .flatten()
+                            .map(|kib| format!("{} MiB", kib / 1024))
+                            .unwrap_or_else(|| "-".into());
+                        println!(
+                            "{:<24} {:<7} {:>8} {:>7}s {:<8} {:>9}",
+                            r.agent,
+                            r.backend,
+                            r.pid,
+                            r.uptime_secs(),
+                            running,
+                            rss
+                        );
+                    }
+                    Err(e) => eprintln!("tollgate-launcher: {e}"),
+                }
+            }
+            Ok(())
+        }
+        Command::Logs { agent, follow } => logs(state, &agent, follow),
+    }
+}
+
+fn up_options(args: UpArgs) -> UpOptions {
+    UpOptions {
+        agent: args.agent,
+        backend: match args.backend {
+            BackendArg::Qemu => Backend::Qemu,
+            BackendArg::Netns => Backend::Netns,
+        },
+        run_mode: match args.run_mode {
+            RunModeArg::ReadOnly => "ReadOnly",
+            RunModeArg::Review => "Review",
+            RunModeArg::Autonomous => "Autonomous",
+        }
+        .to_string(),
+        scopes: args.scopes,
+        identity: args.identity,
+        port: args.port,
+        admin: args.admin,
+        token_file: (!args.token_file.as_os_str().is_empty()).then_some(args.token_file),
+        ca_file: args.ca,
+        image_dir: args.image,
+        memory_mib: args.memory,
+        accel: match args.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        ready_timeout: Duration::from_secs(args.ready_timeout),
+        user: args.user,
+        command: args.command,
+    }
+}
+
+/// Prints the sandbox's console; with `follow`, also what comes until it ends.
+fn logs(state: &StateDir, agent: &str, follow: bool) -> Result<(), String> {
+    let record = state
+        .load(agent)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("agent {agent} has no sandbox"))?;
+    let path = state.sandbox_dir(agent).join(CONSOLE_FILE);
+    let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut offset = 0;
+    let mut out = std::io::stdout();
+    loop {
+        let mut chunk = Vec::new();
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_to_end(&mut chunk))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        offset += chunk.len() as u64;
+        out.write_all(&chunk)
+            .and_then(|()| out.flush())
+            .map_err(|e| e.to_string())?;
+        if !follow || (chunk.is_empty() && record.state() == ProcessState::Exited) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,77 @@
+//! A microVM's network device: a tap made inside the sandbox's namespace and handed to the
+//! VMM already open, so the VMM needs no access to `/dev/net/tun` and no privilege at all.
+//!
+//! This is the crate's one use of `unsafe`: the `TUNSETIFF` ioctl has no safe wrapper in
+//! the libraries the workspace uses.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::Path;
+
+/// An open tap device. The device exists while this (or a process that inherited it) holds
+/// it open.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+}
+
+impl Tap {
+    /// Creates tap `name` inside the network namespace at `namespace` (a `/run/netns/…`
+    /// path) with virtio-net headers on, and returns it open.
+    pub fn open_in(namespace: &Path, name: &str) -> io::Result<Tap> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("device name {name:?} must have 1 to 15 bytes"),
+            ));
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // The device is made in the namespace of the thread that opens the file.
+                    let target = File::open(namespace)?;
+                    nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(io::Error::from)?;
+                    open_tap(name)
+                })
+                .join()
+                .map_err(|_| io::Error::other("the tap thread panicked"))?
+        })
+        .map(|file| Tap { file })
+    }
+
+    /// Lets a child process inherit the device under its current number (which it returns):
+    /// the VMM is told `fd=<number>`.
+    pub fn inheritable(&self) -> io::Result<RawFd> {
+        nix::fcntl::fcntl(
+            &self.file,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(io::Error::from)?;
+        Ok(self.file.as_raw_fd())
+    }
+}
+
+fn open_tap(name: &str) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: `ifreq` is plain old data (a name array and a union of integers and arrays);
+    // all zeros is a valid value of it.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `ifreq`, which `request` is, and `file` is an
+    // open descriptor of /dev/net/tun for the whole call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut request) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
