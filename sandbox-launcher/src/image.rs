@@ -97,10 +97,9 @@ impl Image {
             what: format!("reading {}", manifest_path.display()),
             detail: format!("{e}; rebuild the image with `tollgate-launcher image build`"),
         })?;
-        Ok(Image {
-            dir: dir.to_path_buf(),
-            manifest,
-        })
+        // QEMU runs from `/`: the paths it is given must be absolute.
+        let dir = dir.canonicalize().map_err(io_error(dir))?;
+        Ok(Image { dir, manifest })
     }
 
     /// The uncompressed kernel.
