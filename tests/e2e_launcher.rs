@@ -82,6 +82,29 @@ struct World {
     started: std::sync::Mutex<Vec<String>>,
 }
 
+/// A port on the gateway's side of every sandbox where a service answers: only the firewall
+/// keeps the sandbox from it.
+const HIDDEN_PORT: u16 = 9999;
+
+/// Serves a one-line HTTP answer on `HIDDEN_PORT` inside agent `agent`'s namespace until the
+/// namespace goes (the thread ends with the test).
+fn serve_hidden_service(agent: &str) {
+    let path = format!("/run/netns/tg-{agent}");
+    let listener = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("the sandbox's namespace");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        std::net::TcpListener::bind(("10.200.1.1", HIDDEN_PORT)).expect("bind in the namespace")
+    })
+    .join()
+    .expect("namespace thread");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 6\r\n\r\nhidden");
+        }
+    });
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         let agents = self.started.lock().map(|a| a.clone()).unwrap_or_default();
@@ -216,6 +239,7 @@ probe() {{
     echo "CHECK $1 blocked"
   fi
 }}
+probe service-on-gateway-side http://10.200.1.1:{HIDDEN_PORT}/
 probe origin-port-on-gateway-side http://10.200.1.1:{origin_port}/
 probe admin-port-on-gateway-side http://10.200.1.1:{admin_port}/healthz
 probe origin-on-loopback http://127.0.0.1:{origin_port}/
@@ -241,7 +265,7 @@ fn assert_confined(console: &str, agent: &str) {
         .lines()
         .filter(|l| l.starts_with("CHECK "))
         .collect();
-    assert_eq!(probes.len(), 6, "{console}");
+    assert_eq!(probes.len(), 7, "{console}");
     for probe in probes {
         let reached = probe.ends_with(" reached");
         // The gateway's own port answers (with a refusal, as a proxy without a target): it is
@@ -309,6 +333,8 @@ fn up_together(world: &World, agents: &[&str], backend_args: &[&str]) -> Vec<Dur
                 args.extend(["--", "sh", "-c", &script]);
                 let out = world.launcher_ok(&args);
                 eprintln!("{}", out.trim());
+                // Before the tool call opens, so before the workload probes.
+                serve_hidden_service(agent);
                 world.open_tool_call(agent);
             });
         }
@@ -445,12 +471,18 @@ fn assert_up_fails_cleanly(world: &World, agent: &str, args: &[&str], expected: 
         .gw
         .admin_call("GET", &format!("/v1/agents/{agent}"), None);
     assert_eq!(r.status, 404, "up {args:?} left the agent registered");
-    let qemus = Command::new("pgrep")
-        .args(["-f", &format!("tg-{agent}")])
-        .output();
-    if let Ok(qemus) = qemus {
-        assert!(qemus.stdout.is_empty(), "up {args:?} left a process");
-    }
+    // A VM's QEMU has its initramfs in the sandbox's state directory on its command line.
+    let sandbox_dir = world.state.path().join(agent);
+    let left = Command::new("pgrep")
+        .arg("-f")
+        .arg(&sandbox_dir)
+        .output()
+        .expect("pgrep");
+    assert!(
+        left.stdout.is_empty(),
+        "up {args:?} left a process: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

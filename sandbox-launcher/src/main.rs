@@ -90,16 +90,6 @@ enum AccelArg {
     Tcg,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum RunModeArg {
-    #[value(name = "ReadOnly")]
-    ReadOnly,
-    #[value(name = "Review")]
-    Review,
-    #[value(name = "Autonomous")]
-    Autonomous,
-}
-
 #[derive(clap::Args)]
 struct UpArgs {
     /// The agent (1 to 48 of a-z, 0-9, '-').
@@ -109,8 +99,8 @@ struct UpArgs {
     #[arg(long, value_enum, default_value = "qemu")]
     backend: BackendArg,
     /// The agent's run mode.
-    #[arg(long, value_enum, default_value = "ReadOnly")]
-    run_mode: RunModeArg,
+    #[arg(long, default_value = "ReadOnly", value_parser = ["ReadOnly", "Review", "Autonomous"])]
+    run_mode: String,
     /// An RBAC scope of the agent's identity (repeatable), e.g.
     /// /subscriptions/<id>/resourceGroups/<rg>.
     #[arg(long = "scope")]
@@ -262,12 +252,7 @@ fn up_options(args: UpArgs) -> UpOptions {
             BackendArg::Qemu => Backend::Qemu,
             BackendArg::Netns => Backend::Netns,
         },
-        run_mode: match args.run_mode {
-            RunModeArg::ReadOnly => "ReadOnly",
-            RunModeArg::Review => "Review",
-            RunModeArg::Autonomous => "Autonomous",
-        }
-        .to_string(),
+        run_mode: args.run_mode,
         scopes: args.scopes,
         identity: args.identity,
         port: args.port,

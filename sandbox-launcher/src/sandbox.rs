@@ -165,7 +165,7 @@ pub fn up(options: &UpOptions, state: &StateDir) -> Result<Launched, LaunchError
     let dir = state
         .create_sandbox_dir(&options.agent)
         .map_err(|_| LaunchError::AlreadyUp(options.agent.clone()))?;
-    let mut record = SandboxRecord {
+    let record = SandboxRecord {
         agent: options.agent.clone(),
         backend: options.backend,
         pid: 0,
@@ -177,30 +177,36 @@ pub fn up(options: &UpOptions, state: &StateDir) -> Result<Launched, LaunchError
         accel: None,
         command: options.command.clone(),
     };
+    let mut launch = Launch {
+        options,
+        net,
+        api,
+        user,
+        ca_pem,
+        dir,
+        state,
+        record,
+    };
     let launched = state
-        .save(&record)
+        .save(&launch.record)
         .map_err(LaunchError::from)
         .and_then(|()| match &image {
-            Some(image) => start_vm(
-                options,
-                &net,
-                &api,
-                image,
-                user,
-                &ca_pem,
-                &dir,
-                state,
-                &mut record,
-            ),
-            None => start_process(options, &net, &api, user, &ca_pem, &dir, state, &mut record),
+            Some(image) => launch.start_vm(image),
+            None => launch.start_process(),
         });
     match launched {
         Ok(()) => Ok(Launched {
-            record,
+            record: launch.record,
             ready_after: started.elapsed(),
         }),
         Err(e) => {
-            let problems = teardown(&record, &net, Some(&api), state, Vec::new());
+            let problems = teardown(
+                &launch.record,
+                &launch.net,
+                Some(&launch.api),
+                state,
+                Vec::new(),
+            );
             for problem in problems {
                 tracing::warn!(agent = %options.agent, "{problem}");
             }
@@ -209,161 +215,158 @@ pub fn up(options: &UpOptions, state: &StateDir) -> Result<Launched, LaunchError
     }
 }
 
-fn registration(options: &UpOptions, net: &SandboxNetwork) -> Registration {
-    Registration {
-        run_mode: options.run_mode.clone(),
-        scopes: options.scopes.clone(),
-        identity: options.identity.clone(),
-        listen: Listen {
-            address: net.listen_address().to_string(),
-            netns: net.gateway_namespace_path().to_string_lossy().to_string(),
-        },
-    }
-}
-
-fn proxy_url(port: u16) -> String {
-    format!("http://{HOST_ADDRESS}:{port}")
-}
-
-#[allow(clippy::too_many_arguments)]
-fn start_vm(
-    options: &UpOptions,
-    net: &SandboxNetwork,
-    api: &GatewayApi,
-    image: &Image,
+/// One `up` under way: what it has and what it has made so far (in `record`, saved after
+/// every step, so `down` can undo it even if the launcher dies half-way).
+struct Launch<'a> {
+    options: &'a UpOptions,
+    net: SandboxNetwork,
+    api: GatewayApi,
     user: RunAs,
-    ca_pem: &[u8],
-    dir: &Path,
-    state: &StateDir,
-    record: &mut SandboxRecord,
-) -> Result<(), LaunchError> {
-    let accel = match options.accel {
-        AccelChoice::Kvm => Accel::Kvm,
-        AccelChoice::Tcg => Accel::Tcg,
-        AccelChoice::Auto => choose_accel(image, user, &state.root().join("accel.json")),
-    };
-    record.accel = Some(accel.to_string());
-    let tap = net.create_for_vm()?;
-    register(options, net, api, state, record)?;
+    ca_pem: Vec<u8>,
+    dir: PathBuf,
+    state: &'a StateDir,
+    record: SandboxRecord,
+}
 
-    let initrd = dir.join("initrd");
-    let base = std::fs::read(image.initramfs()).map_err(|source| StateError::Io {
-        path: image.initramfs(),
-        source,
-    })?;
-    let mut bytes = base;
-    bytes.extend(vm_files(
-        &options.agent,
-        &proxy_url(options.port),
-        ca_pem,
-        &options.command,
-    ));
-    write_readable(&initrd, &bytes)?;
+impl Launch<'_> {
+    fn proxy_url(&self) -> String {
+        format!("http://{HOST_ADDRESS}:{}", self.options.port)
+    }
 
-    let tap_fd = tap.inheritable().map_err(|source| LaunchError::Spawn {
-        what: "QEMU (passing it the tap)".into(),
-        source,
-    })?;
-    let spec = VmSpec {
-        image,
-        initrd: &initrd,
-        memory_mib: options.memory_mib,
-        accel,
-        tap_fd: Some(tap_fd),
-        kernel_parameters: Vec::new(),
-    };
-    let console = dir.join(CONSOLE_FILE);
-    let vmm_log = dir.join(VMM_LOG_FILE);
-    let mut qemu = spec
-        .spawn(Some(net.gateway_namespace()), user, &console, &vmm_log)
-        .map_err(|source| LaunchError::Spawn {
-            what: format!("{} (apt-get install -y qemu-system-x86)", crate::vmm::QEMU),
+    /// Registers the agent with its listener in the sandbox's namespace.
+    fn register(&mut self) -> Result<(), LaunchError> {
+        let options = self.options;
+        let registration = Registration {
+            run_mode: options.run_mode.clone(),
+            scopes: options.scopes.clone(),
+            identity: options.identity.clone(),
+            listen: Listen {
+                address: self.net.listen_address().to_string(),
+                netns: self
+                    .net
+                    .gateway_namespace_path()
+                    .to_string_lossy()
+                    .to_string(),
+            },
+        };
+        self.api.register(&options.agent, &registration)?;
+        self.record.registered = true;
+        self.state.save(&self.record)?;
+        Ok(())
+    }
+
+    fn record_process(&mut self, pid: u32) -> Result<(), LaunchError> {
+        self.record.pid = pid;
+        self.record.pid_start = process_stat(pid).map(|(_, start)| start).unwrap_or(0);
+        self.state.save(&self.record)?;
+        Ok(())
+    }
+
+    /// The microVM: tap, registration, the VM's initramfs, QEMU, and the wait for ready.
+    fn start_vm(&mut self, image: &Image) -> Result<(), LaunchError> {
+        let options = self.options;
+        let accel = match options.accel {
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+            AccelChoice::Auto => {
+                choose_accel(image, self.user, &self.state.root().join("accel.json"))
+            }
+        };
+        self.record.accel = Some(accel.to_string());
+        let tap = self.net.create_for_vm()?;
+        self.register()?;
+
+        let initrd = self.dir.join("initrd");
+        let mut bytes = std::fs::read(image.initramfs()).map_err(|source| StateError::Io {
+            path: image.initramfs(),
             source,
         })?;
-    // QEMU holds the tap now; the launcher's copy goes.
-    drop(tap);
-    record_process(record, qemu.id(), state)?;
-    let boot_failure = |reason: String| LaunchError::Boot {
-        agent: options.agent.clone(),
-        reason,
-        tail: tail_of(&[&console, &vmm_log]),
-    };
-    match wait_for_boot(&mut qemu, &console, options.ready_timeout) {
-        Boot::Ready => Ok(()),
-        Boot::Failed(why) => Err(boot_failure(format!("the guest reported: {why}"))),
-        Boot::Exited(status) => Err(boot_failure(format!("QEMU exited ({status})"))),
-        Boot::TimedOut => Err(boot_failure(format!(
-            "no ready marker on its console within {} s",
-            options.ready_timeout.as_secs()
-        ))),
+        bytes.extend(vm_files(
+            &options.agent,
+            &self.proxy_url(),
+            &self.ca_pem,
+            &options.command,
+        ));
+        write_readable(&initrd, &bytes)?;
+
+        let tap_fd = tap.inheritable().map_err(|source| LaunchError::Spawn {
+            what: "QEMU (passing it the tap)".into(),
+            source,
+        })?;
+        let spec = VmSpec {
+            image,
+            initrd: &initrd,
+            memory_mib: options.memory_mib,
+            accel,
+            tap_fd: Some(tap_fd),
+            kernel_parameters: Vec::new(),
+        };
+        let console = self.dir.join(CONSOLE_FILE);
+        let vmm_log = self.dir.join(VMM_LOG_FILE);
+        let mut qemu = spec
+            .spawn(
+                Some(self.net.gateway_namespace()),
+                self.user,
+                &console,
+                &vmm_log,
+            )
+            .map_err(|source| LaunchError::Spawn {
+                what: format!("{} (apt-get install -y qemu-system-x86)", crate::vmm::QEMU),
+                source,
+            })?;
+        // QEMU holds the tap now; the launcher's copy goes.
+        drop(tap);
+        self.record_process(qemu.id())?;
+        let boot_failure = |reason: String| LaunchError::Boot {
+            agent: options.agent.clone(),
+            reason,
+            tail: tail_of(&[&console, &vmm_log]),
+        };
+        match wait_for_boot(&mut qemu, &console, options.ready_timeout) {
+            Boot::Ready => Ok(()),
+            Boot::Failed(why) => Err(boot_failure(format!("the guest reported: {why}"))),
+            Boot::Exited(status) => Err(boot_failure(format!("QEMU exited ({status})"))),
+            Boot::TimedOut => Err(boot_failure(format!(
+                "no ready marker on its console within {} s",
+                options.ready_timeout.as_secs()
+            ))),
+        }
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn start_process(
-    options: &UpOptions,
-    net: &SandboxNetwork,
-    api: &GatewayApi,
-    user: RunAs,
-    ca_pem: &[u8],
-    dir: &Path,
-    state: &StateDir,
-    record: &mut SandboxRecord,
-) -> Result<(), LaunchError> {
-    net.create()?;
-    register(options, net, api, state, record)?;
-    let ca_file = dir.join("ca.pem");
-    write_readable(&ca_file, ca_pem)?;
-    let env = workload_environment(
-        &options.agent,
-        &proxy_url(options.port),
-        &ca_file.to_string_lossy(),
-    );
-    let console = dir.join(CONSOLE_FILE);
-    let open = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&console)
-    };
-    let io = |source| LaunchError::Spawn {
-        what: "the workload".into(),
-        source,
-    };
-    let child = spawn_confined(
-        Some(net.sandbox_namespace()),
-        user,
-        "sh",
-        &["-c".into(), shell_command(&options.command)],
-        &env,
-        (open().map_err(io)?, open().map_err(io)?),
-    )
-    .map_err(io)?;
-    record_process(record, child.id(), state)
-}
-
-fn register(
-    options: &UpOptions,
-    net: &SandboxNetwork,
-    api: &GatewayApi,
-    state: &StateDir,
-    record: &mut SandboxRecord,
-) -> Result<(), LaunchError> {
-    api.register(&options.agent, &registration(options, net))?;
-    record.registered = true;
-    state.save(record)?;
-    Ok(())
-}
-
-fn record_process(
-    record: &mut SandboxRecord,
-    pid: u32,
-    state: &StateDir,
-) -> Result<(), LaunchError> {
-    record.pid = pid;
-    record.pid_start = process_stat(pid).map(|(_, start)| start).unwrap_or(0);
-    state.save(record)?;
-    Ok(())
+    /// The process: veth pair and second namespace, registration, the workload.
+    fn start_process(&mut self) -> Result<(), LaunchError> {
+        let options = self.options;
+        self.net.create()?;
+        self.register()?;
+        let ca_file = self.dir.join("ca.pem");
+        write_readable(&ca_file, &self.ca_pem)?;
+        let env = workload_environment(
+            &options.agent,
+            &self.proxy_url(),
+            &ca_file.to_string_lossy(),
+        );
+        let console = self.dir.join(CONSOLE_FILE);
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&console)
+        };
+        let io = |source| LaunchError::Spawn {
+            what: "the workload".into(),
+            source,
+        };
+        let child = spawn_confined(
+            Some(self.net.sandbox_namespace()),
+            self.user,
+            "sh",
+            &["-c".into(), shell_command(&options.command)],
+            &env,
+            (open().map_err(io)?, open().map_err(io)?),
+        )
+        .map_err(io)?;
+        self.record_process(child.id())
+    }
 }
 
 /// Takes agent `agent`'s sandbox down: everything `up` made goes.
