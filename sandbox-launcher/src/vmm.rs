@@ -22,8 +22,11 @@ use crate::workload::{spawn_confined, RunAs};
 
 /// The QEMU program.
 pub const QEMU: &str = "qemu-system-x86_64";
-/// How long the KVM probe boot may take (a KVM boot takes well under a second).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the KVM probe boot may take (a KVM boot takes well under a second; on a host
+/// whose KVM cannot boot a kernel the probe hangs until this passes, once per host boot).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The KVM device.
+const KVM_DEVICE: &str = "/dev/kvm";
 
 /// How the guest's CPU is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +143,11 @@ impl VmSpec<'_> {
                 .append(true)
                 .open(p)
         };
+        // /dev/kvm is usually open to its group only: the VMM gets that group, nothing more.
+        let user = match (self.accel, kvm_device_group()) {
+            (Accel::Kvm, Some(gid)) => user.with_device_group(gid),
+            _ => user,
+        };
         spawn_confined(
             namespace,
             user,
@@ -149,6 +157,12 @@ impl VmSpec<'_> {
             (open(console)?, open(vmm_log)?),
         )
     }
+}
+
+/// The group that owns `/dev/kvm`.
+fn kvm_device_group() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(KVM_DEVICE).ok().map(|m| m.gid())
 }
 
 /// The host's TSC frequency in kHz: from sysfs where the kernel exports it, else the CPU
@@ -230,7 +244,7 @@ struct ProbeRecord {
 /// The accelerator to use: KVM if `/dev/kvm` exists and a probe boot of `image` with it
 /// works (remembered in `cache_file` until the host reboots), else emulation.
 pub fn choose_accel(image: &Image, user: RunAs, cache_file: &Path) -> Accel {
-    if !Path::new("/dev/kvm").exists() {
+    if !Path::new(KVM_DEVICE).exists() {
         return Accel::Tcg;
     }
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -279,13 +293,19 @@ fn probe_kvm(image: &Image, user: RunAs) -> bool {
     let Ok(mut qemu) = spec.spawn(None, user, &console, &scratch.path().join("vmm.log")) else {
         return false;
     };
-    let booted = matches!(
-        wait_for_boot(&mut qemu, &console, PROBE_TIMEOUT),
-        Boot::Ready
-    );
+    let outcome = wait_for_boot(&mut qemu, &console, PROBE_TIMEOUT);
     let _ = qemu.kill();
     let _ = qemu.wait();
-    tracing::info!(kvm = booted, "KVM probe boot");
+    let booted = matches!(outcome, Boot::Ready);
+    if booted {
+        tracing::info!("a probe boot with KVM worked: VMs use KVM");
+    } else {
+        tracing::warn!(
+            probe = ?outcome,
+            "{KVM_DEVICE} is there but a probe boot with it did not reach the guest's init: \
+             VMs use software emulation (remembered until the host reboots)"
+        );
+    }
     booted
 }
 

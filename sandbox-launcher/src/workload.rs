@@ -62,6 +62,9 @@ pub struct RunAs {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// One supplementary group, when the process needs a device only that group may open
+    /// (QEMU and `/dev/kvm`); otherwise none.
+    pub device_group: Option<u32>,
 }
 
 impl RunAs {
@@ -74,19 +77,31 @@ impl RunAs {
             Ok(Some(u)) => Ok(RunAs {
                 uid: u.uid.as_raw(),
                 gid: u.gid.as_raw(),
+                device_group: None,
             }),
             Ok(None) => Err(format!("no user {user:?} on this host")),
             Err(e) => Err(format!("cannot look up user {user:?}: {e}")),
         }
     }
 
-    /// `setpriv` arguments that drop to this account for good: no supplementary groups, no
-    /// capabilities, no way back through set-user-id programs.
+    /// The same account, also in `device_group`.
+    pub fn with_device_group(self, gid: u32) -> RunAs {
+        RunAs {
+            device_group: Some(gid),
+            ..self
+        }
+    }
+
+    /// `setpriv` arguments that drop to this account for good: no supplementary groups (but
+    /// the device's), no capabilities, no way back through set-user-id programs.
     pub fn setpriv_args(&self) -> Vec<String> {
         vec![
             format!("--reuid={}", self.uid),
             format!("--regid={}", self.gid),
-            "--clear-groups".into(),
+            match self.device_group {
+                Some(gid) => format!("--groups={gid}"),
+                None => "--clear-groups".into(),
+            },
             "--inh-caps=-all".into(),
             "--no-new-privs".into(),
             "--".into(),
@@ -177,6 +192,23 @@ mod tests {
         assert_eq!(get("HTTP_PROXY"), Some("http://10.200.1.1:3128"));
         assert_eq!(get("CURL_CA_BUNDLE"), Some("/ca.pem"));
         assert_eq!(get("NO_PROXY"), None, "nothing bypasses the gateway");
+    }
+
+    #[test]
+    fn the_account_keeps_no_group_but_a_devices() {
+        let nobody = RunAs {
+            uid: 65534,
+            gid: 65534,
+            device_group: None,
+        };
+        let args = nobody.setpriv_args().join(" ");
+        assert_eq!(
+            args,
+            "--reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --no-new-privs --"
+        );
+        let with_kvm = nobody.with_device_group(993).setpriv_args().join(" ");
+        assert!(with_kvm.contains(" --groups=993 "), "{with_kvm}");
+        assert!(!with_kvm.contains("--clear-groups"));
     }
 
     #[test]
