@@ -11,4 +11,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p tollgate-gateway -p tollgate-benches
 mkdir -p target/bench
-exec target/release/tollgate-e2e-bench --gateway target/release/tollgate --out target/bench/e2e.md "$@"
+exec target/release/tollgate-e2e-bench --gateway target/release/tollgate \
+  --passthrough target/release/tollgate-passthrough --out target/bench/e2e.md "$@"

@@ -1,72 +1,196 @@
-//! End-to-end load comparison: a client talking to an origin directly, and through the
-//! `tollgate` gateway (plain HTTP: identity, the default Cedar policies' allow path, SSRF
-//! guard, forwarding), measured side by side in one run on the same machine.
+//! What does Tollgate cost? One run, side by side on the same machine and loopback: a client
+//! talking to an origin directly, through a bare pingora pass-through proxy (the framework
+//! alone), through Squid (what users would otherwise run), and through Tollgate — plain
+//! HTTP, and HTTPS via `CONNECT` with interception and upstream TLS.
 //!
-//! Everything runs on loopback: an origin server that answers every request with a fixed
-//! body, the gateway as a child process (the release binary users run, logging at its
-//! default level), and a closed-loop load generator written here (N keep-alive HTTP/1.1
-//! connections, each sending its next request as soon as the previous response is read).
-//! Configurations are measured in interleaved rounds so that drift on a shared machine hits
-//! both alike; the table reports the median round of each.
+//! - **Origins**: one plain and one TLS origin per response size, in this process (one
+//!   thread), answering every request with the same 200.
+//! - **Tollgate**: the release `tollgate` binary with its default policies; agent `bench`
+//!   (Autonomous) inside an open tool call, so every request goes through identity, the
+//!   policy decision (allow path), token injection (a static provider; a cache hit) and
+//!   telemetry (OpenTelemetry export of spans, metrics and logs to a loopback sink on a
+//!   thread of its own), and is audited. HTTPS: the client trusts the gateway's CA, the
+//!   gateway verifies the origin against the benchmark's origin CA; leaf certificates are
+//!   warm (the warm-up minted them).
+//! - **Bare pass-through**: `tollgate-passthrough` (`src/passthrough.rs`), pingora's
+//!   `ProxyHttp` with nothing but forwarding; plain HTTP only.
+//! - **Squid**: Debian's `squid-openssl`, configured by [`tollgate_benches::squid`] with the
+//!   same allowlist, no caching, and `ssl_bump` for HTTPS; skipped with a note if missing.
+//! - **Load**: the closed-loop generator in [`tollgate_benches::load`], N keep-alive HTTP/1.1
+//!   connections, on two threads of this process.
+//!
+//! Each cell (response size × connections) measures every configuration in interleaved
+//! rounds, rotating the order each round so drift hits all alike; the table reports each
+//! configuration's median round, and the ratios are computed within the run.
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tollgate_benches::http::{content_length, find_head_end};
-use tollgate_benches::origin::{connections_accepted, start_origin};
-use tollgate_benches::{Gateway, TempDir};
+use rustls::pki_types::ServerName;
+use tollgate_benches::load::{run_load, Round, Target};
+use tollgate_benches::origin::{start_origin, start_tls_origin};
+use tollgate_benches::squid::{self, Squid};
+use tollgate_benches::tls::{client_trusting, BenchCa};
+use tollgate_benches::{procfs, Gateway, TempDir};
 
-/// Compare direct and through-Tollgate request rates and latencies (also with OpenTelemetry
-/// export on and its collector unreachable).
+/// Compare direct, bare pingora, Squid and Tollgate, plain HTTP and intercepted HTTPS.
 #[derive(Parser)]
 struct Args {
-    /// The `tollgate` binary to benchmark.
+    /// The `tollgate` binary.
     #[arg(long)]
     gateway: PathBuf,
-    /// Also write the Markdown table here.
+    /// The bare pass-through proxy (`tollgate-passthrough`).
+    #[arg(long)]
+    passthrough: PathBuf,
+    /// Squid (built with OpenSSL, for ssl_bump); its rows are skipped if it is missing.
+    #[arg(long, default_value = "/usr/sbin/squid")]
+    squid: PathBuf,
+    /// Also write the Markdown tables here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Response body sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "1024,16384")]
+    body_bytes: Vec<usize>,
     /// Concurrent keep-alive connections.
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
-    /// Response body size in bytes.
-    #[arg(long, default_value_t = 1024)]
-    body_bytes: usize,
+    #[arg(long, value_delimiter = ',', default_value = "32,256")]
+    connections: Vec<usize>,
     /// Seconds per measured round.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Rounds per configuration (interleaved; the two gateway routes alternate their order).
-    #[arg(long, default_value_t = 4)]
+    /// Rounds per configuration and cell (interleaved).
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Worker threads of the gateway (0: one per CPU, the gateway's default).
-    #[arg(long, default_value_t = 0)]
-    gateway_threads: usize,
-    /// A one-round, one-second smoke run.
+    /// A smoke run: 1 KB, 32 connections, one round of one second.
     #[arg(long)]
     quick: bool,
 }
 
-/// One measured round.
-#[derive(Clone)]
-struct Round {
-    requests: u64,
-    errors: u64,
-    elapsed: Duration,
-    latency_us: Histogram<u64>,
-    gateway_cpu: Option<Duration>,
+/// The configurations compared.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    Direct,
+    Passthrough,
+    Squid,
+    Tollgate,
+    DirectTls,
+    TollgateTls,
+    SquidTls,
 }
 
-impl Round {
-    fn rps(&self) -> f64 {
-        self.requests as f64 / self.elapsed.as_secs_f64()
+impl Config {
+    fn label(self) -> &'static str {
+        match self {
+            Config::Direct => "direct (client → origin)",
+            Config::Passthrough => "bare pingora pass-through",
+            Config::Squid => "Squid forward proxy (allowlist)",
+            Config::Tollgate => {
+                "Tollgate plain HTTP (identity + policy + token injection + telemetry)"
+            }
+            Config::DirectTls => "direct HTTPS (client → origin)",
+            Config::TollgateTls => {
+                "Tollgate HTTPS: CONNECT + interception + upstream TLS (same work)"
+            }
+            Config::SquidTls => "Squid HTTPS: CONNECT + ssl_bump + upstream TLS",
+        }
+    }
+
+    /// The direct configuration its "of direct" ratio is taken against.
+    fn direct(self) -> Config {
+        match self {
+            Config::DirectTls | Config::TollgateTls | Config::SquidTls => Config::DirectTls,
+            _ => Config::Direct,
+        }
+    }
+}
+
+const GITHUB: &str = "api.github.com";
+const GRAPH: &str = "graph.microsoft.com";
+
+/// The bare pass-through proxy, as a child process.
+struct Passthrough {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Passthrough {
+    fn start(binary: &Path) -> anyhow::Result<Passthrough> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut child = Command::new(binary)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(["--resolve", &format!("{GITHUB}=127.0.0.1")])
+            .args(["--resolve", &format!("{GRAPH}=127.0.0.1")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        if let Some(out) = child.stdout.take() {
+            let mut line = String::new();
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("the pass-through proxy did not listen on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Passthrough { child, addr })
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The process behind a configuration, for its CPU time and memory.
+enum Proxy<'a> {
+    None,
+    Gateway(&'a Gateway),
+    Passthrough(&'a Passthrough),
+    Squid(&'a Squid),
+}
+
+impl Proxy<'_> {
+    fn cpu_time(&self) -> Option<Duration> {
+        match self {
+            Proxy::None => None,
+            Proxy::Gateway(g) => g.cpu_time(),
+            Proxy::Passthrough(p) => procfs::cpu_time(p.child.id()),
+            Proxy::Squid(s) => s.cpu_time(),
+        }
+    }
+
+    fn rss_kib(&self) -> Option<u64> {
+        match self {
+            Proxy::None => None,
+            Proxy::Gateway(g) => g.rss_kib(),
+            Proxy::Passthrough(p) => procfs::status_kib(p.child.id(), "VmRSS"),
+            Proxy::Squid(s) => s.rss_kib(),
+        }
+    }
+}
+
+/// One cell's medians.
+struct Cell {
+    body_bytes: usize,
+    connections: usize,
+    rows: Vec<(Config, Round)>,
+}
+
+impl Cell {
+    fn get(&self, config: Config) -> Option<&Round> {
+        self.rows.iter().find(|(c, _)| *c == config).map(|(_, r)| r)
     }
 }
 
@@ -75,145 +199,200 @@ fn main() -> anyhow::Result<()> {
     if args.quick {
         args.seconds = 1;
         args.rounds = 1;
+        args.body_bytes = vec![1024];
+        args.connections = vec![32];
     }
-    // The origin gets one thread of its own, the load generator two; the gateway process
-    // uses its default (one worker per CPU). All of them share the machine's cores.
-    let origin_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let body = vec![b'x'; args.body_bytes];
-    let origin = origin_rt.block_on(start_origin(body))?;
-    let dir = TempDir::new("tollgate-bench")?;
-    let config = gateway_config(dir.path(), args.gateway_threads)?;
-    let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
-    // The same gateway with OpenTelemetry export on (spans, metrics, logs), once with a
-    // collector that answers (a loopback sink that takes every export and answers 200) and
-    // once with its collector unreachable (a loopback port nobody listens on): a collector
-    // that is down must not cost requests anything.
-    // The sink has a thread of its own: on the origin's, exports would queue behind the load.
-    let sink_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let origin_ca = BenchCa::new("Tollgate bench origin CA")?;
+    let certs = TempDir::new("tollgate-bench-certs")?;
+    let (origin_ca_file, _) = origin_ca.write(certs.path(), "origin-ca")?;
+    let origin_tls = origin_ca.server_config(&[GITHUB, GRAPH])?;
+
+    // The origins have one thread of their own, the telemetry sink another, the load
+    // generator two; the proxies their defaults (one worker per CPU; Squid one process).
+    let origin_rt = runtime(1)?;
+    let mut origins = Vec::new();
+    for &size in &args.body_bytes {
+        let body = vec![b'x'; size];
+        let plain = origin_rt.block_on(start_origin(body.clone()))?;
+        let tls = origin_rt.block_on(start_tls_origin(body, origin_tls.clone()))?;
+        origins.push((size, plain, tls));
+    }
+    let sink_rt = runtime(1)?;
     let sink = sink_rt.block_on(start_origin(Vec::new()))?;
-    let exporting_to = |name: &str, collector: SocketAddr| -> anyhow::Result<Gateway> {
-        let dir = TempDir::new(name)?;
-        let config = format!(
-            "{}\n[telemetry]\nendpoint = \"http://{collector}\"\n",
-            gateway_config(dir.path(), args.gateway_threads)?
-        );
-        Gateway::start(&args.gateway, dir, &config)
-    };
-    let mut gateway_up = exporting_to("tollgate-bench-otel-up", sink)?;
-    let mut gateway_down = exporting_to("tollgate-bench-otel-down", unreachable_address()?)?;
-    let load_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let load_rt = runtime(2)?;
 
-    let direct_req = format!("GET /bench HTTP/1.1\r\nHost: {origin}\r\n\r\n");
-    // Through the gateway the origin is named api.github.com (pinned to the loopback origin),
-    // so the request is decided by the shipped default policies' allow path.
-    let github = format!("api.github.com:{}", origin.port());
-    let proxied_req = format!("GET http://{github}/bench HTTP/1.1\r\nHost: {github}\r\n\r\n");
-    let duration = Duration::from_secs(args.seconds);
-    // Warm up both paths (connections, pools, caches) before measuring.
-    load_rt.block_on(run_load(
-        origin,
-        &direct_req,
-        args.connections,
-        Duration::from_millis(500),
-    ))?;
-    for warm in [&gateway, &gateway_up, &gateway_down] {
-        load_rt.block_on(run_load(
-            warm.egress,
-            &proxied_req,
-            args.connections,
-            Duration::from_millis(500),
-        ))?;
-    }
-
-    // The same route to a host a credential rule covers, inside an open tool call: the token
-    // injection hit path (the token is fetched once, in the warm-up).
-    let graph = format!("graph.microsoft.com:{}", origin.port());
-    let injected_req = format!("GET http://{graph}/bench HTTP/1.1\r\nHost: {graph}\r\n\r\n");
+    let dir = TempDir::new("tollgate-bench")?;
+    let config = gateway_config(dir.path(), &origin_ca_file, sink)?;
+    let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
     open_tool_call(&gateway)?;
-    load_rt.block_on(run_load(
-        gateway.egress,
-        &injected_req,
-        args.connections,
-        Duration::from_millis(500),
-    ))?;
+    let gateway_ca = std::fs::read(gateway.dir().join("data/ca.pem"))?;
+    let passthrough = Passthrough::start(&args.passthrough)?;
+    let (squid, squid_note) = match squid::unavailable(&args.squid) {
+        Some(why) => (None, Some(why)),
+        None => match Squid::start(&args.squid, &[GITHUB, GRAPH], &origin_ca_file) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        },
+    };
 
-    let mut direct = Vec::new();
-    let mut proxied = Vec::new();
-    let mut injected = Vec::new();
-    let mut collector_up = Vec::new();
-    let mut collector_down = Vec::new();
-    let routes = [
-        (&gateway, &proxied_req),
-        (&gateway, &injected_req),
-        (&gateway_up, &proxied_req),
-        (&gateway_down, &proxied_req),
-    ];
-    for round in 0..args.rounds {
-        direct.push(load_rt.block_on(run_load(origin, &direct_req, args.connections, duration))?);
-        // The gateway route measured first in a round comes out slower on this kind of
-        // machine; rotating the order keeps that out of the comparison.
-        for turn in 0..routes.len() {
-            let route = (round + turn) % routes.len();
-            let (through, request) = routes[route];
-            let measured = measure(through, &load_rt, request, args.connections, duration)?;
-            [
-                &mut proxied,
-                &mut injected,
-                &mut collector_up,
-                &mut collector_down,
-            ][route]
-                .push(measured);
+    let origin_client = client_trusting(origin_ca.cert_pem().as_bytes())?;
+    let gateway_client = client_trusting(&gateway_ca)?;
+    let squid_client = match &squid {
+        Some(s) => Some(client_trusting(s.bump_ca.cert_pem().as_bytes())?),
+        None => None,
+    };
+    let name = |host: &'static str| ServerName::try_from(host).context("server name");
+
+    let started = Instant::now();
+    let mut cells = Vec::new();
+    for &(size, plain, tls) in &origins {
+        let get = |target: String, host: String| -> Arc<[u8]> {
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+                .into_bytes()
+                .into()
+        };
+        let (github, graph) = (
+            format!("{GITHUB}:{}", plain.port()),
+            format!("{GRAPH}:{}", plain.port()),
+        );
+        let (github_tls, graph_tls) = (
+            format!("{GITHUB}:{}", tls.port()),
+            format!("{GRAPH}:{}", tls.port()),
+        );
+        let mut targets: Vec<(Config, Target, Proxy)> = vec![
+            (
+                Config::Direct,
+                Target {
+                    connect: plain,
+                    tunnel: None,
+                    tls: None,
+                    request: get("/bench".into(), plain.to_string()),
+                },
+                Proxy::None,
+            ),
+            (
+                Config::Passthrough,
+                Target {
+                    connect: passthrough.addr,
+                    tunnel: None,
+                    tls: None,
+                    request: get(format!("http://{github}/bench"), github.clone()),
+                },
+                Proxy::Passthrough(&passthrough),
+            ),
+            (
+                Config::Tollgate,
+                Target {
+                    connect: gateway.egress,
+                    tunnel: None,
+                    tls: None,
+                    request: get(format!("http://{graph}/bench"), graph.clone()),
+                },
+                Proxy::Gateway(&gateway),
+            ),
+            (
+                Config::DirectTls,
+                Target {
+                    connect: tls,
+                    tunnel: None,
+                    tls: Some((origin_client.clone(), name(GITHUB)?)),
+                    request: get("/bench".into(), github_tls.clone()),
+                },
+                Proxy::None,
+            ),
+            (
+                Config::TollgateTls,
+                Target {
+                    connect: gateway.egress,
+                    tunnel: Some(graph_tls.clone()),
+                    tls: Some((gateway_client.clone(), name(GRAPH)?)),
+                    request: get("/bench".into(), graph_tls.clone()),
+                },
+                Proxy::Gateway(&gateway),
+            ),
+        ];
+        if let (Some(squid), Some(client)) = (&squid, &squid_client) {
+            targets.push((
+                Config::Squid,
+                Target {
+                    connect: squid.addr,
+                    tunnel: None,
+                    tls: None,
+                    request: get(format!("http://{github}/bench"), github.clone()),
+                },
+                Proxy::Squid(squid),
+            ));
+            targets.push((
+                Config::SquidTls,
+                Target {
+                    connect: squid.addr,
+                    tunnel: Some(github_tls.clone()),
+                    tls: Some((client.clone(), name(GITHUB)?)),
+                    request: get("/bench".into(), github_tls.clone()),
+                },
+                Proxy::Squid(squid),
+            ));
+        }
+        for &connections in &args.connections {
+            // Warm every path: connections, pools, the token cache, leaf certificates.
+            for (_, target, _) in &targets {
+                load_rt.block_on(run_load(target, connections, Duration::from_millis(500)))?;
+            }
+            let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
+            for round in 0..args.rounds {
+                for turn in 0..targets.len() {
+                    let i = (round + turn) % targets.len();
+                    let (_, target, proxy) = &targets[i];
+                    rounds[i].push(measure(&load_rt, target, proxy, connections, args.seconds)?);
+                }
+            }
+            let rows = targets
+                .iter()
+                .zip(rounds)
+                .map(|((config, _, _), r)| (*config, median(r)))
+                .collect();
+            let cell = Cell {
+                body_bytes: size,
+                connections,
+                rows,
+            };
+            eprintln!(
+                "{} B × {} connections done ({:.0} s so far)",
+                size,
+                connections,
+                started.elapsed().as_secs_f64()
+            );
+            cells.push(cell);
         }
     }
-    let direct = median(direct);
-    let proxied = median(proxied);
-    let injected = median(injected);
-    let collector_up = median(collector_up);
-    let collector_down = median(collector_down);
-    let rss = gateway.peak_rss_kib();
-    let dropped_up = spans_dropped(&gateway_up)?;
-    let dropped_down = spans_dropped(&gateway_down)?;
+    let peaks = [
+        ("Tollgate", gateway.peak_rss_kib()),
+        (
+            "bare pass-through",
+            procfs::status_kib(passthrough.child.id(), "VmHWM"),
+        ),
+    ];
     gateway.stop();
-    gateway_up.stop();
-    gateway_down.stop();
-
-    let measured = Measured {
-        direct,
-        proxied,
-        injected,
-        collector_up,
-        collector_down,
-        dropped_up,
-        dropped_down,
-    };
-    let table = render(&args, &measured, rss);
+    let table = render(&args, &cells, &peaks, squid_note.as_deref());
     println!("{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
     }
-    let m = &measured;
-    if [
-        &m.direct,
-        &m.proxied,
-        &m.injected,
-        &m.collector_up,
-        &m.collector_down,
-    ]
-    .iter()
-    .any(|r| r.requests == 0)
+    if cells
+        .iter()
+        .flat_map(|c| c.rows.iter())
+        .any(|(_, r)| r.requests == 0)
     {
         bail!("a configuration completed no requests");
     }
     Ok(())
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?)
 }
 
 fn median(mut rounds: Vec<Round>) -> Round {
@@ -221,227 +400,129 @@ fn median(mut rounds: Vec<Round>) -> Round {
     rounds.swap_remove(rounds.len() / 2)
 }
 
-/// The median rounds of one run.
-struct Measured {
-    direct: Round,
-    proxied: Round,
-    injected: Round,
-    /// Plain HTTP through a gateway exporting to a collector that answers.
-    collector_up: Round,
-    /// Plain HTTP through a gateway exporting to an unreachable collector.
-    collector_down: Round,
-    /// Spans each of those two dropped over the whole run.
-    dropped_up: u64,
-    dropped_down: u64,
+/// One round of load, with the proxy's CPU time for it and its memory after.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    target: &Target,
+    proxy: &Proxy,
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<Round> {
+    let before = proxy.cpu_time();
+    let mut round =
+        runtime.block_on(run_load(target, connections, Duration::from_secs(seconds)))?;
+    round.proxy_cpu = match (before, proxy.cpu_time()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    round.proxy_rss_kib = proxy.rss_kib();
+    Ok(round)
 }
 
-fn render(args: &Args, m: &Measured, gateway_rss_kib: Option<u64>) -> String {
-    let (direct, proxied, injected) = (&m.direct, &m.proxied, &m.injected);
-    let ms = |r: &Round, q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
-    let row = |name: &str, r: &Round| {
-        let cpu = r
-            .gateway_cpu
-            .map(|c| {
-                format!(
-                    "{:.2}",
-                    c.as_secs_f64() / r.requests.max(1) as f64 * 10_000.0
-                )
-            })
-            .unwrap_or_else(|| "–".into());
-        format!(
-            "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {cpu} | {:.0}% |",
-            r.rps(),
-            ms(r, 0.5),
-            ms(r, 0.99),
-            r.latency_us.max() as f64 / 1000.0,
-            r.errors,
-            r.rps() / direct.rps() * 100.0,
-        )
-    };
-    let mut t = String::new();
-    t.push_str(&format!(
-        "HTTP/1.1, {} connections, {} B responses, {} round(s) of {} s each (median round shown)\n\n",
-        args.connections, args.body_bytes, args.rounds, args.seconds
-    ));
-    t.push_str("| configuration | req/s | p50 ms | p99 ms | max ms | errors | gateway CPU s / 10k req | of direct |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|\n");
-    t.push_str(&row("direct (client → origin)", direct));
-    t.push('\n');
-    t.push_str(&row(
-        "Tollgate plain HTTP (identity + default Cedar policies + SSRF guard + forward)",
-        proxied,
-    ));
-    t.push('\n');
-    t.push_str(&row(
-        "Tollgate plain HTTP + token injection (cache hit, in a tool call)",
-        injected,
-    ));
-    t.push('\n');
-    t.push_str(&row(
-        "Tollgate plain HTTP, OpenTelemetry export on, collector up",
-        &m.collector_up,
-    ));
-    t.push('\n');
-    t.push_str(&row(
-        "Tollgate plain HTTP, OpenTelemetry export on, collector unreachable",
-        &m.collector_down,
-    ));
-    t.push('\n');
-    t.push_str(&format!(
-        "\nToken injection: {:.1}% of the throughput without it (same run).\n",
-        injected.rps() / proxied.rps() * 100.0
-    ));
-    t.push_str(&format!(
-        "\nOpenTelemetry export on: {:.1}% of the throughput without it with the collector up \
-         ({} spans dropped), {:.1}% with it unreachable ({} spans dropped and counted); \
-         unreachable vs. up: {:.1}% (same run).\n",
-        m.collector_up.rps() / proxied.rps() * 100.0,
-        m.dropped_up,
-        m.collector_down.rps() / proxied.rps() * 100.0,
-        m.dropped_down,
-        m.collector_down.rps() / m.collector_up.rps() * 100.0,
-    ));
-    t.push_str(&format!(
-        "\nOrigin connections accepted in the whole run: {}\n",
-        connections_accepted()
-    ));
-    if let Some(kib) = gateway_rss_kib {
+fn render(
+    args: &Args,
+    cells: &[Cell],
+    peaks: &[(&str, Option<u64>)],
+    squid_note: Option<&str>,
+) -> String {
+    let mut t = format!(
+        "HTTP/1.1 keep-alive, {} round(s) of {} s per configuration and cell, interleaved (median round shown); {} CPUs\n\n",
+        args.rounds,
+        args.seconds,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    t.push_str("| body | conns | configuration | req/s | p50 ms | p99 ms | max ms | errors | proxy CPU s / 10k req | proxy RSS MiB | of direct |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for cell in cells {
+        for (config, r) in &cell.rows {
+            let cpu = r
+                .proxy_cpu
+                .map(|c| {
+                    format!(
+                        "{:.2}",
+                        c.as_secs_f64() / r.requests.max(1) as f64 * 10_000.0
+                    )
+                })
+                .unwrap_or_else(|| "–".into());
+            let rss = r
+                .proxy_rss_kib
+                .map(|k| format!("{:.0}", k as f64 / 1024.0))
+                .unwrap_or_else(|| "–".into());
+            let of_direct = cell
+                .get(config.direct())
+                .map(|d| format!("{:.0}%", r.rps() / d.rps() * 100.0))
+                .unwrap_or_default();
+            t.push_str(&format!(
+                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {cpu} | {rss} | {of_direct} |\n",
+                size_label(cell.body_bytes),
+                cell.connections,
+                config.label(),
+                r.rps(),
+                r.ms(0.5),
+                r.ms(0.99),
+                r.latency_us.max() as f64 / 1000.0,
+                r.errors,
+            ));
+        }
+    }
+    t.push_str("\nTollgate's ratios, same run (targets: plain ≥ 60% of direct, ≥ 95% of the bare pass-through, ≥ 3× Squid; HTTPS ≥ 2× Squid with ssl_bump):\n\n");
+    t.push_str("| body | conns | plain ÷ direct | plain ÷ bare pingora | plain ÷ Squid | HTTPS ÷ direct HTTPS | HTTPS ÷ Squid ssl_bump |\n");
+    t.push_str("|---|---|---|---|---|---|---|\n");
+    for cell in cells {
+        let ratio = |a: Config, b: Config, percent: bool| match (cell.get(a), cell.get(b)) {
+            (Some(a), Some(b)) if percent => format!("{:.0}%", a.rps() / b.rps() * 100.0),
+            (Some(a), Some(b)) => format!("{:.2}×", a.rps() / b.rps()),
+            _ => "–".into(),
+        };
         t.push_str(&format!(
-            "\nTollgate peak RSS: {:.1} MiB\n",
-            kib as f64 / 1024.0
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            size_label(cell.body_bytes),
+            cell.connections,
+            ratio(Config::Tollgate, Config::Direct, true),
+            ratio(Config::Tollgate, Config::Passthrough, true),
+            ratio(Config::Tollgate, Config::Squid, false),
+            ratio(Config::TollgateTls, Config::DirectTls, true),
+            ratio(Config::TollgateTls, Config::SquidTls, false),
         ));
+    }
+    t.push('\n');
+    for (name, peak) in peaks {
+        if let Some(kib) = peak {
+            t.push_str(&format!(
+                "{name} peak RSS over the run: {:.1} MiB. ",
+                *kib as f64 / 1024.0
+            ));
+        }
+    }
+    t.push('\n');
+    if let Some(note) = squid_note {
+        t.push_str(&format!("\nSquid rows skipped: {note}\n"));
     }
     t
 }
 
-/// Runs `connections` closed-loop clients against `addr` for `duration`.
-async fn run_load(
-    addr: SocketAddr,
-    request: &str,
-    connections: usize,
-    duration: Duration,
-) -> anyhow::Result<Round> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let request: Arc<[u8]> = request.as_bytes().into();
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let stop = stop.clone();
-        let request = request.clone();
-        tasks.push(tokio::spawn(
-            async move { client(addr, &request, &stop).await },
-        ));
+fn size_label(bytes: usize) -> String {
+    if bytes >= 1024 && bytes & 1023 == 0 {
+        format!("{} KB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
     }
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut requests, mut errors) = (0, 0);
-    for task in tasks {
-        let (hist, ok, failed) = task.await?;
-        latency_us.add(&hist)?;
-        requests += ok;
-        errors += failed;
-    }
-    Ok(Round {
-        requests,
-        errors,
-        elapsed: started.elapsed(),
-        latency_us,
-        gateway_cpu: None,
-    })
 }
 
-/// One keep-alive connection; reconnects after an error. Returns (latencies, ok, errors).
-async fn client(addr: SocketAddr, request: &[u8], stop: &AtomicBool) -> (Histogram<u64>, u64, u64) {
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
-    let (mut ok, mut errors) = (0, 0);
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    'connections: while !stop.load(Ordering::Relaxed) {
-        let Ok(mut socket) = TcpStream::connect(addr).await else {
-            errors += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = socket.set_nodelay(true);
-        buf.clear();
-        while !stop.load(Ordering::Relaxed) {
-            let start = Instant::now();
-            if socket.write_all(request).await.is_err() {
-                errors += 1;
-                continue 'connections;
-            }
-            // Read one response: head, then content-length bytes of body.
-            let (head_end, body_len) = loop {
-                if let Some(end) = find_head_end(&buf) {
-                    match content_length(&buf[..end]) {
-                        Some(len) => break (end, len),
-                        None => {
-                            errors += 1;
-                            continue 'connections;
-                        }
-                    }
-                }
-                match socket.read(&mut chunk).await {
-                    Ok(0) | Err(_) => {
-                        errors += 1;
-                        continue 'connections;
-                    }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            };
-            while buf.len() < head_end + body_len {
-                match socket.read(&mut chunk).await {
-                    Ok(0) | Err(_) => {
-                        errors += 1;
-                        continue 'connections;
-                    }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let status_ok = buf.starts_with(b"HTTP/1.1 200");
-            buf.drain(..head_end + body_len);
-            if status_ok {
-                ok += 1;
-                let _ = hist.record(start.elapsed().as_micros().max(1) as u64);
-            } else {
-                errors += 1;
-            }
-        }
-    }
-    (hist, ok, errors)
-}
-
-/// The bench agent's configuration: token injection for graph.microsoft.com (a static
-/// provider), both bench hosts pinned to the loopback origin.
-fn gateway_config(dir: &Path, threads: usize) -> anyhow::Result<String> {
+/// The bench agent: token injection for graph.microsoft.com (a static provider), both bench
+/// hosts pinned to loopback, the origin CA trusted, telemetry to `sink`.
+fn gateway_config(dir: &Path, origin_ca: &Path, sink: SocketAddr) -> anyhow::Result<String> {
     let token_file = dir.join("static-token");
     std::fs::write(&token_file, "bench-static-token\n")?;
     Ok(format!(
-        "[limits]\nworker_threads = {threads}\n\
-         [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
-         resolve = {{ \"api.github.com\" = \"127.0.0.1\", \"graph.microsoft.com\" = \"127.0.0.1\" }}\n\
+        "[upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
+         extra_ca_file = {origin_ca:?}\n\
+         resolve = {{ \"{GITHUB}\" = \"127.0.0.1\", \"{GRAPH}\" = \"127.0.0.1\" }}\n\
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
-         [[credential_rules]]\nhosts = [\"graph.microsoft.com\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
-         [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n"
+         [[credential_rules]]\nhosts = [\"{GRAPH}\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
+         [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n\
+         [telemetry]\nendpoint = \"http://{sink}\"\n"
     ))
-}
-
-/// A loopback address nothing listens on (bound, then closed).
-fn unreachable_address() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
-}
-
-/// `tollgate_telemetry_spans_dropped_total` from the gateway's `/metrics`.
-fn spans_dropped(gateway: &Gateway) -> anyhow::Result<u64> {
-    let answer = gateway.admin_api()?.call("GET", "/metrics", None)?;
-    String::from_utf8_lossy(&answer.body)
-        .lines()
-        .find_map(|l| l.strip_prefix("tollgate_telemetry_spans_dropped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no tollgate_telemetry_spans_dropped_total in /metrics")
 }
 
 /// Opens tool call "bench" for the bench agent on the admin API.
@@ -455,21 +536,4 @@ fn open_tool_call(gateway: &Gateway) -> anyhow::Result<()> {
         bail!("opening the bench tool call failed: {}", answer.status_line);
     }
     Ok(())
-}
-
-/// One round of load through the gateway, with the gateway's CPU time for it.
-fn measure(
-    gateway: &Gateway,
-    runtime: &tokio::runtime::Runtime,
-    request: &str,
-    connections: usize,
-    duration: Duration,
-) -> anyhow::Result<Round> {
-    let before = gateway.cpu_time();
-    let mut round = runtime.block_on(run_load(gateway.egress, request, connections, duration))?;
-    round.gateway_cpu = match (before, gateway.cpu_time()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
-    Ok(round)
 }

@@ -16,7 +16,10 @@
 
 pub mod gateway;
 pub mod http;
+pub mod load;
 pub mod origin;
 pub mod procfs;
+pub mod squid;
+pub mod tls;
 
 pub use gateway::{Gateway, TempDir};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::http::{content_length, find_head_end};
@@ -23,6 +23,21 @@ pub fn connections_accepted() -> u64 {
 /// request (its body, if it has a `Content-Length`, read and dropped) is answered with a
 /// 200 carrying `body`.
 pub async fn start_origin(body: Vec<u8>) -> anyhow::Result<SocketAddr> {
+    start(body, None).await
+}
+
+/// The same origin speaking TLS with `config`.
+pub async fn start_tls_origin(
+    body: Vec<u8>,
+    config: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<SocketAddr> {
+    start(body, Some(tokio_rustls::TlsAcceptor::from(config))).await
+}
+
+async fn start(
+    body: Vec<u8>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let mut response = format!(
@@ -33,32 +48,45 @@ pub async fn start_origin(body: Vec<u8>) -> anyhow::Result<SocketAddr> {
     response.extend_from_slice(&body);
     let response: Arc<[u8]> = response.into();
     tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
+        while let Ok((socket, _)) = listener.accept().await {
             CONNECTIONS.fetch_add(1, Ordering::Relaxed);
             let _ = socket.set_nodelay(true);
             let response = response.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::with_capacity(4096);
-                let mut chunk = [0u8; 4096];
-                loop {
-                    // Answer each complete request.
-                    while let Some(end) = find_head_end(&buf) {
-                        let len = end + content_length(&buf[..end]).unwrap_or(0);
-                        if buf.len() < len {
-                            break;
+                match tls {
+                    None => serve(socket, &response).await,
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(socket).await {
+                            serve(stream, &response).await;
                         }
-                        buf.drain(..len);
-                        if socket.write_all(&response).await.is_err() {
-                            return;
-                        }
-                    }
-                    match socket.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
             });
         }
     });
     Ok(addr)
+}
+
+/// Answers every complete request on `socket` with `response` until the peer closes.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut socket: S, response: &[u8]) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Answer each complete request.
+        while let Some(end) = find_head_end(&buf) {
+            let len = end + content_length(&buf[..end]).unwrap_or(0);
+            if buf.len() < len {
+                break;
+            }
+            buf.drain(..len);
+            if socket.write_all(response).await.is_err() {
+                return;
+            }
+        }
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }

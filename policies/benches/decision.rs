@@ -66,5 +66,25 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision);
+/// Classification alone: method → action, host → ARM or not, an ARM path → its scopes.
+fn classification(c: &mut Criterion) {
+    let mut group = c.benchmark_group("classify");
+    let cases = [
+        ("plain", "GET", "https://api.github.com/repos/octo/hello?page=2"),
+        (
+            "arm",
+            "PUT",
+            "https://management.azure.com/subscriptions/sub-1/resourceGroups/rg-a/providers/Microsoft.Web/sites/app?api-version=2023-01-01",
+        ),
+    ];
+    for (name, method, url) in cases {
+        let (target, path) = Target::from_url(url).expect("url");
+        group.bench_function(name, |b| {
+            b.iter(|| RequestFacts::new(method, target.clone(), &path))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision, classification);
 criterion_main!(benches);
