@@ -371,6 +371,7 @@ fn main() -> anyhow::Result<()> {
             "bare pass-through",
             procfs::status_kib(passthrough.child.id(), "VmHWM"),
         ),
+        ("Squid", squid.as_ref().and_then(Squid::peak_rss_kib)),
     ];
     gateway.stop();
     let table = render(&args, &cells, &peaks, squid_note.as_deref());

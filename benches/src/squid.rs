@@ -164,6 +164,14 @@ impl Squid {
             .sum()
     }
 
+    /// Peak resident memory of Squid and its helpers (each one's peak, summed), KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.pids()
+            .into_iter()
+            .map(|p| procfs::status_kib(p, "VmHWM"))
+            .sum()
+    }
+
     /// Squid's directory (configuration, logs).
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
