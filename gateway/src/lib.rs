@@ -41,6 +41,7 @@ pub mod config;
 pub mod credentials;
 pub mod datadir;
 pub mod decide;
+pub mod framing;
 pub mod identity;
 pub mod intercept;
 pub mod listener;

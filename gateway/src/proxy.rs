@@ -237,6 +237,8 @@ impl Egress {
     /// Steps 1–7 up to the connection: identity, destination, classification, decision, and
     /// the network guard. Nothing is forwarded unless every step admits the request.
     async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Admitted, Stop> {
+        // 0. One well-framed request, nothing hidden in it.
+        crate::framing::check(session)?;
         // 1. Who is asking.
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
             .map_err(|e| identity_refusal(&e))?;
