@@ -159,7 +159,7 @@ pub fn build(options: &BuildOptions) -> Result<Image, ImageError> {
     })?;
     let manifest_path = options.out.join(MANIFEST_FILE);
     write_public(&manifest_path, &json)?;
-    set_mode(&options.out, 0o755)?;
+    crate::workload::allow_traversal(&options.out).map_err(io_error(&options.out))?;
     Image::open(&options.out)
 }
 

@@ -171,7 +171,7 @@ impl StateDir {
     /// Creates agent `agent`'s directory, traversable by the unprivileged VMM (which opens
     /// its initramfs there), and fails if it exists: one sandbox per agent.
     pub fn create_sandbox_dir(&self, agent: &str) -> Result<PathBuf, StateError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let dir = self.sandbox_dir(agent);
         let io = |source| StateError::Io {
             path: dir.clone(),
@@ -182,12 +182,11 @@ impl StateDir {
             .mode(0o755)
             .create(&self.root)
             .map_err(io)?;
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o755)).map_err(
-            |source| StateError::Io {
-                path: self.root.clone(),
-                source,
-            },
-        )?;
+        // The VMM passes through it to the sandbox's initramfs.
+        crate::workload::allow_traversal(&self.root).map_err(|source| StateError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
         std::fs::DirBuilder::new()
             .mode(0o711)
             .create(&dir)
@@ -296,6 +295,20 @@ mod tests {
         state.remove("a").expect("remove");
         state.remove("a").expect("remove again");
         assert_eq!(state.load("a").expect("load"), None);
+    }
+
+    #[test]
+    fn the_state_root_gains_execute_bits_and_loses_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o1700)).expect("chmod");
+        StateDir::new(&root)
+            .create_sandbox_dir("a")
+            .expect("create");
+        let mode = std::fs::metadata(&root).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o1711);
     }
 
     #[test]

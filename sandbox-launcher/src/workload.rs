@@ -109,6 +109,18 @@ impl RunAs {
     }
 }
 
+/// Lets the unprivileged account pass through directory `dir` (to open a file in it by
+/// path) by adding the execute bits; takes no permission away (the directory may be one the
+/// operator chose, e.g. `/tmp` with its sticky bit).
+pub fn allow_traversal(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o111 != 0o111 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o111))?;
+    }
+    Ok(())
+}
+
 /// Starts `program args` as `user` (inside network namespace `namespace` when given), in a
 /// process group of its own (so `down` can end it and everything it started), detached from
 /// the launcher, with exactly `env` (plus a minimal `PATH` and `HOME`), output to `stdout`
