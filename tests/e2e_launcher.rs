@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tollgate_launcher::network::SandboxNetwork;
+use tollgate_launcher::network::{in_namespace, SandboxNetwork, HOST_ADDRESS};
 
 const HOST: &str = "api.protected.test";
 const TOKEN: &str = "launcher-static-token-5d1e";
@@ -89,14 +89,11 @@ const HIDDEN_PORT: u16 = 9999;
 /// Serves a one-line HTTP answer on `HIDDEN_PORT` inside agent `agent`'s namespace until the
 /// namespace goes (the thread ends with the test).
 fn serve_hidden_service(agent: &str) {
-    let path = format!("/run/netns/tg-{agent}");
-    let listener = std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).expect("the sandbox's namespace");
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        std::net::TcpListener::bind(("10.200.1.1", HIDDEN_PORT)).expect("bind in the namespace")
+    let net = SandboxNetwork::new(agent, 0).expect("agent id");
+    let listener = in_namespace(&net.gateway_namespace_path(), || {
+        std::net::TcpListener::bind((HOST_ADDRESS, HIDDEN_PORT))
     })
-    .join()
-    .expect("namespace thread");
+    .expect("bind in the sandbox's namespace");
     std::thread::spawn(move || {
         use std::io::Write;
         for mut stream in listener.incoming().flatten() {

@@ -1,7 +1,9 @@
 //! Shared pieces of Tollgate's benchmark drivers, each a binary of this crate:
-//! `tollgate-e2e-bench` (`src/e2e.rs`: throughput and latency, direct vs. through the
-//! gateway) and `tollgate-held-bench` (`src/held.rs`: memory of requests held for approval,
-//! and the latency of releasing one).
+//! `tollgate-e2e-bench` (`src/e2e.rs`: direct, a bare pingora pass-through, Squid and
+//! Tollgate side by side), `tollgate-passthrough` (`src/passthrough.rs`: that pass-through),
+//! `tollgate-held-bench` (`src/held.rs`: memory of requests held for approval, and the
+//! latency of releasing one) and `tollgate-microvm-bench` (`src/microvm.rs`: sandbox start-up
+//! and memory).
 //!
 //! What is where:
 //!
@@ -9,10 +11,13 @@
 //!   ports ([`Gateway`]: start with a caller's configuration, stop, CPU time, memory,
 //!   open-files limit), a client for its admin API ([`gateway::AdminApi`]), and the
 //!   [`TempDir`] its configuration, data and log live in;
-//! - [`origin`]: the origin server both benchmarks send their requests to;
+//! - [`origin`]: the origin server (plain or TLS) the benchmarks send their requests to;
+//! - [`load`]: the closed-loop load generator (in the clear, TLS, or TLS inside `CONNECT`);
+//! - [`squid`]: Squid set up for the comparison;
+//! - [`tls`]: the benchmark's certificates and TLS configurations;
 //! - [`http`]: the few HTTP/1.1 parsing helpers the hand-written clients need;
 //! - [`procfs`]: what Linux's `/proc` says about a process (CPU time, resident memory,
-//!   open-files limit, clock ticks).
+//!   open-files limit, clock ticks, children).
 
 pub mod gateway;
 pub mod http;

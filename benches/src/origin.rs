@@ -1,23 +1,13 @@
-//! The origin both benchmarks send their requests to: on loopback, in the driver's process,
+//! The origin the benchmarks send their requests to: on loopback, in the driver's process,
 //! it answers every request on a keep-alive connection with the same 200 response.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::http::{content_length, find_head_end};
-
-/// Connections the origin accepted (a gateway that does not pool its upstream connections
-/// shows up here).
-static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
-
-/// How many connections the origin has accepted so far (in this process).
-pub fn connections_accepted() -> u64 {
-    CONNECTIONS.load(Ordering::Relaxed)
-}
 
 /// Starts the origin on an ephemeral loopback port, on the current Tokio runtime: every
 /// request (its body, if it has a `Content-Length`, read and dropped) is answered with a
@@ -49,7 +39,6 @@ async fn start(
     let response: Arc<[u8]> = response.into();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            CONNECTIONS.fetch_add(1, Ordering::Relaxed);
             let _ = socket.set_nodelay(true);
             let response = response.clone();
             let tls = tls.clone();

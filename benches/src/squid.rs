@@ -7,7 +7,7 @@
 //! `proxy` user, plus its certificate helpers; CPU time and memory are summed over them.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -170,11 +170,6 @@ impl Squid {
             .into_iter()
             .map(|p| procfs::status_kib(p, "VmHWM"))
             .sum()
-    }
-
-    /// Squid's directory (configuration, logs).
-    pub fn dir(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
 }
 

@@ -44,25 +44,30 @@ fn refusal(session: &Session) -> Option<Refusal> {
     if req.headers.len() > MAX_HEADERS {
         return Some(too_large(format!("more than {MAX_HEADERS} header fields")));
     }
-    if let Some(raw) = session.as_http1().map(|h1| h1.get_headers_raw_bytes()) {
+    // The head as sent (HTTP/1; HTTP/2 has its own framing).
+    let raw = session.as_http1().map(|h1| h1.get_headers_raw_bytes());
+    if let Some(raw) = &raw {
         if raw.len() > MAX_HEAD_BYTES {
             return Some(too_large(format!(
                 "a head larger than {MAX_HEAD_BYTES} bytes"
             )));
         }
-        if has_bare_lf(&raw) {
+        if has_bare_lf(raw) {
             return Some(Refusal::bad_request(
                 "a line of the request head ends in LF without CR",
             ));
         }
     }
-    // As sent, not as parsed: pingora drops Content-Length when Transfer-Encoding is there.
-    let raw = session.as_http1().map(|h1| h1.get_headers_raw_bytes());
-    let sent = |name: &str| match &raw {
-        Some(raw) => has_field(raw, name),
-        None => req.headers.contains_key(name),
+    // pingora keeps Transfer-Encoding and drops a Content-Length sent beside it: only then is
+    // the head as sent read again.
+    let encoded = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let length = || {
+        req.headers.contains_key(http::header::CONTENT_LENGTH)
+            || raw
+                .as_ref()
+                .is_some_and(|raw| has_field(raw, "content-length"))
     };
-    if sent("content-length") && sent("transfer-encoding") {
+    if encoded && length() {
         return Some(Refusal::bad_request(
             "the request has both Content-Length and Transfer-Encoding: its end is ambiguous",
         ));

@@ -21,7 +21,7 @@
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::tap::Tap;
@@ -287,6 +287,26 @@ impl SandboxNetwork {
     pub fn exists(&self) -> bool {
         namespace_exists(&self.gateway_namespace) || namespace_exists(&self.sandbox_namespace)
     }
+}
+
+/// Runs `f` on a thread of its own inside the network namespace at `namespace` (a
+/// `/run/netns/…` path): sockets it binds and devices it opens belong to that namespace.
+/// The calling thread's namespace is untouched.
+pub fn in_namespace<T: Send>(
+    namespace: &Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let target = std::fs::File::open(namespace)?;
+                nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                f()
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+    })
 }
 
 fn namespace_exists(name: &str) -> bool {

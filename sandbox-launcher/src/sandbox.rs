@@ -346,25 +346,18 @@ impl Launch<'_> {
             &ca_file.to_string_lossy(),
         );
         let console = self.dir.join(CONSOLE_FILE);
-        let open = || {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&console)
-        };
-        let io = |source| LaunchError::Spawn {
-            what: "the workload".into(),
-            source,
-        };
         let child = spawn_confined(
             Some(self.net.sandbox_namespace()),
             self.user,
             "sh",
             &["-c".into(), shell_command(&options.command)],
             &env,
-            (open().map_err(io)?, open().map_err(io)?),
+            (&console, &console),
         )
-        .map_err(io)?;
+        .map_err(|source| LaunchError::Spawn {
+            what: "the workload".into(),
+            source,
+        })?;
         self.record_process(child.id())
     }
 }

@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
 /// An open tap device. The device exists while this (or a process that inherited it) holds
@@ -27,19 +27,8 @@ impl Tap {
                 format!("device name {name:?} must have 1 to 15 bytes"),
             ));
         }
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // The device is made in the namespace of the thread that opens the file.
-                    let target = File::open(namespace)?;
-                    nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(io::Error::from)?;
-                    open_tap(name)
-                })
-                .join()
-                .map_err(|_| io::Error::other("the tap thread panicked"))?
-        })
-        .map(|file| Tap { file })
+        // The device is made in the namespace of the thread that opens the file.
+        crate::network::in_namespace(namespace, || open_tap(name)).map(|file| Tap { file })
     }
 
     /// Lets a child process inherit the device under its current number (which it returns):

@@ -137,12 +137,6 @@ impl VmSpec<'_> {
         console: &Path,
         vmm_log: &Path,
     ) -> std::io::Result<Child> {
-        let open = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-        };
         // /dev/kvm is usually open to its group only: the VMM gets that group, nothing more.
         let user = match (self.accel, kvm_device_group()) {
             (Accel::Kvm, Some(gid)) => user.with_device_group(gid),
@@ -154,7 +148,7 @@ impl VmSpec<'_> {
             QEMU,
             &self.qemu_args(),
             &[],
-            (open(console)?, open(vmm_log)?),
+            (console, vmm_log),
         )
     }
 }

@@ -2,7 +2,7 @@
 //! gateway's CA as the only trust anchor, and its command. The process backend starts it
 //! here; a microVM's init gets the same environment (see [`crate::guest`]).
 
-use std::fs::File;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// The environment that names the agent, points HTTP clients at the gateway and makes them
@@ -123,16 +123,24 @@ pub fn allow_traversal(dir: &std::path::Path) -> std::io::Result<()> {
 
 /// Starts `program args` as `user` (inside network namespace `namespace` when given), in a
 /// process group of its own (so `down` can end it and everything it started), detached from
-/// the launcher, with exactly `env` (plus a minimal `PATH` and `HOME`), output to `stdout`
-/// and `stderr`, and every inherited descriptor the caller marked inheritable.
+/// the launcher, with exactly `env` (plus a minimal `PATH` and `HOME`), its standard output
+/// and error appended to the files `stdout` and `stderr` (the same one may be named twice),
+/// and every inherited descriptor the caller marked inheritable.
 pub fn spawn_confined(
     namespace: Option<&str>,
     user: RunAs,
     program: &str,
     args: &[String],
     env: &[(&'static str, String)],
-    (stdout, stderr): (File, File),
+    (stdout, stderr): (&Path, &Path),
 ) -> std::io::Result<Child> {
+    let append = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    };
+    let (stdout, stderr) = (append(stdout)?, append(stderr)?);
     let mut command = match namespace {
         Some(ns) => {
             let mut c = Command::new("ip");

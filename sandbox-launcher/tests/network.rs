@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tollgate_launcher::network::{SandboxNetwork, HOST_ADDRESS};
+use tollgate_launcher::network::{in_namespace, SandboxNetwork, HOST_ADDRESS};
 
 fn missing_prerequisite() -> Option<String> {
     let root = Command::new("id")
@@ -28,18 +28,6 @@ fn missing_prerequisite() -> Option<String> {
         }
     }
     None
-}
-
-/// Runs `f` on a thread inside the network namespace at `path`.
-fn in_namespace<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = path.to_path_buf();
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).expect("open namespace");
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("namespace thread")
 }
 
 /// Tries a TCP connection (from the current namespace) and reads the greeting.
@@ -78,20 +66,22 @@ fn the_sandbox_reaches_the_gateway_port_and_nothing_else_and_destroy_leaves_noth
     let (allowed, other) = in_namespace(&gateway_side, || {
         let allowed = TcpListener::bind((HOST_ADDRESS, 3128)).expect("bind 3128");
         let other = TcpListener::bind((HOST_ADDRESS, 9999)).expect("bind 9999");
-        (allowed, other)
-    });
+        Ok((allowed, other))
+    })
+    .expect("the gateway's side");
     greet(allowed, "gateway");
     greet(other, "other");
 
     let gateway = SocketAddr::from((HOST_ADDRESS, 3128));
     let elsewhere = SocketAddr::from((HOST_ADDRESS, 9999));
     let (to_gateway, to_other, ipv6) = in_namespace(&sandbox_side, move || {
-        (
+        Ok((
             greeting(gateway),
             greeting(elsewhere),
             std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6"),
-        )
-    });
+        ))
+    })
+    .expect("the sandbox's side");
     assert_eq!(
         to_gateway.expect("the gateway port is reachable"),
         "gateway"
