@@ -159,12 +159,18 @@ pub fn up(options: &UpOptions, state: &StateDir) -> Result<Launched, LaunchError
         Backend::Qemu => Some(Image::open(&options.image_dir)?),
         Backend::Netns => None,
     };
-    if net.exists() || state.load(&options.agent)?.is_some() {
+    if net.exists() {
         return Err(LaunchError::AlreadyUp(options.agent.clone()));
     }
+    // The directory is the claim: of two `up`s for one agent, one creates it.
     let dir = state
         .create_sandbox_dir(&options.agent)
-        .map_err(|_| LaunchError::AlreadyUp(options.agent.clone()))?;
+        .map_err(|e| match e {
+            StateError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                LaunchError::AlreadyUp(options.agent.clone())
+            }
+            other => LaunchError::State(other),
+        })?;
     let record = SandboxRecord {
         agent: options.agent.clone(),
         backend: options.backend,
@@ -494,6 +500,36 @@ mod tests {
         assert_eq!(read_token(Some(&file)).expect("token"), "abc123");
         let err = read_token(Some(&dir.path().join("none"))).expect_err("missing");
         assert!(err.to_string().contains("--token-file"), "{err}");
+    }
+
+    #[test]
+    fn an_unusable_state_directory_is_reported_as_such_not_as_a_sandbox_already_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, "t").expect("write");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, "").expect("write");
+        let options = UpOptions {
+            agent: format!("state-test-{}", std::process::id()),
+            backend: Backend::Netns,
+            run_mode: "ReadOnly".into(),
+            scopes: vec![],
+            identity: None,
+            port: 3128,
+            admin: "http://127.0.0.1:9".into(),
+            token_file: Some(token),
+            ca_file: ca,
+            image_dir: dir.path().into(),
+            memory_mib: 128,
+            accel: AccelChoice::Tcg,
+            ready_timeout: Duration::from_secs(1),
+            user: "nobody".into(),
+            command: vec![],
+        };
+        let err = up(&options, &StateDir::new(not_a_dir.join("state"))).expect_err("no state");
+        assert!(matches!(err, LaunchError::State(_)), "{err}");
     }
 
     #[test]
