@@ -126,3 +126,37 @@ async fn heads_too_large_are_refused() {
     assert_eq!(ok.status, 200, "{ok:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_an_origin_could_read_differently_are_refused() {
+    let (gw, origin) = world();
+    let authority = format!("127.0.0.1:{}", origin.port());
+    let mut failures = Vec::new();
+    for path in [
+        "/subscriptions/a/../b",
+        "/a/./b",
+        "/a/%2e%2E/b",
+        "/a%2Fb",
+        "/a%5cb",
+        "/a%zz",
+        "/a%00b",
+    ] {
+        let request = format!("GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        let answer = raw_exchange(gw.egress, request.as_bytes());
+        if status(&answer) != Some(400)
+            || !answer.contains("ambiguous_path")
+            || origin.requests() > 0
+        {
+            failures.push(format!(
+                "{path}: answered {:?}, {} request(s) reached the origin",
+                answer.lines().next(),
+                origin.requests()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Escapes of unreserved characters are the same path: allowed, and sent as written.
+    let ok = curl(&["-x", &gw.proxy_url(), &format!("http://{authority}/%61b")]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.seen().target, "/%61b");
+}

@@ -232,7 +232,10 @@ fn explain(args: ExplainArgs) -> ExitCode {
     let Some(engine) = load(&dir) else {
         return ExitCode::from(1);
     };
-    let request = RequestFacts::new(&args.method, target, &path);
+    let request = match RequestFacts::new(&args.method, target, &path) {
+        Ok(request) => request,
+        Err(e) => return usage(format!("--url: {e}")),
+    };
     let agent = AgentFacts {
         id: &args.agent,
         revision: 0,

@@ -247,7 +247,8 @@ impl Egress {
         let (target, path) = request_target(session)?;
         ctx.target = Some(target.clone());
         // 3. What it asks for, and in which of the agent's tool calls.
-        let mut request = RequestFacts::new(session.req_header().method.as_str(), target, &path);
+        let mut request = RequestFacts::new(session.req_header().method.as_str(), target, &path)
+            .map_err(|e| Refusal::new(400, "ambiguous_path", e.to_string()))?;
         let named = session
             .req_header()
             .headers

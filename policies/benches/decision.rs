@@ -57,7 +57,7 @@ fn decision(c: &mut Criterion) {
         let engine = PolicyEngine::load(&policy_set(total)).expect("generated set is valid");
         for (name, method, url) in cases {
             let (target, path) = Target::from_url(url).expect("url");
-            let request = RequestFacts::new(method, target, &path);
+            let request = RequestFacts::new(method, target, &path).expect("path");
             group.bench_with_input(BenchmarkId::new(name, total), &request, |b, request| {
                 b.iter(|| engine.decide(&agent, request))
             });

@@ -125,6 +125,74 @@ impl ArmTarget {
     }
 }
 
+/// Why a request path was refused: read one way by the policies and possibly another way by
+/// the origin, it could carry a request past a rule written for the path it appears to be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// A `.` or `..` segment, as sent or percent-encoded: origins resolve them, so
+    /// `/subscriptions/a/../b` would be checked as `a` and run against `b`.
+    #[error("the path has a dot segment (`.` or `..`): send the resolved path instead")]
+    DotSegment,
+    /// A percent-encoded `/` or `\`, or a raw `\`: some origins treat them as separators.
+    #[error("the path has an encoded or backslash path separator (%2F, %5C or \\)")]
+    HiddenSeparator,
+    /// `%` not followed by two hex digits.
+    #[error("the path has a malformed percent-escape (% must be followed by two hex digits)")]
+    BadEscape,
+    /// A control character (including an encoded NUL): no origin should see one.
+    #[error("the path has a control character")]
+    ControlCharacter,
+}
+
+/// The path (query and fragment dropped) in the one spelling the policies compare:
+/// percent-encoded unreserved characters decoded (`%41` is `A`, as RFC 3986 §6.2.2.2 makes
+/// them the same), every other escape kept with upper-case hex. Anything an origin might
+/// resolve differently — dot segments, encoded separators, backslashes, control
+/// characters, broken escapes — is an error rather than a guess, because a policy on
+/// `/subscriptions/a` must not be passed by a request that the origin runs against `b`.
+pub fn canonical_path(raw: &str) -> Result<String, PathError> {
+    let raw = raw.split(['?', '#']).next().unwrap_or_default();
+    if raw.is_empty() {
+        return Ok("/".to_string());
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        match c {
+            '%' => {
+                let hex = rest
+                    .get(..2)
+                    .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .ok_or(PathError::BadEscape)?;
+                let byte = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?;
+                rest = &rest[2..];
+                match byte {
+                    b'/' | b'\\' => return Err(PathError::HiddenSeparator),
+                    b if b.is_ascii_control() => return Err(PathError::ControlCharacter),
+                    b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
+                        out.push(char::from(b))
+                    }
+                    b => {
+                        out.push('%');
+                        out.push_str(&format!("{b:02X}"));
+                    }
+                }
+            }
+            '\\' => return Err(PathError::HiddenSeparator),
+            c if c.is_control() => return Err(PathError::ControlCharacter),
+            c => out.push(c),
+        }
+    }
+    if out
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(PathError::DotSegment);
+    }
+    Ok(out)
+}
+
 /// Everything the policies are told about one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestFacts {
@@ -143,20 +211,21 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    /// Classifies a request: `path` may carry a query, which is dropped.
-    pub fn new(method: &str, target: Target, path: &str) -> RequestFacts {
+    /// Classifies a request: `path` may carry a query, which is dropped. The path the
+    /// policies see is its [`canonical_path`]; a path that an origin could read as another
+    /// one is refused.
+    pub fn new(method: &str, target: Target, path: &str) -> Result<RequestFacts, PathError> {
         let method = method.to_ascii_uppercase();
-        let path = path.split(['?', '#']).next().unwrap_or("/");
-        let path = if path.is_empty() { "/" } else { path }.to_string();
+        let path = canonical_path(path)?;
         let arm = is_arm_host(&target.host).then(|| ArmTarget::parse(&path));
-        RequestFacts {
+        Ok(RequestFacts {
             action: Action::of_method(&method),
             method,
             target,
             path,
             arm,
             tool_call: None,
-        }
+        })
     }
 
     /// Whether this is an ARM request none of whose scopes the agent's RBAC `scopes` cover:
@@ -181,13 +250,15 @@ mod tests {
     fn arm_requests_outside_the_agents_scopes_are_recognised() {
         let target = Target::from_url_authority(Scheme::Https, "management.azure.com").unwrap();
         let path = "/subscriptions/sub-1/resourceGroups/rg-b/providers/Microsoft.Storage/storageAccounts/x";
-        let request = RequestFacts::new("PUT", target.clone(), path);
+        let request = RequestFacts::new("PUT", target.clone(), path).unwrap();
         let rg_a = vec!["/subscriptions/sub-1/resourceGroups/RG-A".to_string()];
         let sub = vec!["/Subscriptions/SUB-1/".to_string()];
         assert!(request.outside_scopes(&rg_a));
         assert!(!request.outside_scopes(&sub));
         let github = Target::from_url_authority(Scheme::Https, "api.github.com").unwrap();
-        assert!(!RequestFacts::new("POST", github, "/repos").outside_scopes(&[]));
+        assert!(!RequestFacts::new("POST", github, "/repos")
+            .unwrap()
+            .outside_scopes(&[]));
     }
 
     #[test]
@@ -264,7 +335,8 @@ mod tests {
             "post",
             arm_host,
             "/subscriptions/s/resourceGroups/rg?api-version=1",
-        );
+        )
+        .unwrap();
         assert_eq!(facts.method, "POST");
         assert_eq!(facts.action, Action::Write);
         assert_eq!(facts.path, "/subscriptions/s/resourceGroups/rg");
@@ -272,7 +344,70 @@ mod tests {
         let other =
             Target::from_url_authority(Scheme::Https, "management.azure.com.evil.test").unwrap();
         assert!(RequestFacts::new("GET", other, "/subscriptions/s")
+            .unwrap()
             .arm
             .is_none());
+    }
+
+    #[test]
+    fn paths_are_canonical_or_refused() {
+        for (raw, canonical) in [
+            ("", "/"),
+            ("/a/b?x=1#f", "/a/b"),
+            ("/%41%62%2d%2E%5f%7E", "/Ab-._~"),
+            ("/a%2fb%20c", "/a%2Fb%20c"),
+            ("/a%20b/%e2%82%ac", "/a%20b/%E2%82%AC"),
+            ("//a/.../b.", "//a/.../b."),
+        ] {
+            let got = canonical_path(raw);
+            if raw.contains("%2f") {
+                assert_eq!(got, Err(PathError::HiddenSeparator), "{raw}");
+                continue;
+            }
+            assert_eq!(got.as_deref(), Ok(canonical), "{raw}");
+            assert_eq!(
+                canonical_path(canonical).as_deref(),
+                Ok(canonical),
+                "idempotent"
+            );
+        }
+        for (raw, why) in [
+            ("/subscriptions/a/../b", PathError::DotSegment),
+            ("/a/./b", PathError::DotSegment),
+            ("/a/..", PathError::DotSegment),
+            ("/a/%2e%2E/b", PathError::DotSegment),
+            ("/a/.%2e", PathError::DotSegment),
+            ("/a%5Cb", PathError::HiddenSeparator),
+            ("/a\\..\\b", PathError::HiddenSeparator),
+            ("/a%zz", PathError::BadEscape),
+            ("/a%4", PathError::BadEscape),
+            ("/a%+1", PathError::BadEscape),
+            ("/a%00", PathError::ControlCharacter),
+            ("/a\tb", PathError::ControlCharacter),
+        ] {
+            assert_eq!(canonical_path(raw), Err(why), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn an_encoded_arm_path_is_classified_as_the_origin_reads_it() {
+        let target = Target::from_url_authority(Scheme::Https, "management.azure.com").unwrap();
+        let facts = RequestFacts::new(
+            "POST",
+            target.clone(),
+            "/subscriptions/s/resourceGroups/%72g-b/providers/P/t/n/%6cist%4Beys",
+        )
+        .unwrap();
+        let arm = facts.arm.unwrap();
+        assert_eq!(arm.resource_group.as_deref(), Some("rg-b"));
+        assert_eq!(arm.operation.as_deref(), Some("listkeys"));
+        assert_eq!(
+            RequestFacts::new(
+                "PUT",
+                target,
+                "/subscriptions/s/resourceGroups/rg-a/../../../subscriptions/t/resourceGroups/x"
+            ),
+            Err(PathError::DotSegment)
+        );
     }
 }

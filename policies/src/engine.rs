@@ -757,7 +757,7 @@ mod tests {
 
     fn request(method: &str, url: &str) -> RequestFacts {
         let (target, path) = Target::from_url(url).unwrap();
-        RequestFacts::new(method, target, &path)
+        RequestFacts::new(method, target, &path).unwrap()
     }
 
     #[test]

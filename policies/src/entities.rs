@@ -191,7 +191,7 @@ mod tests {
         ] {
             let (target, path) = Target::from_url(url).unwrap();
             for tool_call in [None, Some("tc-1".to_string())] {
-                let mut facts = RequestFacts::new("POST", target.clone(), &path);
+                let mut facts = RequestFacts::new("POST", target.clone(), &path).expect(url);
                 facts.tool_call = tool_call;
                 let entities = entities(&agent, &facts.target.host, &schema).expect(url);
                 for approved in [false, true] {

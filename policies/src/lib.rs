@@ -23,5 +23,5 @@ pub mod target;
 pub mod testcases;
 
 pub use agent::{AgentFacts, RunMode};
-pub use classify::{Action, ArmTarget, RequestFacts};
+pub use classify::{canonical_path, Action, ArmTarget, PathError, RequestFacts};
 pub use engine::{Decision, LoadError, Outcome, PolicyEngine, PolicySources, Problem};

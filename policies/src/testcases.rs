@@ -177,7 +177,11 @@ fn run_case(
         scopes: &agent.scopes,
         tags: &agent.tags,
     };
-    let decision = engine.decide(&facts, &RequestFacts::new(&case.method, target, &path));
+    let request = match RequestFacts::new(&case.method, target, &path) {
+        Ok(request) => request,
+        Err(e) => return broken(format!("bad url: {e}")),
+    };
+    let decision = engine.decide(&facts, &request);
     let mut failure = None;
     if decision.outcome != case.expect {
         failure = Some(format!(
