@@ -8,13 +8,20 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 /// A gateway with an Autonomous agent on 127.0.0.1 that may do anything, and an origin.
 fn world() -> (Gateway, Origin) {
+    world_with("")
+}
+
+/// [`world`], with `extra` config lines.
+fn world_with(extra: &str) -> (Gateway, Origin) {
     let origin = Origin::http();
     let config = format!(
-        "{EPHEMERAL_LISTENERS}{}[[agents]]\nid = \"a\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
+        "{EPHEMERAL_LISTENERS}{}{extra}[[agents]]\nid = \"a\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
         loopback_upstream(None)
     );
     (Gateway::start_with_policies(&config, &[ALLOW_ALL]), origin)
@@ -75,7 +82,7 @@ async fn ambiguous_framing_is_refused_and_nothing_reaches_the_origin() {
         let before = origin.requests();
         let answer = raw_exchange(gw.egress, request.as_bytes());
         // A request smuggled after the first would arrive after its answer: give it time.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
         let reached = origin.requests() - before;
         if !refused(&answer) || reached > 0 {
             failures.push(format!(
@@ -159,4 +166,76 @@ async fn paths_an_origin_could_read_differently_are_refused() {
     let ok = curl(&["-x", &gw.proxy_url(), &format!("http://{authority}/%61b")]);
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(ok.seen().target, "/%61b");
+}
+
+/// Writes `parts` one after another with `pause` between them, then reads until the peer
+/// closes or 3 s pass. Returns whether every part could be written and what was read.
+fn dribble(addr: std::net::SocketAddr, parts: &[&[u8]], pause: Duration) -> (bool, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut all_written = true;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        if s.write_all(part).and_then(|()| s.flush()).is_err() {
+            all_written = false;
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (all_written, String::from_utf8_lossy(&out).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_too_slowly_is_cut_off_but_slow_bodies_and_idle_keep_alive_are_not() {
+    let (gw, origin) = world_with("[limits]\nrequest_head_timeout_ms = 600\n");
+    let authority = format!("127.0.0.1:{}", origin.port());
+    let egress = gw.egress;
+    let line = format!("GET http://{authority}/slow HTTP/1.1\r\nHost: {authority}\r\n");
+    let start = std::time::Instant::now();
+    // Slowloris: a header line every 200 ms, each read well inside pingora's 60 s per read,
+    // for 3 s in all. The head deadline closes the connection after 600 ms.
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut parts: Vec<&[u8]> = vec![line.as_bytes()];
+        parts.extend(std::iter::repeat_n(&b"X-Slow: 1\r\n"[..], 15));
+        parts.push(b"\r\n");
+        dribble(egress, &parts, Duration::from_millis(200))
+    })
+    .await
+    .expect("slow client");
+    let (written, answer) = slow;
+    assert!(
+        status(&answer).is_none() && origin.requests() == 0,
+        "the slow head was served: {answer:?} after {:?} ({} at the origin)",
+        start.elapsed(),
+        origin.requests()
+    );
+    assert!(
+        !written || answer.is_empty(),
+        "the connection must be closed before the head completes: {answer:?}"
+    );
+
+    // A slow body after a complete head, and a second request after an idle pause longer than
+    // the head deadline, on one keep-alive connection: both served.
+    let head = format!(
+        "POST http://{authority}/body HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 4\r\n\r\n"
+    );
+    let second = format!("GET http://{authority}/after-idle HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    let (written, answer) = tokio::task::spawn_blocking(move || {
+        let parts: Vec<&[u8]> = vec![head.as_bytes(), b"a", b"b", b"c", b"d", second.as_bytes()];
+        dribble(egress, &parts, Duration::from_millis(300))
+    })
+    .await
+    .expect("keep-alive client");
+    assert!(written, "{answer:?}");
+    assert_eq!(
+        answer.matches("HTTP/1.1 200").count(),
+        2,
+        "a slow body and an idle pause are not a slow head: {answer:?}"
+    );
+    assert_eq!(origin.requests(), 2);
 }

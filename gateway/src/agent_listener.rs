@@ -37,6 +37,8 @@ pub struct EgressApps {
     pub server_conf: Arc<ServerConf>,
     /// How long a new connection may take to send its first bytes.
     pub first_bytes_timeout: Duration,
+    /// Time a request head may take (`limits.request_head_timeout_ms`).
+    pub request_head_timeout: Duration,
 }
 
 impl EgressApps {
@@ -53,6 +55,7 @@ impl EgressApps {
             self.registry.clone(),
             binding,
             self.first_bytes_timeout,
+            self.request_head_timeout,
         )
     }
 }

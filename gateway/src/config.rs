@@ -338,6 +338,10 @@ pub struct LimitsConfig {
     /// to complete the intercepted TLS handshake.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Time a request head may take from its first byte to its last (slowloris): a client
+    /// slower than this is disconnected. The body and keep-alive idle time are not counted.
+    #[serde(default = "default_request_head_timeout_ms")]
+    pub request_head_timeout_ms: u64,
     /// Worker threads of the gateway's runtime; 0 means one per CPU.
     #[serde(default)]
     pub worker_threads: usize,
@@ -575,6 +579,10 @@ impl Config {
                 "limits.handshake_timeout_ms",
                 self.limits.handshake_timeout_ms,
             ),
+            (
+                "limits.request_head_timeout_ms",
+                self.limits.request_head_timeout_ms,
+            ),
         ] {
             if ms == 0 {
                 return invalid(format!("{name} must be greater than 0"));
@@ -776,6 +784,11 @@ impl LimitsConfig {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
+
+    /// The request head timeout.
+    pub fn request_head_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_head_timeout_ms)
+    }
 }
 
 fn default_approval_timeout() -> u64 {
@@ -828,6 +841,9 @@ fn default_pool_size() -> usize {
 }
 fn default_connect_head_bytes() -> usize {
     8 * 1024
+}
+fn default_request_head_timeout_ms() -> u64 {
+    10_000
 }
 fn default_handshake_timeout_ms() -> u64 {
     10_000
@@ -904,6 +920,7 @@ impl Default for LimitsConfig {
         Self {
             max_connect_head_bytes: default_connect_head_bytes(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
+            request_head_timeout_ms: default_request_head_timeout_ms(),
             worker_threads: 0,
         }
     }

@@ -8,6 +8,8 @@
 //!   asked) and serves them with pingora; the egress app sends CONNECT to [`intercept`] and
 //!   everything else to [`proxy`]. [`agent_listener`] opens and closes agents' own listeners
 //!   while the gateway runs (the sandbox launcher registers them over the admin API).
+//! - [`head_deadline`], [`framing`] — step 0: each request head arrives in time (slowloris)
+//!   and is framed one way only (smuggling), before anything else looks at it.
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
 //! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
@@ -42,6 +44,7 @@ pub mod credentials;
 pub mod datadir;
 pub mod decide;
 pub mod framing;
+pub mod head_deadline;
 pub mod identity;
 pub mod intercept;
 pub mod listener;

@@ -17,12 +17,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
-use pingora::protocols::Stream;
+use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
 use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
+use crate::head_deadline::HeadDeadline;
 use crate::identity::{self, AgentRegistry, ListenerBinding};
 use crate::intercept::{self, Interceptor};
 use crate::proxy::{identity_refusal, Egress};
@@ -153,6 +154,7 @@ pub struct EgressApp {
     registry: Arc<AgentRegistry>,
     binding: ListenerBinding,
     first_bytes_timeout: Duration,
+    request_head_timeout: Duration,
 }
 
 impl EgressApp {
@@ -163,6 +165,7 @@ impl EgressApp {
         registry: Arc<AgentRegistry>,
         binding: ListenerBinding,
         first_bytes_timeout: Duration,
+        request_head_timeout: Duration,
     ) -> Self {
         EgressApp {
             proxy,
@@ -170,6 +173,7 @@ impl EgressApp {
             registry,
             binding,
             first_bytes_timeout,
+            request_head_timeout,
         }
     }
 }
@@ -192,6 +196,7 @@ impl ServerApp for EgressApp {
             _ => return None,
         };
         if !is_connect {
+            let stream = HeadDeadline::wrap(stream, self.request_head_timeout);
             return self.proxy.process_new(stream, shutdown).await;
         }
         let admit = |peer: Option<IpAddr>| {
@@ -201,7 +206,12 @@ impl ServerApp for EgressApp {
         };
         // Boxed: the handshake's state would otherwise stay in every connection's future,
         // plain HTTP ones included.
-        let decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;
+        let mut decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;
+        // HTTP/2 frames its own heads (and has its own limits); HTTP/1 inside the tunnel
+        // gets the same head deadline as plain HTTP.
+        if decrypted.selected_alpn_proto() != Some(ALPN::H2) {
+            decrypted = HeadDeadline::wrap(decrypted, self.request_head_timeout);
+        }
         self.proxy.process_new(decrypted, shutdown).await
     }
 }

@@ -237,7 +237,8 @@ impl Egress {
     /// Steps 1–7 up to the connection: identity, destination, classification, decision, and
     /// the network guard. Nothing is forwarded unless every step admits the request.
     async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Admitted, Stop> {
-        // 0. One well-framed request, nothing hidden in it.
+        // 0. The head arrived in time, one well-framed request with nothing hidden in it.
+        crate::head_deadline::head_parsed(session);
         crate::framing::check(session)?;
         // 1. Who is asking.
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
@@ -737,6 +738,7 @@ impl ProxyHttp for Egress {
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
+        crate::head_deadline::expect_next_head(session);
         let req = session.req_header();
         let status = session
             .response_written()

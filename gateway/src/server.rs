@@ -223,6 +223,7 @@ pub async fn start(
         registry: registry.clone(),
         server_conf: server_conf.clone(),
         first_bytes_timeout: config.limits.handshake_timeout(),
+        request_head_timeout: config.limits.request_head_timeout(),
     };
     let mut tasks = vec![listener::serve(
         "egress",
