@@ -20,7 +20,7 @@ mod audit;
 mod store;
 
 pub use approval::{ApprovalFilter, ApprovalKind, ApprovalRecord, ApprovalState, Settlement};
-pub use audit::{AuditRecord, BrokenLink, ChainHead, ChainReport, GENESIS};
+pub use audit::{verify_chain, AuditRecord, BrokenLink, ChainHead, ChainReport, GENESIS};
 pub use store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch: the one time unit of every stored record.
