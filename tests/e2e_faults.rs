@@ -1,0 +1,286 @@
+//! Fault injection end to end (issue 9): origins that reset, stall or answer garbage, token
+//! endpoints that answer garbage, a data directory whose disk is full or read-only, and a
+//! gateway killed with SIGKILL again and again under a mixed workload.
+//!
+//! Everything is real: the faulty origin is a raw TCP server on loopback, the gateway is the
+//! `tollgate` binary, the client is curl, and the full disk is a small tmpfs (tests that need
+//! root to mount one say so and skip).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+// ---------------------------------------------------------------------------------------------
+// Upstream faults
+
+/// What a [`FaultyOrigin`] does with each connection.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Accepts, then resets the connection (SO_LINGER 0) without reading.
+    Reset,
+    /// Reads the request, then resets.
+    ResetAfterRequest,
+    /// Reads the request and never answers.
+    Stall,
+    /// Answers with a status line that is not HTTP.
+    GarbageStatus,
+    /// Answers with a header line that has no colon.
+    InvalidHeader,
+    /// Answers with two different Content-Length values.
+    ConflictingLengths,
+    /// Announces 1000 body bytes, sends 10 and closes.
+    ShortBody,
+    /// Announces 1000 body bytes, sends 10 and stalls.
+    StallMidBody,
+}
+
+/// A raw TCP origin on loopback that misbehaves in one way. Dropping it stops it and closes
+/// every connection it holds.
+struct FaultyOrigin {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyOrigin {
+    fn start(fault: Fault) -> FaultyOrigin {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            // Connection tasks live in the set: aborting the accept task drops them all.
+            let mut held = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.spawn(misbehave(stream, fault));
+            }
+        });
+        FaultyOrigin {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultyOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request head (and a body announced by Content-Length) from `stream`.
+async fn read_request(stream: &mut TcpStream) {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + length {
+                return;
+            }
+        }
+    }
+}
+
+/// Closes with RST instead of FIN (SO_LINGER 0).
+fn reset(stream: TcpStream) {
+    stream.set_zero_linger().expect("SO_LINGER");
+    drop(stream);
+}
+
+/// Keeps the connection open without a word, until the origin is dropped (or 60 s pass).
+async fn stall(stream: TcpStream) {
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    drop(stream);
+}
+
+async fn misbehave(mut stream: TcpStream, fault: Fault) {
+    if let Fault::Reset = fault {
+        return reset(stream);
+    }
+    read_request(&mut stream).await;
+    let answer: &[u8] = match fault {
+        Fault::Reset => return reset(stream),
+        Fault::ResetAfterRequest => return reset(stream),
+        Fault::Stall => return stall(stream).await,
+        Fault::GarbageStatus => b"SPDY/9 banana\r\nContent-Length: 2\r\n\r\nok",
+        Fault::InvalidHeader => {
+            b"HTTP/1.1 200 OK\r\nThis line has no colon\r\nContent-Length: 2\r\n\r\nok"
+        }
+        Fault::ConflictingLengths => {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        }
+        Fault::ShortBody | Fault::StallMidBody => {
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n0123456789"
+        }
+    };
+    let _ = stream.write_all(answer).await;
+    let _ = stream.flush().await;
+    if let Fault::StallMidBody = fault {
+        stall(stream).await;
+    }
+}
+
+/// Review agent `a` on 127.0.0.1; reads are allowed and writes need approval; origins on
+/// loopback are reachable; the origin gets `read_timeout_ms` to answer.
+fn fault_gateway(extra: &str) -> Gateway {
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}read_timeout_ms = 500\n{extra}\n{REVIEW_AGENT}",
+        loopback_upstream(None)
+    );
+    Gateway::start_with_policies(&config, &[APPROVAL_POLICIES])
+}
+
+/// The gateway still serves a normal request.
+async fn still_serves(gw: &Gateway, healthy: &Origin, after: &str) {
+    let r = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        format!("http://127.0.0.1:{}/after", healthy.port())
+    ])
+    .await;
+    assert_eq!(r.status, 200, "after {after}: {r:?}");
+    assert_eq!(r.seen().target, "/after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_before_the_answer_get_clear_gateway_errors() {
+    if no_curl() {
+        return;
+    }
+    let healthy = Origin::http();
+    let gw = fault_gateway("");
+    for (fault, status, error) in [
+        (Fault::Reset, 502, "upstream_reset"),
+        (Fault::ResetAfterRequest, 502, "upstream_reset"),
+        (Fault::Stall, 504, "upstream_timeout"),
+        (Fault::GarbageStatus, 502, "upstream_bad_response"),
+        (Fault::InvalidHeader, 502, "upstream_bad_response"),
+        (Fault::ConflictingLengths, 502, "upstream_bad_response"),
+    ] {
+        let origin = FaultyOrigin::start(fault);
+        let r = curl_async(args!["-x", gw.proxy_url(), origin.url("/read")]).await;
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (status, Some(error)),
+            "{fault:?}: {r:?}"
+        );
+        assert!(
+            r.json()["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&origin.addr.to_string())),
+            "{fault:?}: the detail names the origin: {r:?}"
+        );
+        assert!(origin.connections() >= 1, "{fault:?}: the origin was asked");
+        still_serves(&gw, &healthy, &format!("{fault:?}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_after_an_approval_get_clear_gateway_errors() {
+    if no_curl() {
+        return;
+    }
+    // A released request is sent by the gateway itself (not pingora's proxy path).
+    let healthy = Origin::http();
+    let gw = fault_gateway("");
+    for (fault, status, error) in [
+        (Fault::Reset, 502, "upstream_reset"),
+        (Fault::Stall, 504, "upstream_timeout"),
+        (Fault::GarbageStatus, 502, "upstream_bad_response"),
+        (Fault::ConflictingLengths, 502, "upstream_bad_response"),
+    ] {
+        let origin = FaultyOrigin::start(fault);
+        let held = post_in_background(&gw, &origin.url("/write"), "payload", &[]);
+        let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let ack = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+        assert_eq!(ack.status, 200, "{ack:?}");
+        let r = held.await.expect("curl");
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (status, Some(error)),
+            "{fault:?}: {r:?}"
+        );
+        still_serves(&gw, &healthy, &format!("approved {fault:?}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_short_closes_the_sandbox_connection() {
+    if no_curl() {
+        return;
+    }
+    let healthy = Origin::http();
+    let gw = fault_gateway("");
+    for fault in [Fault::ShortBody, Fault::StallMidBody] {
+        let origin = FaultyOrigin::start(fault);
+        // The head (200, length 1000) is on its way before the body breaks off: the sandbox
+        // must see the answer end early (curl 18: transfer closed with data outstanding), never
+        // a complete-looking answer and never a connection left open.
+        let r = curl_async(args!["-x", gw.proxy_url(), origin.url("/read")]).await;
+        assert_eq!(r.status, 200, "{fault:?}: {r:?}");
+        assert!(
+            r.exit == 18 || r.exit == 56,
+            "{fault:?}: curl must report a truncated answer: {r:?}"
+        );
+        assert!(r.body.len() < 1000, "{fault:?}: {r:?}");
+        still_serves(&gw, &healthy, &format!("{fault:?}")).await;
+
+        // The same for a request released by an approval (the gateway relays it itself).
+        let held = post_in_background(&gw, &origin.url("/write"), "payload", &[]);
+        let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let ack = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+        assert_eq!(ack.status, 200, "{ack:?}");
+        let r = held.await.expect("curl");
+        assert_eq!(r.status, 200, "approved {fault:?}: {r:?}");
+        assert!(
+            r.exit == 18 || r.exit == 56,
+            "approved {fault:?}: curl must report a truncated answer: {r:?}"
+        );
+        still_serves(&gw, &healthy, &format!("approved {fault:?}")).await;
+    }
+    // The audit trail says the answers broke off.
+    let page = gw.admin_call("GET", "/v1/agents/a/audit", None).json();
+    let records = page["records"].as_array().cloned().unwrap_or_default();
+    let broken = records
+        .iter()
+        .filter(|r| r["path"] == "/read" && !r["error"].is_null())
+        .count();
+    assert_eq!(broken, 2, "{page}");
+}
