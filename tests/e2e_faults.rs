@@ -284,3 +284,114 @@ async fn an_answer_cut_short_closes_the_sandbox_connection() {
         .count();
     assert_eq!(broken, 2, "{page}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Token endpoint garbage
+
+const CLIENT_ID: &str = "faults-client";
+const CLIENT_SECRET: &str = "faults-client-secret-5b7e";
+const AUDIENCE: &str = "api://protected/.default";
+const HOST: &str = "api.protected.test";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_answering_garbage_gives_502_and_forwards_nothing() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let config = format!(
+        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
+
+[[identity_providers]]
+name = "entra"
+kind = "client_credentials"
+token_url = "{url}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ env = "FAULTS_CLIENT_SECRET" }}
+
+[[credential_rules]]
+hosts = ["{HOST}"]
+audience = "{AUDIENCE}"
+
+[credentials]
+backoff_initial_ms = 50
+backoff_max_ms = 50
+
+[[agents]]
+id = "a"
+run_mode = "Autonomous"
+identity = "entra"
+peers = ["127.0.0.1"]
+"#,
+        upstream = loopback_upstream(None),
+        url = endpoint.url(),
+    );
+    let gw = Gateway::start_with_env(
+        &config,
+        &[ALLOW_ALL],
+        "",
+        &[
+            ("FAULTS_CLIENT_SECRET", CLIENT_SECRET),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    assert_eq!(
+        gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
+            .status,
+        201
+    );
+    let url = format!("http://{HOST}:{}/resource", origin.port());
+    for (mode, detail) in [
+        (TokenMode::NotJson, "no usable token"),
+        (TokenMode::NoAccessToken, "no usable token"),
+        (TokenMode::Huge, "too much data"),
+    ] {
+        endpoint.set_mode(mode);
+        let asked = endpoint.requests();
+        // A refusal from the backoff of the previous mode names no endpoint answer; wait it out.
+        let mut r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+        for _ in 0..50 {
+            if endpoint.requests() > asked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+        }
+        assert!(
+            endpoint.requests() > asked,
+            "{mode:?}: the endpoint was asked"
+        );
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (502, Some("credential_unavailable")),
+            "{mode:?}: {r:?}"
+        );
+        assert!(
+            r.json()["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(detail)),
+            "{mode:?}: {r:?}"
+        );
+        for secret in [CLIENT_SECRET, GARBAGE_TOKEN, "endpoint-internal-text"] {
+            assert!(!r.body.contains(secret), "{mode:?}: body carries {secret}");
+        }
+        assert_eq!(origin.requests(), 0, "{mode:?}: nothing is forwarded");
+    }
+    // The endpoint recovers: the next request (after the backoff) gets a token.
+    endpoint.set_mode(TokenMode::Normal);
+    let mut r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    for _ in 0..50 {
+        if r.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    }
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(origin.requests(), 1);
+    let log = gw.log();
+    for secret in [CLIENT_SECRET, GARBAGE_TOKEN, "endpoint-internal-text"] {
+        assert!(!log.contains(secret), "the log carries {secret}");
+    }
+}
