@@ -395,3 +395,237 @@ peers = ["127.0.0.1"]
         assert!(!log.contains(secret), "the log carries {secret}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Durability under SIGKILL
+
+/// A small deterministic generator (xorshift64*), seeded from the clock and printed, so a
+/// failing sequence of kill points can be replayed with `TOLLGATE_KILL_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> (Rng, u64) {
+        let seed = std::env::var("TOLLGATE_KILL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            })
+            | 1;
+        (Rng(seed), seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// Starts the kill-loop gateway in `dir`: agent `a` (Review) on 127.0.0.1, reads allowed,
+/// writes held for approval, and an approver `alice`.
+fn start_durable(dir: tempfile::TempDir) -> Gateway {
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir).expect("policy dir");
+    std::fs::write(policy_dir.join(APPROVAL_POLICIES.0), APPROVAL_POLICIES.1).expect("policy");
+    let alice = dir.path().join("alice.token");
+    std::fs::write(&alice, "alice-kill-loop-token\n").expect("token");
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n[[admin.approvers]]\nname = \"alice\"\ntoken = {{ file = {alice:?} }}\n\
+         {REVIEW_AGENT}\n[policy]\ndir = {policy_dir:?}\n",
+        loopback_upstream(None)
+    );
+    Gateway::start_in(dir, &config)
+}
+
+/// Every audit record of agent `a` the admin API returns, by position.
+fn audit_records(gw: &Gateway) -> std::collections::BTreeMap<u64, serde_json::Value> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut since = 0;
+    loop {
+        let page = gw.admin_call(
+            "GET",
+            &format!("/v1/agents/a/audit?since={since}&limit=1000"),
+            None,
+        );
+        assert_eq!(page.status, 200, "{page:?}");
+        let page = page.json();
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        if records.is_empty() {
+            return all;
+        }
+        for record in records {
+            let seq = record["seq"].as_u64().expect("seq");
+            since = seq + 1;
+            all.insert(seq, record);
+        }
+    }
+}
+
+/// `tollgate audit verify --agent a`: exit code and output.
+fn audit_verify(gw: &Gateway) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["audit", "verify", "--agent", "a", "--admin"])
+        .arg(format!("http://{}", gw.admin))
+        .arg("--token-file")
+        .arg(gw.data_dir().join("admin-token"))
+        .output()
+        .expect("run tollgate audit verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Holds a POST, waits until it is pending, and returns its approval id and the request.
+async fn hold_one(
+    gw: &Gateway,
+    url: &str,
+    body: &str,
+) -> (String, tokio::task::JoinHandle<CurlResult>) {
+    let held = post_in_background(gw, url, body, &[]);
+    let id = wait_for_approvals(gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    (id, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_across_repeated_kills() {
+    if no_curl() {
+        return;
+    }
+    const ROUNDS: usize = 8;
+    let (mut rng, seed) = Rng::new();
+    eprintln!("kill loop seed {seed} (TOLLGATE_KILL_SEED={seed} replays it)");
+    let origin = Origin::http();
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", origin.port());
+    // What the gateway acknowledged: approval id → (state, approver); audit seq → record.
+    let mut decided: std::collections::HashMap<String, (String, String)> = Default::default();
+    let mut audited: std::collections::BTreeMap<u64, serde_json::Value> = Default::default();
+    let (mut kills, mut checks_of_approvals, mut checks_of_records) = (0, 0, 0);
+    let mut dir = tempfile::tempdir().expect("tempdir");
+
+    for round in 0..=ROUNDS {
+        let gw = start_durable(dir);
+        // Everything acknowledged before the last kill is there, unchanged.
+        for (id, (state, approver)) in &decided {
+            let got = gw.admin_call("GET", &format!("/v1/approvals/{id}"), None);
+            assert_eq!(got.status, 200, "round {round}, approval {id}: {got:?}");
+            let got = got.json();
+            assert_eq!(
+                (got["state"].as_str(), got["approver"].as_str()),
+                (Some(state.as_str()), Some(approver.as_str())),
+                "round {round}, approval {id}: {got}"
+            );
+            checks_of_approvals += 1;
+        }
+        let now = audit_records(&gw);
+        for (seq, record) in &audited {
+            assert_eq!(
+                now.get(seq),
+                Some(record),
+                "round {round}: audit record {seq}"
+            );
+            checks_of_records += 1;
+        }
+        let (code, out) = audit_verify(&gw);
+        if !audited.is_empty() {
+            assert_eq!(code, 0, "round {round}: {out}");
+            assert!(out.contains("chain intact"), "round {round}: {out}");
+        }
+        if round == ROUNDS {
+            break;
+        }
+
+        // Reads in the background all the time, so the kill also lands mid-request and
+        // mid-audit-batch.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (stop, proxy, target) = (stop.clone(), gw.proxy_url(), url("/read"));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Acquire) {
+                    let _ = curl_async(args!["-x", &proxy, "--max-time", "2", &target]).await;
+                }
+            })
+        };
+        // A few operations, then the kill at one of several points.
+        for step in 0..(1 + rng.below(4)) {
+            let r = curl_async(args![
+                "-x",
+                gw.proxy_url(),
+                url(&format!("/get/{round}/{step}"))
+            ])
+            .await;
+            assert_eq!(r.status, 200, "{r:?}");
+            let (id, held) = hold_one(&gw, &url("/write"), &format!("r{round}s{step}")).await;
+            let (alice, admin) = (Some("alice-kill-loop-token"), Some(gw.admin_token()));
+            let (approver, token) = if rng.below(2) == 0 {
+                ("alice", alice.map(str::to_string))
+            } else {
+                ("admin", admin)
+            };
+            let (state, ack) = if rng.below(3) == 0 {
+                let ack = gw.admin_as(
+                    token.as_deref(),
+                    "POST",
+                    &format!("/v1/approvals/{id}/deny"),
+                    Some(r#"{"reason":"kill loop says no"}"#),
+                );
+                ("denied", ack)
+            } else {
+                let ack = gw.admin_as(
+                    token.as_deref(),
+                    "POST",
+                    &format!("/v1/approvals/{id}/approve"),
+                    None,
+                );
+                ("approved", ack)
+            };
+            assert_eq!(ack.status, 200, "{ack:?}");
+            decided.insert(id, (state.to_string(), approver.to_string()));
+            let _ = held.await;
+        }
+        // The kill point: right after a decision was acknowledged (its request still on its
+        // way), while a request is held, or in the middle of the reads.
+        let in_flight = match rng.below(3) {
+            0 => {
+                let (id, held) = hold_one(&gw, &url("/write"), "last").await;
+                let ack = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+                assert_eq!(ack.status, 200, "{ack:?}");
+                decided.insert(id, ("approved".into(), "admin".into()));
+                Some(held)
+            }
+            1 => Some(hold_one(&gw, &url("/write"), "pending at the kill").await.1),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(rng.below(120))).await;
+                None
+            }
+        };
+        // What the admin API has shown is acknowledged too.
+        audited = audit_records(&gw);
+        stop.store(true, Ordering::Release);
+        dir = gw.stop();
+        kills += 1;
+        let _ = reader.await;
+        if let Some(held) = in_flight {
+            let _ = held.await;
+        }
+    }
+    eprintln!(
+        "kill loop: {kills} kills, {} approvals acknowledged ({checks_of_approvals} checks after restarts), \
+         {} audit records acknowledged ({checks_of_records} checks after restarts), audit chain verified after every restart",
+        decided.len(),
+        audited.len()
+    );
+    assert!(kills == ROUNDS && !decided.is_empty() && !audited.is_empty());
+}
