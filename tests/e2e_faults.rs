@@ -629,3 +629,291 @@ async fn nothing_acknowledged_is_lost_across_repeated_kills() {
     );
     assert!(kills == ROUNDS && !decided.is_empty() && !audited.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Storage faults
+
+/// A filesystem mounted for a test; unmounted (lazily, so nothing left running can keep it)
+/// when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `mount <args> <at>`, creating `at` first.
+fn mount(args: &[&str], at: &std::path::Path) -> Result<Mounted, String> {
+    std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .arg(at)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(Mounted(at.to_path_buf()))
+}
+
+/// Changes the options of the mount at `at` (e.g. `remount,bind,ro`).
+fn remount(options: &str, at: &std::path::Path) {
+    let out = std::process::Command::new("mount")
+        .args(["-o", options])
+        .arg(at)
+        .output()
+        .expect("run mount");
+    assert!(
+        out.status.success(),
+        "mount -o {options}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Fills the filesystem holding `dir` with one file until a write fails; returns the file.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("filler");
+    for chunk in [64 * 1024, 4096, 1] {
+        let block = vec![0u8; chunk];
+        while file.write_all(&block).is_ok() {}
+    }
+    path
+}
+
+/// Waits (up to 5 s) until the agent's audit trail has at least `n` records, and returns it.
+async fn audited_at_least(
+    gw: &Gateway,
+    n: usize,
+) -> std::collections::BTreeMap<u64, serde_json::Value> {
+    for _ in 0..250 {
+        let records = audit_records(gw);
+        if records.len() >= n {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the audit trail never reached {n} records");
+}
+
+/// A metric's value from `/metrics`.
+fn metric(gw: &Gateway, name: &str) -> u64 {
+    let text = gw.admin_call("GET", "/metrics", None).body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// After a restart: the approval `id` is still approved by `approver`, every record in
+/// `audited` is unchanged, the chain is intact, and the gateway serves reads and writes.
+async fn all_there_and_serving(
+    gw: &Gateway,
+    origin: &Origin,
+    (id, approver): (&str, &str),
+    audited: &std::collections::BTreeMap<u64, serde_json::Value>,
+) {
+    let got = gw
+        .admin_call("GET", &format!("/v1/approvals/{id}"), None)
+        .json();
+    assert_eq!(
+        (got["state"].as_str(), got["approver"].as_str()),
+        (Some("approved"), Some(approver)),
+        "{got}"
+    );
+    let now = audit_records(gw);
+    for (seq, record) in audited {
+        assert_eq!(now.get(seq), Some(record), "audit record {seq}");
+    }
+    let (code, out) = audit_verify(gw);
+    assert!(code == 0 && out.contains("chain intact"), "{out}");
+    let url = format!("http://127.0.0.1:{}/again", origin.port());
+    let r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let (id, held) = hold_one(gw, &url, "again").await;
+    let ack = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(ack.status, 200, "{ack:?}");
+    assert_eq!(held.await.expect("curl").status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_all_forwarding_and_a_restart_after_it_is_freed_recovers() {
+    if no_curl() {
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIP: simulating a full disk mounts a tmpfs, which needs root");
+        return;
+    }
+    let origin = Origin::http();
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", origin.port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let _tmpfs = match mount(&["-t", "tmpfs", "-o", "size=8m", "tmpfs"], &data) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIP: cannot mount a tmpfs for the data directory: {e}");
+            return;
+        }
+    };
+    let gw = start_durable(dir);
+
+    // Before: a write approved and sent, a read; both audited.
+    let (id, held) = hold_one(&gw, &url("/write"), "before").await;
+    let ack = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(ack.status, 200, "{ack:?}");
+    assert_eq!(held.await.expect("curl").status, 200);
+    let r = curl_async(args!["-x", gw.proxy_url(), url("/read")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let audited = audited_at_least(&gw, 2).await;
+
+    // The disk fills up. Reads go on until an audit record cannot be written; from then on
+    // every request is refused, and nothing reaches the origin.
+    let filler = fill(&data);
+    let mut refused = None;
+    for n in 0..500 {
+        let r = curl_async(args!["-x", gw.proxy_url(), url(&format!("/read/{n}"))]).await;
+        if r.status == 503 {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("a full disk never refused a request");
+    assert_eq!(
+        refused.json()["error"],
+        "storage_unavailable",
+        "{refused:?}"
+    );
+    let sent = origin.requests();
+    let write = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        "--data-binary",
+        "during",
+        url("/write")
+    ])
+    .await;
+    assert_eq!(
+        (write.status, write.json()["error"].as_str()),
+        (503, Some("storage_unavailable")),
+        "{write:?}"
+    );
+    let read = curl_async(args!["-x", gw.proxy_url(), url("/read")]).await;
+    assert_eq!(read.status, 503, "{read:?}");
+    assert_eq!(
+        origin.requests(),
+        sent,
+        "nothing is forwarded that cannot be audited"
+    );
+    let pending = gw
+        .admin_call("GET", "/v1/approvals?state=pending", None)
+        .json();
+    assert_eq!(
+        pending["approvals"].as_array().map(Vec::len),
+        Some(0),
+        "{pending}"
+    );
+    // Reported: readiness, a metric, an error in the log.
+    let ready = gw.admin_call("GET", "/readyz", None);
+    assert_eq!(
+        (ready.status, ready.json()["error"].as_str()),
+        (503, Some("storage_unavailable")),
+        "{ready:?}"
+    );
+    assert!(metric(&gw, "tollgate_storage_write_errors_total") >= 1);
+    assert!(metric(&gw, "tollgate_audit_records_dropped_total") >= 1);
+    assert!(
+        gw.log_contains("could not write audit records"),
+        "{}",
+        gw.log()
+    );
+
+    // Space comes back; the store refuses writes until it is opened again, so the gateway
+    // stays closed until restarted. After the restart nothing acknowledged is missing.
+    std::fs::remove_file(filler).expect("free the disk");
+    let still = curl_async(args!["-x", gw.proxy_url(), url("/read")]).await;
+    assert_eq!(still.status, 503, "{still:?}");
+    let dir = gw.stop();
+    let gw = start_durable(dir);
+    all_there_and_serving(&gw, &origin, (&id, "admin"), &audited).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
+    if !is_root() {
+        eprintln!("SKIP: making the data directory read-only for root needs a read-only bind mount, which needs root");
+        return;
+    }
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (real, data) = (dir.path().join("data-real"), dir.path().join("data"));
+    std::fs::create_dir_all(&real).expect("real data dir");
+    let _bind = match mount(&["--bind", real.to_str().expect("utf8")], &data) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIP: cannot bind-mount the data directory: {e}");
+            return;
+        }
+    };
+    let gw = start_durable(dir);
+    let url = format!("http://127.0.0.1:{}/write", origin.port());
+    let (id, held) = hold_one(&gw, &url, "before").await;
+    let ack = gw.admin_as(
+        Some("alice-kill-loop-token"),
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        None,
+    );
+    assert_eq!(ack.status, 200, "{ack:?}");
+    assert_eq!(held.await.expect("curl").status, 200);
+    let audited = audited_at_least(&gw, 1).await;
+    let dir = gw.stop();
+
+    // Read-only (a running gateway's open journal keeps the kernel from remounting, so the
+    // disk turns read-only while it is down): the gateway must not start half-working.
+    remount("remount,bind,ro", &data);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("tollgate.toml"))
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tollgate");
+    let mut exited = None;
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().expect("wait") {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the gateway kept running on a read-only data directory");
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(!exited.expect("status").success(), "{stderr}");
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    assert!(
+        !stderr.contains("another gateway"),
+        "a misleading hint: {stderr}"
+    );
+
+    // Writable again: everything is there.
+    remount("remount,bind,rw", &data);
+    let gw = start_durable(dir);
+    all_there_and_serving(&gw, &origin, (&id, "alice"), &audited).await;
+}
