@@ -99,11 +99,16 @@ fn write_batches(store: &Store, shared: &Shared) {
         let written = batch.len();
         if written > 0 {
             if let Err(e) = store.append_audit_batch(batch) {
-                shared.lost.fetch_add(written as u64, Ordering::Relaxed);
-                tracing::error!(
-                    records = written, error = %e,
-                    "could not write audit records; they are lost, and requests are refused until the gateway is restarted on a writable store"
-                );
+                let before = shared.lost.fetch_add(written as u64, Ordering::Relaxed);
+                // Once: every later batch fails the same way until the restart.
+                if before == 0 {
+                    tracing::error!(
+                        records = written, error = %e,
+                        "could not write audit records; they are lost, and requests are refused until the gateway is restarted on a writable store"
+                    );
+                } else {
+                    tracing::debug!(records = written, error = %e, "could not write audit records");
+                }
             }
         }
         if closing {

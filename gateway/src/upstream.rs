@@ -235,14 +235,27 @@ pub fn refusal_for_upstream_error(e: &pingora::Error, target: &str) -> Refusal {
     use ErrorType::*;
     // A reset is reported by whichever step met it first (the connect, the write of the
     // request, the read of the answer): one code for all, so the sandbox sees what happened.
-    if io_error_kind(e).is_some_and(|kind| {
-        matches!(
-            kind,
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe
-        )
-    }) {
+    let classified = matches!(
+        e.etype(),
+        ConnectTimedout
+            | ReadTimedout
+            | WriteTimedout
+            | ConnectRefused
+            | TLSHandshakeFailure
+            | TLSHandshakeTimedout
+            | InvalidCert
+            | HandshakeError
+    );
+    if !classified
+        && io_error_kind(e).is_some_and(|kind| {
+            matches!(
+                kind,
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        })
+    {
         return Refusal::new(
             502,
             "upstream_reset",
