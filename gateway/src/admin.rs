@@ -190,6 +190,16 @@ impl AdminApi {
             }
             ["readyz"] => {
                 only(&method, &[Method::GET])?;
+                if let Some(why) = self.store.write_failure() {
+                    return Err(Refusal::new(
+                        503,
+                        "storage_unavailable",
+                        format!(
+                            "the store cannot write ({why}); requests are refused until the \
+                             gateway is restarted on a writable disk"
+                        ),
+                    ));
+                }
                 if self.ready.load(std::sync::atomic::Ordering::Acquire) {
                     Ok(json(
                         StatusCode::OK,

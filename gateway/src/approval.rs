@@ -488,7 +488,7 @@ fn store_unavailable(why: &str) -> Refusal {
     tracing::error!(error = why, "approval store failed; refusing the request");
     Refusal::new(
         503,
-        "approval_store_unavailable",
+        "storage_unavailable",
         "the request needs approval but the approval could not be recorded; nothing was forwarded",
     )
 }

@@ -76,8 +76,10 @@ pub struct Gauges {
     pub tls_leaf_cache_entries: u64,
     /// The policy set in force.
     pub policy_version: String,
-    /// Audit records dropped because the writer was behind.
+    /// Audit records dropped because the writer was behind or the store failed.
     pub audit_records_dropped: u64,
+    /// Store writes that failed (disk full, read-only, I/O error).
+    pub storage_write_errors: u64,
     /// Spans dropped because the OTLP exporter was behind.
     pub telemetry_spans_dropped: u64,
     /// Log events dropped because the OTLP exporter was behind.
@@ -112,6 +114,7 @@ impl GaugeSources {
             tls_leaf_cache_entries: self.leaves.cached(),
             policy_version: self.policies.status().version,
             audit_records_dropped: self.audit.dropped(),
+            storage_write_errors: self.audit.write_errors(),
             telemetry_spans_dropped: self.telemetry.spans(),
             telemetry_logs_dropped: self.telemetry.logs(),
         }
@@ -133,7 +136,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 8] = [
+pub const SCALARS: [Scalar; 9] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -173,8 +176,15 @@ pub const SCALARS: [Scalar; 8] = [
         name: "tollgate_audit_records_dropped_total",
         otel_name: "tollgate.audit.dropped",
         counter: true,
-        help: "Audit records dropped because the writer was behind.",
+        help: "Audit records dropped because the writer was behind or the store failed.",
         read: |g| g.audit_records_dropped,
+    },
+    Scalar {
+        name: "tollgate_storage_write_errors_total",
+        otel_name: "tollgate.storage.write_errors",
+        counter: true,
+        help: "Writes to the data directory's store that failed (disk full, read-only, I/O error).",
+        read: |g| g.storage_write_errors,
     },
     Scalar {
         name: "tollgate_telemetry_spans_dropped_total",
@@ -302,6 +312,7 @@ mod tests {
             tls_leaf_cache_entries: 3,
             policy_version: "abc".into(),
             audit_records_dropped: 0,
+            storage_write_errors: 0,
             telemetry_spans_dropped: 7,
             telemetry_logs_dropped: 0,
         }

@@ -143,6 +143,18 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// The refusal while the store cannot write: every request must leave an audit record, so
+/// none is forwarded (fail closed).
+fn storage_unavailable(why: &str) -> Refusal {
+    tracing::debug!(error = why, "the store cannot write; refusing the request");
+    Refusal::new(
+        503,
+        "storage_unavailable",
+        "the gateway cannot write its audit trail (is its data directory's disk full or \
+         read-only?), so it forwards nothing; it serves again once restarted on a writable disk",
+    )
+}
+
 /// The refusal for a connection no agent owns.
 pub fn identity_refusal(e: &IdentityError) -> Refusal {
     Refusal::new(
@@ -244,6 +256,10 @@ impl Egress {
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
             .map_err(|e| identity_refusal(&e))?;
         ctx.agent = Some(agent.clone());
+        // 1b. Nothing leaves that cannot be recorded: with the store failing, refuse.
+        if let Some(why) = self.shared.audit.unwritable() {
+            return Err(storage_unavailable(&why).into());
+        }
         // 2. Where to (interception already happened on the socket).
         let (target, path) = request_target(session)?;
         ctx.target = Some(target.clone());

@@ -45,6 +45,10 @@ pub async fn exchange<'a>(
 ) -> Result<Answer<'a>, Refusal> {
     let refusal = |e: pingora::BError| upstream::refusal_for_upstream_error(&e, target);
     let (mut origin, _reused) = connector.get_http_session(&peer).await.map_err(refusal)?;
+    // The connector leaves timeouts to its caller (pingora's proxy path sets them per
+    // request): without these an origin that stalls would hold the sandbox forever.
+    origin.set_read_timeout(peer.options.read_timeout);
+    origin.set_write_timeout(peer.options.write_timeout);
     // The sandbox may have spoken HTTP/2 to the gateway; the origin connection speaks
     // whatever was negotiated with the origin.
     request.set_version(match origin.as_http2() {

@@ -233,6 +233,35 @@ impl Upstream {
 /// Maps a pingora error raised while talking to the origin to the refusal the sandbox sees.
 pub fn refusal_for_upstream_error(e: &pingora::Error, target: &str) -> Refusal {
     use ErrorType::*;
+    // A reset is reported by whichever step met it first (the connect, the write of the
+    // request, the read of the answer): one code for all, so the sandbox sees what happened.
+    let classified = matches!(
+        e.etype(),
+        ConnectTimedout
+            | ReadTimedout
+            | WriteTimedout
+            | ConnectRefused
+            | TLSHandshakeFailure
+            | TLSHandshakeTimedout
+            | InvalidCert
+            | HandshakeError
+    );
+    if !classified
+        && io_error_kind(e).is_some_and(|kind| {
+            matches!(
+                kind,
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        })
+    {
+        return Refusal::new(
+            502,
+            "upstream_reset",
+            format!("{target} reset the connection before it answered"),
+        );
+    }
     match e.etype() {
         ConnectTimedout => Refusal::new(
             504,
@@ -252,7 +281,7 @@ pub fn refusal_for_upstream_error(e: &pingora::Error, target: &str) -> Refusal {
         ConnectNoRoute | ConnectError | BindError | SocketError => Refusal::new(
             502,
             "upstream_unreachable",
-            format!("cannot connect to {target}"),
+            format!("cannot connect to {target} ({})", root_cause_text(e)),
         ),
         TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => Refusal::new(
             502,
@@ -263,12 +292,46 @@ pub fn refusal_for_upstream_error(e: &pingora::Error, target: &str) -> Refusal {
                 root_cause_text(e)
             ),
         ),
+        InvalidHTTPHeader | H1Error | InvalidH2 => Refusal::new(
+            502,
+            "upstream_bad_response",
+            format!(
+                "{target} sent a malformed response ({}); none of it was passed on",
+                e.etype().as_str()
+            ),
+        ),
         _ => Refusal::new(
             502,
             "upstream_error",
             format!("talking to {target} failed: {}", e.etype().as_str()),
         ),
     }
+}
+
+/// The kind of the I/O error at the root of `e`, if one is there (pingora wraps its own
+/// errors, and connect errors wrap the OS error once more).
+fn io_error_kind(e: &pingora::Error) -> Option<std::io::ErrorKind> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        // A nested pingora error sits in the chain as itself or as its box.
+        let nested = c
+            .downcast_ref::<pingora::Error>()
+            .or_else(|| c.downcast_ref::<Box<pingora::Error>>().map(|b| &**b));
+        cause = match nested {
+            Some(inner) => inner
+                .cause
+                .as_deref()
+                .map(|c| c as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    None
 }
 
 fn root_cause_text(e: &pingora::Error) -> String {

@@ -38,9 +38,7 @@ fn keyspace_options() -> KeyspaceCreateOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database failed (disk, permissions, corruption).
-    #[error(
-        "the store at {path} failed: {reason} (is another gateway using this data directory?)"
-    )]
+    #[error("the store at {path} failed: {reason}{hint}", hint = database_hint(reason))]
     Database {
         /// The database directory.
         path: PathBuf,
@@ -74,6 +72,24 @@ pub enum StoreError {
     NoAgent(String),
 }
 
+/// What an operator can do about a database failure, for the kinds that say.
+fn database_hint(reason: &fjall::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match reason {
+        fjall::Error::Locked => " (is another gateway using this data directory?)",
+        fjall::Error::Io(e) if e.kind() == ErrorKind::ReadOnlyFilesystem => {
+            " (the data directory is read-only; the gateway must be able to write there)"
+        }
+        fjall::Error::Io(e) if e.kind() == ErrorKind::StorageFull => {
+            " (the disk holding the data directory is full)"
+        }
+        fjall::Error::Poisoned => {
+            " (an earlier write failed; restart the gateway once the disk is writable)"
+        }
+        _ => "",
+    }
+}
+
 /// One agent's keyspace, and the next position in its audit trail.
 struct AgentSpace {
     keyspace: Keyspace,
@@ -97,6 +113,11 @@ pub struct Store {
     /// Serializes read-modify-write of approval records: a settlement checks `Pending` and
     /// writes its outcome as one step, so an approval and an expiry cannot both win.
     settling: Mutex<()>,
+    /// Why a write failed, once one has: fjall refuses every later write (it cannot know
+    /// what reached the disk) until the database is opened again.
+    write_failure: Mutex<Option<String>>,
+    /// Writes that failed since the store was opened.
+    write_errors: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -120,6 +141,8 @@ impl Store {
             removed: RwLock::default(),
             appending: Mutex::new(()),
             settling: Mutex::new(()),
+            write_failure: Mutex::new(None),
+            write_errors: std::sync::atomic::AtomicU64::new(0),
         };
         for name in store.db.list_keyspace_names() {
             let Some(agent) = name.strip_prefix(AGENT_PREFIX) else {
@@ -153,6 +176,29 @@ impl Store {
             path: self.path.clone(),
             reason,
         }
+    }
+
+    /// The error for a failed write, remembered: after it the store takes no more writes.
+    fn write_err(&self, reason: fjall::Error) -> StoreError {
+        self.write_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut failure = self.write_failure.lock();
+        if failure.is_none() {
+            *failure = Some(reason.to_string());
+        }
+        self.db_err(reason)
+    }
+
+    /// Why the store can no longer write (disk full, read-only, I/O error), if a write has
+    /// failed since it was opened. fjall refuses every write after a failed one, so this
+    /// stays set until the store is opened again (the gateway restarted).
+    pub fn write_failure(&self) -> Option<String> {
+        self.write_failure.lock().clone()
+    }
+
+    /// How many writes failed since the store was opened.
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn open_space(&self, agent: &str) -> Result<Arc<AgentSpace>, StoreError> {
@@ -202,7 +248,7 @@ impl Store {
             Some(value) => batch.insert(keyspace, key, value),
             None => batch.remove(keyspace, key),
         }
-        batch.commit().map_err(|e| self.db_err(e))
+        batch.commit().map_err(|e| self.write_err(e))
     }
 
     // ---- agent registry ----
@@ -233,7 +279,7 @@ impl Store {
             self.approval_owner.write().retain(|_, owner| owner != id);
             self.db
                 .delete_keyspace(space.keyspace.clone())
-                .map_err(|e| self.db_err(e))?;
+                .map_err(|e| self.write_err(e))?;
         }
         Ok(())
     }
@@ -422,7 +468,7 @@ impl Store {
                     *space.head.lock() = head;
                 }
             }
-            return Err(self.db_err(e));
+            return Err(self.write_err(e));
         }
         Ok(())
     }
@@ -496,7 +542,7 @@ impl Store {
                             reason,
                         })?;
                     batch.insert(&space.keyspace, AUDIT_HEAD_KEY, value);
-                    batch.commit().map_err(|e| self.db_err(e))?;
+                    batch.commit().map_err(|e| self.write_err(e))?;
                     pruned += old.len();
                 }
             }

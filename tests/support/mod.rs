@@ -108,7 +108,16 @@ pub enum TokenMode {
     Normal,
     /// Answer 500.
     Failing,
+    /// Answer 200 with a body that is not JSON (an HTML error page).
+    NotJson,
+    /// Answer 200 with JSON that has no `access_token`.
+    NoAccessToken,
+    /// Answer 200 with 1 MiB of JSON (a usable token at its very end).
+    Huge,
 }
+
+/// A token-like value the garbage [`TokenMode`]s carry: it must never be used or shown.
+pub const GARBAGE_TOKEN: &str = "garbage-token-3c9d41";
 
 /// A real OAuth 2.0 client-credentials token endpoint (RFC 6749 §4.4) on loopback: it checks
 /// the client id and secret, and issues random tokens with a short `expires_in`.
@@ -148,11 +157,38 @@ impl ServeHttp for TokenApp {
             r.headers_mut().insert("content-length", len.into());
             r
         };
-        if *self.mode.lock().expect("mode") == TokenMode::Failing {
-            return reply(
-                500,
-                serde_json::json!({"error": "temporarily_unavailable", "secret_detail": "endpoint-internal-text"}),
-            );
+        let mode = *self.mode.lock().expect("mode");
+        match mode {
+            TokenMode::Normal => {}
+            TokenMode::Failing => {
+                return reply(
+                    500,
+                    serde_json::json!({"error": "temporarily_unavailable", "secret_detail": "endpoint-internal-text"}),
+                )
+            }
+            TokenMode::NotJson => {
+                let mut r = Response::new(
+                    format!("<html>endpoint-internal-text access_token={GARBAGE_TOKEN}</html>")
+                        .into_bytes(),
+                );
+                r.headers_mut()
+                    .insert("content-type", "text/html".parse().expect("hv"));
+                let len = r.body().len();
+                r.headers_mut().insert("content-length", len.into());
+                return r;
+            }
+            TokenMode::NoAccessToken => {
+                return reply(
+                    200,
+                    serde_json::json!({"token_type": "Bearer", "expires_in": 3600, "token": GARBAGE_TOKEN}),
+                )
+            }
+            TokenMode::Huge => {
+                return reply(
+                    200,
+                    serde_json::json!({"padding": "x".repeat(1 << 20), "expires_in": 3600, "access_token": GARBAGE_TOKEN}),
+                )
+            }
         }
         let form: HashMap<String, String> = String::from_utf8_lossy(&body)
             .split('&')
