@@ -522,6 +522,7 @@ fn gateway_config(dir: &Path, origin_ca: &Path, sink: SocketAddr) -> anyhow::Res
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
          [[credential_rules]]\nhosts = [\"{GRAPH}\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
          [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n\
+         limits = {{ connections = 100000 }}\n\
          [telemetry]\nendpoint = \"http://{sink}\"\n"
     ))
 }

@@ -163,8 +163,10 @@ fn main() -> anyhow::Result<()> {
          [upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
          [policy]\ndir = {policy_dir:?}\n\
          [approvals]\ntimeout_secs = 86400\nmax_pending_per_agent = {max_pending}\n\
-         [[agents]]\nid = \"bench\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n",
+         [[agents]]\nid = \"bench\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n\
+         limits = {{ connections = {connections} }}\n",
         threads = args.gateway_threads,
+        connections = args.held + 16,
         max_pending = args.held + 1,
     );
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;

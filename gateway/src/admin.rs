@@ -380,7 +380,7 @@ impl AdminApi {
                     "problems".into(),
                     serde_json::to_value(&problems).unwrap_or_default(),
                 );
-                refusal.extra = Some(extra);
+                refusal.extra = Some(Box::new(extra));
                 Err(refusal)
             }
             Err(e @ LoadError::Io { .. }) => {
@@ -443,7 +443,9 @@ impl AdminApi {
                 };
                 Ok(json(status, &*stored))
             }
-            Err(e @ RegistryError::InvalidId(_)) => Err(Refusal::bad_request(e.to_string())),
+            Err(e @ (RegistryError::InvalidId(_) | RegistryError::InvalidLimits { .. })) => {
+                Err(Refusal::bad_request(e.to_string()))
+            }
             Err(e @ RegistryError::PeerTaken { .. }) => {
                 Err(Refusal::new(409, "conflict", e.to_string()))
             }

@@ -19,7 +19,7 @@ use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 
 use crate::config::AgentListenConfig;
-use crate::identity::{AgentRegistry, ListenerBinding};
+use crate::identity::ListenerBinding;
 use crate::intercept::Interceptor;
 use crate::listener::{self, EgressApp, ListenerError};
 use crate::proxy::{Egress, Shared};
@@ -31,8 +31,6 @@ pub struct EgressApps {
     pub shared: Arc<Shared>,
     /// CONNECT handling and TLS interception.
     pub interceptor: Arc<Interceptor>,
-    /// The agents.
-    pub registry: Arc<AgentRegistry>,
     /// pingora's settings for the proxy.
     pub server_conf: Arc<ServerConf>,
     /// How long a new connection may take to send its first bytes.
@@ -52,7 +50,7 @@ impl EgressApps {
         EgressApp::new(
             Arc::new(proxy),
             self.interceptor.clone(),
-            self.registry.clone(),
+            self.shared.clone(),
             binding,
             self.first_bytes_timeout,
             self.request_head_timeout,

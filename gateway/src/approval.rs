@@ -36,6 +36,8 @@ pub struct HoldRequest {
     pub id: String,
     /// The agent.
     pub agent: String,
+    /// How many of the agent's requests may be held at once (its `pending_approvals`).
+    pub max_pending: usize,
     /// Its tool call, if one is open.
     pub tool_call: Option<String>,
     /// Why it is held.
@@ -149,10 +151,10 @@ impl Approvals {
 
     /// Refuses up front if `agent` already has the maximum of held requests (checked again
     /// when the hold starts; this early check spares buffering a body for nothing).
-    pub fn check_capacity(&self, agent: &str) -> Result<(), Refusal> {
+    pub fn check_capacity(&self, agent: &str, max_pending: usize) -> Result<(), Refusal> {
         let held = self.held.lock().get(agent).copied().unwrap_or(0);
-        if held >= self.settings.max_pending_per_agent {
-            return Err(too_many(self.settings.max_pending_per_agent));
+        if held >= max_pending {
+            return Err(too_many(max_pending));
         }
         Ok(())
     }
@@ -192,7 +194,7 @@ impl Approvals {
             sealed_obo_token: None,
             obo_audience: request.obo_audience,
         };
-        let (slot, decided) = self.reserve(&record)?;
+        let (slot, decided) = self.reserve(&record, request.max_pending)?;
         let store = self.store.clone();
         let stored = record.clone();
         match tokio::task::spawn_blocking(move || store.insert_approval(&stored)).await {
@@ -219,14 +221,13 @@ impl Approvals {
     fn reserve(
         &self,
         record: &ApprovalRecord,
+        max_pending: usize,
     ) -> Result<(HeldSlot<'_>, oneshot::Receiver<Verdict>), HoldEnd> {
         {
             let mut held = self.held.lock();
             let count = held.entry(record.agent.clone()).or_default();
-            if *count >= self.settings.max_pending_per_agent {
-                return Err(HoldEnd::NotRecorded(too_many(
-                    self.settings.max_pending_per_agent,
-                )));
+            if *count >= max_pending {
+                return Err(HoldEnd::NotRecorded(too_many(max_pending)));
             }
             *count += 1;
         }
@@ -478,8 +479,9 @@ fn too_many(max: usize) -> Refusal {
         429,
         "too_many_pending_approvals",
         format!(
-            "this agent already has {max} requests waiting for approval; wait for a decision \
-             before sending more"
+            "this agent already has {max} requests waiting for approval, its limit \
+             (limits.pending_approvals, default approvals.max_pending_per_agent); wait for a \
+             decision before sending more"
         ),
     )
 }

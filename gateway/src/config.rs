@@ -345,6 +345,18 @@ pub struct LimitsConfig {
     /// Worker threads of the gateway's runtime; 0 means one per CPU.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Client connections one agent may have open at once; more get 429 and are closed.
+    /// An agent's own `limits.connections` overrides it.
+    #[serde(default = "default_agent_connections")]
+    pub agent_connections: usize,
+    /// Requests per second one agent may start (bursts of up to one second's worth); more
+    /// get 429 with `Retry-After`. 0: no limit. Per agent: `limits.requests_per_second`.
+    #[serde(default)]
+    pub agent_requests_per_second: u32,
+    /// Largest request body one agent may send, in bytes; larger gets 413. 0: no limit.
+    /// Per agent: `limits.request_body_bytes`.
+    #[serde(default)]
+    pub agent_request_body_bytes: u64,
 }
 
 /// `[policy]`: where the Cedar policies come from.
@@ -565,6 +577,9 @@ impl Config {
         if self.tls.leaf_validity_hours == 0 || self.tls.leaf_validity_hours > 24 * 90 {
             return invalid("tls.leaf_validity_hours must be between 1 and 2160".into());
         }
+        if self.limits.agent_connections == 0 {
+            return invalid("limits.agent_connections must be at least 1".into());
+        }
         if self.limits.max_connect_head_bytes < 256 {
             return invalid("limits.max_connect_head_bytes must be at least 256".into());
         }
@@ -780,6 +795,17 @@ impl UpstreamConfig {
 }
 
 impl LimitsConfig {
+    /// Every agent's limits where its own record sets none (held requests come from
+    /// `[approvals] max_pending_per_agent`).
+    pub fn agent_defaults(&self, approvals: &ApprovalsConfig) -> crate::quota::Effective {
+        crate::quota::Effective {
+            connections: self.agent_connections,
+            requests_per_second: self.agent_requests_per_second,
+            request_body_bytes: self.agent_request_body_bytes,
+            pending_approvals: approvals.max_pending_per_agent,
+        }
+    }
+
     /// The handshake timeout.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
@@ -841,6 +867,9 @@ fn default_pool_size() -> usize {
 }
 fn default_connect_head_bytes() -> usize {
     8 * 1024
+}
+fn default_agent_connections() -> usize {
+    256
 }
 fn default_request_head_timeout_ms() -> u64 {
     10_000
@@ -921,6 +950,9 @@ impl Default for LimitsConfig {
             max_connect_head_bytes: default_connect_head_bytes(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
             request_head_timeout_ms: default_request_head_timeout_ms(),
+            agent_connections: default_agent_connections(),
+            agent_requests_per_second: 0,
+            agent_request_body_bytes: 0,
             worker_threads: 0,
         }
     }

@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentListenConfig;
+use crate::quota::AgentLimits;
 
 pub use tollgate_policy::RunMode;
 
@@ -44,6 +45,10 @@ pub struct Agent {
     /// agent's, whatever its source address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<AgentListenConfig>,
+    /// The agent's own limits (connections, request rate, body size, held requests); each
+    /// one left out is the default from `[limits]`.
+    #[serde(default, skip_serializing_if = "AgentLimits::is_unset")]
+    pub limits: AgentLimits,
     /// Numbers this version of the record (set by the registry on every change), so caches
     /// keyed by it never serve facts of an older version. A value given in input is
     /// ignored: the registry always sets its own.
@@ -73,6 +78,14 @@ pub enum RegistryError {
     /// The id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
     #[error("agent id {0:?} is invalid: use 1 to 128 characters of A-Z a-z 0-9 . _ -")]
     InvalidId(String),
+    /// A limit that would lock the agent out.
+    #[error("agent {agent:?}: {reason}")]
+    InvalidLimits {
+        /// The agent.
+        agent: String,
+        /// Which limit, and why.
+        reason: String,
+    },
     /// Another agent already owns this source address.
     #[error("peer address {peer} already belongs to agent {owner:?}")]
     PeerTaken {
@@ -140,6 +153,13 @@ impl AgentRegistry {
     /// Adds or replaces an agent. Returns true if it was new.
     pub fn put(&self, mut agent: Agent) -> Result<bool, RegistryError> {
         validate_agent_id(&agent.id)?;
+        agent
+            .limits
+            .validate()
+            .map_err(|reason| RegistryError::InvalidLimits {
+                agent: agent.id.clone(),
+                reason,
+            })?;
         for peer in agent.peers.iter_mut() {
             *peer = canonical_ip(*peer);
         }
@@ -254,6 +274,7 @@ mod tests {
             tags: BTreeMap::new(),
             peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
             listen: None,
+            limits: AgentLimits::default(),
             revision: 0,
         }
     }

@@ -228,9 +228,7 @@ fn peer_ip(l4: &L4Stream) -> Option<IpAddr> {
 
 async fn refuse(mut l4: Box<L4Stream>, peer: Option<IpAddr>, refusal: Refusal) -> Option<Stream> {
     tracing::warn!(peer = ?peer, status = refusal.status, error = refusal.error, detail = %refusal.detail, "CONNECT refused");
-    let _ = l4.write_all(&refusal.to_http1()).await;
-    let _ = l4.flush().await;
-    let _ = l4.shutdown().await;
+    crate::reply::answer_raw_and_close(&mut l4, &refusal).await;
     None
 }
 

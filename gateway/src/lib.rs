@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod obo;
 pub mod proxy;
 pub mod queue;
+pub mod quota;
 pub mod replay;
 pub mod reply;
 pub mod server;

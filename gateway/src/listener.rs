@@ -24,9 +24,10 @@ use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
 use crate::head_deadline::HeadDeadline;
-use crate::identity::{self, AgentRegistry, ListenerBinding};
+use crate::identity::{self, ListenerBinding};
 use crate::intercept::{self, Interceptor};
-use crate::proxy::{identity_refusal, Egress};
+use crate::proxy::{identity_refusal, Egress, Shared};
+use crate::reply;
 
 /// Why a listener could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +152,7 @@ where
 pub struct EgressApp {
     proxy: Arc<HttpProxy<Egress>>,
     interceptor: Arc<Interceptor>,
-    registry: Arc<AgentRegistry>,
+    shared: Arc<Shared>,
     binding: ListenerBinding,
     first_bytes_timeout: Duration,
     request_head_timeout: Duration,
@@ -162,7 +163,7 @@ impl EgressApp {
     pub fn new(
         proxy: Arc<HttpProxy<Egress>>,
         interceptor: Arc<Interceptor>,
-        registry: Arc<AgentRegistry>,
+        shared: Arc<Shared>,
         binding: ListenerBinding,
         first_bytes_timeout: Duration,
         request_head_timeout: Duration,
@@ -170,7 +171,7 @@ impl EgressApp {
         EgressApp {
             proxy,
             interceptor,
-            registry,
+            shared,
             binding,
             first_bytes_timeout,
             request_head_timeout,
@@ -185,6 +186,18 @@ impl ServerApp for EgressApp {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // The agent's connection limit: who it is is known from the listener or the source
+        // address before anything is parsed. Unknown sources are refused per request (403).
+        let agent = identity::identify(&self.shared.registry, &self.binding, peer_ip(&stream));
+        let _permit = match agent.map(|agent| self.shared.quotas.open_connection(&agent)) {
+            Ok(Err(refusal)) => {
+                tracing::warn!(status = refusal.status, error = refusal.error, detail = %refusal.detail, "connection refused");
+                reply::answer_raw_and_close(&mut stream, &refusal).await;
+                return None;
+            }
+            Ok(Ok(permit)) => Some(permit),
+            Err(_) => None,
+        };
         let first = tokio::time::timeout(
             self.first_bytes_timeout,
             intercept::starts_with_connect(&mut stream),
@@ -200,7 +213,7 @@ impl ServerApp for EgressApp {
             return self.proxy.process_new(stream, shutdown).await;
         }
         let admit = |peer: Option<IpAddr>| {
-            identity::identify(&self.registry, &self.binding, peer)
+            identity::identify(&self.shared.registry, &self.binding, peer)
                 .map(|_| ())
                 .map_err(|e| identity_refusal(&e))
         };
@@ -214,4 +227,12 @@ impl ServerApp for EgressApp {
         }
         self.proxy.process_new(decrypted, shutdown).await
     }
+}
+
+/// The client's IP address, from the socket.
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    stream
+        .get_socket_digest()
+        .and_then(|digest| digest.peer_addr().cloned())
+        .and_then(|addr| addr.as_inet().map(|inet| inet.ip()))
 }

@@ -28,6 +28,7 @@ use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding, RunMode};
 use crate::intercept::Tunnel;
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::replay;
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
@@ -57,6 +58,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The span per request, exported over OTLP.
     pub telemetry: Arc<Telemetry>,
+    /// What each agent may use at once (connections, rate, body size, held requests).
+    pub quotas: Arc<Quotas>,
 }
 
 /// The pipeline of one listener: the shared state plus how that listener identifies agents.
@@ -87,6 +90,9 @@ pub struct RequestCtx {
     approval: Option<String>,
     /// Request body bytes the gateway read itself.
     bytes_in: u64,
+    /// Request body bytes streamed to the origin so far (checked against the agent's limit
+    /// when the length was not declared).
+    body_streamed: u64,
     /// Set when the gateway sent the request itself and relayed the answer.
     relayed: Option<replay::Relayed>,
     /// Set when the gateway answered the request itself.
@@ -256,6 +262,11 @@ impl Egress {
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
             .map_err(|e| identity_refusal(&e))?;
         ctx.agent = Some(agent.clone());
+        // 1a. Within what this agent may use: its request rate and body size.
+        self.shared.quotas.start_request(&agent)?;
+        self.shared
+            .quotas
+            .check_body(&agent, declared_length(session))?;
         // 1b. Nothing leaves that cannot be recorded: with the store failing, refuse.
         if let Some(why) = self.shared.audit.unwritable() {
             return Err(storage_unavailable(&why).into());
@@ -297,8 +308,16 @@ impl Egress {
                 ApprovalKind::Request
             };
             let approvals = &self.shared.approvals;
-            let held = match approvals.check_capacity(&agent.id) {
-                Ok(()) => match read_whole_body(session, approvals.max_body_bytes()).await {
+            let limits = self.shared.quotas.of(&agent);
+            // The held body is kept in memory: the smaller of the two limits applies.
+            let body_limit = match limits.request_body_bytes {
+                0 => approvals.max_body_bytes(),
+                own => approvals
+                    .max_body_bytes()
+                    .min(own.try_into().unwrap_or(usize::MAX)),
+            };
+            let held = match approvals.check_capacity(&agent.id, limits.pending_approvals) {
+                Ok(()) => match read_whole_body(session, body_limit).await {
                     Ok(held) => self.hold(session, ctx, &agent, kind, held).await,
                     Err(refusal) => Err(refusal.into()),
                 },
@@ -375,6 +394,7 @@ impl Egress {
         let held = HoldRequest {
             id,
             agent: agent.id.clone(),
+            max_pending: self.shared.quotas.of(agent).pending_approvals,
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             kind,
             method: session.req_header().method.to_string(),
@@ -639,6 +659,7 @@ impl ProxyHttp for Egress {
             path_and_query: String::new(),
             approval: None,
             bytes_in: 0,
+            body_streamed: 0,
             relayed: None,
             refusal: None,
             approval_wait: Duration::ZERO,
@@ -676,6 +697,29 @@ impl ProxyHttp for Egress {
         }
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        // A declared length was checked on admission; a chunked body is counted as it goes.
+        // Over the limit, the origin has the head and part of the body but never its end, so
+        // it cannot take the request as complete; the sandbox gets 413.
+        if let (Some(agent), Some(chunk)) = (&ctx.agent, body.as_ref()) {
+            ctx.body_streamed += chunk.len() as u64;
+            if let Err(refusal) = self.shared.quotas.body_within(agent, ctx.body_streamed) {
+                ctx.refusal = Some(refusal);
+                return Err(pingora::Error::explain(
+                    ErrorType::Custom("body_too_large"),
+                    "the request body is over the agent's limit",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -710,27 +754,33 @@ impl ProxyHttp for Egress {
         e: &pingora::Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let refusal = match e.esource() {
-            ErrorSource::Upstream => {
-                let target = ctx
-                    .target
-                    .as_ref()
-                    .map(|t| t.host_header())
-                    .unwrap_or_else(|| "the origin".into());
-                Some(upstream::refusal_for_upstream_error(e, &target))
-            }
-            ErrorSource::Downstream => match e.etype() {
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
-                _ => Some(Refusal::bad_request(format!(
-                    "malformed request: {}",
-                    e.etype().as_str()
-                ))),
+        // A refusal decided in a filter (a streamed body over its limit) explains itself.
+        let refusal = match ctx.refusal.take() {
+            Some(refusal) => Some(refusal),
+            None => match e.esource() {
+                ErrorSource::Upstream => {
+                    let target = ctx
+                        .target
+                        .as_ref()
+                        .map(|t| t.host_header())
+                        .unwrap_or_else(|| "the origin".into());
+                    Some(upstream::refusal_for_upstream_error(e, &target))
+                }
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                        None
+                    }
+                    _ => Some(Refusal::bad_request(format!(
+                        "malformed request: {}",
+                        e.etype().as_str()
+                    ))),
+                },
+                _ => Some(Refusal::new(
+                    500,
+                    "internal_error",
+                    "the gateway failed to handle the request",
+                )),
             },
-            _ => Some(Refusal::new(
-                500,
-                "internal_error",
-                "the gateway failed to handle the request",
-            )),
         };
         let mut error_code = 0;
         if let Some(refusal) = refusal {

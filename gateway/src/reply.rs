@@ -20,7 +20,10 @@ pub struct Refusal {
     /// A sentence for the person reading the log or the client output.
     pub detail: String,
     /// More fields for the body (e.g. the policy decision), merged beside error and detail.
-    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// (Boxed: most refusals have none, and a small `Refusal` keeps `Result`s small.)
+    pub extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
+    /// Seconds after which trying again makes sense (`Retry-After`), for limits that refill.
+    pub retry_after_secs: Option<u32>,
 }
 
 impl Refusal {
@@ -31,7 +34,14 @@ impl Refusal {
             error,
             detail: detail.into(),
             extra: None,
+            retry_after_secs: None,
         }
+    }
+
+    /// The same refusal, telling the client when to try again.
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
     }
 
     /// The refusal for a policy decision that denies: 403 with the decision, the policies
@@ -52,7 +62,7 @@ impl Refusal {
     /// The same refusal with one more body field.
     pub fn with_extra(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
         self.extra
-            .get_or_insert_with(serde_json::Map::new)
+            .get_or_insert_with(Default::default)
             .insert(key.to_string(), value.into());
         self
     }
@@ -68,7 +78,7 @@ impl Refusal {
         body.insert("error".into(), self.error.into());
         body.insert("detail".into(), self.detail.clone().into());
         if let Some(extra) = &self.extra {
-            body.extend(extra.clone());
+            body.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         Bytes::from(serde_json::Value::Object(body).to_string())
     }
@@ -77,9 +87,13 @@ impl Refusal {
     /// session to answer through (the CONNECT handler).
     pub fn to_http1(&self) -> Vec<u8> {
         let body = self.body();
+        let retry_after = self
+            .retry_after_secs
+            .map(|s| format!("retry-after: {s}\r\n"))
+            .unwrap_or_default();
         let mut out = format!(
             "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-             connection: close\r\n\r\n",
+             {retry_after}connection: close\r\n\r\n",
             self.status,
             reason_phrase(self.status),
             body.len()
@@ -96,6 +110,9 @@ impl Refusal {
         header.insert_header("content-type", "application/json")?;
         header.insert_header("content-length", body.len().to_string())?;
         header.insert_header("cache-control", "no-store")?;
+        if let Some(secs) = self.retry_after_secs {
+            header.insert_header("retry-after", secs.to_string())?;
+        }
         session.set_keepalive(None);
         session
             .write_response_header(Box::new(header), false)
@@ -103,6 +120,32 @@ impl Refusal {
         session.write_response_body(Some(body), true).await?;
         Ok(())
     }
+}
+
+/// Writes `refusal` as a raw HTTP/1.1 response on a connection no HTTP session owns (a
+/// CONNECT, or a connection refused before its request is parsed) and closes it. Whatever the
+/// client is still sending is read and dropped for up to a second first: closing a socket with
+/// unread input resets it, and the client might lose the answer.
+pub async fn answer_raw_and_close<S>(io: &mut S, refusal: &Refusal)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if io.write_all(&refusal.to_http1()).await.is_err() || io.flush().await.is_err() {
+        return;
+    }
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 impl std::fmt::Display for Refusal {

@@ -213,6 +213,9 @@ pub async fn start(
         audit: audit.clone(),
         metrics: metrics.clone(),
         telemetry: telemetry.clone(),
+        quotas: Arc::new(crate::quota::Quotas::new(
+            config.limits.agent_defaults(&config.approvals),
+        )),
     });
 
     let (shutdown, watch) = watch::channel(false);
@@ -220,7 +223,6 @@ pub async fn start(
     let apps = EgressApps {
         shared: shared.clone(),
         interceptor: interceptor.clone(),
-        registry: registry.clone(),
         server_conf: server_conf.clone(),
         first_bytes_timeout: config.limits.handshake_timeout(),
         request_head_timeout: config.limits.request_head_timeout(),

@@ -1,0 +1,304 @@
+//! What one agent may use of the gateway at once, so that no agent can starve another:
+//! open connections, requests per second, request body size, and held requests.
+//!
+//! `[limits]` sets the defaults for every agent; an agent's own `limits` (in `[[agents]]` or
+//! its admin API record) overrides them field by field. Usage is counted per agent id, so it
+//! survives an agent's record being replaced; each agent has its own counters and bucket, and
+//! nothing one agent does touches another's.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Agent;
+use crate::reply::Refusal;
+
+/// An agent's own limits; each one left out is the gateway's default from `[limits]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentLimits {
+    /// Client connections open at once (plain and CONNECT); more get 429 and are closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+    /// Requests per second, with bursts of up to one second's worth; more get 429. 0: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    /// Largest request body in bytes; a larger one gets 413. 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_body_bytes: Option<u64>,
+    /// Requests held for approval at once; more get 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_approvals: Option<usize>,
+}
+
+impl AgentLimits {
+    /// Whether no field is set (then the record does not mention limits).
+    pub fn is_unset(&self) -> bool {
+        *self == AgentLimits::default()
+    }
+
+    /// Refuses a limit of zero where zero would lock the agent out rather than lift the limit.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.connections == Some(0) {
+            return Err("limits.connections must be at least 1".into());
+        }
+        if self.pending_approvals == Some(0) {
+            return Err("limits.pending_approvals must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Limits with every field decided: an agent's own, or the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    /// Connections at once.
+    pub connections: usize,
+    /// Requests per second; 0 means no limit.
+    pub requests_per_second: u32,
+    /// Largest body; 0 means no limit.
+    pub request_body_bytes: u64,
+    /// Held requests at once.
+    pub pending_approvals: usize,
+}
+
+impl Effective {
+    /// `defaults`, overridden by what `own` sets.
+    fn with(self, own: &AgentLimits) -> Effective {
+        Effective {
+            connections: own.connections.unwrap_or(self.connections),
+            requests_per_second: own.requests_per_second.unwrap_or(self.requests_per_second),
+            request_body_bytes: own.request_body_bytes.unwrap_or(self.request_body_bytes),
+            pending_approvals: own.pending_approvals.unwrap_or(self.pending_approvals),
+        }
+    }
+}
+
+/// One agent's usage.
+#[derive(Debug)]
+struct Usage {
+    connections: AtomicUsize,
+    bucket: Mutex<Bucket>,
+}
+
+/// A token bucket: `tokens` requests may start now; it refills at the agent's rate.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Every agent's usage against its limits.
+#[derive(Debug)]
+pub struct Quotas {
+    defaults: Effective,
+    usage: Mutex<HashMap<String, Arc<Usage>>>,
+}
+
+/// One open connection of an agent; the count goes down when it is dropped.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    usage: Arc<Usage>,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.usage.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Quotas {
+    /// Usage counters for limits that default to `defaults`.
+    pub fn new(defaults: Effective) -> Self {
+        Quotas {
+            defaults,
+            usage: Mutex::default(),
+        }
+    }
+
+    /// The limits that apply to `agent`.
+    pub fn of(&self, agent: &Agent) -> Effective {
+        self.defaults.with(&agent.limits)
+    }
+
+    fn usage(&self, agent: &str) -> Arc<Usage> {
+        let mut all = self.usage.lock();
+        if let Some(usage) = all.get(agent) {
+            return usage.clone();
+        }
+        let usage = Arc::new(Usage {
+            connections: AtomicUsize::new(0),
+            bucket: Mutex::new(Bucket {
+                tokens: f64::MAX,
+                refilled: Instant::now(),
+            }),
+        });
+        all.insert(agent.to_string(), usage.clone());
+        usage
+    }
+
+    /// Counts a new connection of `agent`, or refuses it (429) when the agent has its
+    /// maximum open.
+    pub fn open_connection(&self, agent: &Agent) -> Result<ConnectionPermit, Refusal> {
+        let max = self.of(agent).connections;
+        let usage = self.usage(&agent.id);
+        let open = usage.connections.fetch_add(1, Ordering::AcqRel);
+        let permit = ConnectionPermit { usage };
+        if open >= max {
+            return Err(Refusal::new(
+                429,
+                "too_many_connections",
+                format!(
+                    "agent {:?} has {max} connections open, its limit (limits.connections): \
+                     reuse connections or close idle ones",
+                    agent.id
+                ),
+            ));
+        }
+        Ok(permit)
+    }
+
+    /// Takes one request from `agent`'s rate, or refuses it (429) when the agent is over its
+    /// requests per second.
+    pub fn start_request(&self, agent: &Agent) -> Result<(), Refusal> {
+        let rate = self.of(agent).requests_per_second;
+        if rate == 0 {
+            return Ok(());
+        }
+        let usage = self.usage(&agent.id);
+        let mut bucket = usage.bucket.lock();
+        let now = Instant::now();
+        let burst = f64::from(rate);
+        let refill = now.duration_since(bucket.refilled).as_secs_f64() * burst;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.refilled = now;
+        if bucket.tokens < 1.0 {
+            return Err(Refusal::new(
+                429,
+                "rate_limited",
+                format!(
+                    "agent {:?} is over its limit of {rate} requests per second \
+                     (limits.requests_per_second): slow down and retry",
+                    agent.id
+                ),
+            )
+            .with_retry_after(1));
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Refuses (413) a request whose declared body is larger than `agent` may send.
+    pub fn check_body(&self, agent: &Agent, declared: Option<u64>) -> Result<(), Refusal> {
+        let max = self.of(agent).request_body_bytes;
+        match declared {
+            Some(len) if max > 0 && len > max => Err(body_too_large(&agent.id, max)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `sent` body bytes are still within what `agent` may send (for bodies whose
+    /// length is not declared up front).
+    pub fn body_within(&self, agent: &Agent, sent: u64) -> Result<(), Refusal> {
+        self.check_body(agent, Some(sent))
+    }
+}
+
+fn body_too_large(agent: &str, max: u64) -> Refusal {
+    Refusal::new(
+        413,
+        "body_too_large",
+        format!(
+            "agent {agent:?} may send request bodies of at most {max} bytes \
+             (limits.request_body_bytes)"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, limits: AgentLimits) -> Agent {
+        let mut agent: Agent =
+            serde_json::from_str(r#"{"run_mode": "Autonomous"}"#).expect("agent");
+        agent.id = id.into();
+        agent.limits = limits;
+        agent
+    }
+
+    const DEFAULTS: Effective = Effective {
+        connections: 2,
+        requests_per_second: 0,
+        request_body_bytes: 0,
+        pending_approvals: 16,
+    };
+
+    #[test]
+    fn connections_are_counted_per_agent_and_given_back() {
+        let quotas = Quotas::new(DEFAULTS);
+        let (a, b) = (
+            agent("a", AgentLimits::default()),
+            agent("b", AgentLimits::default()),
+        );
+        let first = quotas.open_connection(&a).unwrap();
+        let _second = quotas.open_connection(&a).unwrap();
+        let refused = quotas.open_connection(&a).unwrap_err();
+        assert_eq!(
+            (refused.status, refused.error),
+            (429, "too_many_connections")
+        );
+        assert!(quotas.open_connection(&b).is_ok(), "b has its own count");
+        drop(first);
+        assert!(quotas.open_connection(&a).is_ok(), "a closed one");
+    }
+
+    #[test]
+    fn the_rate_allows_a_burst_of_one_second_then_refuses() {
+        let quotas = Quotas::new(DEFAULTS);
+        let a = agent(
+            "a",
+            AgentLimits {
+                requests_per_second: Some(5),
+                ..Default::default()
+            },
+        );
+        let b = agent("b", AgentLimits::default());
+        let allowed = (0..20).filter(|_| quotas.start_request(&a).is_ok()).count();
+        assert!((5..=6).contains(&allowed), "{allowed}");
+        let refused = quotas.start_request(&a).unwrap_err();
+        assert_eq!((refused.status, refused.error), (429, "rate_limited"));
+        assert!(
+            (0..100).all(|_| quotas.start_request(&b).is_ok()),
+            "b has no limit"
+        );
+    }
+
+    #[test]
+    fn an_agents_own_limits_override_the_defaults_field_by_field() {
+        let quotas = Quotas::new(DEFAULTS);
+        let own = AgentLimits {
+            request_body_bytes: Some(10),
+            ..Default::default()
+        };
+        let limits = quotas.of(&agent("a", own));
+        assert_eq!(limits.request_body_bytes, 10);
+        assert_eq!(limits.connections, DEFAULTS.connections);
+        let a = agent("a", own);
+        assert_eq!(quotas.check_body(&a, Some(11)).unwrap_err().status, 413);
+        assert!(quotas.check_body(&a, Some(10)).is_ok());
+        assert!(quotas.check_body(&a, None).is_ok());
+        let unlimited = agent("b", AgentLimits::default());
+        assert!(quotas.check_body(&unlimited, Some(u64::MAX)).is_ok());
+        assert!(AgentLimits {
+            connections: Some(0),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+    }
+}
