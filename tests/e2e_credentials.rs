@@ -18,20 +18,8 @@ fn gateway(endpoint: &TokenEndpoint, credentials: &str, env: &[(&str, &str)]) ->
     let secret_dir = tempfile::tempdir().expect("tempdir");
     let secret_file = secret_dir.path().join("secret");
     std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).expect("write secret");
-    let config = format!(
-        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
-
-[[identity_providers]]
-name = "entra"
-kind = "client_credentials"
-token_url = "{url}"
-client_id = "{CLIENT_ID}"
-client_secret = {{ file = {secret_file:?} }}
-
-[[credential_rules]]
-hosts = ["{HOST}"]
-audience = "{AUDIENCE}"
-strip_headers = ["x-api-key"]
+    let rest = format!(
+        r#"strip_headers = ["x-api-key"]
 
 [credentials]
 backoff_initial_ms = 400
@@ -42,10 +30,15 @@ id = "a"
 run_mode = "Autonomous"
 identity = "entra"
 peers = ["127.0.0.1"]
-"#,
-        upstream = loopback_upstream(None),
-        url = endpoint.url(),
+"#
     );
+    let config = entra_config(
+        endpoint,
+        CLIENT_ID,
+        &format!("{{ file = {secret_file:?} }}"),
+        HOST,
+        AUDIENCE,
+    ) + &rest;
     let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
     // The secret was read at start; the file can go (the test checks it is not copied).
     drop(secret_dir);

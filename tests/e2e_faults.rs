@@ -300,20 +300,13 @@ async fn a_token_endpoint_answering_garbage_gives_502_and_forwards_nothing() {
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
     let origin = Origin::protected(&endpoint, AUDIENCE);
-    let config = format!(
-        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
-
-[[identity_providers]]
-name = "entra"
-kind = "client_credentials"
-token_url = "{url}"
-client_id = "{CLIENT_ID}"
-client_secret = {{ env = "FAULTS_CLIENT_SECRET" }}
-
-[[credential_rules]]
-hosts = ["{HOST}"]
-audience = "{AUDIENCE}"
-
+    let config = entra_config(
+        &endpoint,
+        CLIENT_ID,
+        r#"{ env = "FAULTS_CLIENT_SECRET" }"#,
+        HOST,
+        AUDIENCE,
+    ) + r#"
 [credentials]
 backoff_initial_ms = 50
 backoff_max_ms = 50
@@ -323,10 +316,7 @@ id = "a"
 run_mode = "Autonomous"
 identity = "entra"
 peers = ["127.0.0.1"]
-"#,
-        upstream = loopback_upstream(None),
-        url = endpoint.url(),
-    );
+"#;
     let gw = Gateway::start_with_env(
         &config,
         &[ALLOW_ALL],

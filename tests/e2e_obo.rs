@@ -19,20 +19,13 @@ const HOST: &str = "api.protected.test";
 const PERSON_TOKEN: &str = "alice-obo-token-5d2e91";
 
 fn gateway(endpoint: &TokenEndpoint) -> Gateway {
-    let config = format!(
-        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
-
-[[identity_providers]]
-name = "entra"
-kind = "client_credentials"
-token_url = "{url}"
-client_id = "{CLIENT_ID}"
-client_secret = {{ env = "OBO_TEST_SECRET" }}
-
-[[credential_rules]]
-hosts = ["{HOST}"]
-audience = "{AUDIENCE}"
-
+    let config = entra_config(
+        endpoint,
+        CLIENT_ID,
+        r#"{ env = "OBO_TEST_SECRET" }"#,
+        HOST,
+        AUDIENCE,
+    ) + r#"
 [[agents]]
 id = "a"
 run_mode = "Autonomous"
@@ -44,10 +37,7 @@ id = "ro"
 run_mode = "ReadOnly"
 identity = "entra"
 peers = ["127.0.0.2"]
-"#,
-        upstream = loopback_upstream(None),
-        url = endpoint.url(),
-    );
+"#;
     Gateway::start_with_env(
         &config,
         &[ALLOW_ALL],

@@ -1046,3 +1046,33 @@ pub fn wait_for_approvals(gw: &Gateway, filter: &str, n: usize) -> Vec<serde_jso
 pub fn sha256_hex(data: &[u8]) -> String {
     tollgate_gateway::approval::body_sha256(data)
 }
+
+/// The start of a config in which the gateway gets tokens from `endpoint` (identity provider
+/// `entra`, OAuth client credentials as `client_id` with the secret `secret`, a TOML value
+/// such as `{ env = "X" }`) for `host` (pinned to 127.0.0.1), with audience `audience`.
+/// Lines that follow at once belong to that `[[credential_rules]]` entry.
+pub fn entra_config(
+    endpoint: &TokenEndpoint,
+    client_id: &str,
+    secret: &str,
+    host: &str,
+    audience: &str,
+) -> String {
+    format!(
+        r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{host}" = "127.0.0.1" }}
+
+[[identity_providers]]
+name = "entra"
+kind = "client_credentials"
+token_url = "{url}"
+client_id = "{client_id}"
+client_secret = {secret}
+
+[[credential_rules]]
+hosts = ["{host}"]
+audience = "{audience}"
+"#,
+        upstream = loopback_upstream(None),
+        url = endpoint.url(),
+    )
+}
