@@ -139,9 +139,10 @@ pub enum PathError {
     /// `%` not followed by two hex digits.
     #[error("the path has a malformed percent-escape (% must be followed by two hex digits)")]
     BadEscape,
-    /// A control character (including an encoded NUL): no origin should see one.
-    #[error("the path has a control character")]
-    ControlCharacter,
+    /// A control character (including an encoded NUL) or unencoded whitespace: not part of
+    /// any valid path, and parsers disagree on where it ends one.
+    #[error("the path has a control character or unencoded whitespace")]
+    ForbiddenCharacter,
 }
 
 /// The path (query and fragment dropped) in the one spelling the policies compare:
@@ -169,7 +170,7 @@ pub fn canonical_path(raw: &str) -> Result<String, PathError> {
                 rest = &rest[2..];
                 match byte {
                     b'/' | b'\\' => return Err(PathError::HiddenSeparator),
-                    b if b.is_ascii_control() => return Err(PathError::ControlCharacter),
+                    b if b.is_ascii_control() => return Err(PathError::ForbiddenCharacter),
                     b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
                         out.push(char::from(b))
                     }
@@ -180,7 +181,9 @@ pub fn canonical_path(raw: &str) -> Result<String, PathError> {
                 }
             }
             '\\' => return Err(PathError::HiddenSeparator),
-            c if c.is_control() => return Err(PathError::ControlCharacter),
+            c if c.is_control() || c.is_whitespace() => {
+                return Err(PathError::ForbiddenCharacter)
+            }
             c => out.push(c),
         }
     }
@@ -382,8 +385,10 @@ mod tests {
             ("/a%zz", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("/a%+1", PathError::BadEscape),
-            ("/a%00", PathError::ControlCharacter),
-            ("/a\tb", PathError::ControlCharacter),
+            ("/a%00", PathError::ForbiddenCharacter),
+            ("/a\tb", PathError::ForbiddenCharacter),
+            ("/subscriptions/s /x", PathError::ForbiddenCharacter),
+            ("/a\u{a0}b", PathError::ForbiddenCharacter),
         ] {
             assert_eq!(canonical_path(raw), Err(why), "{raw:?}");
         }
