@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -92,12 +92,32 @@ struct Bucket {
     refilled: Instant,
 }
 
+impl Usage {
+    /// Whether this usage says nothing a fresh one would not: no connection open and a
+    /// bucket that has had time to fill up again.
+    fn is_idle(&self) -> bool {
+        self.connections.load(Ordering::Acquire) == 0
+            && self.bucket.lock().refilled.elapsed() >= Duration::from_secs(1)
+    }
+}
+
 /// Every agent's usage against its limits.
 #[derive(Debug)]
 pub struct Quotas {
     defaults: Effective,
-    usage: Mutex<HashMap<String, Arc<Usage>>>,
+    usage: Mutex<Table>,
 }
+
+/// The usage of agents seen lately. Agents come and go (one per sandbox), so idle entries
+/// are dropped whenever the table has doubled since the last sweep.
+#[derive(Debug, Default)]
+struct Table {
+    agents: HashMap<String, Arc<Usage>>,
+    sweep_at: usize,
+}
+
+/// The table size below which no sweep happens.
+const MIN_SWEEP: usize = 1024;
 
 /// One open connection of an agent; the count goes down when it is dropped.
 #[derive(Debug)]
@@ -116,7 +136,10 @@ impl Quotas {
     pub fn new(defaults: Effective) -> Self {
         Quotas {
             defaults,
-            usage: Mutex::default(),
+            usage: Mutex::new(Table {
+                agents: HashMap::new(),
+                sweep_at: MIN_SWEEP,
+            }),
         }
     }
 
@@ -126,9 +149,13 @@ impl Quotas {
     }
 
     fn usage(&self, agent: &str) -> Arc<Usage> {
-        let mut all = self.usage.lock();
-        if let Some(usage) = all.get(agent) {
+        let mut table = self.usage.lock();
+        if let Some(usage) = table.agents.get(agent) {
             return usage.clone();
+        }
+        if table.agents.len() >= table.sweep_at {
+            table.agents.retain(|_, usage| !usage.is_idle());
+            table.sweep_at = (table.agents.len() * 2).max(MIN_SWEEP);
         }
         let usage = Arc::new(Usage {
             connections: AtomicUsize::new(0),
@@ -137,7 +164,7 @@ impl Quotas {
                 refilled: Instant::now(),
             }),
         });
-        all.insert(agent.to_string(), usage.clone());
+        table.agents.insert(agent.to_string(), usage.clone());
         usage
     }
 
@@ -276,6 +303,23 @@ mod tests {
             (0..100).all(|_| quotas.start_request(&b).is_ok()),
             "b has no limit"
         );
+    }
+
+    #[test]
+    fn idle_agents_are_forgotten_busy_ones_are_not() {
+        let quotas = Quotas::new(DEFAULTS);
+        let busy = agent("busy", AgentLimits::default());
+        let _open = quotas.open_connection(&busy).unwrap();
+        for i in 0..MIN_SWEEP {
+            let usage = quotas.usage(&format!("gone-{i}"));
+            usage.bucket.lock().refilled -= Duration::from_secs(2);
+        }
+        // The last insert found the table full and swept it: the busy agent stayed, the idle
+        // ones went, and the one that triggered the sweep came in after it.
+        let table = quotas.usage.lock();
+        let mut left: Vec<&str> = table.agents.keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["busy", &format!("gone-{}", MIN_SWEEP - 1)]);
     }
 
     #[test]

@@ -181,9 +181,7 @@ pub fn canonical_path(raw: &str) -> Result<String, PathError> {
                 }
             }
             '\\' => return Err(PathError::HiddenSeparator),
-            c if c.is_control() || c.is_whitespace() => {
-                return Err(PathError::ForbiddenCharacter)
-            }
+            c if c.is_control() || c.is_whitespace() => return Err(PathError::ForbiddenCharacter),
             c => out.push(c),
         }
     }
