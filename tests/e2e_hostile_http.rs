@@ -2,9 +2,9 @@
 //! smuggling (ambiguous message framing), malformed heads, and heads too large. Each must get
 //! a 4xx or a closed connection, nothing may reach the origin, and the gateway keeps serving.
 //!
-//! Not here yet: a malformed chunk size inside a body. The body streams, so the origin has
-//! the request head before the bad chunk arrives (the client gets 400 and the upstream
-//! connection is dropped); refusing it before anything is sent needs the body buffered.
+//! A malformed chunk size inside a body cannot be refused before the origin has the head: the
+//! body streams. What matters is that the origin never gets a complete request, nor any byte
+//! of the sandbox's framing: pingora decodes the chunks and writes its own.
 
 mod support;
 
@@ -238,4 +238,88 @@ async fn a_head_sent_too_slowly_is_cut_off_but_slow_bodies_and_idle_keep_alive_a
         "a slow body and an idle pause are not a slow head: {answer:?}"
     );
     assert_eq!(origin.requests(), 2);
+}
+
+/// A raw TCP origin that records every byte it receives and never answers.
+struct Recorder {
+    addr: std::net::SocketAddr,
+    bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = bytes.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                connections.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        sink.lock().expect("sink").extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        Recorder { addr, bytes, task }
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().expect("bytes")).to_string()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunk_never_reaches_the_origin_as_a_request() {
+    let (gw, _origin) = world();
+    let recorder = Recorder::start().await;
+    let authority = recorder.addr.to_string();
+    let smuggled = format!("GET http://{authority}/smuggled HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let mut failures = Vec::new();
+    for (name, chunks) in [
+        ("a size that is not hex", "zz\r\nhello\r\n0\r\n\r\n"),
+        ("a size that overflows", "FFFFFFFFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n"),
+        ("a negative size", "-5\r\nhello\r\n0\r\n\r\n"),
+        ("data longer than its size", "2\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let request = format!(
+            "POST http://{authority}/a HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}{smuggled}"
+        );
+        let answer = tokio::task::spawn_blocking({
+            let egress = gw.egress;
+            move || raw_exchange(egress, request.as_bytes())
+        })
+        .await
+        .expect("client");
+        if !refused(&answer) {
+            failures.push(format!("{name}: answered {:?}", answer.lines().next()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = recorder.received();
+    eprintln!("the origin received {} bytes: {received:?}", received.len());
+    for marker in ["smuggled", "zz\r\n", "FFFFFFFF", "-5\r\n", "hello", "0\r\n\r\n"] {
+        if received.contains(marker) {
+            failures.push(format!("the origin received {marker:?}: {received:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let ok = curl(&["-x", &gw.proxy_url(), &format!("http://127.0.0.1:{}/after", _origin.port())]);
+    assert_eq!(ok.status, 200, "{ok:?}");
 }
