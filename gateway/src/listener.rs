@@ -23,10 +23,13 @@ use pingora::server::{Fds, ListenFds, ShutdownWatch};
 use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
+use crate::decide::PolicyStore;
 use crate::head_deadline::HeadDeadline;
 use crate::identity::{self, AgentRegistry, ListenerBinding};
-use crate::intercept::{self, Interceptor};
+use crate::intercept::{self, Interceptor, NotAdmitted};
 use crate::proxy::{identity_refusal, Egress};
+use crate::reply::Refusal;
+use crate::target::Target;
 
 /// Why a listener could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +155,7 @@ pub struct EgressApp {
     proxy: Arc<HttpProxy<Egress>>,
     interceptor: Arc<Interceptor>,
     registry: Arc<AgentRegistry>,
+    policies: Arc<PolicyStore>,
     binding: ListenerBinding,
     first_bytes_timeout: Duration,
     request_head_timeout: Duration,
@@ -163,6 +167,7 @@ impl EgressApp {
         proxy: Arc<HttpProxy<Egress>>,
         interceptor: Arc<Interceptor>,
         registry: Arc<AgentRegistry>,
+        policies: Arc<PolicyStore>,
         binding: ListenerBinding,
         first_bytes_timeout: Duration,
         request_head_timeout: Duration,
@@ -171,6 +176,7 @@ impl EgressApp {
             proxy,
             interceptor,
             registry,
+            policies,
             binding,
             first_bytes_timeout,
             request_head_timeout,
@@ -199,10 +205,23 @@ impl ServerApp for EgressApp {
             let stream = HeadDeadline::wrap(stream, self.request_head_timeout);
             return self.proxy.process_new(stream, shutdown).await;
         }
-        let admit = |peer: Option<IpAddr>| {
-            identity::identify(&self.registry, &self.binding, peer)
-                .map(|_| ())
-                .map_err(|e| identity_refusal(&e))
+        // Who it is, and whether the policies leave anything inside this tunnel allowed: a
+        // CONNECT to a host (or port) every request to which is denied is refused here,
+        // before a leaf is minted or a handshake run.
+        let admit = |peer: Option<IpAddr>, target: &Target| {
+            let agent = identity::identify(&self.registry, &self.binding, peer).map_err(|e| {
+                NotAdmitted {
+                    agent: None,
+                    refusal: Box::new(identity_refusal(&e)),
+                }
+            })?;
+            match self.policies.decide_tunnel(&agent, target) {
+                None => Ok(()),
+                Some((decision, version)) => Err(NotAdmitted {
+                    agent: Some(agent.id.clone()),
+                    refusal: Box::new(Refusal::for_decision(&decision, &version)),
+                }),
+            }
         };
         // Boxed: the handshake's state would otherwise stay in every connection's future,
         // plain HTTP ones included.
