@@ -1,8 +1,9 @@
 //! Step 2 of the data path: CONNECT and TLS interception.
 //!
 //! pingora's proxy answers CONNECT with 405, so the egress listener looks at the first bytes
-//! of each connection itself. A CONNECT is answered here: the agent is identified, the
-//! authority parsed, `200 Connection Established` sent, and the TLS handshake run on the same
+//! of each connection itself. A CONNECT is answered here: the authority parsed, the agent
+//! identified, the tunnel refused if the policies deny every request through it, `200
+//! Connection Established` sent, and the TLS handshake run on the same
 //! socket with a leaf certificate for the requested host. The decrypted stream then enters
 //! the same pingora proxy pipeline as plain HTTP; since it is the same socket, the pipeline
 //! still sees the sandbox's own address.
