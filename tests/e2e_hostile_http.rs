@@ -294,7 +294,10 @@ async fn a_malformed_chunk_never_reaches_the_origin_as_a_request() {
     let mut failures = Vec::new();
     for (name, chunks) in [
         ("a size that is not hex", "zz\r\nhello\r\n0\r\n\r\n"),
-        ("a size that overflows", "FFFFFFFFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n"),
+        (
+            "a size that overflows",
+            "FFFFFFFFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n",
+        ),
         ("a negative size", "-5\r\nhello\r\n0\r\n\r\n"),
         ("data longer than its size", "2\r\nhello\r\n0\r\n\r\n"),
     ] {
@@ -314,12 +317,23 @@ async fn a_malformed_chunk_never_reaches_the_origin_as_a_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let received = recorder.received();
     eprintln!("the origin received {} bytes: {received:?}", received.len());
-    for marker in ["smuggled", "zz\r\n", "FFFFFFFF", "-5\r\n", "hello", "0\r\n\r\n"] {
+    for marker in [
+        "smuggled",
+        "zz\r\n",
+        "FFFFFFFF",
+        "-5\r\n",
+        "hello",
+        "0\r\n\r\n",
+    ] {
         if received.contains(marker) {
             failures.push(format!("the origin received {marker:?}: {received:?}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let ok = curl(&["-x", &gw.proxy_url(), &format!("http://127.0.0.1:{}/after", _origin.port())]);
+    let ok = curl(&[
+        "-x",
+        &gw.proxy_url(),
+        &format!("http://127.0.0.1:{}/after", _origin.port()),
+    ]);
     assert_eq!(ok.status, 200, "{ok:?}");
 }

@@ -136,6 +136,11 @@ impl Gateway {
         procfs::cpu_time(self.pid())
     }
 
+    /// The gateway's open file descriptors now.
+    pub fn open_fds(&self) -> Option<u64> {
+        procfs::open_fds(self.pid())
+    }
+
     /// Peak resident set size of the gateway process, in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         procfs::status_kib(self.pid(), "VmHWM")
@@ -191,6 +196,32 @@ impl AdminApi {
     /// One call: `method path` with an optional JSON body; the whole response.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Response> {
         self.connect()?.call(method, path, body)
+    }
+
+    /// Approves held request `id` (`POST /v1/approvals/{id}/approve`).
+    pub fn approve(&self, id: &str) -> anyhow::Result<()> {
+        let answer = self.call("POST", &format!("/v1/approvals/{id}/approve"), None)?;
+        if answer.status != 200 {
+            bail!("approving {id}: {}", answer.status_line);
+        }
+        Ok(())
+    }
+
+    /// The ids of the approvals pending now (`GET /v1/approvals?state=pending`).
+    pub fn pending_ids(&self) -> anyhow::Result<Vec<String>> {
+        let answer = self.call("GET", "/v1/approvals?state=pending", None)?;
+        if answer.status != 200 {
+            bail!("listing pending approvals: {}", answer.status_line);
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&answer.body).context("the pending approvals' JSON")?;
+        Ok(json
+            .get("approvals")
+            .and_then(serde_json::Value::as_array)
+            .context("no \"approvals\" array in the listing")?
+            .iter()
+            .filter_map(|a| a.get("id")?.as_str().map(str::to_string))
+            .collect())
     }
 
     /// A connection for one call, opened now (to time the call without the connect).

@@ -556,11 +556,7 @@ fn list_pending(admin: &AdminApi) -> anyhow::Result<Vec<Pending>> {
 
 /// Approves `id` and checks the answer.
 fn approve(admin: &AdminApi, id: &str) -> anyhow::Result<()> {
-    let answer = admin.call("POST", &format!("/v1/approvals/{id}/approve"), None)?;
-    if answer.status != 200 {
-        bail!("approving {id}: {}", answer.status_line);
-    }
-    Ok(())
+    admin.approve(id)
 }
 
 /// The client a held request's URL names (`…/held/<index>`).

@@ -2,7 +2,8 @@
 //! `tollgate-e2e-bench` (`src/e2e.rs`: direct, a bare pingora pass-through, Squid and
 //! Tollgate side by side), `tollgate-passthrough` (`src/passthrough.rs`: that pass-through),
 //! `tollgate-held-bench` (`src/held.rs`: memory of requests held for approval, and the
-//! latency of releasing one) and `tollgate-microvm-bench` (`src/microvm.rs`: sandbox start-up
+//! latency of releasing one), `tollgate-soak` (`src/soak.rs`: memory and file descriptors
+//! under long mixed load) and `tollgate-microvm-bench` (`src/microvm.rs`: sandbox start-up
 //! and memory).
 //!
 //! What is where:
@@ -17,7 +18,7 @@
 //! - [`tls`]: the benchmark's certificates and TLS configurations;
 //! - [`http`]: the few HTTP/1.1 parsing helpers the hand-written clients need;
 //! - [`procfs`]: what Linux's `/proc` says about a process (CPU time, resident memory,
-//!   open-files limit, clock ticks, children).
+//!   open files and their limit, clock ticks, children).
 
 pub mod gateway;
 pub mod http;

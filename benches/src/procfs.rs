@@ -1,4 +1,5 @@
-//! What Linux's `/proc` says about a process: CPU time, resident memory, open-files limit.
+//! What Linux's `/proc` says about a process: CPU time, resident memory, open files and their
+//! limit.
 
 use std::process::Command;
 use std::time::Duration;
@@ -39,6 +40,12 @@ pub fn status_field(pid: u32, field: &str) -> Option<String> {
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .map(|v| v.trim().to_string())
+}
+
+/// The number of open file descriptors of process `pid` (entries of `/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(entries.count() as u64)
 }
 
 /// The soft limit on open files (`ulimit -n`) of process `pid` (`u64::MAX`: unlimited).

@@ -46,6 +46,7 @@ impl EgressApps {
             Egress::new(self.shared.clone(), binding.clone()),
             self.server_conf.clone(),
         );
+        proxy.h2_options = Some(h2_options());
         proxy.handle_init_modules();
         EgressApp::new(
             Arc::new(proxy),
@@ -56,6 +57,33 @@ impl EgressApps {
             self.request_head_timeout,
         )
     }
+}
+
+/// Most streams one HTTP/2 connection inside a tunnel may have open at once (announced in
+/// SETTINGS_MAX_CONCURRENT_STREAMS); streams beyond it are refused (`REFUSED_STREAM`) before
+/// anything is decided or forwarded. pingora's default, set here so it cannot change under us.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// Streams a client may reset before the gateway has even taken them up, per HTTP/2
+/// connection: one more and the connection gets GOAWAY (`ENHANCE_YOUR_CALM`). This is h2's
+/// answer to "rapid reset" (CVE-2023-44487): opening and cancelling streams costs the client
+/// nothing and the server work, and reset streams do not count against the stream limit.
+pub const H2_MAX_PENDING_RESET_STREAMS: usize = 20;
+
+/// Streams the gateway may reset itself because the client broke the protocol on them
+/// (e.g. streams over the limit), per HTTP/2 connection; one more and the connection gets
+/// GOAWAY (`ENHANCE_YOUR_CALM`).
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// HTTP/2 server settings for the tunnels: pingora's bounded defaults (64 KiB of decoded
+/// headers, the stream limit) and the reset limits above, all explicit.
+fn h2_options() -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    options
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESET_STREAMS));
+    options
 }
 
 /// The agents' listeners that are open now.

@@ -13,6 +13,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tollgate_policy::{Decision, LoadError, PolicyEngine, PolicySources, Problem, RequestFacts};
 
+use crate::target::Target;
+
 use crate::identity::Agent;
 
 /// What a reload did.
@@ -73,6 +75,16 @@ impl PolicyStore {
     pub fn decide(&self, agent: &Agent, request: &RequestFacts) -> (Decision, Arc<PolicyEngine>) {
         let engine = self.current.load_full();
         (engine.decide(&agent.facts(), request), engine)
+    }
+
+    /// Decides a CONNECT to `target` before anything inside the tunnel is seen: a deny when
+    /// the set in force denies every request the agent could send through it
+    /// ([`PolicyEngine::decide_tunnel`]), with the set's version.
+    pub fn decide_tunnel(&self, agent: &Agent, target: &Target) -> Option<(Decision, String)> {
+        let engine = self.current.load();
+        engine
+            .decide_tunnel(&agent.facts(), target)
+            .map(|decision| (decision, engine.version().to_string()))
     }
 
     /// The set in force.

@@ -1,8 +1,9 @@
 //! Step 2 of the data path: CONNECT and TLS interception.
 //!
 //! pingora's proxy answers CONNECT with 405, so the egress listener looks at the first bytes
-//! of each connection itself. A CONNECT is answered here: the agent is identified, the
-//! authority parsed, `200 Connection Established` sent, and the TLS handshake run on the same
+//! of each connection itself. A CONNECT is answered here: the authority parsed, the agent
+//! identified, the tunnel refused if the policies deny every request through it, `200
+//! Connection Established` sent, and the TLS handshake run on the same
 //! socket with a leaf certificate for the requested host. The decrypted stream then enters
 //! the same pingora proxy pipeline as plain HTTP; since it is the same socket, the pipeline
 //! still sees the sandbox's own address.
@@ -30,6 +31,16 @@ use crate::ca::LeafCerts;
 use crate::metrics::Metrics;
 use crate::reply::Refusal;
 use crate::target::{Host, Target};
+
+/// Why a CONNECT was not let through: the answer, and the agent it came from if one was
+/// identified (for the metrics).
+#[derive(Debug)]
+pub struct NotAdmitted {
+    /// The agent, if known.
+    pub agent: Option<String>,
+    /// The answer to the CONNECT (boxed: it is the rare path).
+    pub refusal: Box<Refusal>,
+}
 
 /// What the proxy pipeline learns about an intercepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,12 +87,13 @@ impl Interceptor {
     /// Serves a CONNECT: returns the decrypted stream, or `None` once the connection has been
     /// refused (with an HTTP answer when one is still possible) and closed.
     ///
-    /// `admit` is asked, with the sandbox's address, whether this connection belongs to a
-    /// known agent; a refusal ends the tunnel before anything is intercepted.
+    /// `admit` is asked, with the sandbox's address and the CONNECT's target, whether this
+    /// connection belongs to a known agent that may reach the target at all; a refusal ends
+    /// the tunnel before anything is intercepted (no leaf is minted, no handshake run).
     pub async fn open(
         &self,
         stream: Stream,
-        admit: impl FnOnce(Option<IpAddr>) -> Result<(), Refusal>,
+        admit: impl FnOnce(Option<IpAddr>, &Target) -> Result<(), NotAdmitted>,
     ) -> Option<Stream> {
         let mut l4 = match stream.into_any().downcast::<L4Stream>() {
             Ok(l4) => l4,
@@ -92,12 +104,22 @@ impl Interceptor {
         };
         let peer = peer_ip(&l4);
         let started = std::time::Instant::now();
-        let refuse = |l4, refusal: Refusal| {
-            // Refused before any agent was identified (or because none was).
-            self.metrics
-                .record_request("(unknown)", "none", refusal.status, started.elapsed());
+        let refuse_as = |l4, agent: Option<&str>, refusal: Refusal| {
+            let decision = if refusal.error == "denied" {
+                "deny"
+            } else {
+                "none"
+            };
+            self.metrics.record_request(
+                agent.unwrap_or("(unknown)"),
+                decision,
+                refusal.status,
+                started.elapsed(),
+            );
             refuse(l4, peer, refusal)
         };
+        // Refused before any agent was identified.
+        let refuse = |l4, refusal: Refusal| refuse_as(l4, None, refusal);
         let head = tokio::time::timeout(self.handshake_timeout, self.read_head(&mut l4)).await;
         let target = match head {
             Ok(Ok(target)) => target,
@@ -108,8 +130,8 @@ impl Interceptor {
                 return refuse(l4, refusal).await;
             }
         };
-        if let Err(refusal) = admit(peer) {
-            return refuse(l4, refusal).await;
+        if let Err(not) = admit(peer, &target) {
+            return refuse_as(l4, not.agent.as_deref(), *not.refusal).await;
         }
         if l4
             .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -209,11 +231,13 @@ fn connect_target(request: &httparse::Request<'_, '_>) -> Result<Target, Refusal
     if request.method != Some("CONNECT") {
         return Err(Refusal::bad_request("expected a CONNECT request"));
     }
-    if request.version != Some(1) {
+    // HTTP/1.0 CONNECT is what some clients still send (openssl s_client, Java's older
+    // clients); the tunnel is the same. httparse knows no other versions.
+    if !matches!(request.version, Some(0 | 1)) {
         return Err(Refusal::new(
             505,
             "http_version_not_supported",
-            "CONNECT must be sent as HTTP/1.1",
+            "CONNECT must be sent as HTTP/1.1 or HTTP/1.0",
         ));
     }
     let authority = request.path.unwrap_or_default();

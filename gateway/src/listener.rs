@@ -25,9 +25,10 @@ use pingora::services::Service as _;
 
 use crate::head_deadline::HeadDeadline;
 use crate::identity::{self, ListenerBinding};
-use crate::intercept::{self, Interceptor};
+use crate::intercept::{self, Interceptor, NotAdmitted};
 use crate::proxy::{identity_refusal, Egress, Shared};
-use crate::reply;
+use crate::reply::{self, Refusal};
+use crate::target::Target;
 
 /// Why a listener could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -212,11 +213,24 @@ impl ServerApp for EgressApp {
             let stream = HeadDeadline::wrap(stream, self.request_head_timeout);
             return self.proxy.process_new(stream, shutdown).await;
         }
-        let admit = |peer: Option<IpAddr>| {
-            identity::identify(&self.shared.registry, &self.binding, peer)
-                .map(|_| ())
-                .map_err(|e| identity_refusal(&e))
-        };
+        // Who it is, and whether the policies leave anything inside this tunnel allowed: a
+        // CONNECT to a host (or port) every request to which is denied is refused here,
+        // before a leaf is minted or a handshake run.
+        let admit =
+            |peer: Option<IpAddr>, target: &Target| {
+                let agent = identity::identify(&self.shared.registry, &self.binding, peer)
+                    .map_err(|e| NotAdmitted {
+                        agent: None,
+                        refusal: Box::new(identity_refusal(&e)),
+                    })?;
+                match self.shared.policies.decide_tunnel(&agent, target) {
+                    None => Ok(()),
+                    Some((decision, version)) => Err(NotAdmitted {
+                        agent: Some(agent.id.clone()),
+                        refusal: Box::new(Refusal::for_decision(&decision, &version)),
+                    }),
+                }
+            };
         // Boxed: the handshake's state would otherwise stay in every connection's future,
         // plain HTTP ones included.
         let mut decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::agent::AgentFacts;
 use crate::classify::{Action, RequestFacts};
 use crate::entities::{self, domains_of, host_id};
+use crate::target::Target;
 
 /// The Cedar schema every policy set is validated against (part of the gateway release).
 pub const SCHEMA: &str = include_str!("../tollgate.cedarschema");
@@ -226,6 +227,43 @@ fn reads_approval(policy: &Policy) -> bool {
     false
 }
 
+/// Whether a policy reads nothing of the request but what a CONNECT shows: every use of
+/// `context` is `context.port`, `context.scheme` or `context has` one of them. Checked on
+/// Cedar's JSON form of the policy, so comments and strings cannot fool it.
+fn decidable_for_tunnel(policy: &Policy) -> bool {
+    fn uses(value: &serde_json::Value, total: &mut usize, known: &mut usize) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("Var").and_then(|v| v.as_str()) == Some("context") {
+                    *total += 1;
+                }
+                for op in [".", "has"] {
+                    if let Some(access) = map.get(op) {
+                        let on_context = access
+                            .get("left")
+                            .and_then(|l| l.get("Var"))
+                            .and_then(|v| v.as_str())
+                            == Some("context");
+                        let attr = access.get("attr").and_then(|a| a.as_str());
+                        if on_context && matches!(attr, Some("port" | "scheme")) {
+                            *known += 1;
+                        }
+                    }
+                }
+                map.values().for_each(|v| uses(v, total, known));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| uses(v, total, known)),
+            _ => {}
+        }
+    }
+    let Ok(json) = policy.to_json() else {
+        return false;
+    };
+    let (mut total, mut known) = (0, 0);
+    uses(&json, &mut total, &mut known);
+    total == known
+}
+
 /// Which requests a policy's scope can match.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PrincipalKey {
@@ -352,6 +390,10 @@ pub struct PolicyEngine {
     /// Forbid policies that do not read `context.approved`: when one of them denies the
     /// first pass, it would deny the second too, so the decision is settled.
     settling_forbids: HashSet<String>,
+    /// Forbid policies that read nothing of the request a CONNECT does not show (only
+    /// `context.port` and `context.scheme`, or no context at all): what they decide for a
+    /// tunnel they decide for every request inside it.
+    tunnel_forbids: PolicySet,
     version: String,
     origin: String,
     /// policy id → file.
@@ -531,7 +573,15 @@ impl PolicyEngine {
             .filter(|p| p.effect() == cedar_policy::Effect::Forbid && !reads_approval(p))
             .map(|p| p.id().to_string())
             .collect();
+        let tunnel_forbids = PolicySet::from_policies(
+            combined
+                .policies()
+                .filter(|p| p.effect() == cedar_policy::Effect::Forbid && decidable_for_tunnel(p))
+                .cloned(),
+        )
+        .unwrap_or_default();
         Ok(PolicyEngine {
+            tunnel_forbids,
             index: Index::new(&combined),
             all: combined,
             entities: moka::sync::Cache::new(10_000),
@@ -582,6 +632,60 @@ impl PolicyEngine {
         };
         self.evaluate(agent, request, &everything, false)
             .unwrap_or_else(|error| denied_by_error(vec![error]))
+    }
+
+    /// Decides a tunnel before anything inside it is seen: `Some` deny when every request
+    /// `agent` could send through a CONNECT to `target` is denied whatever its method and
+    /// path, so the CONNECT itself can be refused; `None` when the requests inside must be
+    /// decided one by one. Only forbids that read nothing a CONNECT does not show are
+    /// evaluated (so this never refuses a tunnel a request inside it could use), for reads
+    /// and writes; both must be forbidden.
+    pub fn decide_tunnel(&self, agent: &AgentFacts<'_>, target: &Target) -> Option<Decision> {
+        if self.tunnel_forbids.is_empty() {
+            return None;
+        }
+        let entities = self
+            .entities
+            .try_get_with(
+                (agent.id.to_string(), agent.revision, host_id(&target.host)),
+                || entities::entities(agent, &target.host, &self.schema).map(Arc::new),
+            )
+            .ok()?;
+        let authorizer = Authorizer::new();
+        let mut forbids = Vec::new();
+        for method in ["GET", "POST"] {
+            // The method and path are placeholders: the policies evaluated here do not read
+            // them.
+            let facts = RequestFacts::new(method, target.clone(), "/").ok()?;
+            let context = entities::context(&facts, false).ok()?;
+            let request = Request::new(
+                entities::agent_uid(agent.id),
+                entities::action_uid(facts.action),
+                entities::host_uid(&target.host),
+                context,
+                None,
+            )
+            .ok()?;
+            let response = authorizer.is_authorized(&request, &self.tunnel_forbids, &entities);
+            let fired = ids(&response);
+            if fired.is_empty() {
+                return None;
+            }
+            forbids.extend(fired);
+        }
+        forbids.sort();
+        forbids.dedup();
+        Some(Decision {
+            outcome: Outcome::Deny,
+            reason: format!(
+                "denied by {} for every request to {}:{}",
+                forbids.join(", "),
+                target.host,
+                target.port
+            ),
+            policies: forbids,
+            errors: Vec::new(),
+        })
     }
 
     fn applicable(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Arc<Subset> {
@@ -758,6 +862,38 @@ mod tests {
     fn request(method: &str, url: &str) -> RequestFacts {
         let (target, path) = Target::from_url(url).unwrap();
         RequestFacts::new(method, target, &path).unwrap()
+    }
+
+    #[test]
+    fn a_tunnel_is_refused_only_when_every_request_inside_it_would_be() {
+        let engine = PolicyEngine::load(&sources(&[(
+            "t.cedar",
+            "@id(\"allow-all\")\npermit (principal, action, resource);\n\
+             @id(\"only-example\")\nforbid (principal, action, resource) unless { resource in Domain::\"example.com\" };\n\
+             @id(\"no-port-9\")\nforbid (principal, action, resource) when { context.port == 9 };\n\
+             @id(\"no-admin\")\nforbid (principal, action, resource) when { context.path == \"/admin\" };\n\
+             @id(\"no-writes-to-ro\")\nforbid (principal, action == Action::\"write\", resource == Host::\"ro.example.com\");\n\
+             @id(\"sneaky\")\nforbid (principal, action, resource) when { context.port == 8 && context.method == \"GET\" };\n",
+        )]))
+        .unwrap();
+        let agent = AgentFacts {
+            id: "a",
+            revision: 1,
+            run_mode: RunMode::Autonomous,
+            scopes: &[],
+            tags: &Default::default(),
+        };
+        let tunnel = |authority: &str| {
+            engine
+                .decide_tunnel(&agent, &Target::from_connect_authority(authority).unwrap())
+                .map(|d| d.policies)
+        };
+        assert_eq!(tunnel("evil.test:443"), Some(vec!["only-example".into()]));
+        assert_eq!(tunnel("example.com:9"), Some(vec!["no-port-9".into()]));
+        // Decided inside the tunnel: the path, a write-only forbid, the method.
+        assert_eq!(tunnel("example.com:443"), None);
+        assert_eq!(tunnel("ro.example.com:443"), None);
+        assert_eq!(tunnel("example.com:8"), None);
     }
 
     #[test]

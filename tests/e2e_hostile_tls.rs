@@ -1,0 +1,585 @@
+//! Hostile TLS and HTTP/2 from a sandbox, through the real egress listener: CONNECTs the
+//! policy denies, CONNECT targets that are not ports, ClientHellos whose server name (or its
+//! absence) disagrees with the CONNECT, and HTTP/2 abuse inside an intercepted tunnel (rapid
+//! reset, more streams than the gateway allows, a flood of requests). Real sockets, real
+//! rustls (ring) on the client, the `h2` crate or hand-written HTTP/2 frames where the crate
+//! would be too polite, the real `tollgate` binary and pingora origins.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::tls::TlsConnector;
+use rustls::pki_types::ServerName;
+use support::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Agent `a` on 127.0.0.1 and agent `b` on 127.0.0.2, loopback origins allowed, `extra`
+/// config lines, and `policies`.
+fn gateway(ca: &TestCa, extra: &str, policies: &[(&str, &str)]) -> Gateway {
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}{extra}\n\
+         [[agents]]\nid = \"a\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n\
+         [[agents]]\nid = \"b\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.2\"]\n",
+        loopback_upstream(Some(&ca.cert_path()))
+    );
+    Gateway::start_with_policies(&config, policies)
+}
+
+/// Sends `CONNECT authority` and returns the answer's head and the connection.
+async fn connect(proxy: SocketAddr, authority: &str) -> (String, TcpStream) {
+    let mut tcp = TcpStream::connect(proxy).await.expect("connect to gateway");
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write CONNECT");
+    // Byte by byte: nothing after the head may be consumed (the TLS handshake follows).
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match tcp.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    (String::from_utf8_lossy(&head).to_string(), tcp)
+}
+
+/// A rustls client config trusting the gateway's CA, offering `alpn`, sending SNI or not.
+fn client_config(gw_ca: &Path, sni: bool, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read_to_string(gw_ca).expect("gateway CA");
+    let der = pem::parse(pem).expect("CA PEM");
+    roots
+        .add(der.contents().to_vec().into())
+        .expect("add gateway CA");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.enable_sni = sni;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+type Tls = pingora::tls::ClientTlsStream<TcpStream>;
+
+/// CONNECT to `authority`, then TLS with the gateway verifying as `name` (and sending it as
+/// SNI when `sni` and it is a DNS name; rustls never sends an IP address as SNI).
+async fn tunnel(
+    gw: &Gateway,
+    authority: &str,
+    name: &str,
+    sni: bool,
+    alpn: &[&[u8]],
+) -> Result<Tls, String> {
+    let (head, tcp) = connect(gw.egress, authority).await;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("CONNECT answered {head:?}"));
+    }
+    let connector = TlsConnector::from(client_config(&gw.ca_cert(), sni, alpn));
+    let name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// One HTTP/1.1 GET over `io`; returns the status line and body.
+async fn get_h1<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    authority: &str,
+    path: &str,
+) -> String {
+    io.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write request");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// A request from agent `b` (127.0.0.2) through the gateway with curl: is the gateway still
+/// serving everyone else?
+async fn second_agent_served(gw: &Gateway, origin: &Origin, http2: bool) -> CurlResult {
+    let url = format!("https://localhost:{}/second-agent", origin.port());
+    let mut a = args![
+        "--interface",
+        "127.0.0.2",
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        &url
+    ];
+    if http2 {
+        a.push("--http2".into());
+    }
+    curl_async(a).await
+}
+
+const POLICIES: (&str, &str) = (
+    "hostile.cedar",
+    "@id(\"allow-all\")\npermit (principal, action, resource);\n\n\
+     @id(\"only-localhost\")\nforbid (principal, action, resource)\n\
+     unless { resource in Domain::\"localhost\" || resource == Host::\"127.0.0.1\" };\n\n\
+     @id(\"no-port-9\")\nforbid (principal, action, resource) when { context.port == 9 };\n\n\
+     @id(\"no-admin-path\")\nforbid (principal, action, resource) when { context.path == \"/admin\" };\n",
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_the_policy_denies_is_refused_before_any_tls() {
+    let ca = TestCa::new("origin");
+    // The origin's certificate also names evil.test, and evil.test resolves to it: only the
+    // policy stands between a CONNECT to evil.test and this origin.
+    let origin = Origin::https_for(&ca, &["evil.test"]);
+    let gw = gateway(
+        &ca,
+        "resolve = { \"evil.test\" = \"127.0.0.1\" }\n",
+        &[POLICIES],
+    );
+    let mut failures = Vec::new();
+    for authority in [
+        format!("evil.test:{}", origin.port()),
+        "localhost:9".to_string(),
+    ] {
+        let (head, mut tcp) = connect(gw.egress, &authority).await;
+        // The refusal is the whole answer: the gateway closes without a handshake.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+        let answer = format!("{head}{}", String::from_utf8_lossy(&rest));
+        if !head.starts_with("HTTP/1.1 403") || !answer.contains("\"error\":\"denied\"") {
+            failures.push(format!("CONNECT {authority}: {answer:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        gw.log_contains("only-localhost") && gw.log_contains("no-port-9"),
+        "the log names the deciding policies:\n{}",
+        gw.log()
+    );
+
+    // A policy on something a CONNECT does not show (the path) does not refuse the tunnel:
+    // the requests inside it are decided one by one.
+    let authority = format!("localhost:{}", origin.port());
+    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"http/1.1"])
+        .await
+        .expect("an allowed CONNECT is intercepted");
+    let answer = get_h1(&mut tls, &authority, "/admin").await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("no-admin-path"), "{answer}");
+    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"http/1.1"])
+        .await
+        .expect("an allowed CONNECT is intercepted");
+    let answer = get_h1(&mut tls, &authority, "/fine").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        origin.requests(),
+        1,
+        "only the allowed request reaches the origin"
+    );
+}
+
+#[test]
+fn a_connect_port_that_is_not_a_port_gets_400() {
+    let ca = TestCa::new("origin");
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let mut failures = Vec::new();
+    for authority in [
+        "localhost:0",
+        "localhost:https",
+        "localhost:65536",
+        "localhost:-1",
+        "localhost:+443",
+        "localhost:",
+        "[::1]:0",
+    ] {
+        let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        let answer = raw_exchange(gw.egress, request.as_bytes());
+        if !answer.starts_with("HTTP/1.1 400") || !answer.contains("\"error\":\"bad_request\"") {
+            failures.push(format!("CONNECT {authority}: {answer:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let again = raw_exchange(gw.egress, b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(again.starts_with("HTTP/1.1 400"), "still serving: {again}");
+}
+
+/// `openssl s_client` through the gateway's CONNECT to `connect`, sending `servername` as
+/// SNI (openssl sends an IP literal as SNI if told to, which rustls never does) and requiring
+/// a certificate valid for the address `verify_ip`. Returns whether the handshake completed
+/// and verified against the gateway's CA, and what openssl said.
+async fn openssl_handshake(
+    gw: &Gateway,
+    connect: &str,
+    servername: &str,
+    verify_ip: &str,
+) -> (bool, String) {
+    let args = vec![
+        "s_client".to_string(),
+        "-proxy".into(),
+        gw.egress.to_string(),
+        "-connect".into(),
+        connect.into(),
+        "-servername".into(),
+        servername.into(),
+        "-CAfile".into(),
+        gw.ca_cert().display().to_string(),
+        "-verify_ip".into(),
+        verify_ip.into(),
+        "-verify_return_error".into(),
+        "-brief".into(),
+    ];
+    tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new("openssl")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        // Closing stdin ends the session once the handshake is over.
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("openssl output");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (text.contains("CONNECTION ESTABLISHED"), text)
+    })
+    .await
+    .expect("openssl thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_whose_server_name_disagrees_with_the_connect_is_refused() {
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let by_name = format!("localhost:{}", origin.port());
+    let by_ip = format!("127.0.0.1:{}", origin.port());
+
+    // No SNI for a CONNECT that names a host: refused.
+    let refused = tunnel(&gw, &by_name, "localhost", false, &[b"http/1.1"]).await;
+    assert!(refused.is_err(), "a ClientHello without SNI was accepted");
+    assert!(
+        gw.log_contains("has no server name"),
+        "the log says why:\n{}",
+        gw.log()
+    );
+    // A DNS name as SNI for a CONNECT to an IP address: refused.
+    let refused = tunnel(&gw, &by_ip, "localhost", true, &[b"http/1.1"]).await;
+    assert!(refused.is_err(), "SNI localhost inside CONNECT 127.0.0.1");
+
+    // No SNI for an IP-literal CONNECT (what clients send for an address): served.
+    let mut tls = tunnel(&gw, &by_ip, "127.0.0.1", true, &[b"http/1.1"])
+        .await
+        .expect("an IP-literal CONNECT without SNI is intercepted");
+    let answer = get_h1(&mut tls, &by_ip, "/by-ip").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(origin.requests(), 1);
+
+    // IP literals as SNI (sent by openssl). RFC 6066 allows only DNS names there, and rustls
+    // ignores an IP literal: it counts as no SNI. So inside a CONNECT to a name it is refused,
+    // and inside a CONNECT to an address the leaf is still the CONNECT address's, whatever
+    // address the SNI claims (and the tunnel goes to the CONNECT address).
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIP (IP-literal SNI part): openssl is not installed (apt-get install -y openssl)"
+        );
+    } else {
+        let (ok, text) = openssl_handshake(&gw, &by_name, "127.0.0.1", "127.0.0.1").await;
+        assert!(
+            !ok,
+            "SNI 127.0.0.1 inside CONNECT localhost was accepted:\n{text}"
+        );
+        let (ok, text) = openssl_handshake(&gw, &by_ip, "10.0.0.1", "10.0.0.1").await;
+        assert!(
+            !ok,
+            "SNI 10.0.0.1 inside CONNECT 127.0.0.1 got a certificate for 10.0.0.1:\n{text}"
+        );
+        let (ok, text) = openssl_handshake(&gw, &by_ip, "10.0.0.1", "127.0.0.1").await;
+        assert!(ok, "the leaf is the CONNECT address's:\n{text}");
+        let (ok, text) = openssl_handshake(&gw, &by_ip, "127.0.0.1", "127.0.0.1").await;
+        assert!(
+            ok,
+            "SNI 127.0.0.1 inside CONNECT 127.0.0.1 was refused:\n{text}"
+        );
+    }
+    assert_eq!(
+        origin.requests(),
+        1,
+        "nothing of a refused tunnel is forwarded"
+    );
+
+    let after = second_agent_served(&gw, &origin, false).await;
+    assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
+}
+
+/// An HTTP/2 client connection through a tunnel to `origin` (ALPN h2, checked).
+async fn h2_client(
+    gw: &Gateway,
+    origin: &Origin,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let authority = format!("localhost:{}", origin.port());
+    let tls = tunnel(gw, &authority, "localhost", true, &[b"h2"])
+        .await
+        .expect("tunnel");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "ALPN must select h2"
+    );
+    let (send, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    (send, tokio::spawn(connection))
+}
+
+fn h2_get(origin: &Origin, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost:{}{path}", origin.port()))
+        .body(())
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_is_cut_off_and_mostly_never_reaches_the_origin() {
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let (mut send, connection) = h2_client(&gw, &origin).await;
+    const STREAMS: usize = 5_000;
+    let mut opened = 0;
+    let mut stopped = None;
+    for _ in 0..STREAMS {
+        send = match send.clone().ready().await {
+            Ok(s) => s,
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        };
+        match send.send_request(h2_get(&origin, "/reset"), false) {
+            Ok((_response, mut body)) => {
+                body.send_reset(h2::Reason::CANCEL);
+                opened += 1;
+            }
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        }
+    }
+    drop(send);
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    let reached = origin.requests();
+    eprintln!(
+        "rapid reset: {opened} streams opened and reset, stopped by {stopped:?}; \
+         connection ended {ended:?}; {reached} request(s) reached the origin"
+    );
+    let goaway = stopped
+        .as_ref()
+        .is_some_and(|e| e.is_go_away() || e.is_io() || e.reason().is_some());
+    assert!(
+        goaway && opened < STREAMS,
+        "the gateway must cut off a connection that keeps resetting streams \
+         ({opened} opened, stopped by {stopped:?})"
+    );
+    assert!(
+        reached <= 100,
+        "{reached} reset requests reached the origin (bound: the stream limit, 100)"
+    );
+    let after = second_agent_served(&gw, &origin, true).await;
+    assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
+    assert_eq!(after.http_version, "2", "{after:?}");
+}
+
+/// A raw HTTP/2 frame: length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A HEADERS block for `GET https://authority path` in HPACK without Huffman or indexing.
+fn hpack_get(authority: &str, path: &str) -> Vec<u8> {
+    // :method GET (static 2), :scheme https (static 7).
+    let mut out = vec![0x82, 0x87];
+    for (index, value) in [(4u8, path), (1u8, authority)] {
+        // Literal without indexing, indexed name (:path 4, :authority 1), 7-bit length.
+        out.push(index);
+        assert!(value.len() < 127, "short values only");
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const REFUSED_STREAM: u32 = 0x7;
+
+/// Reads one frame: (type, flags, stream id, payload); `None` at the end of the stream.
+async fn read_frame<S: AsyncRead + Unpin>(io: &mut S) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    io.read_exact(&mut head).await.ok()?;
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_http2_streams_than_allowed_are_refused_and_never_reach_the_origin() {
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let authority = format!("localhost:{}", origin.port());
+    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"h2"])
+        .await
+        .expect("tunnel");
+    // Hand-written frames: the h2 crate would respect the gateway's limit.
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    tls.write_all(&out).await.expect("preface");
+    let mut limit = None;
+    while limit.is_none() {
+        let (kind, flags, _, payload) = read_frame(&mut tls).await.expect("server SETTINGS");
+        if kind == SETTINGS && flags & 0x1 == 0 {
+            // SETTINGS_MAX_CONCURRENT_STREAMS is 0x3.
+            limit = payload
+                .chunks(6)
+                .find(|s| s[..2] == [0, 3])
+                .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]) as usize);
+            assert!(limit.is_some(), "the gateway must announce a stream limit");
+        }
+    }
+    let limit = limit.expect("limit");
+    assert!(limit <= 1000, "a stream limit of {limit} is no limit");
+    let streams = 2 * limit + 50;
+    let mut out = frame(SETTINGS, 0x1, 0, &[]);
+    for i in 0..streams {
+        let id = 2 * i as u32 + 1;
+        out.extend(frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            id,
+            &hpack_get(&authority, "/sleep/1500"),
+        ));
+    }
+    tls.write_all(&out).await.expect("flood");
+    // Read until every stream is answered or refused, or the connection ends.
+    let (mut answered, mut refused, mut goaway) = (0usize, 0usize, false);
+    let mut done = std::collections::HashSet::new();
+    let read = async {
+        while done.len() < streams {
+            let Some((kind, flags, id, payload)) = read_frame(&mut tls).await else {
+                break;
+            };
+            match kind {
+                RST_STREAM if done.insert(id) => {
+                    let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    if code == REFUSED_STREAM {
+                        refused += 1;
+                    }
+                }
+                GOAWAY => goaway = true,
+                _ if flags & END_STREAM != 0 && id != 0 && done.insert(id) => answered += 1,
+                _ => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), read).await;
+    let reached = origin.requests();
+    eprintln!(
+        "stream flood: {streams} streams, limit {limit}: {answered} answered, {refused} refused, \
+         GOAWAY {goaway}, {reached} reached the origin"
+    );
+    assert!(
+        reached <= limit,
+        "{reached} requests reached the origin over one connection, more than the limit {limit}"
+    );
+    assert!(
+        refused >= streams - limit || goaway,
+        "streams over the limit must be refused ({refused} refused)"
+    );
+    let after = second_agent_served(&gw, &origin, true).await;
+    assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_http2_requests_on_one_connection_leaves_others_served() {
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let (send, connection) = h2_client(&gw, &origin).await;
+    let probe = send.clone();
+    const REQUESTS: usize = 3_000;
+    let request = h2_get(&origin, "/flood");
+    let flood = tokio::spawn(async move {
+        let mut responses = Vec::with_capacity(REQUESTS);
+        let mut send = send;
+        for _ in 0..REQUESTS {
+            send = match send.ready().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            match send.send_request(request.clone(), true) {
+                Ok((response, _)) => responses.push(tokio::spawn(async move {
+                    response.await.map(|r| r.status().as_u16()).ok()
+                })),
+                Err(_) => break,
+            }
+        }
+        let mut ok = 0;
+        for r in responses {
+            if let Ok(Some(200)) = r.await {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    // Another agent, while the flood runs (it may also finish first: no timing is assumed).
+    let during = second_agent_served(&gw, &origin, true).await;
+    let ok = flood.await.expect("flood task");
+    // The server's SETTINGS have long arrived.
+    assert!(
+        probe.current_max_send_streams() <= 1000,
+        "the gateway announces a stream limit ({})",
+        probe.current_max_send_streams()
+    );
+    connection.abort();
+    let reached = origin.requests();
+    eprintln!("request flood: {ok} of {REQUESTS} answered 200; {reached} reached the origin");
+    assert_eq!(during.status, 200, "another agent is served: {during:?}");
+    assert!(ok > 0, "the flooding connection was served at first");
+    assert!(
+        reached <= ok + 1 + 100,
+        "{reached} reached the origin but only {ok} (+1) were answered"
+    );
+    let after = second_agent_served(&gw, &origin, false).await;
+    assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
+}
