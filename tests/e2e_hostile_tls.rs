@@ -583,3 +583,41 @@ async fn a_flood_of_http2_requests_on_one_connection_leaves_others_served() {
     let after = second_agent_served(&gw, &origin, false).await;
     assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_too_slowly_inside_a_tunnel_is_cut_off() {
+    let ca = TestCa::new("slow-tunnel");
+    let origin = Origin::https(&ca);
+    let gw = gateway(
+        &ca,
+        "[limits]\nrequest_head_timeout_ms = 600\n",
+        &[ALLOW_ALL],
+    );
+    let authority = format!("localhost:{}", origin.port());
+    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"http/1.1"])
+        .await
+        .expect("tunnel");
+    // A header line every 200 ms for 3 s: each read is quick, the head never ends in time.
+    let mut cut_off = false;
+    let line = format!("GET /slow HTTP/1.1\r\nHost: {authority}\r\n");
+    if tls.write_all(line.as_bytes()).await.is_err() {
+        cut_off = true;
+    }
+    for _ in 0..15 {
+        if cut_off {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cut_off = tls.write_all(b"X-Slow: 1\r\n").await.is_err() || tls.flush().await.is_err();
+    }
+    let _ = tls.write_all(b"\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.contains("HTTP/1.1 200") && origin.requests() == 0,
+        "the slow head was served inside the tunnel: {answer:?}"
+    );
+    let served = second_agent_served(&gw, &origin, false).await;
+    assert_eq!(served.status, 200, "{served:?}");
+}
