@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rustls::pki_types::ServerName;
-use tollgate_benches::load::{run_load, Round, Target};
+use tollgate_benches::load::{run_load, runtime, Round, Target};
 use tollgate_benches::origin::{start_origin, start_tls_origin};
 use tollgate_benches::squid::{self, Squid};
 use tollgate_benches::tls::{client_trusting, BenchCa};
@@ -387,13 +387,6 @@ fn main() -> anyhow::Result<()> {
         bail!("a configuration completed no requests");
     }
     Ok(())
-}
-
-fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?)
 }
 
 fn median(mut rounds: Vec<Round>) -> Round {

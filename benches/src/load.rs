@@ -186,3 +186,11 @@ async fn client(target: &Target, stop: &AtomicBool) -> (Histogram<u64>, u64, u64
     }
     (hist, ok, errors)
 }
+
+/// The multi-threaded runtime a driver runs its load and servers on.
+pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?)
+}

@@ -30,7 +30,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate_benches::gateway::AdminApi;
 use tollgate_benches::http::status_code;
-use tollgate_benches::load::{run_load, Target};
+use tollgate_benches::load::{run_load, runtime, Target};
 use tollgate_benches::origin::{start_origin, start_tls_origin};
 use tollgate_benches::tls::{client_trusting, BenchCa};
 use tollgate_benches::{Gateway, TempDir};
@@ -197,13 +197,6 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?)
 }
 
 fn sample(
