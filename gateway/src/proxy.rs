@@ -318,7 +318,11 @@ impl Egress {
             };
             let held = match approvals.check_capacity(&agent.id, limits.pending_approvals) {
                 Ok(()) => match read_whole_body(session, body_limit).await {
-                    Ok(held) => self.hold(session, ctx, &agent, kind, held).await,
+                    Ok(held) => {
+                        let max_pending = limits.pending_approvals;
+                        self.hold(session, ctx, &agent, kind, held, max_pending)
+                            .await
+                    }
                     Err(refusal) => Err(refusal.into()),
                 },
                 Err(refusal) => Err(refusal.into()),
@@ -386,6 +390,7 @@ impl Egress {
         agent: &Agent,
         kind: ApprovalKind,
         body: Bytes,
+        max_pending: usize,
     ) -> Result<(Bytes, Released), Stop> {
         ctx.bytes_in = body.len() as u64;
         let id = new_approval_id();
@@ -394,7 +399,7 @@ impl Egress {
         let held = HoldRequest {
             id,
             agent: agent.id.clone(),
-            max_pending: self.shared.quotas.of(agent).pending_approvals,
+            max_pending,
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             kind,
             method: session.req_header().method.to_string(),
@@ -554,8 +559,16 @@ impl Egress {
                     host = ctx.target.as_ref().map(|t| t.host_header()).unwrap_or_default(),
                     "the origin refused the agent's own identity; holding for an on-behalf-of approval"
                 );
+                let max_pending = self.shared.quotas.of(&agent).pending_approvals;
                 let (body, released) = self
-                    .hold(session, ctx, &agent, ApprovalKind::OnBehalfOf, body)
+                    .hold(
+                        session,
+                        ctx,
+                        &agent,
+                        ApprovalKind::OnBehalfOf,
+                        body,
+                        max_pending,
+                    )
                     .await?;
                 let (Some(token), Some(approver), Some(target)) = (
                     released.obo_token,
@@ -709,7 +722,11 @@ impl ProxyHttp for Egress {
         // it cannot take the request as complete; the sandbox gets 413.
         if let (Some(agent), Some(chunk)) = (&ctx.agent, body.as_ref()) {
             ctx.body_streamed += chunk.len() as u64;
-            if let Err(refusal) = self.shared.quotas.body_within(agent, ctx.body_streamed) {
+            if let Err(refusal) = self
+                .shared
+                .quotas
+                .check_body(agent, Some(ctx.body_streamed))
+            {
                 ctx.refusal = Some(refusal);
                 return Err(pingora::Error::explain(
                     ErrorType::Custom("body_too_large"),

@@ -219,19 +219,14 @@ impl Quotas {
         Ok(())
     }
 
-    /// Refuses (413) a request whose declared body is larger than `agent` may send.
+    /// Refuses (413) a body of `len` bytes (declared, or streamed so far) larger than `agent`
+    /// may send.
     pub fn check_body(&self, agent: &Agent, declared: Option<u64>) -> Result<(), Refusal> {
         let max = self.of(agent).request_body_bytes;
         match declared {
             Some(len) if max > 0 && len > max => Err(body_too_large(&agent.id, max)),
             _ => Ok(()),
         }
-    }
-
-    /// Whether `sent` body bytes are still within what `agent` may send (for bodies whose
-    /// length is not declared up front).
-    pub fn body_within(&self, agent: &Agent, sent: u64) -> Result<(), Refusal> {
-        self.check_body(agent, Some(sent))
     }
 }
 
