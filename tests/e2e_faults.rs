@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pingora::tls::{ServerTlsStream, TlsAcceptor};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use support::*;
@@ -42,39 +43,78 @@ enum Fault {
     StallMidBody,
 }
 
-/// A raw TCP origin on loopback that misbehaves in one way. Dropping it stops it and closes
-/// every connection it holds.
+/// A raw TCP origin on loopback (in the clear, or TLS with a test CA's certificate) that
+/// misbehaves in one way. Dropping it stops it and closes every connection it holds.
 struct FaultyOrigin {
     addr: SocketAddr,
+    tls: bool,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl FaultyOrigin {
     fn start(fault: Fault) -> FaultyOrigin {
+        Self::start_with(fault, None)
+    }
+
+    /// Speaks TLS with a certificate from `ca` for localhost, then misbehaves inside.
+    fn start_tls(fault: Fault, ca: &TestCa) -> FaultyOrigin {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert, key) = ca.server_cert(&[]);
+        let chain = CertificateDer::pem_file_iter(&cert)
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("cert");
+        let key = PrivateKeyDer::from_pem_file(&key).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+        Self::start_with(fault, Some(TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn start_with(fault: Fault, tls: Option<TlsAcceptor>) -> FaultyOrigin {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = TcpListener::from_std(listener).expect("tokio listener");
         let connections = Arc::new(AtomicUsize::new(0));
         let count = connections.clone();
+        let is_tls = tls.is_some();
         let task = tokio::spawn(async move {
             // Connection tasks live in the set: aborting the accept task drops them all.
             let mut held = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                held.spawn(misbehave(stream, fault));
+                match tls.clone() {
+                    None => held.spawn(misbehave(stream, fault)),
+                    Some(acceptor) => held.spawn(async move {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            misbehave(stream, fault).await;
+                        }
+                    }),
+                };
             }
         });
         FaultyOrigin {
             addr,
+            tls: is_tls,
             connections,
             task,
         }
     }
 
+    /// A URL on this origin (`https://localhost:…` for a TLS one: its certificate's name).
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        match self.tls {
+            false => format!("http://{}{path}", self.addr),
+            true => format!("https://localhost:{}{path}", self.addr.port()),
+        }
     }
 
     fn connections(&self) -> usize {
@@ -88,8 +128,27 @@ impl Drop for FaultyOrigin {
     }
 }
 
+/// A connection a [`FaultyOrigin`] can misbehave on: TCP, or TLS over TCP.
+trait OriginConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Closes with RST instead of FIN (SO_LINGER 0).
+    fn reset(self);
+}
+
+impl OriginConn for TcpStream {
+    fn reset(self) {
+        self.set_zero_linger().expect("SO_LINGER");
+        drop(self);
+    }
+}
+
+impl OriginConn for ServerTlsStream<TcpStream> {
+    fn reset(self) {
+        self.into_inner().0.reset();
+    }
+}
+
 /// Reads one request head (and a body announced by Content-Length) from `stream`.
-async fn read_request(stream: &mut TcpStream) {
+async fn read_request(stream: &mut impl OriginConn) {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -112,26 +171,19 @@ async fn read_request(stream: &mut TcpStream) {
     }
 }
 
-/// Closes with RST instead of FIN (SO_LINGER 0).
-fn reset(stream: TcpStream) {
-    stream.set_zero_linger().expect("SO_LINGER");
-    drop(stream);
-}
-
 /// Keeps the connection open without a word, until the origin is dropped (or 60 s pass).
-async fn stall(stream: TcpStream) {
+async fn stall(stream: impl OriginConn) {
     tokio::time::sleep(Duration::from_secs(60)).await;
     drop(stream);
 }
 
-async fn misbehave(mut stream: TcpStream, fault: Fault) {
+async fn misbehave(mut stream: impl OriginConn, fault: Fault) {
     if let Fault::Reset = fault {
-        return reset(stream);
+        return stream.reset();
     }
     read_request(&mut stream).await;
     let answer: &[u8] = match fault {
-        Fault::Reset => return reset(stream),
-        Fault::ResetAfterRequest => return reset(stream),
+        Fault::Reset | Fault::ResetAfterRequest => return stream.reset(),
         Fault::Stall => return stall(stream).await,
         Fault::GarbageStatus => b"SPDY/9 banana\r\nContent-Length: 2\r\n\r\nok",
         Fault::InvalidHeader => {
@@ -152,11 +204,12 @@ async fn misbehave(mut stream: TcpStream, fault: Fault) {
 }
 
 /// Review agent `a` on 127.0.0.1; reads are allowed and writes need approval; origins on
-/// loopback are reachable; the origin gets `read_timeout_ms` to answer.
-fn fault_gateway(extra: &str) -> Gateway {
+/// loopback are reachable (with certificates from `ca`, if given); an origin gets 500 ms to
+/// answer.
+fn fault_gateway(ca: Option<&TestCa>, extra: &str) -> Gateway {
     let config = format!(
         "{EPHEMERAL_LISTENERS}{}read_timeout_ms = 500\n{extra}\n{REVIEW_AGENT}",
-        loopback_upstream(None)
+        loopback_upstream(ca.map(TestCa::cert_path).as_deref())
     );
     Gateway::start_with_policies(&config, &[APPROVAL_POLICIES])
 }
@@ -173,21 +226,24 @@ async fn still_serves(gw: &Gateway, healthy: &Origin, after: &str) {
     assert_eq!(r.seen().target, "/after");
 }
 
+/// What an origin can do wrong before its answer, and what the sandbox gets for each.
+const BEFORE_THE_ANSWER: [(Fault, u16, &str); 6] = [
+    (Fault::Reset, 502, "upstream_reset"),
+    (Fault::ResetAfterRequest, 502, "upstream_reset"),
+    (Fault::Stall, 504, "upstream_timeout"),
+    (Fault::GarbageStatus, 502, "upstream_bad_response"),
+    (Fault::InvalidHeader, 502, "upstream_bad_response"),
+    (Fault::ConflictingLengths, 502, "upstream_bad_response"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_faults_before_the_answer_get_clear_gateway_errors() {
     if no_curl() {
         return;
     }
     let healthy = Origin::http();
-    let gw = fault_gateway("");
-    for (fault, status, error) in [
-        (Fault::Reset, 502, "upstream_reset"),
-        (Fault::ResetAfterRequest, 502, "upstream_reset"),
-        (Fault::Stall, 504, "upstream_timeout"),
-        (Fault::GarbageStatus, 502, "upstream_bad_response"),
-        (Fault::InvalidHeader, 502, "upstream_bad_response"),
-        (Fault::ConflictingLengths, 502, "upstream_bad_response"),
-    ] {
+    let gw = fault_gateway(None, "");
+    for (fault, status, error) in BEFORE_THE_ANSWER {
         let origin = FaultyOrigin::start(fault);
         let r = curl_async(args!["-x", gw.proxy_url(), origin.url("/read")]).await;
         assert_eq!(
@@ -213,7 +269,7 @@ async fn upstream_faults_after_an_approval_get_clear_gateway_errors() {
     }
     // A released request is sent by the gateway itself (not pingora's proxy path).
     let healthy = Origin::http();
-    let gw = fault_gateway("");
+    let gw = fault_gateway(None, "");
     for (fault, status, error) in [
         (Fault::Reset, 502, "upstream_reset"),
         (Fault::Stall, 504, "upstream_timeout"),
@@ -244,7 +300,7 @@ async fn an_answer_cut_short_closes_the_sandbox_connection() {
         return;
     }
     let healthy = Origin::http();
-    let gw = fault_gateway("");
+    let gw = fault_gateway(None, "");
     for fault in [Fault::ShortBody, Fault::StallMidBody] {
         let origin = FaultyOrigin::start(fault);
         // The head (200, length 1000) is on its way before the body breaks off: the sandbox
@@ -283,6 +339,141 @@ async fn an_answer_cut_short_closes_the_sandbox_connection() {
         .filter(|r| r["path"] == "/read" && !r["error"].is_null())
         .count();
     assert_eq!(broken, 2, "{page}");
+}
+
+/// curl through `gw`'s tunnel to `url`, speaking HTTP/2 inside (from 127.0.0.2 when
+/// `agent_b`).
+async fn curl_h2(gw: &Gateway, url: &str, agent_b: bool) -> CurlResult {
+    let mut a = args![
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        "--http2",
+        url
+    ];
+    if agent_b {
+        a.extend(args!["--interface", "127.0.0.2"]);
+    }
+    curl_async(a).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_inside_an_http2_tunnel_get_clear_errors_on_their_stream() {
+    if no_curl() {
+        return;
+    }
+    let ca = TestCa::new("faulty origins");
+    let healthy = Origin::https(&ca);
+    let gw = fault_gateway(Some(&ca), "");
+    let healthy_url = format!("https://localhost:{}/after", healthy.port());
+    for (fault, status, error) in BEFORE_THE_ANSWER {
+        let origin = FaultyOrigin::start_tls(fault, &ca);
+        let r = curl_h2(&gw, &origin.url("/read"), false).await;
+        assert_eq!(
+            (
+                r.status,
+                r.json()["error"].as_str(),
+                r.http_version.as_str()
+            ),
+            (status, Some(error), "2"),
+            "{fault:?}: {r:?}"
+        );
+        assert!(origin.connections() >= 1, "{fault:?}: the origin was asked");
+        let after = curl_h2(&gw, &healthy_url, false).await;
+        assert_eq!(after.status, 200, "after {fault:?}: {after:?}");
+    }
+    // An answer that breaks off after its head: the stream must end in an error (curl 92: an
+    // HTTP/2 stream reset — the gateway cancels it, before or after relaying the head; 18: data
+    // outstanding), never as a complete-looking answer.
+    for fault in [Fault::ShortBody, Fault::StallMidBody] {
+        let origin = FaultyOrigin::start_tls(fault, &ca);
+        let r = curl_h2(&gw, &origin.url("/read"), false).await;
+        assert!(r.status == 0 || r.status == 200, "{fault:?}: {r:?}");
+        assert!(
+            [16, 18, 56, 92].contains(&r.exit),
+            "{fault:?}: curl must report a broken answer: {r:?}"
+        );
+        assert!(r.body.len() < 1000, "{fault:?}: {r:?}");
+        let after = curl_h2(&gw, &healthy_url, false).await;
+        assert_eq!(after.status, 200, "after {fault:?}: {after:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_agents_are_served_while_an_origin_stalls_requests() {
+    if no_curl() {
+        return;
+    }
+    let ca = TestCa::new("faulty origins");
+    let healthy = Origin::https(&ca);
+    let stalled = FaultyOrigin::start_tls(Fault::Stall, &ca);
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}read_timeout_ms = 20000\n\
+         [[agents]]\nid = \"b\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.2\"]\n{REVIEW_AGENT}",
+        loopback_upstream(Some(&ca.cert_path()))
+    );
+    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
+    // Agent a: 24 requests stuck at the stalled origin, over HTTP/2 tunnels.
+    let stuck: Vec<_> = (0..24)
+        .map(|n| {
+            let url = stalled.url(&format!("/stuck/{n}"));
+            let proxy = gw.proxy_url();
+            let ca_cert = gw.ca_cert();
+            tokio::spawn(async move {
+                curl_async(args![
+                    "-x",
+                    proxy,
+                    "--cacert",
+                    ca_cert.display(),
+                    "--http2",
+                    url
+                ])
+                .await
+            })
+        })
+        .collect();
+    for _ in 0..500 {
+        if stalled.connections() >= 24 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        stalled.connections() >= 24,
+        "the stuck requests reached the origin"
+    );
+    // Meanwhile agent b is served, over HTTP/2 and HTTP/1.1, while a's requests stay stuck.
+    let url = format!("https://localhost:{}/b", healthy.port());
+    for n in 0..10 {
+        let r = match n % 2 {
+            0 => curl_h2(&gw, &url, true).await,
+            _ => {
+                curl_async(args![
+                    "--interface",
+                    "127.0.0.2",
+                    "-x",
+                    gw.proxy_url(),
+                    "--cacert",
+                    gw.ca_cert().display(),
+                    &url
+                ])
+                .await
+            }
+        };
+        assert_eq!(r.status, 200, "agent b, request {n}: {r:?}");
+    }
+    assert_eq!(
+        stuck.iter().filter(|s| s.is_finished()).count(),
+        0,
+        "agent a's requests are still waiting for the stalled origin"
+    );
+    // Stopping the origin ends the stuck requests with a gateway error, not a hang.
+    drop(stalled);
+    for s in stuck {
+        let r = s.await.expect("curl");
+        assert_eq!(r.status / 100, 5, "{r:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,7 +890,7 @@ fn metric(gw: &Gateway, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
-/// After a restart: the approval `id` is still approved by `approver`, every record in
+/// After a restart or a recovery: the approval `id` is still approved by `approver`, every record in
 /// `audited` is unchanged, the chain is intact, and the gateway serves reads and writes.
 async fn all_there_and_serving(
     gw: &Gateway,
@@ -731,7 +922,7 @@ async fn all_there_and_serving(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_stops_all_forwarding_and_a_restart_after_it_is_freed_recovers() {
+async fn a_full_disk_stops_all_forwarding_and_freeing_it_recovers_without_a_restart() {
     if no_curl() {
         return;
     }
@@ -818,17 +1009,32 @@ async fn a_full_disk_stops_all_forwarding_and_a_restart_after_it_is_freed_recove
     );
     assert!(metric(&gw, "tollgate_storage_write_errors_total") >= 1);
     assert!(metric(&gw, "tollgate_audit_records_dropped_total") >= 1);
+    assert!(gw.log_contains("the store cannot write"), "{}", gw.log());
+
+    // Space comes back: the gateway reopens its store by itself (every 2 s) and serves
+    // again, with nothing acknowledged missing and the chain intact; and so after a restart.
+    std::fs::remove_file(filler).expect("free the disk");
+    let mut ready = gw.admin_call("GET", "/readyz", None);
+    for _ in 0..100 {
+        if ready.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = gw.admin_call("GET", "/readyz", None);
+    }
+    assert_eq!(
+        ready.status,
+        200,
+        "never recovered: {ready:?}\n{}",
+        gw.log()
+    );
     assert!(
-        gw.log_contains("could not write audit records"),
+        gw.log_contains("the store takes writes again"),
         "{}",
         gw.log()
     );
-
-    // Space comes back; the store refuses writes until it is opened again, so the gateway
-    // stays closed until restarted. After the restart nothing acknowledged is missing.
-    std::fs::remove_file(filler).expect("free the disk");
-    let still = curl_async(args!["-x", gw.proxy_url(), url("/read")]).await;
-    assert_eq!(still.status, 503, "{still:?}");
+    all_there_and_serving(&gw, &origin, (&id, "admin"), &audited).await;
+    let audited = audit_records(&gw);
     let dir = gw.stop();
     let gw = start_durable(dir);
     all_there_and_serving(&gw, &origin, (&id, "admin"), &audited).await;

@@ -14,9 +14,11 @@
 //! - **Approvals**: meanwhile, one `reviewer` write at a time is held and approved over the
 //!   admin API, so held requests, approval records and releases are exercised too.
 //!
-//! After each round the gateway's `VmRSS`, its open file descriptors (`/proc/<pid>/fd`) and
-//! its threads are sampled. The output is a Markdown table of the samples, the slopes, and
-//! the totals.
+//! After each round the gateway's `VmRSS`, its open file descriptors (`/proc/<pid>/fd`),
+//! its threads and its store's memory (the `tollgate_storage_*` gauges of `/metrics`:
+//! memtables, block cache, pinned index and filter blocks) are sampled, so that the store's
+//! share of the memory is told from the rest. The output is a Markdown table of the samples,
+//! the slopes, and the totals.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,10 @@ struct Sample {
     /// Since the start, in seconds.
     at: f64,
     rss_kib: u64,
+    /// The store's memtables, block cache and pinned blocks (its `/metrics` gauges).
+    store_kib: u64,
+    /// The store's tables on disk.
+    tables: u64,
     fds: u64,
     threads: u64,
     requests: u64,
@@ -149,7 +155,8 @@ fn main() -> anyhow::Result<()> {
     let total = Duration::from_secs_f64(args.minutes * 60.0);
     let round = Duration::from_secs(args.sample_seconds);
     let started = Instant::now();
-    let mut samples = vec![sample(&gateway, started, 0, 0, 0)?];
+    let metrics = gateway.admin_api()?;
+    let mut samples = vec![sample(&gateway, &metrics, started, 0, 0, 0)?];
     eprintln!(
         "soak: {:.1} min, {} + {} connections, a sample every {} s",
         args.minutes, args.connections, args.connections, args.sample_seconds
@@ -164,15 +171,18 @@ fn main() -> anyhow::Result<()> {
         let (a, b) = (a?, b?);
         let s = sample(
             &gateway,
+            &metrics,
             started,
             a.requests + b.requests,
             a.errors + b.errors,
             approvals.load(Ordering::Relaxed),
         )?;
         eprintln!(
-            "  {:>6.0} s: RSS {:.1} MiB, {} fds, {} threads, {} requests, {} errors",
+            "  {:>6.0} s: RSS {:.1} MiB (store {:.1} MiB, {} tables), {} fds, {} threads, {} requests, {} errors",
             s.at,
             s.rss_kib as f64 / 1024.0,
+            s.store_kib as f64 / 1024.0,
+            s.tables,
             s.fds,
             s.threads,
             s.requests,
@@ -201,20 +211,42 @@ fn main() -> anyhow::Result<()> {
 
 fn sample(
     gateway: &Gateway,
+    metrics: &AdminApi,
     started: Instant,
     requests: u64,
     errors: u64,
     approvals: u64,
 ) -> anyhow::Result<Sample> {
+    let answer = metrics.call("GET", "/metrics", None)?;
+    let text = String::from_utf8_lossy(&answer.body);
     Ok(Sample {
         at: started.elapsed().as_secs_f64(),
         rss_kib: gateway.rss_kib().context("reading the gateway's VmRSS")?,
+        store_kib: (store_bytes(&text, "tollgate_storage_write_buffer_bytes")?
+            + store_bytes(&text, "tollgate_storage_block_cache_bytes")?
+            + store_bytes(&text, "tollgate_storage_pinned_bytes")?)
+            / 1024,
+        tables: store_bytes(&text, "tollgate_storage_tables")?,
         fds: gateway.open_fds().context("counting the gateway's fds")?,
         threads: gateway.threads().unwrap_or(0),
         requests,
         errors,
         approvals,
     })
+}
+
+/// A gauge's value in the gateway's `/metrics` text.
+fn store_bytes(metrics: &str, name: &str) -> anyhow::Result<u64> {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {name} in the gateway's /metrics"))
 }
 
 /// Agent `reviewer` (127.0.0.2): one write at a time, each held until approved, until
@@ -306,15 +338,18 @@ fn render(args: &Args, samples: &[Sample], approval_errors: u64) -> String {
     let mut out = format!(
         "Soak: {:.1} min, {} plain + {} CONNECT/TLS keep-alive connections (new ones every {} s), \
          one held-and-approved write at a time.\n\n\
-         | t (s) | RSS MiB | fds | threads | requests (round) | errors (round) | approved (total) |\n\
-         |---|---|---|---|---|---|---|\n",
+         | t (s) | RSS MiB | store MiB | RSS − store MiB | tables | fds | threads | requests (round) | errors (round) | approved (total) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         args.minutes, args.connections, args.connections, args.sample_seconds
     );
     for s in samples {
         out.push_str(&format!(
-            "| {:.0} | {:.1} | {} | {} | {} | {} | {} |\n",
+            "| {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             s.at,
             s.rss_kib as f64 / 1024.0,
+            s.store_kib as f64 / 1024.0,
+            s.rss_kib.saturating_sub(s.store_kib) as f64 / 1024.0,
+            s.tables,
             s.fds,
             s.threads,
             s.requests,
@@ -328,14 +363,18 @@ fn render(args: &Args, samples: &[Sample], approval_errors: u64) -> String {
         .iter()
         .map(|s| (s.at, s.rss_kib as f64 / 1024.0))
         .collect();
+    let rest: Vec<(f64, f64)> = second_half
+        .iter()
+        .map(|s| (s.at, s.rss_kib.saturating_sub(s.store_kib) as f64 / 1024.0))
+        .collect();
     let fds: Vec<(f64, f64)> = second_half.iter().map(|s| (s.at, s.fds as f64)).collect();
     let requests: u64 = samples.iter().map(|s| s.requests).sum();
     let errors: u64 = samples.iter().map(|s| s.errors).sum();
     let (first, last) = (samples.first(), samples.last());
     let field = |s: Option<&Sample>, f: fn(&Sample) -> String| s.map(f).unwrap_or_default();
     out.push_str(&format!(
-        "\nRSS {} → {} MiB, fds {} → {}; over the second half ({} samples): RSS {:+.3} MiB/min, \
-         fds {:+.3}/min.\nRequests {requests} ({:.0}/s), errors {errors}; writes approved and \
+        "\nRSS {} → {} MiB, fds {} → {}; over the second half ({} samples): RSS {:+.3} MiB/min \
+         (RSS − store {:+.3} MiB/min), fds {:+.3}/min.\nRequests {requests} ({:.0}/s), errors {errors}; writes approved and \
          released {}, approval errors {approval_errors}.\n",
         field(first, |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
         field(last, |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
@@ -343,6 +382,7 @@ fn render(args: &Args, samples: &[Sample], approval_errors: u64) -> String {
         field(last, |s| s.fds.to_string()),
         second_half.len(),
         slope_per_minute(&rss),
+        slope_per_minute(&rest),
         slope_per_minute(&fds),
         requests as f64 / end.max(1.0),
         field(last, |s| s.approvals.to_string()),

@@ -195,8 +195,9 @@ impl AdminApi {
                         503,
                         "storage_unavailable",
                         format!(
-                            "the store cannot write ({why}); requests are refused until the \
-                             gateway is restarted on a writable disk"
+                            "the store cannot write ({why}); requests are refused until it \
+                             takes writes again (it is reopened every {} s)",
+                            crate::audit::REOPEN_INTERVAL.as_secs()
                         ),
                     ));
                 }

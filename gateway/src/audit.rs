@@ -9,13 +9,15 @@
 //!
 //! If the store cannot write (disk full, read-only, I/O error), the batch is lost: its
 //! records are counted as dropped and the failure is logged as an error. The store then
-//! takes no more writes until the gateway is restarted, and [`AuditTrail::unwritable`] says
-//! so: the egress pipeline refuses every request from then on (`503 storage_unavailable`),
-//! because every request it forwards must leave an audit record.
+//! takes no more writes until it is opened again, and [`AuditTrail::unwritable`] says so:
+//! the egress pipeline refuses every request meanwhile (`503 storage_unavailable`), because
+//! every request it forwards must leave an audit record. The writer reopens the store every
+//! [`REOPEN_INTERVAL`] until a reopen proves the disk takes writes again; then requests flow
+//! again, without a restart.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tollgate_storage::{AuditRecord, Store};
 
@@ -92,6 +94,7 @@ impl Drop for AuditTrail {
 }
 
 fn write_batches(store: &Store, shared: &Shared) {
+    let mut recovery = Recovery::default();
     loop {
         std::thread::sleep(FLUSH_INTERVAL);
         let closing = shared.closing.load(Ordering::Acquire);
@@ -99,20 +102,66 @@ fn write_batches(store: &Store, shared: &Shared) {
         let written = batch.len();
         if written > 0 {
             if let Err(e) = store.append_audit_batch(batch) {
-                let before = shared.lost.fetch_add(written as u64, Ordering::Relaxed);
-                // Once: every later batch fails the same way until the restart.
-                if before == 0 {
-                    tracing::error!(
-                        records = written, error = %e,
-                        "could not write audit records; they are lost, and requests are refused until the gateway is restarted on a writable store"
-                    );
-                } else {
-                    tracing::debug!(records = written, error = %e, "could not write audit records");
-                }
+                shared.lost.fetch_add(written as u64, Ordering::Relaxed);
+                tracing::debug!(records = written, error = %e, "could not write audit records");
             }
         }
+        recovery.tick(store);
         if closing {
             return;
+        }
+    }
+}
+
+/// The writer's side of a store that failed a write: it logs the failure once, then tries
+/// [`Store::reopen`] every [`REOPEN_INTERVAL`] until writes work again. Requests are
+/// refused meanwhile (see [`AuditTrail::unwritable`]).
+#[derive(Default)]
+struct Recovery {
+    /// When to try the next reopen, while the store is failed.
+    next_try: Option<Instant>,
+    /// Reopens tried in this failure.
+    tries: u64,
+}
+
+/// How often a store that failed a write is opened again.
+pub const REOPEN_INTERVAL: Duration = Duration::from_secs(2);
+
+impl Recovery {
+    fn tick(&mut self, store: &Store) {
+        let Some(failure) = store.write_failure() else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(next_try) = self.next_try else {
+            tracing::error!(
+                error = failure,
+                "the store cannot write: audit records are lost and requests are refused (503) \
+                 until it takes writes again; it is reopened every {} s",
+                REOPEN_INTERVAL.as_secs()
+            );
+            self.next_try = Some(now + REOPEN_INTERVAL);
+            return;
+        };
+        if now < next_try {
+            return;
+        }
+        self.tries += 1;
+        match store.reopen() {
+            Ok(_) => {
+                tracing::warn!(
+                    tries = self.tries,
+                    "the store takes writes again; requests are forwarded again"
+                );
+                *self = Recovery::default();
+            }
+            Err(e) => {
+                // Every tenth try, so a long outage does not flood the log.
+                if self.tries % 10 == 1 {
+                    tracing::warn!(tries = self.tries, error = %e, "the store still cannot be reopened");
+                }
+                self.next_try = Some(now + REOPEN_INTERVAL);
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tollgate_storage::{Store, StoreMemory};
 
 use crate::approval::Approvals;
 use crate::audit::AuditTrail;
@@ -80,6 +81,8 @@ pub struct Gauges {
     pub audit_records_dropped: u64,
     /// Store writes that failed (disk full, read-only, I/O error).
     pub storage_write_errors: u64,
+    /// The store's memory by kind.
+    pub storage_memory: StoreMemory,
     /// Spans dropped because the OTLP exporter was behind.
     pub telemetry_spans_dropped: u64,
     /// Log events dropped because the OTLP exporter was behind.
@@ -98,6 +101,8 @@ pub struct GaugeSources {
     pub policies: Arc<PolicyStore>,
     /// The audit writer.
     pub audit: Arc<AuditTrail>,
+    /// The store.
+    pub store: Arc<Store>,
     /// The OTLP export queues.
     pub telemetry: DroppedTelemetry,
 }
@@ -115,6 +120,7 @@ impl GaugeSources {
             policy_version: self.policies.status().version,
             audit_records_dropped: self.audit.dropped(),
             storage_write_errors: self.audit.write_errors(),
+            storage_memory: self.store.memory(),
             telemetry_spans_dropped: self.telemetry.spans(),
             telemetry_logs_dropped: self.telemetry.logs(),
         }
@@ -136,7 +142,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 9] = [
+pub const SCALARS: [Scalar; 13] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -185,6 +191,34 @@ pub const SCALARS: [Scalar; 9] = [
         counter: true,
         help: "Writes to the data directory's store that failed (disk full, read-only, I/O error).",
         read: |g| g.storage_write_errors,
+    },
+    Scalar {
+        name: "tollgate_storage_write_buffer_bytes",
+        otel_name: "tollgate.storage.write_buffer",
+        counter: false,
+        help: "Store writes in memory, not yet flushed to disk (bounded per keyspace).",
+        read: |g| g.storage_memory.write_buffer,
+    },
+    Scalar {
+        name: "tollgate_storage_block_cache_bytes",
+        otel_name: "tollgate.storage.block_cache",
+        counter: false,
+        help: "Store blocks cached for reads (bounded by the cache's capacity).",
+        read: |g| g.storage_memory.block_cache,
+    },
+    Scalar {
+        name: "tollgate_storage_pinned_bytes",
+        otel_name: "tollgate.storage.pinned",
+        counter: false,
+        help: "Store index and filter blocks kept in memory for the upper levels' tables.",
+        read: |g| g.storage_memory.pinned,
+    },
+    Scalar {
+        name: "tollgate_storage_tables",
+        otel_name: "tollgate.storage.tables",
+        counter: false,
+        help: "Store tables on disk, over all keyspaces.",
+        read: |g| g.storage_memory.tables,
     },
     Scalar {
         name: "tollgate_telemetry_spans_dropped_total",
@@ -313,6 +347,7 @@ mod tests {
             policy_version: "abc".into(),
             audit_records_dropped: 0,
             storage_write_errors: 0,
+            storage_memory: StoreMemory::default(),
             telemetry_spans_dropped: 7,
             telemetry_logs_dropped: 0,
         }

@@ -157,7 +157,7 @@ fn storage_unavailable(why: &str) -> Refusal {
         503,
         "storage_unavailable",
         "the gateway cannot write its audit trail (is its data directory's disk full or \
-         read-only?), so it forwards nothing; it serves again once restarted on a writable disk",
+         read-only?), so it forwards nothing; it serves again by itself once the disk takes writes",
     )
 }
 

@@ -272,6 +272,7 @@ pub async fn start(
         leaves,
         policies: policies.clone(),
         audit,
+        store: store.clone(),
         telemetry: telemetry.dropped(),
     });
     telemetry.observe(metrics.clone(), gauges.clone());

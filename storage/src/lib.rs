@@ -21,7 +21,7 @@ mod store;
 
 pub use approval::{ApprovalFilter, ApprovalKind, ApprovalRecord, ApprovalState, Settlement};
 pub use audit::{verify_chain, AuditRecord, BrokenLink, ChainHead, ChainReport, GENESIS};
-pub use store::{Store, StoreError};
+pub use store::{Store, StoreError, StoreMemory};
 
 /// Milliseconds since the Unix epoch: the one time unit of every stored record.
 pub fn now_millis() -> u64 {

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::config::PinningPolicy;
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -21,6 +22,10 @@ const AGENT_PREFIX: &str = "agent.";
 const APPROVAL_KEY: &[u8] = b"approval/";
 const AUDIT_KEY: &[u8] = b"audit/";
 const AUDIT_HEAD_KEY: &[u8] = b"audit-head";
+/// A keyspace for the store's own records: when the database was last opened, written
+/// durably at every open to prove the disk takes writes.
+const HEALTH: &str = "health";
+const OPENED_AT_KEY: &[u8] = b"opened-at";
 
 // Memory bounds. fjall's defaults (64 MiB memtable per keyspace, 32 MiB block cache) suit a
 // database that is the process's main job; here the store sits beside a proxy, with one
@@ -29,9 +34,23 @@ const AUDIT_HEAD_KEY: &[u8] = b"audit-head";
 const BLOCK_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// A keyspace's memtable is flushed to disk at this size.
 const MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+/// Audit records deleted per write when pruning (a few MiB of keys at most).
+const PRUNE_CHUNK: usize = 10_000;
 
+/// Options for every keyspace (fjall stores them with the keyspace when it is created).
+///
+/// Nothing is pinned in memory: fjall's default keeps the index blocks of level-0 and
+/// level-1 tables, and the filters of level-0 tables, in memory for as long as the table is
+/// open, and a table keeps what it pinned when compaction moves it down whole, which is what
+/// happens to an audit trail's tables (its keys only ever grow). Pinned memory then grew with
+/// the trail, about 0.45 % of the audit data written (1.5 MiB a minute in the soak run).
+/// Unpinned, index and filter blocks are read through the bounded block cache instead; the
+/// store's reads (approvals, audit pages) are rare enough not to notice.
 fn keyspace_options() -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+    KeyspaceCreateOptions::default()
+        .max_memtable_size(MEMTABLE_BYTES)
+        .index_block_pinning_policy(PinningPolicy::all(false))
+        .filter_block_pinning_policy(PinningPolicy::all(false))
 }
 
 /// Why the store could not do what was asked.
@@ -53,6 +72,20 @@ pub enum StoreError {
         /// What serde reported.
         reason: serde_json::Error,
     },
+    /// The store is closed because a write failed, and opening it again has not yet
+    /// succeeded (the disk is still full or read-only).
+    #[error("the store at {path} is closed after a failed write ({failure}); it reopens by itself once the disk takes writes again")]
+    Reopening {
+        /// The database directory.
+        path: PathBuf,
+        /// Why the write failed.
+        failure: String,
+    },
+    /// A reopen gave up waiting for operations still using the old database.
+    #[error(
+        "the store at {0} could not be reopened: operations were still using it; it is tried again"
+    )]
+    Busy(PathBuf),
     /// No approval has this id.
     #[error("no approval {0:?}")]
     NoApproval(String),
@@ -84,10 +117,23 @@ fn database_hint(reason: &fjall::Error) -> &'static str {
             " (the disk holding the data directory is full)"
         }
         fjall::Error::Poisoned => {
-            " (an earlier write failed; restart the gateway once the disk is writable)"
+            " (an earlier write failed; the store reopens by itself once the disk is writable)"
         }
         _ => "",
     }
+}
+
+/// The store's memory, in bytes, by what it is for (see [`Store::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreMemory {
+    /// Memtables: writes not yet flushed to tables (each keyspace's is bounded).
+    pub write_buffer: u64,
+    /// Blocks cached for reads (bounded by the cache's capacity).
+    pub block_cache: u64,
+    /// Index and filter blocks kept in memory for the tables of the upper levels.
+    pub pinned: u64,
+    /// Tables on disk, over all keyspaces (not memory, but what `pinned` grows with).
+    pub tables: u64,
 }
 
 /// One agent's keyspace, and the next position in its audit trail.
@@ -100,11 +146,8 @@ struct AgentSpace {
 /// The gateway's durable state. Cheap to share: clone the `Arc` it comes in.
 pub struct Store {
     path: PathBuf,
-    db: Database,
-    registry: Keyspace,
-    agents: RwLock<HashMap<String, Arc<AgentSpace>>>,
-    /// Approval id → agent id, rebuilt at open, so an approval is found by its id alone.
-    approval_owner: RwLock<HashMap<String, String>>,
+    /// The open database; `None` only while [`Store::reopen`] replaces it.
+    open: RwLock<Option<Arc<Opened>>>,
     /// Agents removed by this process: audit records still on their way for them are
     /// dropped instead of bringing a removed agent's keyspace back.
     removed: RwLock<std::collections::HashSet<String>>,
@@ -114,91 +157,63 @@ pub struct Store {
     /// writes its outcome as one step, so an approval and an expiry cannot both win.
     settling: Mutex<()>,
     /// Why a write failed, once one has: fjall refuses every later write (it cannot know
-    /// what reached the disk) until the database is opened again.
+    /// what reached the disk) until the database is opened again ([`Store::reopen`]).
     write_failure: Mutex<Option<String>>,
     /// Writes that failed since the store was opened.
     write_errors: std::sync::atomic::AtomicU64,
 }
 
-impl Store {
-    /// Opens (or creates) the database in `path`.
-    pub fn open(path: &Path) -> Result<Arc<Store>, StoreError> {
-        let err = |reason| StoreError::Database {
-            path: path.to_path_buf(),
-            reason,
-        };
+/// The open fjall database and what is read from it at open. Every store operation holds
+/// one for its whole length, so a reopen knows when the old database is no longer used.
+struct Opened {
+    path: PathBuf,
+    db: Database,
+    registry: Keyspace,
+    agents: RwLock<HashMap<String, Arc<AgentSpace>>>,
+    /// Approval id → agent id, rebuilt at open, so an approval is found by its id alone.
+    approval_owner: RwLock<HashMap<String, String>>,
+}
+
+impl Opened {
+    /// Opens (or creates) the database in `path` and proves it writable with a durable
+    /// write: a database that can only be read is refused here, not at the first request.
+    fn load(path: &Path) -> Result<Opened, StoreError> {
+        let err = |reason| database_error(path, reason);
         let db = Database::builder(path)
             .cache_size(BLOCK_CACHE_BYTES)
             .open()
             .map_err(err)?;
         let registry = db.keyspace(REGISTRY, keyspace_options).map_err(err)?;
-        let store = Store {
+        let health = db.keyspace(HEALTH, keyspace_options).map_err(err)?;
+        let mut proof = db.batch().durability(Some(PersistMode::SyncData));
+        proof.insert(&health, OPENED_AT_KEY, now_millis().to_be_bytes());
+        proof.commit().map_err(err)?;
+        let opened = Opened {
             path: path.to_path_buf(),
             db,
             registry,
             agents: RwLock::default(),
             approval_owner: RwLock::default(),
-            removed: RwLock::default(),
-            appending: Mutex::new(()),
-            settling: Mutex::new(()),
-            write_failure: Mutex::new(None),
-            write_errors: std::sync::atomic::AtomicU64::new(0),
         };
-        for name in store.db.list_keyspace_names() {
+        for name in opened.db.list_keyspace_names() {
             let Some(agent) = name.strip_prefix(AGENT_PREFIX) else {
                 continue;
             };
-            let space = store.open_space(agent)?;
+            let space = opened.open_space(agent)?;
             for record in scan::<ApprovalRecord>(&space.keyspace, APPROVAL_KEY, "approval")
-                .map_err(|e| store.with_path(e))?
+                .map_err(|e| scan_error(path, e))?
             {
-                store
+                opened
                     .approval_owner
                     .write()
                     .insert(record.id, agent.to_string());
             }
         }
-        Ok(Arc::new(store))
-    }
-
-    fn with_path(&self, e: ScanError) -> StoreError {
-        match e {
-            ScanError::Db(reason) => StoreError::Database {
-                path: self.path.clone(),
-                reason,
-            },
-            ScanError::Corrupt(what, reason) => StoreError::Corrupt { what, reason },
-        }
+        Ok(opened)
     }
 
     fn db_err(&self, reason: fjall::Error) -> StoreError {
-        StoreError::Database {
-            path: self.path.clone(),
-            reason,
-        }
-    }
-
-    /// The error for a failed write, remembered: after it the store takes no more writes.
-    fn write_err(&self, reason: fjall::Error) -> StoreError {
-        self.write_errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut failure = self.write_failure.lock();
-        if failure.is_none() {
-            *failure = Some(reason.to_string());
-        }
-        self.db_err(reason)
-    }
-
-    /// Why the store can no longer write (disk full, read-only, I/O error), if a write has
-    /// failed since it was opened. fjall refuses every write after a failed one, so this
-    /// stays set until the store is opened again (the gateway restarted).
-    pub fn write_failure(&self) -> Option<String> {
-        self.write_failure.lock().clone()
-    }
-
-    /// How many writes failed since the store was opened.
-    pub fn write_errors(&self) -> u64 {
-        self.write_errors.load(std::sync::atomic::Ordering::Relaxed)
+        database_error(&self.path, reason)
     }
 
     fn open_space(&self, agent: &str) -> Result<Arc<AgentSpace>, StoreError> {
@@ -236,14 +251,156 @@ impl Store {
         self.agents.read().get(agent).cloned()
     }
 
+    fn all_spaces(&self) -> Vec<Arc<AgentSpace>> {
+        self.agents.read().values().cloned().collect()
+    }
+}
+
+fn database_error(path: &Path, reason: fjall::Error) -> StoreError {
+    StoreError::Database {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn scan_error(path: &Path, e: ScanError) -> StoreError {
+    match e {
+        ScanError::Db(reason) => database_error(path, reason),
+        ScanError::Corrupt(what, reason) => StoreError::Corrupt { what, reason },
+    }
+}
+
+/// How long a reopen waits for operations still using the old database.
+const REOPEN_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Store {
+    /// Opens (or creates) the database in `path`.
+    pub fn open(path: &Path) -> Result<Arc<Store>, StoreError> {
+        let opened = Opened::load(path)?;
+        Ok(Arc::new(Store {
+            path: path.to_path_buf(),
+            open: RwLock::new(Some(Arc::new(opened))),
+            removed: RwLock::default(),
+            appending: Mutex::new(()),
+            settling: Mutex::new(()),
+            write_failure: Mutex::new(None),
+            write_errors: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    /// The open database, for one operation.
+    fn opened(&self) -> Result<Arc<Opened>, StoreError> {
+        self.open
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Reopening {
+                path: self.path.clone(),
+                failure: self.write_failure().unwrap_or_default(),
+            })
+    }
+
+    /// After a failed write (disk full, read-only, I/O error), closes the database and opens
+    /// it again, so the gateway recovers by itself once the disk is writable: what reached
+    /// the disk is recovered from its journal, as at a restart, and the audit chains go on
+    /// from their stored heads. Returns `Ok(false)` when no write has failed (nothing to
+    /// do), `Ok(true)` once writes work again, and the error while they do not (then the
+    /// store stays closed and every operation fails until a later call succeeds).
+    pub fn reopen(&self) -> Result<bool, StoreError> {
+        if self.write_failure().is_none() {
+            return Ok(false);
+        }
+        let mut slot = self.open.write();
+        if let Some(mut old) = slot.take() {
+            // fjall allows one open database per directory: operations that began before
+            // the reopen finish first (new ones wait on `slot`).
+            let deadline = std::time::Instant::now() + REOPEN_DRAIN;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(opened) => {
+                        drop(opened);
+                        break;
+                    }
+                    Err(still_used) if std::time::Instant::now() < deadline => {
+                        old = still_used;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(still_used) => {
+                        *slot = Some(still_used);
+                        return Err(StoreError::Busy(self.path.clone()));
+                    }
+                }
+            }
+        }
+        let opened = Opened::load(&self.path)?;
+        *slot = Some(Arc::new(opened));
+        *self.write_failure.lock() = None;
+        Ok(true)
+    }
+
+    fn with_path(&self, e: ScanError) -> StoreError {
+        scan_error(&self.path, e)
+    }
+
+    fn db_err(&self, reason: fjall::Error) -> StoreError {
+        database_error(&self.path, reason)
+    }
+
+    /// The error for a failed write, remembered: after it the store takes no more writes
+    /// until [`Store::reopen`].
+    fn write_err(&self, reason: fjall::Error) -> StoreError {
+        self.write_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut failure = self.write_failure.lock();
+        if failure.is_none() {
+            *failure = Some(reason.to_string());
+        }
+        self.db_err(reason)
+    }
+
+    /// Why the store can no longer write (disk full, read-only, I/O error), if a write has
+    /// failed. fjall refuses every write after a failed one, so this stays set until
+    /// [`Store::reopen`] succeeds.
+    pub fn write_failure(&self) -> Option<String> {
+        self.write_failure.lock().clone()
+    }
+
+    /// How many writes failed since the store was opened.
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the store holds in memory now, by kind: for operators (a gauge each) and for the
+    /// soak run, which tells the store's share of the gateway's memory from the rest.
+    pub fn memory(&self) -> StoreMemory {
+        let Ok(open) = self.opened() else {
+            return StoreMemory::default();
+        };
+        let mut trees = vec![open.registry.tree.clone()];
+        trees.extend(
+            open.all_spaces()
+                .iter()
+                .map(|space| space.keyspace.tree.clone()),
+        );
+        StoreMemory {
+            write_buffer: open.db.write_buffer_size(),
+            block_cache: open.db.cache_size(),
+            pinned: trees
+                .iter()
+                .map(|tree| (tree.pinned_filter_size() + tree.pinned_block_index_size()) as u64)
+                .sum(),
+            tables: trees.iter().map(|tree| tree.table_count() as u64).sum(),
+        }
+    }
+
     /// Writes (`Some`) or removes (`None`) one key, fsync'd before returning.
     fn commit_durably(
         &self,
+        open: &Opened,
         keyspace: &Keyspace,
         key: Vec<u8>,
         value: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        let mut batch = open.db.batch().durability(Some(PersistMode::SyncData));
         match value {
             Some(value) => batch.insert(keyspace, key, value),
             None => batch.remove(keyspace, key),
@@ -260,24 +417,26 @@ impl Store {
             what: "agent",
             reason,
         })?;
-        self.open_space(id)?;
+        let open = self.opened()?;
+        open.open_space(id)?;
         self.removed.write().remove(id);
-        self.commit_durably(&self.registry, id.as_bytes().to_vec(), Some(value))
+        self.commit_durably(&open, &open.registry, id.as_bytes().to_vec(), Some(value))
     }
 
     /// Every stored agent record.
     pub fn agents<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
-        scan(&self.registry, b"", "agent").map_err(|e| self.with_path(e))
+        scan(&self.opened()?.registry, b"", "agent").map_err(|e| self.with_path(e))
     }
 
     /// Removes an agent's registry record and all of its data (approvals, audit trail).
     pub fn remove_agent(&self, id: &str) -> Result<(), StoreError> {
-        self.commit_durably(&self.registry, id.as_bytes().to_vec(), None)?;
+        let open = self.opened()?;
+        self.commit_durably(&open, &open.registry, id.as_bytes().to_vec(), None)?;
         self.removed.write().insert(id.to_string());
-        let space = self.agents.write().remove(id);
+        let space = open.agents.write().remove(id);
         if let Some(space) = space {
-            self.approval_owner.write().retain(|_, owner| owner != id);
-            self.db
+            open.approval_owner.write().retain(|_, owner| owner != id);
+            open.db
                 .delete_keyspace(space.keyspace.clone())
                 .map_err(|e| self.write_err(e))?;
         }
@@ -286,16 +445,18 @@ impl Store {
 
     /// Whether the agent has a keyspace of its own (for tests of the layout).
     pub fn has_agent_space(&self, id: &str) -> bool {
-        self.db.keyspace_exists(&format!("{AGENT_PREFIX}{id}"))
+        self.opened()
+            .is_ok_and(|open| open.db.keyspace_exists(&format!("{AGENT_PREFIX}{id}")))
     }
 
     // ---- approvals ----
 
     /// Stores a new approval record, durably: the request may be held only once this returns.
     pub fn insert_approval(&self, record: &ApprovalRecord) -> Result<(), StoreError> {
-        let space = self.open_space(&record.agent)?;
-        self.write_approval(&space, record)?;
-        self.approval_owner
+        let open = self.opened()?;
+        let space = open.open_space(&record.agent)?;
+        self.write_approval(&open, &space, record)?;
+        open.approval_owner
             .write()
             .insert(record.id.clone(), record.agent.clone());
         Ok(())
@@ -303,6 +464,7 @@ impl Store {
 
     fn write_approval(
         &self,
+        open: &Opened,
         space: &AgentSpace,
         record: &ApprovalRecord,
     ) -> Result<(), StoreError> {
@@ -310,15 +472,16 @@ impl Store {
             what: "approval",
             reason,
         })?;
-        self.commit_durably(&space.keyspace, approval_key(&record.id), Some(value))
+        self.commit_durably(open, &space.keyspace, approval_key(&record.id), Some(value))
     }
 
     /// The approval with this id.
     pub fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
-        let Some(agent) = self.approval_owner.read().get(id).cloned() else {
+        let open = self.opened()?;
+        let Some(agent) = open.approval_owner.read().get(id).cloned() else {
             return Ok(None);
         };
-        let Some(space) = self.existing_space(&agent) else {
+        let Some(space) = open.existing_space(&agent) else {
             return Ok(None);
         };
         read_approval(&space.keyspace, id).map_err(|e| self.with_path(e))
@@ -326,9 +489,10 @@ impl Store {
 
     /// Approvals matching `filter`, oldest request first.
     pub fn approvals(&self, filter: &ApprovalFilter) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let open = self.opened()?;
         let spaces: Vec<Arc<AgentSpace>> = match &filter.agent {
-            Some(agent) => self.existing_space(agent).into_iter().collect(),
-            None => self.agents.read().values().cloned().collect(),
+            Some(agent) => open.existing_space(agent).into_iter().collect(),
+            None => open.all_spaces(),
         };
         let mut found = Vec::new();
         for space in spaces {
@@ -347,13 +511,14 @@ impl Store {
             return Err(StoreError::StillPending);
         }
         let _one_at_a_time = self.settling.lock();
-        let agent = self
+        let open = self.opened()?;
+        let agent = open
             .approval_owner
             .read()
             .get(id)
             .cloned()
             .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
-        let space = self
+        let space = open
             .existing_space(&agent)
             .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
         let mut record = read_approval(&space.keyspace, id)
@@ -372,7 +537,7 @@ impl Store {
         if let Some(sealed) = settlement.sealed_obo_token {
             record.sealed_obo_token = Some(sealed);
         }
-        self.write_approval(&space, &record)?;
+        self.write_approval(&open, &space, &record)?;
         Ok(record)
     }
 
@@ -402,9 +567,10 @@ impl Store {
         agent: Option<&str>,
         forget: impl Fn(&ApprovalRecord) -> bool,
     ) -> Result<usize, StoreError> {
+        let open = self.opened()?;
         let spaces: Vec<Arc<AgentSpace>> = match agent {
-            Some(agent) => self.existing_space(agent).into_iter().collect(),
-            None => self.agents.read().values().cloned().collect(),
+            Some(agent) => open.existing_space(agent).into_iter().collect(),
+            None => open.all_spaces(),
         };
         let _one_at_a_time = self.settling.lock();
         let mut forgotten = 0;
@@ -414,7 +580,7 @@ impl Store {
             for mut record in records {
                 if record.sealed_obo_token.is_some() && forget(&record) {
                     record.sealed_obo_token = None;
-                    self.write_approval(&space, &record)?;
+                    self.write_approval(&open, &space, &record)?;
                     forgotten += 1;
                 }
             }
@@ -430,13 +596,14 @@ impl Store {
     pub fn append_audit_batch(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
         // One appender at a time: each record links to the one before it.
         let _in_order = self.appending.lock();
-        let mut batch = self.db.batch();
+        let open = self.opened()?;
+        let mut batch = open.db.batch();
         let mut touched: Vec<Arc<AgentSpace>> = Vec::new();
         for mut record in records {
             if self.removed.read().contains(&record.agent) {
                 continue;
             }
-            let space = self.open_space(&record.agent)?;
+            let space = open.open_space(&record.agent)?;
             let mut head = space.head.lock();
             record.seq = head.next_seq;
             record.prev_hash = std::mem::take(&mut head.hash);
@@ -464,7 +631,7 @@ impl Store {
         if let Err(e) = batch.commit() {
             // Nothing was written: the chains end where the stored heads say.
             for space in &touched {
-                if let Ok(head) = self.read_head(&space.keyspace) {
+                if let Ok(head) = open.read_head(&space.keyspace) {
                     *space.head.lock() = head;
                 }
             }
@@ -475,14 +642,21 @@ impl Store {
 
     /// Checks an agent's audit chain and reports the first broken link.
     pub fn verify_audit(&self, agent: &str) -> Result<ChainReport, StoreError> {
-        let space = self
+        let open = self.opened()?;
+        let space = open
             .existing_space(agent)
             .ok_or_else(|| StoreError::NoAgent(agent.to_string()))?;
         let _in_order = self.appending.lock();
         let head = space.head.lock().clone();
-        let records: Vec<AuditRecord> =
-            scan(&space.keyspace, AUDIT_KEY, "audit").map_err(|e| self.with_path(e))?;
-        Ok(verify_chain(records, &head))
+        // One record at a time: a trail can be far larger than memory.
+        let mut failure = None;
+        let records = records::<AuditRecord>(&space.keyspace, AUDIT_KEY, "audit")
+            .map_while(|record| record.map_err(|e| failure = Some(e)).ok());
+        let report = verify_chain(records, &head);
+        match failure {
+            Some(e) => Err(self.with_path(e)),
+            None => Ok(report),
+        }
     }
 
     /// An agent's audit records from position `since` on, at most `limit` of them.
@@ -492,7 +666,8 @@ impl Store {
         since: u64,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let space = self
+        let open = self.opened()?;
+        let space = open
             .existing_space(agent)
             .ok_or_else(|| StoreError::NoAgent(agent.to_string()))?;
         let mut records = Vec::new();
@@ -515,36 +690,11 @@ impl Store {
     /// Deletes audit records, and settled approvals, older than `before` (ms since the epoch).
     /// Returns how many records were deleted.
     pub fn prune(&self, before: u64) -> Result<usize, StoreError> {
-        let spaces: Vec<(String, Arc<AgentSpace>)> = self
-            .agents
-            .read()
-            .iter()
-            .map(|(id, space)| (id.clone(), space.clone()))
-            .collect();
+        let open = self.opened()?;
         let mut pruned = 0;
-        for (_, space) in spaces {
-            {
-                let _in_order = self.appending.lock();
-                let audit: Vec<AuditRecord> =
-                    scan(&space.keyspace, AUDIT_KEY, "audit").map_err(|e| self.with_path(e))?;
-                let old: Vec<&AuditRecord> = audit.iter().take_while(|r| r.at < before).collect();
-                if let Some(last_pruned) = old.last() {
-                    // The chain now starts later, on purpose: verification starts there.
-                    let mut batch = self.db.batch();
-                    for record in &old {
-                        batch.remove(&space.keyspace, audit_key(record.seq));
-                    }
-                    let mut head = space.head.lock();
-                    head.pruned_before = last_pruned.seq + 1;
-                    let value =
-                        serde_json::to_vec(&*head).map_err(|reason| StoreError::Corrupt {
-                            what: "audit head",
-                            reason,
-                        })?;
-                    batch.insert(&space.keyspace, AUDIT_HEAD_KEY, value);
-                    batch.commit().map_err(|e| self.write_err(e))?;
-                    pruned += old.len();
-                }
+        for space in open.all_spaces() {
+            while let Some(deleted) = self.prune_audit_chunk(&open, &space, before)? {
+                pruned += deleted;
             }
             let _one_at_a_time = self.settling.lock();
             let approvals: Vec<ApprovalRecord> =
@@ -552,13 +702,66 @@ impl Store {
             for record in approvals {
                 let settled_before = record.decided_at.is_some_and(|at| at < before);
                 if record.state != ApprovalState::Pending && settled_before {
-                    self.commit_durably(&space.keyspace, approval_key(&record.id), None)?;
-                    self.approval_owner.write().remove(&record.id);
+                    self.commit_durably(&open, &space.keyspace, approval_key(&record.id), None)?;
+                    open.approval_owner.write().remove(&record.id);
                     pruned += 1;
                 }
             }
         }
         Ok(pruned)
+    }
+
+    /// Deletes the oldest audit records of one agent older than `before`, at most
+    /// [`PRUNE_CHUNK`] of them, with the chain head moved past them in the same write.
+    /// Returns how many were deleted, or `None` when there are no more to delete. In chunks,
+    /// so that pruning a long trail neither holds it in memory nor holds up appenders.
+    fn prune_audit_chunk(
+        &self,
+        open: &Opened,
+        space: &AgentSpace,
+        before: u64,
+    ) -> Result<Option<usize>, StoreError> {
+        let _in_order = self.appending.lock();
+        let first_kept = space.head.lock().pruned_before;
+        let mut batch = open.db.batch();
+        let mut last_pruned = None;
+        let mut deleted = 0;
+        let oldest = space
+            .keyspace
+            .range(audit_key(first_kept)..audit_key(u64::MAX))
+            .take(PRUNE_CHUNK);
+        for item in oldest {
+            let (key, value) = item.into_inner().map_err(|e| self.db_err(e))?;
+            let record: AuditRecord =
+                serde_json::from_slice(&value).map_err(|reason| StoreError::Corrupt {
+                    what: "audit",
+                    reason,
+                })?;
+            if record.at >= before {
+                break;
+            }
+            batch.remove(&space.keyspace, key);
+            last_pruned = Some(record.seq);
+            deleted += 1;
+        }
+        let Some(last_pruned) = last_pruned else {
+            return Ok(None);
+        };
+        // The chain now starts later, on purpose: verification starts there.
+        let mut head = space.head.lock();
+        head.pruned_before = last_pruned + 1;
+        let value = serde_json::to_vec(&*head).map_err(|reason| StoreError::Corrupt {
+            what: "audit head",
+            reason,
+        })?;
+        batch.insert(&space.keyspace, AUDIT_HEAD_KEY, value);
+        if let Err(e) = batch.commit() {
+            if let Ok(stored) = open.read_head(&space.keyspace) {
+                *head = stored;
+            }
+            return Err(self.write_err(e));
+        }
+        Ok(Some(deleted))
     }
 }
 
@@ -575,17 +778,26 @@ enum ScanError {
     Corrupt(&'static str, serde_json::Error),
 }
 
+/// The records under `prefix`, in key order, read one at a time.
+fn records<'a, T: DeserializeOwned>(
+    keyspace: &'a Keyspace,
+    prefix: &'a [u8],
+    what: &'static str,
+) -> impl Iterator<Item = Result<T, ScanError>> + 'a {
+    keyspace.prefix(prefix).map(move |item| {
+        let value = item.value().map_err(ScanError::Db)?;
+        serde_json::from_slice(&value).map_err(|e| ScanError::Corrupt(what, e))
+    })
+}
+
+/// The records under `prefix`, in key order, all in memory: for the small sets (agents,
+/// approvals); audit trails are read with [`records`].
 fn scan<T: DeserializeOwned>(
     keyspace: &Keyspace,
     prefix: &[u8],
     what: &'static str,
 ) -> Result<Vec<T>, ScanError> {
-    let mut out = Vec::new();
-    for item in keyspace.prefix(prefix) {
-        let value = item.value().map_err(ScanError::Db)?;
-        out.push(serde_json::from_slice(&value).map_err(|e| ScanError::Corrupt(what, e))?);
-    }
-    Ok(out)
+    records(keyspace, prefix, what).collect()
 }
 
 fn read_approval(keyspace: &Keyspace, id: &str) -> Result<Option<ApprovalRecord>, ScanError> {
@@ -770,7 +982,13 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let batch = (0..records).map(|at| audit("a1", at * 10)).collect();
         store.append_audit_batch(batch).unwrap();
-        let keyspace = store.existing_space("a1").unwrap().keyspace.clone();
+        let keyspace = store
+            .opened()
+            .unwrap()
+            .existing_space("a1")
+            .unwrap()
+            .keyspace
+            .clone();
         (dir, store, keyspace)
     }
 
@@ -791,6 +1009,63 @@ mod tests {
         );
         assert_eq!(store.prune(1000).unwrap(), 3);
         assert_eq!(store.verify_audit("a1").unwrap().broken, None);
+    }
+
+    #[test]
+    fn a_trail_longer_than_a_prune_chunk_is_pruned_in_chunks_and_still_verifies() {
+        let records = 2 * PRUNE_CHUNK as u64 + 7;
+        let (_dir, store, _) = trail(records);
+        // Records are at 0, 10, 20…: everything before the last 5 goes.
+        let before = (records - 5) * 10;
+        assert_eq!(store.prune(before).unwrap(), records as usize - 5);
+        let left = store.audit("a1", 0, 100).unwrap();
+        assert_eq!(
+            left.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (records - 5..records).collect::<Vec<_>>()
+        );
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!((report.records, report.broken), (5, None));
+        assert_eq!(store.prune(before).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_failed_store_is_reopened_in_place_and_goes_on_where_the_disk_says() {
+        let (_dir, store, _) = trail(3);
+        let record = pending("ap-1", "a1");
+        store.insert_approval(&record).unwrap();
+        assert!(!store.reopen().unwrap(), "nothing failed: nothing to do");
+        // A write failed (as on a full disk): the store says so until it is reopened.
+        *store.write_failure.lock() = Some("No space left on device".into());
+        let reader = store.opened().unwrap();
+        // An operation still under way holds the old database: the reopen waits for it.
+        let held = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(reader);
+        });
+        assert!(store.reopen().unwrap());
+        held.join().unwrap();
+        assert_eq!(store.write_failure(), None);
+        // The same data, the approvals found by id, the chain going on from its head.
+        assert_eq!(
+            store.approval("ap-1").unwrap().unwrap().state,
+            ApprovalState::Pending
+        );
+        store.append_audit_batch(vec![audit("a1", 100)]).unwrap();
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!((report.records, report.broken), (4, None));
+    }
+
+    #[test]
+    fn nothing_of_a_growing_trail_is_pinned_in_memory() {
+        let (_dir, store, keyspace) = trail(1000);
+        keyspace.rotate_memtable_and_wait().unwrap();
+        let more = (0..1000).map(|at| audit("a1", 10_000 + at)).collect();
+        store.append_audit_batch(more).unwrap();
+        keyspace.rotate_memtable_and_wait().unwrap();
+        let memory = store.memory();
+        assert!(memory.tables >= 2, "{memory:?}");
+        // fjall's default pins every new table's index and filter (its level 0).
+        assert_eq!(memory.pinned, 0, "{memory:?}");
     }
 
     #[test]

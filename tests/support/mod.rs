@@ -68,8 +68,11 @@ impl TestCa {
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        let cert_path = self.dir.path().join("server.pem");
-        let key_path = self.dir.path().join("server-key.pem");
+        // Files of their own: an origin may read them after another was issued.
+        static ISSUED: AtomicUsize = AtomicUsize::new(0);
+        let n = ISSUED.fetch_add(1, Ordering::Relaxed);
+        let cert_path = self.dir.path().join(format!("server-{n}.pem"));
+        let key_path = self.dir.path().join(format!("server-{n}-key.pem"));
         std::fs::write(&cert_path, cert.pem()).expect("write cert");
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
         (cert_path, key_path)
