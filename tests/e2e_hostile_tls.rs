@@ -166,6 +166,43 @@ async fn a_connect_the_policy_denies_is_refused_before_any_tls() {
         "the log names the deciding policies:\n{}",
         gw.log()
     );
+    // Each refused tunnel leaves an audit record of agent a, naming its authority and the
+    // deciding policy (written by the audit thread within its flush interval).
+    let refused = [
+        (format!("evil.test:{}", origin.port()), "only-localhost"),
+        ("localhost:9".to_string(), "no-port-9"),
+    ];
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = gw.admin_call("GET", "/v1/agents/a/audit", None).json()["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if records.len() >= refused.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records.len(), refused.len(), "{records:?}");
+    for (record, (authority, policy)) in records.iter().zip(&refused) {
+        assert_eq!(
+            (
+                record["method"].as_str(),
+                record["host"].as_str(),
+                record["decision"].as_str(),
+                record["status"].as_u64(),
+                record["policies"][0].as_str()
+            ),
+            (
+                Some("CONNECT"),
+                Some(authority.as_str()),
+                Some("deny"),
+                Some(403),
+                Some(*policy)
+            ),
+            "{record}"
+        );
+    }
 
     // A policy on something a CONNECT does not show (the path) does not refuse the tunnel:
     // the requests inside it are decided one by one.

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tollgate_storage::{AuditRecord, Store};
 
 use crate::queue::DropQueue;
+use crate::target::Target;
 
 /// Records waiting for the writer at most.
 const CAPACITY: usize = 64 * 1024;
@@ -84,6 +85,41 @@ impl AuditTrail {
     /// Records dropped so far because the writer was behind or the store failed.
     pub fn dropped(&self) -> u64 {
         self.shared.queue.dropped() + self.shared.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// The audit record of a CONNECT the policies refused as a whole (every request to its
+/// target would be denied): no request inside it was read, so the record names the tunnel,
+/// with its authority (`host:port`) as the host and no path.
+pub fn refused_tunnel(
+    agent: &str,
+    tool_call: Option<String>,
+    target: &Target,
+    policies: Vec<String>,
+    status: u16,
+) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        at: tollgate_storage::now_millis(),
+        agent: agent.to_string(),
+        tool_call,
+        method: "CONNECT".into(),
+        host: format!("{}:{}", target.host, target.port),
+        path: String::new(),
+        decision: "deny".into(),
+        policies,
+        approval: None,
+        approval_wait_ms: None,
+        credential: None,
+        status,
+        error: Some("denied".into()),
+        bytes_in: 0,
+        bytes_out: 0,
+        latency_us: 0,
+        trace_id: String::new(),
+        // Linked into the agent's chain by the store.
+        prev_hash: String::new(),
+        hash: String::new(),
     }
 }
 

@@ -23,6 +23,7 @@ use pingora::server::{Fds, ListenFds, ShutdownWatch};
 use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
+use crate::audit;
 use crate::head_deadline::HeadDeadline;
 use crate::identity::{self, ListenerBinding};
 use crate::intercept::{self, Interceptor, NotAdmitted};
@@ -225,10 +226,21 @@ impl ServerApp for EgressApp {
                     })?;
                 match self.shared.policies.decide_tunnel(&agent, target) {
                     None => Ok(()),
-                    Some((decision, version)) => Err(NotAdmitted {
-                        agent: Some(agent.id.clone()),
-                        refusal: Box::new(Refusal::for_decision(&decision, &version)),
-                    }),
+                    Some((decision, version)) => {
+                        let refusal = Refusal::for_decision(&decision, &version);
+                        let tool_call = self.shared.tool_calls.current(&agent.id, None);
+                        self.shared.audit.record(audit::refused_tunnel(
+                            &agent.id,
+                            tool_call.map(|tc| tc.id),
+                            target,
+                            decision.policies,
+                            refusal.status,
+                        ));
+                        Err(NotAdmitted {
+                            agent: Some(agent.id.clone()),
+                            refusal: Box::new(refusal),
+                        })
+                    }
                 }
             };
         // Boxed: the handshake's state would otherwise stay in every connection's future,
