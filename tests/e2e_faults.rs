@@ -341,17 +341,19 @@ async fn an_answer_cut_short_closes_the_sandbox_connection() {
     assert_eq!(broken, 2, "{page}");
 }
 
-/// curl through `gw`'s tunnel to `url`, speaking HTTP/2 inside (from 127.0.0.2 when
-/// `agent_b`).
-async fn curl_h2(gw: &Gateway, url: &str, agent_b: bool) -> CurlResult {
+/// curl through `gw`'s tunnel to `url`, speaking HTTP/2 inside when `http2` (from
+/// 127.0.0.2, agent b, when `agent_b`).
+async fn curl_tunnel(gw: &Gateway, url: &str, http2: bool, agent_b: bool) -> CurlResult {
     let mut a = args![
         "-x",
         gw.proxy_url(),
         "--cacert",
         gw.ca_cert().display(),
-        "--http2",
         url
     ];
+    if http2 {
+        a.push("--http2".into());
+    }
     if agent_b {
         a.extend(args!["--interface", "127.0.0.2"]);
     }
@@ -369,7 +371,7 @@ async fn upstream_faults_inside_an_http2_tunnel_get_clear_errors_on_their_stream
     let healthy_url = format!("https://localhost:{}/after", healthy.port());
     for (fault, status, error) in BEFORE_THE_ANSWER {
         let origin = FaultyOrigin::start_tls(fault, &ca);
-        let r = curl_h2(&gw, &origin.url("/read"), false).await;
+        let r = curl_tunnel(&gw, &origin.url("/read"), true, false).await;
         assert_eq!(
             (
                 r.status,
@@ -380,7 +382,7 @@ async fn upstream_faults_inside_an_http2_tunnel_get_clear_errors_on_their_stream
             "{fault:?}: {r:?}"
         );
         assert!(origin.connections() >= 1, "{fault:?}: the origin was asked");
-        let after = curl_h2(&gw, &healthy_url, false).await;
+        let after = curl_tunnel(&gw, &healthy_url, true, false).await;
         assert_eq!(after.status, 200, "after {fault:?}: {after:?}");
     }
     // An answer that breaks off after its head: the stream must end in an error (curl 92: an
@@ -388,14 +390,14 @@ async fn upstream_faults_inside_an_http2_tunnel_get_clear_errors_on_their_stream
     // outstanding), never as a complete-looking answer.
     for fault in [Fault::ShortBody, Fault::StallMidBody] {
         let origin = FaultyOrigin::start_tls(fault, &ca);
-        let r = curl_h2(&gw, &origin.url("/read"), false).await;
+        let r = curl_tunnel(&gw, &origin.url("/read"), true, false).await;
         assert!(r.status == 0 || r.status == 200, "{fault:?}: {r:?}");
         assert!(
             [16, 18, 56, 92].contains(&r.exit),
             "{fault:?}: curl must report a broken answer: {r:?}"
         );
         assert!(r.body.len() < 1000, "{fault:?}: {r:?}");
-        let after = curl_h2(&gw, &healthy_url, false).await;
+        let after = curl_tunnel(&gw, &healthy_url, true, false).await;
         assert_eq!(after.status, 200, "after {fault:?}: {after:?}");
     }
 }
@@ -446,21 +448,7 @@ async fn other_agents_are_served_while_an_origin_stalls_requests() {
     // Meanwhile agent b is served, over HTTP/2 and HTTP/1.1, while a's requests stay stuck.
     let url = format!("https://localhost:{}/b", healthy.port());
     for n in 0..10 {
-        let r = match n % 2 {
-            0 => curl_h2(&gw, &url, true).await,
-            _ => {
-                curl_async(args![
-                    "--interface",
-                    "127.0.0.2",
-                    "-x",
-                    gw.proxy_url(),
-                    "--cacert",
-                    gw.ca_cert().display(),
-                    &url
-                ])
-                .await
-            }
-        };
+        let r = curl_tunnel(&gw, &url, n % 2 == 0, true).await;
         assert_eq!(r.status, 200, "agent b, request {n}: {r:?}");
     }
     assert_eq!(

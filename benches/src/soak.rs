@@ -72,6 +72,8 @@ struct Sample {
     store_kib: u64,
     /// The store's tables on disk.
     tables: u64,
+    /// The most audit records that waited for the writer at once, so far.
+    audit_queue_peak: u64,
     fds: u64,
     threads: u64,
     requests: u64,
@@ -178,11 +180,12 @@ fn main() -> anyhow::Result<()> {
             approvals.load(Ordering::Relaxed),
         )?;
         eprintln!(
-            "  {:>6.0} s: RSS {:.1} MiB (store {:.1} MiB, {} tables), {} fds, {} threads, {} requests, {} errors",
+            "  {:>6.0} s: RSS {:.1} MiB (store {:.1} MiB, {} tables, audit queue peak {}), {} fds, {} threads, {} requests, {} errors",
             s.at,
             s.rss_kib as f64 / 1024.0,
             s.store_kib as f64 / 1024.0,
             s.tables,
+            s.audit_queue_peak,
             s.fds,
             s.threads,
             s.requests,
@@ -222,11 +225,12 @@ fn sample(
     Ok(Sample {
         at: started.elapsed().as_secs_f64(),
         rss_kib: gateway.rss_kib().context("reading the gateway's VmRSS")?,
-        store_kib: (store_bytes(&text, "tollgate_storage_write_buffer_bytes")?
-            + store_bytes(&text, "tollgate_storage_block_cache_bytes")?
-            + store_bytes(&text, "tollgate_storage_pinned_bytes")?)
+        store_kib: (gauge(&text, "tollgate_storage_write_buffer_bytes")?
+            + gauge(&text, "tollgate_storage_block_cache_bytes")?
+            + gauge(&text, "tollgate_storage_pinned_bytes")?)
             / 1024,
-        tables: store_bytes(&text, "tollgate_storage_tables")?,
+        tables: gauge(&text, "tollgate_storage_tables")?,
+        audit_queue_peak: gauge(&text, "tollgate_audit_queue_peak_records")?,
         fds: gateway.open_fds().context("counting the gateway's fds")?,
         threads: gateway.threads().unwrap_or(0),
         requests,
@@ -236,7 +240,7 @@ fn sample(
 }
 
 /// A gauge's value in the gateway's `/metrics` text.
-fn store_bytes(metrics: &str, name: &str) -> anyhow::Result<u64> {
+fn gauge(metrics: &str, name: &str) -> anyhow::Result<u64> {
     metrics
         .lines()
         .find_map(|line| {
@@ -375,7 +379,8 @@ fn render(args: &Args, samples: &[Sample], approval_errors: u64) -> String {
     out.push_str(&format!(
         "\nRSS {} → {} MiB, fds {} → {}; over the second half ({} samples): RSS {:+.3} MiB/min \
          (RSS − store {:+.3} MiB/min), fds {:+.3}/min.\nRequests {requests} ({:.0}/s), errors {errors}; writes approved and \
-         released {}, approval errors {approval_errors}.\n",
+         released {}, approval errors {approval_errors}; at most {} audit records waited for \
+         the writer at once.\n",
         field(first, |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
         field(last, |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
         field(first, |s| s.fds.to_string()),
@@ -386,6 +391,7 @@ fn render(args: &Args, samples: &[Sample], approval_errors: u64) -> String {
         slope_per_minute(&fds),
         requests as f64 / end.max(1.0),
         field(last, |s| s.approvals.to_string()),
+        field(last, |s| s.audit_queue_peak.to_string()),
     ));
     out
 }

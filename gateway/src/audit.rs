@@ -82,6 +82,12 @@ impl AuditTrail {
         }
     }
 
+    /// The most records that waited for the writer at once since start (at most the
+    /// queue's capacity; past it records are dropped).
+    pub fn peak_queued(&self) -> u64 {
+        self.shared.queue.peak() as u64
+    }
+
     /// Records dropped so far because the writer was behind or the store failed.
     pub fn dropped(&self) -> u64 {
         self.shared.queue.dropped() + self.shared.lost.load(Ordering::Relaxed)

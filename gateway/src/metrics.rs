@@ -79,6 +79,8 @@ pub struct Gauges {
     pub policy_version: String,
     /// Audit records dropped because the writer was behind or the store failed.
     pub audit_records_dropped: u64,
+    /// The most audit records waiting for the writer at once.
+    pub audit_queue_peak: u64,
     /// Store writes that failed (disk full, read-only, I/O error).
     pub storage_write_errors: u64,
     /// The store's memory by kind.
@@ -119,6 +121,7 @@ impl GaugeSources {
             tls_leaf_cache_entries: self.leaves.cached(),
             policy_version: self.policies.status().version,
             audit_records_dropped: self.audit.dropped(),
+            audit_queue_peak: self.audit.peak_queued(),
             storage_write_errors: self.audit.write_errors(),
             storage_memory: self.store.memory(),
             telemetry_spans_dropped: self.telemetry.spans(),
@@ -142,7 +145,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 13] = [
+pub const SCALARS: [Scalar; 14] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -184,6 +187,13 @@ pub const SCALARS: [Scalar; 13] = [
         counter: true,
         help: "Audit records dropped because the writer was behind or the store failed.",
         read: |g| g.audit_records_dropped,
+    },
+    Scalar {
+        name: "tollgate_audit_queue_peak_records",
+        otel_name: "tollgate.audit.queue_peak",
+        counter: false,
+        help: "The most audit records that waited for the writer at once since start (the writer waits while the store throttles writes; past the queue's capacity, records are dropped).",
+        read: |g| g.audit_queue_peak,
     },
     Scalar {
         name: "tollgate_storage_write_errors_total",
@@ -346,6 +356,7 @@ mod tests {
             tls_leaf_cache_entries: 3,
             policy_version: "abc".into(),
             audit_records_dropped: 0,
+            audit_queue_peak: 0,
             storage_write_errors: 0,
             storage_memory: StoreMemory::default(),
             telemetry_spans_dropped: 7,

@@ -6,7 +6,7 @@
 //! is full, items are dropped and counted rather than slowing requests down: the count is
 //! what operators alert on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -15,6 +15,8 @@ pub struct DropQueue<T> {
     items: Mutex<Vec<T>>,
     capacity: usize,
     dropped: AtomicU64,
+    /// The most items the writer found waiting at once.
+    peak: AtomicUsize,
 }
 
 impl<T> DropQueue<T> {
@@ -24,6 +26,7 @@ impl<T> DropQueue<T> {
             items: Mutex::new(Vec::new()),
             capacity,
             dropped: AtomicU64::new(0),
+            peak: AtomicUsize::new(0),
         }
     }
 
@@ -43,7 +46,15 @@ impl<T> DropQueue<T> {
 
     /// Takes everything queued.
     pub fn take(&self) -> Vec<T> {
-        std::mem::take(&mut *self.items.lock())
+        let items = std::mem::take(&mut *self.items.lock());
+        self.peak.fetch_max(items.len(), Ordering::Relaxed);
+        items
+    }
+
+    /// The most items taken at once so far: how close the writer came to dropping (the
+    /// queue's memory at its fullest).
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
     }
 
     /// Counts `n` items the writer took but could not deliver as dropped.
@@ -73,5 +84,6 @@ mod tests {
         assert_eq!(queue.push(5), Ok(1));
         assert_eq!(queue.take(), vec![5]);
         assert_eq!(queue.dropped(), 2);
+        assert_eq!(queue.peak(), 2);
     }
 }
