@@ -1,19 +1,28 @@
 //! Step 3 of the data path: what a request asks for.
 //!
-//! A request becomes an [`Action`] (read or write, from its method) and, when it goes to an
-//! Azure Resource Manager endpoint, an [`ArmTarget`] parsed from its path: the subscription,
+//! A request becomes an [`Action`] (read, write or upgrade) and, when it goes to an Azure
+//! Resource Manager endpoint, an [`ArmTarget`] parsed from its path: the subscription,
 //! resource group, provider, resource and operation it touches, and every RBAC scope that
 //! contains it. Policies compare those scopes with the agent's own.
+//!
+//! The action is what the request can do, not what its method claims: a read that carries a
+//! body is a write ([`RequestFacts::carrying_body`]), and a protocol upgrade is an action of
+//! its own ([`RequestFacts::upgrading`]), since after it the bytes flow uninspected. (The
+//! gateway works out the method a request really asks for — method-override headers
+//! included — before it calls [`RequestFacts::new`].)
 
 use crate::target::{Host, Target};
 
-/// The two Cedar actions.
+/// The Cedar actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// GET, HEAD, OPTIONS.
+    /// GET, HEAD, OPTIONS without a body.
     Read,
-    /// Every other method.
+    /// Every other method, and a read that carries a body.
     Write,
+    /// A protocol upgrade (`Upgrade: websocket`): once the origin agrees, bytes flow both
+    /// ways without being inspected, so no policy for reads or writes covers it.
+    Upgrade,
 }
 
 impl Action {
@@ -26,12 +35,21 @@ impl Action {
         }
     }
 
+    /// Every action, in the order of their Cedar ids.
+    pub const ALL: [Action; 3] = [Action::Read, Action::Write, Action::Upgrade];
+
     /// The Cedar action id.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Read => "read",
             Action::Write => "write",
+            Action::Upgrade => "upgrade",
         }
+    }
+
+    /// The action with Cedar id `id`.
+    pub fn from_id(id: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == id)
     }
 }
 
@@ -209,6 +227,8 @@ pub struct RequestFacts {
     pub arm: Option<ArmTarget>,
     /// The agent's open tool call, if any.
     pub tool_call: Option<String>,
+    /// The protocol an upgrade asks for (lower case, as the `Upgrade` header lists it).
+    pub upgrade: Option<String>,
 }
 
 impl RequestFacts {
@@ -226,7 +246,32 @@ impl RequestFacts {
             path,
             arm,
             tool_call: None,
+            upgrade: None,
         })
+    }
+
+    /// The same request carrying a body: a read with a body is a write, since an origin may
+    /// act on what it sends whatever the method says.
+    pub fn carrying_body(mut self) -> RequestFacts {
+        if self.action == Action::Read {
+            self.action = Action::Write;
+        }
+        self
+    }
+
+    /// The same request asking to switch to `protocol` (the `Upgrade` header's value): its
+    /// action is [`Action::Upgrade`] whatever its method.
+    pub fn upgrading(mut self, protocol: &str) -> RequestFacts {
+        self.action = Action::Upgrade;
+        self.upgrade = Some(
+            protocol
+                .split(',')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(", ")
+                .to_ascii_lowercase(),
+        );
+        self
     }
 
     /// Whether this is an ARM request none of whose scopes the agent's RBAC `scopes` cover:
@@ -260,6 +305,23 @@ mod tests {
         assert!(!RequestFacts::new("POST", github, "/repos")
             .unwrap()
             .outside_scopes(&[]));
+    }
+
+    #[test]
+    fn a_read_with_a_body_is_a_write_and_an_upgrade_is_its_own_action() {
+        let target = Target::from_url_authority(Scheme::Https, "api.github.com").unwrap();
+        let get = RequestFacts::new("GET", target.clone(), "/").unwrap();
+        assert_eq!(get.clone().carrying_body().action, Action::Write);
+        let delete = RequestFacts::new("DELETE", target.clone(), "/").unwrap();
+        assert_eq!(delete.carrying_body().action, Action::Write);
+        let ws = get.upgrading(" WebSocket ,h2c");
+        assert_eq!(ws.action, Action::Upgrade);
+        assert_eq!(ws.upgrade.as_deref(), Some("websocket, h2c"));
+        assert_eq!(ws.carrying_body().action, Action::Upgrade, "an upgrade stays one");
+        for action in Action::ALL {
+            assert_eq!(Action::from_id(action.as_str()), Some(action));
+        }
+        assert_eq!(Action::from_id("delete"), None);
     }
 
     #[test]

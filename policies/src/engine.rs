@@ -281,14 +281,15 @@ enum ResourceKey {
 /// The policies' scopes, by action.
 #[derive(Debug, Default)]
 struct Index {
-    /// For read and for write: (principal key, resource key, policy).
-    by_action: [Vec<(PrincipalKey, ResourceKey, Policy)>; 2],
+    /// For each action (in [`Action::ALL`] order): (principal key, resource key, policy).
+    by_action: [Vec<(PrincipalKey, ResourceKey, Policy)>; Action::ALL.len()],
 }
 
 fn action_slot(action: Action) -> usize {
     match action {
         Action::Read => 0,
         Action::Write => 1,
+        Action::Upgrade => 2,
     }
 }
 
@@ -310,7 +311,7 @@ impl Index {
                 _ => ResourceKey::Any,
             };
             let actions: Vec<Action> = match policy.action_constraint() {
-                ActionConstraint::Any => vec![Action::Read, Action::Write],
+                ActionConstraint::Any => Action::ALL.to_vec(),
                 ActionConstraint::Eq(uid) => action_of(&uid).into_iter().collect(),
                 ActionConstraint::In(uids) => uids.iter().filter_map(action_of).collect(),
             };
@@ -370,11 +371,7 @@ fn resource_key(uid: &EntityUid) -> ResourceKey {
 }
 
 fn action_of(uid: &EntityUid) -> Option<Action> {
-    match uid.id().unescaped() {
-        "read" => Some(Action::Read),
-        "write" => Some(Action::Write),
-        _ => None,
-    }
+    Action::from_id(uid.id().unescaped())
 }
 
 /// A validated policy set, ready to decide.
@@ -638,8 +635,8 @@ impl PolicyEngine {
     /// `agent` could send through a CONNECT to `target` is denied whatever its method and
     /// path, so the CONNECT itself can be refused; `None` when the requests inside must be
     /// decided one by one. Only forbids that read nothing a CONNECT does not show are
-    /// evaluated (so this never refuses a tunnel a request inside it could use), for reads
-    /// and writes; both must be forbidden.
+    /// evaluated (so this never refuses a tunnel a request inside it could use), for every
+    /// action (read, write, upgrade); each must be forbidden.
     pub fn decide_tunnel(&self, agent: &AgentFacts<'_>, target: &Target) -> Option<Decision> {
         if self.tunnel_forbids.is_empty() {
             return None;
@@ -653,10 +650,15 @@ impl PolicyEngine {
             .ok()?;
         let authorizer = Authorizer::new();
         let mut forbids = Vec::new();
-        for method in ["GET", "POST"] {
-            // The method and path are placeholders: the policies evaluated here do not read
-            // them.
-            let facts = RequestFacts::new(method, target.clone(), "/").ok()?;
+        for action in Action::ALL {
+            // The method, path and protocol are placeholders: the policies evaluated here do
+            // not read them.
+            let facts = RequestFacts::new("GET", target.clone(), "/").ok()?;
+            let facts = match action {
+                Action::Read => facts,
+                Action::Write => facts.carrying_body(),
+                Action::Upgrade => facts.upgrading("websocket"),
+            };
             let context = entities::context(&facts, false).ok()?;
             let request = Request::new(
                 entities::agent_uid(agent.id),
@@ -873,7 +875,8 @@ mod tests {
              @id(\"no-port-9\")\nforbid (principal, action, resource) when { context.port == 9 };\n\
              @id(\"no-admin\")\nforbid (principal, action, resource) when { context.path == \"/admin\" };\n\
              @id(\"no-writes-to-ro\")\nforbid (principal, action == Action::\"write\", resource == Host::\"ro.example.com\");\n\
-             @id(\"sneaky\")\nforbid (principal, action, resource) when { context.port == 8 && context.method == \"GET\" };\n",
+             @id(\"sneaky\")\nforbid (principal, action, resource) when { context.port == 8 && context.method == \"GET\" };\n\
+             @id(\"no-http-but-upgrades\")\nforbid (principal, action in [Action::\"read\", Action::\"write\"], resource == Host::\"ws.example.com\");\n",
         )]))
         .unwrap();
         let agent = AgentFacts {
@@ -894,6 +897,8 @@ mod tests {
         assert_eq!(tunnel("example.com:443"), None);
         assert_eq!(tunnel("ro.example.com:443"), None);
         assert_eq!(tunnel("example.com:8"), None);
+        // Reads and writes are forbidden there, but an upgrade is not.
+        assert_eq!(tunnel("ws.example.com:443"), None);
     }
 
     #[test]
@@ -1013,6 +1018,7 @@ mod tests {
             ));
         }
         text.push_str("@id(\"any\") permit (principal, action in [Action::\"read\", Action::\"write\"], resource in Domain::\"open.test\") when { principal.run_mode == \"Autonomous\" };\n");
+        text.push_str("@id(\"ws\") permit (principal, action == Action::\"upgrade\", resource in Domain::\"svc7.test\") when { context has upgrade && context.upgrade == \"websocket\" };\n");
         let engine = PolicyEngine::load(&sources(&[("gen.cedar", &text)])).unwrap();
         let tags = BTreeMap::new();
         for agent_n in [0, 7, 39, 99] {
@@ -1033,8 +1039,11 @@ mod tests {
                         "https://a.open.test/".to_string(),
                         "https://svc7.test.evil/".to_string(),
                     ] {
-                        for method in ["GET", "POST"] {
-                            let r = request(method, &url);
+                        for method in ["GET", "POST", "UPGRADE"] {
+                            let r = match method {
+                                "UPGRADE" => request("GET", &url).upgrading("websocket"),
+                                _ => request(method, &url),
+                            };
                             let indexed = engine.decide(&agent, &r);
                             let whole = engine.decide_without_index(&agent, &r);
                             assert_eq!(

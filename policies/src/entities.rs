@@ -132,6 +132,12 @@ pub fn context(request: &RequestFacts, approved: bool) -> Result<Context, String
     if let Some(arm) = &request.arm {
         pairs.push(("arm".to_string(), arm_record(arm)?));
     }
+    if let Some(upgrade) = &request.upgrade {
+        pairs.push((
+            "upgrade".to_string(),
+            RestrictedExpression::new_string(upgrade.clone()),
+        ));
+    }
     Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))
 }
 
@@ -190,14 +196,21 @@ mod tests {
             "https://management.azure.com/providers/Microsoft.Resources/operations",
         ] {
             let (target, path) = Target::from_url(url).unwrap();
-            for tool_call in [None, Some("tc-1".to_string())] {
+            for (tool_call, upgrade) in [
+                (None, None),
+                (Some("tc-1".to_string()), None),
+                (None, Some("websocket")),
+            ] {
                 let mut facts = RequestFacts::new("POST", target.clone(), &path).expect(url);
                 facts.tool_call = tool_call;
+                if let Some(protocol) = upgrade {
+                    facts = facts.upgrading(protocol);
+                }
                 let entities = entities(&agent, &facts.target.host, &schema).expect(url);
                 for approved in [false, true] {
                     let request = cedar_policy::Request::new(
                         agent_uid("a"),
-                        action_uid(Action::Write),
+                        action_uid(facts.action),
                         host_uid(&facts.target.host),
                         context(&facts, approved).unwrap(),
                         Some(&schema),

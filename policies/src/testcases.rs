@@ -15,6 +15,8 @@
 //! url = "https://api.github.com/repos/octo/hello"
 //! expect = "allow"          # allow | deny | needs_approval
 //! policy = "reads"          # optional
+//! body = false              # optional: true makes a read a write, as the gateway does
+//! upgrade = "websocket"     # optional: an upgrade request (action "upgrade")
 //! ```
 
 use std::collections::BTreeMap;
@@ -58,6 +60,12 @@ pub struct TestCase {
     /// A policy that must be among the deciding ones.
     #[serde(default)]
     pub policy: Option<String>,
+    /// Whether the request carries a body (a read with one is a write).
+    #[serde(default)]
+    pub body: bool,
+    /// The protocol an upgrade request asks for (its `Upgrade` header).
+    #[serde(default)]
+    pub upgrade: Option<String>,
 }
 
 /// A test file.
@@ -177,10 +185,16 @@ fn run_case(
         scopes: &agent.scopes,
         tags: &agent.tags,
     };
-    let request = match RequestFacts::new(&case.method, target, &path) {
+    let mut request = match RequestFacts::new(&case.method, target, &path) {
         Ok(request) => request,
         Err(e) => return broken(format!("bad url: {e}")),
     };
+    if case.body {
+        request = request.carrying_body();
+    }
+    if let Some(protocol) = &case.upgrade {
+        request = request.upgrading(protocol);
+    }
     let decision = engine.decide(&facts, &request);
     let mut failure = None;
     if decision.outcome != case.expect {
