@@ -258,6 +258,75 @@ async fn internal_networks_are_refused_unless_allowed() {
     assert_eq!(origin.requests(), 0);
 }
 
+/// One host name per special-purpose range the SSRF issue named, each resolving (by the
+/// resolver override, never DNS) to an address in that range, and what the 403 must name.
+/// None of them is public: were the guard to let one through, the connection would go
+/// nowhere reachable, and the test would fail on the 502/504 instead of the 403.
+const SPECIAL_PURPOSE_ORIGINS: &[(&str, &str, &[&str])] = &[
+    (
+        "bench.test",
+        "198.18.0.1",
+        &["benchmarking", "Benchmarking", "RFC 2544"],
+    ),
+    (
+        "dummy.test",
+        "192.0.0.8",
+        &["IPv4 dummy address", "RFC 7600"],
+    ),
+    (
+        "compat.test",
+        "::10.0.0.1",
+        &["IPv4-compatible IPv6", "RFC 4291"],
+    ),
+    (
+        "nat64-local.test",
+        "64:ff9b:1::a00:1",
+        &["NAT64 local-use", "IPv4-IPv6 Translat.", "RFC 8215"],
+    ),
+    ("teredo.test", "2001::1", &["Teredo", "TEREDO", "RFC 4380"]),
+    (
+        "sixtofour.test",
+        "2002:a00:1::1",
+        &["6to4 address embedding 10.0.0.1", "Private-Use", "RFC 1918"],
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_in_special_purpose_ranges_are_refused_before_any_connection() {
+    if no_curl() {
+        return;
+    }
+    let ca = TestCa::new("origin");
+    let resolve = SPECIAL_PURPOSE_ORIGINS
+        .iter()
+        .map(|(host, ip, _)| format!("{host:?} = {ip:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let gw = gateway(
+        &ca,
+        &format!("connect_timeout_ms = 1000\nresolve = {{ {resolve} }}\n"),
+    );
+    let mut failures = Vec::new();
+    for (host, ip, names) in SPECIAL_PURPOSE_ORIGINS {
+        let r = curl_async(args!["-x", gw.proxy_url(), format!("http://{host}/")]).await;
+        let detail = r.json()["detail"].as_str().unwrap_or("").to_string();
+        // destination_forbidden comes from resolution, before the gateway picks a peer:
+        // a connection attempt would have ended in 502 or 504 (upstream_*) instead.
+        if r.status != 403 || r.json()["error"] != "destination_forbidden" {
+            failures.push(format!("{host} ({ip}): {} {:?}", r.status, r.body));
+            continue;
+        }
+        let shown: std::net::IpAddr = ip.parse().expect("an address");
+        let expected = format!("{host} resolves to {shown}, ");
+        for part in std::iter::once(expected.as_str()).chain(names.iter().copied()) {
+            if !detail.contains(part) {
+                failures.push(format!("{host}: {detail:?} lacks {part:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_failures_get_clear_gateway_errors() {
     if no_curl() {

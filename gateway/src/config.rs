@@ -304,8 +304,9 @@ pub struct UpstreamConfig {
     /// `system_roots = false`, instead of) the system roots.
     #[serde(default)]
     pub extra_ca_file: Option<PathBuf>,
-    /// Networks that origins may resolve to although they are loopback, private, link-local,
-    /// unique-local or unspecified (the SSRF guard refuses those by default).
+    /// Networks that origins may resolve to although the SSRF guard refuses them by default:
+    /// the ranges the IANA special-purpose registries call not globally reachable (loopback,
+    /// private, link-local, unique-local, benchmarking, Teredo, ...), multicast and reserved.
     #[serde(default)]
     pub allow_networks: Vec<IpNet>,
     /// Time allowed to establish a TCP connection (and, separately, the TLS handshake).
