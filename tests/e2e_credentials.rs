@@ -1,5 +1,6 @@
-//! Credentials end to end: a real client-credentials token endpoint and a protected origin
-//! on loopback, the gateway injecting tokens per agent and tool call, curl as the sandbox.
+//! Credentials end to end: a real client-credentials token endpoint and a protected HTTPS
+//! origin on loopback, the gateway injecting tokens per agent and tool call, curl as the
+//! sandbox.
 
 mod support;
 
@@ -13,8 +14,13 @@ const AUDIENCE: &str = "api://protected/.default";
 const HOST: &str = "api.protected.test";
 
 /// A gateway with agent `a` (127.0.0.1), provider `entra` for the endpoint, and a rule
-/// giving `HOST` a token for `AUDIENCE`.
-fn gateway(endpoint: &TokenEndpoint, credentials: &str, env: &[(&str, &str)]) -> Gateway {
+/// giving `HOST` a token for `AUDIENCE` over TLS on `origin`'s port.
+fn gateway(
+    endpoint: &TokenEndpoint,
+    origin: &Origin,
+    credentials: &str,
+    env: &[(&str, &str)],
+) -> Gateway {
     let secret_dir = tempfile::tempdir().expect("tempdir");
     let secret_file = secret_dir.path().join("secret");
     std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).expect("write secret");
@@ -37,6 +43,7 @@ peers = ["127.0.0.1"]
         CLIENT_ID,
         &format!("{{ file = {secret_file:?} }}"),
         HOST,
+        origin.port(),
         AUDIENCE,
     ) + &rest;
     let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
@@ -46,8 +53,11 @@ peers = ["127.0.0.1"]
 }
 
 async fn call(gw: &Gateway, origin: &Origin, extra: &[&str]) -> CurlResult {
-    let url = format!("http://{HOST}:{}/resource", origin.port());
-    let mut args = args!["-x", gw.proxy_url(), &url];
+    call_path(gw, origin, "/resource", extra).await
+}
+
+async fn call_path(gw: &Gateway, origin: &Origin, path: &str, extra: &[&str]) -> CurlResult {
+    let mut args = via(gw, &format!("https://{HOST}:{}{path}", origin.port()));
     args.extend(extra.iter().map(|s| s.to_string()));
     curl_async(args).await
 }
@@ -58,8 +68,8 @@ async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
         return;
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
-    let origin = Origin::protected(&endpoint, AUDIENCE);
-    let gw = gateway(&endpoint, "", &[]);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, &origin, "", &[]);
     let sandbox_auth = [
         "-H",
         "Authorization: Bearer sandbox-held-secret",
@@ -79,7 +89,7 @@ async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
     );
     let first = call(&gw, &origin, &sandbox_auth).await;
     assert_eq!(first.status, 200, "{first:?}");
-    let seen = first.seen();
+    let seen = origin.last_seen();
     let tokens = endpoint.tokens();
     assert_eq!(tokens.len(), 1);
     assert_eq!(
@@ -120,8 +130,8 @@ async fn tokens_are_refreshed_before_they_expire() {
     }
     // Tokens live 2 s; the cache drops them 1 s before expiry.
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 2, Duration::ZERO);
-    let origin = Origin::protected(&endpoint, AUDIENCE);
-    let gw = gateway(&endpoint, "refresh_margin_secs = 1", &[]);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, &origin, "refresh_margin_secs = 1", &[]);
     assert_eq!(
         gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
             .status,
@@ -144,33 +154,32 @@ async fn tokens_are_refreshed_before_they_expire() {
 async fn concurrent_requests_on_a_cold_cache_fetch_one_token() {
     // The endpoint answers slowly, so all requests arrive while the first fetch is running.
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::from_millis(300));
-    let origin = Origin::protected(&endpoint, AUDIENCE);
-    let gw = gateway(&endpoint, "", &[]);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, &origin, "", &[]);
     assert_eq!(
         gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
             .status,
         201
     );
-    let request = format!(
-        "GET http://{HOST}:{port}/c HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n",
-        port = origin.port()
-    );
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let request = request.clone();
-        let proxy = gw.egress;
-        tasks.push(tokio::task::spawn_blocking(move || {
-            raw_exchange(proxy, request.as_bytes())
-        }));
-    }
-    let mut ok = 0;
-    for task in tasks {
-        let answer = task.await.expect("join");
-        if answer.starts_with("HTTP/1.1 200") {
-            ok += 1;
-        }
-    }
-    assert_eq!(ok, 100);
+    // 100 transfers at once from one curl, each through its own tunnel.
+    let url = format!("https://{HOST}:{}/c", origin.port());
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "100",
+        ])
+        .args(["--max-time", "20", "-w", "%{http_code}\n"])
+        .args(["-x", &gw.proxy_url(), "--cacert"])
+        .arg(gw.ca_cert())
+        .args((0..100).flat_map(|_| ["-o", "/dev/null", url.as_str()]))
+        .output()
+        .expect("run curl");
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    let ok = codes.lines().filter(|l| *l == "200").count();
+    assert_eq!(ok, 100, "{codes}");
     assert_eq!(
         endpoint.requests(),
         1,
@@ -185,8 +194,8 @@ async fn a_failing_token_endpoint_gives_502_and_is_not_hammered() {
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
     endpoint.set_mode(TokenMode::Failing);
-    let origin = Origin::protected(&endpoint, AUDIENCE);
-    let gw = gateway(&endpoint, "", &[]);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, &origin, "", &[]);
     assert_eq!(
         gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
             .status,
@@ -235,8 +244,8 @@ async fn a_slow_or_down_token_endpoint_gives_502() {
         return;
     }
     let slow = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::from_secs(3));
-    let origin = Origin::protected(&slow, AUDIENCE);
-    let gw = gateway(&slow, "fetch_timeout_ms = 300", &[]);
+    let origin = Origin::protected(HOST, &slow, AUDIENCE);
+    let gw = gateway(&slow, &origin, "fetch_timeout_ms = 300", &[]);
     assert_eq!(
         gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
             .status,
@@ -261,6 +270,7 @@ async fn a_slow_or_down_token_endpoint_gives_502() {
         &format!(
             "name = \"p\"\nkind = \"client_credentials\"\ntoken_url = \"http://127.0.0.1:{port}/token\"\nclient_id = \"c\"\nclient_secret = {{ env = \"TEST_DOWN_SECRET\" }}"
         ),
+        &origin,
         AUDIENCE,
         &[("TEST_DOWN_SECRET", "down-secret-value")],
     );
@@ -283,8 +293,8 @@ async fn no_token_or_secret_is_ever_written() {
         return;
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
-    let origin = Origin::protected(&endpoint, AUDIENCE);
-    let gw = gateway(&endpoint, "", &[("RUST_LOG", "debug")]);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway(&endpoint, &origin, "", &[("RUST_LOG", "debug")]);
     assert_eq!(
         gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc"}"#))
             .status,
@@ -344,8 +354,13 @@ async fn no_token_or_secret_is_ever_written() {
 }
 
 /// A gateway whose only provider is `provider` (TOML lines) and whose rule gives `HOST` a
-/// token for `audience`, with agent `a` in tool call `tc`.
-fn gateway_with_provider(provider: &str, audience: &str, env: &[(&str, &str)]) -> Gateway {
+/// token for `audience` over TLS on `origin`'s port, with agent `a` in tool call `tc`.
+fn gateway_with_provider(
+    provider: &str,
+    origin: &Origin,
+    audience: &str,
+    env: &[(&str, &str)],
+) -> Gateway {
     let config = format!(
         r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "{HOST}" = "127.0.0.1" }}
 
@@ -354,6 +369,7 @@ fn gateway_with_provider(provider: &str, audience: &str, env: &[(&str, &str)]) -
 
 [[credential_rules]]
 hosts = ["{HOST}"]
+ports = [{port}]
 audience = "{audience}"
 provider = "p"
 
@@ -362,7 +378,8 @@ id = "a"
 run_mode = "Autonomous"
 peers = ["127.0.0.1"]
 "#,
-        upstream = loopback_upstream(None),
+        upstream = loopback_upstream(Some(&origin_ca().cert_path())),
+        port = origin.port(),
     );
     let gw = Gateway::start_with_env(&config, &[ALLOW_ALL], "", env);
     assert_eq!(
@@ -380,12 +397,13 @@ async fn the_managed_identity_protocol_is_spoken_both_ways() {
     }
     // IMDS: Metadata: true; the v2 scope becomes a v1 resource.
     let imds = ManagedIdentityEndpoint::start(None);
-    let origin = Origin::protected_by(imds.issued.clone(), "https://management.azure.com");
+    let origin = Origin::protected_by(HOST, imds.issued.clone(), "https://management.azure.com");
     let gw = gateway_with_provider(
         &format!(
             "name = \"p\"\nkind = \"managed_identity\"\nendpoint = \"{}\"",
             imds.url()
         ),
+        &origin,
         "https://management.azure.com/.default",
         &[],
     );
@@ -395,12 +413,13 @@ async fn the_managed_identity_protocol_is_spoken_both_ways() {
 
     // The IDENTITY_ENDPOINT variant: the X-IDENTITY-HEADER secret instead of Metadata.
     let app_service = ManagedIdentityEndpoint::start(Some("identity-header-secret"));
-    let origin = Origin::protected_by(app_service.issued.clone(), "https://vault.azure.net");
+    let origin = Origin::protected_by(HOST, app_service.issued.clone(), "https://vault.azure.net");
     let gw = gateway_with_provider(
         &format!(
             "name = \"p\"\nkind = \"managed_identity\"\nendpoint = \"{}\"\nidentity_header = {{ env = \"TEST_IDENTITY_HEADER\" }}",
             app_service.url()
         ),
+        &origin,
         "https://vault.azure.net",
         &[("TEST_IDENTITY_HEADER", "identity-header-secret")],
     );
@@ -420,18 +439,24 @@ async fn a_static_provider_injects_its_token() {
         .lock()
         .expect("issued")
         .insert("static-dev-token".into(), "dev".into());
-    let origin = Origin::protected_by(issued, "dev");
+    let origin = Origin::protected_by(HOST, issued, "dev");
     let gw = gateway_with_provider(
         "name = \"p\"\nkind = \"static\"\ntoken = { env = \"TEST_STATIC_TOKEN\" }",
+        &origin,
         "dev",
         &[("TEST_STATIC_TOKEN", "static-dev-token")],
     );
     let r = call(&gw, &origin, &[]).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
-        r.seen().headers.get("authorization").map(String::as_str),
+        origin
+            .last_seen()
+            .headers
+            .get("authorization")
+            .map(String::as_str),
         Some("Bearer static-dev-token")
     );
+    assert!(!r.body.contains("static-dev-token"), "{r:?}");
 }
 
 #[test]
@@ -444,4 +469,183 @@ fn a_missing_secret_stops_the_gateway_from_starting() {
         ),
     );
     assert!(err.contains("TOLLGATE_TEST_NOT_SET"), "{err}");
+}
+
+/// A static token long enough to be told apart from anything else in a request or answer.
+const STATIC_TOKEN: &str = "static-dev-token-4e1f9b27c05d";
+
+/// A gateway with a static provider giving `HOST` (over TLS on `origin`'s port) the token
+/// [`STATIC_TOKEN`], agent `a` in tool call `tc`; `credentials` goes in `[credentials]`.
+fn static_gateway(origin: &Origin, credentials: &str) -> Gateway {
+    gateway_with_provider(
+        &format!(
+            "name = \"p\"\nkind = \"static\"\ntoken = {{ env = \"TEST_STATIC_TOKEN\" }}\n\n\
+             [credentials]\n{credentials}"
+        ),
+        origin,
+        "dev",
+        &[("TEST_STATIC_TOKEN", STATIC_TOKEN)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_never_travels_in_clear_text_or_to_another_port() {
+    if no_curl() {
+        return;
+    }
+    let issued: Issued = Default::default();
+    issued
+        .lock()
+        .expect("issued")
+        .insert(STATIC_TOKEN.into(), "dev".into());
+    let origin = Origin::protected_by(HOST, issued, "dev");
+    let gw = static_gateway(&origin, "");
+    // Raw TCP recorders where a token must never arrive: another port of the covered host,
+    // and its port 80 (needs root to bind; without it, plain HTTP is tried on the other
+    // port only).
+    let other = Recorder::start().await;
+    let port_80 = Recorder::start_on("127.0.0.1:80").await.ok();
+    if port_80.is_none() {
+        eprintln!("NOTE: cannot listen on port 80 (not root, or taken): plain HTTP is checked on an ephemeral port only");
+    }
+    let mut urls = vec![
+        format!("http://{HOST}:{}/clear", other.addr.port()),
+        format!("https://{HOST}:{}/other-port", other.addr.port()),
+        // Plain HTTP to the rule's own port.
+        format!("http://{HOST}:{}/clear-on-the-tls-port", origin.port()),
+    ];
+    if port_80.is_some() {
+        urls.push(format!("http://{HOST}/clear-on-80"));
+    }
+    for url in &urls {
+        // Also outside the tool call's token: the request is refused whole, not sent bare.
+        let r = curl_async(via(&gw, url)).await;
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (403, Some("credential_requires_tls")),
+            "{url}: {r:?}"
+        );
+        assert!(!r.body.contains(STATIC_TOKEN));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for recorder in std::iter::once(&other).chain(port_80.as_ref()) {
+        assert_eq!(
+            (recorder.connections(), recorder.received()),
+            (0, String::new()),
+            "nothing reaches {}",
+            recorder.addr
+        );
+    }
+    assert_eq!(origin.requests(), 0);
+    // Each refusal is audited.
+    let records = audit_records(&gw, "a", urls.len());
+    assert!(
+        records
+            .iter()
+            .all(|r| r["error"] == "credential_requires_tls" && r["status"] == 403),
+        "{records:?}"
+    );
+    // Over TLS to the rule's port, the token goes.
+    let ok = call(&gw, &origin, &[]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        origin
+            .last_seen()
+            .headers
+            .get("authorization")
+            .map(String::as_str),
+        Some(format!("Bearer {STATIC_TOKEN}").as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_and_track_are_refused_for_every_agent() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::echoing(HOST);
+    let gw = static_gateway(&origin, "");
+    for extra in [
+        vec!["-X", "TRACE"],
+        vec!["-X", "TRACK"],
+        vec!["-H", "X-HTTP-Method-Override: TRACE"],
+    ] {
+        let r = call(&gw, &origin, &extra).await;
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (405, Some("method_not_allowed")),
+            "{extra:?}: {r:?}"
+        );
+    }
+    // Plain HTTP to a host no rule covers: refused the same way.
+    let plain = Origin::http();
+    let r = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        "-X",
+        "TRACE",
+        format!("http://127.0.0.1:{}/", plain.port())
+    ])
+    .await;
+    assert_eq!(r.status, 405, "{r:?}");
+    assert_eq!((origin.requests(), plain.requests()), (0, 0));
+}
+
+/// The value of the Prometheus sample `name` (no labels) at the gateway's `/metrics`.
+fn metric(gw: &Gateway, name: &str) -> u64 {
+    let text = gw.admin_call("GET", "/metrics", None).body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_carries_the_token_back_is_not_relayed() {
+    if no_curl() {
+        return;
+    }
+    // An origin that echoes every request, the injected Authorization header included.
+    let origin = Origin::echoing(HOST);
+    let gw = static_gateway(&origin, "reflection_scan_bytes = 65536");
+    let r = call(&gw, &origin, &[]).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (502, Some("credential_reflected")),
+        "{r:?}"
+    );
+    assert!(!r.body.contains(STATIC_TOKEN));
+    assert_eq!(
+        origin.requests(),
+        1,
+        "the request went; its answer did not come back"
+    );
+    assert_eq!(metric(&gw, "tollgate_credential_reflections_total"), 1);
+
+    // Further on in a long answer (past the scanned window): cut off before the token, the
+    // connection closed short of the announced length.
+    let r = call_path(&gw, &origin, "/pad/300000", &[]).await;
+    assert_ne!(r.exit, 0, "the answer is cut short: {:?}", r.stderr);
+    assert!(
+        !r.body.contains(STATIC_TOKEN),
+        "the token never reaches the sandbox"
+    );
+    assert!(r.body.len() < 300_000, "{}", r.body.len());
+    assert_eq!(metric(&gw, "tollgate_credential_reflections_total"), 2);
+    // A long answer without the token is relayed whole.
+    let r = call_path(&gw, &origin, "/bytes/300000", &[]).await;
+    assert_eq!((r.status, r.body.len()), (200, 300_000));
+
+    let records = audit_records(&gw, "a", 3);
+    let errors: Vec<_> = records.iter().map(|r| r["error"].clone()).collect();
+    assert_eq!(
+        errors,
+        [
+            serde_json::json!("credential_reflected"),
+            serde_json::json!("credential_reflected"),
+            serde_json::Value::Null
+        ],
+        "{records:?}"
+    );
+    assert!(!gw.log().contains(STATIC_TOKEN));
 }

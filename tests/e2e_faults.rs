@@ -478,12 +478,13 @@ async fn a_token_endpoint_answering_garbage_gives_502_and_forwards_nothing() {
         return;
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
-    let origin = Origin::protected(&endpoint, AUDIENCE);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
     let config = entra_config(
         &endpoint,
         CLIENT_ID,
         r#"{ env = "FAULTS_CLIENT_SECRET" }"#,
         HOST,
+        origin.port(),
         AUDIENCE,
     ) + r#"
 [credentials]
@@ -510,7 +511,7 @@ peers = ["127.0.0.1"]
             .status,
         201
     );
-    let url = format!("http://{HOST}:{}/resource", origin.port());
+    let url = format!("https://{HOST}:{}/resource", origin.port());
     for (mode, detail) in [
         (TokenMode::NotJson, "no usable token"),
         (TokenMode::NoAccessToken, "no usable token"),
@@ -519,13 +520,13 @@ peers = ["127.0.0.1"]
         endpoint.set_mode(mode);
         let asked = endpoint.requests();
         // A refusal from the backoff of the previous mode names no endpoint answer; wait it out.
-        let mut r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+        let mut r = curl_async(via(&gw, &url)).await;
         for _ in 0..50 {
             if endpoint.requests() > asked {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-            r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+            r = curl_async(via(&gw, &url)).await;
         }
         assert!(
             endpoint.requests() > asked,
@@ -549,13 +550,13 @@ peers = ["127.0.0.1"]
     }
     // The endpoint recovers: the next request (after the backoff) gets a token.
     endpoint.set_mode(TokenMode::Normal);
-    let mut r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    let mut r = curl_async(via(&gw, &url)).await;
     for _ in 0..50 {
         if r.status == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+        r = curl_async(via(&gw, &url)).await;
     }
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(origin.requests(), 1);
@@ -901,7 +902,7 @@ async fn all_there_and_serving(
     let (code, out) = audit_verify(gw);
     assert!(code == 0 && out.contains("chain intact"), "{out}");
     let url = format!("http://127.0.0.1:{}/again", origin.port());
-    let r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    let r = curl_async(via(gw, &url)).await;
     assert_eq!(r.status, 200, "{r:?}");
     let (id, held) = hold_one(gw, &url, "again").await;
     let ack = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);

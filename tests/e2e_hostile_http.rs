@@ -240,51 +240,6 @@ async fn a_head_sent_too_slowly_is_cut_off_but_slow_bodies_and_idle_keep_alive_a
     assert_eq!(origin.requests(), 2);
 }
 
-/// A raw TCP origin that records every byte it receives and never answers.
-struct Recorder {
-    addr: std::net::SocketAddr,
-    bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Recorder {
-    async fn start() -> Recorder {
-        use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = bytes.clone();
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let sink = sink.clone();
-                connections.spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = stream.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        sink.lock().expect("sink").extend_from_slice(&buf[..n]);
-                    }
-                });
-            }
-        });
-        Recorder { addr, bytes, task }
-    }
-
-    fn received(&self) -> String {
-        String::from_utf8_lossy(&self.bytes.lock().expect("bytes")).to_string()
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_chunk_never_reaches_the_origin_as_a_request() {
     let (gw, _origin) = world();

@@ -72,11 +72,11 @@ fn missing_prerequisite(qemu: bool) -> Option<String> {
 }
 
 /// A gateway with a static identity provider `p` whose token is injected for `HOST`, which
-/// is pinned to the HTTPS origin on loopback (trusted through the test CA).
+/// is pinned to the HTTPS origin on loopback (trusted through the test origins' CA), which
+/// accepts only that token.
 struct World {
     gw: Gateway,
     origin: Origin,
-    _ca: TestCa,
     state: tempfile::TempDir,
     /// Agents `up` was run for: taken down when the test ends, however it ends.
     started: std::sync::Mutex<Vec<String>>,
@@ -116,13 +116,18 @@ impl Drop for World {
 
 impl World {
     fn start() -> World {
-        let ca = TestCa::new("launcher test origin CA");
-        let origin = Origin::https_for(&ca, &[HOST]);
+        let issued: Issued = Default::default();
+        issued
+            .lock()
+            .expect("issued")
+            .insert(TOKEN.into(), "p".into());
+        let origin = Origin::protected_by(HOST, issued, "p");
         let config = format!(
             "{EPHEMERAL_LISTENERS}{upstream}resolve = {{ \"{HOST}\" = \"127.0.0.1\" }}\n\
              [[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"LAUNCHER_TEST_TOKEN\" }}\n\
-             [[credential_rules]]\nhosts = [\"{HOST}\"]\naudience = \"p\"\n",
-            upstream = loopback_upstream(Some(&ca.cert_path())),
+             [[credential_rules]]\nhosts = [\"{HOST}\"]\nports = [{port}]\naudience = \"p\"\n",
+            upstream = loopback_upstream(Some(&origin_ca().cert_path())),
+            port = origin.port(),
         );
         let gw =
             Gateway::start_with_env(&config, &[ALLOW_ALL], "", &[("LAUNCHER_TEST_TOKEN", TOKEN)]);
@@ -130,7 +135,6 @@ impl World {
         World {
             gw,
             origin,
-            _ca: ca,
             state,
             started: Default::default(),
         }
@@ -217,14 +221,15 @@ impl World {
     }
 }
 
-/// The workload: fetch the origin through the gateway until the injected token shows (the
-/// test opens the agent's tool call once `up` returns), then try every other way out.
+/// The workload: fetch the origin through the gateway until it answers 200 — it accepts only
+/// the injected token (the test opens the agent's tool call once `up` returns) — then try
+/// every other way out.
 fn checks(origin_port: u16, admin_port: u16) -> String {
     format!(
         r#"n=0
 while :; do
-  out=$(curl -sS -m 10 "https://{HOST}:{origin_port}/from-$TOLLGATE_AGENT")
-  case "$out" in *"Bearer "*) break ;; esac
+  out=$(curl -sS -m 10 -w ' HTTP %{{http_code}}' "https://{HOST}:{origin_port}/from-$TOLLGATE_AGENT")
+  case "$out" in *" HTTP 200") break ;; esac
   n=$((n + 1)); [ "$n" -ge 120 ] && break
   sleep 0.5
 done
@@ -254,8 +259,12 @@ fn assert_confined(console: &str, agent: &str) {
         .find_map(|l| l.strip_prefix("FETCHED "))
         .unwrap_or_default();
     assert!(
-        fetched.contains(&format!("Bearer {TOKEN}")),
-        "{agent} did not get the injected token through the gateway:\n{console}"
+        fetched.ends_with(" HTTP 200"),
+        "{agent} did not get through with the injected token:\n{console}"
+    );
+    assert!(
+        !fetched.contains(TOKEN),
+        "the sandbox saw the token:\n{console}"
     );
     assert!(fetched.contains(&format!("/from-{agent}")), "{console}");
     let probes: Vec<&str> = console
@@ -362,6 +371,16 @@ fn run_confinement_checks(backend_args: &[&str], prefix: &str) {
     let alone = up_together(&world, &[a], backend_args);
     let console = world.wait_for_console(a, "CHECKS-DONE", Duration::from_secs(120));
     assert_confined(&console, a);
+    // The origin got the token the gateway injected; the sandbox never had it.
+    let bearer = format!("Bearer {TOKEN}");
+    assert!(
+        world.origin.seen().iter().any(|seen| {
+            seen.target == format!("/from-{a}")
+                && seen.headers.get("authorization") == Some(&bearer)
+        }),
+        "{:?}",
+        world.origin.seen()
+    );
     let list = world.launcher_ok(&["list"]);
     eprintln!("{list}");
     let pid = pid_of(&list, a);

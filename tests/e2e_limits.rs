@@ -11,13 +11,20 @@ use std::time::{Duration, Instant};
 use support::*;
 
 /// Agent `a` (127.0.0.1) with small limits of its own; agent `b` (127.0.0.2) with the
-/// defaults. Reads are allowed, writes wait for approval.
+/// defaults. Reads are allowed, writes wait for approval — but a's writes to `/stream`,
+/// which go at once.
 fn world() -> (Gateway, Origin) {
     let origin = Origin::http();
     let dir = tempfile::tempdir().expect("tempdir");
     let policy_dir = dir.path().join("policies");
     std::fs::create_dir_all(&policy_dir).expect("policy dir");
     std::fs::write(policy_dir.join(APPROVAL_POLICIES.0), APPROVAL_POLICIES.1).expect("policy");
+    std::fs::write(
+        policy_dir.join("stream.cedar"),
+        "@id(\"streams\")\npermit (principal == Agent::\"a\", action == Action::\"write\", resource) \
+         when { context.path == \"/stream\" };\n",
+    )
+    .expect("policy");
     let config = format!(
         "{EPHEMERAL_LISTENERS}{}\n\
          [[agents]]\nid = \"a\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n\
@@ -102,7 +109,7 @@ async fn an_agent_over_its_limits_is_refused_and_its_neighbour_is_not() {
     // but never the end of the body (README, "Egress behaviour").
     let chunk = "y".repeat(80);
     let streamed = format!(
-        "GET {url} HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n\
+        "POST http://{authority}/stream HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n\
          50\r\n{chunk}\r\n50\r\n{chunk}\r\n0\r\n\r\n"
     );
     let answer = raw_exchange(gw.egress, streamed.as_bytes());

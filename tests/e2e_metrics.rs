@@ -47,18 +47,24 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
     if no_curl() {
         return;
     }
-    let ca = TestCa::new("metrics");
     let plain = Origin::http();
-    let tls = Origin::https(&ca);
+    let tls = Origin::https(origin_ca());
+    let issued: Issued = Default::default();
+    issued
+        .lock()
+        .expect("issued")
+        .insert("static-agent-token".into(), "m".into());
+    let protected = Origin::protected_by("api.metrics.test", issued, "m");
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("static-token");
     std::fs::write(&token, "static-agent-token\n").expect("token");
     let config = format!(
         "{EPHEMERAL_LISTENERS}{}resolve = {{ \"api.metrics.test\" = \"127.0.0.1\" }}\n\
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token:?} }}\n\
-         [[credential_rules]]\nhosts = [\"api.metrics.test\"]\naudience = \"api://metrics\"\n\
+         [[credential_rules]]\nhosts = [\"api.metrics.test\"]\nports = [{port}]\naudience = \"api://metrics\"\n\
          [[agents]]\nid = \"a\"\nrun_mode = \"Review\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n",
-        loopback_upstream(Some(&ca.cert_path()))
+        loopback_upstream(Some(&origin_ca().cert_path())),
+        port = protected.port(),
     );
     let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
     assert_eq!(
@@ -66,9 +72,9 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
             .status,
         201
     );
-    let credentialed = format!("http://api.metrics.test:{}/x", plain.port());
+    let credentialed = format!("https://api.metrics.test:{}/x", protected.port());
     for _ in 0..2 {
-        let r = curl_async(args!["-x", gw.proxy_url(), &credentialed]).await;
+        let r = curl_async(via(&gw, &credentialed)).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
     let secure = format!("https://localhost:{}/", tls.port());
@@ -86,7 +92,7 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
         "127.0.0.2",
         "-x",
         gw.proxy_url(),
-        &credentialed
+        format!("http://127.0.0.1:{}/x", plain.port())
     ])
     .await;
     assert_eq!(stranger.status, 403, "{stranger:?}");
@@ -124,7 +130,8 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
     );
     assert_eq!(get("tollgate_token_cache_misses_total"), 1.0);
     assert_eq!(get("tollgate_token_cache_hits_total"), 1.0);
-    assert_eq!(get("tollgate_tls_leaf_cache_entries"), 1.0);
+    // api.metrics.test and localhost.
+    assert_eq!(get("tollgate_tls_leaf_cache_entries"), 2.0);
     let version = gw.admin_call("GET", "/v1/policies", None).json()["version"]
         .as_str()
         .expect("version")

@@ -18,12 +18,13 @@ const HOST: &str = "api.protected.test";
 /// The approver's own token: the only one the origin accepts.
 const PERSON_TOKEN: &str = "alice-obo-token-5d2e91";
 
-fn gateway(endpoint: &TokenEndpoint) -> Gateway {
+fn gateway(endpoint: &TokenEndpoint, origin: &Origin) -> Gateway {
     let config = entra_config(
         endpoint,
         CLIENT_ID,
         r#"{ env = "OBO_TEST_SECRET" }"#,
         HOST,
+        origin.port(),
         AUDIENCE,
     ) + r#"
 [[agents]]
@@ -89,9 +90,9 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
         PERSON_TOKEN.to_string(),
         AUDIENCE.to_string(),
     )])));
-    let origin = Origin::protected_by(people, AUDIENCE);
-    let gw = gateway(&endpoint);
-    let url = format!("http://{HOST}:{}/resource", origin.port());
+    let origin = Origin::protected_by(HOST, people, AUDIENCE);
+    let gw = gateway(&endpoint, &origin);
+    let url = format!("https://{HOST}:{}/resource", origin.port());
     let open = |id: &str| {
         let r = gw.admin_call(
             "POST",
@@ -103,15 +104,9 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
 
     // The agent's own token is refused: the request is held, not answered 401.
     open("tc-1");
-    let write = tokio::spawn(curl_async(args![
-        "-x",
-        gw.proxy_url(),
-        "-X",
-        "POST",
-        "--data-binary",
-        "payload",
-        &url
-    ]));
+    let mut post = via(&gw, &url);
+    post.extend(args!["-X", "POST", "--data-binary", "payload"]);
+    let write = tokio::spawn(curl_async(post));
     let approval = wait_for_approvals(&gw, "state=pending&agent=a", 1).remove(0);
     assert_eq!(approval["kind"], "on_behalf_of");
     assert_eq!(approval["obo_audience"], AUDIENCE);
@@ -134,7 +129,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     assert!(!approved.body.contains(PERSON_TOKEN));
     let replayed = write.await.expect("curl");
     assert_eq!(replayed.status, 200, "{replayed:?}");
-    let seen = replayed.seen();
+    let seen = origin.last_seen();
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.body_len, 7);
     assert_eq!(
@@ -144,13 +139,46 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     assert_eq!(origin.requests(), 2);
 
     // The rest of the tool call uses it without asking again.
-    let read = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    let read = curl_async(via(&gw, &url)).await;
     assert_eq!(read.status, 200, "{read:?}");
     assert_eq!(
-        read.seen().headers.get("authorization").map(String::as_str),
+        origin
+            .last_seen()
+            .headers
+            .get("authorization")
+            .map(String::as_str),
         Some(format!("Bearer {PERSON_TOKEN}").as_str())
     );
     assert!(pending(&gw, "a").is_empty());
+
+    // The lent token, like the agent's own, goes only over TLS to the rule's port, and an
+    // answer that carries it back is not relayed.
+    let recorder = Recorder::start().await;
+    for elsewhere in [
+        format!("http://{HOST}:{}/resource", origin.port()),
+        format!("http://{HOST}:{}/resource", recorder.addr.port()),
+        format!("https://{HOST}:{}/resource", recorder.addr.port()),
+    ] {
+        let r = curl_async(via(&gw, &elsewhere)).await;
+        assert_eq!(
+            r.json()["error"],
+            "credential_requires_tls",
+            "{elsewhere}: {r:?}"
+        );
+    }
+    assert_eq!(recorder.connections(), 0);
+    let echoed = curl_async(via(
+        &gw,
+        &format!("https://{HOST}:{}/debug/echo", origin.port()),
+    ))
+    .await;
+    assert_eq!(
+        (echoed.status, echoed.json()["error"].as_str()),
+        (502, Some("credential_reflected")),
+        "{echoed:?}"
+    );
+    assert!(!echoed.body.contains(PERSON_TOKEN));
+    assert_eq!(origin.requests(), 4, "the echo was asked for, and withheld");
 
     // Stored only sealed: no file of the data directory, and no log line, holds it.
     for (path, bytes) in files_under(&gw.data_dir()) {
@@ -169,7 +197,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     let record = gw.admin_call("GET", &format!("/v1/approvals/{id}"), None);
     assert_eq!(record.json()["obo_token_held"], false, "{record:?}");
     open("tc-2");
-    let next = tokio::spawn(curl_async(args!["-x", gw.proxy_url(), &url]));
+    let next = tokio::spawn(curl_async(via(&gw, &url)));
     let again = wait_for_approvals(&gw, "state=pending&agent=a", 1).remove(0);
     assert_ne!(again["id"], id.as_str(), "a new tool call asks again");
     let again_id = again["id"].as_str().expect("id");
@@ -190,19 +218,14 @@ async fn a_read_only_agent_never_acts_on_a_persons_behalf() {
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
     let people: Issued = Arc::new(Mutex::new(HashMap::new()));
-    let origin = Origin::protected_by(people, AUDIENCE);
-    let gw = gateway(&endpoint);
+    let origin = Origin::protected_by(HOST, people, AUDIENCE);
+    let gw = gateway(&endpoint, &origin);
     let opened = gw.admin_call("POST", "/v1/agents/ro/tool-calls", Some(r#"{"id":"t"}"#));
     assert_eq!(opened.status, 201);
-    let url = format!("http://{HOST}:{}/resource", origin.port());
-    let refused = curl_async(args![
-        "--interface",
-        "127.0.0.2",
-        "-x",
-        gw.proxy_url(),
-        &url
-    ])
-    .await;
+    let url = format!("https://{HOST}:{}/resource", origin.port());
+    let mut args = args!["--interface", "127.0.0.2"];
+    args.extend(via(&gw, &url));
+    let refused = curl_async(args).await;
     assert_eq!(
         refused.status, 401,
         "the origin's answer, as it was: {refused:?}"
@@ -216,8 +239,11 @@ async fn an_arm_write_outside_the_agents_scopes_is_sent_only_with_the_approvers_
     if no_curl() {
         return;
     }
-    let ca = TestCa::new("arm");
-    let origin = Origin::https_for(&ca, &["management.azure.com"]);
+    let issued: Issued = Arc::new(Mutex::new(HashMap::from([
+        ("agent-own-token".to_string(), "arm".to_string()),
+        (PERSON_TOKEN.to_string(), "arm".to_string()),
+    ])));
+    let origin = Origin::protected_by("management.azure.com", issued, "arm");
     let config = format!(
         r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "management.azure.com" = "127.0.0.1" }}
 
@@ -228,6 +254,7 @@ token = {{ env = "OBO_TEST_AGENT_TOKEN" }}
 
 [[credential_rules]]
 hosts = ["management.azure.com"]
+ports = [{port}]
 audience = "https://management.azure.com/.default"
 
 [[agents]]
@@ -237,7 +264,8 @@ identity = "dev"
 scopes = ["/subscriptions/sub-1/resourceGroups/rg-a"]
 peers = ["127.0.0.1"]
 "#,
-        upstream = loopback_upstream(Some(&ca.cert_path())),
+        upstream = loopback_upstream(Some(&origin_ca().cert_path())),
+        port = origin.port(),
     );
     let files = default_policies();
     let policies: Vec<(&str, &str)> = files
@@ -276,8 +304,8 @@ peers = ["127.0.0.1"]
     let inside = put(arm("rg-a")).await.expect("curl");
     assert_eq!(inside.status, 200, "{inside:?}");
     assert_eq!(
-        inside
-            .seen()
+        origin
+            .last_seen()
             .headers
             .get("authorization")
             .map(String::as_str),
@@ -300,7 +328,11 @@ peers = ["127.0.0.1"]
     let sent = outside.await.expect("curl");
     assert_eq!(sent.status, 200, "{sent:?}");
     assert_eq!(
-        sent.seen().headers.get("authorization").map(String::as_str),
+        origin
+            .last_seen()
+            .headers
+            .get("authorization")
+            .map(String::as_str),
         Some(format!("Bearer {PERSON_TOKEN}").as_str())
     );
     assert_eq!(origin.requests(), 2);

@@ -162,6 +162,12 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     }
     let (collector, port, _stop) = HttpReceiver::start();
     let origin = Origin::http();
+    let issued: Issued = Default::default();
+    issued
+        .lock()
+        .expect("issued")
+        .insert("static-agent-token-6f1e".into(), "otel".into());
+    let protected = Origin::protected_by("api.otel.test", issued, "otel");
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("static-token");
     std::fs::write(&token, "static-agent-token-6f1e\n").expect("token");
@@ -171,9 +177,10 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
          flush_interval_ms = 100\nmetrics_interval_secs = 1\nrequest_logs = true\n\
          headers = {{ \"x-collector-key\" = {{ env = \"E2E_COLLECTOR_KEY\" }} }}\n\
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token:?} }}\n\
-         [[credential_rules]]\nhosts = [\"api.otel.test\"]\naudience = \"api://otel\"\n\
+         [[credential_rules]]\nhosts = [\"api.otel.test\"]\nports = [{protected_port}]\naudience = \"api://otel\"\n\
          [[agents]]\nid = \"a\"\nrun_mode = \"Review\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n",
-        loopback_upstream(None)
+        loopback_upstream(Some(&origin_ca().cert_path())),
+        protected_port = protected.port(),
     );
     let gw = Gateway::start_with_env(
         &config,
@@ -196,17 +203,12 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
 
     // Allowed, with the agent's token injected; the query must not be exported.
     let allowed = format!(
-        "http://api.otel.test:{}/read/me?sig=query-secret-77",
-        origin.port()
+        "https://api.otel.test:{}/read/me?sig=query-secret-77",
+        protected.port()
     );
-    let r = curl_async(args![
-        "-x",
-        gw.proxy_url(),
-        "-H",
-        "tollgate-tool-call: tc-1",
-        &allowed
-    ])
-    .await;
+    let mut args = via(&gw, &allowed);
+    args.extend(args!["-H", "tollgate-tool-call: tc-1"]);
+    let r = curl_async(args).await;
     assert_eq!(r.status, 200, "{r:?}");
     // Denied by policy.
     let denied = format!("http://blocked.test:{}/nope", origin.port());
@@ -261,7 +263,7 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     assert_eq!(text(a, "http.request.method").as_deref(), Some("GET"));
     assert_eq!(
         text(a, "server.address"),
-        Some(format!("api.otel.test:{}", origin.port()))
+        Some(format!("api.otel.test:{}", protected.port()))
     );
     assert_eq!(text(a, "tollgate.decision").as_deref(), Some("allow"));
     assert_eq!(

@@ -33,6 +33,7 @@ fn summary() -> AuditRecord {
         bytes_in: 0,
         bytes_out: 1024,
         latency_us: 900,
+        upgrade: None,
         trace_id: String::new(),
         prev_hash: String::new(),
         hash: String::new(),

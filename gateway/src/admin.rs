@@ -301,9 +301,11 @@ impl AdminApi {
             ["v1", "agents", id, "tool-calls", tool_call] => {
                 only(&method, &[Method::DELETE])?;
                 if let Some(serial) = self.tool_calls.close(id, tool_call) {
-                    // Its tokens go at once, not when they expire, lent ones from the store too.
-                    self.credentials.evict_tool_call(id, serial);
-                    self.approvals.forget_tool_call(id, tool_call).await;
+                    // Its tokens go at once, not when they expire, lent ones from the store too,
+                    // and its requests still held for approval are refused.
+                    self.approvals
+                        .end_tool_call(&self.credentials, id, serial, tool_call)
+                        .await;
                     tracing::info!(agent = %id, tool_call = %tool_call, "tool call closed");
                     Ok(empty(StatusCode::NO_CONTENT))
                 } else {

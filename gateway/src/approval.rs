@@ -8,7 +8,10 @@
 //! - an approver approves → the held request is released, once;
 //! - an approver denies → 403 with the approver's reason;
 //! - the timeout passes → 403 "approval expired";
-//! - the client goes away → the record is abandoned and nothing is sent.
+//! - the client goes away → the record is abandoned and nothing is sent;
+//! - the request's tool call ends ([`Approvals::end_tool_call`]) → the record is abandoned
+//!   and the request refused (403 `tool_call_closed`): a token is never made for a tool call
+//!   that is over.
 //!
 //! Held requests cost a waiter entry and the buffered body; the store does the rest. Store
 //! writes (with their fsync) run on the blocking pool, off the proxy's worker threads.
@@ -26,7 +29,7 @@ use tollgate_storage::{
 };
 
 use crate::config::ApprovalsConfig;
-use crate::credentials::Secret;
+use crate::credentials::{Credentials, Secret};
 use crate::obo::OboSealer;
 use crate::reply::Refusal;
 
@@ -66,6 +69,24 @@ pub struct Released {
 
 /// What the approver's decision hands the held request.
 type Verdict = (ApprovalRecord, Option<Secret>);
+
+/// A held request, waiting for its verdict.
+struct Waiter {
+    /// Where the verdict goes, once it is durable.
+    verdict: oneshot::Sender<Verdict>,
+    /// Whose request it is.
+    agent: String,
+    /// The tool call it belongs to, if any.
+    tool_call: Option<String>,
+}
+
+/// How a wait ended.
+enum Ending {
+    /// Someone settled the record — an approver, or the end of its tool call.
+    Decided(Verdict),
+    /// The hold settled it itself: it expired, or its client left.
+    Gateway(ApprovalRecord),
+}
 
 /// How a hold ended without a release.
 #[derive(Debug)]
@@ -125,7 +146,7 @@ pub struct Approvals {
     settings: ApprovalsConfig,
     /// The held requests of this process, by approval id: the approver's decision is sent
     /// through the channel after it is durable.
-    waiters: Mutex<HashMap<String, oneshot::Sender<Verdict>>>,
+    waiters: Mutex<HashMap<String, Waiter>>,
     /// Seals lent tokens before they are stored.
     sealer: OboSealer,
     /// How many requests each agent has held.
@@ -209,10 +230,13 @@ impl Approvals {
         let settled = self.wait(&record.id, decided, timeout, client_gone).await;
         drop(slot);
         match settled {
-            Ok((record, obo_token)) if record.state == ApprovalState::Approved => {
+            Ok(Ending::Decided((record, obo_token))) if record.state == ApprovalState::Approved => {
                 Ok(Released { record, obo_token })
             }
-            Ok((record, _)) => Err(end_for(&record, self.settings.timeout_secs)),
+            Ok(Ending::Decided((record, _))) => {
+                Err(end_for(&record, self.settings.timeout_secs, false))
+            }
+            Ok(Ending::Gateway(record)) => Err(end_for(&record, self.settings.timeout_secs, true)),
             Err(e) => Err(HoldEnd::Refused(store_unavailable(&e.to_string()))),
         }
     }
@@ -232,7 +256,14 @@ impl Approvals {
             *count += 1;
         }
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().insert(record.id.clone(), tx);
+        self.waiters.lock().insert(
+            record.id.clone(),
+            Waiter {
+                verdict: tx,
+                agent: record.agent.clone(),
+                tool_call: record.tool_call.clone(),
+            },
+        );
         Ok((
             HeldSlot {
                 approvals: self,
@@ -249,12 +280,12 @@ impl Approvals {
         mut decided: oneshot::Receiver<Verdict>,
         timeout: Duration,
         client_gone: impl Future<Output = ()>,
-    ) -> Result<Verdict, StoreError> {
+    ) -> Result<Ending, StoreError> {
         let by_gateway = tokio::select! {
             verdict = &mut decided => match verdict {
-                Ok(verdict) => return Ok(verdict),
+                Ok(verdict) => return Ok(Ending::Decided(verdict)),
                 // The sender is dropped only with its waiter entry: read what was stored.
-                Err(_) => return self.current(id).map(|r| (r, None)),
+                Err(_) => return self.current(id).map(|r| Ending::Decided((r, None))),
             },
             _ = tokio::time::sleep(timeout) => ApprovalState::Expired,
             _ = client_gone => ApprovalState::Abandoned,
@@ -268,12 +299,12 @@ impl Approvals {
                     state = by_gateway.as_str(),
                     "approval settled by the gateway"
                 );
-                Ok((record, None))
+                Ok(Ending::Gateway(record))
             }
             // An approver got there first; their decision is on its way.
             Err(StoreError::AlreadySettled { .. }) => match decided.await {
-                Ok(verdict) => Ok(verdict),
-                Err(_) => self.current(id).map(|r| (r, None)),
+                Ok(verdict) => Ok(Ending::Decided(verdict)),
+                Err(_) => self.current(id).map(|r| Ending::Decided((r, None))),
             },
             Err(e) => Err(e),
         }
@@ -367,7 +398,7 @@ impl Approvals {
     ) -> Result<ApprovalRecord, DecideError> {
         let record = self.settle(id, settlement).await?;
         if let Some(waiter) = self.waiters.lock().remove(id) {
-            let _ = waiter.send((record.clone(), obo_token));
+            let _ = waiter.verdict.send((record.clone(), obo_token));
         }
         tracing::info!(
             approval = id,
@@ -402,8 +433,46 @@ impl Approvals {
             .ok_or_else(|| DecideError::NotFound(id.to_string()))
     }
 
+    /// Everything that ends with a tool call (closed, or past its TTL): its cached and lent
+    /// tokens are dropped, its requests still held for approval are abandoned and refused
+    /// (403 `tool_call_closed`), and the tokens lent within it are deleted from the store.
+    pub async fn end_tool_call(
+        &self,
+        credentials: &Credentials,
+        agent: &str,
+        serial: u64,
+        tool_call: &str,
+    ) {
+        credentials.evict_tool_call(agent, serial);
+        let held: Vec<String> = self
+            .waiters
+            .lock()
+            .iter()
+            .filter(|(_, w)| w.agent == agent && w.tool_call.as_deref() == Some(tool_call))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in held {
+            let ended = Settlement {
+                state: ApprovalState::Abandoned,
+                approver: None,
+                reason: Some(format!(
+                    "tool call {tool_call:?} ended before a decision; nothing was forwarded"
+                )),
+                sealed_obo_token: None,
+            };
+            match self.decide(&id, ended, None).await {
+                Ok(_) | Err(DecideError::AlreadySettled { .. }) | Err(DecideError::NotFound(_)) => {
+                }
+                Err(e) => {
+                    tracing::warn!(approval = id, error = %e, "could not abandon a held request of an ended tool call")
+                }
+            }
+        }
+        self.forget_tool_call(agent, tool_call).await;
+    }
+
     /// Deletes the sealed tokens lent within a tool call that ended.
-    pub async fn forget_tool_call(&self, agent: &str, tool_call: &str) {
+    async fn forget_tool_call(&self, agent: &str, tool_call: &str) {
         let (store, agent, tool_call) =
             (self.store.clone(), agent.to_string(), tool_call.to_string());
         let forgotten = tokio::task::spawn_blocking(move || {
@@ -495,7 +564,9 @@ fn store_unavailable(why: &str) -> Refusal {
     )
 }
 
-fn end_for(record: &ApprovalRecord, timeout_secs: u64) -> HoldEnd {
+/// How a hold that was not approved ends; `settled_here` when the hold settled the record
+/// itself (it expired, or its client left).
+fn end_for(record: &ApprovalRecord, timeout_secs: u64, settled_here: bool) -> HoldEnd {
     let refusal = match record.state {
         ApprovalState::Denied => Refusal::new(
             403,
@@ -513,7 +584,16 @@ fn end_for(record: &ApprovalRecord, timeout_secs: u64) -> HoldEnd {
                 "approval expired: nobody decided within {timeout_secs} s; nothing was forwarded"
             ),
         ),
-        ApprovalState::Abandoned => return HoldEnd::ClientGone,
+        ApprovalState::Abandoned if settled_here => return HoldEnd::ClientGone,
+        // Abandoned by someone else while the client waits: its tool call ended.
+        ApprovalState::Abandoned => Refusal::new(
+            403,
+            "tool_call_closed",
+            record
+                .reason
+                .clone()
+                .unwrap_or_else(|| "the request's tool call ended before a decision".into()),
+        ),
         ApprovalState::Pending | ApprovalState::Approved => Refusal::new(
             500,
             "internal_error",

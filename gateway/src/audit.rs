@@ -122,6 +122,7 @@ pub fn refused_tunnel(
         bytes_in: 0,
         bytes_out: 0,
         latency_us: 0,
+        upgrade: None,
         trace_id: String::new(),
         // Linked into the agent's chain by the store.
         prev_hash: String::new(),

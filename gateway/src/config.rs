@@ -326,6 +326,11 @@ pub struct UpstreamConfig {
     /// Idle upstream connections kept for reuse.
     #[serde(default = "default_pool_size")]
     pub keepalive_pool_size: usize,
+    /// Request headers removed before a request goes to its origin: those with which a client
+    /// speaks for another address or hop (`Forwarded`, `X-Forwarded-For`, `Via`, …), so a
+    /// sandbox cannot pass itself off to origins that trust them. `[]` passes them on.
+    #[serde(default = "default_strip_request_headers")]
+    pub strip_request_headers: Vec<String>,
 }
 
 /// `[limits]`: sizes, timeouts and threads.
@@ -458,6 +463,12 @@ pub struct CredentialRuleConfig {
     /// and Proxy-Authorization.
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    /// The origin ports a token may be sent to, always over TLS with a verified certificate:
+    /// a request to a covered host over plain HTTP or to another port is refused (403
+    /// `credential_requires_tls`), so a token never travels in clear text or to another
+    /// service on the same host.
+    #[serde(default = "default_credential_ports")]
+    pub ports: Vec<u16>,
 }
 
 /// `[credentials]`: the token cache and fetching.
@@ -480,6 +491,12 @@ pub struct CredentialsConfig {
     /// Tokens kept in memory at most.
     #[serde(default = "default_token_cache")]
     pub cache_capacity: u64,
+    /// How much of an answer to a request that carries a token is read and scanned for that
+    /// token before anything of it is relayed, in bytes (after the header, which is always
+    /// scanned). A match there is `502 credential_reflected`; the rest of the body is scanned
+    /// as it is relayed and the answer cut short at a match.
+    #[serde(default = "default_reflection_scan_bytes")]
+    pub reflection_scan_bytes: usize,
 }
 
 impl IdentityProviderConfig {
@@ -505,6 +522,9 @@ fn default_credential_header() -> String {
 fn default_credential_format() -> String {
     "Bearer {token}".into()
 }
+fn default_credential_ports() -> Vec<u16> {
+    vec![443]
+}
 fn default_refresh_margin() -> u64 {
     60
 }
@@ -520,6 +540,9 @@ fn default_backoff_max() -> u64 {
 fn default_token_cache() -> u64 {
     10_000
 }
+fn default_reflection_scan_bytes() -> usize {
+    64 * 1024
+}
 
 impl Default for CredentialsConfig {
     fn default() -> Self {
@@ -529,6 +552,7 @@ impl Default for CredentialsConfig {
             backoff_initial_ms: default_backoff_initial(),
             backoff_max_ms: default_backoff_max(),
             cache_capacity: default_token_cache(),
+            reflection_scan_bytes: default_reflection_scan_bytes(),
         }
     }
 }
@@ -617,6 +641,13 @@ impl Config {
                 Ok(crate::target::Host::Name(_))
             ) {
                 return invalid(format!("upstream.resolve: {name:?} is not a host name"));
+            }
+        }
+        for name in &self.upstream.strip_request_headers {
+            if http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).is_err() {
+                return invalid(format!(
+                    "upstream.strip_request_headers: {name:?} is not a header name"
+                ));
             }
         }
         if self.approvals.timeout_secs == 0 || self.approvals.max_pending_per_agent == 0 {
@@ -727,6 +758,11 @@ impl Config {
             }
             if !rule.format.contains("{token}") {
                 return invalid(format!("{at}: format must contain {{token}}"));
+            }
+            if rule.ports.is_empty() || rule.ports.contains(&0) {
+                return invalid(format!(
+                    "{at}: ports must list the origin ports (1-65535) a token may go to"
+                ));
             }
             for header in std::iter::once(&rule.header).chain(&rule.strip_headers) {
                 if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
@@ -866,6 +902,21 @@ fn default_write_timeout_ms() -> u64 {
 fn default_pool_size() -> usize {
     128
 }
+fn default_strip_request_headers() -> Vec<String> {
+    [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "via",
+    ]
+    .map(String::from)
+    .to_vec()
+}
 fn default_connect_head_bytes() -> usize {
     8 * 1024
 }
@@ -934,6 +985,7 @@ impl Default for UpstreamConfig {
             read_timeout_ms: default_read_timeout_ms(),
             write_timeout_ms: default_write_timeout_ms(),
             keepalive_pool_size: default_pool_size(),
+            strip_request_headers: default_strip_request_headers(),
         }
     }
 }

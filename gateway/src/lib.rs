@@ -14,7 +14,9 @@
 //! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
 //! - [`target`] — where a request goes, parsed strictly and once (from the policy crate).
-//! - classification — step 3: read or write, the ARM target (`tollgate_policy::classify`).
+//! - [`classify`] — step 3: read, write or upgrade — by the method a request asks for
+//!   (override headers included), its body and its `Upgrade` — and the ARM target
+//!   (`tollgate_policy::classify`); `TRACE` refused.
 //! - [`decide`] — step 4: the Cedar decision, and reloading the policy set.
 //! - [`approval`] — step 5: a request that needs approval is recorded (durably, in
 //!   `tollgate_storage`) and held until a person decides, it expires, or its client leaves;
@@ -38,6 +40,7 @@ pub mod agent_listener;
 pub mod approval;
 pub mod audit;
 pub mod ca;
+pub mod classify;
 pub mod client;
 pub mod config;
 pub mod credentials;

@@ -73,6 +73,8 @@ pub struct Gauges {
     pub token_cache_misses: u64,
     /// See `token_cache_hits`.
     pub token_endpoint_errors: u64,
+    /// Answers not relayed because they carried the token injected into their request.
+    pub credential_reflections: u64,
     /// Minted TLS leaf certificates cached.
     pub tls_leaf_cache_entries: u64,
     /// The policy set in force.
@@ -118,6 +120,7 @@ impl GaugeSources {
             token_cache_hits: tokens.hits,
             token_cache_misses: tokens.misses,
             token_endpoint_errors: tokens.errors,
+            credential_reflections: tokens.reflections,
             tls_leaf_cache_entries: self.leaves.cached(),
             policy_version: self.policies.status().version,
             audit_records_dropped: self.audit.dropped(),
@@ -145,7 +148,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 14] = [
+pub const SCALARS: [Scalar; 15] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -173,6 +176,13 @@ pub const SCALARS: [Scalar; 14] = [
         counter: true,
         help: "Failed requests to identity providers.",
         read: |g| g.token_endpoint_errors,
+    },
+    Scalar {
+        name: "tollgate_credential_reflections_total",
+        otel_name: "tollgate.credentials.reflected",
+        counter: true,
+        help: "Origin answers not relayed because they carried the token injected into their request back (header or body).",
+        read: |g| g.credential_reflections,
     },
     Scalar {
         name: "tollgate_tls_leaf_cache_entries",
@@ -353,6 +363,7 @@ mod tests {
             token_cache_hits: 5,
             token_cache_misses: 1,
             token_endpoint_errors: 0,
+            credential_reflections: 0,
             tls_leaf_cache_entries: 3,
             policy_version: "abc".into(),
             audit_records_dropped: 0,

@@ -17,19 +17,22 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
 use bytes::Bytes;
+use http::HeaderName;
 use pingora::connectors::http::Connector;
-use tollgate_policy::{Decision, Outcome, RequestFacts};
+use tollgate_policy::{Decision, Outcome};
 use tollgate_storage::{ApprovalKind, AuditRecord};
 
 use crate::approval::{new_approval_id, Approvals, HoldEnd, HoldRequest, Released};
 use crate::audit::AuditTrail;
+use crate::classify;
+use crate::credentials::reflection::ReflectionScan;
 use crate::credentials::{Credentials, Injection};
 use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding, RunMode};
 use crate::intercept::Tunnel;
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
-use crate::replay;
+use crate::replay::{self, Outgoing, RelayError, Screened};
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
 use crate::telemetry::{RequestTrace, SpanExtras, Telemetry, REQUEST_LOG_TARGET};
@@ -86,6 +89,11 @@ pub struct RequestCtx {
     addr: Option<SocketAddr>,
     /// The path with its query, as the request named it (for approval records).
     path_and_query: String,
+    /// The method as records show it when an override header named another
+    /// ([`crate::classify::Classified::overridden`]).
+    overridden: Option<String>,
+    /// The protocol an upgrade request asked for.
+    upgrade: Option<String>,
     /// The approval that held the request (the last one, if it was held twice).
     approval: Option<String>,
     /// Request body bytes the gateway read itself.
@@ -128,15 +136,17 @@ impl From<HoldEnd> for Stop {
 
 /// How an admitted request goes on.
 enum Admitted {
-    /// Through pingora's proxy path, body streamed.
+    /// Through pingora's proxy path, body streamed, answer relayed as it comes (no token was
+    /// injected, or the request is an upgrade).
     Proxy,
-    /// The gateway sends it itself with the body it holds: it was released by an approval,
+    /// The gateway sends it itself ([`replay`]): it was released by an approval (its body
+    /// held), or it carries an injected token, whose answer is scanned before it is relayed,
     /// or (`obo_fallback`) a 401/403 answer to the agent's own token may turn into an
     /// on-behalf-of approval and a second try with the approver's token.
     Send {
-        /// The whole request body.
-        body: Bytes,
-        /// Whether a 401/403 answer becomes an on-behalf-of approval.
+        /// The whole request body, or `None` to stream it from the sandbox.
+        body: Option<Bytes>,
+        /// Whether a 401/403 answer becomes an on-behalf-of approval (the body is held).
         obo_fallback: bool,
     },
 }
@@ -271,14 +281,21 @@ impl Egress {
         if let Some(why) = self.shared.audit.unwritable() {
             return Err(storage_unavailable(&why).into());
         }
-        // 2. Where to (interception already happened on the socket).
+        // 2. Where to (interception already happened on the socket), and — for a host that
+        //    gets credentials — only over TLS to the credential rule's ports.
         let (target, path) = request_target(session)?;
         ctx.target = Some(target.clone());
-        // 3. What it asks for, and in which of the agent's tool calls.
-        let mut request = RequestFacts::new(session.req_header().method.as_str(), target, &path)
-            .map_err(|e| Refusal::new(400, "ambiguous_path", e.to_string()))?;
-        let named = session
-            .req_header()
+        self.shared.credentials.check_transport(&target)?;
+        // 3. What it asks for (the method an override names, a body, an upgrade), and in
+        //    which of the agent's tool calls.
+        let has_body = !session.is_body_empty();
+        let req = session.req_header();
+        let classified =
+            classify::classify(req.method.as_str(), &req.headers, has_body, target, &path)?;
+        ctx.overridden = classified.overridden;
+        let mut request = classified.facts;
+        ctx.upgrade = request.upgrade.clone();
+        let named = req
             .headers
             .get(TOOL_CALL_HEADER)
             .and_then(|v| v.to_str().ok());
@@ -339,7 +356,9 @@ impl Egress {
         }
         ctx.decision = Some(decision);
         // 6. Credentials: the sandbox's are stripped; a token for this tool call — or the one
-        //    the approver lent — injected.
+        //    the approver lent — injected. Never for a tool call that has closed meanwhile
+        //    (its tokens are gone, and a new one must not be made for it).
+        self.tool_call_still_open(&agent, ctx)?;
         let credentials = &self.shared.credentials;
         ctx.credential = match lent {
             Some((token, approver)) => Some(credentials.lend(
@@ -356,23 +375,53 @@ impl Egress {
                     .await?
             }
         };
+        self.tool_call_still_open(&agent, ctx)?;
+        // 7. Resolve asynchronously and keep internal networks out of reach.
+        ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
+        // An upgrade is relayed by pingora, which switches to passing bytes once the origin
+        // answers 101 (it carries no body: classification refused one).
+        if ctx.upgrade.is_some() {
+            return Ok(Admitted::Proxy);
+        }
+        let injected = ctx.credential.as_ref().is_some_and(|c| c.token.is_some());
         // With the agent's own token on its way, a 401/403 may call for the approver's: keep
         // the body (when it is small enough) to send it again.
-        let obo_fallback = ctx.credential.as_ref().is_some_and(|c| {
-            c.header.is_some() && !c.on_behalf_of && agent.run_mode != RunMode::ReadOnly
-        });
+        let obo_fallback = injected
+            && ctx.credential.as_ref().is_some_and(|c| !c.on_behalf_of)
+            && agent.run_mode != RunMode::ReadOnly;
         if body.is_none() && obo_fallback {
             let limit = self.shared.approvals.max_body_bytes();
             if body_fits(session, limit) {
                 body = Some(read_whole_body(session, limit).await?);
             }
         }
-        // 7. Resolve asynchronously and keep internal networks out of reach.
-        ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
         Ok(match body {
-            Some(body) => Admitted::Send { body, obo_fallback },
+            Some(body) => Admitted::Send {
+                body: Some(body),
+                obo_fallback,
+            },
+            None if injected => Admitted::Send {
+                body: None,
+                obo_fallback: false,
+            },
             None => Admitted::Proxy,
         })
+    }
+
+    /// Refuses the request if its tool call closed since it was attributed to it (while it
+    /// was held, or while its token was fetched): `403 tool_call_closed`. Every token of a
+    /// closed tool call is dropped, and none is fetched or injected for it again.
+    fn tool_call_still_open(&self, agent: &Agent, ctx: &RequestCtx) -> Result<(), Refusal> {
+        let Some(tool_call) = &ctx.tool_call else {
+            return Ok(());
+        };
+        if self.shared.tool_calls.is_open(&agent.id, tool_call.serial) {
+            return Ok(());
+        }
+        self.shared
+            .credentials
+            .evict_tool_call(&agent.id, tool_call.serial);
+        Err(tool_call_closed(&tool_call.id))
     }
 
     /// Whether a person may lend `agent` their identity for `target`: never for ReadOnly
@@ -402,7 +451,10 @@ impl Egress {
             max_pending,
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             kind,
-            method: session.req_header().method.to_string(),
+            method: ctx
+                .overridden
+                .clone()
+                .unwrap_or_else(|| session.req_header().method.to_string()),
             url: match target {
                 Some(t) => format!(
                     "{}://{}{}",
@@ -472,13 +524,7 @@ async fn read_whole_body(session: &mut Session, limit: usize) -> Result<Bytes, R
         return Err(too_large());
     }
     // A client waiting for `100 Continue` is told to send: the gateway takes the body whole.
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-    if expects_continue {
+    if replay::expects_continue(session) {
         if let Err(e) = session.downstream_session.write_continue_response().await {
             return Err(Refusal::bad_request(format!(
                 "could not ask for the request body: {}",
@@ -507,12 +553,15 @@ async fn read_whole_body(session: &mut Session, limit: usize) -> Result<Bytes, R
 }
 
 /// The request header sent to the origin: origin-form target, the gateway's own header
-/// removed, sandbox credentials stripped and the tool call's token injected, and `Host` set
-/// to the admitted target. Used by the proxy path and by released requests alike.
+/// and `stripped` headers (those that speak for another address: `Forwarded`,
+/// `X-Forwarded-For`, `Via`, …) removed, sandbox credentials stripped and the tool call's token
+/// injected, and `Host` set to the admitted target. Used by the proxy path and by the
+/// gateway's own send path alike.
 fn shape_upstream_request(
     upstream_request: &mut RequestHeader,
     target: &Target,
     credential: Option<&Injection>,
+    stripped: &[HeaderName],
 ) -> pingora::Result<()> {
     // Origins get origin-form (`/path?query`), never the absolute URL sent to the proxy.
     let origin_form = upstream_request
@@ -526,33 +575,88 @@ fn shape_upstream_request(
         .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e))?;
     upstream_request.set_uri(uri);
     upstream_request.remove_header(TOOL_CALL_HEADER);
+    for name in stripped {
+        upstream_request.remove_header(name);
+    }
     if let Some(credential) = credential {
         for name in credential.strip.iter() {
             upstream_request.remove_header(name);
         }
         if let Some((name, value)) = &credential.header {
             upstream_request.insert_header(name.clone(), value.clone())?;
+            // The answer is scanned for the token as sent: ask for it uncompressed.
+            upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         }
     }
     upstream_request.insert_header(http::header::HOST, target.host_header())?;
     Ok(())
 }
 
+/// The refusal for a request whose tool call closed before it could be sent.
+fn tool_call_closed(tool_call: &str) -> Refusal {
+    Refusal::new(
+        403,
+        "tool_call_closed",
+        format!(
+            "tool call {tool_call:?} closed before this request could be sent; its credentials \
+             are gone, and nothing was forwarded"
+        ),
+    )
+}
+
+/// The refusal for an answer that carried the injected token in its header or first bytes.
+fn reflected_early() -> Refusal {
+    Refusal::new(
+        502,
+        "credential_reflected",
+        "the origin's answer carries the credential the gateway injected into the request; it \
+         was not relayed (the sandbox never holds a credential)",
+    )
+}
+
+/// What the record says of an answer cut short because a later part carried the token.
+fn reflected_late() -> Refusal {
+    Refusal::new(
+        502,
+        "credential_reflected",
+        "the origin's answer carried the injected credential further on; it was cut short \
+         before it",
+    )
+}
+
 impl Egress {
-    /// Sends a request whose body the gateway holds, and relays the answer — unless the
-    /// agent's own token was refused (401/403) where a person may lend theirs: then the
-    /// request is held for an on-behalf-of approval and sent again with the approver's token.
+    /// Sends a request itself and relays the answer — scanned first for an injected token —
+    /// unless the agent's own token was refused (401/403) where a person may lend theirs:
+    /// then the request is held for an on-behalf-of approval and sent again with the
+    /// approver's token. `body` is the held body, or `None` to stream the sandbox's.
     async fn send(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        body: Bytes,
+        body: Option<Bytes>,
         obo_fallback: bool,
     ) -> Result<(), Stop> {
-        let answer = self.exchange(session, ctx, body.clone()).await?;
-        let refused = matches!(answer.status(), 401 | 403);
-        let answer = match (obo_fallback, refused, ctx.agent.clone()) {
-            (true, true, Some(agent)) => {
+        let Some(agent) = ctx.agent.clone() else {
+            return Err(Refusal::new(500, "internal_error", "no identified agent").into());
+        };
+        let request = self.upstream_request(session.req_header(), ctx)?;
+        let answer = match &body {
+            Some(body) => {
+                self.exchange(request, ctx, Outgoing::Held(body.clone()))
+                    .await?
+            }
+            None => {
+                let quotas = &self.shared.quotas;
+                let within = |sent: u64| quotas.check_body(&agent, Some(sent));
+                let outgoing = Outgoing::Streamed {
+                    session,
+                    within: &within,
+                };
+                self.exchange(request, ctx, outgoing).await?
+            }
+        };
+        let answer = match (obo_fallback, matches!(answer.status(), 401 | 403), body) {
+            (true, true, Some(body)) => {
                 answer.discard();
                 tracing::info!(
                     agent = agent.id,
@@ -582,6 +686,7 @@ impl Egress {
                     )
                     .into());
                 };
+                self.tool_call_still_open(&agent, ctx)?;
                 ctx.credential = Some(self.shared.credentials.lend(
                     &agent,
                     ctx.tool_call.as_ref(),
@@ -590,43 +695,118 @@ impl Egress {
                     &approver,
                     self.shared.approvals.obo_lifetime(),
                 )?);
-                self.exchange(session, ctx, body).await?
+                let request = self.upstream_request(session.req_header(), ctx)?;
+                self.exchange(request, ctx, Outgoing::Held(body)).await?
             }
-            _ => answer,
+            (_, _, _) => answer,
         };
-        let relayed = answer.relay(session).await.map_err(|e| {
-            tracing::debug!(error = %e, "relaying the answer broke off");
-            Stop::ClientGone
-        })?;
-        ctx.relayed = Some(relayed);
-        Ok(())
+        self.relay(session, ctx, answer).await
     }
 
-    /// One try: the request as the proxy path would shape it, with `body`.
+    /// Relays an answer to a request the gateway sent itself; with an injected token, only
+    /// after scanning it for that token.
+    async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut answer: replay::Answer<'_>,
+    ) -> Result<(), Stop> {
+        let mut scan = ctx
+            .credential
+            .as_ref()
+            .and_then(|c| c.token.as_ref())
+            .and_then(ReflectionScan::new);
+        if let Some(scan) = scan.as_mut() {
+            let window = self.shared.credentials.reflection_scan_bytes();
+            match answer.screen(scan, window).await {
+                Ok(()) => {}
+                Err(Screened::Reflected) => {
+                    self.credential_reflected(ctx);
+                    return Err(reflected_early().into());
+                }
+                Err(Screened::Failed(refusal)) => return Err(refusal.into()),
+            }
+        }
+        match answer.relay(session, scan.as_mut()).await {
+            Ok(relayed) => {
+                ctx.relayed = Some(relayed);
+                Ok(())
+            }
+            Err(RelayError::Reflected) => {
+                // The head and part of the body are out: the connection is cut short here,
+                // and the record says why.
+                self.credential_reflected(ctx);
+                ctx.refusal = Some(reflected_late());
+                Err(Stop::ClientGone)
+            }
+            Err(RelayError::Broken(e)) => {
+                tracing::debug!(error = %e, "relaying the answer broke off");
+                Err(Stop::ClientGone)
+            }
+        }
+    }
+
+    /// Counts and logs an answer withheld because it carried its request's token.
+    fn credential_reflected(&self, ctx: &RequestCtx) {
+        self.shared.credentials.count_reflection();
+        tracing::warn!(
+            agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-"),
+            host = ctx
+                .target
+                .as_ref()
+                .map(|t| t.host_header())
+                .unwrap_or_default(),
+            "the origin's answer carried the injected credential back; not relayed"
+        );
+    }
+
+    /// One try: `request` (shaped by [`Egress::upstream_request`]) with `body`.
     async fn exchange(
         &self,
-        session: &Session,
-        ctx: &RequestCtx,
-        body: Bytes,
+        request: RequestHeader,
+        ctx: &mut RequestCtx,
+        body: Outgoing<'_>,
     ) -> Result<replay::Answer<'_>, Refusal> {
-        let (Some(target), Some(addr)) = (&ctx.target, ctx.addr) else {
-            return Err(Refusal::new(500, "internal_error", "no admitted target"));
-        };
-        let mut request = session.req_header().clone();
-        for name in upstream::hop_by_hop_headers(&request.headers) {
-            request.remove_header(&name);
-        }
-        shape_upstream_request(&mut request, target, ctx.credential.as_ref())
-            .map_err(|e| Refusal::bad_request(format!("the request cannot be sent: {e}")))?;
-        let peer = self.shared.upstream.peer(target, addr);
-        replay::exchange(
+        let (target, addr) = admitted(ctx)?;
+        let (answer, sent) = replay::exchange(
             &self.shared.connector,
-            peer,
+            self.shared.upstream.peer(target, addr),
             request,
             body,
             &target.host_header(),
         )
-        .await
+        .await?;
+        ctx.bytes_in = ctx.bytes_in.max(sent);
+        Ok(answer)
+    }
+
+    /// The sandbox's request head as the origin gets it, for the gateway's own send path.
+    fn upstream_request(
+        &self,
+        head: &RequestHeader,
+        ctx: &RequestCtx,
+    ) -> Result<RequestHeader, Refusal> {
+        let (target, _) = admitted(ctx)?;
+        let mut request = head.clone();
+        for name in upstream::hop_by_hop_headers(&request.headers) {
+            request.remove_header(&name);
+        }
+        shape_upstream_request(
+            &mut request,
+            target,
+            ctx.credential.as_ref(),
+            self.shared.upstream.stripped_headers(),
+        )
+        .map_err(|e| Refusal::bad_request(format!("the request cannot be sent: {e}")))?;
+        Ok(request)
+    }
+}
+
+/// The admitted target and its resolved address (both set once admission passed).
+fn admitted(ctx: &RequestCtx) -> Result<(&Target, SocketAddr), Refusal> {
+    match (&ctx.target, ctx.addr) {
+        (Some(target), Some(addr)) => Ok((target, addr)),
+        _ => Err(Refusal::new(500, "internal_error", "no admitted target")),
     }
 }
 
@@ -670,6 +850,8 @@ impl ProxyHttp for Egress {
             credential: None,
             addr: None,
             path_and_query: String::new(),
+            overridden: None,
+            upgrade: None,
             approval: None,
             bytes_in: 0,
             body_streamed: 0,
@@ -748,18 +930,46 @@ impl ProxyHttp for Egress {
         };
         // Hop-by-hop and proxy request headers (incl. those named in Connection) are already
         // gone: pingora's default upstream request policy strips them.
-        shape_upstream_request(upstream_request, target, ctx.credential.as_ref())
+        shape_upstream_request(
+            upstream_request,
+            target,
+            ctx.credential.as_ref(),
+            self.shared.upstream.stripped_headers(),
+        )
     }
 
     async fn response_filter(
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        // An upgrade with an injected token (the one kind of tokened request relayed here)
+        // must not hand the token back in its answer's header. Its body, once upgraded, is
+        // not inspected.
+        let reflected = ctx
+            .credential
+            .as_ref()
+            .and_then(|c| c.token.as_ref())
+            .and_then(ReflectionScan::new)
+            .is_some_and(|scan| scan.header_reflects(upstream_response));
+        if reflected {
+            self.credential_reflected(ctx);
+            ctx.refusal = Some(reflected_early());
+            return pingora::Error::e_explain(
+                ErrorType::Custom("credential_reflected"),
+                "the answer carries the injected credential",
+            );
+        }
+        // An upgrade the origin accepts keeps the headers that complete its handshake.
+        let switching = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && ctx.upgrade.is_some();
         // pingora strips hop-by-hop headers from requests only; the sandbox must not see the
         // origin's either (e.g. Proxy-Authenticate, or headers the origin named in Connection).
         for name in upstream::hop_by_hop_headers(&upstream_response.headers) {
+            if switching && (name == http::header::UPGRADE || name == http::header::CONNECTION) {
+                continue;
+            }
             upstream_response.remove_header(&name);
         }
         Ok(())
@@ -896,7 +1106,10 @@ impl ProxyHttp for Egress {
             at: tollgate_storage::now_millis().saturating_sub(elapsed.as_millis() as u64),
             agent: agent.to_string(),
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
-            method: req.method.to_string(),
+            method: ctx
+                .overridden
+                .clone()
+                .unwrap_or_else(|| req.method.to_string()),
             host,
             path: path.to_string(),
             decision: ctx
@@ -923,6 +1136,8 @@ impl ProxyHttp for Egress {
                 .as_ref()
                 .map_or(session.body_bytes_sent() as u64, |r| r.bytes_out),
             latency_us: elapsed.as_micros() as u64,
+            // pingora passed bytes both ways after the 101, and counted them as bodies.
+            upgrade: (status == 101).then(|| ctx.upgrade.clone()).flatten(),
             trace_id,
             // Linked into the agent's chain by the store.
             prev_hash: String::new(),

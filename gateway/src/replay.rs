@@ -1,12 +1,17 @@
-//! Sending a request whose whole body the gateway holds, and reading the answer before the
-//! sandbox sees any of it.
+//! The gateway's own send path: requests it sends itself, and answers it reads before the
+//! sandbox sees any of them.
 //!
-//! pingora's proxy path streams the body from the sandbox to the origin and can replay at most
-//! 64 KiB of it. Two kinds of request need more: one released by an approval (its body was
-//! read in full before the hold, to bind its hash to the approval), and one sent with the
-//! agent's own token whose 401/403 answer may turn into an on-behalf-of approval and be sent
-//! again. Those are sent here, with pingora's connector and the same peer settings, header
-//! shaping and response filtering as the proxy path.
+//! pingora's proxy path streams the body from the sandbox to the origin and relays the answer
+//! as it comes, header first. Three kinds of request need more, and are sent here instead,
+//! with pingora's connector and the same peer settings, header shaping and response filtering:
+//!
+//! - one released by an approval: its body was read in full before the hold, to bind its hash
+//!   to the approval, and exactly those bytes are sent;
+//! - one sent with the agent's own token whose 401/403 answer may turn into an on-behalf-of
+//!   approval and be sent again (its body is held for that, when it is small enough);
+//! - every request that carries an injected token: its answer is scanned for that token
+//!   before it is relayed ([`crate::credentials::reflection`]), which pingora's proxy path,
+//!   relaying the header at once, cannot do. Its body, when not held, is streamed.
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -15,6 +20,7 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::credentials::reflection::ReflectionScan;
 use crate::reply::Refusal;
 use crate::upstream;
 
@@ -26,23 +32,59 @@ pub struct Relayed {
     pub bytes_out: u64,
 }
 
-/// The origin's answer, read up to its header: not yet seen by the sandbox.
+/// The request body the gateway sends.
+pub enum Outgoing<'s> {
+    /// A body the gateway holds whole (released by an approval, or kept for a retry).
+    Held(Bytes),
+    /// The sandbox's body, read as it arrives and passed on; `within` is asked, with the
+    /// bytes read so far, whether the agent's body limit still allows them.
+    Streamed {
+        /// The sandbox's session.
+        session: &'s mut Session,
+        /// The agent's body limit.
+        within: &'s (dyn Fn(u64) -> Result<(), Refusal> + Sync),
+    },
+}
+
+/// The origin's answer, read up to its header (and, once [screened](Answer::screen), some of
+/// its body): not yet seen by the sandbox.
 pub struct Answer<'a> {
     connector: &'a Connector,
     peer: HttpPeer,
     origin: HttpSession,
     header: ResponseHeader,
+    /// Body read ahead by [`Answer::screen`], relayed first.
+    early: Vec<Bytes>,
+    /// Whether the origin's body ended within what was read ahead.
+    ended: bool,
+}
+
+/// Why an answer was not relayed after [`Answer::screen`].
+pub enum Screened {
+    /// It carries the token back.
+    Reflected,
+    /// Reading ahead failed; the sandbox gets this.
+    Failed(Refusal),
+}
+
+/// Why relaying an answer stopped before its end.
+pub enum RelayError {
+    /// The connection to the sandbox or to the origin failed (pingora's error).
+    Broken(pingora::BError),
+    /// A later part of the body carried the token back: the answer was cut short there.
+    Reflected,
 }
 
 /// Sends `request` with `body` to `peer` and reads the answer's header. Failures are
-/// refusals for the sandbox (`target` names the origin in them).
+/// refusals for the sandbox (`target` names the origin in them). Returns, with the answer,
+/// the request body bytes sent.
 pub async fn exchange<'a>(
     connector: &'a Connector,
     peer: HttpPeer,
     mut request: RequestHeader,
-    body: Bytes,
+    mut body: Outgoing<'_>,
     target: &str,
-) -> Result<Answer<'a>, Refusal> {
+) -> Result<(Answer<'a>, u64), Refusal> {
     let refusal = |e: pingora::BError| upstream::refusal_for_upstream_error(&e, target);
     let (mut origin, _reused) = connector.get_http_session(&peer).await.map_err(refusal)?;
     // The connector leaves timeouts to its caller (pingora's proxy path sets them per
@@ -51,29 +93,55 @@ pub async fn exchange<'a>(
     origin.set_write_timeout(peer.options.write_timeout);
     // The sandbox may have spoken HTTP/2 to the gateway; the origin connection speaks
     // whatever was negotiated with the origin.
-    request.set_version(match origin.as_http2() {
-        Some(_) => http::Version::HTTP_2,
-        None => http::Version::HTTP_11,
+    let h2 = origin.as_http2().is_some();
+    request.set_version(if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
     });
-    request.remove_header(&http::header::TRANSFER_ENCODING);
-    // The whole body goes at once: nothing waits for the origin's `100 Continue`.
+    // Nothing waits for the origin's `100 Continue`: the body follows the head at once.
     request.remove_header(&http::header::EXPECT);
-    // The body goes whole, so its length is known (a request without one announces none).
-    if !body.is_empty() || request.headers.contains_key(http::header::CONTENT_LENGTH) {
-        request
-            .insert_header(http::header::CONTENT_LENGTH, body.len().to_string())
-            .map_err(refusal)?;
+    request.remove_header(&http::header::TRANSFER_ENCODING);
+    match &mut body {
+        // The body goes whole, so its length is known (a request without one announces none).
+        Outgoing::Held(body) => {
+            if !body.is_empty() || request.headers.contains_key(http::header::CONTENT_LENGTH) {
+                request
+                    .insert_header(http::header::CONTENT_LENGTH, body.len().to_string())
+                    .map_err(refusal)?;
+            }
+        }
+        // A declared length is passed on (pingora checked it); otherwise HTTP/1.1 chunks it.
+        Outgoing::Streamed { session, .. } => {
+            if !request.headers.contains_key(http::header::CONTENT_LENGTH)
+                && !h2
+                && !session.is_body_empty()
+            {
+                request
+                    .insert_header(http::header::TRANSFER_ENCODING, "chunked")
+                    .map_err(refusal)?;
+            }
+        }
     }
     origin
         .write_request_header(Box::new(request))
         .await
         .map_err(refusal)?;
-    if !body.is_empty() {
-        origin
-            .write_request_body(body, true)
-            .await
-            .map_err(refusal)?;
-    }
+    let sent = match body {
+        Outgoing::Held(body) => {
+            let len = body.len() as u64;
+            if !body.is_empty() {
+                origin
+                    .write_request_body(body, true)
+                    .await
+                    .map_err(refusal)?;
+            }
+            len
+        }
+        Outgoing::Streamed { session, within } => {
+            stream_body(session, &mut origin, within, target).await?
+        }
+    };
     origin.finish_request_body().await.map_err(refusal)?;
     origin.read_response_header().await.map_err(refusal)?;
     let mut header = origin
@@ -83,12 +151,66 @@ pub async fn exchange<'a>(
     for name in upstream::hop_by_hop_headers(&header.headers) {
         header.remove_header(&name);
     }
-    Ok(Answer {
+    let answer = Answer {
         connector,
         peer,
         origin,
         header,
-    })
+        early: Vec::new(),
+        ended: false,
+    };
+    Ok((answer, sent))
+}
+
+/// Passes the sandbox's body on as it arrives; returns the bytes sent.
+async fn stream_body(
+    session: &mut Session,
+    origin: &mut HttpSession,
+    within: &(dyn Fn(u64) -> Result<(), Refusal> + Sync),
+    target: &str,
+) -> Result<u64, Refusal> {
+    // A client waiting for `100 Continue` is told to send.
+    if expects_continue(session) {
+        session
+            .downstream_session
+            .write_continue_response()
+            .await
+            .map_err(|e| {
+                Refusal::bad_request(format!(
+                    "could not ask for the request body: {}",
+                    e.etype().as_str()
+                ))
+            })?;
+    }
+    let mut sent = 0u64;
+    loop {
+        let chunk = session.read_request_body().await.map_err(|e| {
+            Refusal::bad_request(format!(
+                "could not read the request body: {}",
+                e.etype().as_str()
+            ))
+        })?;
+        let Some(chunk) = chunk else {
+            return Ok(sent);
+        };
+        sent += chunk.len() as u64;
+        // Over the limit, the origin has part of the body but never its end.
+        within(sent)?;
+        origin
+            .write_request_body(chunk, false)
+            .await
+            .map_err(|e| upstream::refusal_for_upstream_error(&e, target))?;
+    }
+}
+
+/// Whether the sandbox waits for `100 Continue` before it sends the body.
+pub fn expects_continue(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
 }
 
 impl Answer<'_> {
@@ -100,19 +222,83 @@ impl Answer<'_> {
     /// Drops the answer unseen (its connection is not reused).
     pub fn discard(self) {}
 
-    /// Relays the answer to the sandbox. A failure here leaves the sandbox with part of an
-    /// answer: the connection is closed, so the error is pingora's.
-    pub async fn relay(mut self, session: &mut Session) -> pingora::Result<Relayed> {
+    /// Reads up to `window` bytes of the body ahead and scans them and the header for the
+    /// token; if it is there, nothing of the answer is relayed.
+    pub async fn screen(
+        &mut self,
+        scan: &mut ReflectionScan,
+        window: usize,
+    ) -> Result<(), Screened> {
+        if scan.header_reflects(&self.header) {
+            return Err(Screened::Reflected);
+        }
+        let mut read = 0;
+        while read < window {
+            match self.origin.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    read += chunk.len();
+                    if scan.body_reflects(&chunk) {
+                        return Err(Screened::Reflected);
+                    }
+                    self.early.push(chunk);
+                }
+                Ok(None) => {
+                    self.ended = true;
+                    break;
+                }
+                Err(e) => {
+                    return Err(Screened::Failed(upstream::refusal_for_upstream_error(
+                        &e,
+                        &self.peer.sni,
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Relays the answer to the sandbox: what was read ahead, then the rest, each later
+    /// chunk scanned first when `scan` is given. A failure here leaves the sandbox with part
+    /// of an answer, and its connection is closed.
+    pub async fn relay(
+        mut self,
+        session: &mut Session,
+        mut scan: Option<&mut ReflectionScan>,
+    ) -> Result<Relayed, RelayError> {
         let status = self.status();
         session
             .write_response_header(Box::new(self.header), false)
-            .await?;
+            .await
+            .map_err(RelayError::Broken)?;
         let mut bytes_out = 0;
-        while let Some(chunk) = self.origin.read_response_body().await? {
+        for chunk in std::mem::take(&mut self.early) {
             bytes_out += chunk.len() as u64;
-            session.write_response_body(Some(chunk), false).await?;
+            session
+                .write_response_body(Some(chunk), false)
+                .await
+                .map_err(RelayError::Broken)?;
         }
-        session.write_response_body(None, true).await?;
+        if !self.ended {
+            while let Some(chunk) = self
+                .origin
+                .read_response_body()
+                .await
+                .map_err(RelayError::Broken)?
+            {
+                if scan.as_mut().is_some_and(|s| s.body_reflects(&chunk)) {
+                    return Err(RelayError::Reflected);
+                }
+                bytes_out += chunk.len() as u64;
+                session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .map_err(RelayError::Broken)?;
+            }
+        }
+        session
+            .write_response_body(None, true)
+            .await
+            .map_err(RelayError::Broken)?;
         self.connector
             .release_http_session(self.origin, &self.peer, None)
             .await;

@@ -326,8 +326,9 @@ fn sweep_tool_calls(
                 _ = shutdown.changed() => return,
             }
             for (agent, serial, id) in tool_calls.sweep_expired() {
-                credentials.evict_tool_call(&agent, serial);
-                approvals.forget_tool_call(&agent, &id).await;
+                approvals
+                    .end_tool_call(&credentials, &agent, serial, &id)
+                    .await;
                 tracing::info!(agent, tool_call = id, "tool call expired");
             }
             if tick % 10 == 0 {

@@ -127,6 +127,16 @@ impl ToolCalls {
         Some(closed.serial)
     }
 
+    /// Whether the tool call opened as `serial` for `agent` is still open (not closed, not
+    /// past its TTL).
+    pub fn is_open(&self, agent: &str, serial: u64) -> bool {
+        let now = Instant::now();
+        self.open
+            .read()
+            .get(agent)
+            .is_some_and(|calls| calls.iter().any(|c| c.serial == serial && c.live(now)))
+    }
+
     /// Removes the tool calls whose TTL has passed; returns (agent, serial, id) of each.
     pub fn sweep_expired(&self) -> Vec<(String, u64, String)> {
         let now = Instant::now();

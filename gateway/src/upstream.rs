@@ -317,6 +317,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     read_timeout: Duration,
     write_timeout: Duration,
+    /// Request headers never passed to an origin (`upstream.strip_request_headers`).
+    stripped: Vec<HeaderName>,
 }
 
 impl Upstream {
@@ -333,7 +335,18 @@ impl Upstream {
             connect_timeout: config.connect_timeout(),
             read_timeout: config.read_timeout(),
             write_timeout: config.write_timeout(),
+            // Validated with the config.
+            stripped: config
+                .strip_request_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+                .collect(),
         }
+    }
+
+    /// The request headers removed before a request goes to its origin.
+    pub fn stripped_headers(&self) -> &[HeaderName] {
+        &self.stripped
     }
 
     /// The same settings, refusing `own` addresses (the gateway's listeners) as origins. A

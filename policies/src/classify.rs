@@ -317,7 +317,11 @@ mod tests {
         let ws = get.upgrading(" WebSocket ,h2c");
         assert_eq!(ws.action, Action::Upgrade);
         assert_eq!(ws.upgrade.as_deref(), Some("websocket, h2c"));
-        assert_eq!(ws.carrying_body().action, Action::Upgrade, "an upgrade stays one");
+        assert_eq!(
+            ws.carrying_body().action,
+            Action::Upgrade,
+            "an upgrade stays one"
+        );
         for action in Action::ALL {
             assert_eq!(Action::from_id(action.as_str()), Some(action));
         }

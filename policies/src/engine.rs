@@ -649,7 +649,10 @@ impl PolicyEngine {
             )
             .ok()?;
         let authorizer = Authorizer::new();
-        let mut forbids = Vec::new();
+        // What fired for each action: the policies named are those that deny every action,
+        // or (when no one policy does) all that fired.
+        let mut every: Option<Vec<String>> = None;
+        let mut any = Vec::new();
         for action in Action::ALL {
             // The method, path and protocol are placeholders: the policies evaluated here do
             // not read them.
@@ -673,8 +676,13 @@ impl PolicyEngine {
             if fired.is_empty() {
                 return None;
             }
-            forbids.extend(fired);
+            every = Some(match every {
+                None => fired.clone(),
+                Some(before) => before.into_iter().filter(|id| fired.contains(id)).collect(),
+            });
+            any.extend(fired);
         }
+        let mut forbids = every.filter(|e| !e.is_empty()).unwrap_or(any);
         forbids.sort();
         forbids.dedup();
         Some(Decision {
@@ -876,7 +884,8 @@ mod tests {
              @id(\"no-admin\")\nforbid (principal, action, resource) when { context.path == \"/admin\" };\n\
              @id(\"no-writes-to-ro\")\nforbid (principal, action == Action::\"write\", resource == Host::\"ro.example.com\");\n\
              @id(\"sneaky\")\nforbid (principal, action, resource) when { context.port == 8 && context.method == \"GET\" };\n\
-             @id(\"no-http-but-upgrades\")\nforbid (principal, action in [Action::\"read\", Action::\"write\"], resource == Host::\"ws.example.com\");\n",
+             @id(\"no-http-but-upgrades\")\nforbid (principal, action in [Action::\"read\", Action::\"write\"], resource == Host::\"ws.example.com\");\n\
+             @id(\"no-upgrades-to-evil\")\nforbid (principal, action == Action::\"upgrade\", resource == Host::\"evil.test\");\n",
         )]))
         .unwrap();
         let agent = AgentFacts {
@@ -891,6 +900,7 @@ mod tests {
                 .decide_tunnel(&agent, &Target::from_connect_authority(authority).unwrap())
                 .map(|d| d.policies)
         };
+        // The policy that denies every action is named, not one that denies only some.
         assert_eq!(tunnel("evil.test:443"), Some(vec!["only-example".into()]));
         assert_eq!(tunnel("example.com:9"), Some(vec!["no-port-9".into()]));
         // Decided inside the tunnel: the path, a write-only forbid, the method.

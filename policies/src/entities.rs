@@ -172,7 +172,6 @@ fn arm_record(arm: &ArmTarget) -> Result<RestrictedExpression, String> {
 mod tests {
     use super::*;
     use crate::agent::RunMode;
-    use crate::classify::Action;
     use crate::target::Target;
 
     #[test]

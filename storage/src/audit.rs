@@ -51,8 +51,14 @@ pub struct AuditRecord {
     pub bytes_in: u64,
     /// Response body bytes sent.
     pub bytes_out: u64,
-    /// Time from arrival to the end of the response, in microseconds.
+    /// Time from arrival to the end of the response, in microseconds: for an upgraded
+    /// connection, its whole life (the record is written when it closes).
     pub latency_us: u64,
+    /// The protocol the connection switched to (`websocket`), when the origin accepted an
+    /// upgrade: `bytes_in` and `bytes_out` then count what flowed each way inside it,
+    /// uninspected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
     /// The request's OpenTelemetry trace id (32 hex digits), also in its log line and span.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub trace_id: String,

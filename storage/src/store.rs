@@ -856,6 +856,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 10,
             latency_us: 100,
+            upgrade: None,
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
             prev_hash: String::new(),
             hash: String::new(),

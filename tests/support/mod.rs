@@ -33,6 +33,13 @@ pub fn no_curl() -> bool {
     !ok
 }
 
+/// The CA of every test's protected origins ([`Origin::protected`]): one per test binary, so
+/// [`entra_config`] can trust it without being told.
+pub fn origin_ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| TestCa::new("protected origins"))
+}
+
 /// A CA of the test's own, for origin certificates the gateway must verify.
 pub struct TestCa {
     pub dir: tempfile::TempDir,
@@ -403,12 +410,17 @@ impl ManagedIdentityEndpoint {
     }
 }
 
-/// An origin that answers every request with a JSON [`Seen`] of it.
-/// `/sleep/<ms>` waits before answering; `/bytes/<n>` answers with n bytes; `/hop-by-hop`
-/// adds hop-by-hop response headers.
+/// An origin that answers every request with a JSON [`Seen`] of it, and keeps each [`Seen`]
+/// ([`Origin::seen`]).
+/// `/sleep/<ms>` waits before answering; `/bytes/<n>` answers with n bytes; `/pad/<n>` puts n
+/// spaces before the echo; `/hop-by-hop` adds hop-by-hop response headers.
 struct Echo {
     requests: Arc<AtomicUsize>,
-    /// A protected origin: only a bearer token issued for this audience gets through.
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    /// A protected origin: only a bearer token issued for this audience gets through, and,
+    /// like a real API, its answers never repeat the token (the `authorization` value is
+    /// left out of the echo; [`Origin::seen`] has it) — but on `/debug/echo`, a debug route
+    /// that echoes the request whole.
     guard: Option<(Issued, String)>,
 }
 
@@ -443,20 +455,31 @@ impl ServeHttp for Echo {
         if let Some(ms) = path.strip_prefix("/sleep/").and_then(|v| v.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
+        let mut seen = Seen {
+            method: req.method.to_string(),
+            target,
+            headers: header_map(req),
+            body_len,
+        };
+        self.seen.lock().expect("seen").push(seen.clone());
         let body = match path
             .strip_prefix("/bytes/")
             .and_then(|v| v.parse::<usize>().ok())
         {
             Some(n) => vec![b'x'; n],
             None => {
-                let headers = header_map(req);
-                let seen = Seen {
-                    method: req.method.to_string(),
-                    target,
-                    headers,
-                    body_len,
-                };
-                serde_json::to_vec(&seen).expect("json")
+                // Except on its debug route, which echoes everything.
+                if self.guard.is_some() && path != "/debug/echo" {
+                    seen.headers.remove("authorization");
+                }
+                // `/pad/<n>`: n filler bytes before the echo.
+                let pad = path
+                    .strip_prefix("/pad/")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut body = vec![b' '; pad];
+                body.extend(serde_json::to_vec(&seen).expect("json"));
+                body
             }
         };
         let mut r = Response::new(body);
@@ -481,6 +504,7 @@ impl ServeHttp for Echo {
 pub struct Origin {
     pub addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     _stop: watch::Sender<bool>,
 }
 
@@ -497,23 +521,38 @@ impl Origin {
 
     /// An HTTPS origin on 127.0.0.1 whose certificate from `ca` also names `names`.
     pub fn https_for(ca: &TestCa, names: &[&str]) -> Origin {
+        Self::start(Some(Self::tls_for(ca, names)))
+    }
+
+    /// An HTTPS origin for `host` (certificate from [`origin_ca`]) that accepts only bearer
+    /// tokens `endpoint` issued for `audience`.
+    pub fn protected(host: &str, endpoint: &TokenEndpoint, audience: &str) -> Origin {
+        Self::protected_by(host, endpoint.issued.clone(), audience)
+    }
+
+    /// An HTTPS origin for `host` (certificate from [`origin_ca`]) that accepts only bearer
+    /// tokens in `issued` for `audience`.
+    pub fn protected_by(host: &str, issued: Issued, audience: &str) -> Origin {
+        Self::start_guarded(
+            Some(Self::tls_for(origin_ca(), &[host])),
+            Some((issued, audience.to_string())),
+        )
+    }
+
+    /// An HTTPS origin for `host` (certificate from [`origin_ca`]) that echoes every request
+    /// whole, credentials included: the kind of origin whose answers must never reach a
+    /// sandbox when the gateway injected a token.
+    pub fn echoing(host: &str) -> Origin {
+        Self::start(Some(Self::tls_for(origin_ca(), &[host])))
+    }
+
+    fn tls_for(ca: &TestCa, names: &[&str]) -> TlsSettings {
         let (cert, key) = ca.server_cert(names);
-        let settings = TlsSettings::intermediate(
+        TlsSettings::intermediate(
             cert.to_str().expect("utf8 path"),
             key.to_str().expect("utf8 path"),
         )
-        .expect("TLS settings");
-        Self::start(Some(settings))
-    }
-
-    /// A plain-HTTP origin that accepts only bearer tokens `endpoint` issued for `audience`.
-    pub fn protected(endpoint: &TokenEndpoint, audience: &str) -> Origin {
-        Self::protected_by(endpoint.issued.clone(), audience)
-    }
-
-    /// A plain-HTTP origin that accepts only bearer tokens in `issued` for `audience`.
-    pub fn protected_by(issued: Issued, audience: &str) -> Origin {
-        Self::start_guarded(None, Some((issued, audience.to_string())))
+        .expect("TLS settings")
     }
 
     fn start(tls: Option<TlsSettings>) -> Origin {
@@ -526,16 +565,29 @@ impl Origin {
             .expect("bind origin");
         let addr = socket.local_addr().expect("addr");
         let (stop, watch) = watch::channel(false);
+        let seen = Arc::default();
         let app = Echo {
             requests: requests.clone(),
+            seen: Arc::clone(&seen),
             guard,
         };
         tollgate_gateway::listener::serve("origin", socket, app, tls, watch);
         Origin {
             addr,
             requests,
+            seen,
             _stop: stop,
         }
+    }
+
+    /// Every request this origin saw, oldest first, as it saw them.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    /// The last request this origin saw.
+    pub fn last_seen(&self) -> Seen {
+        self.seen().pop().expect("the origin saw no request")
     }
 
     /// How many requests reached this origin.
@@ -545,6 +597,69 @@ impl Origin {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+}
+
+/// A raw TCP origin that records every byte it receives and never answers.
+pub struct Recorder {
+    pub addr: SocketAddr,
+    bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    /// A recorder on an ephemeral loopback port.
+    pub async fn start() -> Recorder {
+        Self::start_on("127.0.0.1:0").await.expect("bind recorder")
+    }
+
+    /// A recorder on `addr` (a fixed port may be taken, or need root: the caller decides).
+    pub async fn start_on(addr: &str) -> std::io::Result<Recorder> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let bytes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (sink, count) = (bytes.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            let mut open = tokio::task::JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let sink = sink.clone();
+                open.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        sink.lock().expect("sink").extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        Ok(Recorder {
+            addr,
+            bytes,
+            connections,
+            task,
+        })
+    }
+
+    /// Everything received so far, as text.
+    pub fn received(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().expect("bytes")).to_string()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -1045,6 +1160,28 @@ pub fn wait_for_approvals(gw: &Gateway, filter: &str, n: usize) -> Vec<serde_jso
     }
 }
 
+/// The audit records of `agent`, once there are at least `n` (the audit thread writes them
+/// within its flush interval); panics after 5 s with what there is.
+pub fn audit_records(gw: &Gateway, agent: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/audit"), None)
+            .json()["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if records.len() >= n {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {n} audit records of {agent}, have {records:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Hex SHA-256, as approval records show a body's.
 pub fn sha256_hex(data: &[u8]) -> String {
     tollgate_gateway::approval::body_sha256(data)
@@ -1052,13 +1189,15 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// The start of a config in which the gateway gets tokens from `endpoint` (identity provider
 /// `entra`, OAuth client credentials as `client_id` with the secret `secret`, a TOML value
-/// such as `{ env = "X" }`) for `host` (pinned to 127.0.0.1), with audience `audience`.
+/// such as `{ env = "X" }`) for `host` (pinned to 127.0.0.1) over TLS on `port` (a protected
+/// origin's: [`origin_ca`] is trusted), with audience `audience`.
 /// Lines that follow at once belong to that `[[credential_rules]]` entry.
 pub fn entra_config(
     endpoint: &TokenEndpoint,
     client_id: &str,
     secret: &str,
     host: &str,
+    port: u16,
     audience: &str,
 ) -> String {
     format!(
@@ -1073,9 +1212,22 @@ client_secret = {secret}
 
 [[credential_rules]]
 hosts = ["{host}"]
+ports = [{port}]
 audience = "{audience}"
 "#,
-        upstream = loopback_upstream(None),
+        upstream = loopback_upstream(Some(&origin_ca().cert_path())),
         url = endpoint.url(),
     )
+}
+
+/// curl arguments for a request through `gw` to `url`, trusting the gateway's CA (for
+/// https:// URLs, which the gateway intercepts).
+pub fn via(gw: &Gateway, url: &str) -> Vec<String> {
+    args![
+        "-x",
+        gw.proxy_url(),
+        "--cacert",
+        gw.ca_cert().display(),
+        url
+    ]
 }

@@ -1,14 +1,19 @@
 //! Step 6 of the data path: credentials. The sandbox never holds one.
 //!
-//! A credential rule names destinations (host patterns) and the audience a token must be for.
-//! For a request to such a destination, whatever credential the sandbox sent is stripped, and
-//! — if the request belongs to an open tool call — a short-lived token obtained for this agent
-//! is injected. Tokens are cached in memory per (agent, tool call, provider, audience) until
+//! A credential rule names destinations (host patterns and ports) and the audience a token
+//! must be for. For a request to such a destination, whatever credential the sandbox sent is
+//! stripped, and — if the request belongs to an open tool call — a short-lived token obtained
+//! for this agent is injected. A token goes only where it cannot be read on the way or by
+//! another service: over TLS (the origin's certificate verified) to one of the rule's ports.
+//! A request to a covered host that does not meet this is refused whole
+//! ([`Credentials::check_transport`]), whatever the policies say, and no token is ever made
+//! for it. Tokens are cached in memory per (agent, tool call, provider, audience) until
 //! a margin before they expire or until the tool call closes; concurrent misses fetch once; a
 //! failing provider is retried with exponential backoff, not hammered. Token values live in
 //! [`Secret`]s, whose `Debug` prints nothing of them, and in header values marked sensitive.
 
 pub mod provider;
+pub mod reflection;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +24,7 @@ use http::{HeaderName, HeaderValue};
 use moka::Expiry;
 use parking_lot::Mutex;
 use pingora::connectors::http::Connector;
-use tollgate_policy::target::{Host, Target};
+use tollgate_policy::target::{Host, Scheme, Target};
 
 use crate::config::{Config, CredentialRuleConfig};
 use crate::identity::Agent;
@@ -63,6 +68,7 @@ pub struct Token {
 struct Rule {
     exact: Vec<String>,
     suffixes: Vec<String>,
+    ports: Vec<u16>,
     audience: String,
     provider: Option<String>,
     header: HeaderName,
@@ -102,6 +108,7 @@ impl Rule {
         Ok(Rule {
             exact,
             suffixes,
+            ports: config.ports.clone(),
             audience: config.audience.clone(),
             provider: config.provider.clone(),
             header,
@@ -131,9 +138,15 @@ impl Rule {
         Ok(Injection {
             strip: self.strip.clone(),
             header: Some((self.header.clone(), value)),
+            token: Some(token.clone()),
             provider,
             on_behalf_of,
         })
+    }
+
+    /// Whether a token may travel to `target` under this rule: over TLS, to one of its ports.
+    fn carries_to(&self, target: &Target) -> bool {
+        target.scheme == Scheme::Https && self.ports.contains(&target.port)
     }
 
     fn matches(&self, host: &Host) -> bool {
@@ -153,6 +166,8 @@ pub struct Injection {
     pub strip: Arc<[HeaderName]>,
     /// The header carrying the token, marked sensitive.
     pub header: Option<(HeaderName, HeaderValue)>,
+    /// The token itself, to recognise it in an answer that reflects it back.
+    pub token: Option<Secret>,
     /// The provider the token came from (for logs; never the token), or
     /// "on-behalf-of <approver>".
     pub provider: String,
@@ -208,6 +223,7 @@ pub struct Credentials {
     cache: moka::future::Cache<TokenKey, Arc<Token>>,
     connector: Connector,
     fetch_timeout: Duration,
+    reflection_scan_bytes: usize,
     backoff_initial: Duration,
     backoff_max: Duration,
     backoffs: Mutex<HashMap<(String, String), Backoff>>,
@@ -216,6 +232,7 @@ pub struct Credentials {
     hits: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
+    reflections: AtomicU64,
 }
 
 /// Token cache and endpoint counters since start.
@@ -227,6 +244,8 @@ pub struct TokenCounters {
     pub misses: u64,
     /// Failed requests to providers.
     pub errors: u64,
+    /// Answers not relayed because they carried an injected token back.
+    pub reflections: u64,
 }
 
 /// A person's token lent with an on-behalf-of approval.
@@ -265,6 +284,7 @@ impl Credentials {
                 .build(),
             connector,
             fetch_timeout: Duration::from_millis(c.fetch_timeout_ms),
+            reflection_scan_bytes: c.reflection_scan_bytes,
             backoff_initial: Duration::from_millis(c.backoff_initial_ms),
             backoff_max: Duration::from_millis(c.backoff_max_ms),
             backoffs: Mutex::new(HashMap::new()),
@@ -272,24 +292,60 @@ impl Credentials {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            reflections: AtomicU64::new(0),
         })
     }
 
     /// The credential a request from `agent` to `target` would carry, as "provider audience"
     /// (for approval records: what kind of access is being approved, never a token).
     pub fn class(&self, agent: &Agent, target: &Target) -> Option<String> {
-        let rule = self.rule_for(target)?;
+        let rule = self.rule_for(target).ok()??;
         let provider = rule.provider.as_deref().or(agent.identity.as_deref())?;
         Some(format!("{provider} {}", rule.audience))
     }
 
     /// The audience of the rule covering `target`: what an on-behalf-of token is lent for.
     pub fn audience(&self, target: &Target) -> Option<&str> {
-        self.rule_for(target).map(|r| r.audience.as_str())
+        self.rule_for(target).ok()?.map(|r| r.audience.as_str())
     }
 
-    fn rule_for(&self, target: &Target) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.matches(&target.host))
+    /// Refuses a request to a host a rule covers unless a token could travel to it: over TLS
+    /// to one of the rule's ports. Such a request is refused whole — not just sent without a
+    /// token — so that plain `http://` to a covered host never reaches it, and the sandbox
+    /// learns why.
+    pub fn check_transport(&self, target: &Target) -> Result<(), Refusal> {
+        self.rule_for(target).map(|_| ())
+    }
+
+    /// The rule whose token may go to `target`; `Ok(None)` when no rule covers its host, and
+    /// the refusal when one does but not over this scheme and port.
+    fn rule_for(&self, target: &Target) -> Result<Option<&Rule>, Refusal> {
+        let mut covering = self.rules.iter().filter(|r| r.matches(&target.host));
+        let Some(first) = covering.next() else {
+            return Ok(None);
+        };
+        if first.carries_to(target) {
+            return Ok(Some(first));
+        }
+        if let Some(rule) = covering.find(|r| r.carries_to(target)) {
+            return Ok(Some(rule));
+        }
+        let ports = first
+            .ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(Refusal::new(
+            403,
+            "credential_requires_tls",
+            format!(
+                "{} is a host the gateway injects credentials for, and it sends them only over                  TLS to port {ports} (the credential rule's ports); this request goes to {}://{},                  so nothing was forwarded",
+                target.host,
+                target.scheme.as_str(),
+                target.host_header()
+            ),
+        ))
     }
 
     /// Lends an approver's token: it goes on this request and, within `tool_call`, on every
@@ -303,7 +359,7 @@ impl Credentials {
         approver: &str,
         lifetime: Duration,
     ) -> Result<Injection, Refusal> {
-        let rule = self.rule_for(target).ok_or_else(|| {
+        let rule = self.rule_for(target)?.ok_or_else(|| {
             Refusal::new(
                 502,
                 "credential_unavailable",
@@ -366,7 +422,7 @@ impl Credentials {
         tool_call: Option<&ToolCallRef>,
         target: &Target,
     ) -> Result<Option<Injection>, Refusal> {
-        let Some(rule) = self.rule_for(target) else {
+        let Some(rule) = self.rule_for(target)? else {
             return Ok(None);
         };
         let provider_name = rule.provider.as_deref().or(agent.identity.as_deref());
@@ -374,6 +430,7 @@ impl Credentials {
             return Ok(Some(Injection {
                 strip: rule.strip.clone(),
                 header: None,
+                token: None,
                 provider: provider_name.unwrap_or("-").to_string(),
                 on_behalf_of: false,
             }));
@@ -471,7 +528,19 @@ impl Credentials {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            reflections: self.reflections.load(Ordering::Relaxed),
         }
+    }
+
+    /// How much of an answer's body is scanned for the injected token before any of it is
+    /// relayed (`credentials.reflection_scan_bytes`).
+    pub fn reflection_scan_bytes(&self) -> usize {
+        self.reflection_scan_bytes
+    }
+
+    /// Counts an answer that was not relayed because it carried its request's token back.
+    pub fn count_reflection(&self) {
+        self.reflections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops every cached and lent token of one tool call (it closed).
@@ -517,6 +586,7 @@ mod tests {
             header: "X-Token".into(),
             format: "Token {token}!".into(),
             strip_headers: vec!["X-Api-Key".into()],
+            ports: vec![443, 8443],
         })
         .unwrap()
     }
@@ -540,6 +610,17 @@ mod tests {
         assert!(!r.matches(&host("evilvault.test")));
         assert!(!r.matches(&host("kv1.vault.test.evil")));
         assert!(!r.matches(&host("10.0.0.1")));
+    }
+
+    #[test]
+    fn a_token_travels_only_over_tls_to_the_rules_ports() {
+        let r = rule(&["api.example.com"]);
+        let target = |url: &str| Target::from_url(url).unwrap().0;
+        assert!(r.carries_to(&target("https://api.example.com/")));
+        assert!(r.carries_to(&target("https://api.example.com:8443/")));
+        assert!(!r.carries_to(&target("http://api.example.com/")));
+        assert!(!r.carries_to(&target("http://api.example.com:443/")));
+        assert!(!r.carries_to(&target("https://api.example.com:444/")));
     }
 
     #[test]

@@ -470,6 +470,7 @@ mod tests {
             bytes_in: 3,
             bytes_out: 4,
             latency_us: 9,
+            upgrade: None,
             trace_id: String::new(),
             prev_hash: String::new(),
             hash: String::new(),
