@@ -61,6 +61,14 @@ async fn ambiguous_framing_is_refused_and_nothing_reaches_the_origin() {
             format!("POST http://{authority}/a HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0, 80\r\n\r\n{smuggled}"),
         ),
         (
+            "a Content-Length list of equal values",
+            format!("POST http://{authority}/a HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5, 5\r\n\r\nhello"),
+        ),
+        (
+            "the same Content-Length twice",
+            format!("POST http://{authority}/a HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+        ),
+        (
             "Transfer-Encoding not ending in chunked",
             format!("POST http://{authority}/a HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
         ),

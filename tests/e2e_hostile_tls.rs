@@ -226,7 +226,7 @@ async fn a_connect_the_policy_denies_is_refused_before_any_tls() {
 }
 
 #[test]
-fn a_connect_port_that_is_not_a_port_gets_400() {
+fn a_malformed_connect_gets_400() {
     let ca = TestCa::new("origin");
     let gw = gateway(&ca, "", &[ALLOW_ALL]);
     let mut failures = Vec::new();
@@ -243,6 +243,16 @@ fn a_connect_port_that_is_not_a_port_gets_400() {
         let answer = raw_exchange(gw.egress, request.as_bytes());
         if !answer.starts_with("HTTP/1.1 400") || !answer.contains("\"error\":\"bad_request\"") {
             failures.push(format!("CONNECT {authority}: {answer:?}"));
+        }
+    }
+    // A CONNECT head framed with bare LFs is refused like any other such head.
+    for request in [
+        "CONNECT localhost:443 HTTP/1.1\nHost: localhost:443\n\n",
+        "CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\n\r\n",
+    ] {
+        let answer = raw_exchange(gw.egress, request.as_bytes());
+        if !answer.starts_with("HTTP/1.1 400") || !answer.contains("LF without CR") {
+            failures.push(format!("{request:?}: {answer:?}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -657,4 +667,76 @@ async fn a_head_sent_too_slowly_inside_a_tunnel_is_cut_off() {
     );
     let served = second_agent_served(&gw, &origin, false).await;
     assert_eq!(served.status, 200, "{served:?}");
+}
+
+/// A HEADERS block for an HTTP/2 extended CONNECT (RFC 8441) to `authority` asking for
+/// `protocol`, in HPACK without Huffman or indexing.
+fn hpack_extended_connect(authority: &str, protocol: &str) -> Vec<u8> {
+    // :scheme https (static 7).
+    let mut out = vec![0x87];
+    // Literal without indexing, indexed name: :method (2), :path (4), :authority (1).
+    for (index, value) in [(2u8, "CONNECT"), (4u8, "/chat"), (1u8, authority)] {
+        out.push(index);
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    // Literal without indexing, new name: :protocol.
+    out.push(0);
+    out.push(b":protocol".len() as u8);
+    out.extend_from_slice(b":protocol");
+    out.push(protocol.len() as u8);
+    out.extend_from_slice(protocol.as_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_extended_connect_never_reaches_the_origin() {
+    // The gateway does not offer RFC 8441 (SETTINGS_ENABLE_CONNECT_PROTOCOL): a WebSocket
+    // over HTTP/2 cannot be asked for, so an upgrade never bypasses its policy that way.
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let authority = format!("localhost:{}", origin.port());
+    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"h2"])
+        .await
+        .expect("tunnel");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    tls.write_all(&out).await.expect("preface");
+    let mut offered = false;
+    let mut ended = None;
+    let exchange = async {
+        loop {
+            let Some((kind, flags, id, payload)) = read_frame(&mut tls).await else {
+                break;
+            };
+            if kind == SETTINGS && flags & 0x1 == 0 {
+                // SETTINGS_ENABLE_CONNECT_PROTOCOL is 0x8.
+                offered = payload.chunks(6).any(|s| s[..2] == [0, 8] && s[5] == 1);
+                let mut out = frame(SETTINGS, 0x1, 0, &[]);
+                out.extend(frame(
+                    HEADERS,
+                    END_HEADERS,
+                    1,
+                    &hpack_extended_connect(&authority, "websocket"),
+                ));
+                tls.write_all(&out).await.expect("extended CONNECT");
+            } else if kind == RST_STREAM && id == 1 || kind == GOAWAY {
+                ended = Some(kind);
+                break;
+            } else if kind == HEADERS && id == 1 {
+                ended = Some(kind);
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), exchange).await;
+    assert!(!offered, "the gateway must not offer extended CONNECT");
+    assert!(
+        matches!(ended, Some(RST_STREAM | GOAWAY)),
+        "the stream must be reset or the connection closed, got frame type {ended:?}"
+    );
+    assert_eq!(origin.requests(), 0);
+    let after = second_agent_served(&gw, &origin, true).await;
+    assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
 }

@@ -498,3 +498,55 @@ fn malformed_proxy_requests_get_400() {
     let again = raw_exchange(gw.egress, b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(again.starts_with("HTTP/1.1 400"), "{again}");
 }
+
+/// Headers with which a client speaks for another address or hop.
+const FORWARDING: [(&str, &str); 6] = [
+    ("Forwarded", "for=10.1.2.3;proto=https"),
+    ("X-Forwarded-For", "10.1.2.3"),
+    ("X-Forwarded-Host", "admin.internal"),
+    ("X-Real-IP", "10.1.2.3"),
+    ("True-Client-IP", "10.1.2.3"),
+    ("Via", "1.1 trusted-proxy"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_cannot_speak_for_another_address_to_origins() {
+    if no_curl() {
+        return;
+    }
+    let ca = TestCa::new("origin");
+    let plain = Origin::http();
+    let tls = Origin::https(&ca);
+    let with_forwarding = |gw: &Gateway, url: String| {
+        let mut a = via(gw, &url);
+        for (name, value) in FORWARDING {
+            a.extend(args!["-H", format!("{name}: {value}")]);
+        }
+        curl_async(a)
+    };
+    let gw = gateway(&ca, "");
+    for (origin, url) in [
+        (&plain, format!("http://127.0.0.1:{}/plain", plain.port())),
+        (&tls, format!("https://localhost:{}/tunnel", tls.port())),
+    ] {
+        let r = with_forwarding(&gw, url.clone()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let seen = origin.last_seen();
+        for (name, _) in FORWARDING {
+            assert!(
+                !seen.headers.contains_key(&name.to_ascii_lowercase()),
+                "{url}: {name} reached the origin: {seen:?}"
+            );
+        }
+    }
+    // An operator who trusts them can pass them on.
+    let passing = gateway(&ca, "strip_request_headers = []\n");
+    let r = with_forwarding(&passing, format!("http://127.0.0.1:{}/kept", plain.port())).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = plain.last_seen();
+    assert_eq!(
+        seen.headers.get("x-forwarded-for").map(String::as_str),
+        Some("10.1.2.3"),
+        "{seen:?}"
+    );
+}

@@ -143,3 +143,127 @@ fn bad_tool_call_requests_get_clear_errors() {
         "{listed}"
     );
 }
+
+const CLIENT_ID: &str = "toolcall-client";
+const CLIENT_SECRET: &str = "toolcall-client-secret-91c4";
+const AUDIENCE: &str = "api://protected/.default";
+const HOST: &str = "api.protected.test";
+
+/// A gateway with a Review agent `r` (127.0.0.1) and an Autonomous one `a` (127.0.0.2), both
+/// getting tokens from `endpoint` for `HOST` (over TLS on `origin`'s port); reads are allowed,
+/// writes need approval in Review.
+fn gateway_with_tokens(endpoint: &TokenEndpoint, origin: &Origin) -> Gateway {
+    let config = entra_config(
+        endpoint,
+        CLIENT_ID,
+        r#"{ env = "TOOLCALL_TEST_SECRET" }"#,
+        HOST,
+        origin.port(),
+        AUDIENCE,
+    ) + r#"
+[[agents]]
+id = "r"
+run_mode = "Review"
+identity = "entra"
+peers = ["127.0.0.1"]
+
+[[agents]]
+id = "a"
+run_mode = "Autonomous"
+identity = "entra"
+peers = ["127.0.0.2"]
+"#;
+    let files = default_policies();
+    let policies: Vec<(&str, &str)> = files
+        .iter()
+        .filter(|(name, _)| name == "run-modes.cedar")
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    Gateway::start_with_env(
+        &config,
+        &policies,
+        "",
+        &[("TOOLCALL_TEST_SECRET", CLIENT_SECRET)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_tool_call_refuses_its_held_requests_and_no_token_is_made_for_them() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, std::time::Duration::ZERO);
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway_with_tokens(&endpoint, &origin);
+    let opened = gw.admin_call("POST", "/v1/agents/r/tool-calls", Some(r#"{"id":"tc-1"}"#));
+    assert_eq!(opened.status, 201);
+    let url = format!("https://{HOST}:{}/items", origin.port());
+    let mut post = via(&gw, &url);
+    post.extend(args!["-X", "POST", "--data-binary", "{\"n\":1}"]);
+    let held = tokio::spawn(curl_async(post));
+    let approval = tokio::task::block_in_place(|| {
+        wait_for_approvals(&gw, "state=pending&agent=r", 1).remove(0)
+    });
+    assert_eq!(approval["tool_call"], "tc-1");
+    let id = approval["id"].as_str().expect("id").to_string();
+
+    // The tool call ends while its request waits: the request is refused, never sent.
+    let closed = gw.admin_call("DELETE", "/v1/agents/r/tool-calls/tc-1", None);
+    assert_eq!(closed.status, 204);
+    let refused = held.await.expect("curl");
+    assert_eq!(
+        (refused.status, refused.json()["error"].as_str()),
+        (403, Some("tool_call_closed")),
+        "{refused:?}"
+    );
+    let record = gw
+        .admin_call("GET", &format!("/v1/approvals/{id}"), None)
+        .json();
+    assert_eq!(record["state"], "abandoned", "{record}");
+    assert!(
+        record["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("tc-1")),
+        "the record says why: {record}"
+    );
+    // An approval after the end releases nothing.
+    let late = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), Some("{}"));
+    assert_eq!(late.status, 409, "{late:?}");
+    assert_eq!(endpoint.requests(), 0, "no token was made for it");
+    assert_eq!(origin.requests(), 0, "nothing was forwarded");
+    let records = tokio::task::block_in_place(|| audit_records(&gw, "r", 1));
+    assert_eq!(records[0]["error"], "tool_call_closed", "{records:?}");
+    assert_eq!(records[0]["approval"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_fetched_while_its_tool_call_closes_is_never_injected() {
+    if no_curl() {
+        return;
+    }
+    // The token endpoint takes 1.5 s: the tool call closes while its token is on its way.
+    let endpoint = TokenEndpoint::start(
+        CLIENT_ID,
+        CLIENT_SECRET,
+        3600,
+        std::time::Duration::from_millis(1500),
+    );
+    let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
+    let gw = gateway_with_tokens(&endpoint, &origin);
+    let opened = gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc-2"}"#));
+    assert_eq!(opened.status, 201);
+    let mut get = args!["--interface", "127.0.0.2"];
+    get.extend(via(&gw, &format!("https://{HOST}:{}/items", origin.port())));
+    let read = tokio::spawn(curl_async(get));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(endpoint.requests(), 1, "the token is being fetched");
+    let closed = gw.admin_call("DELETE", "/v1/agents/a/tool-calls/tc-2", None);
+    assert_eq!(closed.status, 204);
+    let refused = read.await.expect("curl");
+    assert_eq!(
+        (refused.status, refused.json()["error"].as_str()),
+        (403, Some("tool_call_closed")),
+        "{refused:?}"
+    );
+    assert_eq!(origin.requests(), 0, "the token never left");
+}

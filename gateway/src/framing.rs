@@ -7,6 +7,9 @@
 //! 9112 lets a server refuse, and closes the connection after answering:
 //!
 //! - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1) → 400;
+//! - `Content-Length` given more than once, or as a list (`5, 5`), even of equal values:
+//!   RFC 9110 §8.6 lets a recipient take such a list as one length, but an origin that reads
+//!   it another way would see another request → 400;
 //! - a line ended by a bare LF (§2.2) → 400;
 //! - a request target over [`MAX_TARGET_BYTES`] → 414;
 //! - a head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`] fields → 431.
@@ -72,6 +75,17 @@ fn refusal(session: &Session) -> Option<Refusal> {
             "the request has both Content-Length and Transfer-Encoding: its end is ambiguous",
         ));
     }
+    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let listed = lengths.next().is_some_and(|v| v.as_bytes().contains(&b','));
+    let repeated = lengths.next().is_some()
+        || raw
+            .as_ref()
+            .is_some_and(|raw| count_fields(raw, "content-length") > 1);
+    if listed || repeated {
+        return Some(Refusal::bad_request(
+            "the request gives Content-Length more than once or as a list: send one length",
+        ));
+    }
     None
 }
 
@@ -85,17 +99,25 @@ fn too_large(what: String) -> Refusal {
 
 /// Whether the raw head has a field named `name` (lower case).
 fn has_field(head: &[u8], name: &str) -> bool {
-    head.split(|&b| b == b'\n').skip(1).any(|line| {
-        line.iter().position(|&b| b == b':').is_some_and(|colon| {
-            line[..colon]
-                .trim_ascii()
-                .eq_ignore_ascii_case(name.as_bytes())
+    count_fields(head, name) > 0
+}
+
+/// How many fields named `name` (lower case) the raw head has.
+fn count_fields(head: &[u8], name: &str) -> usize {
+    head.split(|&b| b == b'\n')
+        .skip(1)
+        .filter(|line| {
+            line.iter().position(|&b| b == b':').is_some_and(|colon| {
+                line[..colon]
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(name.as_bytes())
+            })
         })
-    })
+        .count()
 }
 
 /// Whether any LF in `head` is not preceded by CR.
-fn has_bare_lf(head: &[u8]) -> bool {
+pub fn has_bare_lf(head: &[u8]) -> bool {
     head.iter()
         .enumerate()
         .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
@@ -118,6 +140,13 @@ mod tests {
             b"GET /content-length: HTTP/1.1\r\n\r\n",
             "content-length"
         ));
+        assert_eq!(
+            count_fields(
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length:5\r\n\r\n",
+                "content-length"
+            ),
+            2
+        );
     }
 
     #[test]

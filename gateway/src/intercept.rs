@@ -201,6 +201,13 @@ impl Interceptor {
             let mut request = httparse::Request::new(&mut headers);
             match request.parse(&buf) {
                 Ok(httparse::Status::Complete(head_len)) => {
+                    // httparse takes a bare LF as a line end; the proxy's own framing does
+                    // not (a CONNECT is framed like any other head).
+                    if crate::framing::has_bare_lf(&buf[..head_len]) {
+                        return Err(Refusal::bad_request(
+                            "a line of the CONNECT head ends in LF without CR",
+                        ));
+                    }
                     let target = connect_target(&request)?;
                     l4.rewind(&buf[head_len..]);
                     return Ok(target);
