@@ -721,10 +721,7 @@ async fn an_http2_extended_connect_never_reaches_the_origin() {
                     &hpack_extended_connect(&authority, "websocket"),
                 ));
                 tls.write_all(&out).await.expect("extended CONNECT");
-            } else if kind == RST_STREAM && id == 1 || kind == GOAWAY {
-                ended = Some(kind);
-                break;
-            } else if kind == HEADERS && id == 1 {
+            } else if (matches!(kind, RST_STREAM | HEADERS) && id == 1) || kind == GOAWAY {
                 ended = Some(kind);
                 break;
             }
