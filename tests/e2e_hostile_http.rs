@@ -300,3 +300,61 @@ async fn a_malformed_chunk_never_reaches_the_origin_as_a_request() {
     ]);
     assert_eq!(ok.status, 200, "{ok:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_pingora_would_refuse_get_a_reason_a_log_line_and_an_audit_record() {
+    let (gw, origin) = world();
+    let authority = format!("127.0.0.1:{}", origin.port());
+    let cases = [
+        (
+            "a Host that names another origin than the URL",
+            format!("GET http://{authority}/host HTTP/1.1\r\nHost: other.test\r\n\r\n"),
+            "Host",
+        ),
+        (
+            "a NUL in a header",
+            format!("GET http://{authority}/nul HTTP/1.1\r\nHost: {authority}\r\nX-A: a\0b\r\n\r\n"),
+            "not valid",
+        ),
+        (
+            "two different lengths",
+            format!("POST http://{authority}/lengths HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+            "Content-Length",
+        ),
+        (
+            "user information in the URL",
+            format!("GET http://user@{authority}/userinfo HTTP/1.1\r\nHost: user@{authority}\r\n\r\n"),
+            "userinfo",
+        ),
+    ];
+    for (name, request, why) in &cases {
+        let answer = raw_exchange(gw.egress, request.as_bytes());
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(head.starts_with("HTTP/1.1 400"), "{name}: {answer:?}");
+        let json: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body:?}"));
+        assert_eq!(json["error"], "bad_request", "{name}");
+        assert!(
+            json["detail"].as_str().is_some_and(|d| d.contains(why)),
+            "{name}: {json}"
+        );
+    }
+    assert_eq!(origin.requests(), 0);
+    // Each is a request of agent a: audited (path without query), logged, counted.
+    let records = audit_records(&gw, "a", cases.len());
+    let paths: Vec<&str> = records.iter().filter_map(|r| r["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/host", "/nul", "/lengths", "/userinfo"],
+        "{records:?}"
+    );
+    assert!(records
+        .iter()
+        .all(|r| r["status"] == 400 && r["error"] == "bad_request"));
+    assert!(gw.log_contains("request refused"), "{}", gw.log());
+    let metrics = gw.admin_call("GET", "/metrics", None).body;
+    assert!(
+        metrics.contains(r#"tollgate_requests_total{agent="a",decision="none",status="400"} 4"#),
+        "{metrics}"
+    );
+}

@@ -737,3 +737,36 @@ async fn an_http2_extended_connect_never_reaches_the_origin() {
     let after = second_agent_served(&gw, &origin, true).await;
     assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_head_inside_a_tunnel_gets_a_reason_and_an_audit_record() {
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let authority = format!("localhost:{}", origin.port());
+    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"http/1.1"])
+        .await
+        .expect("tunnel");
+    tls.write_all(
+        format!("GET /inside?q=secret HTTP/1.1\r\nHost: {authority}\r\nX-A: a\0b\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(answer.contains("\"error\":\"bad_request\""), "{answer:?}");
+    assert_eq!(origin.requests(), 0);
+    let records = audit_records(&gw, "a", 1);
+    assert_eq!(
+        (
+            records[0]["host"].as_str(),
+            records[0]["path"].as_str(),
+            records[0]["status"].as_u64()
+        ),
+        (Some(authority.as_str()), Some("/inside"), Some(400)),
+        "{records:?}"
+    );
+}

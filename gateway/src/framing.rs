@@ -1,20 +1,27 @@
-//! Is this one well-framed request? Checked before anything else looks at it.
+//! Is this one well-framed request head? Checked on the bytes as sent, before pingora parses
+//! them ([`crate::head`]).
 //!
 //! A gateway and the origin behind it must agree where each request ends; where a head is
 //! ambiguous, a request could hide inside another (request smuggling). pingora parses
 //! leniently in places (a bare LF ends a line; `Content-Length` beside `Transfer-Encoding`
-//! is resolved in favour of the latter; heads up to 1 MiB), so the gateway refuses what RFC
-//! 9112 lets a server refuse, and closes the connection after answering:
+//! is resolved in favour of the latter; equal `Content-Length`s are merged; heads up to
+//! 1 MiB), and refuses other heads with an empty 400 that nothing records. So the gateway
+//! refuses, itself and with a reason, what RFC 9112 lets a server refuse and everything pingora
+//! would refuse, and closes the connection after answering:
 //!
-//! - `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1) → 400;
-//! - `Content-Length` given more than once, or as a list (`5, 5`), even of equal values:
-//!   RFC 9110 §8.6 lets a recipient take such a list as one length, but an origin that reads
-//!   it another way would see another request → 400;
-//! - a line ended by a bare LF (§2.2) → 400;
 //! - a request target over [`MAX_TARGET_BYTES`] → 414;
-//! - a head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`] fields → 431.
+//! - a head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`] fields → 431;
+//! - a head httparse cannot parse (obs-fold, a space before a colon, a control character in a
+//!   field, …) → 400;
+//! - a line ended by a bare LF (§2.2) → 400;
+//! - `Content-Length` together with `Transfer-Encoding` (§6.1), given more than once or as a
+//!   list (`5, 5`, even of equal values), or not a number → 400;
+//! - `Transfer-Encoding` on HTTP/1.0, or whose last coding is not `chunked` (§6.3) → 400;
+//! - a `Host` that names another authority than an absolute request target, more than one
+//!   `Host`, or user information in either (pingora's own authority check) → 400;
+//! - `CONNECT` anywhere but as the first request on a connection to the proxy → 405.
 
-use pingora::proxy::Session;
+use pingora::http::RequestHeader;
 
 use crate::reply::Refusal;
 
@@ -25,68 +32,193 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// Most header fields accepted.
 pub const MAX_HEADERS: usize = 100;
 
-/// Refuses a request whose head is ambiguous or too large; the connection is not reused.
-pub fn check(session: &mut Session) -> Result<(), Refusal> {
-    let refusal = refusal(session);
-    if refusal.is_some() {
-        // Whatever follows on this connection cannot be trusted to start a request.
-        session.set_keepalive(None);
-    }
-    refusal.map_or(Ok(()), Err)
+/// The request line of a head that was parsed, for the record of a refusal.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLine {
+    /// The method as sent.
+    pub method: String,
+    /// The request target as sent (at most [`MAX_TARGET_BYTES`] of it).
+    pub target: String,
 }
 
-fn refusal(session: &Session) -> Option<Refusal> {
-    let req = session.req_header();
-    if req.raw_path().len() > MAX_TARGET_BYTES {
+/// A head that cannot be taken: the answer, and its request line as far as it could be read.
+#[derive(Debug)]
+pub struct Unframed {
+    /// The answer to the client.
+    pub refusal: Refusal,
+    /// The request line.
+    pub line: RequestLine,
+}
+
+/// How far a head in `buf` has arrived: its length once complete and well framed;
+/// `Ok(None)` while more is needed; why it cannot be taken.
+pub fn check_head(buf: &[u8]) -> Result<Option<usize>, Box<Unframed>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let parsed = request.parse(buf);
+    let line = RequestLine {
+        method: request.method.unwrap_or_default().to_string(),
+        target: request
+            .path
+            .unwrap_or_default()
+            .chars()
+            .take(MAX_TARGET_BYTES)
+            .collect(),
+    };
+    let refuse = |refusal: Refusal, line: RequestLine| Err(Box::new(Unframed { refusal, line }));
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+            return refuse(
+                too_large(format!("a head larger than {MAX_HEAD_BYTES} bytes")),
+                line,
+            )
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return refuse(
+                too_large(format!("more than {MAX_HEADERS} header fields")),
+                line,
+            )
+        }
+        Err(e) => {
+            return refuse(
+                Refusal::bad_request(format!("the request head is not valid HTTP/1.1: {e}")),
+                line,
+            )
+        }
+    };
+    match refusal(&request, &buf[..len]) {
+        Some(refusal) => refuse(refusal, line),
+        None => Ok(Some(len)),
+    }
+}
+
+fn refusal(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Refusal> {
+    let target = req.path.unwrap_or_default();
+    if target.len() > MAX_TARGET_BYTES {
         return Some(Refusal::new(
             414,
             "uri_too_long",
             format!("the request target is longer than {MAX_TARGET_BYTES} bytes"),
         ));
     }
-    if req.headers.len() > MAX_HEADERS {
-        return Some(too_large(format!("more than {MAX_HEADERS} header fields")));
+    if head.len() > MAX_HEAD_BYTES {
+        return Some(too_large(format!(
+            "a head larger than {MAX_HEAD_BYTES} bytes"
+        )));
     }
-    // The head as sent (HTTP/1; HTTP/2 has its own framing).
-    let raw = session.as_http1().map(|h1| h1.get_headers_raw_bytes());
-    if let Some(raw) = &raw {
-        if raw.len() > MAX_HEAD_BYTES {
-            return Some(too_large(format!(
-                "a head larger than {MAX_HEAD_BYTES} bytes"
-            )));
-        }
-        if has_bare_lf(raw) {
-            return Some(Refusal::bad_request(
-                "a line of the request head ends in LF without CR",
-            ));
-        }
+    if has_bare_lf(head) {
+        return Some(Refusal::bad_request(
+            "a line of the request head ends in LF without CR",
+        ));
     }
-    // pingora keeps Transfer-Encoding and drops a Content-Length sent beside it: only then is
-    // the head as sent read again.
-    let encoded = req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    let length = || {
-        req.headers.contains_key(http::header::CONTENT_LENGTH)
-            || raw
-                .as_ref()
-                .is_some_and(|raw| has_field(raw, "content-length"))
+    if req.method == Some("CONNECT") {
+        return Some(Refusal::new(
+            405,
+            "method_not_allowed",
+            "CONNECT opens a tunnel only as the first request on a connection to the proxy, \
+             never inside one",
+        ));
+    }
+    let values = |name: &'static str| -> Vec<&[u8]> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
     };
-    if encoded && length() {
+    let lengths = values("content-length");
+    let codings = values("transfer-encoding");
+    if !lengths.is_empty() && !codings.is_empty() {
         return Some(Refusal::bad_request(
             "the request has both Content-Length and Transfer-Encoding: its end is ambiguous",
         ));
     }
-    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let listed = lengths.next().is_some_and(|v| v.as_bytes().contains(&b','));
-    let repeated = lengths.next().is_some()
-        || raw
-            .as_ref()
-            .is_some_and(|raw| count_fields(raw, "content-length") > 1);
-    if listed || repeated {
-        return Some(Refusal::bad_request(
-            "the request gives Content-Length more than once or as a list: send one length",
+    match lengths.as_slice() {
+        [] => {}
+        [one] if !one.is_empty() && one.iter().all(u8::is_ascii_digit) => {}
+        [one] if one.contains(&b',') => {
+            return Some(Refusal::bad_request(
+                "the request gives Content-Length as a list: send one length",
+            ))
+        }
+        [_] => return Some(Refusal::bad_request("the Content-Length is not a number")),
+        _ => {
+            return Some(Refusal::bad_request(
+                "the request gives Content-Length more than once: send one length",
+            ))
+        }
+    }
+    if !codings.is_empty() {
+        if req.version == Some(0) {
+            return Some(Refusal::bad_request(
+                "an HTTP/1.0 request cannot use Transfer-Encoding",
+            ));
+        }
+        let last = codings
+            .last()
+            .and_then(|v| v.rsplit(|&b| b == b',').next())
+            .map(<[u8]>::trim_ascii)
+            .unwrap_or_default();
+        if !last.eq_ignore_ascii_case(b"chunked") {
+            return Some(Refusal::bad_request(
+                "the request's last Transfer-Encoding is not chunked: its end is ambiguous",
+            ));
+        }
+    }
+    authority_refusal(req, target)
+}
+
+/// pingora's own check that the `Host` header and an absolute request target name one
+/// authority (and carry no user information), run on a head of just those parts so that a
+/// request pingora would refuse is refused here first, with a reason.
+fn authority_refusal(req: &httparse::Request<'_, '_>, target: &str) -> Option<Refusal> {
+    let hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let mut head =
+        match RequestHeader::build(req.method.unwrap_or_default(), target.as_bytes(), Some(2)) {
+            Ok(head) => head,
+            Err(_) => {
+                return Some(Refusal::bad_request(
+                    "the request target is not a valid URL",
+                ))
+            }
+        };
+    for host in hosts {
+        if head.append_header(http::header::HOST, host.value).is_err() {
+            return Some(Refusal::bad_request("the Host header is not a valid value"));
+        }
+    }
+    pingora::protocols::http::authority::validate_request_authority(&head)
+        .err()
+        .map(|e| {
+            Refusal::bad_request(format!(
+                "{}: the Host header and the request's URL must name the same origin, once",
+                e.context
+                    .as_ref()
+                    .map(|c| c.as_str())
+                    .unwrap_or("ambiguous authority")
+            ))
+        })
+}
+
+/// The same bounds for a request whose head HTTP/2 framed (and so never passed through
+/// [`check_head`]): its target length and its number of header fields.
+pub fn check_decoded(req: &RequestHeader) -> Result<(), Refusal> {
+    if req.raw_path().len() > MAX_TARGET_BYTES {
+        return Err(Refusal::new(
+            414,
+            "uri_too_long",
+            format!("the request target is longer than {MAX_TARGET_BYTES} bytes"),
         ));
     }
-    None
+    if req.headers.len() > MAX_HEADERS {
+        return Err(too_large(format!("more than {MAX_HEADERS} header fields")));
+    }
+    Ok(())
 }
 
 fn too_large(what: String) -> Refusal {
@@ -95,25 +227,6 @@ fn too_large(what: String) -> Refusal {
         "request_header_fields_too_large",
         format!("the request has {what}"),
     )
-}
-
-/// Whether the raw head has a field named `name` (lower case).
-fn has_field(head: &[u8], name: &str) -> bool {
-    count_fields(head, name) > 0
-}
-
-/// How many fields named `name` (lower case) the raw head has.
-fn count_fields(head: &[u8], name: &str) -> usize {
-    head.split(|&b| b == b'\n')
-        .skip(1)
-        .filter(|line| {
-            line.iter().position(|&b| b == b':').is_some_and(|colon| {
-                line[..colon]
-                    .trim_ascii()
-                    .eq_ignore_ascii_case(name.as_bytes())
-            })
-        })
-        .count()
 }
 
 /// Whether any LF in `head` is not preceded by CR.
@@ -127,26 +240,8 @@ pub fn has_bare_lf(head: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fields_are_found_by_name_in_any_case_but_not_in_the_request_line() {
-        let head = b"POST /content-length: HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\ncontent-LENGTH : 5\r\n\r\n";
-        assert!(has_field(head, "transfer-encoding"));
-        assert!(has_field(head, "content-length"));
-        assert!(!has_field(
-            b"GET /x HTTP/1.1\r\ncontent-length: 1\r\n\r\n",
-            "transfer-encoding"
-        ));
-        assert!(!has_field(
-            b"GET /content-length: HTTP/1.1\r\n\r\n",
-            "content-length"
-        ));
-        assert_eq!(
-            count_fields(
-                b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length:5\r\n\r\n",
-                "content-length"
-            ),
-            2
-        );
+    fn refused(head: &str) -> Refusal {
+        check_head(head.as_bytes()).expect_err(head).refusal
     }
 
     #[test]
@@ -155,5 +250,91 @@ mod tests {
         assert!(has_bare_lf(b"GET / HTTP/1.1\nHost: a\r\n\r\n"));
         assert!(has_bare_lf(b"GET / HTTP/1.1\r\nHost: a\r\n\n"));
         assert!(has_bare_lf(b"\nGET / HTTP/1.1\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_well_framed_head_passes_and_says_where_it_ends() {
+        let head =
+            "POST http://a.test/x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello";
+        let len = check_head(head.as_bytes()).unwrap().unwrap();
+        assert_eq!(len, head.len() - 5);
+        let line = check_head(b"POST http://a.test/x HTTP/1.1\r\nHost: b.test\r\n\r\n")
+            .expect_err("another host")
+            .line;
+        assert_eq!(
+            (line.method.as_str(), line.target.as_str()),
+            ("POST", "http://a.test/x")
+        );
+        assert!(check_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.te")
+            .unwrap()
+            .is_none());
+        let chunked =
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert!(check_head(chunked.as_bytes()).unwrap().is_some());
+    }
+
+    #[test]
+    fn ambiguous_lengths_and_codings_are_refused() {
+        for head in [
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: +5\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST http://a.test/ HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(refused(head).status, 400, "{head:?}");
+        }
+    }
+
+    #[test]
+    fn what_pingora_would_refuse_is_refused_with_a_reason() {
+        for (head, why) in [
+            (
+                "GET http://a.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n",
+                "Host",
+            ),
+            (
+                "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: a.test\r\n\r\n",
+                "Host",
+            ),
+            (
+                "GET http://u@a.test/ HTTP/1.1\r\nHost: u@a.test\r\n\r\n",
+                "userinfo",
+            ),
+            (
+                "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX-A: a\0b\r\n\r\n",
+                "not valid",
+            ),
+            (
+                "GET http://a.test/ HTTP/1.1\r\nHost : a.test\r\n\r\n",
+                "not valid",
+            ),
+        ] {
+            let refusal = refused(head);
+            assert_eq!(refusal.status, 400, "{head:?}");
+            assert!(refusal.detail.contains(why), "{head:?}: {}", refusal.detail);
+        }
+        assert_eq!(
+            refused("CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n").status,
+            405
+        );
+    }
+
+    #[test]
+    fn oversized_heads_are_refused() {
+        let long_target = format!(
+            "GET http://a.test/{} HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "a".repeat(MAX_TARGET_BYTES)
+        );
+        assert_eq!(refused(&long_target).status, 414);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let head = format!("GET http://a.test/ HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(refused(&head).status, 431);
+        let partial = format!(
+            "GET http://a.test/ HTTP/1.1\r\nX: {}",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        assert_eq!(refused(&partial).status, 431);
     }
 }

@@ -8,8 +8,9 @@
 //!   asked) and serves them with pingora; the egress app sends CONNECT to [`intercept`] and
 //!   everything else to [`proxy`]. [`agent_listener`] opens and closes agents' own listeners
 //!   while the gateway runs (the sandbox launcher registers them over the admin API).
-//! - [`head_deadline`], [`framing`] — step 0: each request head arrives in time (slowloris)
-//!   and is framed one way only (smuggling), before anything else looks at it.
+//! - [`head`], [`framing`] — step 0: each HTTP/1 request head is read by the gateway itself,
+//!   in time (slowloris) and framed one way only (smuggling), before pingora parses it; a
+//!   head that fails is refused with a reason and recorded.
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
 //! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
@@ -47,7 +48,7 @@ pub mod credentials;
 pub mod datadir;
 pub mod decide;
 pub mod framing;
-pub mod head_deadline;
+pub mod head;
 pub mod identity;
 pub mod intercept;
 pub mod listener;

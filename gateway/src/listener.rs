@@ -24,10 +24,10 @@ use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
 use crate::audit;
-use crate::head_deadline::HeadDeadline;
+use crate::head;
 use crate::identity::{self, ListenerBinding};
-use crate::intercept::{self, Interceptor, NotAdmitted};
-use crate::proxy::{identity_refusal, Egress, Shared};
+use crate::intercept::{self, Interceptor, NotAdmitted, Tunnel};
+use crate::proxy::{identity_refusal, record_refused_head, Egress, Shared};
 use crate::reply::{self, Refusal};
 use crate::target::Target;
 
@@ -191,7 +191,10 @@ impl ServerApp for EgressApp {
         // The agent's connection limit: who it is is known from the listener or the source
         // address before anything is parsed. Unknown sources are refused per request (403).
         let agent = identity::identify(&self.shared.registry, &self.binding, peer_ip(&stream));
-        let _permit = match agent.map(|agent| self.shared.quotas.open_connection(&agent)) {
+        let _permit = match agent
+            .as_ref()
+            .map(|agent| self.shared.quotas.open_connection(agent))
+        {
             Ok(Err(refusal)) => {
                 tracing::warn!(status = refusal.status, error = refusal.error, detail = %refusal.detail, "connection refused");
                 reply::answer_raw_and_close(&mut stream, &refusal).await;
@@ -211,8 +214,16 @@ impl ServerApp for EgressApp {
             _ => return None,
         };
         if !is_connect {
-            let stream = HeadDeadline::wrap(stream, self.request_head_timeout);
-            return self.proxy.process_new(stream, shutdown).await;
+            let known = agent.as_deref().ok();
+            head::serve_http1(
+                &self.proxy,
+                stream,
+                self.request_head_timeout,
+                shutdown,
+                |refused| record_refused_head(&self.shared, known, None, refused),
+            )
+            .await;
+            return None;
         }
         // Who it is, and whether the policies leave anything inside this tunnel allowed: a
         // CONNECT to a host (or port) every request to which is denied is refused here,
@@ -245,13 +256,25 @@ impl ServerApp for EgressApp {
             };
         // Boxed: the handshake's state would otherwise stay in every connection's future,
         // plain HTTP ones included.
-        let mut decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;
-        // HTTP/2 frames its own heads (and has its own limits); HTTP/1 inside the tunnel
-        // gets the same head deadline as plain HTTP.
-        if decrypted.selected_alpn_proto() != Some(ALPN::H2) {
-            decrypted = HeadDeadline::wrap(decrypted, self.request_head_timeout);
+        let decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;
+        // HTTP/2 frames its own heads (and has its own limits); HTTP/1 inside the tunnel has
+        // its heads read and checked like plain HTTP.
+        if decrypted.selected_alpn_proto() == Some(ALPN::H2) {
+            return self.proxy.process_new(decrypted, shutdown).await;
         }
-        self.proxy.process_new(decrypted, shutdown).await
+        let tunnel = decrypted
+            .get_ssl_digest()
+            .and_then(|d| d.extension.get::<Tunnel>().map(|t| t.target.clone()));
+        let known = agent.as_deref().ok();
+        head::serve_http1(
+            &self.proxy,
+            decrypted,
+            self.request_head_timeout,
+            shutdown,
+            |refused| record_refused_head(&self.shared, known, tunnel.as_ref(), refused),
+        )
+        .await;
+        None
     }
 }
 

@@ -137,12 +137,13 @@ impl From<HoldEnd> for Stop {
 /// How an admitted request goes on.
 enum Admitted {
     /// Through pingora's proxy path, body streamed, answer relayed as it comes (no token was
-    /// injected, or the request is an upgrade).
+    /// injected, nothing held, no upgrade).
     Proxy,
     /// The gateway sends it itself ([`replay`]): it was released by an approval (its body
     /// held), or it carries an injected token, whose answer is scanned before it is relayed,
-    /// or (`obo_fallback`) a 401/403 answer to the agent's own token may turn into an
-    /// on-behalf-of approval and a second try with the approver's token.
+    /// or it is an upgrade (the bytes are then piped both ways), or (`obo_fallback`) a
+    /// 401/403 answer to the agent's own token may turn into an on-behalf-of approval and a
+    /// second try with the approver's token.
     Send {
         /// The whole request body, or `None` to stream it from the sandbox.
         body: Option<Bytes>,
@@ -265,9 +266,11 @@ impl Egress {
     /// Steps 1–7 up to the connection: identity, destination, classification, decision, and
     /// the network guard. Nothing is forwarded unless every step admits the request.
     async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Admitted, Stop> {
-        // 0. The head arrived in time, one well-framed request with nothing hidden in it.
-        crate::head_deadline::head_parsed(session);
-        crate::framing::check(session)?;
+        // 0. The head arrived in time, one well-framed request with nothing hidden in it:
+        //    checked before pingora parsed it (`head`), or — HTTP/2 frames its own — here.
+        if session.as_http1().is_none() {
+            crate::framing::check_decoded(session.req_header())?;
+        }
         // 1. Who is asking.
         let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
             .map_err(|e| identity_refusal(&e))?;
@@ -378,10 +381,13 @@ impl Egress {
         self.tool_call_still_open(&agent, ctx)?;
         // 7. Resolve asynchronously and keep internal networks out of reach.
         ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
-        // An upgrade is relayed by pingora, which switches to passing bytes once the origin
-        // answers 101 (it carries no body: classification refused one).
+        // An upgrade is sent by the gateway itself, which then passes the bytes both ways (it
+        // carries no body: classification refused one).
         if ctx.upgrade.is_some() {
-            return Ok(Admitted::Proxy);
+            return Ok(Admitted::Send {
+                body: Some(body.unwrap_or_default()),
+                obo_fallback: false,
+            });
         }
         let injected = ctx.credential.as_ref().is_some_and(|c| c.token.is_some());
         // With the agent's own token on its way, a 401/403 may call for the approver's: keep
@@ -711,13 +717,27 @@ impl Egress {
         ctx: &mut RequestCtx,
         mut answer: replay::Answer<'_>,
     ) -> Result<(), Stop> {
+        let switching = answer.status() == 101;
+        if switching && ctx.upgrade.is_none() {
+            return Err(Refusal::new(
+                502,
+                "upstream_bad_response",
+                "the origin switched protocols on a request that asked for no upgrade; none of \
+                 its answer was passed on",
+            )
+            .into());
+        }
         let mut scan = ctx
             .credential
             .as_ref()
             .and_then(|c| c.token.as_ref())
             .and_then(ReflectionScan::new);
         if let Some(scan) = scan.as_mut() {
-            let window = self.shared.credentials.reflection_scan_bytes();
+            // After a 101 the body is the upgraded stream: only the header is scanned.
+            let window = match switching {
+                true => 0,
+                false => self.shared.credentials.reflection_scan_bytes(),
+            };
             match answer.screen(scan, window).await {
                 Ok(()) => {}
                 Err(Screened::Reflected) => {
@@ -726,6 +746,19 @@ impl Egress {
                 }
                 Err(Screened::Failed(refusal)) => return Err(refusal.into()),
             }
+        }
+        if switching {
+            // From here on, bytes flow both ways uninspected; the record counts them.
+            let (piped, failed) = answer.pipe(session).await;
+            ctx.bytes_in = piped.bytes_in;
+            ctx.relayed = Some(replay::Relayed {
+                status: 101,
+                bytes_out: piped.bytes_out,
+            });
+            if let Some(e) = failed {
+                tracing::debug!(error = %e, "an upgraded connection ended with an error");
+            }
+            return Ok(());
         }
         match answer.relay(session, scan.as_mut()).await {
             Ok(relayed) => {
@@ -790,6 +823,17 @@ impl Egress {
         let mut request = head.clone();
         for name in upstream::hop_by_hop_headers(&request.headers) {
             request.remove_header(&name);
+        }
+        // An upgrade asks the origin for it, hop-by-hop as those headers are.
+        if let Some(protocol) = head.headers.get(http::header::UPGRADE) {
+            if ctx.upgrade.is_some() {
+                request
+                    .insert_header(http::header::UPGRADE, protocol.clone())
+                    .and_then(|_| request.insert_header(http::header::CONNECTION, "upgrade"))
+                    .map_err(|e| {
+                        Refusal::bad_request(format!("the request cannot be sent: {e}"))
+                    })?;
+            }
         }
         shape_upstream_request(
             &mut request,
@@ -942,34 +986,12 @@ impl ProxyHttp for Egress {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        // An upgrade with an injected token (the one kind of tokened request relayed here)
-        // must not hand the token back in its answer's header. Its body, once upgraded, is
-        // not inspected.
-        let reflected = ctx
-            .credential
-            .as_ref()
-            .and_then(|c| c.token.as_ref())
-            .and_then(ReflectionScan::new)
-            .is_some_and(|scan| scan.header_reflects(upstream_response));
-        if reflected {
-            self.credential_reflected(ctx);
-            ctx.refusal = Some(reflected_early());
-            return pingora::Error::e_explain(
-                ErrorType::Custom("credential_reflected"),
-                "the answer carries the injected credential",
-            );
-        }
-        // An upgrade the origin accepts keeps the headers that complete its handshake.
-        let switching = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
-            && ctx.upgrade.is_some();
         // pingora strips hop-by-hop headers from requests only; the sandbox must not see the
         // origin's either (e.g. Proxy-Authenticate, or headers the origin named in Connection).
+        // (No request with an injected token, and no upgrade, comes this way: see `Admitted`.)
         for name in upstream::hop_by_hop_headers(&upstream_response.headers) {
-            if switching && (name == http::header::UPGRADE || name == http::header::CONNECTION) {
-                continue;
-            }
             upstream_response.remove_header(&name);
         }
         Ok(())
@@ -1031,87 +1053,42 @@ impl ProxyHttp for Egress {
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
-        crate::head_deadline::expect_next_head(session);
         let req = session.req_header();
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let trace = std::mem::take(&mut ctx.trace);
-        let trace_id = trace.id();
-        let agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-");
-        let tool_call = ctx
-            .tool_call
-            .as_ref()
-            .map(|tc| tc.id.as_str())
-            .unwrap_or("-");
+        let elapsed = ctx.started.elapsed();
         // The provider a token came from; never the token.
         let credential = match &ctx.credential {
-            Some(c) if c.header.is_some() => c.provider.as_str(),
-            Some(_) => "stripped",
-            None => "-",
+            Some(c) if c.header.is_some() => Some(c.provider.clone()),
+            Some(_) => Some("stripped".to_string()),
+            None => None,
         };
-        let host = ctx
-            .target
-            .as_ref()
-            .map(|t| t.host_header())
-            .unwrap_or_else(|| "-".into());
-        // The path without its query: query strings often carry tokens.
-        let path = req.uri.path();
-        let elapsed = ctx.started.elapsed();
-        let elapsed_ms = elapsed.as_secs_f64() * 1e3;
-        let (decision, policies) = match &ctx.decision {
-            Some(d) => (d.outcome.as_str(), d.policies.join(",")),
-            None => ("-", String::new()),
-        };
-        let approval = ctx.approval.as_deref().unwrap_or("-");
         let error = match (&ctx.refusal, e) {
-            (Some(refusal), _) => {
-                tracing::info!(
-                    target: REQUEST_LOG_TARGET,
-                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
-                    refusal = refusal.error, detail = %refusal.detail, "request refused"
-                );
-                Some(refusal.error.to_string())
-            }
-            (None, Some(err)) => {
-                tracing::info!(
-                    target: REQUEST_LOG_TARGET,
-                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
-                    error = %err.etype().as_str(), "request failed"
-                );
-                Some(err.etype().as_str().to_string())
-            }
-            (None, None) => {
-                tracing::info!(
-                    target: REQUEST_LOG_TARGET,
-                    agent, tool_call, method = %req.method, host, path, decision, credential, policies, approval, status, elapsed_ms, trace_id,
-                    "request"
-                );
-                None
-            }
+            (Some(refusal), _) => Some(refusal.error.to_string()),
+            (None, Some(err)) => Some(err.etype().as_str().to_string()),
+            (None, None) => None,
         };
-        // The metrics' decision label ("none": refused before a decision).
-        let decided = ctx.decision.as_ref().map_or("none", |d| d.outcome.as_str());
-        self.shared.metrics.record_request(
-            ctx.agent.as_ref().map_or("(unknown)", |a| a.id.as_str()),
-            decided,
-            status,
-            elapsed,
-        );
-        // The request's summary — never a body, a query or a header value — is its span and,
-        // for a known agent, its audit record.
+        // The request's summary — never a body, a query or a header value.
         let record = AuditRecord {
             seq: 0,
             at: tollgate_storage::now_millis().saturating_sub(elapsed.as_millis() as u64),
-            agent: agent.to_string(),
+            agent: ctx
+                .agent
+                .as_ref()
+                .map_or_else(|| "-".into(), |a| a.id.clone()),
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             method: ctx
                 .overridden
                 .clone()
                 .unwrap_or_else(|| req.method.to_string()),
-            host,
-            path: path.to_string(),
+            host: ctx
+                .target
+                .as_ref()
+                .map_or_else(|| "-".into(), |t| t.host_header()),
+            // The path without its query: query strings often carry tokens.
+            path: req.uri.path().to_string(),
             decision: ctx
                 .decision
                 .as_ref()
@@ -1127,7 +1104,7 @@ impl ProxyHttp for Egress {
                 .approval
                 .is_some()
                 .then_some(ctx.approval_wait.as_millis() as u64),
-            credential: (credential != "-").then(|| credential.to_string()),
+            credential,
             status,
             error,
             bytes_in: ctx.bytes_in.max(session.body_bytes_read() as u64),
@@ -1138,22 +1115,168 @@ impl ProxyHttp for Egress {
             latency_us: elapsed.as_micros() as u64,
             // pingora passed bytes both ways after the 101, and counted them as bodies.
             upgrade: (status == 101).then(|| ctx.upgrade.clone()).flatten(),
-            trace_id,
+            trace_id: String::new(),
             // Linked into the agent's chain by the store.
             prev_hash: String::new(),
             hash: String::new(),
         };
-        self.shared.telemetry.finish_request(
-            trace,
-            &record,
-            SpanExtras {
-                run_mode: ctx.agent.as_ref().map(|a| a.run_mode.as_str()),
-                decision: decided,
-                latency: elapsed,
-            },
-        );
-        if ctx.agent.is_some() {
-            self.shared.audit.record(record);
-        }
+        let end = RequestEnd {
+            run_mode: ctx.agent.as_ref().map(|a| a.run_mode.as_str()),
+            outcome: ctx.decision.as_ref().map(|d| d.outcome),
+            detail: ctx.refusal.as_ref().map(|r| r.detail.as_str()),
+            known_agent: ctx.agent.is_some(),
+            elapsed,
+        };
+        record_request(&self.shared, std::mem::take(&mut ctx.trace), record, &end);
+    }
+}
+
+/// How a request ended, beside its summary.
+pub struct RequestEnd<'a> {
+    /// The agent's run mode, if it was identified.
+    pub run_mode: Option<&'a str>,
+    /// The policy decision, if one was made.
+    pub outcome: Option<Outcome>,
+    /// The refusal's detail, if the gateway answered with one.
+    pub detail: Option<&'a str>,
+    /// Whether the request came from a registered agent (only those have an audit trail).
+    pub known_agent: bool,
+    /// From its arrival to its end.
+    pub elapsed: Duration,
+}
+
+/// The last step for every request, however it ended (forwarded, refused, failed, or refused
+/// before pingora took its head): one log line, its metrics, its span and — for a known agent
+/// — its audit record, all made from one summary (`record`), which never holds a body, a query
+/// or a header value.
+pub fn record_request(
+    shared: &Shared,
+    trace: RequestTrace,
+    mut record: AuditRecord,
+    end: &RequestEnd<'_>,
+) {
+    record.trace_id = trace.id();
+    let r = &record;
+    let elapsed_ms = end.elapsed.as_secs_f64() * 1e3;
+    let (decision, policies) = match end.outcome {
+        Some(outcome) => (outcome.as_str(), r.policies.join(",")),
+        None => ("-", String::new()),
+    };
+    let (tool_call, credential) = (
+        r.tool_call.as_deref().unwrap_or("-"),
+        r.credential.as_deref().unwrap_or("-"),
+    );
+    let approval = r.approval.as_deref().unwrap_or("-");
+    match (&r.error, end.detail) {
+        (Some(error), Some(detail)) => tracing::info!(
+            target: REQUEST_LOG_TARGET,
+            agent = r.agent, tool_call, method = r.method, host = r.host, path = r.path, decision,
+            credential, policies, approval, status = r.status, elapsed_ms, trace_id = r.trace_id,
+            refusal = error, detail, "request refused"
+        ),
+        (Some(error), None) => tracing::info!(
+            target: REQUEST_LOG_TARGET,
+            agent = r.agent, tool_call, method = r.method, host = r.host, path = r.path, decision,
+            credential, policies, approval, status = r.status, elapsed_ms, trace_id = r.trace_id,
+            error, "request failed"
+        ),
+        (None, _) => tracing::info!(
+            target: REQUEST_LOG_TARGET,
+            agent = r.agent, tool_call, method = r.method, host = r.host, path = r.path, decision,
+            credential, policies, approval, status = r.status, elapsed_ms, trace_id = r.trace_id,
+            "request"
+        ),
+    }
+    // The metrics' decision label ("none": refused before a decision).
+    let decided = end.outcome.map_or("none", Outcome::as_str);
+    let agent = if end.known_agent {
+        r.agent.as_str()
+    } else {
+        "(unknown)"
+    };
+    shared
+        .metrics
+        .record_request(agent, decided, r.status, end.elapsed);
+    shared.telemetry.finish_request(
+        trace,
+        &record,
+        SpanExtras {
+            run_mode: end.run_mode,
+            decision: decided,
+            latency: end.elapsed,
+        },
+    );
+    if end.known_agent {
+        shared.audit.record(record);
+    }
+}
+
+/// Records a request head refused before pingora parsed it ([`crate::head`]): it is a request
+/// like any other for the log, the metrics, the span and — from `agent` — the audit trail,
+/// with what of its request line could be read (the path without its query). `tunnel` is the
+/// origin of the intercepted connection it came through, if any.
+pub fn record_refused_head(
+    shared: &Shared,
+    agent: Option<&Agent>,
+    tunnel: Option<&Target>,
+    refused: &crate::head::RefusedHead,
+) {
+    let line = &refused.line;
+    // Never more than the path: an authority that does not parse may hold user information
+    // (`user:password@`), and a query often holds tokens.
+    let (host, path) = match tunnel {
+        Some(target) => (target.host_header(), line.target.as_str()),
+        None => match Target::from_url(&line.target) {
+            Ok((target, _)) => (target.host_header(), path_of(&line.target)),
+            Err(_) => ("-".to_string(), path_of(&line.target)),
+        },
+    };
+    let path = match path.split(['?', '#']).next() {
+        Some(p) if p.starts_with('/') => p.to_string(),
+        _ => "-".to_string(),
+    };
+    let elapsed = refused.started.elapsed();
+    let record = AuditRecord {
+        seq: 0,
+        at: tollgate_storage::now_millis().saturating_sub(elapsed.as_millis() as u64),
+        agent: agent.map_or_else(|| "-".into(), |a| a.id.clone()),
+        tool_call: agent.and_then(|a| shared.tool_calls.current(&a.id, None).map(|tc| tc.id)),
+        method: match line.method.as_str() {
+            "" => "-".to_string(),
+            m => m.to_string(),
+        },
+        host,
+        path,
+        decision: String::new(),
+        policies: Vec::new(),
+        approval: None,
+        approval_wait_ms: None,
+        credential: None,
+        status: refused.refusal.status,
+        error: Some(refused.refusal.error.to_string()),
+        bytes_in: 0,
+        bytes_out: 0,
+        latency_us: elapsed.as_micros() as u64,
+        upgrade: None,
+        trace_id: String::new(),
+        prev_hash: String::new(),
+        hash: String::new(),
+    };
+    let end = RequestEnd {
+        run_mode: agent.map(|a| a.run_mode.as_str()),
+        outcome: None,
+        detail: Some(&refused.refusal.detail),
+        known_agent: agent.is_some(),
+        elapsed,
+    };
+    record_request(shared, shared.telemetry.start_request(), record, &end);
+}
+
+/// The path of an absolute URL (everything from the first `/` after its authority), or the
+/// target itself when it is not one.
+fn path_of(target: &str) -> &str {
+    match target.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("", |at| &rest[at..]),
+        None => target,
     }
 }

@@ -11,7 +11,11 @@
 //!   approval and be sent again (its body is held for that, when it is small enough);
 //! - every request that carries an injected token: its answer is scanned for that token
 //!   before it is relayed ([`crate::credentials::reflection`]), which pingora's proxy path,
-//!   relaying the header at once, cannot do. Its body, when not held, is streamed.
+//!   relaying the header at once, cannot do. Its body, when not held, is streamed;
+//! - a protocol upgrade (WebSocket): once the origin answers 101, [`Answer::pipe`] passes
+//!   bytes both ways until either side closes, and counts them. (pingora's proxy path can end
+//!   an upgraded connection at once when the 101 arrives before it has passed on the end of
+//!   the handshake request: seen under load.)
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -65,6 +69,14 @@ pub enum Screened {
     Reflected,
     /// Reading ahead failed; the sandbox gets this.
     Failed(Refusal),
+}
+
+/// What an upgraded connection carried, once both ends are closed.
+pub struct Piped {
+    /// Bytes from the sandbox to the origin.
+    pub bytes_in: u64,
+    /// Bytes from the origin to the sandbox.
+    pub bytes_out: u64,
 }
 
 /// Why relaying an answer stopped before its end.
@@ -148,7 +160,12 @@ pub async fn exchange<'a>(
         .response_header()
         .cloned()
         .ok_or_else(|| Refusal::new(502, "upstream_error", format!("{target} sent no response")))?;
+    // A 101 keeps the headers that complete the upgrade's handshake.
+    let switching = header.status == http::StatusCode::SWITCHING_PROTOCOLS;
     for name in upstream::hop_by_hop_headers(&header.headers) {
+        if switching && (name == http::header::UPGRADE || name == http::header::CONNECTION) {
+            continue;
+        }
         header.remove_header(&name);
     }
     let answer = Answer {
@@ -303,5 +320,53 @@ impl Answer<'_> {
             .release_http_session(self.origin, &self.peer, None)
             .await;
         Ok(Relayed { status, bytes_out })
+    }
+
+    /// Relays a 101 answer to an upgrade request, then passes bytes both ways, uninspected,
+    /// until either side closes (or fails); the other side is then closed too. The origin's
+    /// read timeout no longer applies: an upgraded connection may idle.
+    pub async fn pipe(mut self, session: &mut Session) -> (Piped, Option<pingora::BError>) {
+        let mut piped = Piped {
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        if let Err(e) = session
+            .write_response_header(Box::new(self.header), false)
+            .await
+        {
+            return (piped, Some(e));
+        }
+        self.origin.set_read_timeout(None);
+        if let HttpSession::H1(h1) = &mut self.origin {
+            h1.maybe_upgrade_body_writer();
+        }
+        let failed = loop {
+            tokio::select! {
+                from_sandbox = session.read_request_body() => match from_sandbox {
+                    Ok(Some(bytes)) => {
+                        piped.bytes_in += bytes.len() as u64;
+                        if let Err(e) = self.origin.write_request_body(bytes, false).await {
+                            break Some(e);
+                        }
+                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                },
+                from_origin = self.origin.read_response_body() => match from_origin {
+                    Ok(Some(bytes)) => {
+                        piped.bytes_out += bytes.len() as u64;
+                        if let Err(e) = session.write_response_body(Some(bytes), false).await {
+                            break Some(e);
+                        }
+                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                },
+            }
+        };
+        // The sandbox's side is closed by the proxy (an upgraded connection is not reused);
+        // the origin's is dropped here.
+        let _ = session.write_response_body(None, true).await;
+        (piped, failed)
     }
 }

@@ -1,0 +1,150 @@
+//! Step 0 of the data path: each HTTP/1 request head, read and checked by the gateway before
+//! pingora sees it.
+//!
+//! pingora reads a request head with a timeout per read (60 s) but none for the head as a
+//! whole (slowloris), and answers a head it cannot take — a `Host` that differs from the
+//! absolute URL, a NUL in a header, conflicting lengths — with an empty 400 that no phase of
+//! the proxy sees: no log line, no audit record. So the egress listener reads every HTTP/1
+//! head itself, plain and inside an intercepted tunnel:
+//!
+//! - a connection waits at most [`KEEPALIVE_IDLE`] for a head to start; from its first byte,
+//!   the head must be complete within `limits.request_head_timeout_ms`, or the connection is
+//!   closed (the body and the time between requests are not counted);
+//! - the head is parsed once and checked ([`framing::check_head`]);
+//! - a head that fails is answered here with a JSON refusal, recorded like every other
+//!   request (log line, metrics, span, and for a known agent an audit record), and the
+//!   connection is closed;
+//! - a head that passes goes to pingora as the start of its parse buffer (its "pipelined
+//!   prefix"), so no byte is read twice, and pingora serves the request and the connection's
+//!   next ones, each of whose heads comes back here first.
+//!
+//! HTTP/2 frames its own heads, with its own limits (`agent_listener`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
+
+use crate::framing::{self, RequestLine};
+use crate::proxy::Egress;
+use crate::reply::{self, Refusal};
+
+/// How long a connection may wait for its next request head (pingora's keep-alive default).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// A head refused before pingora saw it: the answer, what of the request could be read, and
+/// when its first byte came.
+#[derive(Debug)]
+pub struct RefusedHead {
+    /// The answer the client got.
+    pub refusal: Refusal,
+    /// Its method and target, as far as they could be read.
+    pub line: RequestLine,
+    /// When the head's first byte arrived.
+    pub started: Instant,
+}
+
+/// Serves the HTTP/1 requests of one connection: each head read and checked here, then the
+/// request handed to `proxy`; `refused` records a head that failed.
+pub async fn serve_http1(
+    proxy: &Arc<HttpProxy<Egress>>,
+    mut stream: Stream,
+    head_timeout: Duration,
+    shutdown: &ShutdownWatch,
+    refused: impl Fn(&RefusedHead),
+) {
+    let mut settings: Option<HttpPersistentSettings> = None;
+    loop {
+        let head = match next_head(&mut stream, head_timeout, shutdown).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(head) => {
+                refused(&head);
+                reply::answer_raw_and_close(&mut stream, &head.refusal).await;
+                return;
+            }
+        };
+        let mut session = ServerSession::new_http1(stream);
+        match settings.take() {
+            // What pingora kept of the connection (keep-alive time, requests left). It would
+            // also carry bytes read past the last request if pipelining were on; it is not.
+            Some(kept) => kept.apply_to_session(&mut session),
+            None => {
+                session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_IDLE.as_secs()));
+                session.set_keepalive_reuses_remaining(
+                    proxy
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                );
+            }
+        }
+        session.set_pipelined_prefix(head);
+        let Some(reused) = proxy.process_new_http(session, shutdown).await else {
+            return;
+        };
+        let (next, kept) = reused.consume();
+        stream = next;
+        settings = kept;
+    }
+}
+
+/// Reads the next request head: the bytes read (the head and whatever followed it), `None`
+/// when the connection closes, idles out or the gateway shuts down before one starts, or
+/// when a started head is not complete in time (the connection is then just closed).
+async fn next_head(
+    stream: &mut Stream,
+    head_timeout: Duration,
+    shutdown: &ShutdownWatch,
+) -> Result<Option<BytesMut>, Box<RefusedHead>> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut stopping = shutdown.clone();
+    let first = tokio::select! {
+        read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read_buf(&mut buf)) => read,
+        _ = stopping.wait_for(|stop| *stop) => return Ok(None),
+    };
+    if !matches!(first, Ok(Ok(n)) if n > 0) {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + head_timeout;
+    // Parsed only once a blank line may have come (or the head is too large), so a head
+    // dribbled a byte at a time costs one scan of each new byte, not a parse per byte.
+    let mut scanned: usize = 0;
+    loop {
+        let ended = memchr::memmem::find(&buf[scanned.saturating_sub(2)..], b"\n\r\n").is_some()
+            || memchr::memmem::find(&buf[scanned.saturating_sub(1)..], b"\n\n").is_some();
+        scanned = buf.len();
+        if ended || buf.len() > framing::MAX_HEAD_BYTES {
+            match framing::check_head(&buf) {
+                Ok(Some(_)) => return Ok(Some(buf)),
+                Ok(None) => {}
+                Err(unframed) => {
+                    let framing::Unframed { refusal, line } = *unframed;
+                    return Err(Box::new(RefusedHead {
+                        refusal,
+                        line,
+                        started,
+                    }));
+                }
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed or failed mid-head: nobody to answer.
+            Ok(_) => return Ok(None),
+            Err(_) => {
+                tracing::info!(
+                    limit_ms = head_timeout.as_millis() as u64,
+                    "request head not complete in time; connection closed"
+                );
+                return Ok(None);
+            }
+        }
+    }
+}
