@@ -7,11 +7,12 @@
 //!   thread), answering every request with the same 200.
 //! - **Tollgate**: the release `tollgate` binary with its default policies; agent `bench`
 //!   (Autonomous) inside an open tool call, so every request goes through identity, the
-//!   policy decision (allow path), token injection (a static provider; a cache hit) and
-//!   telemetry (OpenTelemetry export of spans, metrics and logs to a loopback sink on a
-//!   thread of its own), and is audited. HTTPS: the client trusts the gateway's CA, the
-//!   gateway verifies the origin against the benchmark's origin CA; leaf certificates are
-//!   warm (the warm-up minted them).
+//!   policy decision (allow path) and telemetry (OpenTelemetry export of spans, metrics and
+//!   logs to a loopback sink on a thread of its own), and is audited. HTTPS also gets token
+//!   injection (a static provider; a cache hit) and the scan of the answer for the token:
+//!   a token never travels over plain HTTP, so the plain row goes to a host no credential
+//!   rule covers. HTTPS: the client trusts the gateway's CA, the gateway verifies the origin
+//!   against the benchmark's origin CA; leaf certificates are warm (the warm-up minted them).
 //! - **Bare pass-through**: `tollgate-passthrough` (`src/passthrough.rs`), pingora's
 //!   `ProxyHttp` with nothing but forwarding; plain HTTP only.
 //! - **Squid**: Debian's `squid-openssl`, configured by [`tollgate_benches::squid`] with the
@@ -89,12 +90,10 @@ impl Config {
             Config::Direct => "direct (client → origin)",
             Config::Passthrough => "bare pingora pass-through",
             Config::Squid => "Squid forward proxy (allowlist)",
-            Config::Tollgate => {
-                "Tollgate plain HTTP (identity + policy + token injection + telemetry)"
-            }
+            Config::Tollgate => "Tollgate plain HTTP (identity + policy + telemetry + audit)",
             Config::DirectTls => "direct HTTPS (client → origin)",
             Config::TollgateTls => {
-                "Tollgate HTTPS: CONNECT + interception + upstream TLS (same work)"
+                "Tollgate HTTPS: CONNECT + interception + upstream TLS (+ token injection and scan)"
             }
             Config::SquidTls => "Squid HTTPS: CONNECT + ssl_bump + upstream TLS",
         }
@@ -222,7 +221,8 @@ fn main() -> anyhow::Result<()> {
     let load_rt = runtime(2)?;
 
     let dir = TempDir::new("tollgate-bench")?;
-    let config = gateway_config(dir.path(), &origin_ca_file, sink)?;
+    let tls_ports: Vec<u16> = origins.iter().map(|(_, _, tls)| tls.port()).collect();
+    let config = gateway_config(dir.path(), &origin_ca_file, &tls_ports, sink)?;
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
     open_tool_call(&gateway)?;
     let gateway_ca = std::fs::read(gateway.dir().join("data/ca.pem"))?;
@@ -251,10 +251,7 @@ fn main() -> anyhow::Result<()> {
                 .into_bytes()
                 .into()
         };
-        let (github, graph) = (
-            format!("{GITHUB}:{}", plain.port()),
-            format!("{GRAPH}:{}", plain.port()),
-        );
+        let github = format!("{GITHUB}:{}", plain.port());
         let (github_tls, graph_tls) = (
             format!("{GITHUB}:{}", tls.port()),
             format!("{GRAPH}:{}", tls.port()),
@@ -286,7 +283,7 @@ fn main() -> anyhow::Result<()> {
                     connect: gateway.egress,
                     tunnel: None,
                     tls: None,
-                    request: get(format!("http://{graph}/bench"), graph.clone()),
+                    request: get(format!("http://{github}/bench"), github.clone()),
                 },
                 Proxy::Gateway(&gateway),
             ),
@@ -503,9 +500,14 @@ fn size_label(bytes: usize) -> String {
     }
 }
 
-/// The bench agent: token injection for graph.microsoft.com (a static provider), both bench
-/// hosts pinned to loopback, the origin CA trusted, telemetry to `sink`.
-fn gateway_config(dir: &Path, origin_ca: &Path, sink: SocketAddr) -> anyhow::Result<String> {
+/// The bench agent: token injection for graph.microsoft.com over TLS on `tls_ports` (a static
+/// provider), both bench hosts pinned to loopback, the origin CA trusted, telemetry to `sink`.
+fn gateway_config(
+    dir: &Path,
+    origin_ca: &Path,
+    tls_ports: &[u16],
+    sink: SocketAddr,
+) -> anyhow::Result<String> {
     let token_file = dir.join("static-token");
     std::fs::write(&token_file, "bench-static-token\n")?;
     Ok(format!(
@@ -513,7 +515,7 @@ fn gateway_config(dir: &Path, origin_ca: &Path, sink: SocketAddr) -> anyhow::Res
          extra_ca_file = {origin_ca:?}\n\
          resolve = {{ \"{GITHUB}\" = \"127.0.0.1\", \"{GRAPH}\" = \"127.0.0.1\" }}\n\
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
-         [[credential_rules]]\nhosts = [\"{GRAPH}\"]\naudience = \"https://graph.microsoft.com/.default\"\n\
+         [[credential_rules]]\nhosts = [\"{GRAPH}\"]\nports = {tls_ports:?}\naudience = \"https://graph.microsoft.com/.default\"\n\
          [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n\
          limits = {{ connections = 100000 }}\n\
          [telemetry]\nendpoint = \"http://{sink}\"\n"

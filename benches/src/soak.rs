@@ -60,8 +60,12 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-/// An allowlisted host (default policies), pinned to the loopback origins.
+/// An allowlisted host (default policies), pinned to the TLS origin on loopback: its requests
+/// get a token.
 const HOST: &str = "api.github.com";
+/// An allowlisted host no credential rule covers (a token never travels over plain HTTP),
+/// pinned to the plain origin on loopback.
+const PLAIN_HOST: &str = "uploads.github.com";
 
 /// One sample, taken after a round of load.
 struct Sample {
@@ -97,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     let sink = origin_rt.block_on(start_origin(Vec::new()))?;
 
     let dir = TempDir::new("tollgate-soak")?;
-    let config = gateway_config(dir.path(), &origin_ca_file, sink)?;
+    let config = gateway_config(dir.path(), &origin_ca_file, tls.port(), sink)?;
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
     let admin = gateway.admin_api()?;
     let answer = admin.call(
@@ -114,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             .into_bytes()
             .into()
     };
-    let plain_authority = format!("{HOST}:{}", plain.port());
+    let plain_authority = format!("{PLAIN_HOST}:{}", plain.port());
     let tls_authority = format!("{HOST}:{}", tls.port());
     let plain_target = Target {
         connect: gateway.egress,
@@ -304,17 +308,22 @@ fn approve_all(admin: &AdminApi, stop: &AtomicBool, errors: &AtomicU64) {
     }
 }
 
-/// The soak's agents, the origin CA trusted, the soak host pinned to loopback, telemetry to
-/// `sink`.
-fn gateway_config(dir: &Path, origin_ca: &Path, sink: SocketAddr) -> anyhow::Result<String> {
+/// The soak's agents, the origin CA trusted, the soak hosts pinned to loopback, a token for
+/// `HOST` over TLS on `tls_port`, telemetry to `sink`.
+fn gateway_config(
+    dir: &Path,
+    origin_ca: &Path,
+    tls_port: u16,
+    sink: SocketAddr,
+) -> anyhow::Result<String> {
     let token_file = dir.join("static-token");
     std::fs::write(&token_file, "soak-static-token\n")?;
     Ok(format!(
         "[upstream]\nallow_networks = [\"127.0.0.1/32\"]\n\
          extra_ca_file = {origin_ca:?}\n\
-         resolve = {{ \"{HOST}\" = \"127.0.0.1\" }}\n\
+         resolve = {{ \"{HOST}\" = \"127.0.0.1\", \"{PLAIN_HOST}\" = \"127.0.0.1\" }}\n\
          [[identity_providers]]\nname = \"dev\"\nkind = \"static\"\ntoken = {{ file = {token_file:?} }}\n\
-         [[credential_rules]]\nhosts = [\"{HOST}\"]\naudience = \"https://github.example/.default\"\n\
+         [[credential_rules]]\nhosts = [\"{HOST}\"]\nports = [{tls_port}]\naudience = \"https://github.example/.default\"\n\
          [[agents]]\nid = \"bench\"\nrun_mode = \"Autonomous\"\nidentity = \"dev\"\npeers = [\"127.0.0.1\"]\n\
          [[agents]]\nid = \"reviewer\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.2\"]\n\
          [telemetry]\nendpoint = \"http://{sink}\"\n"

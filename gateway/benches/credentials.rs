@@ -1,10 +1,13 @@
 //! The token injection hot path: a cache hit in `Credentials::for_request` (rule match,
-//! cache lookup, header value). Run: `cargo bench -p tollgate-gateway --bench credentials`.
+//! cache lookup, header value), and the scan of an answer for the injected token (its header,
+//! and bodies of 1, 16 and 64 KiB in 16 KiB chunks, as they arrive).
+//! Run: `cargo bench -p tollgate-gateway --bench credentials`.
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate_gateway::config::Config;
-use tollgate_gateway::credentials::Credentials;
+use tollgate_gateway::credentials::reflection::ReflectionScan;
+use tollgate_gateway::credentials::{Credentials, Secret};
 use tollgate_gateway::identity::Agent;
 use tollgate_gateway::target::Target;
 use tollgate_gateway::toolcall::ToolCalls;
@@ -65,5 +68,68 @@ peers = ["127.0.0.1"]
     });
 }
 
-criterion_group!(benches, cache_hit);
+/// A token shaped like an Entra access token (a JWT of about 1.3 KB).
+fn jwt_like() -> String {
+    let mut token = String::from("eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.");
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut x = 0x9e37_79b9_u32;
+    for i in 0..1300 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        token.push(char::from(alphabet[(x as usize) % alphabet.len()]));
+        if i == 900 {
+            token.push('.');
+        }
+    }
+    token
+}
+
+fn reflection_scan(c: &mut Criterion) {
+    let token = Secret::new(jwt_like());
+    let mut header = pingora::http::ResponseHeader::build(200, None).expect("header");
+    for (name, value) in [
+        ("content-type", "application/json; charset=utf-8"),
+        ("content-length", "16384"),
+        ("date", "Sat, 05 Dec 2026 16:00:00 GMT"),
+        ("cache-control", "no-cache"),
+        ("x-ms-request-id", "0f6c9a34-5d1e-4a7b-9c2f-3e8d7b6a5c4d"),
+        (
+            "x-ms-correlation-request-id",
+            "7a1b2c3d-4e5f-6789-abcd-ef0123456789",
+        ),
+        (
+            "strict-transport-security",
+            "max-age=31536000; includeSubDomains",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("etag", "\"0x8DC1234567890AB\""),
+        ("vary", "Accept-Encoding"),
+    ] {
+        header.insert_header(name, value).expect("value");
+    }
+    c.bench_function("credentials/reflection-scan/header", |b| {
+        let scan = ReflectionScan::new(&token).expect("scan");
+        b.iter(|| scan.header_reflects(&header))
+    });
+    // JSON-ish bodies without the token, scanned in the chunks an origin sends.
+    for kib in [1usize, 16, 64] {
+        let body: Vec<u8> =
+            b"{\"id\":\"/subscriptions/1111/resourceGroups/rg-a\",\"value\":[1,2,3]},"
+                .iter()
+                .copied()
+                .cycle()
+                .take(kib * 1024)
+                .collect();
+        c.bench_function(&format!("credentials/reflection-scan/body-{kib}k"), |b| {
+            b.iter(|| {
+                let mut scan = ReflectionScan::new(&token).expect("scan");
+                body.chunks(16 * 1024)
+                    .any(|chunk| scan.body_reflects(chunk))
+            })
+        });
+    }
+}
+
+criterion_group!(benches, cache_hit, reflection_scan);
 criterion_main!(benches);

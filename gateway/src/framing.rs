@@ -22,6 +22,9 @@
 //! - `CONNECT` anywhere but as the first request on a connection to the proxy → 405.
 
 use pingora::http::RequestHeader;
+use pingora::protocols::http::authority::{
+    is_http_family_scheme, raw_target_authority, RawTargetAuthority,
+};
 
 use crate::reply::Refusal;
 
@@ -170,39 +173,46 @@ fn refusal(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Refusal> {
     authority_refusal(req, target)
 }
 
-/// pingora's own check that the `Host` header and an absolute request target name one
-/// authority (and carry no user information), run on a head of just those parts so that a
-/// request pingora would refuse is refused here first, with a reason.
+/// pingora's own rules for the `Host` header and an absolute request target (RFC 9112
+/// §3.2.2), with pingora's own classification of the target, so that a request pingora would
+/// refuse is refused here first, with a reason: one `Host`, no user information in it or in the
+/// target, a target whose authority parses one way only, and a `Host` that names it exactly.
 fn authority_refusal(req: &httparse::Request<'_, '_>, target: &str) -> Option<Refusal> {
-    let hosts = req
+    let refuse = |why: &str| {
+        Some(Refusal::bad_request(format!(
+            "{why}: the Host header and the request's URL must name the same origin, once"
+        )))
+    };
+    let mut hosts = req
         .headers
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("host"));
-    let mut head =
-        match RequestHeader::build(req.method.unwrap_or_default(), target.as_bytes(), Some(2)) {
-            Ok(head) => head,
-            Err(_) => {
-                return Some(Refusal::bad_request(
-                    "the request target is not a valid URL",
-                ))
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .map(|h| h.value);
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return refuse("more than one Host header field");
+    }
+    if host.is_some_and(|h| h.contains(&b'@')) {
+        return refuse("userinfo in the Host header");
+    }
+    match raw_target_authority(target.as_bytes()) {
+        RawTargetAuthority::None => None,
+        RawTargetAuthority::AmbiguousAuthority => refuse("an ambiguous absolute request target"),
+        RawTargetAuthority::Absolute {
+            scheme, authority, ..
+        } => {
+            if authority.contains(&b'@') {
+                return refuse("userinfo in the request target");
             }
-        };
-    for host in hosts {
-        if head.append_header(http::header::HOST, host.value).is_err() {
-            return Some(Refusal::bad_request("the Host header is not a valid value"));
+            if is_http_family_scheme(scheme) && http::uri::Authority::try_from(authority).is_err() {
+                return refuse("an authority in the request target that does not parse");
+            }
+            if host.is_some_and(|h| h != authority) {
+                return refuse("the Host header differs from the request target's authority");
+            }
+            None
         }
     }
-    pingora::protocols::http::authority::validate_request_authority(&head)
-        .err()
-        .map(|e| {
-            Refusal::bad_request(format!(
-                "{}: the Host header and the request's URL must name the same origin, once",
-                e.context
-                    .as_ref()
-                    .map(|c| c.as_str())
-                    .unwrap_or("ambiguous authority")
-            ))
-        })
 }
 
 /// The same bounds for a request whose head HTTP/2 framed (and so never passed through

@@ -35,17 +35,34 @@ use provider::Provider;
 
 /// A secret value (token, client secret). `Debug` shows nothing of it; there is no `Display`.
 #[derive(Clone)]
-pub struct Secret(Arc<str>);
+pub struct Secret(Arc<SecretValue>);
+
+struct SecretValue {
+    value: Box<str>,
+    /// The searcher that recognises the value in an answer ([`reflection`]), built on first
+    /// use and shared by every clone: once per token, not once per request.
+    finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
+}
 
 impl Secret {
     /// Wraps a secret value.
     pub fn new(value: String) -> Secret {
-        Secret(value.into())
+        Secret(Arc::new(SecretValue {
+            value: value.into(),
+            finder: std::sync::OnceLock::new(),
+        }))
     }
 
     /// The value, for the one place that must send it.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0.value
+    }
+
+    /// A searcher for the value.
+    fn finder(&self) -> &memchr::memmem::Finder<'static> {
+        self.0
+            .finder
+            .get_or_init(|| memchr::memmem::Finder::new(self.0.value.as_bytes()).into_owned())
     }
 }
 

@@ -17,14 +17,14 @@
 //! SIMD `memmem`) per header value and over the body of each answer to a tokened request:
 //! `cargo bench -p tollgate-gateway --bench credentials` measures it.
 
-use memchr::memmem::Finder;
 use pingora::http::ResponseHeader;
 
 use super::Secret;
 
 /// Scans one answer for one token.
 pub struct ReflectionScan {
-    finder: Finder<'static>,
+    /// The token (its searcher is built once per token and kept with it).
+    token: Secret,
     /// The end of what was scanned so far (up to the token's length less one byte), so a
     /// token split across two chunks is still found.
     tail: Vec<u8>,
@@ -33,30 +33,31 @@ pub struct ReflectionScan {
 impl ReflectionScan {
     /// A scan for `token`; `None` for an empty token (nothing to find).
     pub fn new(token: &Secret) -> Option<ReflectionScan> {
-        let needle = token.expose().as_bytes();
-        if needle.is_empty() {
+        if token.expose().is_empty() {
             return None;
         }
         Some(ReflectionScan {
-            finder: Finder::new(needle).into_owned(),
+            token: token.clone(),
             tail: Vec::new(),
         })
     }
 
     /// Whether any header value (or name) of `header` contains the token.
     pub fn header_reflects(&self, header: &ResponseHeader) -> bool {
+        let finder = self.token.finder();
         header.headers.iter().any(|(name, value)| {
-            self.finder.find(value.as_bytes()).is_some()
-                || self.finder.find(name.as_str().as_bytes()).is_some()
+            finder.find(value.as_bytes()).is_some()
+                || finder.find(name.as_str().as_bytes()).is_some()
         })
     }
 
     /// Whether the token occurs in the body scanned so far once `chunk` is added.
     pub fn body_reflects(&mut self, chunk: &[u8]) -> bool {
-        if self.finder.find(chunk).is_some() {
+        let finder = self.token.finder();
+        if finder.find(chunk).is_some() {
             return true;
         }
-        let keep = self.finder.needle().len() - 1;
+        let keep = finder.needle().len() - 1;
         if keep == 0 {
             return false;
         }
@@ -66,7 +67,7 @@ impl ReflectionScan {
             let mut seam = Vec::with_capacity(self.tail.len() + start.len());
             seam.extend_from_slice(&self.tail);
             seam.extend_from_slice(start);
-            if self.finder.find(&seam).is_some() {
+            if finder.find(&seam).is_some() {
                 return true;
             }
         }
