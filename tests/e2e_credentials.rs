@@ -93,8 +93,8 @@ async fn a_tool_call_gets_a_token_and_the_sandbox_credential_is_replaced() {
     let tokens = endpoint.tokens();
     assert_eq!(tokens.len(), 1);
     assert_eq!(
-        seen.headers.get("authorization"),
-        Some(&format!("Bearer {}", tokens[0]))
+        seen.authorization(),
+        Some(format!("Bearer {}", tokens[0]).as_str())
     );
     assert!(!seen.headers.contains_key("x-api-key"), "{seen:?}");
     assert!(gw.log_contains("credential=\"entra\""), "{}", gw.log());
@@ -434,12 +434,7 @@ async fn a_static_provider_injects_its_token() {
     if no_curl() {
         return;
     }
-    let issued: Issued = Default::default();
-    issued
-        .lock()
-        .expect("issued")
-        .insert("static-dev-token".into(), "dev".into());
-    let origin = Origin::protected_by(HOST, issued, "dev");
+    let origin = Origin::protected_by(HOST, issued("static-dev-token", "dev"), "dev");
     let gw = gateway_with_provider(
         "name = \"p\"\nkind = \"static\"\ntoken = { env = \"TEST_STATIC_TOKEN\" }",
         &origin,
@@ -449,11 +444,7 @@ async fn a_static_provider_injects_its_token() {
     let r = call(&gw, &origin, &[]).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
-        origin
-            .last_seen()
-            .headers
-            .get("authorization")
-            .map(String::as_str),
+        origin.last_seen().authorization(),
         Some("Bearer static-dev-token")
     );
     assert!(!r.body.contains("static-dev-token"), "{r:?}");
@@ -493,12 +484,7 @@ async fn a_token_never_travels_in_clear_text_or_to_another_port() {
     if no_curl() {
         return;
     }
-    let issued: Issued = Default::default();
-    issued
-        .lock()
-        .expect("issued")
-        .insert(STATIC_TOKEN.into(), "dev".into());
-    let origin = Origin::protected_by(HOST, issued, "dev");
+    let origin = Origin::protected_by(HOST, issued(STATIC_TOKEN, "dev"), "dev");
     let gw = static_gateway(&origin, "");
     // Raw TCP recorders where a token must never arrive: another port of the covered host,
     // and its port 80 (needs root to bind; without it, plain HTTP is tried on the other
@@ -549,11 +535,7 @@ async fn a_token_never_travels_in_clear_text_or_to_another_port() {
     let ok = call(&gw, &origin, &[]).await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(
-        origin
-            .last_seen()
-            .headers
-            .get("authorization")
-            .map(String::as_str),
+        origin.last_seen().authorization(),
         Some(format!("Bearer {STATIC_TOKEN}").as_str())
     );
 }

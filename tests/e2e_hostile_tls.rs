@@ -457,6 +457,18 @@ async fn http2_rapid_reset_is_cut_off_and_mostly_never_reaches_the_origin() {
     assert_eq!(after.http_version, "2", "{after:?}");
 }
 
+/// A tunnel to `authority` (a `localhost` origin) speaking HTTP/2, with the client's preface
+/// and an empty SETTINGS frame sent: ready for hand-written frames.
+async fn raw_h2(gw: &Gateway, authority: &str) -> Tls {
+    let mut tls = tunnel(gw, authority, "localhost", true, &[b"h2"])
+        .await
+        .expect("tunnel");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    tls.write_all(&out).await.expect("preface");
+    tls
+}
+
 /// A raw HTTP/2 frame: length, type, flags, stream id, payload.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
@@ -505,13 +517,8 @@ async fn more_http2_streams_than_allowed_are_refused_and_never_reach_the_origin(
     let origin = Origin::https(&ca);
     let gw = gateway(&ca, "", &[ALLOW_ALL]);
     let authority = format!("localhost:{}", origin.port());
-    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"h2"])
-        .await
-        .expect("tunnel");
     // Hand-written frames: the h2 crate would respect the gateway's limit.
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(SETTINGS, 0, 0, &[]));
-    tls.write_all(&out).await.expect("preface");
+    let mut tls = raw_h2(&gw, &authority).await;
     let mut limit = None;
     while limit.is_none() {
         let (kind, flags, _, payload) = read_frame(&mut tls).await.expect("server SETTINGS");
@@ -697,12 +704,7 @@ async fn an_http2_extended_connect_never_reaches_the_origin() {
     let origin = Origin::https(&ca);
     let gw = gateway(&ca, "", &[ALLOW_ALL]);
     let authority = format!("localhost:{}", origin.port());
-    let mut tls = tunnel(&gw, &authority, "localhost", true, &[b"h2"])
-        .await
-        .expect("tunnel");
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(SETTINGS, 0, 0, &[]));
-    tls.write_all(&out).await.expect("preface");
+    let mut tls = raw_h2(&gw, &authority).await;
     let mut offered = false;
     let mut ended = None;
     let exchange = async {

@@ -116,12 +116,7 @@ impl Drop for World {
 
 impl World {
     fn start() -> World {
-        let issued: Issued = Default::default();
-        issued
-            .lock()
-            .expect("issued")
-            .insert(TOKEN.into(), "p".into());
-        let origin = Origin::protected_by(HOST, issued, "p");
+        let origin = Origin::protected_by(HOST, issued(TOKEN, "p"), "p");
         let config = format!(
             "{EPHEMERAL_LISTENERS}{upstream}resolve = {{ \"{HOST}\" = \"127.0.0.1\" }}\n\
              [[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"LAUNCHER_TEST_TOKEN\" }}\n\
@@ -375,8 +370,7 @@ fn run_confinement_checks(backend_args: &[&str], prefix: &str) {
     let bearer = format!("Bearer {TOKEN}");
     assert!(
         world.origin.seen().iter().any(|seen| {
-            seen.target == format!("/from-{a}")
-                && seen.headers.get("authorization") == Some(&bearer)
+            seen.target == format!("/from-{a}") && seen.authorization() == Some(bearer.as_str())
         }),
         "{:?}",
         world.origin.seen()

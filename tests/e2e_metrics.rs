@@ -49,12 +49,8 @@ async fn requests_approvals_tokens_and_tls_leaves_are_counted() {
     }
     let plain = Origin::http();
     let tls = Origin::https(origin_ca());
-    let issued: Issued = Default::default();
-    issued
-        .lock()
-        .expect("issued")
-        .insert("static-agent-token".into(), "m".into());
-    let protected = Origin::protected_by("api.metrics.test", issued, "m");
+    let protected =
+        Origin::protected_by("api.metrics.test", issued("static-agent-token", "m"), "m");
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("static-token");
     std::fs::write(&token, "static-agent-token\n").expect("token");

@@ -86,10 +86,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
         return;
     }
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
-    let people: Issued = Arc::new(Mutex::new(HashMap::from([(
-        PERSON_TOKEN.to_string(),
-        AUDIENCE.to_string(),
-    )])));
+    let people = issued(PERSON_TOKEN, AUDIENCE);
     let origin = Origin::protected_by(HOST, people, AUDIENCE);
     let gw = gateway(&endpoint, &origin);
     let url = format!("https://{HOST}:{}/resource", origin.port());
@@ -133,7 +130,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.body_len, 7);
     assert_eq!(
-        seen.headers.get("authorization").map(String::as_str),
+        seen.authorization(),
         Some(format!("Bearer {PERSON_TOKEN}").as_str())
     );
     assert_eq!(origin.requests(), 2);
@@ -142,11 +139,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     let read = curl_async(via(&gw, &url)).await;
     assert_eq!(read.status, 200, "{read:?}");
     assert_eq!(
-        origin
-            .last_seen()
-            .headers
-            .get("authorization")
-            .map(String::as_str),
+        origin.last_seen().authorization(),
         Some(format!("Bearer {PERSON_TOKEN}").as_str())
     );
     assert!(pending(&gw, "a").is_empty());
@@ -239,11 +232,11 @@ async fn an_arm_write_outside_the_agents_scopes_is_sent_only_with_the_approvers_
     if no_curl() {
         return;
     }
-    let issued: Issued = Arc::new(Mutex::new(HashMap::from([
+    let tokens: Issued = Arc::new(Mutex::new(HashMap::from([
         ("agent-own-token".to_string(), "arm".to_string()),
         (PERSON_TOKEN.to_string(), "arm".to_string()),
     ])));
-    let origin = Origin::protected_by("management.azure.com", issued, "arm");
+    let origin = Origin::protected_by("management.azure.com", tokens, "arm");
     let config = format!(
         r#"{EPHEMERAL_LISTENERS}{upstream}resolve = {{ "management.azure.com" = "127.0.0.1" }}
 
@@ -304,11 +297,7 @@ peers = ["127.0.0.1"]
     let inside = put(arm("rg-a")).await.expect("curl");
     assert_eq!(inside.status, 200, "{inside:?}");
     assert_eq!(
-        origin
-            .last_seen()
-            .headers
-            .get("authorization")
-            .map(String::as_str),
+        origin.last_seen().authorization(),
         Some("Bearer agent-own-token")
     );
 
@@ -328,11 +317,7 @@ peers = ["127.0.0.1"]
     let sent = outside.await.expect("curl");
     assert_eq!(sent.status, 200, "{sent:?}");
     assert_eq!(
-        origin
-            .last_seen()
-            .headers
-            .get("authorization")
-            .map(String::as_str),
+        origin.last_seen().authorization(),
         Some(format!("Bearer {PERSON_TOKEN}").as_str())
     );
     assert_eq!(origin.requests(), 2);

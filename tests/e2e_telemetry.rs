@@ -162,12 +162,11 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     }
     let (collector, port, _stop) = HttpReceiver::start();
     let origin = Origin::http();
-    let issued: Issued = Default::default();
-    issued
-        .lock()
-        .expect("issued")
-        .insert("static-agent-token-6f1e".into(), "otel".into());
-    let protected = Origin::protected_by("api.otel.test", issued, "otel");
+    let protected = Origin::protected_by(
+        "api.otel.test",
+        issued("static-agent-token-6f1e", "otel"),
+        "otel",
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("static-token");
     std::fs::write(&token, "static-agent-token-6f1e\n").expect("token");

@@ -173,15 +173,9 @@ run_mode = "Autonomous"
 identity = "entra"
 peers = ["127.0.0.2"]
 "#;
-    let files = default_policies();
-    let policies: Vec<(&str, &str)> = files
-        .iter()
-        .filter(|(name, _)| name == "run-modes.cedar")
-        .map(|(n, t)| (n.as_str(), t.as_str()))
-        .collect();
     Gateway::start_with_env(
         &config,
-        &policies,
+        &[RUN_MODES],
         "",
         &[("TOOLCALL_TEST_SECRET", CLIENT_SECRET)],
     )

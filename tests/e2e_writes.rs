@@ -24,13 +24,6 @@ use support::*;
 /// one (127.0.0.3), decided by the shipped run-mode policies (no allowlist: the origins are
 /// on loopback).
 fn gateway() -> Gateway {
-    let files = default_policies();
-    let policies: Vec<(&str, &str)> = files
-        .iter()
-        .filter(|(name, _)| name == "run-modes.cedar")
-        .map(|(n, t)| (n.as_str(), t.as_str()))
-        .collect();
-    assert_eq!(policies.len(), 1, "run-modes.cedar is shipped");
     let config = format!(
         "{EPHEMERAL_LISTENERS}{}\
          [[agents]]\nid = \"review\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n\
@@ -38,7 +31,7 @@ fn gateway() -> Gateway {
          [[agents]]\nid = \"auto\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.3\"]\n",
         loopback_upstream(None)
     );
-    Gateway::start_with_policies(&config, &policies)
+    Gateway::start_with_policies(&config, &[RUN_MODES])
 }
 
 /// A WebSocket origin on loopback that echoes every text and binary message.

@@ -95,6 +95,21 @@ pub struct Seen {
     pub body_len: usize,
 }
 
+impl Seen {
+    /// The `Authorization` header the origin got.
+    pub fn authorization(&self) -> Option<&str> {
+        self.headers.get("authorization").map(String::as_str)
+    }
+}
+
+/// Tokens a protected origin accepts: just `token`, for `audience`.
+pub fn issued(token: &str, audience: &str) -> Issued {
+    Arc::new(std::sync::Mutex::new(HashMap::from([(
+        token.to_string(),
+        audience.to_string(),
+    )])))
+}
+
 /// A request's headers, name → value (lossy UTF-8), as a test server saw them.
 pub fn header_map(req: &pingora::http::RequestHeader) -> HashMap<String, String> {
     req.headers
@@ -1011,6 +1026,13 @@ pub fn loopback_upstream(ca: Option<&Path>) -> String {
     }
     s
 }
+
+/// The shipped run-mode policies alone (`policies/default/run-modes.cedar`): the run modes as
+/// users get them, without the allowlist (test origins are on loopback).
+pub const RUN_MODES: (&str, &str) = (
+    "run-modes.cedar",
+    include_str!("../../policies/default/run-modes.cedar"),
+);
 
 /// A policy that permits everything: for tests of the data path, not of policies.
 pub const ALLOW_ALL: (&str, &str) = (
