@@ -772,3 +772,80 @@ async fn a_malformed_head_inside_a_tunnel_gets_a_reason_and_an_audit_record() {
         "{records:?}"
     );
 }
+
+/// `block` (an HPACK header block) with one more literal header field, not indexed.
+fn with_header(mut block: Vec<u8>, name: &str, value: &str) -> Vec<u8> {
+    block.push(0);
+    block.push(name.len() as u8);
+    block.extend_from_slice(name.as_bytes());
+    block.push(value.len() as u8);
+    block.extend_from_slice(value.as_bytes());
+    block
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_the_http2_layer_refuses_are_recorded() {
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let authority = format!("localhost:{}", origin.port());
+    let mut tls = raw_h2(&gw, &authority).await;
+    let get = hpack_get(&authority, "/h2");
+    let mut out = frame(SETTINGS, 0x1, 0, &[]);
+    // A Host that differs from :authority: pingora answers 400 itself.
+    out.extend(frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &with_header(get.clone(), "host", "other.test"),
+    ));
+    // Two lengths that disagree: pingora resets the stream itself.
+    out.extend(frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        3,
+        &with_header(
+            with_header(get, "content-length", "1"),
+            "content-length",
+            "2",
+        ),
+    ));
+    tls.write_all(&out).await.expect("streams");
+    let mut ended = std::collections::HashMap::new();
+    let read = async {
+        while ended.len() < 2 {
+            let Some((kind, _, id, _)) = read_frame(&mut tls).await else {
+                break;
+            };
+            if matches!(kind, HEADERS | RST_STREAM) && id != 0 {
+                ended.insert(id, kind);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    assert_eq!(
+        ended,
+        std::collections::HashMap::from([(1, HEADERS), (3, RST_STREAM)]),
+        "stream 1 answered, stream 3 reset"
+    );
+    assert_eq!(origin.requests(), 0);
+    // Both are requests of agent a, recorded although no phase of the proxy saw them.
+    let records = audit_records(&gw, "a", 2);
+    for record in &records {
+        assert_eq!(
+            (
+                record["host"].as_str(),
+                record["status"].as_u64(),
+                record["error"].as_str()
+            ),
+            (Some(authority.as_str()), Some(400), Some("bad_request")),
+            "{records:?}"
+        );
+    }
+    assert!(
+        gw.log_contains("HTTP/2 stream 1 was answered 400"),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log_contains("HTTP/2 stream 3 was reset"), "{}", gw.log());
+}

@@ -32,6 +32,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 
 use crate::framing::{self, RequestLine};
+use crate::h2_refusals::RefusedStream;
 use crate::proxy::Egress;
 use crate::reply::{self, Refusal};
 
@@ -48,6 +49,28 @@ pub struct RefusedHead {
     pub line: RequestLine,
     /// When the head's first byte arrived.
     pub started: Instant,
+}
+
+impl RefusedHead {
+    /// The record of an HTTP/2 stream the HTTP/2 layer refused by itself
+    /// ([`crate::h2_refusals`]): what it was answered, with no request line to show.
+    pub fn of_http2(refused: RefusedStream) -> RefusedHead {
+        let detail = match refused {
+            RefusedStream::BadRequest(id) => format!(
+                "HTTP/2 stream {id} was answered 400 by the HTTP/2 layer: its authority was \
+                 missing or ambiguous (a Host that differs from :authority); nothing was forwarded"
+            ),
+            RefusedStream::Reset(id) => format!(
+                "HTTP/2 stream {id} was reset by the HTTP/2 layer as malformed (conflicting \
+                 lengths, a forbidden byte, a broken header block); nothing was forwarded"
+            ),
+        };
+        RefusedHead {
+            refusal: Refusal::new(400, "bad_request", detail),
+            line: RequestLine::default(),
+            started: Instant::now(),
+        }
+    }
 }
 
 /// Serves the HTTP/1 requests of one connection: each head read and checked here, then the

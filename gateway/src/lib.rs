@@ -10,7 +10,8 @@
 //!   while the gateway runs (the sandbox launcher registers them over the admin API).
 //! - [`head`], [`framing`] — step 0: each HTTP/1 request head is read by the gateway itself,
 //!   in time (slowloris) and framed one way only (smuggling), before pingora parses it; a
-//!   head that fails is refused with a reason and recorded.
+//!   head that fails is refused with a reason and recorded; [`h2_refusals`] records the HTTP/2
+//!   streams pingora's HTTP/2 layer refuses by itself.
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
 //! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
 //! - [`intercept`] — step 2: CONNECT, and TLS interception with leaves from [`ca`].
@@ -48,6 +49,7 @@ pub mod credentials;
 pub mod datadir;
 pub mod decide;
 pub mod framing;
+pub mod h2_refusals;
 pub mod head;
 pub mod identity;
 pub mod intercept;

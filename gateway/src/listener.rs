@@ -24,6 +24,7 @@ use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
 use crate::audit;
+use crate::h2_refusals::{H2Watch, RefusedStream};
 use crate::head;
 use crate::identity::{self, ListenerBinding};
 use crate::intercept::{self, Interceptor, NotAdmitted, Tunnel};
@@ -257,14 +258,27 @@ impl ServerApp for EgressApp {
         // Boxed: the handshake's state would otherwise stay in every connection's future,
         // plain HTTP ones included.
         let decrypted = Box::pin(self.interceptor.open(stream, admit)).await?;
-        // HTTP/2 frames its own heads (and has its own limits); HTTP/1 inside the tunnel has
-        // its heads read and checked like plain HTTP.
-        if decrypted.selected_alpn_proto() == Some(ALPN::H2) {
-            return self.proxy.process_new(decrypted, shutdown).await;
-        }
         let tunnel = decrypted
             .get_ssl_digest()
             .and_then(|d| d.extension.get::<Tunnel>().map(|t| t.target.clone()));
+        // HTTP/2 frames its own heads (and has its own limits); the streams its layer refuses
+        // by itself are recorded from the frames it writes. HTTP/1 inside the tunnel has its
+        // heads read and checked like plain HTTP.
+        if decrypted.selected_alpn_proto() == Some(ALPN::H2) {
+            let (shared, known, tunnel) = (self.shared.clone(), agent.ok(), tunnel);
+            let recorded = Arc::new(move |refused: RefusedStream| {
+                record_refused_head(
+                    &shared,
+                    known.as_deref(),
+                    tunnel.as_ref(),
+                    &head::RefusedHead::of_http2(refused),
+                )
+            });
+            return self
+                .proxy
+                .process_new(H2Watch::wrap(decrypted, recorded), shutdown)
+                .await;
+        }
         let known = agent.as_deref().ok();
         head::serve_http1(
             &self.proxy,
