@@ -322,3 +322,115 @@ async fn a_method_override_or_a_body_makes_a_read_a_write() {
     let records = tokio::task::block_in_place(|| audit_records(&gw, "review", 1));
     assert_eq!(records[0]["method"], "GET (x-http-method-override: DELETE)");
 }
+
+/// A rustls server config for `host` with a certificate from [`origin_ca`].
+fn origin_tls(host: &str) -> Arc<rustls::ServerConfig> {
+    let (cert, key) = origin_ca().server_cert(&[host]);
+    let der = |path: &std::path::Path| {
+        pem::parse(std::fs::read_to_string(path).expect("PEM"))
+            .expect("PEM")
+            .contents()
+            .to_vec()
+    };
+    let key = rustls::pki_types::PrivateKeyDer::try_from(der(&key)).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![der(&cert).into()], key)
+    .expect("certificate");
+    Arc::new(config)
+}
+
+/// A WebSocket origin over TLS whose first message repeats the `Authorization` header of the
+/// handshake it was sent, as a debug endpoint might; then it echoes.
+async fn ws_origin_telling_its_authorization(
+    host: &str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = pingora::tls::TlsAcceptor::from(origin_tls(host));
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let seen = Arc::new(std::sync::Mutex::new(String::new()));
+                let keep = seen.clone();
+                let remember =
+                    move |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                          response| {
+                        if let Some(auth) = request.headers().get("authorization") {
+                            *keep.lock().expect("seen") = auth.to_str().unwrap_or("").to_string();
+                        }
+                        Ok(response)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tls, remember).await else {
+                    return;
+                };
+                let told = format!("you sent: {}", seen.lock().expect("seen"));
+                if ws.send(Message::text(told)).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() && ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_stream_that_carries_the_injected_token_back_is_cut_off() {
+    const HOST: &str = "ws.protected.test";
+    const TOKEN: &str = "ws-static-token-6d0c1f2e9a";
+    let (origin, _task) = ws_origin_telling_its_authorization(HOST).await;
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{upstream}resolve = {{ \"{HOST}\" = \"127.0.0.1\" }}\n\
+         [[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"WS_TEST_TOKEN\" }}\n\
+         [[credential_rules]]\nhosts = [\"{HOST}\"]\nports = [{port}]\naudience = \"ws\"\nprovider = \"p\"\n\
+         [[agents]]\nid = \"auto\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
+        upstream = loopback_upstream(Some(&origin_ca().cert_path())),
+        port = origin.port(),
+    );
+    let gw = Gateway::start_with_env(&config, &[RUN_MODES], "", &[("WS_TEST_TOKEN", TOKEN)]);
+    let opened = gw.admin_call("POST", "/v1/agents/auto/tool-calls", Some(r#"{"id":"tc"}"#));
+    assert_eq!(opened.status, 201);
+    let authority = format!("{HOST}:{}", origin.port());
+    let tls = support::tunnel::tunnel(&gw, &authority, HOST, true, &[b"http/1.1"])
+        .await
+        .expect("tunnel");
+    let (mut ws, answer) = tokio_tungstenite::client_async(format!("wss://{authority}/chat"), tls)
+        .await
+        .expect("the handshake goes through (with the token injected)");
+    assert_eq!(answer.status(), 101);
+    // The origin's first message would carry the token: the connection ends before it.
+    let mut received = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+    {
+        received.push(message.to_string());
+    }
+    assert!(
+        received.iter().all(|m| !m.contains(TOKEN)),
+        "the token reached the sandbox: {received:?}"
+    );
+    let records = tokio::task::block_in_place(|| audit_records(&gw, "auto", 1));
+    assert_eq!(
+        (
+            records[0]["upgrade"].as_str(),
+            records[0]["error"].as_str(),
+            records[0]["credential"].as_str()
+        ),
+        (Some("websocket"), Some("credential_reflected"), Some("p")),
+        "{records:?}"
+    );
+}

@@ -32,7 +32,7 @@ use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding
 use crate::intercept::Tunnel;
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
-use crate::replay::{self, Outgoing, RelayError, Screened};
+use crate::replay::{self, Outgoing, PipeEnd, RelayError, Screened};
 use crate::reply::Refusal;
 use crate::target::{Scheme, Target};
 use crate::telemetry::{RequestTrace, SpanExtras, Telemetry, REQUEST_LOG_TARGET};
@@ -748,17 +748,26 @@ impl Egress {
             }
         }
         if switching {
-            // From here on, bytes flow both ways uninspected; the record counts them.
-            let (piped, failed) = answer.pipe(session).await;
+            // From here on, bytes flow both ways uninspected (but for the injected token in
+            // what the origin sends); the record counts them.
+            let piped = answer.pipe(session, scan.as_mut()).await;
             ctx.bytes_in = piped.bytes_in;
             ctx.relayed = Some(replay::Relayed {
                 status: 101,
                 bytes_out: piped.bytes_out,
             });
-            if let Some(e) = failed {
-                tracing::debug!(error = %e, "an upgraded connection ended with an error");
-            }
-            return Ok(());
+            return match piped.end {
+                PipeEnd::Closed => Ok(()),
+                PipeEnd::Failed(e) => {
+                    tracing::debug!(error = %e, "an upgraded connection ended with an error");
+                    Ok(())
+                }
+                PipeEnd::Reflected => {
+                    self.credential_reflected(ctx);
+                    ctx.refusal = Some(reflected_late());
+                    Err(Stop::ClientGone)
+                }
+            };
         }
         match answer.relay(session, scan.as_mut()).await {
             Ok(relayed) => {

@@ -77,6 +77,18 @@ pub struct Piped {
     pub bytes_in: u64,
     /// Bytes from the origin to the sandbox.
     pub bytes_out: u64,
+    /// Why it ended.
+    pub end: PipeEnd,
+}
+
+/// How an upgraded connection ended.
+pub enum PipeEnd {
+    /// One side closed it.
+    Closed,
+    /// Reading or writing failed (pingora's error).
+    Failed(pingora::BError),
+    /// The origin sent the injected token: the connection was cut before those bytes.
+    Reflected,
 }
 
 /// Why relaying an answer stopped before its end.
@@ -322,51 +334,64 @@ impl Answer<'_> {
         Ok(Relayed { status, bytes_out })
     }
 
-    /// Relays a 101 answer to an upgrade request, then passes bytes both ways, uninspected,
-    /// until either side closes (or fails); the other side is then closed too. The origin's
-    /// read timeout no longer applies: an upgraded connection may idle.
-    pub async fn pipe(mut self, session: &mut Session) -> (Piped, Option<pingora::BError>) {
+    /// Relays a 101 answer to an upgrade request, then passes bytes both ways, uninspected
+    /// but for `scan`: what the origin sends is searched for the token injected into the
+    /// handshake (an origin could echo its request's headers as a message), and the connection
+    /// cut before it. It runs until either side closes (or fails); the other side is then
+    /// closed too. The origin's read timeout no longer applies: an upgraded connection may idle.
+    pub async fn pipe(
+        mut self,
+        session: &mut Session,
+        mut scan: Option<&mut ReflectionScan>,
+    ) -> Piped {
         let mut piped = Piped {
             bytes_in: 0,
             bytes_out: 0,
+            end: PipeEnd::Closed,
         };
         if let Err(e) = session
             .write_response_header(Box::new(self.header), false)
             .await
         {
-            return (piped, Some(e));
+            piped.end = PipeEnd::Failed(e);
+            return piped;
         }
         self.origin.set_read_timeout(None);
         if let HttpSession::H1(h1) = &mut self.origin {
             h1.maybe_upgrade_body_writer();
         }
-        let failed = loop {
+        piped.end = loop {
             tokio::select! {
                 from_sandbox = session.read_request_body() => match from_sandbox {
                     Ok(Some(bytes)) => {
                         piped.bytes_in += bytes.len() as u64;
                         if let Err(e) = self.origin.write_request_body(bytes, false).await {
-                            break Some(e);
+                            break PipeEnd::Failed(e);
                         }
                     }
-                    Ok(None) => break None,
-                    Err(e) => break Some(e),
+                    Ok(None) => break PipeEnd::Closed,
+                    Err(e) => break PipeEnd::Failed(e),
                 },
                 from_origin = self.origin.read_response_body() => match from_origin {
                     Ok(Some(bytes)) => {
+                        if scan.as_mut().is_some_and(|s| s.body_reflects(&bytes)) {
+                            break PipeEnd::Reflected;
+                        }
                         piped.bytes_out += bytes.len() as u64;
                         if let Err(e) = session.write_response_body(Some(bytes), false).await {
-                            break Some(e);
+                            break PipeEnd::Failed(e);
                         }
                     }
-                    Ok(None) => break None,
-                    Err(e) => break Some(e),
+                    Ok(None) => break PipeEnd::Closed,
+                    Err(e) => break PipeEnd::Failed(e),
                 },
             }
         };
         // The sandbox's side is closed by the proxy (an upgraded connection is not reused);
         // the origin's is dropped here.
-        let _ = session.write_response_body(None, true).await;
-        (piped, failed)
+        if matches!(piped.end, PipeEnd::Closed) {
+            let _ = session.write_response_body(None, true).await;
+        }
+        piped
     }
 }

@@ -5,6 +5,7 @@
 //! pingora HTTP servers on real sockets, and curl is the system's curl.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
+pub mod tunnel;
 pub mod webdriver;
 
 use std::collections::HashMap;
