@@ -363,6 +363,8 @@ async fn ws_origin_telling_its_authorization(
                 };
                 let seen = Arc::new(std::sync::Mutex::new(String::new()));
                 let keep = seen.clone();
+                // The callback's signature (and its large error type) is tungstenite's.
+                #[allow(clippy::result_large_err)]
                 let remember =
                     move |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
                           response| {
