@@ -5,8 +5,11 @@
 //! as a read are closed here, before the policies see the request:
 //!
 //! - a **method-override header** (`X-HTTP-Method-Override`, `X-HTTP-Method`,
-//!   `X-Method-Override`), which many frameworks honour: the request is classified by the
-//!   method it names; headers that disagree are refused (400 `ambiguous_method`);
+//!   `X-Method-Override`), which many frameworks honour: the policies see the method it names,
+//!   and the request is a write if either method writes — an origin may honour the header or
+//!   not (and a sandbox can have the header dropped on the way by naming it in `Connection`),
+//!   so `DELETE` overridden to `GET` is no more a read than `GET` overridden to `DELETE`;
+//!   headers that disagree are refused (400 `ambiguous_method`);
 //! - a **body** on a read: an origin may act on what it is sent, so it is a write;
 //! - an **`Upgrade`** header: once the origin answers 101, bytes flow both ways uninspected, so
 //!   it is an action of its own (`upgrade`), and it may not carry a body.
@@ -17,7 +20,7 @@
 //! ([`tollgate_policy::classify`]).
 
 use http::HeaderMap;
-use tollgate_policy::RequestFacts;
+use tollgate_policy::{Action, RequestFacts};
 
 use crate::reply::Refusal;
 use crate::target::Target;
@@ -76,8 +79,9 @@ pub fn classify(
     }
     let mut facts = RequestFacts::new(asked, target, path)
         .map_err(|e| Refusal::new(400, "ambiguous_path", e.to_string()))?;
-    if has_body {
-        facts = facts.carrying_body();
+    let sent_writes = Action::of_method(&method.to_ascii_uppercase()) != Action::Read;
+    if has_body || sent_writes {
+        facts = facts.as_write();
     }
     if let Some(upgrade) = headers.get(http::header::UPGRADE) {
         if has_body {
@@ -140,7 +144,6 @@ fn is_token_byte(b: u8) -> bool {
 mod tests {
     use super::*;
     use crate::target::Scheme;
-    use tollgate_policy::classify::Action;
 
     fn target() -> Target {
         Target::from_url_authority(Scheme::Https, "api.github.com").unwrap()
@@ -170,12 +173,18 @@ mod tests {
             assert_eq!(c.overridden, Some(format!("GET ({header}: DELETE)")));
         }
         let agreeing = classified(
-            "POST",
+            "GET",
             &[("x-http-method", "GET"), ("x-method-override", "get")],
             false,
         )
         .unwrap();
         assert_eq!(agreeing.facts.action, Action::Read);
+        // An override never makes a write a read: the origin may not honour it (or never see
+        // it, when the sandbox names it in Connection).
+        for sent in ["POST", "DELETE", "PUT"] {
+            let c = classified(sent, &[("x-http-method-override", "GET")], false).unwrap();
+            assert_eq!((c.facts.action, c.facts.method.as_str()), (Action::Write, "GET"));
+        }
         assert_eq!(classified("GET", &[], false).unwrap().overridden, None);
         for pairs in [
             vec![("x-http-method", "GET"), ("x-method-override", "DELETE")],

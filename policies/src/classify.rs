@@ -6,10 +6,10 @@
 //! contains it. Policies compare those scopes with the agent's own.
 //!
 //! The action is what the request can do, not what its method claims: a read that carries a
-//! body is a write ([`RequestFacts::carrying_body`]), and a protocol upgrade is an action of
-//! its own ([`RequestFacts::upgrading`]), since after it the bytes flow uninspected. (The
-//! gateway works out the method a request really asks for — method-override headers
-//! included — before it calls [`RequestFacts::new`].)
+//! body, or that one of its methods — the one it is sent with, or the one an override header
+//! names — makes a write, is a write ([`RequestFacts::as_write`]); and a protocol upgrade is
+//! an action of its own ([`RequestFacts::upgrading`]), since after it the bytes flow
+//! uninspected.
 
 use crate::target::{Host, Target};
 
@@ -250,9 +250,10 @@ impl RequestFacts {
         })
     }
 
-    /// The same request carrying a body: a read with a body is a write, since an origin may
-    /// act on what it sends whatever the method says.
-    pub fn carrying_body(mut self) -> RequestFacts {
+    /// The same request decided as a write if it was a read: one that carries a body, or
+    /// whose other method (the one sent, or the one an override header names) writes, since
+    /// an origin may act on either whatever the method the policies see says.
+    pub fn as_write(mut self) -> RequestFacts {
         if self.action == Action::Read {
             self.action = Action::Write;
         }
@@ -311,14 +312,14 @@ mod tests {
     fn a_read_with_a_body_is_a_write_and_an_upgrade_is_its_own_action() {
         let target = Target::from_url_authority(Scheme::Https, "api.github.com").unwrap();
         let get = RequestFacts::new("GET", target.clone(), "/").unwrap();
-        assert_eq!(get.clone().carrying_body().action, Action::Write);
+        assert_eq!(get.clone().as_write().action, Action::Write);
         let delete = RequestFacts::new("DELETE", target.clone(), "/").unwrap();
-        assert_eq!(delete.carrying_body().action, Action::Write);
+        assert_eq!(delete.as_write().action, Action::Write);
         let ws = get.upgrading(" WebSocket ,h2c");
         assert_eq!(ws.action, Action::Upgrade);
         assert_eq!(ws.upgrade.as_deref(), Some("websocket, h2c"));
         assert_eq!(
-            ws.carrying_body().action,
+            ws.as_write().action,
             Action::Upgrade,
             "an upgrade stays one"
         );

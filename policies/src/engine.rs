@@ -659,7 +659,7 @@ impl PolicyEngine {
             let facts = RequestFacts::new("GET", target.clone(), "/").ok()?;
             let facts = match action {
                 Action::Read => facts,
-                Action::Write => facts.carrying_body(),
+                Action::Write => facts.as_write(),
                 Action::Upgrade => facts.upgrading("websocket"),
             };
             let context = entities::context(&facts, false).ok()?;

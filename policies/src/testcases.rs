@@ -190,7 +190,7 @@ fn run_case(
         Err(e) => return broken(format!("bad url: {e}")),
     };
     if case.body {
-        request = request.carrying_body();
+        request = request.as_write();
     }
     if let Some(protocol) = &case.upgrade {
         request = request.upgrading(protocol);
