@@ -515,3 +515,65 @@ async fn a_client_expecting_100_continue_is_asked_for_its_body_before_the_hold()
     assert_eq!(seen.body_len, 2048);
     assert!(!seen.headers.contains_key("expect"), "{:?}", seen.headers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_answers_before_a_released_requests_answer_are_dropped() {
+    if no_curl() {
+        return;
+    }
+    // A raw origin that answers 103 Early Hints and 100 Continue before its answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let origin = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The head and the 7-byte body.
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(b"payload") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+                  HTTP/1.1 100 Continue\r\n\r\n\
+                  HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+            )
+            .await;
+        let _ = stream.read(&mut buf).await;
+    });
+    let gw = start("");
+    let held = post_in_background(
+        &gw,
+        &format!("http://127.0.0.1:{port}/early"),
+        "payload",
+        &[],
+    );
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), Some("{}"));
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let released = held.await.expect("curl");
+    assert_eq!(
+        (released.status, released.body.as_str()),
+        (200, "final"),
+        "{released:?}"
+    );
+    // The request reached the origin, so it is on record.
+    let records = audit_records(&gw, "a", 1);
+    assert_eq!(
+        (records[0]["status"].as_u64(), records[0]["path"].as_str()),
+        (Some(200), Some("/early")),
+        "{records:?}"
+    );
+    origin.abort();
+}

@@ -631,3 +631,42 @@ async fn an_answer_that_carries_the_token_back_is_not_relayed() {
     );
     assert!(!gw.log().contains(STATIC_TOKEN));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokened_answer_is_asked_for_whole_and_opens_no_session_for_the_sandbox() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::protected_by(HOST, issued(STATIC_TOKEN, "dev"), "dev");
+    let gw = static_gateway(&origin, "");
+    // No range of it (a slice of an echo could hold part of the token), uncompressed.
+    let r = call(
+        &gw,
+        &origin,
+        &["-H", "Range: bytes=10-20", "-H", "Accept-Encoding: gzip"],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = origin.last_seen();
+    assert!(!seen.headers.contains_key("range"), "{seen:?}");
+    assert_eq!(
+        seen.headers.get("accept-encoding").map(String::as_str),
+        Some("identity")
+    );
+    // A session the origin opens on the token's strength does not reach the sandbox.
+    let r = call_path(&gw, &origin, "/set-cookie", &["-i"]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = r.body.split("\r\n\r\n{").next().unwrap_or_default();
+    assert!(
+        head.contains("content-type"),
+        "the answer's head is shown: {r:?}"
+    );
+    assert!(!head.to_ascii_lowercase().contains("set-cookie"), "{r:?}");
+    // An answer compressed anyway cannot be checked for the token: not relayed.
+    let r = call_path(&gw, &origin, "/gzip", &[]).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (502, Some("upstream_bad_response")),
+        "{r:?}"
+    );
+}

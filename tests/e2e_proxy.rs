@@ -500,13 +500,16 @@ fn malformed_proxy_requests_get_400() {
 }
 
 /// Headers with which a client speaks for another address or hop.
-const FORWARDING: [(&str, &str); 6] = [
+const FORWARDING: [(&str, &str); 8] = [
     ("Forwarded", "for=10.1.2.3;proto=https"),
     ("X-Forwarded-For", "10.1.2.3"),
     ("X-Forwarded-Host", "admin.internal"),
     ("X-Real-IP", "10.1.2.3"),
     ("True-Client-IP", "10.1.2.3"),
     ("Via", "1.1 trusted-proxy"),
+    // Path overrides.
+    ("X-Original-URL", "/admin"),
+    ("X-Rewrite-URL", "/admin"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

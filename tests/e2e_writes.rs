@@ -141,7 +141,10 @@ async fn ws_connect(egress: SocketAddr, origin: SocketAddr, source: &str) -> Han
 }
 
 /// Sends `n` text messages over `ws` and checks each comes back.
-async fn echo(ws: &mut WebSocketStream<TcpStream>, n: usize) {
+async fn echo<S>(ws: &mut WebSocketStream<S>, n: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     for i in 0..n {
         let text = format!("message {i} through the gateway");
         ws.send(Message::text(text.clone())).await.expect("send");
@@ -353,11 +356,9 @@ fn origin_tls(host: &str) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
-/// A WebSocket origin over TLS whose first message repeats the `Authorization` header of the
-/// handshake it was sent, as a debug endpoint might; then it echoes.
-async fn ws_origin_telling_its_authorization(
-    host: &str,
-) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// A WebSocket origin over TLS that echoes; with `tell`, its first message repeats the
+/// `Authorization` header of the handshake it was sent, as a debug endpoint might.
+async fn tls_ws_origin(host: &str, tell: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -386,7 +387,7 @@ async fn ws_origin_telling_its_authorization(
                     return;
                 };
                 let told = format!("you sent: {}", seen.lock().expect("seen"));
-                if ws.send(Message::text(told)).await.is_err() {
+                if tell && ws.send(Message::text(told)).await.is_err() {
                     return;
                 }
                 while let Some(Ok(message)) = ws.next().await {
@@ -402,22 +403,10 @@ async fn ws_origin_telling_its_authorization(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_stream_that_carries_the_injected_token_back_is_cut_off() {
-    const HOST: &str = "ws.protected.test";
-    const TOKEN: &str = "ws-static-token-6d0c1f2e9a";
-    let (origin, _task) = ws_origin_telling_its_authorization(HOST).await;
-    let config = format!(
-        "{EPHEMERAL_LISTENERS}{upstream}resolve = {{ \"{HOST}\" = \"127.0.0.1\" }}\n\
-         [[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"WS_TEST_TOKEN\" }}\n\
-         [[credential_rules]]\nhosts = [\"{HOST}\"]\nports = [{port}]\naudience = \"ws\"\nprovider = \"p\"\n\
-         [[agents]]\nid = \"auto\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
-        upstream = loopback_upstream(Some(&origin_ca().cert_path())),
-        port = origin.port(),
-    );
-    let gw = Gateway::start_with_env(&config, &[RUN_MODES], "", &[("WS_TEST_TOKEN", TOKEN)]);
-    let opened = gw.admin_call("POST", "/v1/agents/auto/tool-calls", Some(r#"{"id":"tc"}"#));
-    assert_eq!(opened.status, 201);
-    let authority = format!("{HOST}:{}", origin.port());
-    let tls = support::tunnel::tunnel(&gw, &authority, HOST, true, &[b"http/1.1"])
+    let (origin, _task) = tls_ws_origin(WS_HOST, true).await;
+    let gw = tokened_ws_gateway(origin);
+    let authority = format!("{WS_HOST}:{}", origin.port());
+    let tls = support::tunnel::tunnel(&gw, &authority, WS_HOST, true, &[b"http/1.1"])
         .await
         .expect("tunnel");
     let (mut ws, answer) = tokio_tungstenite::client_async(format!("wss://{authority}/chat"), tls)
@@ -431,7 +420,7 @@ async fn an_upgraded_stream_that_carries_the_injected_token_back_is_cut_off() {
         received.push(message.to_string());
     }
     assert!(
-        received.iter().all(|m| !m.contains(TOKEN)),
+        received.iter().all(|m| !m.contains(WS_TOKEN)),
         "the token reached the sandbox: {received:?}"
     );
     let records = tokio::task::block_in_place(|| audit_records(&gw, "auto", 1));
@@ -443,5 +432,52 @@ async fn an_upgraded_stream_that_carries_the_injected_token_back_is_cut_off() {
         ),
         (Some("websocket"), Some("credential_reflected"), Some("p")),
         "{records:?}"
+    );
+}
+
+const WS_HOST: &str = "ws.protected.test";
+const WS_TOKEN: &str = "ws-static-token-6d0c1f2e9a";
+
+/// A gateway injecting [`WS_TOKEN`] for [`WS_HOST`] over TLS on `origin`'s port, for the
+/// Autonomous agent `auto` (127.0.0.1) in its open tool call `tc`.
+fn tokened_ws_gateway(origin: SocketAddr) -> Gateway {
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{upstream}resolve = {{ \"{WS_HOST}\" = \"127.0.0.1\" }}\n\
+         [[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"WS_TEST_TOKEN\" }}\n\
+         [[credential_rules]]\nhosts = [\"{WS_HOST}\"]\nports = [{port}]\naudience = \"ws\"\nprovider = \"p\"\n\
+         [[agents]]\nid = \"auto\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
+        upstream = loopback_upstream(Some(&origin_ca().cert_path())),
+        port = origin.port(),
+    );
+    let gw = Gateway::start_with_env(&config, &[RUN_MODES], "", &[("WS_TEST_TOKEN", WS_TOKEN)]);
+    let opened = gw.admin_call("POST", "/v1/agents/auto/tool-calls", Some(r#"{"id":"tc"}"#));
+    assert_eq!(opened.status, 201);
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_opened_with_a_tool_calls_token_ends_with_the_tool_call() {
+    let (origin, _task) = tls_ws_origin(WS_HOST, false).await;
+    let gw = tokened_ws_gateway(origin);
+    let authority = format!("{WS_HOST}:{}", origin.port());
+    let tls = support::tunnel::tunnel(&gw, &authority, WS_HOST, true, &[b"http/1.1"])
+        .await
+        .expect("tunnel");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{authority}/chat"), tls)
+        .await
+        .expect("handshake");
+    echo(&mut ws, 2).await;
+    let closed = tokio::task::block_in_place(|| {
+        gw.admin_call("DELETE", "/v1/agents/auto/tool-calls/tc", None)
+    });
+    assert_eq!(closed.status, 204);
+    // Within the gateway's one-second check, the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(Message::Text(_) | Message::Binary(_))) = ws.next().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the upgraded connection outlived its tool call"
     );
 }

@@ -183,7 +183,10 @@ mod tests {
         // it, when the sandbox names it in Connection).
         for sent in ["POST", "DELETE", "PUT"] {
             let c = classified(sent, &[("x-http-method-override", "GET")], false).unwrap();
-            assert_eq!((c.facts.action, c.facts.method.as_str()), (Action::Write, "GET"));
+            assert_eq!(
+                (c.facts.action, c.facts.method.as_str()),
+                (Action::Write, "GET")
+            );
         }
         assert_eq!(classified("GET", &[], false).unwrap().overridden, None);
         for pairs in [

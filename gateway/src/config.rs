@@ -913,6 +913,11 @@ fn default_strip_request_headers() -> Vec<String> {
         "x-client-ip",
         "true-client-ip",
         "via",
+        // Path overrides some servers honour (the path the policies judged would not be the
+        // one the origin acts on).
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
     ]
     .map(String::from)
     .to_vec()

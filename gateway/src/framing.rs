@@ -140,7 +140,10 @@ fn refusal(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Refusal> {
     }
     match lengths.as_slice() {
         [] => {}
-        [one] if !one.is_empty() && one.iter().all(u8::is_ascii_digit) => {}
+        [one]
+            if std::str::from_utf8(one).is_ok_and(|n| {
+                n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u64>().is_ok()
+            }) => {}
         [one] if one.contains(&b',') => {
             return Some(Refusal::bad_request(
                 "the request gives Content-Length as a list: send one length",
@@ -290,6 +293,7 @@ mod tests {
             "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5, 5\r\n\r\n",
             "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
             "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: +5\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 99999999999999999999999\r\n\r\n",
             "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "POST http://a.test/ HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {

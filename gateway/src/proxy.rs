@@ -214,7 +214,7 @@ fn request_target(session: &Session) -> Result<(Target, String), Refusal> {
                         format!(
                             "this tunnel leads to {}; the request names {:?}",
                             tunnel.target.host_header(),
-                            named.chars().take(256).collect::<String>()
+                            crate::target::redacted(&named)
                         ),
                     ));
                 }
@@ -232,7 +232,7 @@ fn request_target(session: &Session) -> Result<(Target, String), Refusal> {
             let raw = String::from_utf8_lossy(req.raw_path());
             let uri: http::Uri = raw.parse().map_err(|_| {
                 Refusal::bad_request(
-                    crate::target::TargetError::NotAbsolute(raw.chars().take(256).collect())
+                    crate::target::TargetError::NotAbsolute(crate::target::redacted(&raw))
                         .to_string(),
                 )
             })?;
@@ -246,7 +246,10 @@ fn request_target(session: &Session) -> Result<(Target, String), Refusal> {
                 }
                 None => {
                     return Err(Refusal::bad_request(
-                        crate::target::TargetError::NotAbsolute(uri.to_string()).to_string(),
+                        crate::target::TargetError::NotAbsolute(crate::target::redacted(
+                            &uri.to_string(),
+                        ))
+                        .to_string(),
                     ))
                 }
             };
@@ -378,9 +381,11 @@ impl Egress {
                     .await?
             }
         };
-        self.tool_call_still_open(&agent, ctx)?;
         // 7. Resolve asynchronously and keep internal networks out of reach.
         ctx.addr = Some(self.shared.upstream.resolve(&request.target).await?);
+        // Checked again last (a fetch or a resolution takes time): a token obtained for a tool
+        // call that closed meanwhile is dropped, never sent.
+        self.tool_call_still_open(&agent, ctx)?;
         // An upgrade is sent by the gateway itself, which then passes the bytes both ways (it
         // carries no body: classification refused one).
         if ctx.upgrade.is_some() {
@@ -590,8 +595,17 @@ fn shape_upstream_request(
         }
         if let Some((name, value)) = &credential.header {
             upstream_request.insert_header(name.clone(), value.clone())?;
-            // The answer is scanned for the token as sent: ask for it uncompressed.
+            // The answer is scanned for the token as sent: ask for it whole — uncompressed,
+            // not a range of it (a slice of an echo could hold part of the token), and no
+            // compressed WebSocket messages.
             upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+            for name in [
+                http::header::RANGE,
+                http::header::IF_RANGE,
+                http::header::SEC_WEBSOCKET_EXTENSIONS,
+            ] {
+                upstream_request.remove_header(&name);
+            }
         }
     }
     upstream_request.insert_header(http::header::HOST, target.host_header())?;
@@ -701,6 +715,8 @@ impl Egress {
                     &approver,
                     self.shared.approvals.obo_lifetime(),
                 )?);
+                // A close between the check and the loan: the lent token goes with the rest.
+                self.tool_call_still_open(&agent, ctx)?;
                 let request = self.upstream_request(session.req_header(), ctx)?;
                 self.exchange(request, ctx, Outgoing::Held(body)).await?
             }
@@ -733,6 +749,20 @@ impl Egress {
             .and_then(|c| c.token.as_ref())
             .and_then(ReflectionScan::new);
         if let Some(scan) = scan.as_mut() {
+            // A session the origin opens on the strength of the token is a credential too.
+            answer.remove_header(&http::header::SET_COOKIE);
+            // Compressed bytes would hide the token from the scan: the gateway asked for
+            // none, so an answer that is compressed anyway is not relayed.
+            if !switching && !answer.uncompressed() {
+                return Err(Refusal::new(
+                    502,
+                    "upstream_bad_response",
+                    "the origin compressed its answer to a request that carries a credential, \
+                     although the gateway asked for identity; it cannot be checked for the \
+                     credential, so none of it was passed on",
+                )
+                .into());
+            }
             // After a 101 the body is the upgraded stream: only the header is scanned.
             let window = match switching {
                 true => 0,
@@ -750,7 +780,22 @@ impl Egress {
         if switching {
             // From here on, bytes flow both ways uninspected (but for the injected token in
             // what the origin sends); the record counts them.
-            let piped = answer.pipe(session, scan.as_mut()).await;
+            // A connection opened with a tool call's token ends with the tool call.
+            let agent = ctx.agent.as_ref().map(|a| a.id.clone());
+            let serial = ctx.tool_call.as_ref().map(|tc| tc.serial);
+            let tool_calls = &self.shared.tool_calls;
+            let tokened = scan.is_some();
+            let tool_call_ended = async move {
+                match (tokened, agent, serial) {
+                    (true, Some(agent), Some(serial)) => {
+                        while tool_calls.is_open(&agent, serial) {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            let piped = answer.pipe(session, scan.as_mut(), tool_call_ended).await;
             ctx.bytes_in = piped.bytes_in;
             ctx.relayed = Some(replay::Relayed {
                 status: 101,
@@ -758,6 +803,13 @@ impl Egress {
             });
             return match piped.end {
                 PipeEnd::Closed => Ok(()),
+                PipeEnd::Ended => {
+                    tracing::info!(
+                        agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-"),
+                        "an upgraded connection opened with a tool call's token closed with the tool call"
+                    );
+                    Ok(())
+                }
                 PipeEnd::Failed(e) => {
                     tracing::debug!(error = %e, "an upgraded connection ended with an error");
                     Ok(())

@@ -24,9 +24,12 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::credentials::reflection::ReflectionScan;
+use crate::credentials::reflection::{ReflectionScan, PIPE_HOLD};
 use crate::reply::Refusal;
 use crate::upstream;
+
+/// Interim (1xx) answers read and dropped before an answer, at most.
+const MAX_INTERIM_ANSWERS: usize = 16;
 
 /// What a relayed answer amounted to.
 pub struct Relayed {
@@ -89,6 +92,8 @@ pub enum PipeEnd {
     Failed(pingora::BError),
     /// The origin sent the injected token: the connection was cut before those bytes.
     Reflected,
+    /// The tool call whose token opened it ended.
+    Ended,
 }
 
 /// Why relaying an answer stopped before its end.
@@ -167,11 +172,32 @@ pub async fn exchange<'a>(
         }
     };
     origin.finish_request_body().await.map_err(refusal)?;
-    origin.read_response_header().await.map_err(refusal)?;
-    let mut header = origin
-        .response_header()
-        .cloned()
-        .ok_or_else(|| Refusal::new(502, "upstream_error", format!("{target} sent no response")))?;
+    // Interim answers (100 Continue, 103 Early Hints, …) come before the answer: they are
+    // read and dropped — the whole body went at once, and the sandbox gets one answer, which
+    // is scanned — up to a bound, so an origin cannot keep the exchange going with them.
+    let mut interim = 0;
+    let mut header = loop {
+        origin.read_response_header().await.map_err(refusal)?;
+        let header = origin.response_header().cloned().ok_or_else(|| {
+            Refusal::new(502, "upstream_error", format!("{target} sent no response"))
+        })?;
+        if !header.status.is_informational()
+            || header.status == http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            break header;
+        }
+        interim += 1;
+        if interim > MAX_INTERIM_ANSWERS {
+            return Err(Refusal::new(
+                502,
+                "upstream_bad_response",
+                format!(
+                    "{target} sent more than {MAX_INTERIM_ANSWERS} interim (1xx) answers; none \
+                     of them was passed on"
+                ),
+            ));
+        }
+    };
     // A 101 keeps the headers that complete the upgrade's handshake.
     let switching = header.status == http::StatusCode::SWITCHING_PROTOCOLS;
     for name in upstream::hop_by_hop_headers(&header.headers) {
@@ -248,6 +274,21 @@ impl Answer<'_> {
         self.header.status.as_u16()
     }
 
+    /// Removes a header from the answer before it is relayed.
+    pub fn remove_header(&mut self, name: &http::HeaderName) {
+        self.header.remove_header(name);
+    }
+
+    /// Whether the answer's body is as the origin has it: no `Content-Encoding` but
+    /// `identity`.
+    pub fn uncompressed(&self) -> bool {
+        self.header
+            .headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    }
+
     /// Drops the answer unseen (its connection is not reused).
     pub fn discard(self) {}
 
@@ -266,10 +307,9 @@ impl Answer<'_> {
             match self.origin.read_response_body().await {
                 Ok(Some(chunk)) => {
                     read += chunk.len();
-                    if scan.body_reflects(&chunk) {
-                        return Err(Screened::Reflected);
-                    }
-                    self.early.push(chunk);
+                    let pieces = scan.pass(chunk, 1).map_err(|_| Screened::Reflected)?;
+                    self.early
+                        .extend(pieces.into_iter().filter(|p| !p.is_empty()));
                 }
                 Ok(None) => {
                     self.ended = true;
@@ -287,8 +327,9 @@ impl Answer<'_> {
     }
 
     /// Relays the answer to the sandbox: what was read ahead, then the rest, each later
-    /// chunk scanned first when `scan` is given. A failure here leaves the sandbox with part
-    /// of an answer, and its connection is closed.
+    /// chunk scanned first when `scan` is given (and bytes that could be the token's start
+    /// withheld until the next chunk shows they are not). A failure here leaves the sandbox
+    /// with part of an answer, and its connection is closed.
     pub async fn relay(
         mut self,
         session: &mut Session,
@@ -314,12 +355,25 @@ impl Answer<'_> {
                 .await
                 .map_err(RelayError::Broken)?
             {
-                if scan.as_mut().is_some_and(|s| s.body_reflects(&chunk)) {
-                    return Err(RelayError::Reflected);
+                let pieces = match scan.as_mut() {
+                    Some(scan) => scan.pass(chunk, 1).map_err(|_| RelayError::Reflected)?,
+                    None => [chunk, Bytes::new()],
+                };
+                for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+                    bytes_out += piece.len() as u64;
+                    session
+                        .write_response_body(Some(piece), false)
+                        .await
+                        .map_err(RelayError::Broken)?;
                 }
-                bytes_out += chunk.len() as u64;
+            }
+        }
+        if let Some(scan) = scan {
+            let rest = scan.end().map_err(|_| RelayError::Reflected)?;
+            if !rest.is_empty() {
+                bytes_out += rest.len() as u64;
                 session
-                    .write_response_body(Some(chunk), false)
+                    .write_response_body(Some(rest), false)
                     .await
                     .map_err(RelayError::Broken)?;
             }
@@ -337,13 +391,16 @@ impl Answer<'_> {
     /// Relays a 101 answer to an upgrade request, then passes bytes both ways, uninspected
     /// but for `scan`: what the origin sends is searched for the token injected into the
     /// handshake (an origin could echo its request's headers as a message), and the connection
-    /// cut before it. It runs until either side closes (or fails); the other side is then
-    /// closed too. The origin's read timeout no longer applies: an upgraded connection may idle.
+    /// cut before it. It runs until either side closes (or fails), or `until` is ready; the
+    /// other side is then closed too. The origin's read timeout no longer applies: an upgraded
+    /// connection may idle.
     pub async fn pipe(
         mut self,
         session: &mut Session,
         mut scan: Option<&mut ReflectionScan>,
+        until: impl std::future::Future<Output = ()>,
     ) -> Piped {
+        let mut until = std::pin::pin!(until);
         let mut piped = Piped {
             bytes_in: 0,
             bytes_out: 0,
@@ -362,6 +419,7 @@ impl Answer<'_> {
         }
         piped.end = loop {
             tokio::select! {
+                _ = &mut until => break PipeEnd::Ended,
                 from_sandbox = session.read_request_body() => match from_sandbox {
                     Ok(Some(bytes)) => {
                         piped.bytes_in += bytes.len() as u64;
@@ -374,11 +432,22 @@ impl Answer<'_> {
                 },
                 from_origin = self.origin.read_response_body() => match from_origin {
                     Ok(Some(bytes)) => {
-                        if scan.as_mut().is_some_and(|s| s.body_reflects(&bytes)) {
-                            break PipeEnd::Reflected;
+                        let pieces = match scan.as_mut() {
+                            Some(scan) => match scan.pass(bytes, PIPE_HOLD) {
+                                Ok(pieces) => pieces,
+                                Err(_) => break PipeEnd::Reflected,
+                            },
+                            None => [bytes, Bytes::new()],
+                        };
+                        let mut failed = None;
+                        for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+                            piped.bytes_out += piece.len() as u64;
+                            if let Err(e) = session.write_response_body(Some(piece), false).await {
+                                failed = Some(e);
+                                break;
+                            }
                         }
-                        piped.bytes_out += bytes.len() as u64;
-                        if let Err(e) = session.write_response_body(Some(bytes), false).await {
+                        if let Some(e) = failed {
                             break PipeEnd::Failed(e);
                         }
                     }

@@ -33,6 +33,29 @@ pub enum TargetError {
     /// Only http and https are proxied.
     #[error("scheme {0:?} is not supported: use http or https")]
     BadScheme(String),
+    /// The authority names a user (`name:password@host`): credentials never travel that way.
+    #[error("the authority carries user information (name@host); the gateway injects credentials itself")]
+    UserInfo,
+}
+
+/// A request target as messages may show it: without its query or fragment (they often
+/// carry tokens) or user information (`name:password@`), and at most 256 characters.
+pub fn redacted(raw: &str) -> String {
+    let raw = raw.split(['?', '#']).next().unwrap_or_default();
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, raw),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("…@{}", &rest[at + 1..]),
+        None => rest.to_string(),
+    };
+    let shown = match scheme {
+        Some(scheme) => format!("{scheme}://{rest}"),
+        None => rest,
+    };
+    shown.chars().take(256).collect()
 }
 
 impl Host {
@@ -151,7 +174,7 @@ impl Target {
     pub fn from_url(url: &str) -> Result<(Target, String), TargetError> {
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| TargetError::NotAbsolute(url.to_string()))?;
+            .ok_or_else(|| TargetError::NotAbsolute(redacted(url)))?;
         let scheme = match scheme.to_ascii_lowercase().as_str() {
             "http" => Scheme::Http,
             "https" => Scheme::Https,
@@ -186,7 +209,7 @@ impl fmt::Display for Target {
 /// Splits `host[:port]`, rejecting user info and empty or zero ports.
 fn split_host_port(raw: &str) -> Result<(Host, Option<u16>), TargetError> {
     if raw.contains('@') {
-        return Err(TargetError::BadHost(raw.to_string()));
+        return Err(TargetError::UserInfo);
     }
     let (host, port) = if raw.starts_with('[') {
         match raw.find(']') {
@@ -268,6 +291,25 @@ mod tests {
                 "{bad:?} must be refused"
             );
         }
+    }
+
+    #[test]
+    fn messages_never_show_a_query_or_user_information() {
+        assert_eq!(
+            redacted("http://alice:s3cret@api.test:8080/x?token=abc#f"),
+            "http://…@api.test:8080/x"
+        );
+        assert_eq!(redacted("/p?sig=1"), "/p");
+        assert_eq!(redacted("a@b.test:443"), "…@b.test:443");
+        assert_eq!(
+            redacted("/x@y"),
+            "/x@y",
+            "an @ in the path is not user information"
+        );
+        let e = Target::from_url_authority(Scheme::Http, "alice:s3cret@api.test").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = Target::from_url("ftp:/x?token=abc").unwrap_err();
+        assert!(!e.to_string().contains("abc"), "{e}");
     }
 
     #[test]

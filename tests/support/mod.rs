@@ -429,7 +429,8 @@ impl ManagedIdentityEndpoint {
 /// An origin that answers every request with a JSON [`Seen`] of it, and keeps each [`Seen`]
 /// ([`Origin::seen`]).
 /// `/sleep/<ms>` waits before answering; `/bytes/<n>` answers with n bytes; `/pad/<n>` puts n
-/// spaces before the echo; `/hop-by-hop` adds hop-by-hop response headers.
+/// spaces before the echo; `/hop-by-hop` adds hop-by-hop response headers; `/set-cookie` opens
+/// a session; `/gzip` claims a compressed body.
 struct Echo {
     requests: Arc<AtomicUsize>,
     seen: Arc<std::sync::Mutex<Vec<Seen>>>,
@@ -501,6 +502,16 @@ impl ServeHttp for Echo {
         let mut r = Response::new(body);
         r.headers_mut()
             .insert("content-type", "application/json".parse().expect("hv"));
+        if path == "/set-cookie" {
+            r.headers_mut().insert(
+                "set-cookie",
+                "session=opened-with-the-token; Secure".parse().expect("hv"),
+            );
+        }
+        if path == "/gzip" {
+            r.headers_mut()
+                .insert("content-encoding", "gzip".parse().expect("hv"));
+        }
         if path == "/hop-by-hop" {
             for (name, value) in [
                 ("proxy-authenticate", "Basic realm=\"origin\""),

@@ -357,7 +357,9 @@ impl Credentials {
             403,
             "credential_requires_tls",
             format!(
-                "{} is a host the gateway injects credentials for, and it sends them only over                  TLS to port {ports} (the credential rule's ports); this request goes to {}://{},                  so nothing was forwarded",
+                "{} is a host the gateway injects credentials for, and it sends them only over \
+                 TLS to port {ports} (the credential rule's ports); this request goes to {}://{}, \
+                 so nothing was forwarded",
                 target.host,
                 target.scheme.as_str(),
                 target.host_header()

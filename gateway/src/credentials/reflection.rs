@@ -5,21 +5,37 @@
 //! sent): the injected token would come back to the very sandbox that must never hold it. The
 //! gateway scans what the origin answers for the exact token value before relaying it:
 //!
-//! - the header and the first `credentials.reflection_scan_bytes` of the body are read and
-//!   scanned before anything is relayed: a match there is `502 credential_reflected`;
-//! - the rest of the body is scanned chunk by chunk before each chunk is relayed (with the
-//!   token's length less one byte carried over, so a token split across chunks is found): a
-//!   match there ends the answer short and closes the connection, the token's bytes unsent.
+//! - the header (names, values, reason phrase) and the first
+//!   `credentials.reflection_scan_bytes` of the body are read and scanned before anything is
+//!   relayed: a match there is `502 credential_reflected`;
+//! - the rest of the body is scanned chunk by chunk before each chunk is relayed: a match ends
+//!   the answer short and closes the connection, the token's bytes unsent;
+//! - a token split across two reads is found too (the last bytes scanned are kept for the
+//!   next read), and no part of it is relayed before it is: bytes at the end of a read that
+//!   could be the token's start are withheld until the next read shows they are not. In a
+//!   body that is any such bytes; in an upgraded connection (where holding back the end of a
+//!   message could stall the conversation) runs of [`PIPE_HOLD`] bytes or more, so at most the
+//!   token's first `PIPE_HOLD - 1` bytes could cross at a read boundary there. A body that
+//!   ends with [`PIPE_HOLD`] or more bytes of the token's start is cut short before them.
 //!
 //! Only the token's exact bytes are recognised: an origin that re-encodes what it echoes
-//! (base64, escaping) is not, and tokened requests ask for `Accept-Encoding: identity` so an
-//! origin that honours it does not compress. The cost is one substring search (`memchr`'s
-//! SIMD `memmem`) per header value and over the body of each answer to a tokened request:
-//! `cargo bench -p tollgate-gateway --bench credentials` measures it.
+//! (base64, escaping) is not, and tokened requests ask for `Accept-Encoding: identity` (and
+//! no ranges) so an origin that honours them sends the bytes whole. The cost is one substring
+//! search (`memchr`'s SIMD `memmem`) per header value and over the body of each answer to a
+//! tokened request: `cargo bench -p tollgate-gateway --bench credentials` measures it.
 
+use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 
 use super::Secret;
+
+/// In an upgraded connection, the shortest run of the token's first bytes at the end of a
+/// read that is held back until the next read.
+pub const PIPE_HOLD: usize = 8;
+
+/// The token was found: nothing more is relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reflected;
 
 /// Scans one answer for one token.
 pub struct ReflectionScan {
@@ -28,6 +44,9 @@ pub struct ReflectionScan {
     /// The end of what was scanned so far (up to the token's length less one byte), so a
     /// token split across two chunks is still found.
     tail: Vec<u8>,
+    /// Scanned bytes not yet relayed: the end of what was read, which is the start of the
+    /// token.
+    withheld: BytesMut,
 }
 
 impl ReflectionScan {
@@ -39,16 +58,70 @@ impl ReflectionScan {
         Some(ReflectionScan {
             token: token.clone(),
             tail: Vec::new(),
+            withheld: BytesMut::new(),
         })
     }
 
-    /// Whether any header value (or name) of `header` contains the token.
+    /// Whether any header name or value of `header`, or its reason phrase, contains the token.
     pub fn header_reflects(&self, header: &ResponseHeader) -> bool {
         let finder = self.token.finder();
-        header.headers.iter().any(|(name, value)| {
-            finder.find(value.as_bytes()).is_some()
-                || finder.find(name.as_str().as_bytes()).is_some()
-        })
+        header
+            .get_reason_phrase()
+            .is_some_and(|r| finder.find(r.as_bytes()).is_some())
+            || header.headers.iter().any(|(name, value)| {
+                finder.find(value.as_bytes()).is_some()
+                    || finder.find(name.as_str().as_bytes()).is_some()
+            })
+    }
+
+    /// Scans the body's next `chunk` and returns what may be relayed now (two pieces, either
+    /// possibly empty: withheld bytes released, then the part of `chunk` that can go). A run
+    /// of at least `hold` bytes at the end that is the token's start is withheld.
+    pub fn pass(&mut self, chunk: Bytes, hold: usize) -> Result<[Bytes; 2], Reflected> {
+        if self.body_reflects(&chunk) {
+            return Err(Reflected);
+        }
+        let held = self.token_start_at_end(&chunk);
+        let keep = if held >= hold.max(1) { held } else { 0 };
+        let total = self.withheld.len() + chunk.len();
+        let release = total - keep;
+        if release <= self.withheld.len() {
+            let out = self.withheld.split_to(release).freeze();
+            self.withheld.extend_from_slice(&chunk);
+            return Ok([out, Bytes::new()]);
+        }
+        let out = self.withheld.split().freeze();
+        let from_chunk = release - out.len();
+        self.withheld.extend_from_slice(&chunk[from_chunk..]);
+        Ok([out, chunk.slice(..from_chunk)])
+    }
+
+    /// The end of the body: what is still withheld may go, unless it is [`PIPE_HOLD`] bytes or
+    /// more of the token's start (then the body is cut short before it).
+    pub fn end(&mut self) -> Result<Bytes, Reflected> {
+        if self.withheld.len() >= PIPE_HOLD {
+            return Err(Reflected);
+        }
+        Ok(self.withheld.split().freeze())
+    }
+
+    /// How many bytes at the end of what was read (the withheld bytes, then `chunk`) are the
+    /// token's first bytes: the longest such run shorter than the token.
+    fn token_start_at_end(&self, chunk: &[u8]) -> usize {
+        let token = self.token.expose().as_bytes();
+        let longest = token.len() - 1;
+        if longest == 0 {
+            return 0;
+        }
+        if chunk.len() >= longest {
+            return run_at_end(&chunk[chunk.len() - longest..], token);
+        }
+        // A chunk shorter than the token: the run may begin in the withheld bytes.
+        let from_withheld = (longest - chunk.len()).min(self.withheld.len());
+        let mut end = Vec::with_capacity(from_withheld + chunk.len());
+        end.extend_from_slice(&self.withheld[self.withheld.len() - from_withheld..]);
+        end.extend_from_slice(chunk);
+        run_at_end(&end, token)
     }
 
     /// Whether the token occurs in the body scanned so far once `chunk` is added.
@@ -80,6 +153,22 @@ impl ReflectionScan {
             self.tail.drain(..excess);
         }
         false
+    }
+}
+
+/// The longest run at the end of `end` (shorter than `token`) that is `token`'s start.
+/// Candidates are found by the token's first two bytes (a SIMD search), so ordinary data
+/// costs one pass; a run of one byte is the last byte alone.
+fn run_at_end(end: &[u8], token: &[u8]) -> usize {
+    let matches_from = |at: usize| end[at..] == token[..end.len() - at];
+    let longer = match token.get(..2) {
+        Some(pair) => memchr::memmem::find_iter(end, pair).find(|&at| matches_from(at)),
+        None => None,
+    };
+    match longer {
+        Some(at) => end.len() - at,
+        None if end.last() == token.first() && !end.is_empty() => 1,
+        None => 0,
     }
 }
 
@@ -119,6 +208,64 @@ mod tests {
         // Byte by byte.
         let mut s = scan(token);
         assert!(body.as_bytes().chunks(1).any(|c| s.body_reflects(c)));
+    }
+
+    /// Feeds `body` in pieces split at `cuts` and returns what was relayed, or `None` once the
+    /// token was found.
+    fn relayed(token: &str, body: &str, cuts: &[usize], hold: usize) -> Option<String> {
+        let mut s = scan(token);
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain(std::iter::once(&body.len())) {
+            let pieces = s
+                .pass(Bytes::copy_from_slice(&body.as_bytes()[from..to]), hold)
+                .ok()?;
+            for piece in pieces {
+                out.extend_from_slice(&piece);
+            }
+            from = to;
+        }
+        out.extend_from_slice(&s.end().ok()?);
+        Some(String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn no_part_of_a_split_token_is_relayed_before_it_is_found() {
+        let token = "secret-token-value";
+        let body = format!("{}{token}{}", "a".repeat(40), "b".repeat(10));
+        for cut in 1..body.len() {
+            assert_eq!(relayed(token, &body, &[cut], 1), None, "split at {cut}");
+        }
+        // Bytes that only looked like the token's start go once the next read shows they are
+        // not; a body without the token arrives whole, however it is split.
+        let clean = format!("{}secret-tok{}secret-", "a".repeat(40), "b".repeat(10));
+        for cut in 1..clean.len() {
+            assert_eq!(
+                relayed(token, &clean, &[cut], 1).as_deref(),
+                Some(clean.as_str()),
+                "split at {cut}"
+            );
+        }
+        // A body that ends with a long run of the token's start is cut short.
+        assert_eq!(relayed(token, &format!("xx{}", &token[..10]), &[], 1), None);
+    }
+
+    #[test]
+    fn in_a_pipe_only_runs_of_pipe_hold_bytes_are_held() {
+        let token = "secret-token-value";
+        let mut s = scan(token);
+        // A message that ends in the token's first byte goes at once.
+        let [a, b] = s.pass(Bytes::from_static(b"hello s"), PIPE_HOLD).unwrap();
+        assert_eq!([&a[..], &b[..]].concat(), b"hello s");
+        // One that ends in eight of them waits for the next read.
+        let [a, b] = s
+            .pass(Bytes::from_static(b"x secret-t"), PIPE_HOLD)
+            .unwrap();
+        assert_eq!([&a[..], &b[..]].concat(), b"x ");
+        assert_eq!(
+            s.pass(Bytes::from_static(b"oken-value"), PIPE_HOLD),
+            Err(Reflected)
+        );
     }
 
     #[test]
