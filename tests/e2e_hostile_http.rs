@@ -169,6 +169,27 @@ async fn paths_an_origin_could_read_differently_are_refused() {
             ));
         }
     }
+    // Raw bytes outside ASCII (RFC 3986 has none): UTF-8 as text, a Unicode direction
+    // override that would show an approver another path, bytes that are not UTF-8 at all.
+    for raw in [
+        &b"/caf\xc3\xa9"[..],
+        b"/a/\xe2\x80\xaetxt.exe",
+        b"/a?q=\xc3\xa9",
+        b"/\xff\xfe",
+    ] {
+        let mut request = format!("GET http://{authority}").into_bytes();
+        request.extend_from_slice(raw);
+        request.extend_from_slice(format!(" HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes());
+        let answer = raw_exchange(gw.egress, &request);
+        if status(&answer) != Some(400) || origin.requests() > 0 {
+            failures.push(format!(
+                "{}: answered {:?}, {} request(s) reached the origin",
+                String::from_utf8_lossy(raw),
+                answer.lines().next(),
+                origin.requests()
+            ));
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Escapes of unreserved characters are the same path: allowed, and sent as written.
     let ok = curl(&["-x", &gw.proxy_url(), &format!("http://{authority}/%61b")]);
@@ -357,4 +378,109 @@ async fn heads_pingora_would_refuse_get_a_reason_a_log_line_and_an_audit_record(
         metrics.contains(r#"tollgate_requests_total{agent="a",decision="none",status="400"} 4"#),
         "{metrics}"
     );
+}
+
+/// Sends `request` and reads until the gateway closes the connection (or 5 s pass): the
+/// whole answer, and whether it closed by itself.
+fn exchange_until_closed(addr: std::net::SocketAddr, parts: &[&[u8]]) -> (String, bool) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s.write_all(part).expect("write");
+    }
+    let mut out = Vec::new();
+    let closed = loop {
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).to_string(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let (gw, origin) = world();
+    let authority = format!("127.0.0.1:{}", origin.port());
+    let request = |method: &str, path: &str, extra: &str| {
+        let body = if method == "POST" {
+            "Content-Length: 5\r\n\r\nhello"
+        } else {
+            "\r\n"
+        };
+        format!("{method} http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n{extra}{body}")
+    };
+    let chunked = format!(
+        "POST http://{authority}/chunked HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+    );
+    // The last request asks to close, so the gateway closes after answering it.
+    let last = request("GET", "/second", "Connection: close\r\n");
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "two GETs in one write",
+            vec![request("GET", "/first", "") + &last],
+        ),
+        (
+            "a POST and its body, then a GET, in one write",
+            vec![request("POST", "/first", "") + &last],
+        ),
+        (
+            "a chunked POST, then a GET, in one write",
+            vec![chunked.clone() + &last],
+        ),
+        (
+            "a GET sent while the first is with the origin",
+            vec![request("GET", "/sleep/300", ""), last.clone()],
+        ),
+        (
+            "a GET sent after a POST's body, before its answer",
+            vec![request("POST", "/sleep/300", ""), last.clone()],
+        ),
+        ("a head split across the two writes", {
+            let both = request("GET", "/sleep/300", "") + &last;
+            let cut = both.len() - last.len() + 10;
+            vec![both[..cut].to_string(), both[cut..].to_string()]
+        }),
+    ];
+    for (name, parts) in cases {
+        let before = origin.requests();
+        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+        let (answer, closed) = exchange_until_closed(gw.egress, &parts);
+        assert!(closed, "{name}: the connection hung after {answer:?}");
+        let statuses: Vec<&str> = answer
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &answer[i + 9..i + 12])
+            .collect();
+        assert_eq!(statuses, ["200", "200"], "{name}: {answer:?}");
+        let second = answer.rfind("HTTP/1.1 ").unwrap_or_default();
+        assert!(
+            !answer[..second].contains("/second")
+                && answer[second..].contains("\"target\":\"/second\""),
+            "{name}: the answers are out of order: {answer:?}"
+        );
+        assert_eq!(origin.requests() - before, 2, "{name}");
+    }
+    // A pipelined head is checked like any other: one the gateway refuses is answered as
+    // such after the first, and never reaches the origin.
+    let before = origin.requests();
+    let smuggling = format!(
+        "POST http://{authority}/a HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let both = request("GET", "/first", "") + &smuggling;
+    let (answer, closed) = exchange_until_closed(gw.egress, &[both.as_bytes()]);
+    assert!(closed, "the connection hung after {answer:?}");
+    let second = answer.rfind("HTTP/1.1 ").unwrap_or_default();
+    assert!(
+        status(&answer) == Some(200) && answer[second..].starts_with("HTTP/1.1 400"),
+        "{answer:?}"
+    );
+    assert_eq!(origin.requests() - before, 1);
 }

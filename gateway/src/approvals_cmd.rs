@@ -8,6 +8,7 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use crate::admin_client::{self, call, ApiArgs, Failure};
+use tollgate_gateway::shown::for_person;
 
 /// Approver commands.
 #[derive(Subcommand)]
@@ -139,9 +140,9 @@ fn print_table(approvals: &[Value]) {
             a["id"].as_str().unwrap_or("?"),
             a["state"].as_str().unwrap_or("?"),
             a["agent"].as_str().unwrap_or("?"),
-            a["method"].as_str().unwrap_or("?"),
+            for_person(a["method"].as_str().unwrap_or("?")),
             waits,
-            a["url"].as_str().unwrap_or("?"),
+            for_person(a["url"].as_str().unwrap_or("?")),
         );
     }
 }
@@ -153,7 +154,7 @@ fn print_record(record: &Value) {
     };
     for (key, value) in fields {
         let shown = match value {
-            Value::String(s) => s.clone(),
+            Value::String(s) => for_person(s).into_owned(),
             Value::Null => "-".to_string(),
             other => other.to_string(),
         };

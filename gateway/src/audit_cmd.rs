@@ -118,7 +118,9 @@ async fn chain_report(api: &ApiArgs, agent: &str) -> Result<Value, Failure> {
 
 /// One record as a line: position, time, request, outcome.
 fn line(r: &Value) -> String {
-    let text = |key: &str| r[key].as_str().unwrap_or("-").to_string();
+    let text = |key: &str| {
+        tollgate_gateway::shown::for_person(r[key].as_str().unwrap_or("-")).into_owned()
+    };
     let at = r["at"].as_u64().unwrap_or(0);
     let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
         .ok()

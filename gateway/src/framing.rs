@@ -26,6 +26,7 @@ use pingora::protocols::http::authority::{
     is_http_family_scheme, raw_target_authority, RawTargetAuthority,
 };
 
+use crate::pipeline::BodyEnd;
 use crate::reply::Refusal;
 
 /// Longest request target accepted (the URL as sent), in bytes.
@@ -53,9 +54,18 @@ pub struct Unframed {
     pub line: RequestLine,
 }
 
-/// How far a head in `buf` has arrived: its length once complete and well framed;
-/// `Ok(None)` while more is needed; why it cannot be taken.
-pub fn check_head(buf: &[u8]) -> Result<Option<usize>, Box<Unframed>> {
+/// A complete, well-framed request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Its length in bytes, blank line included.
+    pub len: usize,
+    /// Where the request's body ends.
+    pub body: BodyEnd,
+}
+
+/// How far a head in `buf` has arrived: the head once complete and well framed; `Ok(None)`
+/// while more is needed; why it cannot be taken.
+pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Box<Unframed>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let parsed = request.parse(buf);
@@ -93,8 +103,33 @@ pub fn check_head(buf: &[u8]) -> Result<Option<usize>, Box<Unframed>> {
     };
     match refusal(&request, &buf[..len]) {
         Some(refusal) => refuse(refusal, line),
-        None => Ok(Some(len)),
+        None => Ok(Some(Head {
+            len,
+            body: body_end(&request),
+        })),
     }
+}
+
+/// Where the body of a request whose framing [`refusal`] accepted ends.
+fn body_end(req: &httparse::Request<'_, '_>) -> BodyEnd {
+    let mut end = BodyEnd::Empty;
+    for header in req.headers.iter() {
+        if header.name.eq_ignore_ascii_case("upgrade") {
+            return BodyEnd::Open;
+        }
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            end = BodyEnd::Chunked;
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            end = match std::str::from_utf8(header.value).map(str::parse::<u64>) {
+                Ok(Ok(0)) => BodyEnd::Empty,
+                Ok(Ok(n)) => BodyEnd::Length(n),
+                // Refused before this is asked.
+                _ => BodyEnd::Open,
+            };
+        }
+    }
+    end
 }
 
 fn refusal(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Refusal> {
@@ -266,11 +301,23 @@ mod tests {
     }
 
     #[test]
-    fn a_well_framed_head_passes_and_says_where_it_ends() {
+    fn a_well_framed_head_passes_and_says_where_it_and_its_body_end() {
         let head =
             "POST http://a.test/x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello";
-        let len = check_head(head.as_bytes()).unwrap().unwrap();
-        assert_eq!(len, head.len() - 5);
+        let checked = check_head(head.as_bytes()).unwrap().unwrap();
+        assert_eq!(checked.len, head.len() - 5);
+        assert_eq!(checked.body, BodyEnd::Length(5));
+        let body_of = |extra: &str| {
+            let head = format!("POST http://a.test/x HTTP/1.1\r\nHost: a.test\r\n{extra}\r\n");
+            check_head(head.as_bytes()).unwrap().unwrap().body
+        };
+        assert_eq!(body_of(""), BodyEnd::Empty);
+        assert_eq!(body_of("Content-Length: 0\r\n"), BodyEnd::Empty);
+        assert_eq!(body_of("Transfer-Encoding: chunked\r\n"), BodyEnd::Chunked);
+        assert_eq!(
+            body_of("Upgrade: websocket\r\nConnection: upgrade\r\n"),
+            BodyEnd::Open
+        );
         let line = check_head(b"POST http://a.test/x HTTP/1.1\r\nHost: b.test\r\n\r\n")
             .expect_err("another host")
             .line;

@@ -31,8 +31,9 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 
-use crate::framing::{self, RequestLine};
+use crate::framing::{self, Head, RequestLine};
 use crate::h2_refusals::RefusedStream;
+use crate::pipeline::Pipeline;
 use crate::proxy::Egress;
 use crate::reply::{self, Refusal};
 
@@ -77,15 +78,19 @@ impl RefusedHead {
 /// request handed to `proxy`; `refused` records a head that failed.
 pub async fn serve_http1(
     proxy: &Arc<HttpProxy<Egress>>,
-    mut stream: Stream,
+    stream: Stream,
     head_timeout: Duration,
     shutdown: &ShutdownWatch,
     refused: impl Fn(&RefusedHead),
 ) {
+    // pingora is given one request at a time; bytes of the next, sent before the answer,
+    // wait in `pipeline` and start the next head.
+    let (mut stream, pipeline) = Pipeline::wrap(stream);
     let mut settings: Option<HttpPersistentSettings> = None;
     loop {
-        let head = match next_head(&mut stream, head_timeout, shutdown).await {
-            Ok(Some(head)) => head,
+        let sent_ahead = pipeline.next_head();
+        let request = match next_head(&mut stream, sent_ahead, head_timeout, shutdown).await {
+            Ok(Some((buf, head))) => pipeline.serve(buf, head.len, head.body),
             Ok(None) => return,
             Err(head) => {
                 refused(&head);
@@ -96,7 +101,8 @@ pub async fn serve_http1(
         let mut session = ServerSession::new_http1(stream);
         match settings.take() {
             // What pingora kept of the connection (keep-alive time, requests left). It would
-            // also carry bytes read past the last request if pipelining were on; it is not.
+            // also carry bytes read past the last request if its pipelining were on; it is
+            // not, and `pipeline` keeps such bytes from it.
             Some(kept) => kept.apply_to_session(&mut session),
             None => {
                 session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_IDLE.as_secs()));
@@ -107,7 +113,7 @@ pub async fn serve_http1(
                 );
             }
         }
-        session.set_pipelined_prefix(head);
+        session.set_pipelined_prefix(request);
         let Some(reused) = proxy.process_new_http(session, shutdown).await else {
             return;
         };
@@ -117,22 +123,26 @@ pub async fn serve_http1(
     }
 }
 
-/// Reads the next request head: the bytes read (the head and whatever followed it), `None`
-/// when the connection closes, idles out or the gateway shuts down before one starts, or
-/// when a started head is not complete in time (the connection is then just closed).
+/// Reads the next request head, after the bytes `buf` already has (sent ahead, pipelined):
+/// the bytes read (the head and whatever followed it) and the head, `None` when the
+/// connection closes, idles out or the gateway shuts down before one starts, or when a
+/// started head is not complete in time (the connection is then just closed).
 async fn next_head(
     stream: &mut Stream,
+    mut buf: BytesMut,
     head_timeout: Duration,
     shutdown: &ShutdownWatch,
-) -> Result<Option<BytesMut>, Box<RefusedHead>> {
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut stopping = shutdown.clone();
-    let first = tokio::select! {
-        read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read_buf(&mut buf)) => read,
-        _ = stopping.wait_for(|stop| *stop) => return Ok(None),
-    };
-    if !matches!(first, Ok(Ok(n)) if n > 0) {
-        return Ok(None);
+) -> Result<Option<(BytesMut, Head)>, Box<RefusedHead>> {
+    if buf.is_empty() {
+        buf.reserve(4096);
+        let mut stopping = shutdown.clone();
+        let first = tokio::select! {
+            read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read_buf(&mut buf)) => read,
+            _ = stopping.wait_for(|stop| *stop) => return Ok(None),
+        };
+        if !matches!(first, Ok(Ok(n)) if n > 0) {
+            return Ok(None);
+        }
     }
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + head_timeout;
@@ -145,7 +155,7 @@ async fn next_head(
         scanned = buf.len();
         if ended || buf.len() > framing::MAX_HEAD_BYTES {
             match framing::check_head(&buf) {
-                Ok(Some(_)) => return Ok(Some(buf)),
+                Ok(Some(head)) => return Ok(Some((buf, head))),
                 Ok(None) => {}
                 Err(unframed) => {
                     let framing::Unframed { refusal, line } = *unframed;

@@ -56,15 +56,18 @@ pub mod intercept;
 pub mod listener;
 pub mod metrics;
 pub mod obo;
+pub mod pipeline;
 pub mod proxy;
 pub mod queue;
 pub mod quota;
 pub mod replay;
 pub mod reply;
 pub mod server;
+pub mod shown;
 pub mod telemetry;
 pub mod toolcall;
 pub mod upstream;
+mod wrapped_stream;
 
 pub use config::Config;
 pub use server::{start, RunningGateway, StartError};

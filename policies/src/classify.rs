@@ -161,6 +161,11 @@ pub enum PathError {
     /// any valid path, and parsers disagree on where it ends one.
     #[error("the path has a control character or unencoded whitespace")]
     ForbiddenCharacter,
+    /// A raw byte outside ASCII anywhere in the target (RFC 3986 allows none): origins
+    /// decode it differently, and as text it can show a person another path (a Unicode
+    /// direction override).
+    #[error("the request target has a raw non-ASCII character: percent-encode it")]
+    NonAscii,
 }
 
 /// The path (query and fragment dropped) in the one spelling the policies compare:
@@ -170,6 +175,9 @@ pub enum PathError {
 /// characters, broken escapes — is an error rather than a guess, because a policy on
 /// `/subscriptions/a` must not be passed by a request that the origin runs against `b`.
 pub fn canonical_path(raw: &str) -> Result<String, PathError> {
+    if !raw.is_ascii() {
+        return Err(PathError::NonAscii);
+    }
     let raw = raw.split(['?', '#']).next().unwrap_or_default();
     if raw.is_empty() {
         return Ok("/".to_string());
@@ -453,7 +461,10 @@ mod tests {
             ("/a%00", PathError::ForbiddenCharacter),
             ("/a\tb", PathError::ForbiddenCharacter),
             ("/subscriptions/s /x", PathError::ForbiddenCharacter),
-            ("/a\u{a0}b", PathError::ForbiddenCharacter),
+            ("/a\u{a0}b", PathError::NonAscii),
+            ("/caf\u{e9}", PathError::NonAscii),
+            ("/a/\u{202e}fdp.exe", PathError::NonAscii),
+            ("/a?q=\u{e9}", PathError::NonAscii),
         ] {
             assert_eq!(canonical_path(raw), Err(why), "{raw:?}");
         }
