@@ -577,3 +577,105 @@ async fn interim_answers_before_a_released_requests_answer_are_dropped() {
     );
     origin.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_is_decided_again_when_it_is_released() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir).expect("policy dir");
+    std::fs::write(
+        policy_dir.join("read-only.cedar"),
+        "@id(\"read-only-no-writes\")\nforbid (principal, action == Action::\"write\", resource) \
+         when { principal.run_mode == \"ReadOnly\" };\n",
+    )
+    .expect("policy");
+    let gw = start_in(dir, "");
+    let url = format!("http://127.0.0.1:{}/things", origin.port());
+    // Holds one write and approves it once `change` has been made: returns its answer and
+    // the approval as stored.
+    let approve_after = |change: &dyn Fn()| {
+        let held = post_in_background(&gw, &url, "{}", &[]);
+        let approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
+        let id = approval["id"].as_str().expect("id").to_string();
+        change();
+        let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+        assert_eq!(approved.status, 200, "{approved:?}");
+        (held, id)
+    };
+
+    // The agent's run mode changed to ReadOnly while its write waited.
+    let (held, id) = approve_after(&|| {
+        let put = gw.admin_call(
+            "PUT",
+            "/v1/agents/a",
+            Some(r#"{"run_mode":"ReadOnly","peers":["127.0.0.1"]}"#),
+        );
+        assert_eq!(put.status, 200, "{put:?}");
+    });
+    let answer = held.await.expect("curl");
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(
+        answer.json()["policies"][0],
+        "read-only-no-writes",
+        "{answer:?}"
+    );
+    let record = wait_state(&gw, &id, "approved");
+    assert!(
+        record["not_sent"]
+            .as_str()
+            .is_some_and(|why| why.contains("no longer allowed")),
+        "{record}"
+    );
+    assert_eq!(origin.requests(), 0, "a write no longer allowed was sent");
+
+    // The policy set was reloaded with a forbid no approval lifts.
+    let put = gw.admin_call(
+        "PUT",
+        "/v1/agents/a",
+        Some(r#"{"run_mode":"Review","peers":["127.0.0.1"]}"#),
+    );
+    assert_eq!(put.status, 200, "{put:?}");
+    let policy_file = gw.policy_dir().join("closed.cedar");
+    let (held, id) = approve_after(&|| {
+        std::fs::write(
+            &policy_file,
+            "@id(\"writes-closed\")\nforbid (principal, action == Action::\"write\", resource);\n",
+        )
+        .expect("policy");
+        let reloaded = gw.admin_call("POST", "/v1/policies/reload", None);
+        assert_eq!(reloaded.status, 200, "{reloaded:?}");
+    });
+    let answer = held.await.expect("curl");
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(answer.json()["policies"][0], "writes-closed", "{answer:?}");
+    let record = wait_state(&gw, &id, "approved");
+    assert!(
+        record["not_sent"]
+            .as_str()
+            .is_some_and(|why| why.contains("writes-closed")),
+        "{record}"
+    );
+    assert_eq!(
+        origin.requests(),
+        0,
+        "a write the policies now forbid was sent"
+    );
+    std::fs::remove_file(&policy_file).expect("policy");
+    assert_eq!(
+        gw.admin_call("POST", "/v1/policies/reload", None).status,
+        200
+    );
+
+    // The agent was removed while its write waited: refused, nothing sent.
+    let held = post_in_background(&gw, &url, "{}", &[]);
+    wait_for_approvals(&gw, "state=pending", 1);
+    assert_eq!(gw.admin_call("DELETE", "/v1/agents/a", None).status, 204);
+    let answer = held.await.expect("curl");
+    assert_eq!(answer.status, 403, "{answer:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(origin.requests(), 0, "a removed agent's write was sent");
+}

@@ -214,6 +214,7 @@ impl Approvals {
             reason: None,
             sealed_obo_token: None,
             obo_audience: request.obo_audience,
+            not_sent: None,
         };
         let (slot, decided) = self.reserve(&record, request.max_pending)?;
         let store = self.store.clone();
@@ -408,6 +409,24 @@ impl Approvals {
             "approval decided"
         );
         Ok(record)
+    }
+
+    /// Records on approval `id` why its approved request was not sent after all (the
+    /// decision at release refused it). Logged, never fatal: the request is refused anyway.
+    pub async fn not_sent(&self, id: &str, why: &str) {
+        let store = self.store.clone();
+        let (owned_id, owned_why) = (id.to_string(), why.to_string());
+        let noted =
+            tokio::task::spawn_blocking(move || store.not_sent(&owned_id, &owned_why)).await;
+        match noted {
+            Ok(Ok(_)) => tracing::info!(approval = id, why, "approved request not sent"),
+            Ok(Err(e)) => {
+                tracing::warn!(approval = id, error = %e, "could not record why an approved request was not sent")
+            }
+            Err(e) => {
+                tracing::warn!(approval = id, error = %e, "could not record why an approved request was not sent")
+            }
+        }
     }
 
     /// Denies every pending request of `agent` (the agent is being removed).

@@ -275,8 +275,9 @@ impl Egress {
             crate::framing::check_decoded(session.req_header())?;
         }
         // 1. Who is asking.
-        let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
-            .map_err(|e| identity_refusal(&e))?;
+        let mut agent =
+            identity::identify(&self.shared.registry, &self.binding, client_ip(session))
+                .map_err(|e| identity_refusal(&e))?;
         ctx.agent = Some(agent.clone());
         // 1a. Within what this agent may use: its request rate and body size.
         self.shared.quotas.start_request(&agent)?;
@@ -359,6 +360,10 @@ impl Egress {
             })?;
             body = Some(held);
             lent = released.obo_token.zip(released.record.approver);
+            // 5a. Decided again at release, with what is in force now: while it waited, the
+            //     policies may have been reloaded, the agent's run mode changed, or the agent
+            //     removed; an approval lifts only what asked for it.
+            agent = self.decide_at_release(&agent, &request, ctx).await?;
         }
         ctx.decision = Some(decision);
         // 6. Credentials: the sandbox's are stripped; a token for this tool call — or the one
@@ -417,6 +422,51 @@ impl Egress {
             },
             None => Admitted::Proxy,
         })
+    }
+
+    /// The agent record in force at the release of its approved request, if the policies in
+    /// force then, asked again (with `approved = true`), still allow the request. Otherwise
+    /// the request is refused — 403 with the deciding policies, or `agent_removed` — and its
+    /// approval record says why it was not sent.
+    async fn decide_at_release(
+        &self,
+        agent: &Agent,
+        request: &tollgate_policy::RequestFacts,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<Agent>, Stop> {
+        let refusal = match self.shared.registry.get(&agent.id) {
+            None => Refusal::new(
+                403,
+                "agent_removed",
+                format!(
+                    "agent {:?} was removed while its request waited for approval; nothing \
+                     was sent",
+                    agent.id
+                ),
+            ),
+            Some(now) => {
+                let (decision, engine) = self.shared.policies.decide(&now, request);
+                if decision.outcome != Outcome::Deny {
+                    return Ok(now);
+                }
+                let refusal = Refusal::new(
+                    403,
+                    "denied",
+                    format!(
+                        "approved, but no longer allowed when released (policy version {}): {}",
+                        engine.version(),
+                        decision.reason
+                    ),
+                )
+                .with_decision(&decision, engine.version());
+                ctx.decision = Some(decision);
+                refusal
+            }
+        };
+        if let Some(id) = &ctx.approval {
+            self.shared.approvals.not_sent(id, &refusal.detail).await;
+        }
+        Err(refusal.into())
     }
 
     /// Refuses the request if its tool call closed since it was attributed to it (while it

@@ -101,6 +101,11 @@ pub struct ApprovalRecord {
     /// lent for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub obo_audience: Option<String>,
+    /// Why an approved request was not sent after all: at its release the gateway decided
+    /// again, with the policies and the agent record then in force, and they no longer
+    /// allowed it (the policy set was reloaded, the run mode changed, the agent was removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_sent: Option<String>,
 }
 
 /// What a person (or the clock) decided about a pending approval.

@@ -512,18 +512,7 @@ impl Store {
         }
         let _one_at_a_time = self.settling.lock();
         let open = self.opened()?;
-        let agent = open
-            .approval_owner
-            .read()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
-        let space = open
-            .existing_space(&agent)
-            .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
-        let mut record = read_approval(&space.keyspace, id)
-            .map_err(|e| self.with_path(e))?
-            .ok_or_else(|| StoreError::NoApproval(id.to_string()))?;
+        let (space, mut record) = self.stored_approval(&open, id)?;
         if record.state != ApprovalState::Pending {
             return Err(StoreError::AlreadySettled {
                 id: id.to_string(),
@@ -537,6 +526,43 @@ impl Store {
         if let Some(sealed) = settlement.sealed_obo_token {
             record.sealed_obo_token = Some(sealed);
         }
+        self.write_approval(&open, &space, &record)?;
+        Ok(record)
+    }
+
+    /// The approval with this id and the agent space that holds it.
+    fn stored_approval(
+        &self,
+        open: &Opened,
+        id: &str,
+    ) -> Result<(Arc<AgentSpace>, ApprovalRecord), StoreError> {
+        let missing = || StoreError::NoApproval(id.to_string());
+        let agent = open
+            .approval_owner
+            .read()
+            .get(id)
+            .cloned()
+            .ok_or_else(missing)?;
+        let space = open.existing_space(&agent).ok_or_else(missing)?;
+        let record = read_approval(&space.keyspace, id)
+            .map_err(|e| self.with_path(e))?
+            .ok_or_else(missing)?;
+        Ok((space, record))
+    }
+
+    /// Records on an approved request why it was not sent after all (`not_sent`): the
+    /// decision at its release no longer allowed it. Once; the approval itself stands.
+    pub fn not_sent(&self, id: &str, why: &str) -> Result<ApprovalRecord, StoreError> {
+        let _one_at_a_time = self.settling.lock();
+        let open = self.opened()?;
+        let (space, mut record) = self.stored_approval(&open, id)?;
+        if record.state != ApprovalState::Approved || record.not_sent.is_some() {
+            return Err(StoreError::AlreadySettled {
+                id: id.to_string(),
+                state: record.state,
+            });
+        }
+        record.not_sent = Some(why.to_string());
         self.write_approval(&open, &space, &record)?;
         Ok(record)
     }
@@ -834,6 +860,7 @@ mod tests {
             reason: None,
             sealed_obo_token: None,
             obo_audience: None,
+            not_sent: None,
         }
     }
 
@@ -932,6 +959,41 @@ mod tests {
             store.audit("a1", 0, 10),
             Err(StoreError::NoAgent(_))
         ));
+    }
+
+    #[test]
+    fn an_approved_request_not_sent_after_all_says_why_once_and_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert_approval(&pending("p1", "a1")).unwrap();
+            // Only an approved request can be not sent.
+            assert!(matches!(
+                store.not_sent("p1", "why"),
+                Err(StoreError::AlreadySettled { .. })
+            ));
+            let approved = Settlement {
+                state: ApprovalState::Approved,
+                approver: Some("ann".into()),
+                reason: None,
+                sealed_obo_token: None,
+            };
+            store.settle("p1", approved).unwrap();
+            let record = store.not_sent("p1", "policy reloaded").unwrap();
+            assert_eq!(record.state, ApprovalState::Approved);
+            assert!(matches!(
+                store.not_sent("p1", "again"),
+                Err(StoreError::AlreadySettled { .. })
+            ));
+            assert!(matches!(
+                store.not_sent("nope", "why"),
+                Err(StoreError::NoApproval(_))
+            ));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let record = store.approval("p1").unwrap().unwrap();
+        assert_eq!(record.not_sent.as_deref(), Some("policy reloaded"));
+        assert_eq!(record.approver.as_deref(), Some("ann"));
     }
 
     #[test]
