@@ -215,3 +215,48 @@ fn an_agent_registered_over_the_api_keeps_its_limits() {
     );
     assert_eq!(unknown.status, 400, "{unknown:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_count_against_the_request_rate() {
+    let (gw, origin) = world();
+    let connect = format!(
+        "CONNECT 127.0.0.1:{0} HTTP/1.1\r\nHost: 127.0.0.1:{0}\r\n\r\n",
+        origin.port()
+    );
+    // a's rate is 5 per second: of 12 CONNECTs back to back, about one second's burst opens
+    // a tunnel (and would mint a leaf); the rest are refused before any of that.
+    let answers: Vec<String> = (0..12)
+        .map(|_| {
+            use std::io::{Read, Write};
+            let mut s = TcpStream::connect(gw.egress).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            s.write_all(connect.as_bytes()).expect("write");
+            let mut buf = [0u8; 2048];
+            let n = s.read(&mut buf).unwrap_or(0);
+            // Closed at once: a's limit of 2 connections must not be what refuses the next.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            std::thread::sleep(Duration::from_millis(20));
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        })
+        .collect();
+    let opened = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    let limited: Vec<&String> = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 429"))
+        .collect();
+    assert!((4..=7).contains(&opened), "{answers:?}");
+    assert_eq!(opened + limited.len(), 12, "{answers:?}");
+    assert!(limited[0].contains("rate_limited"), "{:?}", limited[0]);
+    // Each refusal is audited as the agent's.
+    let records = audit_records(&gw, "a", 12 - opened);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["method"] == "CONNECT" && r["status"] == 429),
+        "{records:?}"
+    );
+}

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tollgate_storage::{AuditRecord, Store};
 
 use crate::queue::DropQueue;
+use crate::reply::Refusal;
 use crate::target::Target;
 
 /// Records waiting for the writer at most.
@@ -94,15 +95,16 @@ impl AuditTrail {
     }
 }
 
-/// The audit record of a CONNECT the policies refused as a whole (every request to its
-/// target would be denied): no request inside it was read, so the record names the tunnel,
-/// with its authority (`host:port`) as the host and no path.
+/// The audit record of a CONNECT refused as a whole — by the policies (every request to its
+/// target would be denied: `policies` name them) or by the agent's request rate: no request
+/// inside it was read, so the record names the tunnel, with its authority (`host:port`) as
+/// the host and no path.
 pub fn refused_tunnel(
     agent: &str,
     tool_call: Option<String>,
     target: &Target,
     policies: Vec<String>,
-    status: u16,
+    refusal: &Refusal,
 ) -> AuditRecord {
     AuditRecord {
         seq: 0,
@@ -112,13 +114,13 @@ pub fn refused_tunnel(
         method: "CONNECT".into(),
         host: format!("{}:{}", target.host, target.port),
         path: String::new(),
-        decision: "deny".into(),
+        decision: if policies.is_empty() { "none" } else { "deny" }.into(),
         policies,
         approval: None,
         approval_wait_ms: None,
         credential: None,
-        status,
-        error: Some("denied".into()),
+        status: refusal.status,
+        error: Some(refusal.error.to_string()),
         bytes_in: 0,
         bytes_out: 0,
         latency_us: 0,

@@ -236,23 +236,31 @@ impl ServerApp for EgressApp {
                         agent: None,
                         refusal: Box::new(identity_refusal(&e)),
                     })?;
+                let refused = |refusal: Refusal, policies: Vec<String>| {
+                    let tool_call = self.shared.tool_calls.current(&agent.id, None);
+                    self.shared.audit.record(audit::refused_tunnel(
+                        &agent.id,
+                        tool_call.map(|tc| tc.id),
+                        target,
+                        policies,
+                        &refusal,
+                    ));
+                    Err(NotAdmitted {
+                        agent: Some(agent.id.clone()),
+                        refusal: Box::new(refusal),
+                    })
+                };
+                // A tunnel counts against the agent's request rate: its leaf certificate and
+                // handshake are the most a sandbox can make the gateway do.
+                if let Err(refusal) = self.shared.quotas.start_request(&agent) {
+                    return refused(refusal, Vec::new());
+                }
                 match self.shared.policies.decide_tunnel(&agent, target) {
                     None => Ok(()),
-                    Some((decision, version)) => {
-                        let refusal = Refusal::for_decision(&decision, &version);
-                        let tool_call = self.shared.tool_calls.current(&agent.id, None);
-                        self.shared.audit.record(audit::refused_tunnel(
-                            &agent.id,
-                            tool_call.map(|tc| tc.id),
-                            target,
-                            decision.policies,
-                            refusal.status,
-                        ));
-                        Err(NotAdmitted {
-                            agent: Some(agent.id.clone()),
-                            refusal: Box::new(refusal),
-                        })
-                    }
+                    Some((decision, version)) => refused(
+                        Refusal::for_decision(&decision, &version),
+                        decision.policies,
+                    ),
                 }
             };
         // Boxed: the handshake's state would otherwise stay in every connection's future,
