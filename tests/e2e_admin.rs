@@ -501,3 +501,34 @@ async fn the_embedded_default_serves_the_demo_agent_on_port_3128() {
     assert_eq!(r.json()["policies"][0], "allowlist");
     assert!(gw.log_contains("agent=\"local\""), "{}", gw.log());
 }
+
+#[test]
+fn the_admin_api_closes_connections_whose_head_is_slow_or_never_comes() {
+    use std::io::{Read, Write};
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}[limits]\nhandshake_timeout_ms = 500\nrequest_head_timeout_ms = 500\n"
+    );
+    let gw = Gateway::start_with_policies(&config, &[ALLOW_ALL]);
+    // How long the admin API keeps a connection that sent `sent` (or nothing) open.
+    let kept_open = |sent: &[u8]| {
+        let mut s = std::net::TcpStream::connect(gw.admin).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let started = std::time::Instant::now();
+        s.write_all(sent).expect("write");
+        let mut buf = [0u8; 512];
+        let closed = matches!(s.read(&mut buf), Ok(0) | Err(_)) && started.elapsed().as_secs() < 5;
+        (closed, started.elapsed())
+    };
+    for sent in [&b""[..], b"GET /v1/agents HTTP/1.1\r\nHost: x\r\n"] {
+        let (closed, after) = kept_open(sent);
+        assert!(
+            closed,
+            "a connection that sent {:?} was still open after {after:?}",
+            String::from_utf8_lossy(sent)
+        );
+    }
+    // A whole head is still answered.
+    let ok = admin(&gw, "GET", "/healthz", None, None);
+    assert_eq!(ok.status, 200, "{ok:?}");
+}

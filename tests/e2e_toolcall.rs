@@ -111,7 +111,8 @@ fn bad_tool_call_requests_get_clear_errors() {
         return;
     }
     let config = format!(
-        "{EPHEMERAL_LISTENERS}\n[[agents]]\nid = \"a\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n"
+        "{EPHEMERAL_LISTENERS}\n[[agents]]\nid = \"a\"\nrun_mode = \"Review\"\npeers = [\"127.0.0.1\"]\n\
+         limits = {{ open_tool_calls = 2 }}\n"
     );
     let gw = Gateway::start_with_policies(&config, &[ALLOW_ALL]);
     let cases = [
@@ -121,6 +122,9 @@ fn bad_tool_call_requests_get_clear_errors() {
         ("/v1/agents/a/tool-calls", r#"{"nope":1}"#, 400),
         ("/v1/agents/a/tool-calls", r#"{"id":"dup"}"#, 201),
         ("/v1/agents/a/tool-calls", r#"{"id":"dup"}"#, 409),
+        // a may have two open (its limits.open_tool_calls): the third is refused.
+        ("/v1/agents/a/tool-calls", r#"{"id":"second"}"#, 201),
+        ("/v1/agents/a/tool-calls", r#"{"id":"third"}"#, 429),
     ];
     for (path, body, status) in cases {
         let r = gw.admin_call("POST", path, Some(body));
@@ -132,6 +136,16 @@ fn bad_tool_call_requests_get_clear_errors() {
             );
         }
     }
+    let third = gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"third"}"#));
+    assert_eq!(third.json()["error"], "too_many_tool_calls", "{third:?}");
+    // Closing one makes room.
+    assert_eq!(
+        gw.admin_call("DELETE", "/v1/agents/a/tool-calls/dup", None)
+            .status,
+        204
+    );
+    let third = gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"third"}"#));
+    assert_eq!(third.status, 201, "{third:?}");
     // Removing the agent closes its tool calls.
     assert_eq!(gw.admin_call("DELETE", "/v1/agents/a", None).status, 204);
     let body = r#"{"run_mode":"Review","peers":["127.0.0.1"]}"#;

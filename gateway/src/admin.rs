@@ -33,7 +33,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
+use pingora::apps::ServerApp;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
 use subtle::ConstantTimeEq;
 
 use tollgate_policy::LoadError;
@@ -44,6 +47,7 @@ use crate::agent_listener::AgentListeners;
 use crate::approval::{Approvals, DecideError};
 use crate::credentials::{Credentials, Secret};
 use crate::decide::PolicyStore;
+use crate::head::HeadDeadlines;
 use crate::identity::{Agent, AgentRegistry, RegistryError, RunMode};
 use crate::metrics::{GaugeSources, Metrics};
 use crate::reply::Refusal;
@@ -104,6 +108,8 @@ pub struct AdminApi {
     pub policies: Arc<PolicyStore>,
     /// Open tool calls.
     pub tool_calls: Arc<ToolCalls>,
+    /// Agents' limits (how many tool calls each may have open).
+    pub quotas: Arc<crate::quota::Quotas>,
     /// Tokens to drop when tool calls close or agents go.
     pub credentials: Arc<Credentials>,
     /// Held requests.
@@ -348,13 +354,27 @@ impl AdminApi {
         let request: OpenToolCall = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("invalid tool call JSON: {e}")))?;
         let ttl = request.ttl_secs.map(std::time::Duration::from_secs);
-        match self.tool_calls.open(agent, &request.id, ttl) {
-            Ok(info) => {
+        let max_open = self
+            .registry
+            .get(agent)
+            .map(|a| self.quotas.of(&a).open_tool_calls)
+            .ok_or_else(|| no_agent(agent))?;
+        match self.tool_calls.open(agent, &request.id, ttl, max_open) {
+            Ok(opened) => {
+                if let Some((serial, id)) = &opened.ended {
+                    self.approvals
+                        .end_tool_call(&self.credentials, agent, *serial, id)
+                        .await;
+                }
+                let info = opened.info;
                 tracing::info!(agent, tool_call = %info.id, ttl_secs = ?request.ttl_secs, "tool call opened");
                 Ok(json(StatusCode::CREATED, &info))
             }
             Err(e @ ToolCallError::AlreadyOpen(_)) => {
                 Err(Refusal::new(409, "conflict", e.to_string()))
+            }
+            Err(e @ ToolCallError::TooMany(_)) => {
+                Err(Refusal::new(429, "too_many_tool_calls", e.to_string()))
             }
             Err(e) => Err(Refusal::bad_request(e.to_string())),
         }
@@ -453,6 +473,45 @@ impl AdminApi {
                 Err(Refusal::new(409, "conflict", e.to_string()))
             }
         }
+    }
+}
+
+/// The admin listener: each request head read and checked with the egress listener's
+/// deadlines ([`crate::head::serve_http1`]): a connection that sends nothing, or a head too
+/// slowly, is closed, so a slow client cannot hold the admin API's connections open.
+pub struct AdminApp {
+    api: Arc<AdminApi>,
+    deadlines: HeadDeadlines,
+}
+
+impl AdminApp {
+    /// `api`, behind the head deadlines.
+    pub fn new(api: AdminApi, deadlines: HeadDeadlines) -> Self {
+        AdminApp {
+            api: Arc::new(api),
+            deadlines,
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for AdminApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        crate::head::serve_http1(&self.api, stream, self.deadlines, shutdown, |refused| {
+            let refusal = &refused.refusal;
+            tracing::info!(
+                status = refusal.status,
+                error = refusal.error,
+                detail = %refusal.detail,
+                "admin request head refused"
+            );
+        })
+        .await;
+        None
     }
 }
 

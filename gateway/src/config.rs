@@ -363,6 +363,10 @@ pub struct LimitsConfig {
     /// Per agent: `limits.request_body_bytes`.
     #[serde(default)]
     pub agent_request_body_bytes: u64,
+    /// Tool calls one agent may have open at once; opening another gets 429. Per agent:
+    /// `limits.open_tool_calls`.
+    #[serde(default = "default_agent_open_tool_calls")]
+    pub agent_open_tool_calls: usize,
 }
 
 /// `[policy]`: where the Cedar policies come from.
@@ -840,6 +844,7 @@ impl LimitsConfig {
             requests_per_second: self.agent_requests_per_second,
             request_body_bytes: self.agent_request_body_bytes,
             pending_approvals: approvals.max_pending_per_agent,
+            open_tool_calls: self.agent_open_tool_calls,
         }
     }
 
@@ -928,6 +933,10 @@ fn default_connect_head_bytes() -> usize {
 fn default_agent_connections() -> usize {
     256
 }
+fn default_agent_open_tool_calls() -> usize {
+    1024
+}
+
 fn default_request_head_timeout_ms() -> u64 {
     10_000
 }
@@ -1011,6 +1020,7 @@ impl Default for LimitsConfig {
             agent_connections: default_agent_connections(),
             agent_requests_per_second: 0,
             agent_request_body_bytes: 0,
+            agent_open_tool_calls: default_agent_open_tool_calls(),
             worker_threads: 0,
         }
     }

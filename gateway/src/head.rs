@@ -27,14 +27,12 @@ use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 
 use crate::framing::{self, Head, RequestLine};
 use crate::h2_refusals::RefusedStream;
 use crate::pipeline::Pipeline;
-use crate::proxy::Egress;
 use crate::reply::{self, Refusal};
 
 /// How long a connection may wait for its next request head (pingora's keep-alive default).
@@ -74,22 +72,37 @@ impl RefusedHead {
     }
 }
 
+/// How long a connection may take over its request heads.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadDeadlines {
+    /// For the first byte of the connection's first head (later ones: [`KEEPALIVE_IDLE`]).
+    pub first_byte: Duration,
+    /// For a head, from its first byte to its blank line (`limits.request_head_timeout_ms`).
+    pub head: Duration,
+}
+
 /// Serves the HTTP/1 requests of one connection: each head read and checked here, then the
-/// request handed to `proxy`; `refused` records a head that failed.
-pub async fn serve_http1(
-    proxy: &Arc<HttpProxy<Egress>>,
+/// request handed to `app` (the egress proxy, or the admin API); `refused` records a head
+/// that failed.
+pub async fn serve_http1<A>(
+    app: &Arc<A>,
     stream: Stream,
-    head_timeout: Duration,
+    deadlines: HeadDeadlines,
     shutdown: &ShutdownWatch,
     refused: impl Fn(&RefusedHead),
-) {
+) where
+    A: HttpServerApp + Send + Sync + 'static,
+{
     // pingora is given one request at a time; bytes of the next, sent before the answer,
     // wait in `pipeline` and start the next head.
     let (mut stream, pipeline) = Pipeline::wrap(stream);
     let mut settings: Option<HttpPersistentSettings> = None;
+    let mut idle = deadlines.first_byte;
     loop {
         let sent_ahead = pipeline.next_head();
-        let request = match next_head(&mut stream, sent_ahead, head_timeout, shutdown).await {
+        let next = next_head(&mut stream, sent_ahead, idle, deadlines.head, shutdown).await;
+        idle = KEEPALIVE_IDLE;
+        let request = match next {
             Ok(Some((buf, head))) => pipeline.serve(buf, head.len, head.body),
             Ok(None) => return,
             Err(head) => {
@@ -107,14 +120,12 @@ pub async fn serve_http1(
             None => {
                 session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_IDLE.as_secs()));
                 session.set_keepalive_reuses_remaining(
-                    proxy
-                        .server_options()
-                        .and_then(|o| o.keepalive_request_limit),
+                    app.server_options().and_then(|o| o.keepalive_request_limit),
                 );
             }
         }
         session.set_pipelined_prefix(request);
-        let Some(reused) = proxy.process_new_http(session, shutdown).await else {
+        let Some(reused) = app.process_new_http(session, shutdown).await else {
             return;
         };
         let (next, kept) = reused.consume();
@@ -123,13 +134,15 @@ pub async fn serve_http1(
     }
 }
 
-/// Reads the next request head, after the bytes `buf` already has (sent ahead, pipelined):
+/// Reads the next request head, after the bytes `buf` already has (sent ahead, pipelined),
+/// waiting up to `idle` for its first byte:
 /// the bytes read (the head and whatever followed it) and the head, `None` when the
 /// connection closes, idles out or the gateway shuts down before one starts, or when a
 /// started head is not complete in time (the connection is then just closed).
 async fn next_head(
     stream: &mut Stream,
     mut buf: BytesMut,
+    idle: Duration,
     head_timeout: Duration,
     shutdown: &ShutdownWatch,
 ) -> Result<Option<(BytesMut, Head)>, Box<RefusedHead>> {
@@ -137,7 +150,7 @@ async fn next_head(
         buf.reserve(4096);
         let mut stopping = shutdown.clone();
         let first = tokio::select! {
-            read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read_buf(&mut buf)) => read,
+            read = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => read,
             _ = stopping.wait_for(|stop| *stop) => return Ok(None),
         };
         if !matches!(first, Ok(Ok(n)) if n > 0) {

@@ -182,6 +182,15 @@ impl EgressApp {
     }
 }
 
+impl EgressApp {
+    fn deadlines(&self) -> head::HeadDeadlines {
+        head::HeadDeadlines {
+            first_byte: self.first_bytes_timeout,
+            head: self.request_head_timeout,
+        }
+    }
+}
+
 #[async_trait]
 impl ServerApp for EgressApp {
     async fn process_new(
@@ -216,13 +225,9 @@ impl ServerApp for EgressApp {
         };
         if !is_connect {
             let known = agent.as_deref().ok();
-            head::serve_http1(
-                &self.proxy,
-                stream,
-                self.request_head_timeout,
-                shutdown,
-                |refused| record_refused_head(&self.shared, known, None, refused),
-            )
+            head::serve_http1(&self.proxy, stream, self.deadlines(), shutdown, |refused| {
+                record_refused_head(&self.shared, known, None, refused)
+            })
             .await;
             return None;
         }
@@ -291,7 +296,7 @@ impl ServerApp for EgressApp {
         head::serve_http1(
             &self.proxy,
             decrypted,
-            self.request_head_timeout,
+            self.deadlines(),
             shutdown,
             |refused| record_refused_head(&self.shared, known, tunnel.as_ref(), refused),
         )

@@ -33,6 +33,9 @@ pub struct AgentLimits {
     /// Requests held for approval at once; more get 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_approvals: Option<usize>,
+    /// Tool calls open at once; opening another gets 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_tool_calls: Option<usize>,
 }
 
 impl AgentLimits {
@@ -49,6 +52,9 @@ impl AgentLimits {
         if self.pending_approvals == Some(0) {
             return Err("limits.pending_approvals must be at least 1".into());
         }
+        if self.open_tool_calls == Some(0) {
+            return Err("limits.open_tool_calls must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -64,6 +70,8 @@ pub struct Effective {
     pub request_body_bytes: u64,
     /// Held requests at once.
     pub pending_approvals: usize,
+    /// Tool calls open at once.
+    pub open_tool_calls: usize,
 }
 
 impl Effective {
@@ -74,6 +82,7 @@ impl Effective {
             requests_per_second: own.requests_per_second.unwrap_or(self.requests_per_second),
             request_body_bytes: own.request_body_bytes.unwrap_or(self.request_body_bytes),
             pending_approvals: own.pending_approvals.unwrap_or(self.pending_approvals),
+            open_tool_calls: own.open_tool_calls.unwrap_or(self.open_tool_calls),
         }
     }
 }
@@ -258,6 +267,7 @@ mod tests {
         requests_per_second: 0,
         request_body_bytes: 0,
         pending_approvals: 16,
+        open_tool_calls: 4,
     };
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use tollgate_storage::{now_millis, Store};
 
-use crate::admin::{AdminApi, Approvers};
+use crate::admin::{AdminApi, AdminApp, Approvers};
 use crate::agent_listener::{AgentListeners, EgressApps};
 use crate::approval::Approvals;
 use crate::audit::AuditTrail;
@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::datadir::{self, FileError};
 use crate::decide::PolicyStore;
+use crate::head::HeadDeadlines;
 use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
 use crate::intercept::Interceptor;
 use crate::listener::{self, ListenerError};
@@ -200,6 +201,9 @@ pub async fn start(
     for (_, listen, socket) in &agent_sockets {
         own_addresses.push(local(socket, listen.address)?);
     }
+    let quotas = Arc::new(crate::quota::Quotas::new(
+        config.limits.agent_defaults(&config.approvals),
+    ));
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         policies: policies.clone(),
@@ -213,9 +217,7 @@ pub async fn start(
         audit: audit.clone(),
         metrics: metrics.clone(),
         telemetry: telemetry.clone(),
-        quotas: Arc::new(crate::quota::Quotas::new(
-            config.limits.agent_defaults(&config.approvals),
-        )),
+        quotas: quotas.clone(),
     });
 
     let (shutdown, watch) = watch::channel(false);
@@ -282,6 +284,7 @@ pub async fn start(
         registry: registry.clone(),
         policies: policies.clone(),
         tool_calls,
+        quotas,
         credentials,
         approvals,
         store,
@@ -289,10 +292,17 @@ pub async fn start(
         gauges,
         ready: ready.clone(),
     };
+    let admin_app = AdminApp::new(
+        admin_api,
+        HeadDeadlines {
+            first_byte: config.limits.handshake_timeout(),
+            head: config.limits.request_head_timeout(),
+        },
+    );
     tasks.push(listener::serve(
         "admin",
         admin_socket,
-        admin_api,
+        admin_app,
         None,
         watch.clone(),
     ));

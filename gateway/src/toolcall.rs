@@ -70,22 +70,69 @@ pub enum ToolCallError {
     /// The TTL is zero or longer than [`MAX_TTL`].
     #[error("ttl_secs must be between 1 and {}", MAX_TTL.as_secs())]
     BadTtl,
+    /// The agent has as many tool calls open as it may.
+    #[error(
+        "the agent has {0} tool calls open, its limit (limits.open_tool_calls): close finished \
+         ones first"
+    )]
+    TooMany(usize),
+}
+
+/// One agent's open tool calls, by id and by serial: opening, closing and finding one take
+/// the same time however many are open.
+#[derive(Default)]
+struct AgentCalls {
+    by_id: HashMap<String, Open>,
+    /// Serial → id, for [`ToolCalls::is_open`] (asked on every request with a tool call).
+    by_serial: HashMap<u64, String>,
+}
+
+impl AgentCalls {
+    fn remove(&mut self, id: &str) -> Option<Open> {
+        let call = self.by_id.remove(id)?;
+        self.by_serial.remove(&call.serial);
+        Some(call)
+    }
+
+    /// Drops the calls whose TTL has passed; returns them.
+    fn drop_expired(&mut self, now: Instant) -> Vec<Open> {
+        let expired: Vec<String> = self
+            .by_id
+            .values()
+            .filter(|c| !c.live(now))
+            .map(|c| c.id.clone())
+            .collect();
+        expired.iter().filter_map(|id| self.remove(id)).collect()
+    }
+}
+
+/// A tool call just opened.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// What the admin API shows of it.
+    pub info: ToolCallInfo,
+    /// The call of the same id it replaced, past its TTL but not yet ended: (serial, id).
+    pub ended: Option<(u64, String)>,
 }
 
 /// The open tool calls of every agent.
 #[derive(Default)]
 pub struct ToolCalls {
-    open: RwLock<HashMap<String, Vec<Open>>>,
+    open: RwLock<HashMap<String, AgentCalls>>,
 }
 
 impl ToolCalls {
-    /// Opens tool call `id` for `agent`, closing by itself after `ttl` if given.
+    /// Opens tool call `id` for `agent`, closing by itself after `ttl` if given; refused when
+    /// the agent has `max_open` open already. A call of the same id past its TTL that the
+    /// sweeper has not ended yet is replaced, and returned in [`Opened::ended`]: end it as the
+    /// sweeper would.
     pub fn open(
         &self,
         agent: &str,
         id: &str,
         ttl: Option<Duration>,
-    ) -> Result<ToolCallInfo, ToolCallError> {
+        max_open: usize,
+    ) -> Result<Opened, ToolCallError> {
         let valid = !id.is_empty()
             && id.len() <= 128
             && id
@@ -100,9 +147,20 @@ impl ToolCalls {
         let now = Instant::now();
         let mut open = self.open.write();
         let calls = open.entry(agent.to_string()).or_default();
-        calls.retain(|c| c.live(now));
-        if calls.iter().any(|c| c.id == id) {
-            return Err(ToolCallError::AlreadyOpen(id.to_string()));
+        let mut ended = None;
+        if let Some(call) = calls.by_id.get(id) {
+            if call.live(now) {
+                return Err(ToolCallError::AlreadyOpen(id.to_string()));
+            }
+            ended = calls.remove(id).map(|c| (c.serial, c.id));
+        }
+        // Calls past their TTL that the sweeper has not ended yet do not count: looked for
+        // only when the agent is at its limit, so opening stays O(1) otherwise.
+        if calls.by_id.len() >= max_open {
+            let live = calls.by_id.values().filter(|c| c.live(now)).count();
+            if live >= max_open {
+                return Err(ToolCallError::TooMany(live));
+            }
         }
         let call = Open {
             id: id.to_string(),
@@ -111,17 +169,17 @@ impl ToolCalls {
             expires_at: ttl.map(|t| now + t),
         };
         let info = info(agent, &call, now);
-        calls.push(call);
-        Ok(info)
+        calls.by_serial.insert(call.serial, call.id.clone());
+        calls.by_id.insert(call.id.clone(), call);
+        Ok(Opened { info, ended })
     }
 
     /// Closes tool call `id` of `agent`; returns its serial, or `None` if it was not open.
     pub fn close(&self, agent: &str, id: &str) -> Option<u64> {
         let mut open = self.open.write();
         let calls = open.get_mut(agent)?;
-        let at = calls.iter().position(|c| c.id == id)?;
-        let closed = calls.remove(at);
-        if calls.is_empty() {
+        let closed = calls.remove(id)?;
+        if calls.by_id.is_empty() {
             open.remove(agent);
         }
         Some(closed.serial)
@@ -131,10 +189,15 @@ impl ToolCalls {
     /// past its TTL).
     pub fn is_open(&self, agent: &str, serial: u64) -> bool {
         let now = Instant::now();
-        self.open
-            .read()
-            .get(agent)
-            .is_some_and(|calls| calls.iter().any(|c| c.serial == serial && c.live(now)))
+        let open = self.open.read();
+        let Some(calls) = open.get(agent) else {
+            return false;
+        };
+        calls
+            .by_serial
+            .get(&serial)
+            .and_then(|id| calls.by_id.get(id))
+            .is_some_and(|c| c.live(now))
     }
 
     /// Removes the tool calls whose TTL has passed; returns (agent, serial, id) of each.
@@ -143,14 +206,10 @@ impl ToolCalls {
         let mut expired = Vec::new();
         let mut open = self.open.write();
         open.retain(|agent, calls| {
-            calls.retain(|c| {
-                let live = c.live(now);
-                if !live {
-                    expired.push((agent.clone(), c.serial, c.id.clone()));
-                }
-                live
-            });
-            !calls.is_empty()
+            for call in calls.drop_expired(now) {
+                expired.push((agent.clone(), call.serial, call.id));
+            }
+            !calls.by_id.is_empty()
         });
         expired
     }
@@ -160,20 +219,16 @@ impl ToolCalls {
         self.open.write().remove(agent);
     }
 
-    /// The open tool calls of `agent`.
+    /// The open tool calls of `agent`, oldest first.
     pub fn list(&self, agent: &str) -> Vec<ToolCallInfo> {
         let now = Instant::now();
-        self.open
-            .read()
-            .get(agent)
-            .map(|calls| {
-                calls
-                    .iter()
-                    .filter(|c| c.live(now))
-                    .map(|c| info(agent, c, now))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let open = self.open.read();
+        let Some(calls) = open.get(agent) else {
+            return Vec::new();
+        };
+        let mut live: Vec<&Open> = calls.by_id.values().filter(|c| c.live(now)).collect();
+        live.sort_by_key(|c| c.serial);
+        live.into_iter().map(|c| info(agent, c, now)).collect()
     }
 
     /// The tool call a request of `agent` belongs to: its only open one, or the one `named`
@@ -182,10 +237,11 @@ impl ToolCalls {
     pub fn current(&self, agent: &str, named: Option<&str>) -> Option<ToolCallRef> {
         let now = Instant::now();
         let open = self.open.read();
-        let mut live = open.get(agent)?.iter().filter(|c| c.live(now));
+        let calls = open.get(agent)?;
         let found = match named {
-            Some(name) => live.find(|c| c.id == name),
+            Some(name) => calls.by_id.get(name).filter(|c| c.live(now)),
             None => {
+                let mut live = calls.by_id.values().filter(|c| c.live(now));
                 let first = live.next()?;
                 live.next().is_none().then_some(first)
             }
@@ -224,7 +280,7 @@ mod tests {
     fn the_only_open_tool_call_is_the_current_one() {
         let t = ToolCalls::default();
         assert_eq!(current(&t, "a", None), None);
-        t.open("a", "tc-1", None).unwrap();
+        t.open("a", "tc-1", None, 8).unwrap();
         assert_eq!(current(&t, "a", None).as_deref(), Some("tc-1"));
         assert_eq!(current(&t, "b", None), None, "tool calls are per agent");
         assert!(t.close("a", "tc-1").is_some());
@@ -235,8 +291,8 @@ mod tests {
     #[test]
     fn several_open_tool_calls_need_the_request_to_name_one() {
         let t = ToolCalls::default();
-        t.open("a", "tc-1", None).unwrap();
-        t.open("a", "tc-2", None).unwrap();
+        t.open("a", "tc-1", None, 8).unwrap();
+        t.open("a", "tc-2", None, 8).unwrap();
         assert_eq!(current(&t, "a", None), None, "ambiguous: no tool call");
         assert_eq!(current(&t, "a", Some("tc-2")).as_deref(), Some("tc-2"));
         assert_eq!(current(&t, "a", Some("tc-9")), None);
@@ -251,18 +307,18 @@ mod tests {
     #[test]
     fn ids_are_unique_per_agent_and_checked() {
         let t = ToolCalls::default();
-        t.open("a", "x", None).unwrap();
+        t.open("a", "x", None, 8).unwrap();
         assert_eq!(
-            t.open("a", "x", None),
+            t.open("a", "x", None, 8),
             Err(ToolCallError::AlreadyOpen("x".into()))
         );
-        assert!(t.open("b", "x", None).is_ok());
+        assert!(t.open("b", "x", None, 8).is_ok());
         assert!(matches!(
-            t.open("a", "a b", None),
+            t.open("a", "a b", None, 8),
             Err(ToolCallError::InvalidId(_))
         ));
         assert_eq!(
-            t.open("a", "y", Some(Duration::ZERO)),
+            t.open("a", "y", Some(Duration::ZERO), 8),
             Err(ToolCallError::BadTtl)
         );
     }
@@ -270,7 +326,7 @@ mod tests {
     #[test]
     fn an_expired_tool_call_is_no_longer_current_and_a_reopened_id_is_another_call() {
         let t = ToolCalls::default();
-        t.open("a", "short", Some(Duration::from_millis(30)))
+        t.open("a", "short", Some(Duration::from_millis(30)), 8)
             .unwrap();
         let first = t.current("a", None).unwrap();
         assert_eq!(first.id, "short");
@@ -282,9 +338,35 @@ mod tests {
             vec![("a".to_string(), first.serial, first.id.clone())]
         );
         assert!(t.sweep_expired().is_empty());
-        t.open("a", "short", None).unwrap();
+        t.open("a", "short", None, 8).unwrap();
         let again = t.current("a", None).unwrap();
         assert_eq!(again.id, "short", "the id can be reused");
         assert_ne!(again.serial, first.serial, "but it is another tool call");
+    }
+
+    #[test]
+    fn an_agent_opens_at_most_its_limit_and_expired_calls_make_room() {
+        let t = ToolCalls::default();
+        t.open("a", "1", None, 2).unwrap();
+        t.open("a", "2", Some(Duration::from_millis(30)), 2)
+            .unwrap();
+        assert_eq!(t.open("a", "3", None, 2), Err(ToolCallError::TooMany(2)));
+        assert!(t.open("b", "3", None, 2).is_ok(), "the limit is per agent");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            t.open("a", "3", None, 2).is_ok(),
+            "an expired call does not count"
+        );
+        assert_eq!(
+            t.sweep_expired().len(),
+            1,
+            "and is still ended by the sweeper"
+        );
+        assert_eq!(t.open("a", "4", None, 2), Err(ToolCallError::TooMany(2)));
+        assert!(t.close("a", "1").is_some());
+        let again = t.open("a", "4", None, 2).unwrap();
+        assert_eq!(again.info.id, "4");
+        let listed: Vec<String> = t.list("a").into_iter().map(|c| c.id).collect();
+        assert_eq!(listed, ["3", "4"], "oldest first");
     }
 }
