@@ -1102,3 +1102,79 @@ async fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
     let gw = start_durable(dir);
     all_there_and_serving(&gw, &origin, (&id, "alice"), &audited).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Panics
+
+/// Panics are injected with the `fault-injection` feature, which only test builds have
+/// (`gateway/src/panics.rs`): a request to `/__tollgate_fault/panic/<place>` panics there,
+/// after its origin answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir).expect("policy dir");
+    std::fs::write(policy_dir.join(APPROVAL_POLICIES.0), APPROVAL_POLICIES.1).expect("policy");
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n{REVIEW_AGENT}\n[policy]\ndir = {policy_dir:?}\n",
+        loopback_upstream(None)
+    );
+    let gw = Gateway::start_in(dir, &config);
+    let base = format!("http://127.0.0.1:{}", origin.port());
+    assert_eq!(metric(&gw, "tollgate_panics_total"), 0);
+
+    // On the path pingora proxies: the origin answered, then the gateway panicked.
+    let read = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        format!("{base}/__tollgate_fault/panic/response")
+    ])
+    .await;
+    assert_eq!(read.status, 502, "{read:?}");
+    assert_eq!(read.json()["error"], "internal_error", "{read:?}");
+    assert_eq!(origin.requests(), 1, "the request reached its origin");
+
+    // On the gateway's own send path: an approved write, sent, answered, then a panic.
+    let held = post_in_background(
+        &gw,
+        &format!("{base}/__tollgate_fault/panic/send"),
+        "{}",
+        &[],
+    );
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let sent = held.await.expect("curl");
+    assert_eq!(sent.status, 502, "{sent:?}");
+    assert_eq!(sent.json()["error"], "internal_error", "{sent:?}");
+    assert_eq!(
+        origin.requests(),
+        2,
+        "the approved write reached its origin"
+    );
+
+    // Both are in the agent's audit trail, as failures, and counted.
+    let records = support::audit_records(&gw, "a", 2);
+    let failed: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["status"] == 502 && r["error"] == "internal_error")
+        .collect();
+    assert_eq!(failed.len(), 2, "{records:?}");
+    assert!(failed
+        .iter()
+        .any(|r| r["path"] == "/__tollgate_fault/panic/response"));
+    assert!(failed
+        .iter()
+        .any(|r| r["path"] == "/__tollgate_fault/panic/send" && r["approval"] == id.as_str()));
+    assert_eq!(metric(&gw, "tollgate_panics_total"), 2);
+    // The gateway serves on.
+    let after = curl_async(args!["-x", gw.proxy_url(), format!("{base}/after")]).await;
+    assert_eq!(after.status, 200, "{after:?}");
+}

@@ -37,7 +37,7 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
 /// The request line of a head that was parsed, for the record of a refusal.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestLine {
     /// The method as sent.
     pub method: String,
@@ -55,12 +55,14 @@ pub struct Unframed {
 }
 
 /// A complete, well-framed request head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
     /// Its length in bytes, blank line included.
     pub len: usize,
     /// Where the request's body ends.
     pub body: BodyEnd,
+    /// Its method and target.
+    pub line: RequestLine,
 }
 
 /// How far a head in `buf` has arrived: the head once complete and well framed; `Ok(None)`
@@ -106,6 +108,7 @@ pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Box<Unframed>> {
         None => Ok(Some(Head {
             len,
             body: body_end(&request),
+            line,
         })),
     }
 }

@@ -32,14 +32,16 @@ use tokio::io::AsyncReadExt;
 
 use crate::framing::{self, Head, RequestLine};
 use crate::h2_refusals::RefusedStream;
+use crate::panics;
 use crate::pipeline::Pipeline;
 use crate::reply::{self, Refusal};
 
 /// How long a connection may wait for its next request head (pingora's keep-alive default).
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
-/// A head refused before pingora saw it: the answer, what of the request could be read, and
-/// when its first byte came.
+/// A request answered here rather than in pingora's phases — a head refused before pingora
+/// saw it, or a request whose serving panicked (`panics`): the answer, what of the request
+/// could be read, and when its first byte came.
 #[derive(Debug)]
 pub struct RefusedHead {
     /// The answer the client got.
@@ -83,7 +85,7 @@ pub struct HeadDeadlines {
 
 /// Serves the HTTP/1 requests of one connection: each head read and checked here, then the
 /// request handed to `app` (the egress proxy, or the admin API); `refused` records a head
-/// that failed.
+/// that failed, and a request whose serving panicked.
 pub async fn serve_http1<A>(
     app: &Arc<A>,
     stream: Stream,
@@ -102,8 +104,10 @@ pub async fn serve_http1<A>(
         let sent_ahead = pipeline.next_head();
         let next = next_head(&mut stream, sent_ahead, idle, deadlines.head, shutdown).await;
         idle = KEEPALIVE_IDLE;
-        let request = match next {
-            Ok(Some((buf, head))) => pipeline.serve(buf, head.len, head.body),
+        let (request, line, started) = match next {
+            Ok(Some((buf, head, started))) => {
+                (pipeline.serve(buf, head.len, head.body), head.line, started)
+            }
             Ok(None) => return,
             Err(head) => {
                 refused(&head);
@@ -125,8 +129,28 @@ pub async fn serve_http1<A>(
             }
         }
         session.set_pipelined_prefix(request);
-        let Some(reused) = app.process_new_http(session, shutdown).await else {
-            return;
+        // A panic while pingora serves the request (a bug) still gets the request answered
+        // (502, unless part of an answer went out) and recorded (`panics`).
+        let reused = match panics::catching(
+            "an HTTP/1 connection",
+            app.process_new_http(session, shutdown),
+        )
+        .await
+        {
+            Ok(Some(reused)) => reused,
+            Ok(None) => return,
+            Err(()) => {
+                let failed = RefusedHead {
+                    refusal: panics::refusal(),
+                    line,
+                    started,
+                };
+                if let Some(mut connection) = pipeline.unanswered_after_panic() {
+                    reply::answer_raw_and_close(&mut connection, &failed.refusal).await;
+                }
+                refused(&failed);
+                return;
+            }
         };
         let (next, kept) = reused.consume();
         stream = next;
@@ -145,7 +169,7 @@ async fn next_head(
     idle: Duration,
     head_timeout: Duration,
     shutdown: &ShutdownWatch,
-) -> Result<Option<(BytesMut, Head)>, Box<RefusedHead>> {
+) -> Result<Option<(BytesMut, Head, Instant)>, Box<RefusedHead>> {
     if buf.is_empty() {
         buf.reserve(4096);
         let mut stopping = shutdown.clone();
@@ -168,7 +192,7 @@ async fn next_head(
         scanned = buf.len();
         if ended || buf.len() > framing::MAX_HEAD_BYTES {
             match framing::check_head(&buf) {
-                Ok(Some(head)) => return Ok(Some((buf, head))),
+                Ok(Some(head)) => return Ok(Some((buf, head, started))),
                 Ok(None) => {}
                 Err(unframed) => {
                     let framing::Unframed { refusal, line } = *unframed;

@@ -56,6 +56,7 @@ pub mod intercept;
 pub mod listener;
 pub mod metrics;
 pub mod obo;
+pub mod panics;
 pub mod pipeline;
 pub mod proxy;
 pub mod queue;

@@ -75,6 +75,8 @@ pub struct Gauges {
     pub token_endpoint_errors: u64,
     /// Answers not relayed because they carried the token injected into their request.
     pub credential_reflections: u64,
+    /// Panics caught while serving requests (each a bug, answered 502 and recorded).
+    pub panics: u64,
     /// Minted TLS leaf certificates cached.
     pub tls_leaf_cache_entries: u64,
     /// The policy set in force.
@@ -121,6 +123,7 @@ impl GaugeSources {
             token_cache_misses: tokens.misses,
             token_endpoint_errors: tokens.errors,
             credential_reflections: tokens.reflections,
+            panics: crate::panics::caught(),
             tls_leaf_cache_entries: self.leaves.cached(),
             policy_version: self.policies.status().version,
             audit_records_dropped: self.audit.dropped(),
@@ -148,7 +151,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 15] = [
+pub const SCALARS: [Scalar; 16] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -183,6 +186,13 @@ pub const SCALARS: [Scalar; 15] = [
         counter: true,
         help: "Origin answers not relayed because they carried the token injected into their request back (header or body).",
         read: |g| g.credential_reflections,
+    },
+    Scalar {
+        name: "tollgate_panics_total",
+        otel_name: "tollgate.panics",
+        counter: true,
+        help: "Panics caught while serving requests: each a bug, answered 502 and recorded.",
+        read: |g| g.panics,
     },
     Scalar {
         name: "tollgate_tls_leaf_cache_entries",
@@ -364,6 +374,7 @@ mod tests {
             token_cache_misses: 1,
             token_endpoint_errors: 0,
             credential_reflections: 0,
+            panics: 0,
             tls_leaf_cache_entries: 3,
             policy_version: "abc".into(),
             audit_records_dropped: 0,

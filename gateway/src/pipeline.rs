@@ -65,6 +65,10 @@ enum Remaining {
 struct State {
     phase: Phase,
     held: BytesMut,
+    /// Whether any byte of an answer was written since the request began being served.
+    answered: bool,
+    /// The connection, handed back when the [`Pipeline`] is dropped by a panic.
+    orphan: Option<Stream>,
 }
 
 /// The connection, as pingora reads it: ends where the request being served ends.
@@ -94,6 +98,8 @@ impl Pipeline {
         let state = Arc::new(Mutex::new(State {
             phase: Phase::Open,
             held: BytesMut::new(),
+            answered: false,
+            orphan: None,
         }));
         let control = PipelineControl {
             state: state.clone(),
@@ -141,7 +147,28 @@ impl PipelineControl {
         let rest = buf.split_off(head_len + taken);
         state.held = rest;
         state.phase = phase;
+        state.answered = false;
         buf
+    }
+
+    /// After a panic dropped the connection's [`Pipeline`] while a request was served: the
+    /// connection, if nothing of an answer was written on it yet (so an answer can be).
+    pub fn unanswered_after_panic(&self) -> Option<Stream> {
+        let mut state = self.state.lock();
+        let orphan = state.orphan.take();
+        orphan.filter(|_| !state.answered)
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // Only while a panic unwinds: the connection goes back to the gateway's side, to be
+        // answered 502 (`head`). Otherwise it closes with this.
+        if std::thread::panicking() {
+            let (placeholder, _) = tokio::io::duplex(1);
+            let connection = std::mem::replace(&mut self.inner, Box::new(placeholder));
+            self.state.lock().orphan = Some(connection);
+        }
     }
 }
 
@@ -220,6 +247,7 @@ impl AsyncWrite for Pipeline {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.state.lock().answered = true;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -236,6 +264,7 @@ impl AsyncWrite for Pipeline {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.state.lock().answered = true;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

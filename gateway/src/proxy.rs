@@ -31,6 +31,7 @@ use crate::decide::PolicyStore;
 use crate::identity::{self, Agent, AgentRegistry, IdentityError, ListenerBinding, RunMode};
 use crate::intercept::Tunnel;
 use crate::metrics::Metrics;
+use crate::panics;
 use crate::quota::Quotas;
 use crate::replay::{self, Outgoing, PipeEnd, RelayError, Screened};
 use crate::reply::Refusal;
@@ -772,6 +773,7 @@ impl Egress {
             }
             (_, _, _) => answer,
         };
+        panics::inject(session.req_header().uri.path(), "send");
         self.relay(session, ctx, answer).await
     }
 
@@ -1022,16 +1024,26 @@ impl ProxyHttp for Egress {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        match self.admit(session, ctx).await {
-            Ok(Admitted::Proxy) => Ok(false),
-            Ok(Admitted::Send { body, obo_fallback }) => {
-                // Boxed: this path's state is large, and the proxy path should not carry it.
-                match Box::pin(self.send(session, ctx, body, obo_fallback)).await {
-                    Ok(()) => Ok(true),
-                    Err(stop) => self.stop(session, ctx, stop).await,
+        // A panic here (a bug) ends the request as a failure, still answered and recorded
+        // (`panics`): the request may have reached its origin already.
+        let served = panics::catching("the egress pipeline", async {
+            match self.admit(session, ctx).await {
+                Ok(Admitted::Proxy) => Ok(false),
+                Ok(Admitted::Send { body, obo_fallback }) => {
+                    // Boxed: this path's state is large, and the proxy path should not carry it.
+                    match Box::pin(self.send(session, ctx, body, obo_fallback)).await {
+                        Ok(()) => Ok(true),
+                        Err(stop) => Err(stop),
+                    }
                 }
+                Err(stop) => Err(stop),
             }
-            Err(stop) => self.stop(session, ctx, stop).await,
+        })
+        .await;
+        match served {
+            Ok(Ok(proxied_by_pingora)) => Ok(proxied_by_pingora),
+            Ok(Err(stop)) => self.stop(session, ctx, stop).await,
+            Err(()) => self.stop(session, ctx, panics::refusal().into()).await,
         }
     }
 
@@ -1095,10 +1107,11 @@ impl ProxyHttp for Egress {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        panics::inject(session.req_header().uri.path(), "response");
         // pingora strips hop-by-hop headers from requests only; the sandbox must not see the
         // origin's either (e.g. Proxy-Authenticate, or headers the origin named in Connection).
         // (No request with an injected token, and no upgrade, comes this way: see `Admitted`.)
