@@ -783,3 +783,64 @@ async fn http2_streams_the_http2_layer_refuses_are_recorded() {
     );
     assert!(gw.log_contains("HTTP/2 stream 3 was reset"), "{}", gw.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_ping_or_settings_flood_is_cut_off_with_enhance_your_calm() {
+    const PING: u8 = 0x6;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    const SENT_AT_MOST: usize = 200_000;
+    let ca = TestCa::new("origin");
+    let origin = Origin::https(&ca);
+    let gw = gateway(&ca, "", &[ALLOW_ALL]);
+    let authority = format!("localhost:{}", origin.port());
+    for (name, flood_frame) in [
+        ("PING", frame(PING, 0, 0, &[7; 8])),
+        ("SETTINGS", frame(SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0])),
+    ] {
+        let tls = raw_h2(&gw, &authority).await;
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        // Sends the flood in batches until the gateway stops taking it (or SENT_AT_MOST).
+        let flood = tokio::spawn(async move {
+            let batch: Vec<u8> = flood_frame.repeat(1000);
+            let mut sent = 0;
+            while sent < SENT_AT_MOST {
+                if writer.write_all(&batch).await.is_err() {
+                    break;
+                }
+                sent += 1000;
+            }
+            sent
+        });
+        // Reads until the connection ends: answers to the flood, and a GOAWAY's error code.
+        let read = async {
+            let (mut answered, mut goaway) = (0usize, None);
+            while let Some((kind, flags, _, payload)) = read_frame(&mut reader).await {
+                match kind {
+                    PING | SETTINGS if flags & 0x1 == 0x1 => answered += 1,
+                    GOAWAY if payload.len() >= 8 => {
+                        goaway = Some(u32::from_be_bytes([
+                            payload[4], payload[5], payload[6], payload[7],
+                        ]))
+                    }
+                    _ => {}
+                }
+            }
+            (answered, goaway)
+        };
+        let (answered, goaway) = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .unwrap_or_else(|_| panic!("{name} flood: the gateway answered for 30 s without end"));
+        flood.abort();
+        assert_eq!(
+            goaway,
+            Some(ENHANCE_YOUR_CALM),
+            "{name} flood: {answered} answered, no GOAWAY ENHANCE_YOUR_CALM"
+        );
+        assert!(
+            answered < 20_000,
+            "{name} flood: {answered} answered before the cut-off"
+        );
+    }
+    let after = second_agent_served(&gw, &origin, true).await;
+    assert_eq!(after.status, 200, "the gateway keeps serving: {after:?}");
+}

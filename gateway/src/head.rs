@@ -31,7 +31,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 
 use crate::framing::{self, Head, RequestLine};
-use crate::h2_refusals::RefusedStream;
+use crate::h2_watch::RefusedStream;
 use crate::panics;
 use crate::pipeline::Pipeline;
 use crate::reply::{self, Refusal};
@@ -54,7 +54,7 @@ pub struct RefusedHead {
 
 impl RefusedHead {
     /// The record of an HTTP/2 stream the HTTP/2 layer refused by itself
-    /// ([`crate::h2_refusals`]): what it was answered, with no request line to show.
+    /// ([`crate::h2_watch`]): what it was answered, with no request line to show.
     pub fn of_http2(refused: RefusedStream) -> RefusedHead {
         let detail = match refused {
             RefusedStream::BadRequest(id) => format!(

@@ -10,7 +10,7 @@
 //!   while the gateway runs (the sandbox launcher registers them over the admin API).
 //! - [`head`], [`framing`] — step 0: each HTTP/1 request head is read by the gateway itself,
 //!   in time (slowloris) and framed one way only (smuggling), before pingora parses it; a
-//!   head that fails is refused with a reason and recorded; [`h2_refusals`] records the HTTP/2
+//!   head that fails is refused with a reason and recorded; [`h2_watch`] records the HTTP/2
 //!   streams pingora's HTTP/2 layer refuses by itself.
 //! - [`identity`] — step 1: which agent is speaking (its own listener, or its source address).
 //! - [`toolcall`] — which of the agent's open tool calls a request belongs to.
@@ -49,7 +49,7 @@ pub mod credentials;
 pub mod datadir;
 pub mod decide;
 pub mod framing;
-pub mod h2_refusals;
+pub mod h2_watch;
 pub mod head;
 pub mod identity;
 pub mod intercept;

@@ -24,7 +24,7 @@ use pingora::services::listening::Service;
 use pingora::services::Service as _;
 
 use crate::audit;
-use crate::h2_refusals::{H2Watch, RefusedStream};
+use crate::h2_watch::{H2Watch, RefusedStream};
 use crate::head;
 use crate::identity::{self, ListenerBinding};
 use crate::intercept::{self, Interceptor, NotAdmitted, Tunnel};

@@ -1,5 +1,5 @@
 //! Streams the gateway wraps around a connection ([`crate::pipeline`],
-//! [`crate::h2_refusals`]) keep the rest of pingora's stream interface — peer address, TLS
+//! [`crate::h2_watch`]) keep the rest of pingora's stream interface — peer address, TLS
 //! state and ALPN, timing, identity — as the connection's own.
 
 /// Implements pingora's stream interface, apart from reading, writing and peeking, by
