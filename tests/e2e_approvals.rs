@@ -584,16 +584,16 @@ async fn a_held_request_is_decided_again_when_it_is_released() {
         return;
     }
     let origin = Origin::http();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let policy_dir = dir.path().join("policies");
-    std::fs::create_dir_all(&policy_dir).expect("policy dir");
-    std::fs::write(
-        policy_dir.join("read-only.cedar"),
+    let read_only = (
+        "read-only.cedar",
         "@id(\"read-only-no-writes\")\nforbid (principal, action == Action::\"write\", resource) \
          when { principal.run_mode == \"ReadOnly\" };\n",
-    )
-    .expect("policy");
-    let gw = start_in(dir, "");
+    );
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n{REVIEW_AGENT}",
+        loopback_upstream(None)
+    );
+    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES, read_only]);
     let url = format!("http://127.0.0.1:{}/things", origin.port());
     // Holds one write and approves it once `change` has been made: returns its answer and
     // the approval as stored.

@@ -1115,15 +1115,11 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
         return;
     }
     let origin = Origin::http();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let policy_dir = dir.path().join("policies");
-    std::fs::create_dir_all(&policy_dir).expect("policy dir");
-    std::fs::write(policy_dir.join(APPROVAL_POLICIES.0), APPROVAL_POLICIES.1).expect("policy");
     let config = format!(
-        "{EPHEMERAL_LISTENERS}{}\n{REVIEW_AGENT}\n[policy]\ndir = {policy_dir:?}\n",
+        "{EPHEMERAL_LISTENERS}{}\n{REVIEW_AGENT}",
         loopback_upstream(None)
     );
-    let gw = Gateway::start_in(dir, &config);
+    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
     let base = format!("http://127.0.0.1:{}", origin.port());
     assert_eq!(metric(&gw, "tollgate_panics_total"), 0);
 
