@@ -1106,9 +1106,10 @@ async fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
 // ---------------------------------------------------------------------------------------------
 // Panics
 
-/// Panics are injected with the `fault-injection` feature, which only test builds have
-/// (`gateway/src/panics.rs`): a request to `/__tollgate_fault/panic/<place>` panics there,
-/// after its origin answered.
+/// Panics are injected with the `fault-injection` feature, which only test builds have, armed
+/// by `TOLLGATE_FAULT_INJECTION=1` (`gateway/src/panics.rs`): a request to
+/// `/__tollgate_fault/panic/<place>` panics there, after its origin answered. Unarmed, the
+/// same request is served as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
     if no_curl() {
@@ -1119,7 +1120,12 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
         "{EPHEMERAL_LISTENERS}{}\n{REVIEW_AGENT}",
         loopback_upstream(None)
     );
-    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
+    let gw = Gateway::start_with_env(
+        &config,
+        &[APPROVAL_POLICIES],
+        "",
+        &[("TOLLGATE_FAULT_INJECTION", "1")],
+    );
     let base = format!("http://127.0.0.1:{}", origin.port());
     assert_eq!(metric(&gw, "tollgate_panics_total"), 0);
 
@@ -1156,21 +1162,64 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
         "the approved write reached its origin"
     );
 
-    // Both are in the agent's audit trail, as failures, and counted.
-    let records = support::audit_records(&gw, "a", 2);
+    // After the answer's head went out: the connection is closed, and the answer never looks
+    // whole.
+    let held = post_in_background(
+        &gw,
+        &format!("{base}/__tollgate_fault/panic/relay"),
+        "{}",
+        &[],
+    );
+    let id_relay = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id_relay}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let cut = held.await.expect("curl");
+    assert_ne!(
+        cut.exit, 0,
+        "an answer cut short by a panic looked complete: {cut:?}"
+    );
+    assert_eq!(origin.requests(), 3);
+
+    // All three are in the agent's audit trail, as failures, and counted.
+    let records = support::audit_records(&gw, "a", 3);
     let failed: Vec<&serde_json::Value> = records
         .iter()
-        .filter(|r| r["status"] == 502 && r["error"] == "internal_error")
+        .filter(|r| r["error"] == "internal_error")
         .collect();
-    assert_eq!(failed.len(), 2, "{records:?}");
+    assert_eq!(failed.len(), 3, "{records:?}");
+    // Each with the status the sandbox saw: 502, or the origin's when its head was out.
+    for (path, status) in [("response", 502), ("send", 502), ("relay", 200)] {
+        let path = format!("/__tollgate_fault/panic/{path}");
+        assert!(
+            failed
+                .iter()
+                .any(|r| r["path"] == path.as_str() && r["status"] == status),
+            "{path}: {records:?}"
+        );
+    }
     assert!(failed
         .iter()
         .any(|r| r["path"] == "/__tollgate_fault/panic/response"));
     assert!(failed
         .iter()
         .any(|r| r["path"] == "/__tollgate_fault/panic/send" && r["approval"] == id.as_str()));
-    assert_eq!(metric(&gw, "tollgate_panics_total"), 2);
+    assert_eq!(metric(&gw, "tollgate_panics_total"), 3);
     // The gateway serves on.
     let after = curl_async(args!["-x", gw.proxy_url(), format!("{base}/after")]).await;
     assert_eq!(after.status, 200, "{after:?}");
+    drop(gw);
+
+    // Not armed, the same build injects nothing.
+    let gw = Gateway::start_with_policies(&config, &[APPROVAL_POLICIES]);
+    let read = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        format!("{base}/__tollgate_fault/panic/response")
+    ])
+    .await;
+    assert_eq!(read.status, 200, "{read:?}");
+    assert_eq!(metric(&gw, "tollgate_panics_total"), 0);
 }

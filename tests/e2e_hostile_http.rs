@@ -468,6 +468,21 @@ async fn pipelined_requests_are_answered_in_order() {
         );
         assert_eq!(origin.requests() - before, 2, "{name}");
     }
+    // More sent ahead than the gateway keeps (32 KiB): the first is answered, then the
+    // connection closes (the client would send the rest again); it never hangs.
+    let flood = request("GET", "/flood", "").repeat(1000);
+    let slow = request("GET", "/sleep/300", "");
+    let (answer, closed) = exchange_until_closed(gw.egress, &[slow.as_bytes(), flood.as_bytes()]);
+    assert!(
+        closed,
+        "the connection hung after {:?}",
+        answer.lines().next()
+    );
+    assert_eq!(status(&answer), Some(200), "{:?}", answer.lines().next());
+    assert!(
+        answer.matches("HTTP/1.1 ").count() < 1000,
+        "all were answered"
+    );
     // A pipelined head is checked like any other: one the gateway refuses is answered as
     // such after the first, and never reaches the origin.
     let before = origin.requests();

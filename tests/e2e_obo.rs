@@ -322,3 +322,53 @@ peers = ["127.0.0.1"]
     );
     assert_eq!(origin.requests(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_behalf_of_request_is_decided_again_when_its_approval_releases_it() {
+    if no_curl() {
+        return;
+    }
+    let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, Duration::ZERO);
+    let origin = Origin::protected_by(HOST, issued(PERSON_TOKEN, AUDIENCE), AUDIENCE);
+    let gw = gateway(&endpoint, &origin);
+    let url = format!("https://{HOST}:{}/resource", origin.port());
+    let opened = gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(r#"{"id":"tc-1"}"#));
+    assert_eq!(opened.status, 201, "{opened:?}");
+    let mut post = via(&gw, &url);
+    post.extend(args!["-X", "POST", "--data-binary", "payload"]);
+    let write = tokio::spawn(curl_async(post));
+    let approval = wait_for_approvals(&gw, "state=pending&agent=a", 1).remove(0);
+    assert_eq!(approval["kind"], "on_behalf_of");
+    let id = approval["id"].as_str().expect("id").to_string();
+    assert_eq!(origin.requests(), 1, "the agent's own token was tried");
+
+    // While it waits, the policies are reloaded with a forbid no approval lifts.
+    std::fs::write(
+        gw.policy_dir().join("closed.cedar"),
+        "@id(\"writes-closed\")\nforbid (principal, action == Action::\"write\", resource);\n",
+    )
+    .expect("policy");
+    assert_eq!(
+        gw.admin_call("POST", "/v1/policies/reload", None).status,
+        200
+    );
+    let approved = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        Some(&format!(r#"{{"obo_token":"{PERSON_TOKEN}"}}"#)),
+    );
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let answer = write.await.expect("curl");
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(answer.json()["policies"][0], "writes-closed", "{answer:?}");
+    assert_eq!(origin.requests(), 1, "sent again with the approver's token");
+    let record = gw
+        .admin_call("GET", &format!("/v1/approvals/{id}"), None)
+        .json();
+    assert!(
+        record["not_sent"]
+            .as_str()
+            .is_some_and(|why| why.contains("writes-closed")),
+        "{record}"
+    );
+}

@@ -208,6 +208,8 @@ impl Incoming {
             ..
         } = self;
         frames.feed(&bytes[skip..], &mut |frame| match frame.kind {
+            // Past the flood nothing counts: the codec never sees these frames.
+            _ if *flooded => {}
             SETTINGS | PING if frame.flags & ACK == 0 => {
                 if *budget < 1.0 {
                     let now = std::time::Instant::now();

@@ -101,7 +101,9 @@ pub async fn serve_http1<A>(
     let mut settings: Option<HttpPersistentSettings> = None;
     let mut idle = deadlines.first_byte;
     loop {
-        let sent_ahead = pipeline.next_head();
+        let Some(sent_ahead) = pipeline.next_head() else {
+            return;
+        };
         let next = next_head(&mut stream, sent_ahead, idle, deadlines.head, shutdown).await;
         idle = KEEPALIVE_IDLE;
         let (request, line, started) = match next {

@@ -7,8 +7,10 @@
 //! and the counter `tollgate_panics_total`.
 //!
 //! With the `fault-injection` feature (test builds only: the end-to-end tests enable it; a
-//! release build has no such code), a request to a path under [`FAULT_PATH`] panics at the
-//! named place, so that the tests can check all of the above.
+//! release build has no such code), and only when the gateway runs with
+//! `TOLLGATE_FAULT_INJECTION=1` (so that a binary `cargo test` or `cargo bench` built with
+//! the feature is still inert), a request to a path under `FAULT_PATH` panics at the named
+//! place, so that the tests can check all of the above.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -75,10 +77,23 @@ impl<F: Future> Future for CatchUnwind<'_, F> {
 #[cfg(feature = "fault-injection")]
 pub const FAULT_PATH: &str = "/__tollgate_fault/panic/";
 
-/// Panics if `path` asks for a panic at `place` (fault-injection builds only).
+/// Whether faults are injected: a fault-injection build run with `TOLLGATE_FAULT_INJECTION=1`.
+#[cfg(feature = "fault-injection")]
+pub fn armed() -> bool {
+    static ARMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ARMED.get_or_init(|| std::env::var_os("TOLLGATE_FAULT_INJECTION").is_some_and(|v| v == "1"))
+}
+
+/// Whether faults are injected: never, in this build.
+#[cfg(not(feature = "fault-injection"))]
+pub fn armed() -> bool {
+    false
+}
+
+/// Panics if `path` asks for a panic at `place` (armed fault-injection builds only).
 #[cfg(feature = "fault-injection")]
 pub fn inject(path: &str, place: &str) {
-    if path.strip_prefix(FAULT_PATH) == Some(place) {
+    if armed() && path.strip_prefix(FAULT_PATH) == Some(place) {
         panic!("fault injected: a panic in {place}");
     }
 }

@@ -40,8 +40,9 @@ pub enum BodyEnd {
     Open,
 }
 
-/// Most bytes of following requests kept back while one is served; past this, the gateway
-/// stops reading from the connection until the answer is written.
+/// Most bytes of following requests kept back while one is served; past this, the rest is
+/// dropped and the connection closed after the answer (the client sends them again, as
+/// RFC 9112 §9.3.2 expects of a client whose connection closes).
 pub const MAX_HELD_BYTES: usize = MAX_HEAD_BYTES;
 
 /// Where the connection is, as pingora reads it.
@@ -69,6 +70,8 @@ struct State {
     answered: bool,
     /// The connection, handed back when the [`Pipeline`] is dropped by a panic.
     orphan: Option<Stream>,
+    /// More was sent ahead than is kept: the connection ends after the current answer.
+    overflowed: bool,
 }
 
 /// The connection, as pingora reads it: ends where the request being served ends.
@@ -100,6 +103,7 @@ impl Pipeline {
             held: BytesMut::new(),
             answered: false,
             orphan: None,
+            overflowed: false,
         }));
         let control = PipelineControl {
             state: state.clone(),
@@ -110,11 +114,12 @@ impl Pipeline {
 
 impl PipelineControl {
     /// The bytes of following requests read so far (the start of the next head); the
-    /// connection passes every byte again.
-    pub fn next_head(&self) -> BytesMut {
+    /// connection passes every byte again. `None` when more was sent ahead than is kept:
+    /// the connection is to be closed.
+    pub fn next_head(&self) -> Option<BytesMut> {
         let mut state = self.state.lock();
         state.phase = Phase::Open;
-        std::mem::take(&mut state.held)
+        (!state.overflowed).then(|| std::mem::take(&mut state.held))
     }
 
     /// Starts serving the request whose head is `buf[..head_len]` and whose body ends as
@@ -226,15 +231,19 @@ impl AsyncRead for Pipeline {
         // end of the stream passes) or fail, and keep what it sends meanwhile for later.
         let mut scratch = [0u8; 4096];
         loop {
-            let room = MAX_HELD_BYTES.saturating_sub(state.held.len());
-            if room == 0 {
-                // Enough for the next head: read again once this answer is written.
-                return Poll::Pending;
-            }
-            let mut read = ReadBuf::new(&mut scratch[..room.min(4096)]);
+            let mut read = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => state.held.extend_from_slice(read.filled()),
+                Poll::Ready(Ok(())) => {
+                    let room = MAX_HELD_BYTES.saturating_sub(state.held.len());
+                    if state.overflowed || read.filled().len() > room {
+                        // More sent ahead than the gateway keeps: what follows this answer is
+                        // lost, so the connection closes after it (the client sends again).
+                        state.overflowed = true;
+                    } else {
+                        state.held.extend_from_slice(read.filled());
+                    }
+                }
                 other => return other,
             }
         }

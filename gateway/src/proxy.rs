@@ -148,8 +148,9 @@ enum Admitted {
     Send {
         /// The whole request body, or `None` to stream it from the sandbox.
         body: Option<Bytes>,
-        /// Whether a 401/403 answer becomes an on-behalf-of approval (the body is held).
-        obo_fallback: bool,
+        /// If a 401/403 answer becomes an on-behalf-of approval (the body is held): what the
+        /// request asks, to decide it again when that approval releases it.
+        obo_fallback: Option<Box<tollgate_policy::RequestFacts>>,
     },
 }
 
@@ -397,7 +398,7 @@ impl Egress {
         if ctx.upgrade.is_some() {
             return Ok(Admitted::Send {
                 body: Some(body.unwrap_or_default()),
-                obo_fallback: false,
+                obo_fallback: None,
             });
         }
         let injected = ctx.credential.as_ref().is_some_and(|c| c.token.is_some());
@@ -415,11 +416,11 @@ impl Egress {
         Ok(match body {
             Some(body) => Admitted::Send {
                 body: Some(body),
-                obo_fallback,
+                obo_fallback: obo_fallback.then(|| Box::new(request)),
             },
             None if injected => Admitted::Send {
                 body: None,
-                obo_fallback: false,
+                obo_fallback: None,
             },
             None => Admitted::Proxy,
         })
@@ -448,6 +449,8 @@ impl Egress {
             Some(now) => {
                 let (decision, engine) = self.shared.policies.decide(&now, request);
                 if decision.outcome != Outcome::Deny {
+                    // What follows (credentials, limits, the record) uses the agent as it is.
+                    ctx.agent = Some(now.clone());
                     return Ok(now);
                 }
                 let refusal = Refusal::new(
@@ -705,7 +708,7 @@ impl Egress {
         session: &mut Session,
         ctx: &mut RequestCtx,
         body: Option<Bytes>,
-        obo_fallback: bool,
+        obo_fallback: Option<Box<tollgate_policy::RequestFacts>>,
     ) -> Result<(), Stop> {
         let Some(agent) = ctx.agent.clone() else {
             return Err(Refusal::new(500, "internal_error", "no identified agent").into());
@@ -727,7 +730,7 @@ impl Egress {
             }
         };
         let answer = match (obo_fallback, matches!(answer.status(), 401 | 403), body) {
-            (true, true, Some(body)) => {
+            (Some(asked), true, Some(body)) => {
                 answer.discard();
                 tracing::info!(
                     agent = agent.id,
@@ -745,6 +748,8 @@ impl Egress {
                         max_pending,
                     )
                     .await?;
+                // Decided again, as any held request is at its release.
+                let agent = self.decide_at_release(&agent, &asked, ctx).await?;
                 let (Some(token), Some(approver), Some(target)) = (
                     released.obo_token,
                     released.record.approver,
@@ -1043,7 +1048,15 @@ impl ProxyHttp for Egress {
         match served {
             Ok(Ok(proxied_by_pingora)) => Ok(proxied_by_pingora),
             Ok(Err(stop)) => self.stop(session, ctx, stop).await,
-            Err(()) => self.stop(session, ctx, panics::refusal().into()).await,
+            // Answered by `fail_to_proxy` (502, unless part of the answer is out already) and
+            // the connection closed: an answer cut short must never look whole.
+            Err(()) => {
+                ctx.refusal = Some(panics::refusal());
+                Err(pingora::Error::explain(
+                    ErrorType::InternalError,
+                    "a panic while serving the request",
+                ))
+            }
         }
     }
 

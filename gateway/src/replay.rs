@@ -340,6 +340,7 @@ impl Answer<'_> {
             .write_response_header(Box::new(self.header), false)
             .await
             .map_err(RelayError::Broken)?;
+        crate::panics::inject(session.req_header().uri.path(), "relay");
         let mut bytes_out = 0;
         for chunk in std::mem::take(&mut self.early) {
             bytes_out += chunk.len() as u64;

@@ -115,6 +115,12 @@ pub async fn start(
     config: &Config,
     telemetry: Arc<Telemetry>,
 ) -> Result<RunningGateway, StartError> {
+    if crate::panics::armed() {
+        tracing::warn!(
+            "fault injection is armed (TOLLGATE_FAULT_INJECTION=1 in a test build): requests \
+             to /__tollgate_fault/panic/… panic on purpose; never run this in production"
+        );
+    }
     datadir::ensure_dir(&config.data_dir)?;
     let (ca, ca_created) =
         GatewayCa::load_or_create(&config.ca_cert_path(), &config.ca_key_path())?;
