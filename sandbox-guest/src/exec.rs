@@ -1,0 +1,454 @@
+//! An execution: one command of a tool call, run in the session's shell state.
+//!
+//! Each execution is its own `sh` process (its own process group, so that a timeout kills
+//! everything it started), but the session feels like one persistent shell: before the
+//! command the shell takes the exported environment and the working directory the previous
+//! execution left, and after it saves them again (`export -p`, `pwd`) in the session's state
+//! directory. So `export X=1` or `cd /tmp` in one execution is in effect in the next; shell
+//! functions, aliases and variables that are not exported are not carried (an `exit` in the
+//! command ends the execution before its state is saved). Variables the request sets in `env`
+//! are exported into the session, as `export` would.
+//!
+//! Output is read as it comes, each stream kept up to a cap (the rest read and dropped, and
+//! the answer says `truncated`). At the timeout the whole process group is killed and the
+//! output so far returned with `timed_out`. A process the command left in the background
+//! keeps running (the service closes the execution's tool call, so it gets no more tokens);
+//! its hold on the output pipes does not keep the answer waiting.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use serde::{Deserialize, Serialize};
+
+/// What the service asks to run.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Execution {
+    /// A shell command line (run by `sh`, in the session's state).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Or a program and its arguments, run as given (quoted for the shell).
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    /// Variables to export into the session before the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Where to run it (relative to the workspace, or absolute); the session's working
+    /// directory otherwise.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// What the command reads on its standard input (nothing otherwise).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Seconds before the execution is killed (the agent's default otherwise).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finished {
+    /// The command's exit status; `None` when a signal ended it.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did (e.g. 9 after a timeout).
+    pub signal: Option<i32>,
+    /// Its standard output (lossy UTF-8), up to the cap.
+    pub stdout: String,
+    /// Its standard error (lossy UTF-8), up to the cap.
+    pub stderr: String,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// Whether either stream was longer than the cap.
+    pub truncated: bool,
+    /// Whether the timeout ended it.
+    pub timed_out: bool,
+}
+
+/// Why an execution could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The shell could not be started or watched.
+    #[error("the execution could not run: {0}")]
+    Failed(String),
+}
+
+/// The user executions run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// A session's shell: where its state lives and what bounds its executions.
+#[derive(Debug, Clone)]
+pub struct Shell {
+    /// The session's workspace (the first working directory, and `HOME`).
+    pub workspace: PathBuf,
+    /// Where the exported environment and working directory are kept between executions.
+    pub state: PathBuf,
+    /// The unprivileged user executions run as (`None`: the agent's own).
+    pub run_as: Option<RunAs>,
+    /// Most bytes kept of each of stdout and stderr.
+    pub max_output_bytes: usize,
+    /// Timeout when the request gives none.
+    pub default_timeout: Duration,
+    /// Longest timeout a request may ask for.
+    pub max_timeout: Duration,
+}
+
+/// After the command's shell exits, how long output is still read from processes it left
+/// holding the pipes.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
+
+/// The shell program around the command: restore, run, save (see the module's text).
+const PROLOGUE: &str = r#"if [ -r "$TG_STATE/env" ]; then . "$TG_STATE/env"; fi
+cd "$(cat "$TG_STATE/cwd" 2>/dev/null || printf %s "$TG_WORKSPACE")" 2>/dev/null || cd "$TG_WORKSPACE"
+__tg_state=$TG_STATE
+unset TG_STATE TG_WORKSPACE
+"#;
+const EPILOGUE: &str = r#"
+__tg_status=$?
+export -p > "$__tg_state/env.next" && mv -f "$__tg_state/env.next" "$__tg_state/env"
+pwd > "$__tg_state/cwd.next" && mv -f "$__tg_state/cwd.next" "$__tg_state/cwd"
+exit $__tg_status
+"#;
+
+impl Shell {
+    /// Runs `execution` to its end (or its timeout).
+    pub fn run(&self, execution: &Execution) -> Result<Finished, ExecError> {
+        let script = self.script(execution)?;
+        let timeout = match execution.timeout_secs {
+            None => self.default_timeout,
+            Some(0) => return Err(ExecError::Invalid("timeout_secs must be at least 1".into())),
+            Some(secs) if Duration::from_secs(secs) > self.max_timeout => {
+                return Err(ExecError::Invalid(format!(
+                    "timeout_secs must be at most {}",
+                    self.max_timeout.as_secs()
+                )))
+            }
+            Some(secs) => Duration::from_secs(secs),
+        };
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .env("TG_STATE", &self.state)
+            .env("TG_WORKSPACE", &self.workspace)
+            .env("HOME", &self.workspace)
+            .current_dir(&self.workspace)
+            .stdin(if execution.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if let Some(user) = self.run_as {
+            command.uid(user.uid).gid(user.gid);
+        }
+        let started = Instant::now();
+        let mut child = command
+            .spawn()
+            .map_err(|e| ExecError::Failed(format!("cannot start sh: {e}")))?;
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        // Fed from a thread: a command that does not read its input must not block the rest.
+        if let (Some(mut pipe), Some(input)) = (child.stdin.take(), execution.stdin.clone()) {
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(input.as_bytes());
+            });
+        }
+        let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take())
+        else {
+            return Err(ExecError::Failed("no output pipes".into()));
+        };
+        for fd in [stdout.as_fd(), stderr.as_fd()] {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+                .map_err(|e| ExecError::Failed(e.to_string()))?;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+                .map_err(|e| ExecError::Failed(e.to_string()))?;
+        }
+        let mut out = Capped::new(self.max_output_bytes);
+        let mut err = Capped::new(self.max_output_bytes);
+        let (mut out_open, mut err_open) = (true, true);
+        let deadline = started + timeout;
+        let mut timed_out = false;
+        let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+        loop {
+            let now = Instant::now();
+            if !timed_out && exited.is_none() && now >= deadline {
+                // The whole group: the command and everything it started.
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                timed_out = true;
+            }
+            if exited.is_none() {
+                if let Some(status) = child
+                    .try_wait()
+                    .map_err(|e| ExecError::Failed(e.to_string()))?
+                {
+                    exited = Some((status, now));
+                }
+            }
+            match exited {
+                Some(_) if !out_open && !err_open => break,
+                Some((_, at)) if now.duration_since(at) >= DRAIN_AFTER_EXIT => break,
+                _ => {}
+            }
+            let mut fds = Vec::with_capacity(2);
+            if out_open {
+                fds.push(PollFd::new(stdout.as_fd(), PollFlags::POLLIN));
+            }
+            if err_open {
+                fds.push(PollFd::new(stderr.as_fd(), PollFlags::POLLIN));
+            }
+            if !fds.is_empty() {
+                let _ = nix::poll::poll(&mut fds, PollTimeout::from(20u16));
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if out_open {
+                out_open = out.read_from(&mut stdout);
+            }
+            if err_open {
+                err_open = err.read_from(&mut stderr);
+            }
+        }
+        let status = match exited {
+            Some((status, _)) => status,
+            None => child.wait().map_err(|e| ExecError::Failed(e.to_string()))?,
+        };
+        Ok(Finished {
+            exit_code: status.code(),
+            signal: status.signal(),
+            truncated: out.truncated || err.truncated,
+            stdout: String::from_utf8_lossy(&out.kept).into_owned(),
+            stderr: String::from_utf8_lossy(&err.kept).into_owned(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            timed_out,
+        })
+    }
+
+    /// The whole shell program for `execution`.
+    fn script(&self, execution: &Execution) -> Result<String, ExecError> {
+        let command = match (&execution.command, &execution.argv) {
+            (Some(command), None) => command.clone(),
+            (None, Some(argv)) if !argv.is_empty() => argv
+                .iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => {
+                return Err(ExecError::Invalid(
+                    "give either command (a shell command line) or argv (a program and its \
+                     arguments)"
+                        .into(),
+                ))
+            }
+        };
+        let mut script = String::from(PROLOGUE);
+        for (name, value) in &execution.env {
+            let valid = name.bytes().enumerate().all(|(i, b)| {
+                b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
+            });
+            if name.is_empty() || !valid || name.starts_with("TG_") || name.starts_with("__tg") {
+                return Err(ExecError::Invalid(format!(
+                    "env: {name:?} is not a variable name (letters, digits, _; not starting \
+                     with a digit or TG_)"
+                )));
+            }
+            script.push_str(&format!("export {name}={}\n", shell_quote(value)));
+        }
+        if let Some(cwd) = &execution.cwd {
+            script.push_str(&format!("cd {} || exit 126\n", shell_quote(cwd)));
+        }
+        // The command on lines of its own, so that a comment in it ends with it.
+        script.push_str(&command);
+        script.push_str(EPILOGUE);
+        Ok(script)
+    }
+}
+
+/// `arg` as one shell word.
+pub fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// One output stream, kept up to a cap.
+struct Capped {
+    kept: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capped {
+    fn new(cap: usize) -> Self {
+        Capped {
+            kept: Vec::new(),
+            cap,
+            truncated: false,
+        }
+    }
+
+    /// Reads what is there now; returns whether the stream is still open.
+    fn read_from(&mut self, from: &mut impl Read) -> bool {
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    let room = self.cap.saturating_sub(self.kept.len());
+                    self.kept.extend_from_slice(&buf[..n.min(room)]);
+                    self.truncated |= n > room;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(dir: &std::path::Path) -> Shell {
+        let workspace = dir.join("workspace");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        Shell {
+            workspace,
+            state,
+            run_as: None,
+            max_output_bytes: 1000,
+            default_timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn run(shell: &Shell, command: &str) -> Finished {
+        shell
+            .run(&Execution {
+                command: Some(command.into()),
+                ..Execution::default()
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn the_environment_and_working_directory_carry_to_the_next_execution() {
+        let dir = tempfile::tempdir().unwrap();
+        let shell = shell(dir.path());
+        let first = run(
+            &shell,
+            "export GREETING='hello world' && mkdir -p sub && cd sub",
+        );
+        assert_eq!(first.exit_code, Some(0), "{first:?}");
+        let second = run(&shell, "echo \"$GREETING\"; pwd");
+        let workspace = shell.workspace.display().to_string();
+        assert_eq!(second.stdout, format!("hello world\n{workspace}/sub\n"));
+        // Request variables are exported into the session; a failing command keeps its status.
+        let third = shell
+            .run(&Execution {
+                command: Some("echo $A; exit 3".into()),
+                env: [("A".to_string(), "it's".to_string())].into(),
+                ..Execution::default()
+            })
+            .unwrap();
+        assert_eq!(
+            (third.exit_code, third.stdout.as_str()),
+            (Some(3), "it's\n")
+        );
+        assert!(shell
+            .run(&Execution {
+                command: Some("true".into()),
+                env: [("1A".to_string(), String::new())].into(),
+                ..Execution::default()
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn argv_is_run_as_given_and_stdin_is_fed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shell = shell(dir.path());
+        let done = shell
+            .run(&Execution {
+                argv: Some(vec![
+                    "printf".into(),
+                    "%s|".into(),
+                    "a b".into(),
+                    "$HOME".into(),
+                ]),
+                ..Execution::default()
+            })
+            .unwrap();
+        assert_eq!(done.stdout, "a b|$HOME|");
+        let fed = shell
+            .run(&Execution {
+                command: Some("tr a-z A-Z".into()),
+                stdin: Some("quiet".into()),
+                ..Execution::default()
+            })
+            .unwrap();
+        assert_eq!(fed.stdout, "QUIET");
+    }
+
+    #[test]
+    fn a_timeout_kills_the_whole_group_and_keeps_the_output_so_far() {
+        let dir = tempfile::tempdir().unwrap();
+        let shell = shell(dir.path());
+        let marker = dir.path().join("survived");
+        let started = Instant::now();
+        let done = shell
+            .run(&Execution {
+                command: Some(format!(
+                    "echo before; (sleep 2; touch {}) & sleep 30",
+                    marker.display()
+                )),
+                timeout_secs: Some(1),
+                ..Execution::default()
+            })
+            .unwrap();
+        assert!(done.timed_out && done.exit_code.is_none(), "{done:?}");
+        assert_eq!(done.signal, Some(9));
+        assert_eq!(done.stdout, "before\n");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(
+            !marker.exists(),
+            "a process the command started outlived the timeout"
+        );
+    }
+
+    #[test]
+    fn output_is_capped_and_a_background_process_does_not_hold_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let shell = shell(dir.path());
+        let big = run(&shell, "head -c 5000 /dev/zero | tr '\\0' x; echo err >&2");
+        assert_eq!(big.stdout.len(), 1000);
+        assert!(big.truncated);
+        assert_eq!(big.stderr, "err\n");
+        let started = Instant::now();
+        let background = run(&shell, "sleep 5 & echo started");
+        assert_eq!(background.stdout, "started\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the answer waited for a background process"
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! `tollgate-guest-agent`: the control process of one session's sandbox (see the crate's
+//! documentation). Started by the sandbox's init (or, for a namespace sandbox, by the
+//! service), as root; executions run as `--user`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tollgate_guest::exec::{RunAs, Shell};
+use tollgate_guest::files::Workspace;
+use tollgate_guest::server::{serve, Agent};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate-guest-agent",
+    version,
+    about = "Runs a session's executions and serves its files"
+)]
+struct Cli {
+    /// Where the sandbox service reaches the agent (port 0: any; the address is printed).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// A file holding the session's secret (read once; keep it from the workload).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// The session's workspace.
+    #[arg(long)]
+    workspace: PathBuf,
+    /// Where the shell state is kept between executions.
+    #[arg(long)]
+    state: PathBuf,
+    /// The user executions run as (a name); the agent's own if left out.
+    #[arg(long)]
+    user: Option<String>,
+    /// Most bytes kept of each of stdout and stderr.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_output_bytes: usize,
+    /// Largest file served or written.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_file_bytes: u64,
+    /// Timeout of an execution that asks for none, in seconds.
+    #[arg(long, default_value_t = 60)]
+    default_timeout_secs: u64,
+    /// Longest timeout an execution may ask for, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_timeout_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-guest-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let secret = std::fs::read(&cli.secret_file)
+        .map_err(|e| format!("{}: {e}", cli.secret_file.display()))?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        return Err("the secret must have at least 16 bytes".into());
+    }
+    let run_as = match &cli.user {
+        None => None,
+        Some(name) => {
+            let user = nix::unistd::User::from_name(name)
+                .map_err(|e| format!("user {name}: {e}"))?
+                .ok_or_else(|| format!("no user {name}"))?;
+            Some(RunAs {
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+            })
+        }
+    };
+    for dir in [&cli.workspace, &cli.state] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if let Some(user) = run_as {
+            nix::unistd::chown(
+                dir.as_path(),
+                Some(nix::unistd::Uid::from_raw(user.uid)),
+                Some(nix::unistd::Gid::from_raw(user.gid)),
+            )
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    let shell = Shell {
+        workspace: cli.workspace.clone(),
+        state: cli.state,
+        run_as,
+        max_output_bytes: cli.max_output_bytes,
+        default_timeout: Duration::from_secs(cli.default_timeout_secs),
+        max_timeout: Duration::from_secs(cli.max_timeout_secs),
+    };
+    let workspace = Workspace::open(&cli.workspace, run_as, cli.max_file_bytes)
+        .map_err(|e| format!("{}: {e}", cli.workspace.display()))?;
+    let listener = TcpListener::bind(cli.listen).map_err(|e| format!("{}: {e}", cli.listen))?;
+    // The address actually bound (a port of 0 picks one), for whoever started the agent.
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("listening on {bound}");
+    let max_request = usize::try_from(cli.max_file_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 << 10);
+    let agent = Arc::new(Agent::new(secret, shell, workspace, max_request));
+    serve(listener, agent).map_err(|e| e.to_string())
+}

@@ -1,0 +1,170 @@
+//! The guest agent's API, for the sandbox service only: every request carries the session's
+//! secret (`X-Tollgate-Secret`), compared in constant time; anything else gets 401 and
+//! nothing is done.
+//!
+//! | route | |
+//! |---|---|
+//! | `GET /health` | the agent is up |
+//! | `POST /exec` | run an [`Execution`] → [`crate::exec::Finished`]; one at a time (409 while one runs) |
+//! | `GET /files?path=` | a file's bytes |
+//! | `PUT /files?path=` | write the body as that file (201) |
+//! | `GET /files/list?path=` | a directory's entries |
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use subtle::ConstantTimeEq;
+
+use crate::exec::{ExecError, Execution, Shell};
+use crate::files::Workspace;
+use crate::http::{read_request, write_error, write_response, ReadError, Request};
+
+/// The request header that carries the session's secret.
+pub const SECRET_HEADER: &str = "x-tollgate-secret";
+
+/// Connections served at once; more are answered 503.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long a connection may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a request may touch.
+pub struct Agent {
+    /// The session's secret.
+    pub secret: Vec<u8>,
+    /// Where executions run.
+    pub shell: Shell,
+    /// Where files are.
+    pub workspace: Workspace,
+    /// Largest request body (a file upload, an execution).
+    pub max_request_bytes: usize,
+    /// Held while an execution runs.
+    running: Mutex<()>,
+    connections: AtomicUsize,
+}
+
+impl Agent {
+    /// An agent for one session.
+    pub fn new(
+        secret: Vec<u8>,
+        shell: Shell,
+        workspace: Workspace,
+        max_request_bytes: usize,
+    ) -> Self {
+        Agent {
+            secret,
+            shell,
+            workspace,
+            max_request_bytes,
+            running: Mutex::new(()),
+            connections: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Serves `listener` forever, a thread per connection.
+pub fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        if agent.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            agent.connections.fetch_sub(1, Ordering::AcqRel);
+            let _ = write_error(
+                &mut stream,
+                503,
+                "busy",
+                "too many connections to the guest agent",
+            );
+            continue;
+        }
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            handle(&agent, stream);
+            agent.connections.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    Ok(())
+}
+
+fn handle(agent: &Agent, mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let request = match read_request(&mut stream, agent.max_request_bytes) {
+        Ok(request) => request,
+        Err(ReadError::Bad(status, why)) => {
+            let _ = write_error(&mut stream, status, "bad_request", &why);
+            return;
+        }
+        Err(ReadError::Io(_)) => return,
+    };
+    let authorized = request
+        .header(SECRET_HEADER)
+        .is_some_and(|given| bool::from(given.ct_eq(&agent.secret)));
+    if !authorized {
+        let _ = write_error(
+            &mut stream,
+            401,
+            "unauthorized",
+            "this agent answers only its sandbox service (X-Tollgate-Secret)",
+        );
+        return;
+    }
+    let _ = route(agent, &request, &mut stream);
+}
+
+fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::Result<()> {
+    let path = || request.query_param("path").unwrap_or_default();
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/health") => write_response(stream, 200, "application/json", b"{\"ok\":true}"),
+        ("POST", "/exec") => {
+            let execution: Execution = match serde_json::from_slice(&request.body) {
+                Ok(execution) => execution,
+                Err(e) => {
+                    return write_error(
+                        stream,
+                        400,
+                        "bad_request",
+                        &format!("invalid execution: {e}"),
+                    )
+                }
+            };
+            let Ok(_running) = agent.running.try_lock() else {
+                return write_error(
+                    stream,
+                    409,
+                    "busy",
+                    "an execution is running in this session; executions run one at a time",
+                );
+            };
+            match agent.shell.run(&execution) {
+                Ok(finished) => {
+                    let body = serde_json::to_vec(&finished).unwrap_or_default();
+                    write_response(stream, 200, "application/json", &body)
+                }
+                Err(e @ ExecError::Invalid(_)) => {
+                    write_error(stream, 400, "bad_request", &e.to_string())
+                }
+                Err(e) => write_error(stream, 500, "exec_failed", &e.to_string()),
+            }
+        }
+        ("GET", "/files") => match agent.workspace.read(&path()) {
+            Ok(bytes) => write_response(stream, 200, "application/octet-stream", &bytes),
+            Err(e) => write_error(stream, e.status(), "file", &e.to_string()),
+        },
+        ("PUT", "/files") => match agent.workspace.write(&path(), &request.body) {
+            Ok(()) => write_response(stream, 201, "application/json", b"{}"),
+            Err(e) => write_error(stream, e.status(), "file", &e.to_string()),
+        },
+        ("GET", "/files/list") => match agent.workspace.list(&path()) {
+            Ok(entries) => {
+                let body = serde_json::json!({ "entries": entries }).to_string();
+                write_response(stream, 200, "application/json", body.as_bytes())
+            }
+            Err(e) => write_error(stream, e.status(), "file", &e.to_string()),
+        },
+        (_, "/health" | "/exec" | "/files" | "/files/list") => {
+            write_error(stream, 405, "method_not_allowed", "not with this method")
+        }
+        _ => write_error(stream, 404, "not_found", "no such route"),
+    }
+}

@@ -1,0 +1,244 @@
+//! The guest agent as a process, over real TCP on loopback: the secret, executions as the
+//! unprivileged user with their state carried, one at a time, and files kept inside the
+//! workspace. (Inside a microVM it is the same binary; the launcher's tests reach it there.)
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const SECRET: &str = "0123456789abcdef-session-secret";
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the agent in a fresh directory; as `nobody` when the test runs as root.
+fn start() -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The workload's user must be able to reach its workspace.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate-guest-agent"));
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-output-bytes",
+            "1000",
+            "--max-file-bytes",
+            "4096",
+        ])
+        .arg("--secret-file")
+        .arg(&secret)
+        .arg("--workspace")
+        .arg(dir.path().join("workspace"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::piped());
+    if nix::unistd::geteuid().is_root() {
+        command.args(["--user", "nobody"]);
+    }
+    let mut child = command.spawn().expect("agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    Running { child, addr, dir }
+}
+
+/// One request; returns (status, body).
+fn call(
+    agent: SocketAddr,
+    method: &str,
+    target: &str,
+    secret: Option<&str>,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(agent).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(secret) = secret {
+        head.push_str(&format!("X-Tollgate-Secret: {secret}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("body");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    let status = std::str::from_utf8(&out[9..12])
+        .expect("status")
+        .parse()
+        .expect("code");
+    (status, out[split..].to_vec())
+}
+
+fn exec(agent: SocketAddr, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, out) = call(
+        agent,
+        "POST",
+        "/exec",
+        Some(SECRET),
+        body.to_string().as_bytes(),
+    );
+    (status, serde_json::from_slice(&out).expect("json"))
+}
+
+#[test]
+fn only_the_service_with_the_secret_is_answered() {
+    let agent = start();
+    assert_eq!(call(agent.addr, "GET", "/health", Some(SECRET), b"").0, 200);
+    for secret in [None, Some("wrong"), Some("0123456789abcdef-session-secreT")] {
+        let (status, body) = call(
+            agent.addr,
+            "POST",
+            "/exec",
+            secret,
+            br#"{"command":"touch /tmp/x-agent-test"}"#,
+        );
+        assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+    }
+    assert!(!std::path::Path::new("/tmp/x-agent-test").exists());
+}
+
+#[test]
+fn executions_carry_their_state_run_unprivileged_and_one_at_a_time() {
+    let agent = start();
+    let (status, first) = exec(
+        agent.addr,
+        serde_json::json!({"command": "export X=kept; mkdir -p d && cd d"}),
+    );
+    assert_eq!(
+        (status, &first["exit_code"]),
+        (200, &serde_json::json!(0)),
+        "{first}"
+    );
+    let (_, second) = exec(
+        agent.addr,
+        serde_json::json!({"command": "echo $X; pwd; id -u"}),
+    );
+    let stdout = second["stdout"].as_str().expect("stdout").to_string();
+    let workspace = agent.dir.path().join("workspace").display().to_string();
+    let uid = if nix::unistd::geteuid().is_root() {
+        "65534"
+    } else {
+        ""
+    };
+    assert!(
+        stdout.starts_with(&format!("kept\n{workspace}/d\n{uid}")),
+        "{stdout:?}"
+    );
+    // One at a time: a second execution while one runs is refused.
+    let addr = agent.addr;
+    let slow = std::thread::spawn(move || exec(addr, serde_json::json!({"command": "sleep 1"})));
+    std::thread::sleep(Duration::from_millis(300));
+    let (busy, body) = exec(agent.addr, serde_json::json!({"command": "true"}));
+    assert_eq!(
+        (busy, &body["error"]),
+        (409, &serde_json::json!("busy")),
+        "{body}"
+    );
+    assert_eq!(slow.join().expect("slow").0, 200);
+    // A bad request says why.
+    let (bad, body) = exec(
+        agent.addr,
+        serde_json::json!({"command": "true", "argv": ["true"]}),
+    );
+    assert_eq!(bad, 400, "{body}");
+}
+
+#[test]
+fn files_stay_inside_the_workspace_and_belong_to_its_user() {
+    let agent = start();
+    let (put, _) = call(
+        agent.addr,
+        "PUT",
+        "/files?path=notes/a.txt",
+        Some(SECRET),
+        b"hello",
+    );
+    assert_eq!(put, 201);
+    let (get, body) = call(
+        agent.addr,
+        "GET",
+        "/files?path=%2Fnotes%2Fa.txt",
+        Some(SECRET),
+        b"",
+    );
+    assert_eq!((get, body.as_slice()), (200, &b"hello"[..]));
+    let (list, body) = call(
+        agent.addr,
+        "GET",
+        "/files/list?path=notes",
+        Some(SECRET),
+        b"",
+    );
+    assert_eq!(list, 200);
+    let entries: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(entries["entries"][0]["name"], "a.txt");
+    let written = agent.dir.path().join("workspace/notes/a.txt");
+    if nix::unistd::geteuid().is_root() {
+        let owner =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&written).expect("meta"));
+        assert_eq!(
+            owner, 65534,
+            "a file the agent wrote belongs to the workspace's user"
+        );
+    }
+    // The workload plants a link out; the agent will not follow it, either way.
+    let (status, _) = exec(
+        agent.addr,
+        serde_json::json!({"command": "ln -s /etc/passwd leak; ln -s / root"}),
+    );
+    assert_eq!(status, 200);
+    for target in [
+        "/files?path=leak",
+        "/files?path=root/etc/passwd",
+        "/files?path=..%2Fsecret",
+        "/files?path=notes/../../secret",
+    ] {
+        let (status, body) = call(agent.addr, "GET", target, Some(SECRET), b"");
+        assert_eq!(status, 403, "{target}: {}", String::from_utf8_lossy(&body));
+    }
+    let (status, _) = call(
+        agent.addr,
+        "PUT",
+        "/files?path=root/tmp/planted",
+        Some(SECRET),
+        b"x",
+    );
+    assert_eq!(status, 403);
+    assert!(!std::path::Path::new("/tmp/planted").exists());
+    let (status, _) = call(
+        agent.addr,
+        "PUT",
+        "/files?path=big",
+        Some(SECRET),
+        &[b'x'; 5000],
+    );
+    assert_eq!(status, 413);
+}
