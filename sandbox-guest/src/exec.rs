@@ -68,6 +68,37 @@ pub struct Finished {
     pub truncated: bool,
     /// Whether the timeout ended it.
     pub timed_out: bool,
+    /// Whether it was cancelled (its client went away).
+    pub cancelled: bool,
+}
+
+/// Which output stream bytes came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Who waits for an execution: told of its output as it comes, and asked whether it still
+/// wants it (a client that went away cancels the execution, which is then killed like one
+/// past its timeout).
+pub trait Watcher {
+    /// New bytes on `stream` (those past the cap included: the watcher decides what to keep).
+    fn output(&mut self, stream: Output, bytes: &[u8]);
+    /// Whether the execution is no longer wanted.
+    fn cancelled(&mut self) -> bool;
+}
+
+/// A watcher that wants the answer only at the end, and never cancels.
+pub struct AtTheEnd;
+
+impl Watcher for AtTheEnd {
+    fn output(&mut self, _: Output, _: &[u8]) {}
+    fn cancelled(&mut self) -> bool {
+        false
+    }
 }
 
 /// Why an execution could not run.
@@ -125,8 +156,18 @@ exit $__tg_status
 "#;
 
 impl Shell {
-    /// Runs `execution` to its end (or its timeout).
-    pub fn run(&self, execution: &Execution) -> Result<Finished, ExecError> {
+    /// Runs `execution` to its end (or its timeout, or until `watcher` cancels it).
+    pub fn run(
+        &self,
+        execution: &Execution,
+        watcher: &mut dyn Watcher,
+    ) -> Result<Finished, ExecError> {
+        let (script, timeout) = self.check(execution)?;
+        self.spawn_and_watch(&mut Command::new("sh"), script, timeout, execution, watcher)
+    }
+
+    /// Checks `execution` before it runs: its shell program and its timeout.
+    pub fn check(&self, execution: &Execution) -> Result<(String, Duration), ExecError> {
         let script = self.script(execution)?;
         let timeout = match execution.timeout_secs {
             None => self.default_timeout,
@@ -139,7 +180,17 @@ impl Shell {
             }
             Some(secs) => Duration::from_secs(secs),
         };
-        let mut command = Command::new("sh");
+        Ok((script, timeout))
+    }
+
+    fn spawn_and_watch(
+        &self,
+        command: &mut Command,
+        script: String,
+        timeout: Duration,
+        execution: &Execution,
+        watcher: &mut dyn Watcher,
+    ) -> Result<Finished, ExecError> {
         command
             .arg("-c")
             .arg(script)
@@ -186,13 +237,20 @@ impl Shell {
         let (mut out_open, mut err_open) = (true, true);
         let deadline = started + timeout;
         let mut timed_out = false;
+        let mut cancelled = false;
         let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
         loop {
             let now = Instant::now();
-            if !timed_out && exited.is_none() && now >= deadline {
-                // The whole group: the command and everything it started.
-                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-                timed_out = true;
+            if !timed_out && !cancelled && exited.is_none() {
+                if now >= deadline {
+                    timed_out = true;
+                } else if watcher.cancelled() {
+                    cancelled = true;
+                }
+                if timed_out || cancelled {
+                    // The whole group: the command and everything it started.
+                    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                }
             }
             if exited.is_none() {
                 if let Some(status) = child
@@ -220,10 +278,10 @@ impl Shell {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if out_open {
-                out_open = out.read_from(&mut stdout);
+                out_open = out.read_from(&mut stdout, &mut |b| watcher.output(Output::Stdout, b));
             }
             if err_open {
-                err_open = err.read_from(&mut stderr);
+                err_open = err.read_from(&mut stderr, &mut |b| watcher.output(Output::Stderr, b));
             }
         }
         let status = match exited {
@@ -238,6 +296,7 @@ impl Shell {
             stderr: String::from_utf8_lossy(&err.kept).into_owned(),
             duration_ms: started.elapsed().as_millis() as u64,
             timed_out,
+            cancelled,
         })
     }
 
@@ -302,13 +361,15 @@ impl Capped {
         }
     }
 
-    /// Reads what is there now; returns whether the stream is still open.
-    fn read_from(&mut self, from: &mut impl Read) -> bool {
+    /// Reads what is there now, passing it to `seen` too; returns whether the stream is
+    /// still open.
+    fn read_from(&mut self, from: &mut impl Read, seen: &mut dyn FnMut(&[u8])) -> bool {
         let mut buf = [0u8; 8192];
         loop {
             match from.read(&mut buf) {
                 Ok(0) => return false,
                 Ok(n) => {
+                    seen(&buf[..n]);
                     let room = self.cap.saturating_sub(self.kept.len());
                     self.kept.extend_from_slice(&buf[..n.min(room)]);
                     self.truncated |= n > room;
@@ -324,6 +385,58 @@ impl Capped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Shell {
+        fn run_at_end(&self, execution: &Execution) -> Result<Finished, ExecError> {
+            self.run(execution, &mut AtTheEnd)
+        }
+    }
+
+    /// Keeps what it is told, and cancels once it has seen `cancel_at` on stdout.
+    struct Recorder {
+        seen: Vec<(Output, Vec<u8>)>,
+        cancel_at: Option<&'static str>,
+    }
+
+    impl Watcher for Recorder {
+        fn output(&mut self, stream: Output, bytes: &[u8]) {
+            self.seen.push((stream, bytes.to_vec()));
+        }
+        fn cancelled(&mut self) -> bool {
+            let out: Vec<u8> = self
+                .seen
+                .iter()
+                .filter(|(s, _)| *s == Output::Stdout)
+                .flat_map(|(_, b)| b.clone())
+                .collect();
+            self.cancel_at
+                .is_some_and(|at| String::from_utf8_lossy(&out).contains(at))
+        }
+    }
+
+    #[test]
+    fn a_watcher_sees_output_as_it_comes_and_can_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let shell = shell(dir.path());
+        let mut recorder = Recorder {
+            seen: Vec::new(),
+            cancel_at: Some("ready"),
+        };
+        let started = Instant::now();
+        let done = shell
+            .run(
+                &Execution {
+                    command: Some("echo ready; sleep 30; echo never".into()),
+                    ..Execution::default()
+                },
+                &mut recorder,
+            )
+            .unwrap();
+        assert!(done.cancelled && !done.timed_out, "{done:?}");
+        assert_eq!(done.signal, Some(9));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(recorder.seen, [(Output::Stdout, b"ready\n".to_vec())]);
+    }
 
     fn shell(dir: &std::path::Path) -> Shell {
         let workspace = dir.join("workspace");
@@ -342,10 +455,13 @@ mod tests {
 
     fn run(shell: &Shell, command: &str) -> Finished {
         shell
-            .run(&Execution {
-                command: Some(command.into()),
-                ..Execution::default()
-            })
+            .run(
+                &Execution {
+                    command: Some(command.into()),
+                    ..Execution::default()
+                },
+                &mut AtTheEnd,
+            )
             .unwrap()
     }
 
@@ -363,7 +479,7 @@ mod tests {
         assert_eq!(second.stdout, format!("hello world\n{workspace}/sub\n"));
         // Request variables are exported into the session; a failing command keeps its status.
         let third = shell
-            .run(&Execution {
+            .run_at_end(&Execution {
                 command: Some("echo $A; exit 3".into()),
                 env: [("A".to_string(), "it's".to_string())].into(),
                 ..Execution::default()
@@ -374,7 +490,7 @@ mod tests {
             (Some(3), "it's\n")
         );
         assert!(shell
-            .run(&Execution {
+            .run_at_end(&Execution {
                 command: Some("true".into()),
                 env: [("1A".to_string(), String::new())].into(),
                 ..Execution::default()
@@ -387,7 +503,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shell = shell(dir.path());
         let done = shell
-            .run(&Execution {
+            .run_at_end(&Execution {
                 argv: Some(vec![
                     "printf".into(),
                     "%s|".into(),
@@ -399,7 +515,7 @@ mod tests {
             .unwrap();
         assert_eq!(done.stdout, "a b|$HOME|");
         let fed = shell
-            .run(&Execution {
+            .run_at_end(&Execution {
                 command: Some("tr a-z A-Z".into()),
                 stdin: Some("quiet".into()),
                 ..Execution::default()
@@ -415,7 +531,7 @@ mod tests {
         let marker = dir.path().join("survived");
         let started = Instant::now();
         let done = shell
-            .run(&Execution {
+            .run_at_end(&Execution {
                 command: Some(format!(
                     "echo before; (sleep 2; touch {}) & sleep 30",
                     marker.display()

@@ -5,7 +5,8 @@
 //! | route | |
 //! |---|---|
 //! | `GET /health` | the agent is up |
-//! | `POST /exec` | run an [`Execution`] → [`crate::exec::Finished`]; one at a time (409 while one runs) |
+//! | `POST /exec` | run an [`Execution`] → [`crate::exec::Finished`]; one at a time (409 while one runs); the client closing its connection cancels it |
+//! | `POST /exec?stream=ndjson` | the same, answered as it runs: one JSON object per line, `{"stdout": …}` or `{"stderr": …}` (text, up to the cap per stream), then `{"end": …}` (a `Finished` without its output); the answer ends with the connection |
 //! | `GET /files?path=` | a file's bytes |
 //! | `PUT /files?path=` | write the body as that file (201) |
 //! | `GET /files/list?path=` | a directory's entries |
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 
-use crate::exec::{ExecError, Execution, Shell};
+use crate::exec::{ExecError, Execution, Finished, Output, Shell, Watcher};
 use crate::files::Workspace;
 use crate::http::{read_request, write_error, write_response, ReadError, Request};
 
@@ -136,7 +137,11 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
                     "an execution is running in this session; executions run one at a time",
                 );
             };
-            match agent.shell.run(&execution) {
+            if request.query_param("stream").as_deref() == Some("ndjson") {
+                return stream_execution(agent, &execution, stream);
+            }
+            let mut watcher = PeerWatch { peer: stream };
+            match agent.shell.run(&execution, &mut watcher) {
                 Ok(finished) => {
                     let body = serde_json::to_vec(&finished).unwrap_or_default();
                     write_response(stream, 200, "application/json", &body)
@@ -167,4 +172,106 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
         }
         _ => write_error(stream, 404, "not_found", "no such route"),
     }
+}
+
+/// An execution answered at its end, cancelled if the client closes its connection first.
+struct PeerWatch<'a> {
+    peer: &'a TcpStream,
+}
+
+impl Watcher for PeerWatch<'_> {
+    fn output(&mut self, _: Output, _: &[u8]) {}
+
+    fn cancelled(&mut self) -> bool {
+        peer_gone(self.peer)
+    }
+}
+
+/// Whether the client closed its side (or the connection broke): it sends nothing after its
+/// request, so a peek that finds the end means it went away.
+fn peer_gone(peer: &TcpStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut probe = [0u8; 1];
+    match recv(
+        peer.as_raw_fd(),
+        &mut probe,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(nix::errno::Errno::EAGAIN) => false,
+        Err(_) => true,
+    }
+}
+
+/// An execution answered as it runs (NDJSON), cancelled if a line cannot be written.
+struct Streamed<'a> {
+    peer: &'a TcpStream,
+    /// Bytes sent so far of stdout and stderr.
+    sent: [usize; 2],
+    cap: usize,
+    failed: bool,
+}
+
+impl Streamed<'_> {
+    fn line(&mut self, value: serde_json::Value) {
+        let mut line = value.to_string();
+        line.push('\n');
+        let mut peer = self.peer;
+        if std::io::Write::write_all(&mut peer, line.as_bytes()).is_err() {
+            self.failed = true;
+        }
+    }
+}
+
+impl Watcher for Streamed<'_> {
+    fn output(&mut self, stream: Output, bytes: &[u8]) {
+        let (index, key) = match stream {
+            Output::Stdout => (0, "stdout"),
+            Output::Stderr => (1, "stderr"),
+        };
+        let room = self.cap.saturating_sub(self.sent[index]);
+        let part = &bytes[..bytes.len().min(room)];
+        if part.is_empty() || self.failed {
+            return;
+        }
+        self.sent[index] += part.len();
+        self.line(serde_json::json!({ key: String::from_utf8_lossy(part) }));
+    }
+
+    fn cancelled(&mut self) -> bool {
+        self.failed || peer_gone(self.peer)
+    }
+}
+
+fn stream_execution(
+    agent: &Agent,
+    execution: &Execution,
+    peer: &mut TcpStream,
+) -> std::io::Result<()> {
+    // Checked before anything is written, so that a bad request still gets its status.
+    if let Err(e) = agent.shell.check(execution) {
+        return write_error(peer, 400, "bad_request", &e.to_string());
+    }
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n";
+    std::io::Write::write_all(peer, head.as_bytes())?;
+    let mut streamed = Streamed {
+        peer,
+        sent: [0, 0],
+        cap: agent.shell.max_output_bytes,
+        failed: false,
+    };
+    match agent.shell.run(execution, &mut streamed) {
+        Ok(finished) => {
+            let end = Finished {
+                stdout: String::new(),
+                stderr: String::new(),
+                ..finished
+            };
+            streamed.line(serde_json::json!({ "end": end }));
+        }
+        Err(e) => streamed.line(serde_json::json!({ "error": e.to_string() })),
+    }
+    Ok(())
 }

@@ -242,3 +242,73 @@ fn files_stay_inside_the_workspace_and_belong_to_its_user() {
     );
     assert_eq!(status, 413);
 }
+
+/// Sends an execution and returns the open connection, its answer not yet read.
+fn send_exec(agent: SocketAddr, target: &str, body: serde_json::Value) -> TcpStream {
+    let mut s = TcpStream::connect(agent).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let body = body.to_string();
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nHost: agent\r\nX-Tollgate-Secret: {SECRET}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body.as_bytes()).expect("body");
+    s
+}
+
+#[test]
+fn an_execution_streams_as_it_runs_and_ends_when_its_client_leaves() {
+    let agent = start();
+    let workspace = agent.dir.path().join("workspace");
+    // The second line comes only after the test, having read the first, lets the command go on.
+    let s = send_exec(
+        agent.addr,
+        "/exec?stream=ndjson",
+        serde_json::json!({"command": "echo one; while [ ! -f go ]; do sleep 0.05; done; echo two >&2; exit 4"}),
+    );
+    let mut lines = BufReader::new(s).lines();
+    let mut next = || -> serde_json::Value {
+        loop {
+            let line = lines.next().expect("a line").expect("read");
+            // The answer's head lines come first.
+            if line.starts_with('{') {
+                return serde_json::from_str(&line).expect("json");
+            }
+        }
+    };
+    assert_eq!(next(), serde_json::json!({"stdout": "one\n"}));
+    std::fs::write(workspace.join("go"), "").expect("go");
+    assert_eq!(next(), serde_json::json!({"stderr": "two\n"}));
+    let end = next();
+    assert_eq!(end["end"]["exit_code"], 4, "{end}");
+    assert_eq!(end["end"]["stdout"], "");
+
+    // A client that leaves cancels its execution: the command is killed, and the session is
+    // free for the next one.
+    let s = send_exec(
+        agent.addr,
+        "/exec",
+        serde_json::json!({"command": "sleep 2; touch after"}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = exec(agent.addr, serde_json::json!({"command": "true"}));
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session stayed busy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !workspace.join("after").exists(),
+        "a cancelled execution ran on"
+    );
+}
