@@ -143,17 +143,25 @@ pub struct Shell {
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 
 /// The shell program around the command: restore, run, save (see the module's text).
+/// (Builtins only: each program the shell starts costs a fork and an exec per execution. The
+/// agent moves the `.next` files in place once the shell has exited by itself, so a killed
+/// execution leaves the session's state as it was.)
 const PROLOGUE: &str = r#"if [ -r "$TG_STATE/env" ]; then . "$TG_STATE/env"; fi
-cd "$(cat "$TG_STATE/cwd" 2>/dev/null || printf %s "$TG_WORKSPACE")" 2>/dev/null || cd "$TG_WORKSPACE"
+__tg_cwd=$TG_WORKSPACE
+if [ -r "$TG_STATE/cwd" ]; then IFS= read -r __tg_cwd < "$TG_STATE/cwd"; fi
+cd "$__tg_cwd" 2>/dev/null || cd "$TG_WORKSPACE"
 __tg_state=$TG_STATE
-unset TG_STATE TG_WORKSPACE
+unset TG_STATE TG_WORKSPACE __tg_cwd
 "#;
 const EPILOGUE: &str = r#"
 __tg_status=$?
-export -p > "$__tg_state/env.next" && mv -f "$__tg_state/env.next" "$__tg_state/env"
-pwd > "$__tg_state/cwd.next" && mv -f "$__tg_state/cwd.next" "$__tg_state/cwd"
+export -p > "$__tg_state/env.next"
+pwd > "$__tg_state/cwd.next"
 exit $__tg_status
 "#;
+
+/// The files of the session's state, each written as `<name>.next` by an execution.
+const STATE_FILES: [&str; 2] = ["env", "cwd"];
 
 impl Shell {
     /// Runs `execution` to its end (or its timeout, or until `watcher` cancels it).
@@ -208,6 +216,9 @@ impl Shell {
             .process_group(0);
         if let Some(user) = self.run_as {
             command.uid(user.uid).gid(user.gid);
+        }
+        for name in STATE_FILES {
+            let _ = std::fs::remove_file(self.state.join(format!("{name}.next")));
         }
         let started = Instant::now();
         let mut child = command
@@ -275,7 +286,8 @@ impl Shell {
             if !fds.is_empty() {
                 let _ = nix::poll::poll(&mut fds, PollTimeout::from(20u16));
             } else {
-                std::thread::sleep(Duration::from_millis(5));
+                // Both pipes closed, the shell not reaped yet: it is about to be.
+                std::thread::sleep(Duration::from_millis(1));
             }
             if out_open {
                 out_open = out.read_from(&mut stdout, &mut |b| watcher.output(Output::Stdout, b));
@@ -288,6 +300,15 @@ impl Shell {
             Some((status, _)) => status,
             None => child.wait().map_err(|e| ExecError::Failed(e.to_string()))?,
         };
+        // The state the execution left, taken only when it ended by itself.
+        if !timed_out && !cancelled {
+            for name in STATE_FILES {
+                let next = self.state.join(format!("{name}.next"));
+                if next.exists() {
+                    let _ = std::fs::rename(&next, self.state.join(name));
+                }
+            }
+        }
         Ok(Finished {
             exit_code: status.code(),
             signal: status.signal(),
@@ -549,6 +570,17 @@ mod tests {
             !marker.exists(),
             "a process the command started outlived the timeout"
         );
+        // A killed execution leaves the session's state as it was.
+        let killed = shell
+            .run_at_end(&Execution {
+                command: Some("export Y=set; cd /; sleep 30".into()),
+                timeout_secs: Some(1),
+                ..Execution::default()
+            })
+            .unwrap();
+        assert!(killed.timed_out);
+        let after = run(&shell, "echo \"[$Y]\"; pwd");
+        assert_eq!(after.stdout, format!("[]\n{}\n", shell.workspace.display()));
     }
 
     #[test]
