@@ -275,3 +275,100 @@ async fn a_token_fetched_while_its_tool_call_closes_is_never_injected() {
     );
     assert_eq!(origin.requests(), 0, "the token never left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_session_has_its_own_listener_tool_calls_and_audit_records() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n[[agents]]\nid = \"a\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
+        loopback_upstream(None)
+    );
+    let gw = Gateway::start_with_policies(&config, &POLICIES);
+    let url = format!("http://127.0.0.1:{}/work", origin.port());
+    // Two sessions (conversation threads) of agent a, each with its listener and a tool call.
+    let mut listeners = Vec::new();
+    for (session, tool_call) in [("thread-1", "tc-1"), ("thread-2", "tc-2")] {
+        let opened = gw.admin_call(
+            "PUT",
+            &format!("/v1/agents/a/sessions/{session}"),
+            Some(r#"{"listen":{"address":"127.0.0.1:0"}}"#),
+        );
+        assert_eq!(opened.status, 201, "{opened:?}");
+        let address = opened.json()["address"]
+            .as_str()
+            .expect("address")
+            .to_string();
+        let body = format!(r#"{{"id":"{tool_call}","session":"{session}"}}"#);
+        let call = gw.admin_call("POST", "/v1/agents/a/tool-calls", Some(&body));
+        assert_eq!(call.status, 201, "{call:?}");
+        assert_eq!(call.json()["session"], session);
+        listeners.push(address);
+    }
+    // Opening it again changes nothing.
+    let again = gw.admin_call(
+        "PUT",
+        "/v1/agents/a/sessions/thread-1",
+        Some(r#"{"listen":{"address":"127.0.0.1:0"}}"#),
+    );
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.json()["address"], listeners[0].as_str());
+    // A tool call of a session that does not exist is refused.
+    let orphan = gw.admin_call(
+        "POST",
+        "/v1/agents/a/tool-calls",
+        Some(r#"{"id":"tc-9","session":"thread-9"}"#),
+    );
+    assert_eq!(orphan.status, 404, "{orphan:?}");
+
+    // Each session's requests carry its own tool call, and say which session they came from;
+    // on the shared listener neither tool call is the agent's current one.
+    for address in &listeners {
+        let r = curl_async(args!["-x", format!("http://{address}"), &url]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let shared = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    assert_eq!(shared.status, 403, "{shared:?}");
+    let records = audit_records(&gw, "a", 3);
+    let seen: Vec<(Option<&str>, Option<&str>)> = records
+        .iter()
+        .map(|r| (r["session"].as_str(), r["tool_call"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("thread-1"), Some("tc-1")),
+            (Some("thread-2"), Some("tc-2")),
+            (None, None)
+        ],
+        "{records:?}"
+    );
+
+    // Ending a session closes its listener and ends its tool calls; the other goes on.
+    assert_eq!(
+        gw.admin_call("DELETE", "/v1/agents/a/sessions/thread-1", None)
+            .status,
+        204
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(&listeners[0]).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended session's listener still accepts"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let calls = gw.admin_call("GET", "/v1/agents/a/tool-calls", None).json();
+    assert_eq!(
+        calls["tool_calls"].as_array().map(Vec::len),
+        Some(1),
+        "{calls}"
+    );
+    assert_eq!(calls["tool_calls"][0]["id"], "tc-2");
+    let listed = gw.admin_call("GET", "/v1/agents/a/sessions", None).json();
+    assert_eq!(listed["sessions"][0]["session"], "thread-2", "{listed}");
+    let r = curl_async(args!["-x", format!("http://{}", listeners[1]), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+}

@@ -48,8 +48,8 @@ peers = ["127.0.0.1"]
         .expect("credentials");
     let agent: Agent = config.agents[0].clone();
     let tool_calls = ToolCalls::default();
-    tool_calls.open("bench", "tc", None, 1).expect("open");
-    let tool_call = tool_calls.current("bench", None).expect("current");
+    tool_calls.open("bench", None, "tc", None, 1).expect("open");
+    let tool_call = tool_calls.current("bench", None, None).expect("current");
     let (target, _) = Target::from_url("https://graph.microsoft.com/v1.0/me").expect("url");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

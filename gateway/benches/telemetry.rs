@@ -20,6 +20,7 @@ fn summary() -> AuditRecord {
         at: 0,
         agent: "bench".into(),
         tool_call: Some("tc-1".into()),
+        session: None,
         method: "GET".into(),
         host: "api.github.com:443".into(),
         path: "/repos/x/y".into(),

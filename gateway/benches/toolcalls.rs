@@ -13,7 +13,7 @@ fn tool_calls(c: &mut Criterion) {
         let calls = ToolCalls::default();
         for i in 0..already_open {
             calls
-                .open("agent", &format!("open-{i}"), None, usize::MAX)
+                .open("agent", None, &format!("open-{i}"), None, usize::MAX)
                 .expect("open");
         }
         group.bench_with_input(
@@ -21,17 +21,19 @@ fn tool_calls(c: &mut Criterion) {
             &already_open,
             |b, _| {
                 b.iter(|| {
-                    calls.open("agent", "tc", None, usize::MAX).expect("open");
+                    calls
+                        .open("agent", None, "tc", None, usize::MAX)
+                        .expect("open");
                     calls.close("agent", "tc")
                 })
             },
         );
         let probe = calls
-            .open("agent", "probe", None, usize::MAX)
+            .open("agent", None, "probe", None, usize::MAX)
             .expect("open")
             .info;
         let serial = calls
-            .current("agent", Some(&probe.id))
+            .current("agent", None, Some(&probe.id))
             .expect("current")
             .serial;
         group.bench_with_input(

@@ -258,7 +258,7 @@ impl AdminApi {
                             }
                             self.tool_calls.close_all(&removed.id);
                             self.credentials.evict_agent(&removed.id);
-                            self.listeners.close(&removed.id);
+                            self.listeners.close_all(&removed.id);
                             tracing::info!(agent = %removed.id, "agent removed");
                             Ok(empty(StatusCode::NO_CONTENT))
                         }
@@ -291,6 +291,30 @@ impl AdminApi {
                     .await?
                     .unwrap_or_default();
                 Ok(json(StatusCode::OK, &report))
+            }
+            ["v1", "agents", id, "sessions"] => {
+                only(&method, &[Method::GET])?;
+                let id = id.to_string();
+                self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
+                let sessions: Vec<serde_json::Value> = self
+                    .listeners
+                    .sessions(&id)
+                    .into_iter()
+                    .map(|(session, address)| serde_json::json!({ "session": session, "address": address }))
+                    .collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "sessions": sessions }),
+                ))
+            }
+            ["v1", "agents", id, "sessions", thread] => {
+                let (id, thread) = (id.to_string(), thread.to_string());
+                self.registry.get(&id).ok_or_else(|| no_agent(&id))?;
+                match method {
+                    Method::PUT => self.open_session(session, &id, &thread).await,
+                    Method::DELETE => self.end_session(&id, &thread).await,
+                    _ => Err(method_not_allowed(&[Method::PUT, Method::DELETE])),
+                }
             }
             ["v1", "agents", id, "tool-calls"] => {
                 let id = id.to_string();
@@ -349,6 +373,10 @@ impl AdminApi {
             id: String,
             #[serde(default)]
             ttl_secs: Option<u64>,
+            /// The session it runs in (which must have its listener): only requests on that
+            /// session's listener belong to it.
+            #[serde(default)]
+            session: Option<String>,
         }
         let body = read_body(session).await?;
         let request: OpenToolCall = serde_json::from_slice(&body)
@@ -359,7 +387,27 @@ impl AdminApi {
             .get(agent)
             .map(|a| self.quotas.of(&a).open_tool_calls)
             .ok_or_else(|| no_agent(agent))?;
-        match self.tool_calls.open(agent, &request.id, ttl, max_open) {
+        if let Some(session) = &request.session {
+            if !self
+                .listeners
+                .sessions(agent)
+                .iter()
+                .any(|(s, _)| s == session)
+            {
+                return Err(Refusal::new(
+                    404,
+                    "not_found",
+                    format!("agent {agent:?} has no session {session:?}: open it first (PUT /v1/agents/{agent}/sessions/{session})"),
+                ));
+            }
+        }
+        match self.tool_calls.open(
+            agent,
+            request.session.as_deref(),
+            &request.id,
+            ttl,
+            max_open,
+        ) {
             Ok(opened) => {
                 if let Some((serial, id)) = &opened.ended {
                     self.approvals
@@ -378,6 +426,76 @@ impl AdminApi {
             }
             Err(e) => Err(Refusal::bad_request(e.to_string())),
         }
+    }
+
+    /// Opens the listener of `agent`'s session `thread` (`{"listen": {"address", "netns"}}`):
+    /// every connection to it is the agent's, in that session. Idempotent.
+    async fn open_session(
+        &self,
+        session: &mut ServerSession,
+        agent: &str,
+        thread: &str,
+    ) -> Result<Response<Vec<u8>>, Refusal> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct OpenSession {
+            listen: crate::config::AgentListenConfig,
+        }
+        crate::toolcall::validate_id(thread).map_err(|_| {
+            Refusal::bad_request(format!(
+                "session id {thread:?} is invalid: use 1 to 128 characters of A-Z a-z 0-9 . _ : -"
+            ))
+        })?;
+        let body = read_body(session).await?;
+        let request: OpenSession = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::bad_request(format!("invalid session JSON: {e}")))?;
+        let existed = self
+            .listeners
+            .sessions(agent)
+            .iter()
+            .any(|(s, _)| s == thread);
+        let listeners = self.listeners.clone();
+        let (id, name) = (agent.to_string(), thread.to_string());
+        let listen = request.listen;
+        let opened =
+            tokio::task::spawn_blocking(move || listeners.open_session(&id, &name, &listen)).await;
+        match opened {
+            Ok(Ok(address)) => {
+                tracing::info!(agent, session = thread, %address, "session opened");
+                let status = if existed {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                };
+                Ok(json(
+                    status,
+                    &serde_json::json!({ "session": thread, "address": address }),
+                ))
+            }
+            Ok(Err(e)) => Err(Refusal::bad_request(format!(
+                "cannot open the session's listener: {e}"
+            ))),
+            Err(e) => Err(Refusal::new(500, "internal_error", e.to_string())),
+        }
+    }
+
+    /// Ends `agent`'s session `thread`: its listener closes, and its tool calls end (their
+    /// tokens dropped, their held requests refused).
+    async fn end_session(&self, agent: &str, thread: &str) -> Result<Response<Vec<u8>>, Refusal> {
+        if !self.listeners.close_session(agent, thread) {
+            return Err(Refusal::new(
+                404,
+                "not_found",
+                format!("agent {agent:?} has no session {thread:?}"),
+            ));
+        }
+        for (serial, id) in self.tool_calls.close_session(agent, thread) {
+            self.approvals
+                .end_tool_call(&self.credentials, agent, serial, &id)
+                .await;
+        }
+        tracing::info!(agent, session = thread, "session ended");
+        Ok(empty(StatusCode::NO_CONTENT))
     }
 
     async fn reload_policies(&self) -> Result<Response<Vec<u8>>, Refusal> {

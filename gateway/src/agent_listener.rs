@@ -86,12 +86,31 @@ fn h2_options() -> pingora::protocols::http::v2::server::H2Options {
     options
 }
 
-/// The agents' listeners that are open now.
+/// Whose a listener is: an agent's own, or one of its sessions'.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Owner {
+    agent: String,
+    session: Option<String>,
+}
+
+impl Owner {
+    fn binding(&self) -> ListenerBinding {
+        match &self.session {
+            None => ListenerBinding::Agent(self.agent.clone()),
+            Some(session) => ListenerBinding::Session {
+                agent: self.agent.clone(),
+                session: session.clone(),
+            },
+        }
+    }
+}
+
+/// The agents' (and their sessions') listeners that are open now.
 pub struct AgentListeners {
     apps: EgressApps,
     /// Fires when the whole gateway stops.
     gateway_stopping: watch::Receiver<bool>,
-    open: Mutex<HashMap<String, Open>>,
+    open: Mutex<HashMap<Owner, Open>>,
 }
 
 /// One open listener.
@@ -123,18 +142,47 @@ impl AgentListeners {
         agent: &str,
         listen: &AgentListenConfig,
     ) -> Result<SocketAddr, ListenerError> {
-        if let Some(open) = self.open.lock().get(agent) {
+        self.open_for(
+            Owner {
+                agent: agent.to_string(),
+                session: None,
+            },
+            listen,
+        )
+    }
+
+    /// Like [`AgentListeners::open`], for one of `agent`'s sessions: every connection to it
+    /// is the agent's, in that session.
+    pub fn open_session(
+        &self,
+        agent: &str,
+        session: &str,
+        listen: &AgentListenConfig,
+    ) -> Result<SocketAddr, ListenerError> {
+        self.open_for(
+            Owner {
+                agent: agent.to_string(),
+                session: Some(session.to_string()),
+            },
+            listen,
+        )
+    }
+
+    fn open_for(
+        &self,
+        owner: Owner,
+        listen: &AgentListenConfig,
+    ) -> Result<SocketAddr, ListenerError> {
+        if let Some(open) = self.open.lock().get(&owner) {
             if open.config == *listen {
                 return Ok(open.address);
             }
             if open.configured {
-                return Err(ListenerError::Configured {
-                    agent: agent.to_string(),
-                });
+                return Err(ListenerError::Configured { agent: owner.agent });
             }
         }
         let socket = listener::bind(listen.address, listen.netns.as_deref())?;
-        self.serve(agent, listen.clone(), socket, false)
+        self.serve_for(owner, listen.clone(), socket, false)
     }
 
     /// Serves `socket`, already bound as `listen` says, as `agent`'s listener; `configured`
@@ -146,6 +194,20 @@ impl AgentListeners {
         socket: std::net::TcpListener,
         configured: bool,
     ) -> Result<SocketAddr, ListenerError> {
+        let owner = Owner {
+            agent: agent.to_string(),
+            session: None,
+        };
+        self.serve_for(owner, listen, socket, configured)
+    }
+
+    fn serve_for(
+        &self,
+        owner: Owner,
+        listen: AgentListenConfig,
+        socket: std::net::TcpListener,
+        configured: bool,
+    ) -> Result<SocketAddr, ListenerError> {
         let address = socket.local_addr().map_err(|source| ListenerError::Bind {
             address: listen.address,
             netns: listen.netns.clone(),
@@ -153,8 +215,12 @@ impl AgentListeners {
         })?;
         let (stop, stopped) = watch::channel(false);
         let stop = Arc::new(stop);
-        let app = self.apps.app(ListenerBinding::Agent(agent.to_string()));
-        listener::serve(&format!("agent-{agent}"), socket, app, None, stopped);
+        let app = self.apps.app(owner.binding());
+        let name = match &owner.session {
+            None => format!("agent-{}", owner.agent),
+            Some(session) => format!("session-{}-{session}", owner.agent),
+        };
+        listener::serve(&name, socket, app, None, stopped);
         // The listener also stops with the gateway.
         let mut gateway_stopping = self.gateway_stopping.clone();
         let stop_on_exit = stop.clone();
@@ -164,8 +230,9 @@ impl AgentListeners {
                 _ = stop_on_exit.closed() => {}
             }
         });
+        tracing::info!(agent = owner.agent, session = ?owner.session, %address, "listener open");
         let previous = self.open.lock().insert(
-            agent.to_string(),
+            owner,
             Open {
                 config: listen,
                 address,
@@ -176,28 +243,68 @@ impl AgentListeners {
         if let Some(previous) = previous {
             let _ = previous.stop.send(true);
         }
-        tracing::info!(agent, %address, "agent listener open");
         Ok(address)
     }
 
-    /// Closes `agent`'s listener, if it has one that was not configured in the file.
+    /// Closes `agent`'s own listener, if it has one that was not configured in the file.
     pub fn close(&self, agent: &str) {
-        let mut open = self.open.lock();
-        if open.get(agent).is_some_and(|o| !o.configured) {
-            if let Some(closed) = open.remove(agent) {
-                let _ = closed.stop.send(true);
-                tracing::info!(agent, address = %closed.address, "agent listener closed");
+        self.close_where(|owner| owner.agent == agent && owner.session.is_none());
+    }
+
+    /// Closes every listener of `agent`: its own (unless configured) and its sessions' (the
+    /// agent was removed).
+    pub fn close_all(&self, agent: &str) {
+        self.close_where(|owner| owner.agent == agent);
+    }
+
+    fn close_where(&self, which: impl Fn(&Owner) -> bool) {
+        self.open.lock().retain(|owner, listener| {
+            let closes = which(owner) && !listener.configured;
+            if closes {
+                let _ = listener.stop.send(true);
+                tracing::info!(agent = owner.agent, session = ?owner.session, address = %listener.address, "listener closed");
             }
+            !closes
+        });
+    }
+
+    /// Closes the listener of `agent`'s `session`; whether it had one.
+    pub fn close_session(&self, agent: &str, session: &str) -> bool {
+        let owner = Owner {
+            agent: agent.to_string(),
+            session: Some(session.to_string()),
+        };
+        match self.open.lock().remove(&owner) {
+            Some(closed) => {
+                let _ = closed.stop.send(true);
+                tracing::info!(agent, session, address = %closed.address, "session listener closed");
+                true
+            }
+            None => false,
         }
     }
 
-    /// Every open listener: agent and address.
+    /// `agent`'s sessions that have a listener: session and address.
+    pub fn sessions(&self, agent: &str) -> Vec<(String, SocketAddr)> {
+        let mut all: Vec<_> = self
+            .open
+            .lock()
+            .iter()
+            .filter(|(owner, _)| owner.agent == agent)
+            .filter_map(|(owner, open)| Some((owner.session.clone()?, open.address)))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Every agent's own open listener: agent and address.
     pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
         let mut all: Vec<_> = self
             .open
             .lock()
             .iter()
-            .map(|(agent, open)| (agent.clone(), open.address))
+            .filter(|(owner, _)| owner.session.is_none())
+            .map(|(owner, open)| (owner.agent.clone(), open.address))
             .collect();
         all.sort();
         all

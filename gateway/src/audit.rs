@@ -101,6 +101,7 @@ impl AuditTrail {
 /// the host and no path.
 pub fn refused_tunnel(
     agent: &str,
+    session: Option<&str>,
     tool_call: Option<String>,
     target: &Target,
     policies: Vec<String>,
@@ -111,6 +112,7 @@ pub fn refused_tunnel(
         at: tollgate_storage::now_millis(),
         agent: agent.to_string(),
         tool_call,
+        session: session.map(str::to_string),
         method: "CONNECT".into(),
         host: format!("{}:{}", target.host, target.port),
         path: String::new(),

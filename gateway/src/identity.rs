@@ -215,6 +215,24 @@ pub enum ListenerBinding {
     Shared,
     /// An agent's own listener: every connection is this agent's.
     Agent(String),
+    /// The listener of one of an agent's sessions (a conversation thread's sandbox): every
+    /// connection is this agent's, in this session.
+    Session {
+        /// The agent.
+        agent: String,
+        /// The session.
+        session: String,
+    },
+}
+
+impl ListenerBinding {
+    /// The session every connection to this listener belongs to, if it is a session's.
+    pub fn session(&self) -> Option<&str> {
+        match self {
+            ListenerBinding::Session { session, .. } => Some(session),
+            _ => None,
+        }
+    }
 }
 
 /// Why a connection could not be attributed to an agent.
@@ -238,7 +256,7 @@ pub fn identify(
     peer: Option<IpAddr>,
 ) -> Result<Arc<Agent>, IdentityError> {
     match binding {
-        ListenerBinding::Agent(id) => registry
+        ListenerBinding::Agent(id) | ListenerBinding::Session { agent: id, .. } => registry
             .get(id)
             .ok_or_else(|| IdentityError::UnknownAgent(id.clone())),
         ListenerBinding::Shared => {

@@ -226,7 +226,7 @@ impl ServerApp for EgressApp {
         if !is_connect {
             let known = agent.as_deref().ok();
             head::serve_http1(&self.proxy, stream, self.deadlines(), shutdown, |refused| {
-                record_refused_head(&self.shared, known, None, refused)
+                record_refused_head(&self.shared, known, self.binding.session(), None, refused)
             })
             .await;
             return None;
@@ -242,9 +242,11 @@ impl ServerApp for EgressApp {
                         refusal: Box::new(identity_refusal(&e)),
                     })?;
                 let refused = |refusal: Refusal, policies: Vec<String>| {
-                    let tool_call = self.shared.tool_calls.current(&agent.id, None);
+                    let session = self.binding.session();
+                    let tool_call = self.shared.tool_calls.current(&agent.id, session, None);
                     self.shared.audit.record(audit::refused_tunnel(
                         &agent.id,
+                        session,
                         tool_call.map(|tc| tc.id),
                         target,
                         policies,
@@ -279,10 +281,12 @@ impl ServerApp for EgressApp {
         // heads read and checked like plain HTTP.
         if decrypted.selected_alpn_proto() == Some(ALPN::H2) {
             let (shared, known, tunnel) = (self.shared.clone(), agent.ok(), tunnel);
+            let session = self.binding.session().map(str::to_string);
             let recorded = Arc::new(move |refused: RefusedStream| {
                 record_refused_head(
                     &shared,
                     known.as_deref(),
+                    session.as_deref(),
                     tunnel.as_ref(),
                     &head::RefusedHead::of_http2(refused),
                 )
@@ -298,7 +302,15 @@ impl ServerApp for EgressApp {
             decrypted,
             self.deadlines(),
             shutdown,
-            |refused| record_refused_head(&self.shared, known, tunnel.as_ref(), refused),
+            |refused| {
+                record_refused_head(
+                    &self.shared,
+                    known,
+                    self.binding.session(),
+                    tunnel.as_ref(),
+                    refused,
+                )
+            },
         )
         .await;
         None

@@ -308,7 +308,10 @@ impl Egress {
             .headers
             .get(TOOL_CALL_HEADER)
             .and_then(|v| v.to_str().ok());
-        ctx.tool_call = self.shared.tool_calls.current(&agent.id, named);
+        ctx.tool_call = self
+            .shared
+            .tool_calls
+            .current(&agent.id, self.binding.session(), named);
         request.tool_call = ctx.tool_call.as_ref().map(|tc| tc.id.clone());
         // 4. Whether it may: allow, deny, or needs approval.
         let (decision, engine) = self.shared.policies.decide(&agent, &request);
@@ -1216,6 +1219,7 @@ impl ProxyHttp for Egress {
                 .as_ref()
                 .map_or_else(|| "-".into(), |a| a.id.clone()),
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
+            session: self.binding.session().map(str::to_string),
             method: ctx
                 .overridden
                 .clone()
@@ -1355,6 +1359,7 @@ pub fn record_request(
 pub fn record_refused_head(
     shared: &Shared,
     agent: Option<&Agent>,
+    session: Option<&str>,
     tunnel: Option<&Target>,
     refused: &crate::head::RefusedHead,
 ) {
@@ -1377,7 +1382,13 @@ pub fn record_refused_head(
         seq: 0,
         at: tollgate_storage::now_millis().saturating_sub(elapsed.as_millis() as u64),
         agent: agent.map_or_else(|| "-".into(), |a| a.id.clone()),
-        tool_call: agent.and_then(|a| shared.tool_calls.current(&a.id, None).map(|tc| tc.id)),
+        tool_call: agent.and_then(|a| {
+            shared
+                .tool_calls
+                .current(&a.id, session, None)
+                .map(|tc| tc.id)
+        }),
+        session: session.map(str::to_string),
         method: match line.method.as_str() {
             "" => "-".to_string(),
             m => m.to_string(),

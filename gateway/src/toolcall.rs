@@ -35,6 +35,8 @@ static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 struct Open {
     id: String,
     serial: u64,
+    /// The session it was opened in (its requests come on that session's listener).
+    session: Option<String>,
     opened_at: SystemTime,
     expires_at: Option<Instant>,
 }
@@ -52,6 +54,9 @@ pub struct ToolCallInfo {
     pub id: String,
     /// The agent it belongs to.
     pub agent: String,
+    /// The session it belongs to, if it was opened in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// When it was opened (seconds since the Unix epoch).
     pub opened_at: u64,
     /// Seconds until it closes by itself, if it has a TTL.
@@ -106,6 +111,20 @@ impl AgentCalls {
     }
 }
 
+/// Checks an id given to a tool call or a session: 1 to 128 characters of
+/// `[A-Za-z0-9._:-]`.
+pub fn validate_id(id: &str) -> Result<(), ToolCallError> {
+    let valid = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    match valid {
+        true => Ok(()),
+        false => Err(ToolCallError::InvalidId(id.chars().take(200).collect())),
+    }
+}
+
 /// A tool call just opened.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Opened {
@@ -129,18 +148,12 @@ impl ToolCalls {
     pub fn open(
         &self,
         agent: &str,
+        session: Option<&str>,
         id: &str,
         ttl: Option<Duration>,
         max_open: usize,
     ) -> Result<Opened, ToolCallError> {
-        let valid = !id.is_empty()
-            && id.len() <= 128
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-        if !valid {
-            return Err(ToolCallError::InvalidId(id.chars().take(200).collect()));
-        }
+        validate_id(id)?;
         if ttl.is_some_and(|t| t.is_zero() || t > MAX_TTL) {
             return Err(ToolCallError::BadTtl);
         }
@@ -165,6 +178,7 @@ impl ToolCalls {
         let call = Open {
             id: id.to_string(),
             serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            session: session.map(str::to_string),
             opened_at: SystemTime::now(),
             expires_at: ttl.map(|t| now + t),
         };
@@ -214,6 +228,30 @@ impl ToolCalls {
         expired
     }
 
+    /// Closes every tool call of `agent` in `session` (the session ended); returns (serial,
+    /// id) of each, to end them.
+    pub fn close_session(&self, agent: &str, session: &str) -> Vec<(u64, String)> {
+        let mut open = self.open.write();
+        let Some(calls) = open.get_mut(agent) else {
+            return Vec::new();
+        };
+        let ids: Vec<String> = calls
+            .by_id
+            .values()
+            .filter(|c| c.session.as_deref() == Some(session))
+            .map(|c| c.id.clone())
+            .collect();
+        let closed = ids
+            .iter()
+            .filter_map(|id| calls.remove(id))
+            .map(|c| (c.serial, c.id))
+            .collect();
+        if calls.by_id.is_empty() {
+            open.remove(agent);
+        }
+        closed
+    }
+
     /// Closes every tool call of `agent` (the agent was removed).
     pub fn close_all(&self, agent: &str) {
         self.open.write().remove(agent);
@@ -231,17 +269,24 @@ impl ToolCalls {
         live.into_iter().map(|c| info(agent, c, now)).collect()
     }
 
-    /// The tool call a request of `agent` belongs to: its only open one, or the one `named`
-    /// (by the request's `Tollgate-Tool-Call` header) among several. `None` when the agent
-    /// has none open, or several and the request names none of them.
-    pub fn current(&self, agent: &str, named: Option<&str>) -> Option<ToolCallRef> {
+    /// The tool call a request of `agent` in `session` (the session of the listener it came
+    /// on, if any) belongs to: the only one open there, or the one `named` (by the request's
+    /// `Tollgate-Tool-Call` header) among several. `None` when none is open there, or several
+    /// and the request names none of them. A tool call of one session is never another's.
+    pub fn current(
+        &self,
+        agent: &str,
+        session: Option<&str>,
+        named: Option<&str>,
+    ) -> Option<ToolCallRef> {
         let now = Instant::now();
         let open = self.open.read();
         let calls = open.get(agent)?;
+        let here = |c: &&Open| c.live(now) && c.session.as_deref() == session;
         let found = match named {
-            Some(name) => calls.by_id.get(name).filter(|c| c.live(now)),
+            Some(name) => calls.by_id.get(name).filter(here),
             None => {
-                let mut live = calls.by_id.values().filter(|c| c.live(now));
+                let mut live = calls.by_id.values().filter(here);
                 let first = live.next()?;
                 live.next().is_none().then_some(first)
             }
@@ -257,6 +302,7 @@ fn info(agent: &str, call: &Open, now: Instant) -> ToolCallInfo {
     ToolCallInfo {
         id: call.id.clone(),
         agent: agent.to_string(),
+        session: call.session.clone(),
         opened_at: call
             .opened_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -273,14 +319,14 @@ mod tests {
     use super::*;
 
     fn current(t: &ToolCalls, agent: &str, named: Option<&str>) -> Option<String> {
-        t.current(agent, named).map(|c| c.id)
+        t.current(agent, None, named).map(|c| c.id)
     }
 
     #[test]
     fn the_only_open_tool_call_is_the_current_one() {
         let t = ToolCalls::default();
         assert_eq!(current(&t, "a", None), None);
-        t.open("a", "tc-1", None, 8).unwrap();
+        t.open("a", None, "tc-1", None, 8).unwrap();
         assert_eq!(current(&t, "a", None).as_deref(), Some("tc-1"));
         assert_eq!(current(&t, "b", None), None, "tool calls are per agent");
         assert!(t.close("a", "tc-1").is_some());
@@ -291,8 +337,8 @@ mod tests {
     #[test]
     fn several_open_tool_calls_need_the_request_to_name_one() {
         let t = ToolCalls::default();
-        t.open("a", "tc-1", None, 8).unwrap();
-        t.open("a", "tc-2", None, 8).unwrap();
+        t.open("a", None, "tc-1", None, 8).unwrap();
+        t.open("a", None, "tc-2", None, 8).unwrap();
         assert_eq!(current(&t, "a", None), None, "ambiguous: no tool call");
         assert_eq!(current(&t, "a", Some("tc-2")).as_deref(), Some("tc-2"));
         assert_eq!(current(&t, "a", Some("tc-9")), None);
@@ -307,18 +353,18 @@ mod tests {
     #[test]
     fn ids_are_unique_per_agent_and_checked() {
         let t = ToolCalls::default();
-        t.open("a", "x", None, 8).unwrap();
+        t.open("a", None, "x", None, 8).unwrap();
         assert_eq!(
-            t.open("a", "x", None, 8),
+            t.open("a", None, "x", None, 8),
             Err(ToolCallError::AlreadyOpen("x".into()))
         );
-        assert!(t.open("b", "x", None, 8).is_ok());
+        assert!(t.open("b", None, "x", None, 8).is_ok());
         assert!(matches!(
-            t.open("a", "a b", None, 8),
+            t.open("a", None, "a b", None, 8),
             Err(ToolCallError::InvalidId(_))
         ));
         assert_eq!(
-            t.open("a", "y", Some(Duration::ZERO), 8),
+            t.open("a", None, "y", Some(Duration::ZERO), 8),
             Err(ToolCallError::BadTtl)
         );
     }
@@ -326,20 +372,20 @@ mod tests {
     #[test]
     fn an_expired_tool_call_is_no_longer_current_and_a_reopened_id_is_another_call() {
         let t = ToolCalls::default();
-        t.open("a", "short", Some(Duration::from_millis(30)), 8)
+        t.open("a", None, "short", Some(Duration::from_millis(30)), 8)
             .unwrap();
-        let first = t.current("a", None).unwrap();
+        let first = t.current("a", None, None).unwrap();
         assert_eq!(first.id, "short");
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(t.current("a", None), None);
+        assert_eq!(t.current("a", None, None), None);
         assert!(t.list("a").is_empty());
         assert_eq!(
             t.sweep_expired(),
             vec![("a".to_string(), first.serial, first.id.clone())]
         );
         assert!(t.sweep_expired().is_empty());
-        t.open("a", "short", None, 8).unwrap();
-        let again = t.current("a", None).unwrap();
+        t.open("a", None, "short", None, 8).unwrap();
+        let again = t.current("a", None, None).unwrap();
         assert_eq!(again.id, "short", "the id can be reused");
         assert_ne!(again.serial, first.serial, "but it is another tool call");
     }
@@ -347,14 +393,20 @@ mod tests {
     #[test]
     fn an_agent_opens_at_most_its_limit_and_expired_calls_make_room() {
         let t = ToolCalls::default();
-        t.open("a", "1", None, 2).unwrap();
-        t.open("a", "2", Some(Duration::from_millis(30)), 2)
+        t.open("a", None, "1", None, 2).unwrap();
+        t.open("a", None, "2", Some(Duration::from_millis(30)), 2)
             .unwrap();
-        assert_eq!(t.open("a", "3", None, 2), Err(ToolCallError::TooMany(2)));
-        assert!(t.open("b", "3", None, 2).is_ok(), "the limit is per agent");
+        assert_eq!(
+            t.open("a", None, "3", None, 2),
+            Err(ToolCallError::TooMany(2))
+        );
+        assert!(
+            t.open("b", None, "3", None, 2).is_ok(),
+            "the limit is per agent"
+        );
         std::thread::sleep(Duration::from_millis(60));
         assert!(
-            t.open("a", "3", None, 2).is_ok(),
+            t.open("a", None, "3", None, 2).is_ok(),
             "an expired call does not count"
         );
         assert_eq!(
@@ -362,11 +414,35 @@ mod tests {
             1,
             "and is still ended by the sweeper"
         );
-        assert_eq!(t.open("a", "4", None, 2), Err(ToolCallError::TooMany(2)));
+        assert_eq!(
+            t.open("a", None, "4", None, 2),
+            Err(ToolCallError::TooMany(2))
+        );
         assert!(t.close("a", "1").is_some());
-        let again = t.open("a", "4", None, 2).unwrap();
+        let again = t.open("a", None, "4", None, 2).unwrap();
         assert_eq!(again.info.id, "4");
         let listed: Vec<String> = t.list("a").into_iter().map(|c| c.id).collect();
         assert_eq!(listed, ["3", "4"], "oldest first");
+    }
+
+    #[test]
+    fn a_sessions_tool_calls_are_its_own() {
+        let t = ToolCalls::default();
+        t.open("a", Some("s1"), "tc-1", None, 8).unwrap();
+        t.open("a", Some("s2"), "tc-2", None, 8).unwrap();
+        let of = |session, named| t.current("a", session, named).map(|c| c.id);
+        assert_eq!(of(Some("s1"), None).as_deref(), Some("tc-1"));
+        assert_eq!(of(Some("s2"), None).as_deref(), Some("tc-2"));
+        assert_eq!(of(None, None), None, "outside the sessions: none");
+        assert_eq!(
+            of(Some("s1"), Some("tc-2")),
+            None,
+            "another session's, even named"
+        );
+        let closed = t.close_session("a", "s1");
+        assert_eq!(closed.len(), 1);
+        assert_eq!(of(Some("s1"), None), None);
+        assert_eq!(of(Some("s2"), None).as_deref(), Some("tc-2"));
+        assert_eq!(t.list("a")[0].session.as_deref(), Some("s2"));
     }
 }

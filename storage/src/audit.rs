@@ -26,6 +26,10 @@ pub struct AuditRecord {
     pub agent: String,
     /// Its tool call, if one was open.
     pub tool_call: Option<String>,
+    /// The session (conversation thread) it came from, when it came on a session's own
+    /// listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// HTTP method.
     pub method: String,
     /// Destination host (and port when not the default).

@@ -870,6 +870,7 @@ mod tests {
             at,
             agent: agent.into(),
             tool_call: None,
+            session: None,
             method: "GET".into(),
             host: "example.com".into(),
             path: "/".into(),

@@ -457,6 +457,7 @@ mod tests {
             at: 0,
             agent: "a1".into(),
             tool_call: Some("tc".into()),
+            session: None,
             method: "POST".into(),
             host: "api.example".into(),
             path: "/v1/x".into(),
