@@ -16,17 +16,23 @@ const POLICIES: [(&str, &str); 2] = [
     ),
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_are_attributed_to_the_open_tool_call() {
-    if no_curl() {
-        return;
-    }
+/// A gateway with the tool-call policies and an Autonomous agent `a` on 127.0.0.1, and an
+/// origin.
+fn autonomous_world() -> (Gateway, Origin) {
     let origin = Origin::http();
     let config = format!(
         "{EPHEMERAL_LISTENERS}{}\n[[agents]]\nid = \"a\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
         loopback_upstream(None)
     );
-    let gw = Gateway::start_with_policies(&config, &POLICIES);
+    (Gateway::start_with_policies(&config, &POLICIES), origin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_attributed_to_the_open_tool_call() {
+    if no_curl() {
+        return;
+    }
+    let (gw, origin) = autonomous_world();
     let url = format!("http://127.0.0.1:{}/work", origin.port());
     let get = |extra: Vec<String>| {
         let mut a = args!["-x", gw.proxy_url(), &url];
@@ -281,12 +287,7 @@ async fn each_session_has_its_own_listener_tool_calls_and_audit_records() {
     if no_curl() {
         return;
     }
-    let origin = Origin::http();
-    let config = format!(
-        "{EPHEMERAL_LISTENERS}{}\n[[agents]]\nid = \"a\"\nrun_mode = \"Autonomous\"\npeers = [\"127.0.0.1\"]\n",
-        loopback_upstream(None)
-    );
-    let gw = Gateway::start_with_policies(&config, &POLICIES);
+    let (gw, origin) = autonomous_world();
     let url = format!("http://127.0.0.1:{}/work", origin.port());
     // Two sessions (conversation threads) of agent a, each with its listener and a tool call.
     let mut listeners = Vec::new();
