@@ -27,7 +27,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
 
 /// What the service asks to run.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Execution {
     /// A shell command line (run by `sh`, in the session's state).
@@ -52,7 +52,7 @@ pub struct Execution {
 }
 
 /// How an execution ended.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Finished {
     /// The command's exit status; `None` when a signal ended it.
     pub exit_code: Option<i32>,

@@ -32,7 +32,8 @@ struct Cli {
     /// Where the shell state is kept between executions.
     #[arg(long)]
     state: PathBuf,
-    /// The user executions run as (a name); the agent's own if left out.
+    /// The user executions run as: a name, or `UID:GID` (a namespace sandbox's own ids, which
+    /// need no account); the agent's own if left out.
     #[arg(long)]
     user: Option<String>,
     /// Most bytes kept of each of stdout and stderr.
@@ -60,6 +61,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// The account `user` names: `UID:GID`, or a user name on this system.
+fn run_as(user: &str) -> Result<RunAs, String> {
+    if let Some((uid, gid)) = user.split_once(':') {
+        let id = |s: &str| {
+            s.parse::<u32>()
+                .map_err(|_| format!("--user {user:?}: use a name or UID:GID"))
+        };
+        let (uid, gid) = (id(uid)?, id(gid)?);
+        if uid == 0 {
+            return Err("--user: executions never run as root".into());
+        }
+        return Ok(RunAs { uid, gid });
+    }
+    let found = nix::unistd::User::from_name(user)
+        .map_err(|e| format!("user {user}: {e}"))?
+        .ok_or_else(|| format!("no user {user}"))?;
+    Ok(RunAs {
+        uid: found.uid.as_raw(),
+        gid: found.gid.as_raw(),
+    })
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let secret = std::fs::read(&cli.secret_file)
         .map_err(|e| format!("{}: {e}", cli.secret_file.display()))?;
@@ -67,20 +90,13 @@ fn run(cli: Cli) -> Result<(), String> {
     if secret.len() < 16 {
         return Err("the secret must have at least 16 bytes".into());
     }
-    let run_as = match &cli.user {
-        None => None,
-        Some(name) => {
-            let user = nix::unistd::User::from_name(name)
-                .map_err(|e| format!("user {name}: {e}"))?
-                .ok_or_else(|| format!("no user {name}"))?;
-            Some(RunAs {
-                uid: user.uid.as_raw(),
-                gid: user.gid.as_raw(),
-            })
-        }
-    };
+    let run_as = cli.user.as_deref().map(run_as).transpose()?;
     for dir in [&cli.workspace, &cli.state] {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        // The session's alone: no other sandbox's user may look in.
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         if let Some(user) = run_as {
             nix::unistd::chown(
                 dir.as_path(),

@@ -1,5 +1,6 @@
 //! The few calls the launcher makes to the gateway's admin API: register an agent with its
-//! listener in the sandbox's namespace, and remove it again. Plain HTTP/1.1 to the admin
+//! listener in the sandbox's namespace, and remove it again; open and close a session's
+//! listener; open and close a tool call. Plain HTTP/1.1 to the admin
 //! listener (which is on loopback or a management network, never reachable by sandboxes).
 
 use std::io::{Read, Write};
@@ -80,11 +81,7 @@ impl std::fmt::Debug for GatewayApi {
 impl GatewayApi {
     /// The admin API at `url` (`http://host:port`), called with `token`.
     pub fn new(url: &str, token: String) -> Result<GatewayApi, ApiError> {
-        let authority = url
-            .strip_prefix("http://")
-            .map(|rest| rest.trim_end_matches('/'))
-            .filter(|a| !a.is_empty() && !a.contains('/') && a.rsplit_once(':').is_some())
-            .ok_or_else(|| ApiError::BadUrl(url.to_string()))?;
+        let authority = http_authority(url).ok_or_else(|| ApiError::BadUrl(url.to_string()))?;
         Ok(GatewayApi {
             url: url.trim_end_matches('/').to_string(),
             authority: authority.to_string(),
@@ -95,29 +92,106 @@ impl GatewayApi {
     /// Registers (or re-registers) `agent`.
     pub fn register(&self, agent: &str, registration: &Registration) -> Result<(), ApiError> {
         let body = serde_json::to_string(registration).unwrap_or_default();
-        let what = format!("registering agent {agent}");
-        let (status, answer) = self.call("PUT", &format!("/v1/agents/{agent}"), Some(&body))?;
-        match status {
-            200 | 201 => Ok(()),
-            _ => Err(ApiError::Refused {
-                what,
-                status,
-                body: answer,
-            }),
-        }
+        self.expect(
+            &format!("registering agent {agent}"),
+            &[200, 201],
+            ("PUT", &format!("/v1/agents/{agent}"), Some(&body)),
+        )
     }
 
     /// Removes `agent` (closing its listener); an agent already gone is not an error.
     pub fn deregister(&self, agent: &str) -> Result<(), ApiError> {
-        let (status, answer) = self.call("DELETE", &format!("/v1/agents/{agent}"), None)?;
-        match status {
-            200 | 204 | 404 => Ok(()),
-            _ => Err(ApiError::Refused {
-                what: format!("removing agent {agent}"),
-                status,
-                body: answer,
-            }),
+        self.expect(
+            &format!("removing agent {agent}"),
+            &[200, 204, 404],
+            ("DELETE", &format!("/v1/agents/{agent}"), None),
+        )
+    }
+
+    /// Opens the listener of `agent`'s session `session` (idempotent): the agent must be
+    /// registered.
+    pub fn open_session(
+        &self,
+        agent: &str,
+        session: &str,
+        listen: &Listen,
+    ) -> Result<(), ApiError> {
+        let body = serde_json::json!({ "listen": listen }).to_string();
+        self.expect(
+            &format!("opening session {session} of agent {agent}"),
+            &[200, 201],
+            (
+                "PUT",
+                &format!("/v1/agents/{agent}/sessions/{session}"),
+                Some(&body),
+            ),
+        )
+    }
+
+    /// Closes `agent`'s session `session` (its listener, its tool calls); one already gone,
+    /// or whose agent is gone, is not an error.
+    pub fn close_session(&self, agent: &str, session: &str) -> Result<(), ApiError> {
+        self.expect(
+            &format!("closing session {session} of agent {agent}"),
+            &[200, 204, 404],
+            (
+                "DELETE",
+                &format!("/v1/agents/{agent}/sessions/{session}"),
+                None,
+            ),
+        )
+    }
+
+    /// Opens tool call `id` of `agent` in session `session` for `ttl_secs`.
+    pub fn open_tool_call(
+        &self,
+        agent: &str,
+        session: &str,
+        id: &str,
+        ttl_secs: u64,
+    ) -> Result<(), ApiError> {
+        let body =
+            serde_json::json!({ "id": id, "ttl_secs": ttl_secs, "session": session }).to_string();
+        self.expect(
+            &format!("opening tool call {id} of agent {agent}"),
+            &[201],
+            (
+                "POST",
+                &format!("/v1/agents/{agent}/tool-calls"),
+                Some(&body),
+            ),
+        )
+    }
+
+    /// Closes `agent`'s tool call `id` (its tokens go); one already gone is not an error.
+    pub fn close_tool_call(&self, agent: &str, id: &str) -> Result<(), ApiError> {
+        self.expect(
+            &format!("closing tool call {id} of agent {agent}"),
+            &[200, 204, 404],
+            (
+                "DELETE",
+                &format!("/v1/agents/{agent}/tool-calls/{id}"),
+                None,
+            ),
+        )
+    }
+
+    /// Makes the call; a status not in `ok` is a refusal of `what`.
+    fn expect(
+        &self,
+        what: &str,
+        ok: &[u16],
+        (method, path, body): (&str, &str, Option<&str>),
+    ) -> Result<(), ApiError> {
+        let (status, answer) = self.call(method, path, body)?;
+        if ok.contains(&status) {
+            return Ok(());
         }
+        Err(ApiError::Refused {
+            what: what.to_string(),
+            status,
+            body: answer,
+        })
     }
 
     fn call(
@@ -161,6 +235,13 @@ impl GatewayApi {
             ))
         })
     }
+}
+
+/// The `host:port` of a plain `http://host:port` URL (a trailing `/` allowed, no path).
+pub fn http_authority(url: &str) -> Option<&str> {
+    url.strip_prefix("http://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/') && a.rsplit_once(':').is_some())
 }
 
 /// Status and body of a complete HTTP/1.1 response (the connection was closed after it).

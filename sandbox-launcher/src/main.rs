@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tollgate_launcher::client::{self, ServiceClient};
 use tollgate_launcher::image::{build, BuildOptions};
 use tollgate_launcher::sandbox::{down, up, AccelChoice, UpOptions};
+use tollgate_launcher::service::config::ServiceConfig;
 use tollgate_launcher::state::{resident_kib, Backend, ProcessState, StateDir, CONSOLE_FILE};
 
 #[derive(Parser)]
@@ -52,6 +54,139 @@ enum Command {
         /// Keep printing what comes until the sandbox ends.
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Run the sandbox service: sessions (one sandbox per agent and thread) behind an HTTP
+    /// API; runs until SIGINT or SIGTERM.
+    Serve(Box<ServiceConfig>),
+    /// Run a command in a session (made if it does not exist), printing its output as it
+    /// comes; exits with the command's status.
+    Exec(ExecArgs),
+    /// Move files in and out of a session's workspace.
+    Files {
+        #[command(subcommand)]
+        command: FilesCommand,
+    },
+    /// The service's sessions.
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+}
+
+/// Where the sandbox service is (for `exec`, `files`, `sessions`).
+#[derive(clap::Args)]
+struct ServiceArgs {
+    /// The sandbox service's API.
+    #[arg(
+        long,
+        env = "TOLLGATE_LAUNCHER_URL",
+        default_value = "http://127.0.0.1:9920"
+    )]
+    service: String,
+    /// Its token file (or set TOLLGATE_LAUNCHER_TOKEN).
+    #[arg(
+        long,
+        default_value = "/var/lib/tollgate-launcher/sessions/service-token"
+    )]
+    service_token_file: PathBuf,
+}
+
+/// Which session.
+#[derive(clap::Args)]
+struct SessionArgs {
+    /// The agent.
+    #[arg(long)]
+    agent: String,
+    /// The conversation thread.
+    #[arg(long)]
+    thread: String,
+}
+
+#[derive(clap::Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Seconds before the execution is killed (the service's default otherwise).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Where to run it (relative to the workspace).
+    #[arg(long)]
+    cwd: Option<String>,
+    /// A variable exported into the session first (repeatable): NAME=VALUE.
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// The tool call's id on the gateway (generated otherwise).
+    #[arg(long)]
+    tool_call_id: Option<String>,
+    /// A shell command line instead of a program and its arguments.
+    #[arg(long, short = 'c', conflicts_with = "argv")]
+    command: Option<String>,
+    /// The program and its arguments.
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum FilesCommand {
+    /// Upload LOCAL (or standard input, `-`) as PATH in the workspace.
+    Put {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The local file, or `-`.
+        local: PathBuf,
+        /// The path in the workspace.
+        path: String,
+    },
+    /// Download PATH from the workspace to standard output (or LOCAL).
+    Get {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The path in the workspace.
+        path: String,
+        /// The local file.
+        local: Option<PathBuf>,
+    },
+    /// List a directory of the workspace.
+    Ls {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The directory (the workspace's root otherwise).
+        #[arg(default_value = "")]
+        path: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// The sessions (of one agent).
+    List {
+        #[command(flatten)]
+        service: ServiceArgs,
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// One session, as JSON.
+    Show {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Delete a session: its sandbox and its files.
+    Rm {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        session: SessionArgs,
     },
 }
 
@@ -150,7 +285,24 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let state = StateDir::new(&cli.state_dir);
-    match run(cli.command, &state) {
+    let outcome = match cli.command {
+        Command::Serve(config) => {
+            runtime().and_then(|rt| rt.block_on(tollgate_launcher::service::serve(*config)))
+        }
+        Command::Exec(args) => {
+            return match runtime().and_then(|rt| rt.block_on(exec(args))) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(message) => {
+                    eprintln!("tollgate-launcher: {message}");
+                    ExitCode::from(125)
+                }
+            }
+        }
+        Command::Files { command } => runtime().and_then(|rt| rt.block_on(files(command))),
+        Command::Sessions { command } => runtime().and_then(|rt| rt.block_on(sessions(command))),
+        command => run(command, &state),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("tollgate-launcher: {message}");
@@ -242,6 +394,215 @@ fn run(command: Command, state: &StateDir) -> Result<(), String> {
             Ok(())
         }
         Command::Logs { agent, follow } => logs(state, &agent, follow),
+        Command::Serve(_) | Command::Exec(_) | Command::Files { .. } | Command::Sessions { .. } => {
+            Err("handled in main".into())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+impl ServiceArgs {
+    fn client(&self) -> Result<ServiceClient, String> {
+        let token = match std::env::var("TOLLGATE_LAUNCHER_TOKEN") {
+            Ok(token) => token,
+            Err(_) => std::fs::read_to_string(&self.service_token_file).map_err(|e| {
+                format!(
+                    "cannot read the service's token from {}: {e} (pass --service-token-file or set TOLLGATE_LAUNCHER_TOKEN)",
+                    self.service_token_file.display()
+                )
+            })?,
+        };
+        ServiceClient::new(&self.service, token.trim().to_string())
+    }
+}
+
+async fn exec(args: ExecArgs) -> Result<i32, String> {
+    let client = args.service.client()?;
+    let mut env = serde_json::Map::new();
+    for pair in &args.env {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--env {pair:?}: use NAME=VALUE"))?;
+        env.insert(name.to_string(), value.into());
+    }
+    let mut execution = serde_json::json!({ "env": env });
+    match (args.command, args.argv.is_empty()) {
+        (Some(command), _) => execution["command"] = command.into(),
+        (None, false) => execution["argv"] = args.argv.into(),
+        (None, true) => {
+            return Err("give the command: -- PROGRAM ARGS… or -c 'command line'".into())
+        }
+    }
+    if let Some(timeout) = args.timeout {
+        execution["timeout_secs"] = timeout.into();
+    }
+    if let Some(cwd) = args.cwd {
+        execution["cwd"] = cwd.into();
+    }
+    if let Some(id) = args.tool_call_id {
+        execution["tool_call_id"] = id.into();
+    }
+    client::exec(
+        &client,
+        &args.session.agent,
+        &args.session.thread,
+        execution,
+    )
+    .await
+}
+
+async fn files(command: FilesCommand) -> Result<(), String> {
+    let query = |path: &str| {
+        percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    match command {
+        FilesCommand::Put {
+            service,
+            session,
+            local,
+            path,
+        } => {
+            let bytes = if local.as_os_str() == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| format!("standard input: {e}"))?;
+                bytes
+            } else {
+                std::fs::read(&local).map_err(|e| format!("{}: {e}", local.display()))?
+            };
+            let target = format!(
+                "{}/files?path={}",
+                client::session_path(&session.agent, &session.thread),
+                query(&path)
+            );
+            service
+                .client()?
+                .call(http::Method::PUT, &target, bytes.into())
+                .await?;
+            Ok(())
+        }
+        FilesCommand::Get {
+            service,
+            session,
+            path,
+            local,
+        } => {
+            let target = format!(
+                "{}/files?path={}",
+                client::session_path(&session.agent, &session.thread),
+                query(&path)
+            );
+            let bytes = service
+                .client()?
+                .call(http::Method::GET, &target, Default::default())
+                .await?;
+            match local {
+                Some(local) => {
+                    std::fs::write(&local, &bytes).map_err(|e| format!("{}: {e}", local.display()))
+                }
+                None => std::io::stdout()
+                    .write_all(&bytes)
+                    .map_err(|e| e.to_string()),
+            }
+        }
+        FilesCommand::Ls {
+            service,
+            session,
+            path,
+        } => {
+            let target = format!(
+                "{}/files/list?path={}",
+                client::session_path(&session.agent, &session.thread),
+                query(&path)
+            );
+            let bytes = service
+                .client()?
+                .call(http::Method::GET, &target, Default::default())
+                .await?;
+            let listing: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            for entry in listing["entries"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<8} {:>12} {}",
+                    entry["kind"].as_str().unwrap_or("?"),
+                    entry["size"].as_u64().unwrap_or(0),
+                    entry["name"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn sessions(command: SessionsCommand) -> Result<(), String> {
+    match command {
+        SessionsCommand::List { service, agent } => {
+            let target = match agent {
+                Some(agent) => format!(
+                    "/v1/sessions?agent={}",
+                    percent_encoding::utf8_percent_encode(
+                        &agent,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
+                ),
+                None => "/v1/sessions".into(),
+            };
+            let bytes = service
+                .client()?
+                .call(http::Method::GET, &target, Default::default())
+                .await?;
+            let list: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            println!(
+                "{:<24} {:<24} {:<8} {:>10} {:>12}",
+                "AGENT", "THREAD", "STATE", "EXECUTIONS", "DISK"
+            );
+            for s in list["sessions"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:<24} {:<8} {:>10} {:>12}",
+                    s["agent"].as_str().unwrap_or("?"),
+                    s["thread"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    s["executions"].as_u64().unwrap_or(0),
+                    s["disk_bytes"].as_u64().unwrap_or(0)
+                );
+            }
+            Ok(())
+        }
+        SessionsCommand::Show { service, session } => {
+            let bytes = service
+                .client()?
+                .call(
+                    http::Method::GET,
+                    &client::session_path(&session.agent, &session.thread),
+                    Default::default(),
+                )
+                .await?;
+            println!("{}", String::from_utf8_lossy(&bytes));
+            Ok(())
+        }
+        SessionsCommand::Rm { service, session } => {
+            service
+                .client()?
+                .call(
+                    http::Method::DELETE,
+                    &client::session_path(&session.agent, &session.thread),
+                    Default::default(),
+                )
+                .await?;
+            println!(
+                "session {} of agent {} deleted",
+                session.thread, session.agent
+            );
+            Ok(())
+        }
     }
 }
 

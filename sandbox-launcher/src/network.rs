@@ -83,6 +83,9 @@ pub struct SandboxNetwork {
     gateway_namespace: String,
     sandbox_namespace: String,
     port: u16,
+    /// A session sandbox's guest agent port: the one port the gateway's side may open
+    /// connections to on the sandbox.
+    guest_port: Option<u16>,
 }
 
 impl SandboxNetwork {
@@ -100,6 +103,25 @@ impl SandboxNetwork {
             gateway_namespace: format!("tg-{agent}"),
             sandbox_namespace: format!("tg-{agent}-s"),
             port,
+            guest_port: None,
+        })
+    }
+
+    /// The network of session `session` (its id: 1 to 48 of a-z, 0-9, '-'), whose gateway
+    /// listener will be on `port` and whose guest agent the service reaches on the sandbox's
+    /// `guest_port`. Its namespaces are `tgs-<session>` and `tgs-<session>-s`, apart from
+    /// `up`'s.
+    pub fn for_session(
+        session: &str,
+        port: u16,
+        guest_port: u16,
+    ) -> Result<SandboxNetwork, NetworkError> {
+        let plain = SandboxNetwork::new(session, port)?;
+        Ok(SandboxNetwork {
+            gateway_namespace: format!("tgs-{session}"),
+            sandbox_namespace: format!("tgs-{session}-s"),
+            guest_port: Some(guest_port),
+            ..plain
         })
     }
 
@@ -125,6 +147,21 @@ impl SandboxNetwork {
 
     /// The gateway's side's nftables table.
     pub fn ruleset(&self) -> String {
+        // A session's service connects to its guest agent from this side; nothing from here
+        // may open any other connection to the sandbox.
+        let output = match self.guest_port {
+            Some(guest_port) => format!(
+                "\tchain output {{\n\
+                 \t\ttype filter hook output priority filter; policy accept;\n\
+                 \t\toifname \"{HOST_DEVICE}\" ct state established,related accept\n\
+                 \t\toifname \"{HOST_DEVICE}\" ip daddr {SANDBOX_ADDRESS} tcp dport {guest_port} ct state new accept\n\
+                 \t\toifname \"{HOST_DEVICE}\" meta l4proto tcp tcp flags rst accept\n\
+                 \t\toifname \"{HOST_DEVICE}\" meta l4proto icmp accept\n\
+                 \t\toifname \"{HOST_DEVICE}\" drop\n\
+                 \t}}\n"
+            ),
+            None => String::new(),
+        };
         format!(
             "table inet tollgate {{\n\
              \tchain input {{\n\
@@ -138,6 +175,7 @@ impl SandboxNetwork {
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy drop;\n\
              \t}}\n\
+             {output}\
              }}\n",
             port = self.port
         )

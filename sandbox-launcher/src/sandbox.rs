@@ -422,7 +422,7 @@ fn teardown(
 }
 
 /// SIGTERM to the process group led by `pid`, SIGKILL if it is still there after the grace.
-fn stop_process_group(pid: u32) {
+pub(crate) fn stop_process_group(pid: u32) {
     use nix::sys::signal::{killpg, Signal};
     let group = nix::unistd::Pid::from_raw(pid as i32);
     let _ = killpg(group, Signal::SIGTERM);
@@ -436,7 +436,7 @@ fn stop_process_group(pid: u32) {
     let _ = killpg(group, Signal::SIGKILL);
 }
 
-fn read_token(file: Option<&Path>) -> Result<String, LaunchError> {
+pub(crate) fn read_token(file: Option<&Path>) -> Result<String, LaunchError> {
     let token = match file {
         Some(path) => std::fs::read_to_string(path).map_err(|source| LaunchError::Token {
             path: path.to_path_buf(),
@@ -450,7 +450,7 @@ fn read_token(file: Option<&Path>) -> Result<String, LaunchError> {
     Ok(token.trim().to_string())
 }
 
-fn read_ca(path: &Path) -> Result<Vec<u8>, LaunchError> {
+pub(crate) fn read_ca(path: &Path) -> Result<Vec<u8>, LaunchError> {
     let bad = |reason: String| LaunchError::Ca {
         path: path.to_path_buf(),
         reason,
@@ -463,7 +463,7 @@ fn read_ca(path: &Path) -> Result<Vec<u8>, LaunchError> {
 }
 
 /// Writes a file the unprivileged VMM or workload may read.
-fn write_readable(path: &Path, data: &[u8]) -> Result<(), StateError> {
+pub(crate) fn write_readable(path: &Path, data: &[u8]) -> Result<(), StateError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, data)
         .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
@@ -474,7 +474,7 @@ fn write_readable(path: &Path, data: &[u8]) -> Result<(), StateError> {
 }
 
 /// The last lines of each file that has any, for an error message.
-fn tail_of(files: &[&Path]) -> String {
+pub(crate) fn tail_of(files: &[&Path]) -> String {
     let mut out = String::new();
     for file in files {
         let text = std::fs::read_to_string(file).unwrap_or_default();

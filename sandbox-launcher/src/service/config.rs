@@ -1,0 +1,137 @@
+//! The sandbox service's settings: every one has a default, so `tollgate-launcher serve`
+//! runs as it is; each can be given as an option or an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `tollgate-launcher serve`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceConfig {
+    /// Where the API listens: keep it host-only (loopback or a management network); sandboxes
+    /// never reach it.
+    #[arg(
+        long,
+        env = "TOLLGATE_LAUNCHER_LISTEN",
+        default_value = "127.0.0.1:9920"
+    )]
+    pub listen: SocketAddr,
+    /// Where sessions keep their records and workspaces (they outlive the service and its
+    /// restarts, and are deleted with their session).
+    #[arg(
+        long,
+        env = "TOLLGATE_LAUNCHER_DATA",
+        default_value = "/var/lib/tollgate-launcher/sessions"
+    )]
+    pub data_dir: PathBuf,
+    /// The API's bearer token file (created 0600 with a random token on first start).
+    /// Default: `service-token` in the data directory.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The gateway's admin API.
+    #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:9901")]
+    pub admin: String,
+    /// The gateway's admin token file (or set TOLLGATE_TOKEN and pass --admin-token-file "").
+    #[arg(long, default_value = "./tollgate-data/admin-token")]
+    pub admin_token_file: PathBuf,
+    /// The gateway's CA certificate, each sandbox's only trust anchor.
+    #[arg(long, default_value = "./tollgate-data/ca.pem")]
+    pub ca: PathBuf,
+    /// The guest agent binary (netns backend). Default: `tollgate-guest-agent` beside this
+    /// program.
+    #[arg(long)]
+    pub guest_agent: Option<PathBuf>,
+    /// The port of each session's gateway listener inside its namespace.
+    #[arg(long, default_value_t = 3128)]
+    pub gateway_port: u16,
+    /// Seconds an idle session runs before it is stopped (its files stay).
+    #[arg(long, default_value_t = 15 * 60)]
+    pub idle_stop_secs: u64,
+    /// Seconds a stopped session's files are kept before the session is deleted (0: kept
+    /// until it is deleted).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub retention_secs: u64,
+    /// Sessions one agent may have (running or stopped).
+    #[arg(long, default_value_t = 16)]
+    pub max_sessions_per_agent: usize,
+    /// Sessions in all.
+    #[arg(long, default_value_t = 128)]
+    pub max_sessions: usize,
+    /// Bytes kept of each of an execution's stdout and stderr.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_output_bytes: usize,
+    /// Largest file uploaded or downloaded.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_file_bytes: u64,
+    /// Timeout of an execution that asks for none, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub default_timeout_secs: u64,
+    /// Longest timeout an execution may ask for, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub max_timeout_secs: u64,
+    /// The first of the user ids sessions' executions run as, one per session (netns
+    /// backend): a range of `max_sessions` ids no account on the host uses.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub uid_base: u32,
+    /// Seconds a session's sandbox may take to become ready.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout_secs: u64,
+    /// Size of each session's private /tmp (netns backend).
+    #[arg(long, default_value = "256m")]
+    pub tmp_size: String,
+}
+
+impl ServiceConfig {
+    /// The token file.
+    pub fn token_path(&self) -> PathBuf {
+        self.token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("service-token"))
+    }
+
+    /// The guest agent binary.
+    pub fn guest_agent_path(&self) -> PathBuf {
+        self.guest_agent.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("tollgate-guest-agent")))
+                .unwrap_or_else(|| PathBuf::from("tollgate-guest-agent"))
+        })
+    }
+
+    /// The idle cool-down.
+    pub fn idle_stop(&self) -> Duration {
+        Duration::from_secs(self.idle_stop_secs)
+    }
+
+    /// How long a stopped session's files are kept.
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_secs > 0).then(|| Duration::from_secs(self.retention_secs))
+    }
+
+    /// Checks what the options alone can tell.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_sessions == 0 || self.max_sessions_per_agent == 0 {
+            return Err("--max-sessions and --max-sessions-per-agent must be at least 1".into());
+        }
+        if self.uid_base < 1000
+            || self
+                .uid_base
+                .checked_add(self.max_sessions as u32)
+                .is_none()
+        {
+            return Err(
+                "--uid-base must be at least 1000 and leave room for --max-sessions ids".into(),
+            );
+        }
+        if self.default_timeout_secs == 0 || self.default_timeout_secs > self.max_timeout_secs {
+            return Err(
+                "--default-timeout-secs must be at least 1 and at most --max-timeout-secs".into(),
+            );
+        }
+        if self.idle_stop_secs == 0 {
+            return Err("--idle-stop-secs must be at least 1".into());
+        }
+        Ok(())
+    }
+}

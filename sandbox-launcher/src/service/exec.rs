@@ -1,0 +1,431 @@
+//! One execution in a session, which is one tool call on the gateway: the tool call is
+//! opened (for the agent, in the session, with the execution's timeout plus a margin as its
+//! TTL) before the command starts and closed when the execution ends, however it ends —
+//! exit, timeout, cancel, the sandbox's death, a deleted session. Tokens the gateway injected
+//! for it go with it.
+//!
+//! The execution runs in a task of its own that owns the cleanup, so a client that leaves
+//! (its answer is dropped) cancels the execution without skipping the tool call's close.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tollgate_guest::exec::{Execution, Finished};
+
+use super::error::ServiceError;
+use super::guest::guest_error;
+use super::session::SessionKey;
+use super::sessions::{Session, Sessions};
+
+/// What the gateway's TTL adds to the execution's timeout: the tool call outlives the
+/// execution only if the service cannot close it (then the TTL ends it).
+const TOOL_CALL_MARGIN: Duration = Duration::from_secs(30);
+/// Largest execution request (its stdin included).
+pub const MAX_EXEC_REQUEST_BYTES: usize = 8 << 20;
+
+/// An execution as the API takes it: the guest's [`Execution`] and an optional tool call id.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// What to run.
+    pub execution: Execution,
+    /// The tool call's id (one is generated otherwise).
+    pub tool_call_id: Option<String>,
+}
+
+impl ExecRequest {
+    /// Parses and checks a request body: `{command | argv, env, cwd, stdin, timeout_secs,
+    /// tool_call_id}`.
+    pub fn parse(body: &[u8], max_timeout_secs: u64) -> Result<ExecRequest, ServiceError> {
+        let bad = |e: String| ServiceError::BadRequest(format!("invalid execution: {e}"));
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+        let tool_call_id = match object.remove("tool_call_id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(id)) => Some(id),
+            Some(_) => return Err(bad("tool_call_id must be a string".into())),
+        };
+        if let Some(id) = &tool_call_id {
+            let valid = !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+            if !valid {
+                return Err(bad(
+                    "tool_call_id must be 1 to 128 of A-Z a-z 0-9 . _ : -".into()
+                ));
+            }
+        }
+        let execution: Execution = serde_json::from_value(serde_json::Value::Object(object))
+            .map_err(|e| bad(e.to_string()))?;
+        match (&execution.command, &execution.argv) {
+            (Some(_), None) => {}
+            (None, Some(argv)) if !argv.is_empty() => {}
+            _ => {
+                return Err(bad(
+                    "give exactly one of command and argv (non-empty)".into()
+                ))
+            }
+        }
+        match execution.timeout_secs {
+            Some(0) => return Err(bad("timeout_secs must be at least 1".into())),
+            Some(secs) if secs > max_timeout_secs => {
+                return Err(bad(format!(
+                    "timeout_secs must be at most {max_timeout_secs}"
+                )))
+            }
+            _ => {}
+        }
+        Ok(ExecRequest {
+            execution,
+            tool_call_id,
+        })
+    }
+}
+
+/// What an execution reports, in order: `Started`, output, then `Ended` or `Failed`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Event {
+    /// It runs, as this tool call.
+    Start {
+        /// The tool call's id.
+        tool_call_id: String,
+    },
+    /// Standard output (text, up to the cap).
+    Stdout(String),
+    /// Standard error (text, up to the cap).
+    Stderr(String),
+    /// It ended.
+    End(Ended),
+    /// It could not run, or broke off.
+    Error {
+        /// The stable code.
+        error: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// How an execution ended, with its tool call.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ended {
+    /// How.
+    #[serde(flatten)]
+    pub finished: Finished,
+    /// Its tool call's id.
+    pub tool_call_id: String,
+}
+
+impl Event {
+    /// The NDJSON line (and SSE data) of this event: `{"<kind>": …}`.
+    pub fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Start { .. } => "start",
+            Event::Stdout(_) => "stdout",
+            Event::Stderr(_) => "stderr",
+            Event::End(_) => "end",
+            Event::Error { .. } => "error",
+        }
+    }
+
+    fn failed(error: &ServiceError) -> Event {
+        Event::Error {
+            error: error.code().to_string(),
+            detail: error.to_string(),
+        }
+    }
+}
+
+/// Starts `request` in `session` (whose execution lock the caller holds as `turn`) and
+/// returns its events. The first is `Start` once the command runs, or an error from before
+/// it did (an `Err` status for the API).
+pub async fn start(
+    sessions: Arc<Sessions>,
+    session: Arc<Session>,
+    turn: tokio::sync::OwnedMutexGuard<()>,
+    request: ExecRequest,
+) -> Result<mpsc::Receiver<Event>, ServiceError> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (events, receiver) = mpsc::channel(64);
+    tokio::spawn(async move {
+        run(&sessions, &session, request, ready_tx, events, turn).await;
+    });
+    match ready_rx.await {
+        Ok(Ok(())) => Ok(receiver),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ServiceError::Internal(
+            "the execution task ended early".into(),
+        )),
+    }
+}
+
+/// The execution: sandbox running, tool call opened, command sent, output relayed, tool call
+/// closed and the session's record updated whatever happened — all before its last event is
+/// sent and its `turn` released, so a client that saw the end finds the tool call closed and
+/// the session free.
+async fn run(
+    sessions: &Sessions,
+    session: &Session,
+    request: ExecRequest,
+    ready: tokio::sync::oneshot::Sender<Result<(), ServiceError>>,
+    events: mpsc::Sender<Event>,
+    turn: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let key = &session.key;
+    let context = &sessions.context;
+    let guest = match sessions.running(session).await {
+        Ok(guest) => guest,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let tool_call = request
+        .tool_call_id
+        .clone()
+        .unwrap_or_else(|| format!("exec-{}", hex::encode(rand::random::<[u8; 8]>())));
+    let timeout = request
+        .execution
+        .timeout_secs
+        .unwrap_or(context.config.default_timeout_secs);
+    let ttl = timeout + TOOL_CALL_MARGIN.as_secs();
+    let id = tool_call.clone();
+    session.update(|r| r.open_tool_call = Some(id)).await;
+    let (agent, thread, id) = (key.agent.clone(), key.thread.clone(), tool_call.clone());
+    if let Err(e) = context
+        .gateway_call(&key.agent, move |api| {
+            api.open_tool_call(&agent, &thread, &id, ttl)
+        })
+        .await
+    {
+        session.update(|r| r.open_tool_call = None).await;
+        let _ = ready.send(Err(e));
+        return;
+    }
+    tracing::info!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "execution started");
+
+    let (outcome, last) = relay(&guest, &request.execution, &tool_call, ready, &events).await;
+
+    let (agent, id) = (key.agent.clone(), tool_call.clone());
+    if let Err(e) = context
+        .gateway_call(&key.agent, move |api| api.close_tool_call(&agent, &id))
+        .await
+    {
+        // Its TTL ends it on the gateway; the record keeps it so a restart closes it too.
+        tracing::warn!(agent = %key.agent, tool_call = %tool_call, "cannot close the tool call: {e}");
+    } else {
+        session.update(|r| r.open_tool_call = None).await;
+    }
+    session
+        .update(|r| {
+            r.executions += 1;
+            r.touch();
+        })
+        .await;
+    tracing::info!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, outcome, "execution ended");
+    drop(turn);
+    if let Some(last) = last {
+        let _ = events.send(last).await;
+    }
+}
+
+/// Sends the execution to the guest agent and relays what it reports until it ends, the
+/// client leaves (`events` closed: the connection to the guest is dropped, which cancels
+/// the command) or the guest breaks off. Returns how it ended (for the log) and the last
+/// event, unsent: the end, or why it broke off.
+async fn relay(
+    guest: &super::guest::GuestAgent,
+    execution: &Execution,
+    tool_call: &str,
+    ready: tokio::sync::oneshot::Sender<Result<(), ServiceError>>,
+    events: &mpsc::Sender<Event>,
+) -> (&'static str, Option<Event>) {
+    let body = match serde_json::to_vec(execution) {
+        Ok(body) => Bytes::from(body),
+        Err(e) => {
+            let _ = ready.send(Err(ServiceError::Internal(e.to_string())));
+            return ("not sent", None);
+        }
+    };
+    let response = match guest
+        .send(http::Method::POST, "/exec?stream=ndjson", body)
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return ("guest unreachable", None);
+        }
+    };
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let _ = ready.send(Err(guest_error(status.as_u16(), &bytes)));
+        return ("refused by the guest", None);
+    }
+    let _ = ready.send(Ok(()));
+    let start = Event::Start {
+        tool_call_id: tool_call.to_string(),
+    };
+    if events.send(start).await.is_err() {
+        return ("cancelled", None);
+    }
+    let mut pending = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = events.closed() => return ("cancelled", None),
+        };
+        let data = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Some(Err(e)) => {
+                let e = ServiceError::GuestUnreachable(e.to_string());
+                return ("guest broke off", Some(Event::failed(&e)));
+            }
+            None => {
+                let e = ServiceError::GuestUnreachable(
+                    "the guest agent ended the execution without its exit (did the sandbox stop?)"
+                        .into(),
+                );
+                return ("guest broke off", Some(Event::failed(&e)));
+            }
+        };
+        pending.extend_from_slice(&data);
+        while let Some(newline) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=newline).collect();
+            let event = match guest_event(&line, tool_call) {
+                Some(event) => event,
+                None => continue,
+            };
+            if matches!(event, Event::End(_) | Event::Error { .. }) {
+                return ("ended", Some(event));
+            }
+            if events.send(event).await.is_err() {
+                return ("cancelled", None);
+            }
+        }
+    }
+}
+
+/// One line of the guest's NDJSON as an event.
+fn guest_event(line: &[u8], tool_call: &str) -> Option<Event> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Line {
+        Stdout(String),
+        Stderr(String),
+        End(Finished),
+        Error(String),
+    }
+    match serde_json::from_slice::<Line>(line).ok()? {
+        Line::Stdout(text) => Some(Event::Stdout(text)),
+        Line::Stderr(text) => Some(Event::Stderr(text)),
+        Line::End(finished) => Some(Event::End(Ended {
+            finished,
+            tool_call_id: tool_call.to_string(),
+        })),
+        Line::Error(detail) => Some(Event::Error {
+            error: "exec_failed".into(),
+            detail,
+        }),
+    }
+}
+
+/// Collects an execution's events into its single answer.
+pub async fn collect(mut events: mpsc::Receiver<Event>) -> Result<Ended, ServiceError> {
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Start { .. } => {}
+            Event::Stdout(text) => stdout.push_str(&text),
+            Event::Stderr(text) => stderr.push_str(&text),
+            Event::End(mut ended) => {
+                ended.finished.stdout = stdout;
+                ended.finished.stderr = stderr;
+                return Ok(ended);
+            }
+            Event::Error { error, detail } => {
+                return Err(ServiceError::Guest {
+                    status: 502,
+                    code: error,
+                    detail,
+                })
+            }
+        }
+    }
+    Err(ServiceError::Internal(
+        "the execution ended without a result".into(),
+    ))
+}
+
+/// Whose execution, for the API's 409.
+pub fn busy(key: &SessionKey) -> ServiceError {
+    ServiceError::Busy {
+        agent: key.agent.clone(),
+        thread: key.thread.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_execution_request_is_checked_before_anything_runs() {
+        let ok =
+            ExecRequest::parse(br#"{"command":"true","tool_call_id":"tc-1"}"#, 60).expect("valid");
+        assert_eq!(ok.tool_call_id.as_deref(), Some("tc-1"));
+        assert_eq!(ok.execution.command.as_deref(), Some("true"));
+        for bad in [
+            &br#"{}"#[..],
+            br#"{"command":"a","argv":["b"]}"#,
+            br#"{"argv":[]}"#,
+            br#"{"command":"a","timeout_secs":0}"#,
+            br#"{"command":"a","timeout_secs":61}"#,
+            br#"{"command":"a","tool_call_id":"a/b"}"#,
+            br#"{"command":"a","tool_call_id":7}"#,
+            br#"{"command":"a","surprise":1}"#,
+            br#"[1]"#,
+        ] {
+            let e = ExecRequest::parse(bad, 60).expect_err("refused");
+            assert_eq!(e.status(), 400, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn the_guests_lines_become_events_with_the_tool_call() {
+        let end = br#"{"end":{"exit_code":3,"signal":null,"stdout":"","stderr":"","duration_ms":5,"truncated":false,"timed_out":false,"cancelled":false}}"#;
+        match guest_event(end, "tc") {
+            Some(Event::End(ended)) => {
+                assert_eq!(ended.finished.exit_code, Some(3));
+                assert_eq!(ended.tool_call_id, "tc");
+                let line = Event::End(ended).json();
+                assert!(line.starts_with(r#"{"end":{"exit_code":3,"#), "{line}");
+                assert!(line.ends_with(r#""tool_call_id":"tc"}}"#), "{line}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(guest_event(br#"{"stdout":"hi"}"#, "tc"), Some(Event::Stdout(t)) if t == "hi")
+        );
+        assert!(guest_event(b"not json", "tc").is_none());
+        assert_eq!(Event::Stdout("x".into()).json(), r#"{"stdout":"x"}"#);
+    }
+}

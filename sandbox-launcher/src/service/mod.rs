@@ -1,0 +1,117 @@
+//! The sandbox service (`tollgate-launcher serve`): sessions — one sandbox per agent and
+//! conversation thread — reached only through a structured API: executions, each one tool
+//! call on the gateway, and files confined to the session's workspace.
+//!
+//! The data path, in module order: [`config`] (the settings), [`api`] (the HTTP API, its
+//! token), [`sessions`] (every session's life: created, started, stopped when idle, deleted,
+//! adopted after a restart), [`session`] (one session's key, record and directory),
+//! [`sandbox`] (a session's sandbox started and stopped: network, gateway listener, guest
+//! agent), [`exec`] (an execution as a tool call), [`guest`] (the calls to the guest agent
+//! inside the sandbox), [`error`] (what the API answers when it cannot).
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod guest;
+pub mod sandbox;
+pub mod session;
+pub mod sessions;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::gateway_api::GatewayApi;
+use crate::sandbox::{read_ca, read_token};
+use config::ServiceConfig;
+use sandbox::SandboxContext;
+use sessions::Sessions;
+
+/// How often idle sessions are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the service until SIGINT or SIGTERM. Sessions keep running when it stops; the next
+/// start adopts them.
+pub async fn serve(config: ServiceConfig) -> Result<(), String> {
+    config.check()?;
+    sandbox::prepare_data_dir(&config.data_dir)?;
+    let token = service_token(&config.token_path())?;
+    let admin_token_file = (!config.admin_token_file.as_os_str().is_empty())
+        .then_some(config.admin_token_file.as_path());
+    let gateway = GatewayApi::new(
+        &config.admin,
+        read_token(admin_token_file).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let ca_pem = read_ca(&config.ca).map_err(|e| e.to_string())?;
+    let guest_agent = config.guest_agent_path();
+    if !guest_agent.is_file() {
+        return Err(format!(
+            "the guest agent {} is missing: build it (cargo build -p tollgate-guest) or pass --guest-agent",
+            guest_agent.display()
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let token_path = config.token_path();
+    let context = Arc::new(SandboxContext {
+        config,
+        gateway: Arc::new(gateway),
+        ca_pem,
+    });
+    let sessions = Arc::new(Sessions::new(context));
+    sessions.adopt().await;
+    let sweeper = sessions.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            sweeper.sweep().await;
+        }
+    });
+    let api = Arc::new(api::Api { sessions, token });
+    println!(
+        "tollgate-launcher service listening on http://{bound} (token in {})",
+        token_path.display()
+    );
+    axum::serve(listener, api::router(api))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping; sessions keep running and are adopted at the next start");
+}
+
+/// The API token in `path`, created (0600, random) if the file does not exist.
+pub fn service_token(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(_) => {
+            return Err(format!(
+                "{} is empty: delete it to have a token made",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    session::write_private(path, format!("{token}\n").as_bytes()).map_err(|e| e.to_string())?;
+    Ok(token)
+}

@@ -1,0 +1,345 @@
+//! A session: one agent's conversation thread, with a sandbox of its own and a workspace
+//! that outlives the sandbox's stops. Its record is kept in its directory, so a restarted
+//! service finds it again.
+//!
+//! A session's directory (`<data>/<id>/`, `id` derived from agent and thread):
+//! `session.json` (this record), `secret` (the guest agent's, 0600, replaced at every
+//! start), `ca.pem`, `console.log` (the guest agent's own messages), `workspace/` and
+//! `shell/` (the persistent shell's state), both 0700 and owned by the session's user.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ServiceError;
+use crate::state::{now_secs, process_stat, Backend};
+
+/// The record file in a session's directory.
+const RECORD_FILE: &str = "session.json";
+
+/// Which session: an agent and one of its conversation threads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    /// The agent (as the gateway names it).
+    pub agent: String,
+    /// The thread.
+    pub thread: String,
+}
+
+impl SessionKey {
+    /// The session of `agent`'s thread `thread`: both 1 to 128 of `A-Z a-z 0-9 . _ -` (the
+    /// thread also `:`), not starting with a dot.
+    pub fn new(agent: &str, thread: &str) -> Result<SessionKey, ServiceError> {
+        let valid = |id: &str, colon: bool| {
+            !id.is_empty()
+                && id.len() <= 128
+                && !id.starts_with('.')
+                && id.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'.' | b'_' | b'-')
+                        || (colon && b == b':')
+                })
+        };
+        if !valid(agent, false) {
+            return Err(ServiceError::BadRequest(format!(
+                "agent id {:?} is invalid: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with .)",
+                shown(agent)
+            )));
+        }
+        if !valid(thread, true) {
+            return Err(ServiceError::BadRequest(format!(
+                "thread id {:?} is invalid: use 1 to 128 of A-Z a-z 0-9 . _ : - (not starting with .)",
+                shown(thread)
+            )));
+        }
+        Ok(SessionKey {
+            agent: agent.to_string(),
+            thread: thread.to_string(),
+        })
+    }
+
+    /// The session's short id: 16 hex digits of SHA-256 over agent and thread. It names the
+    /// session's directory and namespaces (which cannot hold every id a thread may have).
+    pub fn id(&self) -> String {
+        let mut input = Vec::with_capacity(self.agent.len() + self.thread.len() + 1);
+        input.extend_from_slice(self.agent.as_bytes());
+        input.push(b'\n');
+        input.extend_from_slice(self.thread.as_bytes());
+        let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+        hex::encode(&digest.as_ref()[..8])
+    }
+}
+
+/// At most 64 characters of an id that was refused, for its error message.
+fn shown(id: &str) -> String {
+    id.chars().take(64).collect()
+}
+
+/// Whether a session's sandbox runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Its sandbox runs.
+    Running,
+    /// Its sandbox is stopped (idle, or never started); its files stay.
+    Stopped,
+}
+
+/// The process that is a running session's sandbox: the guest agent (netns) or the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxProcess {
+    /// Its pid (leader of its process group).
+    pub pid: u32,
+    /// Its start time (clock ticks since boot), so a reused pid is never taken for it.
+    pub start: u64,
+}
+
+impl SandboxProcess {
+    /// The process `pid`, as it is now.
+    pub fn of(pid: u32) -> SandboxProcess {
+        SandboxProcess {
+            pid,
+            start: process_stat(pid).map(|(_, start)| start).unwrap_or(0),
+        }
+    }
+
+    /// Whether it still runs (the same process, not a zombie).
+    pub fn alive(&self) -> bool {
+        matches!(process_stat(self.pid), Some((state, start)) if state != 'Z' && start == self.start)
+    }
+}
+
+/// What is remembered of a session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The agent.
+    pub agent: String,
+    /// The thread.
+    pub thread: String,
+    /// What runs its sandbox.
+    pub backend: Backend,
+    /// The user id its executions run as (netns backend; its group id is the same number).
+    pub uid: u32,
+    /// When it was created (seconds since the epoch).
+    pub created_at: u64,
+    /// When it was last used: created, started, an execution ended, a file moved.
+    pub last_used_at: u64,
+    /// Executions run in it.
+    pub executions: u64,
+    /// Whether its sandbox runs.
+    pub state: SessionState,
+    /// The sandbox's process while it runs.
+    pub process: Option<SandboxProcess>,
+    /// Whether the gateway has the session's listener open (so a stop closes it).
+    pub gateway_session: bool,
+    /// The tool call of the execution under way, if one is (so a restarted service closes
+    /// one its predecessor left open).
+    pub open_tool_call: Option<String>,
+}
+
+impl SessionRecord {
+    /// A new, stopped session.
+    pub fn new(key: &SessionKey, backend: Backend, uid: u32) -> SessionRecord {
+        let now = now_secs();
+        SessionRecord {
+            agent: key.agent.clone(),
+            thread: key.thread.clone(),
+            backend,
+            uid,
+            created_at: now,
+            last_used_at: now,
+            executions: 0,
+            state: SessionState::Stopped,
+            process: None,
+            gateway_session: false,
+            open_tool_call: None,
+        }
+    }
+
+    /// Its key.
+    pub fn key(&self) -> SessionKey {
+        SessionKey {
+            agent: self.agent.clone(),
+            thread: self.thread.clone(),
+        }
+    }
+
+    /// Marks it used now.
+    pub fn touch(&mut self) {
+        self.last_used_at = now_secs();
+    }
+}
+
+/// A session's directory.
+#[derive(Debug, Clone)]
+pub struct SessionDir {
+    path: PathBuf,
+}
+
+impl SessionDir {
+    /// The directory of session `id` under `data`.
+    pub fn new(data: &Path, id: &str) -> SessionDir {
+        SessionDir {
+            path: data.join(id),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its workspace.
+    pub fn workspace(&self) -> PathBuf {
+        self.path.join("workspace")
+    }
+
+    /// Its persistent shell's state.
+    pub fn shell_state(&self) -> PathBuf {
+        self.path.join("shell")
+    }
+
+    /// The guest agent's secret.
+    pub fn secret(&self) -> PathBuf {
+        self.path.join("secret")
+    }
+
+    /// The gateway's CA, as the sandbox sees it.
+    pub fn ca(&self) -> PathBuf {
+        self.path.join("ca.pem")
+    }
+
+    /// The guest agent's (or VM's) messages.
+    pub fn console(&self) -> PathBuf {
+        self.path.join("console.log")
+    }
+
+    /// Creates the directory: 0711, so the session's user can pass through to its
+    /// workspace, and see nothing else in it.
+    pub fn create(&self) -> Result<(), ServiceError> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.path)
+            .and_then(|()| {
+                std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o711))
+            })
+            .map_err(|e| io_error(&self.path, e))
+    }
+
+    /// Writes the record (whole, then renamed into place: a crash leaves the old or the new).
+    pub fn save(&self, record: &SessionRecord) -> Result<(), ServiceError> {
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| ServiceError::Internal(format!("cannot encode a session record: {e}")))?;
+        write_private(&self.path.join(RECORD_FILE), &bytes)
+    }
+
+    /// Reads the record.
+    pub fn load(&self) -> Result<SessionRecord, ServiceError> {
+        let path = self.path.join(RECORD_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| io_error(&path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ServiceError::Internal(format!("{} is not a session record: {e}", path.display()))
+        })
+    }
+
+    /// Removes the directory and everything in it.
+    pub fn remove(&self) -> Result<(), ServiceError> {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(&self.path, e)),
+        }
+    }
+
+    /// Bytes in the workspace (files' sizes, symbolic links not followed).
+    pub fn disk_use(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|entry| match entry.metadata() {
+                    Ok(meta) if meta.is_dir() => walk(&entry.path()),
+                    Ok(meta) => meta.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.workspace())
+    }
+}
+
+/// Writes `bytes` to `path`, 0600, through a temporary file renamed into place.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServiceError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_data()))
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| io_error(path, e))
+}
+
+/// An I/O failure on `path`, as the service reports it.
+pub fn io_error(path: &Path, error: std::io::Error) -> ServiceError {
+    ServiceError::Internal(format!("{}: {error}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_and_a_session_id_depends_on_both_parts() {
+        for (agent, thread) in [
+            ("", "t"),
+            ("a", ""),
+            ("a/b", "t"),
+            ("..", "t"),
+            ("a", ".."),
+            ("a", "t/x"),
+            ("a:b", "t"),
+            (&"a".repeat(129), "t"),
+        ] {
+            assert!(
+                SessionKey::new(agent, thread).is_err(),
+                "{agent:?} {thread:?}"
+            );
+        }
+        let a = SessionKey::new("agent-1", "thread:1").expect("valid");
+        let b = SessionKey::new("agent-1", "thread:2").expect("valid");
+        let c = SessionKey::new("agent-1\nthread", "1");
+        assert!(c.is_err(), "a newline cannot make two keys one");
+        assert_ne!(a.id(), b.id());
+        assert_eq!(
+            a.id(),
+            SessionKey::new("agent-1", "thread:1").expect("valid").id()
+        );
+        assert_eq!(a.id().len(), 16);
+        assert!(a.id().bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn a_record_survives_a_save_and_a_load() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = SessionKey::new("a", "t").expect("valid");
+        let session = SessionDir::new(dir.path(), &key.id());
+        session.create().expect("create");
+        let mut record = SessionRecord::new(&key, Backend::Netns, 2_000_001);
+        record.executions = 3;
+        record.open_tool_call = Some("exec-1".into());
+        session.save(&record).expect("save");
+        assert_eq!(session.load().expect("load"), record);
+        std::fs::create_dir_all(session.workspace().join("d")).expect("mkdir");
+        std::fs::write(session.workspace().join("d/f"), b"12345").expect("write");
+        assert_eq!(session.disk_use(), 5);
+        session.remove().expect("remove");
+        assert!(!session.path().exists());
+        session.remove().expect("removing again is no error");
+    }
+}

@@ -1,0 +1,455 @@
+//! The sandbox service end to end, with its real binary and the netns backend: sessions
+//! made over its API against a real gateway, executions in them (each one tool call: the
+//! gateway injects a token into an HTTPS request to an origin on loopback while the
+//! execution runs, and not after), files in and out, two threads kept apart, the sandbox
+//! kept from the service and from any guest agent, idle stop and transparent restart, delete
+//! leaving nothing, and a restarted service keeping its sessions.
+//!
+//! Needs root, iproute2, nftables and curl; skips with the reason otherwise (CI has them).
+
+mod support;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tollgate_launcher::network::SandboxNetwork;
+use tollgate_launcher::service::sandbox::GUEST_PORT;
+use tollgate_launcher::service::session::SessionKey;
+
+const HOST: &str = "api.protected.test";
+const TOKEN: &str = "sessions-static-token-8c2f";
+
+fn missing_prerequisite() -> Option<String> {
+    if no_curl() {
+        return Some("curl is missing".into());
+    }
+    missing_namespace_tools(true)
+}
+
+/// A binary built beside this test by `cargo test --workspace`.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir");
+    let binary = dir.join(name);
+    assert!(
+        binary.is_file(),
+        "{} is missing: cargo test --workspace builds it",
+        binary.display()
+    );
+    binary
+}
+
+/// A gateway whose static identity provider's token is injected for `HOST` (an HTTPS origin
+/// on loopback that accepts only that token), and a sandbox service using it.
+struct World {
+    gw: Gateway,
+    origin: Origin,
+    service: Service,
+    /// Where the service keeps its sessions (outside /tmp, which sandboxes replace).
+    data: tempfile::TempDir,
+}
+
+/// A running `tollgate-launcher serve`.
+struct Service {
+    child: Child,
+    url: String,
+    token: String,
+    /// Sessions the test made: taken down when it ends, however it ends.
+    keys: Vec<SessionKey>,
+}
+
+impl World {
+    /// The world, with the service started with `service_args` too.
+    fn start(service_args: &[&str]) -> World {
+        let origin = Origin::protected_by(HOST, issued(TOKEN, "p"), "p");
+        let config = format!(
+            "{EPHEMERAL_LISTENERS}{upstream}resolve = {{ \"{HOST}\" = \"127.0.0.1\" }}\n\
+             [[identity_providers]]\nname = \"p\"\nkind = \"static\"\ntoken = {{ env = \"SESSIONS_TEST_TOKEN\" }}\n\
+             [[credential_rules]]\nhosts = [\"{HOST}\"]\nports = [{port}]\naudience = \"p\"\n",
+            upstream = loopback_upstream(Some(&origin_ca().cert_path())),
+            port = origin.port(),
+        );
+        let gw =
+            Gateway::start_with_env(&config, &[ALLOW_ALL], "", &[("SESSIONS_TEST_TOKEN", TOKEN)]);
+        let data = tempfile::Builder::new()
+            .prefix("tollgate-sessions-")
+            .tempdir_in("/var/tmp")
+            .expect("data dir");
+        let service = Service::start(&gw, &data.path().join("sessions"), service_args);
+        World {
+            gw,
+            origin,
+            service,
+            data,
+        }
+    }
+
+    /// Registers `agent` on the gateway (Autonomous, identity `p`).
+    fn register(&self, agent: &str) {
+        let r = self.gw.admin_call(
+            "PUT",
+            &format!("/v1/agents/{agent}"),
+            Some(r#"{"run_mode":"Autonomous","identity":"p"}"#),
+        );
+        assert!(r.status == 201 || r.status == 200, "{r:?}");
+    }
+
+    /// Restarts the service (SIGTERM, then the same options).
+    fn restart_service(&mut self, service_args: &[&str]) {
+        let keys = std::mem::take(&mut self.service.keys);
+        self.service.terminate();
+        self.service = Service::start(&self.gw, &self.data.path().join("sessions"), service_args);
+        self.service.keys = keys;
+    }
+
+    fn sessions_dir(&self) -> PathBuf {
+        self.data.path().join("sessions")
+    }
+}
+
+impl Service {
+    fn start(gw: &Gateway, data: &std::path::Path, args: &[&str]) -> Service {
+        let mut child = Command::new(binary("tollgate-launcher"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--admin")
+            .arg(format!("http://{}", gw.admin))
+            .arg("--admin-token-file")
+            .arg(gw.data_dir().join("admin-token"))
+            .arg("--ca")
+            .arg(gw.ca_cert())
+            .args(args)
+            .env("TOLLGATE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the service");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the service's first line");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        let token = std::fs::read_to_string(data.join("service-token"))
+            .expect("the service made its token")
+            .trim()
+            .to_string();
+        Service {
+            child,
+            url,
+            token,
+            keys: Vec::new(),
+        }
+    }
+
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Calls the API with the service's token.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> CurlResult {
+        let auth = format!("Authorization: Bearer {}", self.token);
+        self.call_with(&["-H", &auth], method, path, body)
+    }
+
+    fn call_with(
+        &self,
+        extra: &[&str],
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> CurlResult {
+        let url = format!("{}{path}", self.url);
+        let mut args = vec!["-X", method, "-m", "60"];
+        args.extend_from_slice(extra);
+        if let Some(body) = body {
+            args.extend(["--data-binary", body]);
+        }
+        args.push(&url);
+        curl(&args)
+    }
+
+    /// Creates (or finds) the session.
+    fn open(&mut self, agent: &str, thread: &str) -> serde_json::Value {
+        self.keys
+            .push(SessionKey::new(agent, thread).expect("valid ids"));
+        let r = self.call("PUT", &format!("/v1/sessions/{agent}/{thread}"), None);
+        assert!(r.status == 201 || r.status == 200, "{r:?}");
+        r.json()
+    }
+
+    /// Runs `command` in the session and returns the single JSON answer (any status).
+    fn exec_raw(&self, agent: &str, thread: &str, body: serde_json::Value) -> CurlResult {
+        self.call(
+            "POST",
+            &format!("/v1/sessions/{agent}/{thread}/exec"),
+            Some(&body.to_string()),
+        )
+    }
+
+    /// Runs shell `command` and returns the answer, which must be 200.
+    fn exec(&self, agent: &str, thread: &str, command: &str) -> serde_json::Value {
+        let r = self.exec_raw(agent, thread, serde_json::json!({ "command": command }));
+        assert_eq!(r.status, 200, "{command}: {r:?}");
+        r.json()
+    }
+
+    /// The session's stdout of `command`, which must exit 0.
+    fn stdout(&self, agent: &str, thread: &str, command: &str) -> String {
+        let answer = self.exec(agent, thread, command);
+        assert_eq!(answer["exit_code"], 0, "{command}: {answer}");
+        answer["stdout"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn session(&self, agent: &str, thread: &str) -> serde_json::Value {
+        let r = self.call("GET", &format!("/v1/sessions/{agent}/{thread}"), None);
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for key in self.service.keys.clone() {
+            let _ = self.service.call(
+                "DELETE",
+                &format!("/v1/sessions/{}/{}", key.agent, key.thread),
+                None,
+            );
+            if let Ok(net) = SandboxNetwork::for_session(&key.id(), 3128, GUEST_PORT) {
+                let _ = net.destroy();
+            }
+        }
+        let _ = self.service.child.kill();
+        let _ = self.service.child.wait();
+    }
+}
+
+/// The session's two namespaces, and whether each exists.
+fn namespaces_exist(key: &SessionKey) -> (bool, bool) {
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let id = key.id();
+    let has = |name: &str| {
+        listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+    };
+    (has(&format!("tgs-{id}")), has(&format!("tgs-{id}-s")))
+}
+
+/// Runs `checks` on the runtime's blocking pool (the origin serves on the runtime).
+async fn blocking(checks: impl FnOnce() + Send + 'static) {
+    tokio::task::spawn_blocking(checks)
+        .await
+        .expect("the checks panicked");
+}
+
+/// The shell line a workload uses to fetch `path` from the protected origin through the
+/// gateway: prints the status.
+fn fetch(port: u16, path: &str) -> String {
+    format!("curl -sS -m 10 -o /dev/null -w '%{{http_code}}' https://{HOST}:{port}{path}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    blocking(|| {
+        let mut world = World::start(&["--max-output-bytes", "1000"]);
+        let agent = format!("ses{}-a", std::process::id());
+        let agent = agent.as_str();
+        world.register(agent);
+        let started = Instant::now();
+        let session = world.service.open(agent, "t1");
+        eprintln!("TIMING netns session: created in {:?}", started.elapsed());
+        assert_eq!(session["state"], "running", "{session}");
+        let svc = &world.service;
+
+        // Environment and working directory carry from one execution to the next.
+        svc.stdout(agent, "t1", "export GREETING=hello; mkdir -p sub; cd sub");
+        assert_eq!(
+            svc.stdout(agent, "t1", "echo \"$GREETING\"; basename \"$PWD\""),
+            "hello\nsub\n"
+        );
+
+        // Files: uploaded, seen by an execution; written by one, downloaded.
+        let r = svc.call(
+            "PUT",
+            &format!("/v1/sessions/{agent}/t1/files?path=in%2Fdata.txt"),
+            Some("uploaded bytes"),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(
+            svc.stdout(agent, "t1", "cat ../in/data.txt; echo made > ../out.txt"),
+            "uploaded bytes"
+        );
+        let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1/files?path=out.txt"), None);
+        assert_eq!((r.status, r.body.as_str()), (200, "made\n"), "{r:?}");
+        let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1/files/list"), None);
+        let names: Vec<String> = r.json()["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["name"].as_str().map(str::to_string))
+            .collect();
+        assert!(names.contains(&"out.txt".into()) && names.contains(&"sub".into()), "{names:?}");
+
+        // A request made during an execution carries the injected token; the same request
+        // from a process left running after its execution carries none.
+        let port = world.origin.port();
+        let answer = svc.exec_raw(
+            agent,
+            "t1",
+            serde_json::json!({
+                "command": format!("{}; (sleep 3; {} > ../late.txt) >/dev/null 2>&1 &", fetch(port, "/during"), fetch(port, "/after")),
+                "tool_call_id": "tc-during",
+            }),
+        );
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let answer = answer.json();
+        assert_eq!(answer["stdout"], "200", "{answer}");
+        assert_eq!(answer["tool_call_id"], "tc-during");
+        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert_eq!(open.json()["tool_calls"], serde_json::json!([]), "closed at its end: {open:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let late = loop {
+            let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1/files?path=late.txt"), None);
+            if r.status == 200 && !r.body.is_empty() {
+                break r.body;
+            }
+            assert!(Instant::now() < deadline, "the background request never ended: {r:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(late, "401", "the origin refused a request without the token");
+        let bearer = format!("Bearer {TOKEN}");
+        let seen = world.origin.seen();
+        let during = seen.iter().find(|s| s.target == "/during").expect("seen /during");
+        assert_eq!(during.authorization(), Some(bearer.as_str()));
+        // The audit records name the thread, and the tool call and credential of the one
+        // made during the execution only (the origin records only requests it accepted).
+        let audit = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/audit"), None);
+        let records = audit.json()["records"].as_array().cloned().unwrap_or_default();
+        let record = |path: &str| {
+            records
+                .iter()
+                .find(|r| r["path"] == path)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {path} in {records:?}"))
+        };
+        let (during, after) = (record("/during"), record("/after"));
+        assert_eq!(during["session"], "t1", "{during}");
+        assert_eq!(during["tool_call"], "tc-during", "{during}");
+        assert!(during["credential"].is_string(), "{during}");
+        assert_eq!(after["session"], "t1", "{after}");
+        assert_eq!(after["tool_call"], serde_json::Value::Null, "{after}");
+        assert_eq!(after["credential"], "stripped", "{after}");
+        assert_eq!(after["status"], 401, "{after}");
+
+        // A timeout kills the execution's processes and returns what came before.
+        let answer = svc.exec_raw(
+            agent,
+            "t1",
+            serde_json::json!({"command": "echo before; sleep 30; echo after", "timeout_secs": 1}),
+        );
+        let answer = answer.json();
+        assert_eq!(answer["timed_out"], true, "{answer}");
+        assert_eq!(answer["stdout"], "before\n", "{answer}");
+        // The output cap (1000 bytes here) cuts and says so.
+        let answer = svc.exec(agent, "t1", "head -c 5000 /dev/zero | tr '\\0' a");
+        assert_eq!(answer["truncated"], true, "{answer}");
+        assert_eq!(answer["stdout"].as_str().map(str::len), Some(1000));
+
+        // One execution at a time: a second one gets 409 while the first runs.
+        let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
+        let auth = format!("Authorization: Bearer {}", svc.token);
+        let mut slow = Command::new("curl")
+            .args(["-sS", "-m", "30", "-H", &auth, "--data-binary", r#"{"command":"sleep 2"}"#, &url])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("curl");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while svc.session(agent, "t1")["executing"] != true {
+            assert!(Instant::now() < deadline, "the slow execution never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let busy = svc.exec_raw(agent, "t1", serde_json::json!({"command": "true"}));
+        assert_eq!(busy.status, 409, "{busy:?}");
+        assert_eq!(busy.json()["error"], "session_busy");
+        assert!(slow.wait().expect("wait").success());
+
+        // A client that leaves cancels its execution, and its tool call is closed.
+        let mut leaving = Command::new("curl")
+            .args(["-sS", "-N", "-m", "30", "-H", &auth, "--data-binary", r#"{"command":"echo $$ > /tmp/left.pid; exec sleep 60","tool_call_id":"tc-left"}"#, &format!("{url}?stream=ndjson")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let mut first = String::new();
+        std::io::BufReader::new(leaving.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("the start line");
+        assert!(first.contains("\"start\"") && first.contains("tc-left"), "{first}");
+        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert!(open.body.contains("tc-left"), "open while it runs: {open:?}");
+        let _ = leaving.kill();
+        let _ = leaving.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+            if !open.body.contains("tc-left") && svc.session(agent, "t1")["executing"] == false {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cancelled execution still runs: {open:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            svc.stdout(agent, "t1", "kill -0 $(cat /tmp/left.pid) 2>/dev/null && echo alive || echo gone"),
+            "gone\n",
+            "the cancelled command was killed"
+        );
+
+        // The command line streams the output and exits with the command's status.
+        let out = Command::new(binary("tollgate-launcher"))
+            .args(["exec", "--service", &svc.url, "--agent", agent, "--thread", "t1", "--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+            .env("TOLLGATE_LAUNCHER_TOKEN", &svc.token)
+            .output()
+            .expect("tollgate-launcher exec");
+        assert_eq!(out.status.code(), Some(7), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+        let session = svc.session(agent, "t1");
+        assert!(session["executions"].as_u64() >= Some(8), "{session}");
+        assert!(session["disk_bytes"].as_u64() > Some(0), "{session}");
+        assert!(!world.gw.log().contains(TOKEN), "the injected token reached the gateway's log");
+    })
+    .await;
+}
