@@ -453,3 +453,328 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
     })
     .await;
 }
+
+/// The session's directory under the service's data directory.
+fn session_dir(world: &World, agent: &str, thread: &str) -> PathBuf {
+    world
+        .sessions_dir()
+        .join(SessionKey::new(agent, thread).expect("valid").id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest_agent() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    blocking(|| {
+        let mut world = World::start(&["--max-sessions-per-agent", "2"]);
+        let agent = format!("apart{}", std::process::id());
+        let agent = agent.as_str();
+        world.register(agent);
+        world.service.open(agent, "t1");
+        world.service.open(agent, "t2");
+        let svc = &world.service;
+
+        // Two threads of one agent: different users, environments, files.
+        svc.stdout(agent, "t1", "export X=one; echo one > mine.txt");
+        let answer = svc.exec(agent, "t2", "echo \"X=$X\"; cat mine.txt");
+        assert_eq!(answer["stdout"], "X=\n", "{answer}");
+        assert_ne!(answer["exit_code"], 0, "{answer}");
+        let (u1, u2) = (svc.stdout(agent, "t1", "id -u"), svc.stdout(agent, "t2", "id -u"));
+        assert_ne!(u1, u2);
+        assert_ne!(u1.trim(), "0");
+        // t2 cannot read t1's workspace, nor its own session's secret, nor list the service's.
+        let t1_dir = session_dir(&world, agent, "t1");
+        let t2_dir = session_dir(&world, agent, "t2");
+        for path in [
+            t1_dir.join("workspace/mine.txt"),
+            t2_dir.join("secret"),
+            t1_dir.join("secret"),
+            world.sessions_dir().join("service-token"),
+        ] {
+            let answer = svc.exec(agent, "t2", &format!("cat {}", path.display()));
+            assert_ne!(answer["exit_code"], 0, "{}: {answer}", path.display());
+            assert!(answer["stderr"].as_str().unwrap_or("").contains("Permission denied"), "{answer}");
+        }
+        let answer = svc.exec(agent, "t2", &format!("ls {}", world.sessions_dir().display()));
+        assert_ne!(answer["exit_code"], 0, "{answer}");
+
+        // The workload cannot stop its guest agent (it runs as root).
+        let answer = svc.exec(agent, "t2", "pkill -9 -f '[t]ollgate-guest-agent'; echo done");
+        assert_eq!(answer["stdout"], "done\n", "{answer}");
+        assert_eq!(svc.stdout(agent, "t2", "echo still"), "still\n");
+
+        // Nothing but the gateway: not the service on the host's loopback or on the gateway's
+        // side, and its own guest agent only without the secret.
+        let service_port = svc.url.rsplit(':').next().unwrap_or_default().to_string();
+        let probe = |url: &str| {
+            format!("curl -sS --noproxy '*' --connect-timeout 3 -m 5 -o /dev/null -w '%{{http_code}}' {url} 2>/dev/null || echo blocked")
+        };
+        for url in [
+            format!("http://127.0.0.1:{service_port}/healthz"),
+            format!("http://10.200.1.1:{service_port}/healthz"),
+        ] {
+            let out = svc.stdout(agent, "t2", &probe(&url));
+            assert!(out.ends_with("blocked\n"), "{url}: {out}");
+        }
+        let out = svc.stdout(agent, "t2", &probe(&format!("http://10.200.1.2:{GUEST_PORT}/health")));
+        assert_eq!(out, "401", "the guest agent wants its secret");
+
+        // Files stay in the workspace.
+        svc.stdout(agent, "t2", "ln -s /etc/passwd link; ln -s .. up; mkdir -p d");
+        for (method, path) in [
+            ("GET", "..%2Fsecret"),
+            ("GET", "%2Fetc%2Fpasswd"),
+            ("GET", "link"),
+            ("PUT", "up%2Fplanted"),
+            ("PUT", "..%2F..%2Fplanted"),
+            ("GET", "d%2F..%2F..%2Fsession.json"),
+        ] {
+            let r = svc.call(method, &format!("/v1/sessions/{agent}/t2/files?path={path}"), (method == "PUT").then_some("x"));
+            // An absolute path is taken as one in the workspace (404 there); the others
+            // lead out of it (403).
+            assert!(matches!(r.status, 400 | 403 | 404), "{method} {path}: {r:?}");
+            assert!(!r.body.contains("root:"), "{r:?}");
+            assert!(r.json()["detail"].is_string(), "{r:?}");
+        }
+        assert!(!t2_dir.join("planted").exists() && !world.sessions_dir().join("planted").exists());
+
+        // Without the token, or with another, nothing is done.
+        for header in [None, Some("Authorization: Bearer wrong"), Some("Authorization: Basic eDp5")] {
+            let extra: Vec<&str> = header.map(|h| vec!["-H", h]).unwrap_or_default();
+            let r = svc.call_with(&extra, "PUT", &format!("/v1/sessions/{agent}/t9"), None);
+            assert_eq!(r.status, 401, "{r:?}");
+            assert_eq!(r.json()["error"], "unauthorized");
+            let r = svc.call_with(&extra, "POST", &format!("/v1/sessions/{agent}/t1/exec"), Some(r#"{"command":"touch /tmp/x"}"#));
+            assert_eq!(r.status, 401, "{r:?}");
+        }
+        assert!(!session_dir(&world, agent, "t9").exists());
+        let health = svc.call_with(&[], "GET", "/healthz", None);
+        assert_eq!(health.status, 200);
+        // The OpenAPI description is served and names every route.
+        let api = svc.call_with(&[], "GET", "/v1/openapi.json", None).json();
+        for route in [
+            "/v1/sessions",
+            "/v1/sessions/{agent}/{thread}",
+            "/v1/sessions/{agent}/{thread}/exec",
+            "/v1/sessions/{agent}/{thread}/files",
+            "/v1/sessions/{agent}/{thread}/files/list",
+        ] {
+            assert!(api["paths"][route].is_object(), "{route} is not described");
+        }
+
+        // Limits and bad input: clear refusals, nothing made.
+        let r = svc.call("PUT", &format!("/v1/sessions/{agent}/t3"), None);
+        assert_eq!(r.status, 429, "{r:?}");
+        assert_eq!(r.json()["error"], "too_many_sessions");
+        let r = svc.call("PUT", "/v1/sessions/nobody-registered/t1", None);
+        assert_eq!(r.status, 409, "{r:?}");
+        assert_eq!(r.json()["error"], "agent_not_registered");
+        assert!(!session_dir(&world, "nobody-registered", "t1").exists());
+        let (gw_side, sb_side) = namespaces_exist(&SessionKey::new("nobody-registered", "t1").expect("valid"));
+        assert!(!gw_side && !sb_side, "a refused session leaves no namespace");
+        let r = svc.call("PUT", &format!("/v1/sessions/{agent}/.hidden"), None);
+        assert_eq!(r.status, 400, "{r:?}");
+        let r = svc.call("POST", &format!("/v1/sessions/{agent}/t1/exec"), Some("{not json"));
+        assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("bad_request")), "{r:?}");
+        let r = svc.call("POST", &format!("/v1/sessions/{agent}/nope/exec"), Some(r#"{"command":"true"}"#));
+        assert_eq!(r.status, 404, "{r:?}");
+        world.service.keys.push(SessionKey::new(agent, "t3").expect("valid"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_nothing() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    blocking(|| {
+        let mut world = World::start(&["--idle-stop-secs", "2"]);
+        let agent = format!("idle{}", std::process::id());
+        let agent = agent.as_str();
+        world.register(agent);
+        world.service.open(agent, "t1");
+        let key = SessionKey::new(agent, "t1").expect("valid");
+        let svc = &world.service;
+        svc.stdout(agent, "t1", "echo kept > kept.txt; export K=v; cd /");
+
+        // Idle: stopped, its sandbox and gateway listener gone, its files kept.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while svc.session(agent, "t1")["state"] != "stopped" {
+            assert!(
+                Instant::now() < deadline,
+                "the idle session was not stopped"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(namespaces_exist(&key), (false, false));
+        let listed = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
+        assert_eq!(
+            listed.json()["sessions"],
+            serde_json::json!([]),
+            "{listed:?}"
+        );
+        assert!(session_dir(&world, agent, "t1")
+            .join("workspace/kept.txt")
+            .is_file());
+
+        // The next execution starts it again, transparently, state and files as they were.
+        let started = Instant::now();
+        let out = svc.stdout(agent, "t1", "cat ~/kept.txt; echo \"$K\"; pwd");
+        eprintln!(
+            "TIMING netns session: resumed execution in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(out, "kept\nv\n/\n");
+        assert_eq!(svc.session(agent, "t1")["state"], "running");
+
+        // Delete: no namespace, rule, directory, registration or process is left.
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(session_dir(&world, agent, "t1").join("session.json")).expect("record"),
+        )
+        .expect("json");
+        let pid = record["process"]["pid"]
+            .as_u64()
+            .expect("a running session's pid");
+        let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(namespaces_exist(&key), (false, false));
+        assert!(!session_dir(&world, agent, "t1").exists());
+        assert!(
+            !PathBuf::from(format!("/proc/{pid}")).exists(),
+            "the guest agent still runs"
+        );
+        let listed = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
+        assert_eq!(
+            listed.json()["sessions"],
+            serde_json::json!([]),
+            "{listed:?}"
+        );
+        let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1"), None);
+        assert_eq!(r.status, 404, "{r:?}");
+        let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
+        assert_eq!(r.status, 404, "{r:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_session_is_deleted_after_its_retention() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    blocking(|| {
+        let mut world = World::start(&["--idle-stop-secs", "1", "--retention-secs", "1"]);
+        let agent = format!("keep{}", std::process::id());
+        let agent = agent.as_str();
+        world.register(agent);
+        world.service.open(agent, "t1");
+        world.service.stdout(agent, "t1", "echo x > f");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while world
+            .service
+            .call("GET", &format!("/v1/sessions/{agent}/t1"), None)
+            .status
+            != 404
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the session outlived its retention"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(!session_dir(&world, agent, "t1").exists());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_left_open() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    blocking(|| {
+        let mut world = World::start(&[]);
+        let agent = format!("restart{}", std::process::id());
+        let agent = agent.as_str();
+        world.register(agent);
+        world.service.open(agent, "t1");
+        world.service.open(agent, "t2");
+        world
+            .service
+            .stdout(agent, "t1", "echo here > /tmp/marker; export R=1");
+        world.service.stdout(agent, "t2", "echo file > f");
+
+        // t2's sandbox dies while the service is down; t1's lives on.
+        world.service.terminate();
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(session_dir(&world, agent, "t2").join("session.json")).expect("record"),
+        )
+        .expect("json");
+        let pid = record["process"]["pid"].as_i64().expect("pid");
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        world.restart_service(&[]);
+        let svc = &world.service;
+        // The same sandbox (its private /tmp is there), the same shell state.
+        assert_eq!(svc.session(agent, "t1")["state"], "running");
+        assert_eq!(
+            svc.stdout(agent, "t1", "cat /tmp/marker; echo $R"),
+            "here\n1\n"
+        );
+        // The dead one was cleaned up and starts again at its next use, files kept.
+        assert_eq!(svc.session(agent, "t2")["state"], "stopped");
+        assert_eq!(svc.stdout(agent, "t2", "cat f"), "file\n");
+
+        // A service killed during an execution: the next one closes the tool call it left.
+        let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
+        let auth = format!("Authorization: Bearer {}", svc.token);
+        let mut running = Command::new("curl")
+            .args([
+                "-sS",
+                "-N",
+                "-m",
+                "30",
+                "-H",
+                &auth,
+                "--data-binary",
+                r#"{"command":"sleep 30","tool_call_id":"tc-orphan"}"#,
+                &format!("{url}?stream=ndjson"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let mut first = String::new();
+        std::io::BufReader::new(running.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("the start line");
+        assert!(first.contains("tc-orphan"), "{first}");
+        let _ = world.service.child.kill();
+        let _ = world.service.child.wait();
+        let _ = running.wait();
+        let open = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert!(open.body.contains("tc-orphan"), "{open:?}");
+        world.restart_service(&[]);
+        let open = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert!(
+            !open.body.contains("tc-orphan"),
+            "the orphaned tool call is still open: {open:?}"
+        );
+        assert_eq!(world.service.stdout(agent, "t1", "echo $R"), "1\n");
+    })
+    .await;
+}
