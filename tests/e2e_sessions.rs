@@ -29,6 +29,33 @@ fn missing_prerequisite() -> Option<String> {
     missing_namespace_tools(true)
 }
 
+/// The guest image the microVM test boots (CI builds it before the tests).
+const IMAGE: &str = "/var/lib/tollgate-launcher/image";
+
+/// Why this machine cannot run the microVM test, or `None`.
+fn missing_vm_prerequisite() -> Option<String> {
+    if let Some(why) = missing_prerequisite() {
+        return Some(why);
+    }
+    for (program, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ] {
+        if Command::new(program).arg("-V").output().is_err() {
+            return Some(format!(
+                "{program} is missing (apt-get install -y {package})"
+            ));
+        }
+    }
+    let manifest = std::fs::read_to_string(format!("{IMAGE}/image.json")).unwrap_or_default();
+    if !manifest.contains("\"ext4\"") {
+        return Some(format!(
+            "no guest image with the workspace disk's modules in {IMAGE} (run `tollgate-launcher image build`; CI does)"
+        ));
+    }
+    None
+}
+
 /// A binary built beside this test by `cargo test --workspace`.
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary");
@@ -284,7 +311,7 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         return;
     }
     blocking(|| {
-        let mut world = World::start(&["--max-output-bytes", "1000"]);
+        let mut world = World::start(&["--backend", "netns", "--max-output-bytes", "1000"]);
         let agent = format!("ses{}-a", std::process::id());
         let agent = agent.as_str();
         world.register(agent);
@@ -468,7 +495,7 @@ async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest
         return;
     }
     blocking(|| {
-        let mut world = World::start(&["--max-sessions-per-agent", "2"]);
+        let mut world = World::start(&["--backend", "netns", "--max-sessions-per-agent", "2"]);
         let agent = format!("apart{}", std::process::id());
         let agent = agent.as_str();
         world.register(agent);
@@ -592,7 +619,7 @@ async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_n
         return;
     }
     blocking(|| {
-        let mut world = World::start(&["--idle-stop-secs", "2"]);
+        let mut world = World::start(&["--backend", "netns", "--idle-stop-secs", "2"]);
         let agent = format!("idle{}", std::process::id());
         let agent = agent.as_str();
         world.register(agent);
@@ -672,7 +699,14 @@ async fn a_stopped_session_is_deleted_after_its_retention() {
         return;
     }
     blocking(|| {
-        let mut world = World::start(&["--idle-stop-secs", "1", "--retention-secs", "1"]);
+        let mut world = World::start(&[
+            "--backend",
+            "netns",
+            "--idle-stop-secs",
+            "1",
+            "--retention-secs",
+            "1",
+        ]);
         let agent = format!("keep{}", std::process::id());
         let agent = agent.as_str();
         world.register(agent);
@@ -703,7 +737,7 @@ async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_
         return;
     }
     blocking(|| {
-        let mut world = World::start(&[]);
+        let mut world = World::start(&["--backend", "netns"]);
         let agent = format!("restart{}", std::process::id());
         let agent = agent.as_str();
         world.register(agent);
@@ -724,7 +758,7 @@ async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_
         let _ = Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status();
-        world.restart_service(&[]);
+        world.restart_service(&["--backend", "netns"]);
         let svc = &world.service;
         // The same sandbox (its private /tmp is there), the same shell state.
         assert_eq!(svc.session(agent, "t1")["state"], "running");
@@ -766,7 +800,7 @@ async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_
             .gw
             .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
         assert!(open.body.contains("tc-orphan"), "{open:?}");
-        world.restart_service(&[]);
+        world.restart_service(&["--backend", "netns"]);
         let open = world
             .gw
             .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
@@ -775,6 +809,109 @@ async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_
             "the orphaned tool call is still open: {open:?}"
         );
         assert_eq!(world.service.stdout(agent, "t1", "echo $R"), "1\n");
+    })
+    .await;
+}
+
+/// The QEMU processes running as `uid` (zombies, which an exited service's init may not have
+/// reaped yet, do not count: they hold nothing).
+fn vmm_processes(uid: u64) -> usize {
+    let mut count = 0;
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+                .unwrap_or_default()
+        };
+        if field("Name:").starts_with("qemu-system")
+            && field("Uid:") == uid.to_string()
+            && field("State:") != "Z"
+        {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_leave_nothing() {
+    if let Some(why) = missing_vm_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    blocking(|| {
+        // Software emulation as CI has it (no probe boot: this host's /dev/kvm cannot boot).
+        let args = ["--backend", "qemu", "--accel", "tcg", "--idle-stop-secs", "4"];
+        let mut world = World::start(&args);
+        let agent = format!("vm{}", std::process::id());
+        let agent = agent.as_str();
+        world.register(agent);
+        let started = Instant::now();
+        let session = world.service.open(agent, "q1");
+        eprintln!("TIMING microVM session: created (boot included) in {:?}", started.elapsed());
+        assert_eq!((session["state"].as_str(), session["backend"].as_str()), (Some("running"), Some("qemu")), "{session}");
+        world.service.open(agent, "q2");
+        let svc = &world.service;
+
+        // State in one VM, not in the other.
+        svc.stdout(agent, "q1", "export X=vm; mkdir -p d; cd d; echo on-disk > f; echo here > /tmp/marker");
+        assert_eq!(svc.stdout(agent, "q1", "echo $X; pwd; id -u"), "vm\n/session/workspace/d\n1000\n");
+        let answer = svc.exec(agent, "q2", "echo \"X=$X\"; cat d/f");
+        assert_eq!(answer["stdout"], "X=\n", "{answer}");
+        assert_ne!(answer["exit_code"], 0, "{answer}");
+
+        // The workload can neither read the guest agent's secret nor stop it, and the agent
+        // it reaches is its own, which wants the secret.
+        let answer = svc.exec(agent, "q1", "cat /etc/tollgate/secret");
+        assert!(answer["stderr"].as_str().unwrap_or("").contains("Permission denied"), "{answer}");
+        svc.exec(agent, "q1", "pkill -9 -f '[t]ollgate-guest-agent'");
+        let out = svc.stdout(agent, "q1", &format!("curl -sS --noproxy '*' -m 5 -o /dev/null -w '%{{http_code}}' http://10.200.1.2:{GUEST_PORT}/health"));
+        assert_eq!(out, "401");
+
+        // A request made during an execution gets the token; the VM has no other way out.
+        let port = world.origin.port();
+        let answer = svc.exec(agent, "q1", &format!("{}; curl -sS --noproxy '*' --connect-timeout 3 -m 5 http://10.200.1.1:{port}/ 2>/dev/null || echo blocked", fetch(port, "/from-vm")));
+        assert_eq!(answer["stdout"], "200blocked\n", "{answer}");
+        let bearer = format!("Bearer {TOKEN}");
+        assert!(world.origin.seen().iter().any(|s| s.target == "/from-vm" && s.authorization() == Some(bearer.as_str())));
+
+        // A restarted service keeps the VM (its /tmp is still there: no reboot).
+        world.restart_service(&args);
+        let svc = &world.service;
+        assert_eq!(svc.stdout(agent, "q1", "cat /tmp/marker"), "here\n");
+
+        // Idle: both VMs stop; the next execution boots q1 again with its disk.
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(session_dir(&world, agent, "q1").join("session.json")).expect("record"),
+        )
+        .expect("json");
+        let uid = record["uid"].as_u64().expect("uid");
+        assert_eq!(vmm_processes(uid), 1, "one QEMU for the session, as its own user");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while svc.session(agent, "q1")["state"] != "stopped" {
+            assert!(Instant::now() < deadline, "the idle VM was not stopped");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(vmm_processes(uid), 0, "the stopped session's QEMU is gone");
+        assert_eq!(namespaces_exist(&SessionKey::new(agent, "q1").expect("valid")), (false, false));
+        let started = Instant::now();
+        let out = svc.stdout(agent, "q1", "cat f; echo $X; pwd");
+        eprintln!("TIMING microVM session: resumed execution (boot included) in {:?}", started.elapsed());
+        assert_eq!(out, "on-disk\nvm\n/session/workspace/d\n");
+        let r = svc.call("GET", &format!("/v1/sessions/{agent}/q1/files?path=d%2Ff"), None);
+        assert_eq!((r.status, r.body.as_str()), (200, "on-disk\n"), "{r:?}");
+
+        // Delete: no VM, namespace, disk or registration is left.
+        let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/q1"), None);
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(vmm_processes(uid), 0);
+        assert_eq!(namespaces_exist(&SessionKey::new(agent, "q1").expect("valid")), (false, false));
+        assert!(!session_dir(&world, agent, "q1").exists());
+        let listed = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
+        assert!(!listed.body.contains("q1"), "{listed:?}");
     })
     .await;
 }

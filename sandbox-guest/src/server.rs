@@ -10,6 +10,7 @@
 //! | `GET /files?path=` | a file's bytes |
 //! | `PUT /files?path=` | write the body as that file (201) |
 //! | `GET /files/list?path=` | a directory's entries |
+//! | `POST /sync` | write everything cached to disk (before the sandbox is stopped) |
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,6 +118,10 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
     let path = || request.query_param("path").unwrap_or_default();
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/health") => write_response(stream, 200, "application/json", b"{\"ok\":true}"),
+        ("POST", "/sync") => {
+            nix::unistd::sync();
+            write_response(stream, 200, "application/json", b"{\"ok\":true}")
+        }
         ("POST", "/exec") => {
             let execution: Execution = match serde_json::from_slice(&request.body) {
                 Ok(execution) => execution,
@@ -167,7 +172,7 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
             }
             Err(e) => write_error(stream, e.status(), "file", &e.to_string()),
         },
-        (_, "/health" | "/exec" | "/files" | "/files/list") => {
+        (_, "/health" | "/sync" | "/exec" | "/files" | "/files/list") => {
             write_error(stream, 405, "method_not_allowed", "not with this method")
         }
         _ => write_error(stream, 404, "not_found", "no such route"),

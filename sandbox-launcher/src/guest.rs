@@ -28,6 +28,17 @@ pub const MODULES: [&str; 6] = [
     "virtio_net",
 ];
 
+/// The kernel modules a session's VM loads for its workspace disk (virtio-blk with ext4), in
+/// load order.
+pub const DISK_MODULES: [&str; 6] = [
+    "virtio_blk",
+    "crc16",
+    "mbcache",
+    "jbd2",
+    "crc32c_generic",
+    "ext4",
+];
+
 /// Where the guest keeps the CA bundle (Debian's default path, which curl and OpenSSL read).
 pub const GUEST_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -99,6 +110,88 @@ pub fn vm_files(agent: &str, proxy_url: &str, ca_pem: &[u8], command: &[String])
     archive.finish()
 }
 
+/// Where a session's VM mounts its workspace disk.
+pub const SESSION_MOUNT: &str = "/session";
+/// The guest's user executions run as (no account needed: the guest agent takes ids).
+pub const SESSION_USER: &str = "1000:1000";
+/// Where the guest agent binary goes in a session's VM.
+const GUEST_AGENT: &str = "usr/bin/tollgate-guest-agent";
+
+/// What a session's VM gets of its own.
+#[derive(Debug)]
+pub struct SessionGuest<'a> {
+    /// The agent.
+    pub agent: &'a str,
+    /// The thread.
+    pub thread: &'a str,
+    /// The gateway as the proxy.
+    pub proxy_url: &'a str,
+    /// The gateway's CA.
+    pub ca_pem: &'a [u8],
+    /// The guest agent's secret (0600, root's, in the guest).
+    pub secret: &'a str,
+    /// The guest agent binary on the host (added with the libraries it loads).
+    pub guest_agent: &'a std::path::Path,
+    /// The address the guest agent listens on.
+    pub listen: std::net::SocketAddr,
+    /// More guest agent options (its limits).
+    pub agent_options: Vec<String>,
+}
+
+/// A session VM's own files, as an archive to append to the image's initramfs: the
+/// environment (proxy, CA, agent, thread), the CA, the guest agent's secret, the guest agent
+/// with its libraries, and the workload that mounts the workspace disk and becomes the guest
+/// agent (as root; executions run as [`SESSION_USER`]).
+pub fn session_files(guest: &SessionGuest<'_>) -> Result<Vec<u8>, crate::image::ImageError> {
+    let mut env = String::from("# This session VM's environment, written by tollgate-launcher.\n");
+    let mut variables = workload_environment(guest.agent, guest.proxy_url, GUEST_CA_FILE);
+    variables.push(("TOLLGATE_THREAD", guest.thread.to_string()));
+    for (name, value) in variables {
+        env.push_str(&format!("export {name}={}\n", shell_quote(&value)));
+    }
+    let modules = DISK_MODULES.join(" ");
+    let options: Vec<String> = guest.agent_options.iter().map(|o| shell_quote(o)).collect();
+    let workload = format!(
+        r#"fail() {{ echo "{FAILED_MARKER} $*"; exit 1; }}
+for m in {modules}; do
+  insmod "/lib/modules/$m.ko" || fail "cannot load kernel module $m (rebuild the image: tollgate-launcher image build)"
+done
+n=0
+while [ ! -b /dev/vda ]; do
+  n=$((n + 1)); [ "$n" -gt 100 ] && fail "no workspace disk (/dev/vda) appeared"
+  sleep 0.1
+done
+mkdir -p {SESSION_MOUNT}
+mount -t ext4 -o noatime /dev/vda {SESSION_MOUNT} || fail "cannot mount the workspace disk"
+exec /{GUEST_AGENT} --listen {listen} --secret-file /etc/tollgate/secret --workspace {SESSION_MOUNT}/workspace --state {SESSION_MOUNT}/shell --user {SESSION_USER} {options}
+"#,
+        listen = guest.listen,
+        options = options.join(" "),
+    );
+    let mut archive = Archive::new();
+    archive.directory("etc/tollgate");
+    archive.file("etc/tollgate/env", 0o644, env.as_bytes());
+    archive.file("etc/tollgate/workload", 0o755, workload.as_bytes());
+    archive.file("etc/tollgate/secret", 0o600, guest.secret.as_bytes());
+    archive.file(GUEST_CA_FILE.trim_start_matches('/'), 0o644, guest.ca_pem);
+    let mut added = std::collections::BTreeSet::new();
+    crate::image::add_host_file(
+        &mut archive,
+        guest.guest_agent,
+        GUEST_AGENT,
+        0o755,
+        &mut added,
+    )?;
+    for library in crate::image::shared_libraries(guest.guest_agent)? {
+        let name = library
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .to_string();
+        crate::image::add_host_file(&mut archive, &library, &name, 0o755, &mut added)?;
+    }
+    Ok(archive.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +210,43 @@ mod tests {
                 < ready
         );
         assert!(ready < init.find("sh /etc/tollgate/workload").expect("workload"));
+    }
+
+    #[test]
+    fn a_session_vms_files_mount_its_disk_and_start_the_guest_agent_with_a_private_secret() {
+        let binary = std::env::current_exe().expect("a program to stand for the agent");
+        let files = session_files(&SessionGuest {
+            agent: "a",
+            thread: "t 1",
+            proxy_url: "http://10.200.1.1:3128",
+            ca_pem: b"-----BEGIN CERTIFICATE-----\n",
+            secret: "s3cr3t",
+            guest_agent: &binary,
+            listen: (SANDBOX_ADDRESS, 999).into(),
+            agent_options: vec!["--max-output-bytes".into(), "100".into()],
+        })
+        .expect("files");
+        let text = String::from_utf8_lossy(&files);
+        assert!(
+            text.contains("export TOLLGATE_THREAD='t 1'\n"),
+            "the thread, quoted"
+        );
+        assert!(text.contains("for m in virtio_blk crc16 mbcache jbd2 crc32c_generic ext4; do"));
+        let mount = text
+            .find("mount -t ext4 -o noatime /dev/vda /session")
+            .expect("mount");
+        let exec = text
+            .find("exec /usr/bin/tollgate-guest-agent --listen 10.200.1.2:999 --secret-file /etc/tollgate/secret --workspace /session/workspace --state /session/shell --user 1000:1000 --max-output-bytes 100")
+            .expect("the agent");
+        assert!(mount < exec);
+        // The secret's cpio entry: newc header, mode 0100600 (a file only root reads).
+        let name = text
+            .find("etc/tollgate/secret\0")
+            .expect("the secret's entry");
+        let header = &text[name - 110..name];
+        assert!(header.starts_with("070701"), "{header}");
+        assert_eq!(&header[14..22], "00008180", "mode 0100600");
+        assert!(text.contains("usr/bin/tollgate-guest-agent\0"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::cpio::Archive;
-use crate::guest::{init_script, MODULES};
+use crate::guest::{init_script, DISK_MODULES, MODULES};
 
 /// The image's kernel file.
 pub const KERNEL_FILE: &str = "vmlinux";
@@ -72,6 +72,9 @@ pub struct Manifest {
     pub kernel_bytes: u64,
     /// Bytes of the initramfs.
     pub initramfs_bytes: u64,
+    /// The kernel modules in it (an image built before sessions had disks lists none).
+    #[serde(default)]
+    pub modules: Vec<String>,
 }
 
 /// A built image.
@@ -152,6 +155,7 @@ pub fn build(options: &BuildOptions) -> Result<Image, ImageError> {
         kernel_package: package,
         kernel_bytes: vmlinux.len() as u64,
         initramfs_bytes: initramfs.len() as u64,
+        modules: all_modules().map(str::to_string).collect(),
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Tool {
         what: "writing the manifest".into(),
@@ -239,7 +243,7 @@ fn unpack_kernel(deb: &Path, into: &Path) -> Result<UnpackedKernel, ImageError> 
         .spawn()
         .map_err(|e| tool(&what, "dpkg-deb", e))?;
     let mut patterns = vec!["./boot/vmlinuz-*".to_string()];
-    patterns.extend(MODULES.iter().map(|m| format!("*/{m}.ko")));
+    patterns.extend(all_modules().map(|m| format!("*/{m}.ko")));
     let tar_input = dpkg.stdout.take().map(Stdio::from).unwrap_or(Stdio::null());
     output(
         &what,
@@ -274,8 +278,7 @@ fn unpack_kernel(deb: &Path, into: &Path) -> Result<UnpackedKernel, ImageError> 
             detail: "the package has no /boot/vmlinuz-*".into(),
         })?;
     let found = find_files(into);
-    let modules = MODULES
-        .iter()
+    let modules = all_modules()
         .map(|m| {
             let file = format!("{m}.ko");
             found
@@ -289,6 +292,11 @@ fn unpack_kernel(deb: &Path, into: &Path) -> Result<UnpackedKernel, ImageError> 
         })
         .collect::<Result<_, _>>()?;
     Ok(UnpackedKernel { vmlinuz, modules })
+}
+
+/// Every module the image carries: the network's (loaded at boot) and a session disk's.
+fn all_modules() -> impl Iterator<Item = &'static str> {
+    MODULES.iter().chain(DISK_MODULES.iter()).copied()
 }
 
 fn find_files(dir: &Path) -> Vec<PathBuf> {
@@ -402,7 +410,7 @@ fn base_initramfs(modules: &[(String, PathBuf)]) -> Result<Vec<u8>, ImageError> 
 
 /// Adds the host's file `from` (its contents, symlinks followed) as `to`, with the parent
 /// directories it needs.
-fn add_host_file(
+pub(crate) fn add_host_file(
     archive: &mut Archive,
     from: &Path,
     to: &str,
@@ -431,7 +439,7 @@ fn add_host_file(
 
 /// The shared libraries (and the loader) `program` needs, as `ldd` lists them; none for a
 /// static program.
-fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, ImageError> {
+pub(crate) fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, ImageError> {
     let out = Command::new("ldd")
         .arg(program)
         .output()

@@ -450,5 +450,24 @@ mod tests {
             "chain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}"
         ));
         assert_eq!(rules.matches(" accept").count(), 3, "{rules}");
+        assert!(!rules.contains("chain output"), "{rules}");
+    }
+
+    #[test]
+    fn a_sessions_gateway_side_may_open_connections_to_its_guest_agent_only() {
+        let net = SandboxNetwork::for_session("0123abcd", 3128, 999).expect("valid");
+        assert_eq!(net.gateway_namespace(), "tgs-0123abcd");
+        assert_eq!(net.sandbox_namespace(), "tgs-0123abcd-s");
+        let rules = net.ruleset();
+        let output = &rules[rules.find("chain output").expect("an output chain")..];
+        assert!(output
+            .contains("oifname \"tgw0\" ip daddr 10.200.1.2 tcp dport 999 ct state new accept"));
+        assert!(
+            output.trim_end().ends_with("oifname \"tgw0\" drop\n\t}\n}"),
+            "everything else to the sandbox is dropped: {output}"
+        );
+        // The input side is the same as any sandbox's.
+        assert!(rules.contains("tcp dport 3128 ct state new accept"));
+        assert!(SandboxNetwork::for_session("../x", 3128, 999).is_err());
     }
 }

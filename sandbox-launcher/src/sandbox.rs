@@ -306,6 +306,7 @@ impl Launch<'_> {
             accel,
             tap_fd: Some(tap_fd),
             kernel_parameters: Vec::new(),
+            disk: None,
         };
         let console = self.dir.join(CONSOLE_FILE);
         let vmm_log = self.dir.join(VMM_LOG_FILE);

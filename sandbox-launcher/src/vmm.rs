@@ -62,6 +62,8 @@ pub struct VmSpec<'a> {
     pub tap_fd: Option<RawFd>,
     /// More kernel command-line words.
     pub kernel_parameters: Vec<String>,
+    /// A raw disk image the guest sees as `/dev/vda` (a session's workspace).
+    pub disk: Option<&'a Path>,
 }
 
 impl VmSpec<'_> {
@@ -98,6 +100,17 @@ impl VmSpec<'_> {
             "-append".into(),
             self.kernel_command_line(),
         ]);
+        if let Some(disk) = self.disk {
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=workspace,cache=writeback,discard=unmap",
+                    disk.to_string_lossy().replace(',', ",,")
+                ),
+                "-device".into(),
+                "virtio-blk-device,drive=workspace".into(),
+            ]);
+        }
         if let Some(fd) = self.tap_fd {
             args.extend([
                 "-netdev".into(),
@@ -282,6 +295,7 @@ fn probe_kvm(image: &Image, user: RunAs) -> bool {
         accel: Accel::Kvm,
         tap_fd: None,
         kernel_parameters: vec![PROBE_PARAMETER.to_string()],
+        disk: None,
     };
     let console = scratch.path().join("console.log");
     let Ok(mut qemu) = spec.spawn(None, user, &console, &scratch.path().join("vmm.log")) else {
@@ -331,6 +345,7 @@ mod tests {
             accel: Accel::Tcg,
             tap_fd: Some(7),
             kernel_parameters: vec![],
+            disk: None,
         };
         let args = spec.qemu_args().join(" ");
         for expected in [
@@ -357,6 +372,20 @@ mod tests {
         };
         assert!(!kvm.kernel_command_line().contains("tsc_early_khz"));
         assert!(!kvm.qemu_args().join(" ").contains("-netdev"));
+        assert!(!kvm.qemu_args().join(" ").contains("-drive"));
+        let disk = dir.path().join("a,b.img");
+        let with_disk = VmSpec {
+            disk: Some(&disk),
+            ..kvm
+        };
+        let args = with_disk.qemu_args().join(" ");
+        assert!(
+            args.contains(&format!(
+                "-drive file={},format=raw,if=none,id=workspace,cache=writeback,discard=unmap -device virtio-blk-device,drive=workspace",
+                disk.display().to_string().replace(',', ",,")
+            )),
+            "a comma in the path is escaped: {args}"
+        );
     }
 
     #[test]

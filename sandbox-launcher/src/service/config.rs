@@ -5,9 +5,51 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// What runs each session's sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// A QEMU microVM per session, its workspace on a disk image of its own.
+    Qemu,
+    /// The guest agent in a pair of network namespaces per session (hosts without QEMU):
+    /// isolates the network, the session's files (a user id of its own) and `/tmp`.
+    Netns,
+}
+
+/// How to accelerate the sessions' VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelChoiceArg {
+    /// KVM if a probe boot with it works, else software emulation.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
 /// `tollgate-launcher serve`'s options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceConfig {
+    /// What runs each session's sandbox.
+    #[arg(
+        long,
+        value_enum,
+        env = "TOLLGATE_LAUNCHER_BACKEND",
+        default_value = "qemu"
+    )]
+    pub backend: BackendChoice,
+    /// The guest image (qemu; `tollgate-launcher image build` makes it).
+    #[arg(long, default_value = "/var/lib/tollgate-launcher/image")]
+    pub image: PathBuf,
+    /// Each session VM's memory in MiB (qemu).
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u32,
+    /// KVM or software emulation (qemu).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelChoiceArg,
+    /// Size of each session's workspace disk in MiB (qemu; a sparse file, so only what is
+    /// written takes room).
+    #[arg(long, default_value_t = 1024)]
+    pub disk_mib: u64,
     /// Where the API listens: keep it host-only (loopback or a management network); sandboxes
     /// never reach it.
     #[arg(
@@ -37,8 +79,8 @@ pub struct ServiceConfig {
     /// The gateway's CA certificate, each sandbox's only trust anchor.
     #[arg(long, default_value = "./tollgate-data/ca.pem")]
     pub ca: PathBuf,
-    /// The guest agent binary (netns backend). Default: `tollgate-guest-agent` beside this
-    /// program.
+    /// The guest agent binary (run in each session's sandbox; the VM gets a copy). Default:
+    /// `tollgate-guest-agent` beside this program.
     #[arg(long)]
     pub guest_agent: Option<PathBuf>,
     /// The port of each session's gateway listener inside its namespace.
@@ -131,6 +173,9 @@ impl ServiceConfig {
         }
         if self.idle_stop_secs == 0 {
             return Err("--idle-stop-secs must be at least 1".into());
+        }
+        if self.disk_mib < 16 || self.memory_mib < 64 {
+            return Err("--disk-mib must be at least 16 and --memory-mib at least 64".into());
         }
         Ok(())
     }

@@ -57,9 +57,20 @@ impl GuestAgent {
         path_and_query: &str,
         body: Bytes,
     ) -> Result<http::Response<Incoming>, ServiceError> {
+        self.send_within(CONNECT_TIMEOUT, method, path_and_query, body)
+            .await
+    }
+
+    async fn send_within(
+        &self,
+        connect_timeout: Duration,
+        method: http::Method,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<http::Response<Incoming>, ServiceError> {
         let unreachable = |e: String| ServiceError::GuestUnreachable(e);
         let stream = self
-            .connect()
+            .connect(connect_timeout)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let (mut sender, connection) =
@@ -107,19 +118,24 @@ impl GuestAgent {
         }
     }
 
-    /// Whether the agent answers its health check.
-    pub async fn healthy(&self) -> bool {
-        self.call(http::Method::GET, "/health", Bytes::new())
+    /// Whether the agent answers its health check, connecting within `connect_timeout` (a
+    /// booting VM answers no ARP: a short one keeps the wait for it short).
+    pub async fn healthy(&self, connect_timeout: Duration) -> bool {
+        match self
+            .send_within(connect_timeout, http::Method::GET, "/health", Bytes::new())
             .await
-            .is_ok()
+        {
+            Ok(response) => response.status().is_success(),
+            Err(_) => false,
+        }
     }
 
     /// A TCP connection to the agent, made inside the namespace.
-    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+    async fn connect(&self, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
         let (namespace, address) = (self.namespace.clone(), self.address);
         let stream = tokio::task::spawn_blocking(move || {
             in_namespace(&namespace, || {
-                std::net::TcpStream::connect_timeout(&address, CONNECT_TIMEOUT)
+                std::net::TcpStream::connect_timeout(&address, timeout)
             })
         })
         .await

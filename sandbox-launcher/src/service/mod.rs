@@ -14,6 +14,8 @@ pub mod config;
 pub mod error;
 pub mod exec;
 pub mod guest;
+pub mod microvm;
+pub mod netns;
 pub mod sandbox;
 pub mod session;
 pub mod sessions;
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use crate::gateway_api::GatewayApi;
 use crate::sandbox::{read_ca, read_token};
-use config::ServiceConfig;
+use config::{BackendChoice, ServiceConfig};
 use sandbox::SandboxContext;
 use sessions::Sessions;
 
@@ -57,10 +59,22 @@ pub async fn serve(config: ServiceConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let token_path = config.token_path();
+    let vm = match config.backend {
+        BackendChoice::Qemu => {
+            let prepare = config.clone();
+            Some(
+                tokio::task::spawn_blocking(move || microvm::Vm::prepare(&prepare))
+                    .await
+                    .map_err(|e| e.to_string())??,
+            )
+        }
+        BackendChoice::Netns => None,
+    };
     let context = Arc::new(SandboxContext {
         config,
         gateway: Arc::new(gateway),
         ca_pem,
+        vm,
     });
     let sessions = Arc::new(Sessions::new(context));
     sessions.adopt().await;
@@ -114,4 +128,29 @@ pub fn service_token(path: &Path) -> Result<String, String> {
     let token = hex::encode(rand::random::<[u8; 32]>());
     session::write_private(path, format!("{token}\n").as_bytes()).map_err(|e| e.to_string())?;
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_made_once_private_and_then_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("sub/service-token");
+        let token = service_token(&path).expect("made");
+        assert_eq!(token.len(), 64);
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            service_token(&path).expect("read"),
+            token,
+            "the same token again"
+        );
+        std::fs::write(&path, "\n").expect("empty");
+        assert!(service_token(&path)
+            .expect_err("empty")
+            .contains("is empty"));
+    }
 }

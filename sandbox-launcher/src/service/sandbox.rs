@@ -1,13 +1,10 @@
-//! A session's sandbox, started and stopped: its network (two namespaces of its own, see
-//! [`crate::network`]), its listener on the gateway, and the guest agent inside it.
-//!
-//! The netns backend runs the guest agent as root in the sandbox's namespace, in a mount
-//! namespace of its own (`ip netns exec` makes one) with a private `/tmp`; its executions run
-//! as the session's own user id, which no other session and no host account has, in the
-//! session's workspace (0700). The agent listens on a privileged port, so a workload (never
-//! root) can neither stop it nor take its place.
+//! A session's sandbox, started and stopped: its network (namespaces of its own, see
+//! [`crate::network`]), its listener on the gateway, and the guest agent inside it — in a
+//! microVM ([`microvm`]) or a namespace ([`netns`]). Either way the service reaches the agent
+//! from the session's gateway-side namespace, and the agent listens on a privileged port, so
+//! a workload (never root) can neither stop it nor take its place.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,13 +12,20 @@ use super::config::ServiceConfig;
 use super::error::ServiceError;
 use super::guest::GuestAgent;
 use super::session::{io_error, write_private, SandboxProcess, SessionDir, SessionRecord};
+use super::{microvm, netns};
 use crate::gateway_api::{GatewayApi, Listen};
-use crate::network::{SandboxNetwork, HOST_ADDRESS, SANDBOX_ADDRESS};
-use crate::sandbox::{stop_process_group, tail_of, write_readable};
-use crate::workload::workload_environment;
+use crate::guest::FAILED_MARKER;
+use crate::network::{SandboxNetwork, SANDBOX_ADDRESS};
+use crate::sandbox::{stop_process_group, tail_of};
+use crate::state::Backend;
 
 /// The guest agent's port on the sandbox's address: privileged, so no workload can bind it.
 pub const GUEST_PORT: u16 = 999;
+
+/// How long a readiness probe may take to connect.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a VM may take to write its cache to disk before it is stopped.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every session's sandbox needs from the service.
 pub struct SandboxContext {
@@ -31,9 +35,20 @@ pub struct SandboxContext {
     pub gateway: Arc<GatewayApi>,
     /// The gateway's CA certificate.
     pub ca_pem: Vec<u8>,
+    /// The microVM backend's image and accelerator (`None`: no QEMU here).
+    pub vm: Option<microvm::Vm>,
 }
 
 impl SandboxContext {
+    /// The microVM backend, or why there is none.
+    pub fn vm(&self) -> Result<&microvm::Vm, ServiceError> {
+        self.vm.as_ref().ok_or_else(|| {
+            ServiceError::Sandbox(
+                "this session runs in a microVM, and the service runs without QEMU (--backend netns)".into(),
+            )
+        })
+    }
+
     /// Runs a gateway call (blocking I/O) off the async threads; a refusal in the service's
     /// terms.
     pub async fn gateway_call(
@@ -101,13 +116,25 @@ async fn try_start(
 ) -> Result<GuestAgent, ServiceError> {
     let net = network(context, id)?;
     let made = net.clone();
-    blocking(move || {
-        // A namespace left by a crash is taken down first.
-        made.destroy()?;
-        made.create()
-    })
-    .await
-    .map_err(|e| ServiceError::Sandbox(e.to_string()))?;
+    // A namespace left by a crash is taken down first.
+    let tap = match record.backend {
+        Backend::Netns => {
+            blocking(move || {
+                made.destroy()?;
+                made.create().map(|()| None)
+            })
+            .await
+        }
+        Backend::Qemu => {
+            context.vm()?;
+            blocking(move || {
+                made.destroy()?;
+                made.create_for_vm().map(Some)
+            })
+            .await
+        }
+    }
+    .map_err(ServiceError::Sandbox)?;
 
     let listen = Listen {
         address: net.listen_address().to_string(),
@@ -125,18 +152,13 @@ async fn try_start(
     // A fresh secret for every start: one a stopped sandbox's workload saw is worth nothing.
     let secret = hex::encode(rand::random::<[u8; 32]>());
     write_private(&dir.secret(), secret.as_bytes())?;
-    write_readable(&dir.ca(), &context.ca_pem)
-        .map_err(|e| ServiceError::Internal(e.to_string()))?;
-
-    let mut command = guest_command(context, &net, dir, record)?;
-    let child = command
-        .spawn()
-        .map_err(|e| ServiceError::Sandbox(format!("cannot start the guest agent: {e}")))?;
-    let pid = child
-        .id()
-        .ok_or_else(|| ServiceError::Sandbox("the guest agent exited at once".into()))?;
-    // Reaped by tokio when it ends; stopped through its process group.
-    drop(child);
+    let pid = match (record.backend, tap) {
+        (Backend::Qemu, Some(tap)) => {
+            let vm = context.vm()?;
+            microvm::spawn(context, vm, &net, dir, record, &secret, tap).await?
+        }
+        _ => netns::spawn(context, &net, dir, record)?,
+    };
     let process = SandboxProcess::of(pid);
     record.process = Some(process);
     dir.save(record)?;
@@ -146,22 +168,31 @@ async fn try_start(
         (SANDBOX_ADDRESS, GUEST_PORT).into(),
         secret,
     );
+    let logs = [dir.console(), dir.vmm_log()];
+    let tail = || tail_of(&[&logs[0], &logs[1]]);
     let deadline = Instant::now() + Duration::from_secs(context.config.ready_timeout_secs);
     loop {
-        if guest.healthy().await {
+        if guest.healthy(READY_PROBE_TIMEOUT).await {
             break;
         }
         if !process.alive() {
             return Err(ServiceError::Sandbox(format!(
-                "the guest agent exited{}",
-                tail_of(&[&dir.console()])
+                "the sandbox exited{}",
+                tail()
+            )));
+        }
+        let console = std::fs::read_to_string(&logs[0]).unwrap_or_default();
+        if let Some(line) = console.lines().find(|l| l.contains(FAILED_MARKER)) {
+            return Err(ServiceError::Sandbox(format!(
+                "the guest reported: {line}{}",
+                tail()
             )));
         }
         if Instant::now() >= deadline {
             return Err(ServiceError::Sandbox(format!(
                 "the guest agent did not answer within {} s{}",
                 context.config.ready_timeout_secs,
-                tail_of(&[&dir.console()])
+                tail()
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -172,63 +203,18 @@ async fn try_start(
     Ok(guest)
 }
 
-/// The guest agent's command line: in the sandbox's namespace, a private `/tmp`, then the
-/// agent, with the workload's environment (the gateway as proxy, its CA).
-fn guest_command(
-    context: &SandboxContext,
-    net: &SandboxNetwork,
-    dir: &SessionDir,
-    record: &SessionRecord,
-) -> Result<tokio::process::Command, ServiceError> {
-    let config = &context.config;
-    let console = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.console())
-        .map_err(|e| io_error(&dir.console(), e))?;
-    let console_err = console
-        .try_clone()
-        .map_err(|e| io_error(&dir.console(), e))?;
-    let proxy = format!("http://{HOST_ADDRESS}:{}", config.gateway_port);
-    let mut env = workload_environment(&record.agent, &proxy, &dir.ca().to_string_lossy());
-    env.push(("TOLLGATE_THREAD", record.thread.clone()));
-    let path = |p: PathBuf| p.to_string_lossy().to_string();
-    let mut command = tokio::process::Command::new("ip");
-    command
-        .args(["netns", "exec", net.sandbox_namespace(), "sh", "-c"])
-        .arg(
-            "mount -t tmpfs -o mode=1777,nosuid,nodev,size=\"$1\" tollgate-tmp /tmp && shift && exec \"$@\"",
-        )
-        .arg("tollgate-guest")
-        .arg(&config.tmp_size)
-        .arg(config.guest_agent_path())
-        .arg("--listen")
-        .arg(format!("{SANDBOX_ADDRESS}:{GUEST_PORT}"))
-        .arg("--secret-file")
-        .arg(path(dir.secret()))
-        .arg("--workspace")
-        .arg(path(dir.workspace()))
-        .arg("--state")
-        .arg(path(dir.shell_state()))
-        .arg("--user")
-        .arg(format!("{0}:{0}", record.uid))
-        .arg("--max-output-bytes")
-        .arg(config.max_output_bytes.to_string())
-        .arg("--max-file-bytes")
-        .arg(config.max_file_bytes.to_string())
-        .arg("--default-timeout-secs")
-        .arg(config.default_timeout_secs.to_string())
-        .arg("--max-timeout-secs")
-        .arg(config.max_timeout_secs.to_string())
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .stdout(console)
-        .stderr(console_err)
-        .process_group(0);
-    Ok(command)
+/// The guest agent's limits, as its options.
+pub fn agent_options(config: &ServiceConfig) -> Vec<String> {
+    vec![
+        "--max-output-bytes".into(),
+        config.max_output_bytes.to_string(),
+        "--max-file-bytes".into(),
+        config.max_file_bytes.to_string(),
+        "--default-timeout-secs".into(),
+        config.default_timeout_secs.to_string(),
+        "--max-timeout-secs".into(),
+        config.max_timeout_secs.to_string(),
+    ]
 }
 
 /// Stops the session's sandbox: the guest agent and every process in its namespaces, its
@@ -242,6 +228,16 @@ pub async fn stop(
     record: &mut SessionRecord,
 ) -> Result<(), ServiceError> {
     if let Some(process) = record.process.filter(SandboxProcess::alive) {
+        if record.backend == Backend::Qemu {
+            // What the guest has cached goes to the workspace disk before the VM ends.
+            let guest = network(context, id).and_then(|net| guest_agent(&net, dir));
+            if let Ok(guest) = guest {
+                let sync = guest.call(http::Method::POST, "/sync", Default::default());
+                if !matches!(tokio::time::timeout(SYNC_TIMEOUT, sync).await, Ok(Ok(_))) {
+                    tracing::warn!(agent = %record.agent, thread = %record.thread, "the guest did not confirm its disk was synced before the stop");
+                }
+            }
+        }
         blocking(move || {
             stop_process_group(process.pid);
             Ok::<(), String>(())
@@ -280,9 +276,9 @@ pub async fn stop(
 }
 
 /// Runs blocking `work` (commands, namespaces) off the async threads.
-async fn blocking<E: std::fmt::Display>(
-    work: impl FnOnce() -> Result<(), E> + Send + 'static,
-) -> Result<(), String> {
+pub(super) async fn blocking<T: Send + 'static, E: std::fmt::Display>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(move || work().map_err(|e| e.to_string()))
         .await
         .map_err(|e| e.to_string())?

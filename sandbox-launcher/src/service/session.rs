@@ -4,8 +4,10 @@
 //!
 //! A session's directory (`<data>/<id>/`, `id` derived from agent and thread):
 //! `session.json` (this record), `secret` (the guest agent's, 0600, replaced at every
-//! start), `ca.pem`, `console.log` (the guest agent's own messages), `workspace/` and
-//! `shell/` (the persistent shell's state), both 0700 and owned by the session's user.
+//! start), `console.log` (the guest agent's messages or the VM's console); for the netns
+//! backend `ca.pem`, `workspace/` and `shell/` (the persistent shell's state, both 0700 and
+//! owned by the session's user); for the microVM backend `workspace.img` (the workspace disk,
+//! which holds the shell's state too), `initrd` and `vmm.log` (0600, the VMM's user's).
 
 use std::path::{Path, PathBuf};
 
@@ -209,9 +211,24 @@ impl SessionDir {
         self.path.join("ca.pem")
     }
 
-    /// The guest agent's (or VM's) messages.
+    /// The guest agent's messages, or the VM's serial console.
     pub fn console(&self) -> PathBuf {
         self.path.join("console.log")
+    }
+
+    /// QEMU's own messages (microVM backend).
+    pub fn vmm_log(&self) -> PathBuf {
+        self.path.join("vmm.log")
+    }
+
+    /// The workspace disk (microVM backend).
+    pub fn disk(&self) -> PathBuf {
+        self.path.join("workspace.img")
+    }
+
+    /// The VM's initramfs: the image's with the session's files appended (microVM backend).
+    pub fn initrd(&self) -> PathBuf {
+        self.path.join("initrd")
     }
 
     /// Creates the directory: 0711, so the session's user can pass through to its
@@ -250,8 +267,13 @@ impl SessionDir {
         }
     }
 
-    /// Bytes in the workspace (files' sizes, symbolic links not followed).
+    /// Bytes the workspace takes: a VM's disk image's allocated blocks, or the sizes of the
+    /// files in a workspace directory (symbolic links not followed).
     pub fn disk_use(&self) -> u64 {
+        if let Ok(meta) = std::fs::metadata(self.disk()) {
+            use std::os::unix::fs::MetadataExt;
+            return meta.blocks() * 512;
+        }
         fn walk(dir: &Path) -> u64 {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 return 0;

@@ -11,11 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::config::BackendChoice;
 use super::error::ServiceError;
 use super::guest::GuestAgent;
 use super::sandbox::{self, SandboxContext};
 use super::session::{SessionDir, SessionKey, SessionRecord, SessionState};
 use crate::state::{now_secs, Backend};
+
+/// How long checking a running session's guest agent after a restart may take to connect.
+const ADOPT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A session's sandbox and record, behind its lifecycle lock.
 pub struct Life {
@@ -149,7 +153,11 @@ impl Sessions {
                 .ok_or_else(|| ServiceError::TooManySessions("no user id is free".into()))?;
             let id = key.id();
             let dir = SessionDir::new(&config.data_dir, &id);
-            let record = SessionRecord::new(key, Backend::Netns, uid);
+            let backend = match config.backend {
+                BackendChoice::Qemu => Backend::Qemu,
+                BackendChoice::Netns => Backend::Netns,
+            };
+            let record = SessionRecord::new(key, backend, uid);
             dir.create()?;
             dir.save(&record)?;
             let session = Session::new(key.clone(), dir, record, None);
@@ -292,7 +300,9 @@ impl Sessions {
                 let agent = sandbox::network(&self.context, &id)
                     .and_then(|net| sandbox::guest_agent(&net, &dir));
                 match agent {
-                    Ok(agent) if alive && agent.healthy().await => guest = Some(agent),
+                    Ok(agent) if alive && agent.healthy(ADOPT_PROBE_TIMEOUT).await => {
+                        guest = Some(agent)
+                    }
                     _ => {
                         if let Err(e) = sandbox::stop(&self.context, &id, &dir, &mut record).await {
                             tracing::warn!(agent = %record.agent, thread = %record.thread, "{e}");
