@@ -10,10 +10,14 @@
 //! are exported into the session, as `export` would.
 //!
 //! Output is read as it comes, each stream kept up to a cap (the rest read and dropped, and
-//! the answer says `truncated`). At the timeout the whole process group is killed and the
-//! output so far returned with `timed_out`. A process the command left in the background
-//! keeps running (the service closes the execution's tool call, so it gets no more tokens);
-//! its hold on the output pipes does not keep the answer waiting.
+//! the answer says `truncated`). At the timeout (or a cancel) the whole process group is
+//! killed, and with it every process of the session's user that started during the
+//! execution (one that left the group with `setsid` too); the output so far is returned with
+//! `timed_out`. A process the command left in the background when it ended by itself keeps
+//! running (the service closes the execution's tool call, so it gets no token — until a
+//! later execution of the same session opens one: the gateway tells a session's requests
+//! apart by its listener, not by process); its hold on the output pipes does not keep the
+//! answer waiting.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -220,6 +224,8 @@ impl Shell {
         for name in STATE_FILES {
             let _ = std::fs::remove_file(self.state.join(format!("{name}.next")));
         }
+        // What the session's user runs before: a timeout ends everything else it runs.
+        let before = self.run_as.map(|user| crate::procs::of_user(user.uid));
         let started = Instant::now();
         let mut child = command
             .spawn()
@@ -259,8 +265,12 @@ impl Shell {
                     cancelled = true;
                 }
                 if timed_out || cancelled {
-                    // The whole group: the command and everything it started.
+                    // The whole group: the command and everything it started; and, as the
+                    // session's user, whatever it started that left the group (setsid).
                     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                    if let (Some(user), Some(before)) = (self.run_as, &before) {
+                        crate::procs::kill_user(user.uid, before);
+                    }
                 }
             }
             if exited.is_none() {

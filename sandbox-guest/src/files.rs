@@ -4,7 +4,13 @@
 //! is refused outright, and every file is opened with `openat2(RESOLVE_BENEATH)` from the
 //! workspace's own descriptor: the kernel refuses any resolution — a symbolic link the
 //! workload planted, absolute or relative, or one swapped in while the path is walked — that
-//! would leave the workspace. Files the agent creates are given to the workspace's user.
+//! would leave the workspace.
+//!
+//! Every operation runs with the file-system identity of the workspace's user (`setfsuid`,
+//! which holds for the calling thread alone): the agent, root, reads and writes only what
+//! that user could — not a host file hard-linked into the workspace — and what it creates
+//! belongs to that user. Nothing is opened in a way that can block (a FIFO the workload
+//! planted is refused, not waited on), and only regular files are read or written.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -35,6 +41,9 @@ pub enum FileError {
     /// Larger than the agent serves.
     #[error("the file is larger than {0} bytes")]
     TooLarge(u64),
+    /// The workspace's user may not read or write it.
+    #[error("the session's user may not do that to this file")]
+    Denied,
     /// Another failure.
     #[error("{0}")]
     Io(String),
@@ -45,7 +54,7 @@ impl FileError {
     pub fn status(&self) -> u16 {
         match self {
             FileError::Invalid(_) | FileError::WrongKind(_) => 400,
-            FileError::Escapes => 403,
+            FileError::Escapes | FileError::Denied => 403,
             FileError::NotFound => 404,
             FileError::TooLarge(_) => 413,
             FileError::Io(_) => 500,
@@ -58,6 +67,9 @@ impl From<Errno> for FileError {
         match e {
             Errno::EXDEV | Errno::ELOOP => FileError::Escapes,
             Errno::ENOENT => FileError::NotFound,
+            Errno::EACCES | Errno::EPERM => FileError::Denied,
+            // A FIFO without a reader, a device without its driver: opened without waiting.
+            Errno::ENXIO | Errno::ENODEV => FileError::WrongKind("not a regular file".into()),
             Errno::EISDIR => FileError::WrongKind("it is a directory".into()),
             Errno::ENOTDIR => FileError::WrongKind("a part of the path is not a directory".into()),
             other => FileError::Io(other.desc().to_string()),
@@ -101,11 +113,17 @@ impl Workspace {
 
     /// A file's contents.
     pub fn read(&self, path: &str) -> Result<Vec<u8>, FileError> {
-        let fd = self.open_beneath(&relative(path)?, OFlag::O_RDONLY, Mode::empty())?;
+        self.as_owner(|| self.read_as_owner(path))
+    }
+
+    fn read_as_owner(&self, path: &str) -> Result<Vec<u8>, FileError> {
+        let fd = self.open_beneath(
+            &relative(path)?,
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )?;
+        regular(&fd)?;
         let stat = nix::sys::stat::fstat(&fd)?;
-        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(FileError::WrongKind("not a regular file".into()));
-        }
         if stat.st_size as u64 > self.max_file_bytes {
             return Err(FileError::TooLarge(self.max_file_bytes));
         }
@@ -122,6 +140,10 @@ impl Workspace {
 
     /// Writes `bytes` as the file at `path` (replacing it), making its directories.
     pub fn write(&self, path: &str, bytes: &[u8]) -> Result<(), FileError> {
+        self.as_owner(|| self.write_as_owner(path, bytes))
+    }
+
+    fn write_as_owner(&self, path: &str, bytes: &[u8]) -> Result<(), FileError> {
         if bytes.len() as u64 > self.max_file_bytes {
             return Err(FileError::TooLarge(self.max_file_bytes));
         }
@@ -137,7 +159,7 @@ impl Workspace {
         for part in parents.into_iter().flat_map(|p| p.split('/')) {
             match nix::sys::stat::mkdirat(&dir, part, Mode::from_bits_truncate(0o755)) {
                 Ok(()) => {
-                    let made = openat2(
+                    dir = openat2(
                         &dir,
                         part,
                         how(
@@ -145,8 +167,6 @@ impl Workspace {
                             Mode::empty(),
                         ),
                     )?;
-                    self.give(&made)?;
-                    dir = made;
                 }
                 Err(Errno::EEXIST) => {
                     dir = openat2(
@@ -158,15 +178,21 @@ impl Workspace {
                 Err(e) => return Err(e.into()),
             }
         }
+        // Truncated only once it is known to be a regular file.
         let fd = openat2(
             &dir,
             name,
             how(
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_NONBLOCK
+                    | OFlag::O_NOCTTY,
                 Mode::from_bits_truncate(0o644),
             ),
         )?;
-        self.give(&fd)?;
+        regular(&fd)?;
+        nix::unistd::ftruncate(&fd, 0)?;
         let mut file = std::fs::File::from(fd);
         file.write_all(bytes)
             .and_then(|()| file.sync_all())
@@ -175,6 +201,10 @@ impl Workspace {
 
     /// The entries of the directory at `path`, by name.
     pub fn list(&self, path: &str) -> Result<Vec<Entry>, FileError> {
+        self.as_owner(|| self.list_as_owner(path))
+    }
+
+    fn list_as_owner(&self, path: &str) -> Result<Vec<Entry>, FileError> {
         let fd = self.open_beneath(
             &relative(path)?,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY,
@@ -218,24 +248,35 @@ impl Workspace {
         Ok(openat2(&self.root, rel, how(flags, mode))?)
     }
 
-    /// Gives what the agent created to the workspace's user.
-    fn give(&self, fd: &OwnedFd) -> Result<(), FileError> {
+    /// Runs `operation` with the workspace user's file-system identity on this thread (the
+    /// agent's own when it has no other user), and takes the agent's back after it.
+    fn as_owner<T>(
+        &self,
+        operation: impl FnOnce() -> Result<T, FileError>,
+    ) -> Result<T, FileError> {
         let Some(owner) = self.owner else {
-            return Ok(());
+            return operation();
         };
-        // An O_PATH descriptor cannot be chowned directly: through its /proc link instead.
-        let uid = Some(nix::unistd::Uid::from_raw(owner.uid));
-        let gid = Some(nix::unistd::Gid::from_raw(owner.gid));
-        match nix::unistd::fchown(fd, uid, gid) {
-            Ok(()) => Ok(()),
-            Err(Errno::EBADF) => {
-                use std::os::fd::AsRawFd;
-                let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-                Ok(nix::unistd::chown(link.as_str(), uid, gid)?)
-            }
-            Err(e) => Err(e.into()),
-        }
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(owner.uid),
+            nix::unistd::Gid::from_raw(owner.gid),
+        );
+        let old_gid = nix::unistd::setfsgid(gid);
+        let old_uid = nix::unistd::setfsuid(uid);
+        let done = operation();
+        nix::unistd::setfsuid(old_uid);
+        nix::unistd::setfsgid(old_gid);
+        done
     }
+}
+
+/// Refuses what is not a regular file (a directory, a FIFO, a device, …).
+fn regular(fd: &OwnedFd) -> Result<(), FileError> {
+    let stat = nix::sys::stat::fstat(fd)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(FileError::WrongKind("not a regular file".into()));
+    }
+    Ok(())
 }
 
 /// How every path is resolved: beneath the starting directory, never through /proc's magic

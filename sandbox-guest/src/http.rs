@@ -55,10 +55,18 @@ pub enum ReadError {
     /// Not a request this agent takes: answered with this status.
     #[error("{1}")]
     Bad(u16, String),
+    /// Its head lacks what `admit` wants (the secret): answered 401, its body never read.
+    #[error("not admitted")]
+    Unauthorized,
 }
 
-/// Reads one request, its body at most `max_body` bytes.
-pub fn read_request(stream: &mut impl Read, max_body: usize) -> Result<Request, ReadError> {
+/// Reads one request, its body at most `max_body` bytes — once `admit` accepted its header
+/// fields: a client without the secret gets nothing read or held beyond the head.
+pub fn read_request(
+    stream: &mut impl Read,
+    max_body: usize,
+    admit: impl FnOnce(&[(String, Vec<u8>)]) -> bool,
+) -> Result<Request, ReadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let (head_len, method, target, headers) = loop {
@@ -90,6 +98,9 @@ pub fn read_request(stream: &mut impl Read, max_body: usize) -> Result<Request, 
             Err(e) => return Err(ReadError::Bad(400, format!("not an HTTP request: {e}"))),
         }
     };
+    if !admit(&headers) {
+        return Err(ReadError::Unauthorized);
+    }
     if headers.iter().any(|(n, _)| n == "transfer-encoding") {
         return Err(ReadError::Bad(
             411,
@@ -185,18 +196,29 @@ mod tests {
     fn a_request_is_read_whole_and_bounded() {
         let raw =
             b"PUT /files?path=a%20b%2Fc HTTP/1.1\r\nX-Secret: s\r\nContent-Length: 5\r\n\r\nhello";
-        let req = read_request(&mut &raw[..], 10).unwrap();
+        let req = read_request(&mut &raw[..], 10, |_| true).unwrap();
         assert_eq!((req.method.as_str(), req.path.as_str()), ("PUT", "/files"));
         assert_eq!(req.query_param("path").as_deref(), Some("a b/c"));
         assert_eq!(req.header("x-secret"), Some(&b"s"[..]));
         assert_eq!(req.body, b"hello");
         assert!(matches!(
-            read_request(&mut &raw[..], 4),
+            read_request(&mut &raw[..], 4, |_| true),
             Err(ReadError::Bad(413, _))
         ));
+        // Not admitted: refused from the head alone, before any of the (huge) body is read.
+        let huge = b"PUT /files HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n";
+        let mut admitted_headers = 0;
+        assert!(matches!(
+            read_request(&mut &huge[..], usize::MAX, |h| {
+                admitted_headers = h.len();
+                false
+            }),
+            Err(ReadError::Unauthorized)
+        ));
+        assert_eq!(admitted_headers, 1);
         let chunked = b"POST /exec HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(
-            read_request(&mut &chunked[..], 10),
+            read_request(&mut &chunked[..], 10, |_| true),
             Err(ReadError::Bad(411, _))
         ));
     }

@@ -6,7 +6,8 @@
 //! its answer; [`server`] checks the session's secret and routes it; [`exec`] runs an
 //! execution in the session's persistent shell state (environment and working directory
 //! carried from one execution to the next), bounded in time and output; [`files`] reads,
-//! writes and lists files confined to the session's workspace.
+//! writes and lists files confined to the session's workspace; [`procs`] finds and ends a
+//! user's processes.
 //!
 //! It is deliberately small and synchronous (a thread per connection, one execution at a
 //! time): it runs inside every sandbox, next to the workload it serves.
@@ -14,4 +15,5 @@
 pub mod exec;
 pub mod files;
 pub mod http;
+pub mod procs;
 pub mod server;

@@ -91,26 +91,29 @@ pub fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
 
 fn handle(agent: &Agent, mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let request = match read_request(&mut stream, agent.max_request_bytes) {
+    let authorized = |headers: &[(String, Vec<u8>)]| {
+        headers
+            .iter()
+            .find(|(name, _)| name == SECRET_HEADER)
+            .is_some_and(|(_, given)| bool::from(given.as_slice().ct_eq(&agent.secret)))
+    };
+    let request = match read_request(&mut stream, agent.max_request_bytes, authorized) {
         Ok(request) => request,
         Err(ReadError::Bad(status, why)) => {
             let _ = write_error(&mut stream, status, "bad_request", &why);
             return;
         }
+        Err(ReadError::Unauthorized) => {
+            let _ = write_error(
+                &mut stream,
+                401,
+                "unauthorized",
+                "this agent answers only its sandbox service (X-Tollgate-Secret)",
+            );
+            return;
+        }
         Err(ReadError::Io(_)) => return,
     };
-    let authorized = request
-        .header(SECRET_HEADER)
-        .is_some_and(|given| bool::from(given.ct_eq(&agent.secret)));
-    if !authorized {
-        let _ = write_error(
-            &mut stream,
-            401,
-            "unauthorized",
-            "this agent answers only its sandbox service (X-Tollgate-Secret)",
-        );
-        return;
-    }
     let _ = route(agent, &request, &mut stream);
 }
 

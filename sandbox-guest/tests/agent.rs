@@ -123,6 +123,16 @@ fn only_the_service_with_the_secret_is_answered() {
         assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
     }
     assert!(!std::path::Path::new("/tmp/x-agent-test").exists());
+    // Without the secret, nothing beyond the head is read or held: a huge body announced is
+    // refused at once.
+    let mut s = TcpStream::connect(agent.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"PUT /files?path=x HTTP/1.1\r\nContent-Length: 60000000\r\n\r\n")
+        .expect("head");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
 }
 
 #[test]
@@ -241,6 +251,39 @@ fn files_stay_inside_the_workspace_and_belong_to_its_user() {
         &[b'x'; 5000],
     );
     assert_eq!(status, 413);
+    // A FIFO the workload planted is refused, not waited on.
+    let (status, _) = exec(agent.addr, serde_json::json!({"command": "mkfifo pipe"}));
+    assert_eq!(status, 200);
+    for method in ["GET", "PUT"] {
+        let (status, body) = call(agent.addr, method, "/files?path=pipe", Some(SECRET), b"x");
+        assert_eq!(status, 400, "{method}: {}", String::from_utf8_lossy(&body));
+    }
+    if nix::unistd::geteuid().is_root() {
+        // A file of root's in the workspace (as a hard link to a host file would be): the
+        // agent reads and writes only what the session's user may.
+        let outside = agent.dir.path().join("root-only");
+        std::fs::write(&outside, "root's").expect("write");
+        std::fs::set_permissions(
+            &outside,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        std::fs::hard_link(&outside, agent.dir.path().join("workspace/linked")).expect("link");
+        let (status, body) = call(agent.addr, "GET", "/files?path=linked", Some(SECRET), b"");
+        assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+        let (status, _) = call(
+            agent.addr,
+            "PUT",
+            "/files?path=linked",
+            Some(SECRET),
+            b"overwritten",
+        );
+        assert_eq!(status, 403);
+        assert_eq!(std::fs::read_to_string(&outside).expect("read"), "root's");
+        let owner =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&outside).expect("meta"));
+        assert_eq!(owner, 0, "not given away");
+    }
 }
 
 /// Sends an execution and returns the open connection, its answer not yet read.
