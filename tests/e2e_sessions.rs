@@ -142,8 +142,14 @@ impl World {
 
 impl Service {
     fn start(gw: &Gateway, data: &std::path::Path, args: &[&str]) -> Service {
+        // Each world's sessions get user ids no other world's have: stopping a session ends
+        // every process of its user.
+        static WORLDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let world = WORLDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let uid_base = 2_000_000 + (std::process::id() % 500) * 4000 + world * 200;
         let mut child = Command::new(binary("tollgate-launcher"))
             .arg("serve")
+            .args(["--uid-base", &uid_base.to_string(), "--max-sessions", "100"])
             .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data)
@@ -298,6 +304,15 @@ async fn blocking(checks: impl FnOnce() + Send + 'static) {
         .expect("the checks panicked");
 }
 
+/// A shell line that prints `alive` if the process whose pid is in `pid_file` runs, `gone`
+/// if it does not (a zombie, which its new parent has not reaped yet, runs no more).
+fn still_running(pid_file: &str) -> String {
+    format!(
+        "s=$(cut -d' ' -f3 /proc/$(cat {pid_file})/stat 2>/dev/null); \
+         if [ -z \"$s\" ] || [ \"$s\" = Z ]; then echo gone; else echo alive; fi"
+    )
+}
+
 /// The shell line a workload uses to fetch `path` from the protected origin through the
 /// gateway: prints the status.
 fn fetch(port: u16, path: &str) -> String {
@@ -311,7 +326,7 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         return;
     }
     blocking(|| {
-        let mut world = World::start(&["--backend", "netns", "--max-output-bytes", "1000"]);
+        let mut world = World::start(&["--backend", "netns", "--max-output-bytes", "1000", "--max-file-bytes", "100000"]);
         let agent = format!("ses{}-a", std::process::id());
         let agent = agent.as_str();
         world.register(agent);
@@ -401,15 +416,24 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert_eq!(after["credential"], "stripped", "{after}");
         assert_eq!(after["status"], 401, "{after}");
 
-        // A timeout kills the execution's processes and returns what came before.
+        // A timeout kills the execution's processes — one that left its process group too —
+        // and returns what came before.
         let answer = svc.exec_raw(
             agent,
             "t1",
-            serde_json::json!({"command": "echo before; sleep 30; echo after", "timeout_secs": 1}),
+            serde_json::json!({"command": "setsid sleep 4242 & echo $! > /tmp/escaped.pid; echo before; sleep 30; echo after", "timeout_secs": 1}),
         );
         let answer = answer.json();
         assert_eq!(answer["timed_out"], true, "{answer}");
         assert_eq!(answer["stdout"], "before\n", "{answer}");
+        assert_eq!(
+            svc.stdout(agent, "t1", &still_running("/tmp/escaped.pid")),
+            "gone\n",
+            "the process that left the group was killed too"
+        );
+        // The sandbox's mounts: its own /tmp, /run and /dev/shm; no gaining privileges.
+        assert_eq!(svc.stdout(agent, "t1", "ls -A /run /dev/shm | grep -v : | grep -c . || true"), "0\n");
+        assert_eq!(svc.stdout(agent, "t1", "grep NoNewPrivs /proc/self/status"), "NoNewPrivs:\t1\n");
         // The output cap (1000 bytes here) cuts and says so.
         let answer = svc.exec(agent, "t1", "head -c 5000 /dev/zero | tr '\\0' a");
         assert_eq!(answer["truncated"], true, "{answer}");
@@ -458,10 +482,45 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(
-            svc.stdout(agent, "t1", "kill -0 $(cat /tmp/left.pid) 2>/dev/null && echo alive || echo gone"),
+            svc.stdout(agent, "t1", &still_running("/tmp/left.pid")),
             "gone\n",
             "the cancelled command was killed"
         );
+
+        // The sandbox dying during an execution ends it with an error, and its tool call.
+        let mut dying = Command::new("curl")
+            .args(["-sS", "-N", "-m", "30", "-H", &auth, "--data-binary", r#"{"command":"sleep 60","tool_call_id":"tc-dies"}"#, &format!("{url}?stream=ndjson")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let mut lines = std::io::BufReader::new(dying.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        lines.read_line(&mut first).expect("the start line");
+        assert!(first.contains("tc-dies"), "{first}");
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(session_dir(&world, agent, "t1").join("session.json")).expect("record"),
+        )
+        .expect("json");
+        let pid = record["process"]["pid"].as_i64().expect("pid");
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let mut last = String::new();
+        lines.read_line(&mut last).expect("the last line");
+        assert!(last.contains("\"error\"") && last.contains("guest"), "{last}");
+        let _ = dying.wait();
+        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert!(!open.body.contains("tc-dies"), "{open:?}");
+        // The next execution starts the sandbox again, files kept.
+        assert_eq!(svc.stdout(agent, "t1", "cat ../out.txt"), "made\n");
+
+        // Files larger than the cap are refused.
+        let big = world.data.path().join("big");
+        std::fs::write(&big, vec![b'x'; 200_000]).expect("write");
+        let r = svc.call(
+            "PUT",
+            &format!("/v1/sessions/{agent}/t1/files?path=big"),
+            Some(&format!("@{}", big.display())),
+        );
+        assert_eq!(r.status, 413, "{r:?}");
 
         // The command line streams the output and exits with the command's status.
         let out = Command::new(binary("tollgate-launcher"))
@@ -472,6 +531,29 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert_eq!(out.status.code(), Some(7), "{out:?}");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
         assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+        // … and moves files and lists and removes sessions.
+        let cli = |args: &[&str]| {
+            Command::new(binary("tollgate-launcher"))
+                .args(args)
+                .args(["--service", &svc.url])
+                .env("TOLLGATE_LAUNCHER_TOKEN", &svc.token)
+                .output()
+                .expect("tollgate-launcher")
+        };
+        let local = world.data.path().join("cli-upload.txt");
+        std::fs::write(&local, "from the command line").expect("write");
+        let local = local.to_string_lossy().to_string();
+        let out = cli(&["files", "put", "--agent", agent, "--thread", "t1", &local, "cli/up.txt"]);
+        assert!(out.status.success(), "{out:?}");
+        let out = cli(&["files", "get", "--agent", agent, "--thread", "t1", "cli/up.txt"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "from the command line");
+        let out = cli(&["files", "ls", "--agent", agent, "--thread", "t1", "cli"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("up.txt"), "{out:?}");
+        let out = cli(&["sessions", "list", "--agent", agent]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("t1"), "{out:?}");
+        let out = cli(&["files", "get", "--agent", agent, "--thread", "t1", "../secret"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("(403)"), "{out:?}");
 
         let session = svc.session(agent, "t1");
         assert!(session["executions"].as_u64() >= Some(8), "{session}");
@@ -627,6 +709,13 @@ async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_n
         let key = SessionKey::new(agent, "t1").expect("valid");
         let svc = &world.service;
         svc.stdout(agent, "t1", "echo kept > kept.txt; export K=v; cd /");
+        // A process left running, out of every group: it goes with the sandbox.
+        svc.stdout(agent, "t1", "setsid sleep 4343 >/dev/null 2>&1 &");
+        let uid = svc
+            .stdout(agent, "t1", "id -u")
+            .trim()
+            .parse::<u32>()
+            .expect("uid");
 
         // Idle: stopped, its sandbox and gateway listener gone, its files kept.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -638,6 +727,10 @@ async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_n
             std::thread::sleep(Duration::from_millis(200));
         }
         assert_eq!(namespaces_exist(&key), (false, false));
+        assert!(
+            tollgate_guest::procs::of_user(uid).is_empty(),
+            "nothing of the session's user runs once it is stopped"
+        );
         let listed = world
             .gw
             .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);

@@ -295,16 +295,12 @@ impl Launch<'_> {
         ));
         write_readable(&initrd, &bytes)?;
 
-        let tap_fd = tap.inheritable().map_err(|source| LaunchError::Spawn {
-            what: "QEMU (passing it the tap)".into(),
-            source,
-        })?;
         let spec = VmSpec {
             image,
             initrd: &initrd,
             memory_mib: options.memory_mib,
             accel,
-            tap_fd: Some(tap_fd),
+            tap_fd: Some(tap.fd()),
             kernel_parameters: Vec::new(),
             disk: None,
         };
@@ -314,8 +310,8 @@ impl Launch<'_> {
             .spawn(
                 Some(self.net.gateway_namespace()),
                 self.user,
-                &console,
-                &vmm_log,
+                (&console, &vmm_log),
+                Some(&tap),
             )
             .map_err(|source| LaunchError::Spawn {
                 what: format!("{} (apt-get install -y qemu-system-x86)", crate::vmm::QEMU),
@@ -360,6 +356,7 @@ impl Launch<'_> {
             &["-c".into(), shell_command(&options.command)],
             &env,
             (&console, &console),
+            |_| {},
         )
         .map_err(|source| LaunchError::Spawn {
             what: "the workload".into(),

@@ -31,15 +31,29 @@ impl Tap {
         crate::network::in_namespace(namespace, || open_tap(name)).map(|file| Tap { file })
     }
 
-    /// Lets a child process inherit the device under its current number (which it returns):
-    /// the VMM is told `fd=<number>`.
-    pub fn inheritable(&self) -> io::Result<RawFd> {
-        nix::fcntl::fcntl(
-            &self.file,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .map_err(io::Error::from)?;
-        Ok(self.file.as_raw_fd())
+    /// The descriptor's number (the one [`Tap::hand_to`] hands on).
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Hands the device to the process `command` starts, under its current number (which it
+    /// returns: the VMM is told `fd=<number>`). Only that child's copy of the descriptor
+    /// loses close-on-exec (descriptor flags are per process after the fork): a process any
+    /// other thread starts meanwhile never inherits it.
+    pub fn hand_to(&self, command: &mut std::process::Command) -> RawFd {
+        use std::os::unix::process::CommandExt;
+        let fd = self.fd();
+        // SAFETY: the closure runs in the child between fork and exec, and makes one
+        // async-signal-safe call (fcntl) on a descriptor number; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        fd
     }
 }
 

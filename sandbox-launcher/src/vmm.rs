@@ -142,13 +142,14 @@ impl VmSpec<'_> {
     }
 
     /// Starts QEMU as `user` (in network namespace `namespace` when given), the serial
-    /// console into `console`, QEMU's own messages into `vmm_log`.
+    /// console into `console`, QEMU's own messages into `vmm_log`, handed `tap` (whose
+    /// number `tap_fd` must be).
     pub fn spawn(
         &self,
         namespace: Option<&str>,
         user: RunAs,
-        console: &Path,
-        vmm_log: &Path,
+        (console, vmm_log): (&Path, &Path),
+        tap: Option<&crate::tap::Tap>,
     ) -> std::io::Result<Child> {
         // /dev/kvm is usually open to its group only: the VMM gets that group, nothing more.
         let user = match (self.accel, kvm_device_group()) {
@@ -162,6 +163,11 @@ impl VmSpec<'_> {
             &self.qemu_args(),
             &[],
             (console, vmm_log),
+            |command| {
+                if let Some(tap) = tap {
+                    tap.hand_to(command);
+                }
+            },
         )
     }
 }
@@ -298,7 +304,12 @@ fn probe_kvm(image: &Image, user: RunAs) -> bool {
         disk: None,
     };
     let console = scratch.path().join("console.log");
-    let Ok(mut qemu) = spec.spawn(None, user, &console, &scratch.path().join("vmm.log")) else {
+    let Ok(mut qemu) = spec.spawn(
+        None,
+        user,
+        (&console, &scratch.path().join("vmm.log")),
+        None,
+    ) else {
         return false;
     };
     let outcome = wait_for_boot(&mut qemu, &console, PROBE_TIMEOUT);

@@ -124,8 +124,8 @@ pub fn allow_traversal(dir: &std::path::Path) -> std::io::Result<()> {
 /// Starts `program args` as `user` (inside network namespace `namespace` when given), in a
 /// process group of its own (so `down` can end it and everything it started), detached from
 /// the launcher, with exactly `env` (plus a minimal `PATH` and `HOME`), its standard output
-/// and error appended to the files `stdout` and `stderr` (the same one may be named twice),
-/// and every inherited descriptor the caller marked inheritable.
+/// and error appended to the files `stdout` and `stderr` (the same one may be named twice);
+/// `prepare` may add to the command last (e.g. hand it a descriptor).
 pub fn spawn_confined(
     namespace: Option<&str>,
     user: RunAs,
@@ -133,6 +133,7 @@ pub fn spawn_confined(
     args: &[String],
     env: &[(&'static str, String)],
     (stdout, stderr): (&Path, &Path),
+    prepare: impl FnOnce(&mut Command),
 ) -> std::io::Result<Child> {
     let append = |path: &Path| {
         std::fs::OpenOptions::new()
@@ -162,6 +163,7 @@ pub fn spawn_confined(
         .stdout(stdout)
         .stderr(stderr);
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    prepare(&mut command);
     command.spawn()
 }
 

@@ -16,6 +16,9 @@ use crate::network::in_namespace;
 
 /// How long connecting to the guest agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest agent may take to answer (an execution's answer starts before its
+/// command runs) and to send a whole answer read here.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 /// The request header that carries the secret (the guest agent's `SECRET_HEADER`).
 const SECRET_HEADER: &str = tollgate_guest::server::SECRET_HEADER;
 
@@ -89,10 +92,13 @@ impl GuestAgent {
             .header(http::header::CONNECTION, "close")
             .body(Full::new(body))
             .map_err(|e| ServiceError::Internal(format!("a guest request: {e}")))?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))
+        match tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(request)).await {
+            Ok(answer) => answer.map_err(|e| unreachable(e.to_string())),
+            Err(_) => Err(unreachable(format!(
+                "no answer within {} s",
+                ANSWER_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// Sends one request and reads its whole answer; an error status becomes the guest's
@@ -105,10 +111,9 @@ impl GuestAgent {
     ) -> Result<Bytes, ServiceError> {
         let response = self.send(method, path_and_query, body).await?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
+        let bytes = tokio::time::timeout(ANSWER_TIMEOUT, response.into_body().collect())
             .await
+            .map_err(|_| ServiceError::GuestUnreachable("its answer did not end in time".into()))?
             .map_err(|e| ServiceError::GuestUnreachable(e.to_string()))?
             .to_bytes();
         if status.is_success() {

@@ -110,20 +110,22 @@ pub async fn spawn(
             .map_err(|e| format!("{}: {e}", vm.image.initramfs().display()))?;
         initrd.extend(files);
         write_owned(&dir.initrd(), &initrd, user)?;
-        let tap_fd = tap
-            .inheritable()
-            .map_err(|e| format!("cannot pass the tap to QEMU: {e}"))?;
         let spec = VmSpec {
             image: &vm.image,
             initrd: &dir.initrd(),
             memory_mib,
             accel: vm.accel,
-            tap_fd: Some(tap_fd),
+            tap_fd: Some(tap.fd()),
             kernel_parameters: Vec::new(),
             disk: Some(&disk),
         };
         let mut qemu = spec
-            .spawn(Some(&namespace), user, &dir.console(), &dir.vmm_log())
+            .spawn(
+                Some(&namespace),
+                user,
+                (&dir.console(), &dir.vmm_log()),
+                Some(&tap),
+            )
             .map_err(|e| format!("cannot start {QEMU}: {e}"))?;
         // QEMU holds the tap now; the service's copy goes.
         drop(tap);

@@ -2,10 +2,12 @@
 //! namespace (hosts without QEMU).
 //!
 //! It runs as root in a mount namespace of its own (`ip netns exec` makes one) with a private
-//! `/tmp`; its executions run as the session's own user id, which no other session and no
-//! host account has, in the session's workspace (0700) on the host. What this backend does
-//! not isolate: the host's other files as any unprivileged user sees them, and its process
-//! list. Use the microVM backend where the workload is untrusted.
+//! `/tmp`, `/dev/shm` and `/run`, without the means to gain privileges; its executions run as
+//! the session's own user id, which no other session and no host account has, in the
+//! session's workspace (0700) on the host. When the session stops, every process of that
+//! user is ended. What this backend does not isolate: the host's other files as any
+//! unprivileged user sees them, its process list, and its resources (no memory, process or
+//! disk limits). Use the microVM backend where the workload is untrusted.
 
 use std::path::PathBuf;
 
@@ -15,6 +17,17 @@ use super::session::{io_error, SessionDir, SessionRecord};
 use crate::network::{SandboxNetwork, HOST_ADDRESS, SANDBOX_ADDRESS};
 use crate::sandbox::write_readable;
 use crate::workload::workload_environment;
+
+/// The start of the guest agent's shell (`$1`: /tmp's size, then the agent's command line):
+/// in the mount namespace `ip netns exec` made, private and empty `/tmp`, `/dev/shm` and
+/// `/run` (no host socket under it, no shared memory with other sessions), then the agent
+/// without the means to gain privileges (`no_new_privs`, inherited by every execution: the
+/// host's set-user-id programs do not work in a session).
+const PRIVATE_MOUNTS: &str = "set -e; \
+    mount -t tmpfs -o mode=1777,nosuid,nodev,size=\"$1\" tollgate-tmp /tmp; \
+    mount -t tmpfs -o mode=1777,nosuid,nodev,noexec,size=64m tollgate-shm /dev/shm; \
+    mount -t tmpfs -o mode=755,nosuid,nodev,noexec,size=1m tollgate-run /run; \
+    shift; exec \"$@\"";
 
 /// Starts the session's guest agent in its sandbox namespace; returns its pid.
 pub fn spawn(
@@ -58,11 +71,10 @@ fn guest_command(
     let mut command = tokio::process::Command::new("ip");
     command
         .args(["netns", "exec", net.sandbox_namespace(), "sh", "-c"])
-        .arg(
-            "mount -t tmpfs -o mode=1777,nosuid,nodev,size=\"$1\" tollgate-tmp /tmp && shift && exec \"$@\"",
-        )
+        .arg(PRIVATE_MOUNTS)
         .arg("tollgate-guest")
         .arg(&config.tmp_size)
+        .args(["setpriv", "--no-new-privs", "--"])
         .arg(config.guest_agent_path())
         .arg("--listen")
         .arg(format!("{SANDBOX_ADDRESS}:{GUEST_PORT}"))

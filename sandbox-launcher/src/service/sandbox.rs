@@ -149,6 +149,12 @@ async fn try_start(
     record.gateway_session = true;
     dir.save(record)?;
 
+    // This start's messages only: an earlier start's failure is not this one's.
+    for log in [dir.console(), dir.vmm_log()] {
+        if log.exists() {
+            std::fs::write(&log, b"").map_err(|e| io_error(&log, e))?;
+        }
+    }
     // A fresh secret for every start: one a stopped sandbox's workload saw is worth nothing.
     let secret = hex::encode(rand::random::<[u8; 32]>());
     write_private(&dir.secret(), secret.as_bytes())?;
@@ -245,6 +251,17 @@ pub async fn stop(
         .await
         .map_err(ServiceError::Sandbox)?;
     }
+    if record.backend == Backend::Netns {
+        // Every process of the session's user: one that left the namespaces or the process
+        // groups too, before the user id can be anyone else's.
+        let uid = record.uid;
+        blocking(move || {
+            tollgate_guest::procs::kill_user(uid, &Default::default());
+            Ok::<(), String>(())
+        })
+        .await
+        .map_err(ServiceError::Sandbox)?;
+    }
     let mut problems = Vec::new();
     if record.gateway_session {
         let (agent, thread) = (record.agent.clone(), record.thread.clone());
@@ -301,7 +318,14 @@ pub fn prepare_data_dir(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let absolute = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     for dir in absolute.ancestors().skip(1) {
+        use std::os::unix::fs::PermissionsExt;
+        let before = std::fs::metadata(dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
         crate::workload::allow_traversal(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if before & 0o111 != 0o111 {
+            tracing::warn!(dir = %dir.display(), "made passable (execute bits added) so the sessions' users reach their workspaces");
+        }
     }
     Ok(())
 }

@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 use super::error::ServiceError;
 use crate::state::{now_secs, process_stat, Backend};
 
+/// Entries the disk use of a workspace directory counts at most (it is a figure, not a
+/// bill: a workspace of millions of files is not walked whole on every look).
+const MAX_COUNTED_ENTRIES: usize = 100_000;
+
 /// The record file in a session's directory.
 const RECORD_FILE: &str = "session.json";
 
@@ -274,37 +278,71 @@ impl SessionDir {
             use std::os::unix::fs::MetadataExt;
             return meta.blocks() * 512;
         }
-        fn walk(dir: &Path) -> u64 {
-            let Ok(entries) = std::fs::read_dir(dir) else {
+        // Walked by descriptor, never through a symbolic link (the workload may swap a
+        // directory for one while it is walked), and only so far.
+        fn walk(dir: nix::dir::Dir, budget: &mut usize) -> u64 {
+            use nix::fcntl::{AtFlags, OFlag};
+            use std::os::fd::AsFd;
+            let mut dir = dir;
+            let Ok(parent) = dir.as_fd().try_clone_to_owned() else {
                 return 0;
             };
-            entries
-                .flatten()
-                .map(|entry| match entry.metadata() {
-                    Ok(meta) if meta.is_dir() => walk(&entry.path()),
-                    Ok(meta) => meta.len(),
-                    Err(_) => 0,
-                })
-                .sum()
+            let mut total = 0;
+            for entry in dir.iter().flatten() {
+                let name = entry.file_name();
+                if name.to_bytes() == b"." || name.to_bytes() == b".." || *budget == 0 {
+                    continue;
+                }
+                *budget -= 1;
+                let Ok(stat) = nix::sys::stat::fstatat(&parent, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                else {
+                    continue;
+                };
+                if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    let flags =
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                    if let Ok(child) =
+                        nix::dir::Dir::openat(&parent, name, flags, nix::sys::stat::Mode::empty())
+                    {
+                        total += walk(child, budget);
+                    }
+                } else {
+                    total += stat.st_size as u64;
+                }
+            }
+            total
         }
-        walk(&self.workspace())
+        let flags = nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC;
+        let Ok(root) = nix::dir::Dir::open(&self.workspace(), flags, nix::sys::stat::Mode::empty())
+        else {
+            return 0;
+        };
+        let mut budget = MAX_COUNTED_ENTRIES;
+        walk(root, &mut budget)
     }
 }
 
-/// Writes `bytes` to `path`, 0600, through a temporary file renamed into place.
+/// Writes `bytes` to `path`, 0600, through a temporary file of a random name (created new,
+/// never through a link) renamed into place.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServiceError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let temporary = path.with_extension("tmp");
-    std::fs::OpenOptions::new()
+    let temporary = path.with_extension(format!("{}.tmp", hex::encode(rand::random::<[u8; 6]>())));
+    let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&temporary)
         .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_data()))
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| io_error(path, e))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(|e| io_error(path, e))
 }
 
 /// An I/O failure on `path`, as the service reports it.
@@ -359,7 +397,12 @@ mod tests {
         assert_eq!(session.load().expect("load"), record);
         std::fs::create_dir_all(session.workspace().join("d")).expect("mkdir");
         std::fs::write(session.workspace().join("d/f"), b"12345").expect("write");
-        assert_eq!(session.disk_use(), 5);
+        std::os::unix::fs::symlink("/usr", session.workspace().join("d/usr")).expect("link");
+        assert_eq!(
+            session.disk_use(),
+            5 + "/usr".len() as u64,
+            "a link is counted, not followed"
+        );
         session.remove().expect("remove");
         assert!(!session.path().exists());
         session.remove().expect("removing again is no error");

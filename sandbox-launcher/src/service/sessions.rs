@@ -212,8 +212,18 @@ impl Sessions {
         {
             let mut life = session.life.lock().await;
             life.guest = None;
-            sandbox::stop(&self.context, &session.id, &session.dir, &mut life.record).await?;
-            session.dir.remove()?;
+            let removed =
+                match sandbox::stop(&self.context, &session.id, &session.dir, &mut life.record)
+                    .await
+                {
+                    Ok(()) => session.dir.remove(),
+                    Err(e) => Err(e),
+                };
+            if let Err(e) = removed {
+                // Still there, and usable: a later DELETE tries again.
+                session.deleted.store(false, Ordering::Release);
+                return Err(e);
+            }
         }
         self.map().remove(key);
         tracing::info!(agent = %key.agent, thread = %key.thread, "session deleted");
