@@ -137,7 +137,7 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
                     )
                 }
             };
-            let Ok(_running) = agent.running.try_lock() else {
+            let Ok(running) = agent.running.try_lock() else {
                 return write_error(
                     stream,
                     409,
@@ -146,10 +146,13 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
                 );
             };
             if request.query_param("stream").as_deref() == Some("ndjson") {
-                return stream_execution(agent, &execution, stream);
+                return stream_execution(agent, &execution, stream, running);
             }
             let mut watcher = PeerWatch { peer: stream };
-            match agent.shell.run(&execution, &mut watcher) {
+            let ran = agent.shell.run(&execution, &mut watcher);
+            // Free before the answer: a client that saw it may send the next one at once.
+            drop(running);
+            match ran {
                 Ok(finished) => {
                     let body = serde_json::to_vec(&finished).unwrap_or_default();
                     write_response(stream, 200, "application/json", &body)
@@ -253,10 +256,13 @@ impl Watcher for Streamed<'_> {
     }
 }
 
+/// Runs `execution` (whose turn `running` is) answering as it runs; the turn is given back
+/// before the last line, so a client that read it may send the next execution at once.
 fn stream_execution(
     agent: &Agent,
     execution: &Execution,
     peer: &mut TcpStream,
+    running: std::sync::MutexGuard<'_, ()>,
 ) -> std::io::Result<()> {
     // Checked before anything is written, so that a bad request still gets its status.
     if let Err(e) = agent.shell.check(execution) {
@@ -270,7 +276,9 @@ fn stream_execution(
         cap: agent.shell.max_output_bytes,
         failed: false,
     };
-    match agent.shell.run(execution, &mut streamed) {
+    let ran = agent.shell.run(execution, &mut streamed);
+    drop(running);
+    match ran {
         Ok(finished) => {
             let end = Finished {
                 stdout: String::new(),
