@@ -297,12 +297,39 @@ fn namespaces_exist(key: &SessionKey) -> (bool, bool) {
     (has(&format!("tgs-{id}")), has(&format!("tgs-{id}-s")))
 }
 
-/// Runs `checks` on the runtime's blocking pool (the origin serves on the runtime).
-async fn blocking(checks: impl FnOnce() + Send + 'static) {
-    tokio::task::spawn_blocking(checks)
-        .await
-        .expect("the checks panicked");
+/// Runs `checks` on the runtime's blocking pool (the origin serves on the runtime) with a
+/// world whose service has `args`, and an agent `<prefix><pid>` registered — or skips,
+/// saying why, when `missing` names what this machine lacks.
+async fn in_world(
+    missing: Option<String>,
+    args: &'static [&'static str],
+    prefix: &'static str,
+    checks: impl FnOnce(&mut World, &str) + Send + 'static,
+) {
+    if let Some(why) = missing {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        let mut world = World::start(args);
+        let agent = format!("{prefix}{}", std::process::id());
+        world.register(&agent);
+        checks(&mut world, &agent);
+    })
+    .await
+    .expect("the checks panicked");
 }
+
+/// The microVM test's service: software emulation as CI has it (no probe boot: this host's
+/// /dev/kvm cannot boot a kernel), and a short cool-down.
+const VM_ARGS: [&str; 6] = [
+    "--backend",
+    "qemu",
+    "--accel",
+    "tcg",
+    "--idle-stop-secs",
+    "4",
+];
 
 /// A shell line that prints `alive` if the process whose pid is in `pid_file` runs, `gone`
 /// if it does not (a zombie, which its new parent has not reaped yet, runs no more).
@@ -321,15 +348,15 @@ fn fetch(port: u16, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
-    if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    blocking(|| {
-        let mut world = World::start(&["--backend", "netns", "--max-output-bytes", "1000", "--max-file-bytes", "100000"]);
-        let agent = format!("ses{}-a", std::process::id());
-        let agent = agent.as_str();
-        world.register(agent);
+    let args = &[
+        "--backend",
+        "netns",
+        "--max-output-bytes",
+        "1000",
+        "--max-file-bytes",
+        "100000",
+    ];
+    in_world(missing_prerequisite(), args, "ses", |world, agent| {
         let started = Instant::now();
         let session = world.service.open(agent, "t1");
         eprintln!("TIMING netns session: created in {:?}", started.elapsed());
@@ -498,7 +525,7 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         lines.read_line(&mut first).expect("the start line");
         assert!(first.contains("tc-dies"), "{first}");
         let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(session_dir(&world, agent, "t1").join("session.json")).expect("record"),
+            &std::fs::read(session_dir(world, agent, "t1").join("session.json")).expect("record"),
         )
         .expect("json");
         let pid = record["process"]["pid"].as_i64().expect("pid");
@@ -572,15 +599,7 @@ fn session_dir(world: &World, agent: &str, thread: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest_agent() {
-    if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    blocking(|| {
-        let mut world = World::start(&["--backend", "netns", "--max-sessions-per-agent", "2"]);
-        let agent = format!("apart{}", std::process::id());
-        let agent = agent.as_str();
-        world.register(agent);
+    in_world(missing_prerequisite(), &["--backend", "netns", "--max-sessions-per-agent", "2"], "apart", |world, agent| {
         world.service.open(agent, "t1");
         world.service.open(agent, "t2");
         let svc = &world.service;
@@ -594,8 +613,8 @@ async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest
         assert_ne!(u1, u2);
         assert_ne!(u1.trim(), "0");
         // t2 cannot read t1's workspace, nor its own session's secret, nor list the service's.
-        let t1_dir = session_dir(&world, agent, "t1");
-        let t2_dir = session_dir(&world, agent, "t2");
+        let t1_dir = session_dir(world, agent, "t1");
+        let t2_dir = session_dir(world, agent, "t2");
         for path in [
             t1_dir.join("workspace/mine.txt"),
             t2_dir.join("secret"),
@@ -658,7 +677,7 @@ async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest
             let r = svc.call_with(&extra, "POST", &format!("/v1/sessions/{agent}/t1/exec"), Some(r#"{"command":"touch /tmp/x"}"#));
             assert_eq!(r.status, 401, "{r:?}");
         }
-        assert!(!session_dir(&world, agent, "t9").exists());
+        assert!(!session_dir(world, agent, "t9").exists());
         let health = svc.call_with(&[], "GET", "/healthz", None);
         assert_eq!(health.status, 200);
         // The OpenAPI description is served and names every route.
@@ -680,7 +699,7 @@ async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest
         let r = svc.call("PUT", "/v1/sessions/nobody-registered/t1", None);
         assert_eq!(r.status, 409, "{r:?}");
         assert_eq!(r.json()["error"], "agent_not_registered");
-        assert!(!session_dir(&world, "nobody-registered", "t1").exists());
+        assert!(!session_dir(world, "nobody-registered", "t1").exists());
         let (gw_side, sb_side) = namespaces_exist(&SessionKey::new("nobody-registered", "t1").expect("valid"));
         assert!(!gw_side && !sb_side, "a refused session leaves no namespace");
         let r = svc.call("PUT", &format!("/v1/sessions/{agent}/.hidden"), None);
@@ -696,213 +715,206 @@ async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_nothing() {
-    if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    blocking(|| {
-        let mut world = World::start(&["--backend", "netns", "--idle-stop-secs", "2"]);
-        let agent = format!("idle{}", std::process::id());
-        let agent = agent.as_str();
-        world.register(agent);
-        world.service.open(agent, "t1");
-        let key = SessionKey::new(agent, "t1").expect("valid");
-        let svc = &world.service;
-        svc.stdout(agent, "t1", "echo kept > kept.txt; export K=v; cd /");
-        // A process left running, out of every group: it goes with the sandbox.
-        svc.stdout(agent, "t1", "setsid sleep 4343 >/dev/null 2>&1 &");
-        let uid = svc
-            .stdout(agent, "t1", "id -u")
-            .trim()
-            .parse::<u32>()
-            .expect("uid");
+    in_world(
+        missing_prerequisite(),
+        &["--backend", "netns", "--idle-stop-secs", "2"],
+        "idle",
+        |world, agent| {
+            world.service.open(agent, "t1");
+            let key = SessionKey::new(agent, "t1").expect("valid");
+            let svc = &world.service;
+            svc.stdout(agent, "t1", "echo kept > kept.txt; export K=v; cd /");
+            // A process left running, out of every group: it goes with the sandbox.
+            svc.stdout(agent, "t1", "setsid sleep 4343 >/dev/null 2>&1 &");
+            let uid = svc
+                .stdout(agent, "t1", "id -u")
+                .trim()
+                .parse::<u32>()
+                .expect("uid");
 
-        // Idle: stopped, its sandbox and gateway listener gone, its files kept.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while svc.session(agent, "t1")["state"] != "stopped" {
+            // Idle: stopped, its sandbox and gateway listener gone, its files kept.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while svc.session(agent, "t1")["state"] != "stopped" {
+                assert!(
+                    Instant::now() < deadline,
+                    "the idle session was not stopped"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            assert_eq!(namespaces_exist(&key), (false, false));
             assert!(
-                Instant::now() < deadline,
-                "the idle session was not stopped"
+                tollgate_guest::procs::of_user(uid).is_empty(),
+                "nothing of the session's user runs once it is stopped"
             );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert_eq!(namespaces_exist(&key), (false, false));
-        assert!(
-            tollgate_guest::procs::of_user(uid).is_empty(),
-            "nothing of the session's user runs once it is stopped"
-        );
-        let listed = world
-            .gw
-            .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
-        assert_eq!(
-            listed.json()["sessions"],
-            serde_json::json!([]),
-            "{listed:?}"
-        );
-        assert!(session_dir(&world, agent, "t1")
-            .join("workspace/kept.txt")
-            .is_file());
+            let listed = world
+                .gw
+                .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
+            assert_eq!(
+                listed.json()["sessions"],
+                serde_json::json!([]),
+                "{listed:?}"
+            );
+            assert!(session_dir(world, agent, "t1")
+                .join("workspace/kept.txt")
+                .is_file());
 
-        // The next execution starts it again, transparently, state and files as they were.
-        let started = Instant::now();
-        let out = svc.stdout(agent, "t1", "cat ~/kept.txt; echo \"$K\"; pwd");
-        eprintln!(
-            "TIMING netns session: resumed execution in {:?}",
-            started.elapsed()
-        );
-        assert_eq!(out, "kept\nv\n/\n");
-        assert_eq!(svc.session(agent, "t1")["state"], "running");
+            // The next execution starts it again, transparently, state and files as they were.
+            let started = Instant::now();
+            let out = svc.stdout(agent, "t1", "cat ~/kept.txt; echo \"$K\"; pwd");
+            eprintln!(
+                "TIMING netns session: resumed execution in {:?}",
+                started.elapsed()
+            );
+            assert_eq!(out, "kept\nv\n/\n");
+            assert_eq!(svc.session(agent, "t1")["state"], "running");
 
-        // Delete: no namespace, rule, directory, registration or process is left.
-        let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(session_dir(&world, agent, "t1").join("session.json")).expect("record"),
-        )
-        .expect("json");
-        let pid = record["process"]["pid"]
-            .as_u64()
-            .expect("a running session's pid");
-        let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
-        assert_eq!(r.status, 204, "{r:?}");
-        assert_eq!(namespaces_exist(&key), (false, false));
-        assert!(!session_dir(&world, agent, "t1").exists());
-        assert!(
-            !PathBuf::from(format!("/proc/{pid}")).exists(),
-            "the guest agent still runs"
-        );
-        let listed = world
-            .gw
-            .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
-        assert_eq!(
-            listed.json()["sessions"],
-            serde_json::json!([]),
-            "{listed:?}"
-        );
-        let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1"), None);
-        assert_eq!(r.status, 404, "{r:?}");
-        let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
-        assert_eq!(r.status, 404, "{r:?}");
-    })
+            // Delete: no namespace, rule, directory, registration or process is left.
+            let record: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(session_dir(world, agent, "t1").join("session.json"))
+                    .expect("record"),
+            )
+            .expect("json");
+            let pid = record["process"]["pid"]
+                .as_u64()
+                .expect("a running session's pid");
+            let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
+            assert_eq!(r.status, 204, "{r:?}");
+            assert_eq!(namespaces_exist(&key), (false, false));
+            assert!(!session_dir(world, agent, "t1").exists());
+            assert!(
+                !PathBuf::from(format!("/proc/{pid}")).exists(),
+                "the guest agent still runs"
+            );
+            let listed = world
+                .gw
+                .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
+            assert_eq!(
+                listed.json()["sessions"],
+                serde_json::json!([]),
+                "{listed:?}"
+            );
+            let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1"), None);
+            assert_eq!(r.status, 404, "{r:?}");
+            let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
+            assert_eq!(r.status, 404, "{r:?}");
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_session_is_deleted_after_its_retention() {
-    if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    blocking(|| {
-        let mut world = World::start(&[
+    in_world(
+        missing_prerequisite(),
+        &[
             "--backend",
             "netns",
             "--idle-stop-secs",
             "1",
             "--retention-secs",
             "1",
-        ]);
-        let agent = format!("keep{}", std::process::id());
-        let agent = agent.as_str();
-        world.register(agent);
-        world.service.open(agent, "t1");
-        world.service.stdout(agent, "t1", "echo x > f");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while world
-            .service
-            .call("GET", &format!("/v1/sessions/{agent}/t1"), None)
-            .status
-            != 404
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the session outlived its retention"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert!(!session_dir(&world, agent, "t1").exists());
-    })
+        ],
+        "keep",
+        |world, agent| {
+            world.service.open(agent, "t1");
+            world.service.stdout(agent, "t1", "echo x > f");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while world
+                .service
+                .call("GET", &format!("/v1/sessions/{agent}/t1"), None)
+                .status
+                != 404
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the session outlived its retention"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            assert!(!session_dir(world, agent, "t1").exists());
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_left_open() {
-    if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    blocking(|| {
-        let mut world = World::start(&["--backend", "netns"]);
-        let agent = format!("restart{}", std::process::id());
-        let agent = agent.as_str();
-        world.register(agent);
-        world.service.open(agent, "t1");
-        world.service.open(agent, "t2");
-        world
-            .service
-            .stdout(agent, "t1", "echo here > /tmp/marker; export R=1");
-        world.service.stdout(agent, "t2", "echo file > f");
+    in_world(
+        missing_prerequisite(),
+        &["--backend", "netns"],
+        "restart",
+        |world, agent| {
+            world.service.open(agent, "t1");
+            world.service.open(agent, "t2");
+            world
+                .service
+                .stdout(agent, "t1", "echo here > /tmp/marker; export R=1");
+            world.service.stdout(agent, "t2", "echo file > f");
 
-        // t2's sandbox dies while the service is down; t1's lives on.
-        world.service.terminate();
-        let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(session_dir(&world, agent, "t2").join("session.json")).expect("record"),
-        )
-        .expect("json");
-        let pid = record["process"]["pid"].as_i64().expect("pid");
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-        world.restart_service(&["--backend", "netns"]);
-        let svc = &world.service;
-        // The same sandbox (its private /tmp is there), the same shell state.
-        assert_eq!(svc.session(agent, "t1")["state"], "running");
-        assert_eq!(
-            svc.stdout(agent, "t1", "cat /tmp/marker; echo $R"),
-            "here\n1\n"
-        );
-        // The dead one was cleaned up and starts again at its next use, files kept.
-        assert_eq!(svc.session(agent, "t2")["state"], "stopped");
-        assert_eq!(svc.stdout(agent, "t2", "cat f"), "file\n");
+            // t2's sandbox dies while the service is down; t1's lives on.
+            world.service.terminate();
+            let record: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(session_dir(world, agent, "t2").join("session.json"))
+                    .expect("record"),
+            )
+            .expect("json");
+            let pid = record["process"]["pid"].as_i64().expect("pid");
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            world.restart_service(&["--backend", "netns"]);
+            let svc = &world.service;
+            // The same sandbox (its private /tmp is there), the same shell state.
+            assert_eq!(svc.session(agent, "t1")["state"], "running");
+            assert_eq!(
+                svc.stdout(agent, "t1", "cat /tmp/marker; echo $R"),
+                "here\n1\n"
+            );
+            // The dead one was cleaned up and starts again at its next use, files kept.
+            assert_eq!(svc.session(agent, "t2")["state"], "stopped");
+            assert_eq!(svc.stdout(agent, "t2", "cat f"), "file\n");
 
-        // A service killed during an execution: the next one closes the tool call it left.
-        let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
-        let auth = format!("Authorization: Bearer {}", svc.token);
-        let mut running = Command::new("curl")
-            .args([
-                "-sS",
-                "-N",
-                "-m",
-                "30",
-                "-H",
-                &auth,
-                "--data-binary",
-                r#"{"command":"sleep 30","tool_call_id":"tc-orphan"}"#,
-                &format!("{url}?stream=ndjson"),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("curl");
-        let mut first = String::new();
-        std::io::BufReader::new(running.stdout.take().expect("stdout"))
-            .read_line(&mut first)
-            .expect("the start line");
-        assert!(first.contains("tc-orphan"), "{first}");
-        let _ = world.service.child.kill();
-        let _ = world.service.child.wait();
-        let _ = running.wait();
-        let open = world
-            .gw
-            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
-        assert!(open.body.contains("tc-orphan"), "{open:?}");
-        world.restart_service(&["--backend", "netns"]);
-        let open = world
-            .gw
-            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
-        assert!(
-            !open.body.contains("tc-orphan"),
-            "the orphaned tool call is still open: {open:?}"
-        );
-        assert_eq!(world.service.stdout(agent, "t1", "echo $R"), "1\n");
-    })
+            // A service killed during an execution: the next one closes the tool call it left.
+            let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
+            let auth = format!("Authorization: Bearer {}", svc.token);
+            let mut running = Command::new("curl")
+                .args([
+                    "-sS",
+                    "-N",
+                    "-m",
+                    "30",
+                    "-H",
+                    &auth,
+                    "--data-binary",
+                    r#"{"command":"sleep 30","tool_call_id":"tc-orphan"}"#,
+                    &format!("{url}?stream=ndjson"),
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl");
+            let mut first = String::new();
+            std::io::BufReader::new(running.stdout.take().expect("stdout"))
+                .read_line(&mut first)
+                .expect("the start line");
+            assert!(first.contains("tc-orphan"), "{first}");
+            let _ = world.service.child.kill();
+            let _ = world.service.child.wait();
+            let _ = running.wait();
+            let open = world
+                .gw
+                .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+            assert!(open.body.contains("tc-orphan"), "{open:?}");
+            world.restart_service(&["--backend", "netns"]);
+            let open = world
+                .gw
+                .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+            assert!(
+                !open.body.contains("tc-orphan"),
+                "the orphaned tool call is still open: {open:?}"
+            );
+            assert_eq!(world.service.stdout(agent, "t1", "echo $R"), "1\n");
+        },
+    )
     .await;
 }
 
@@ -931,17 +943,7 @@ fn vmm_processes(uid: u64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_leave_nothing() {
-    if let Some(why) = missing_vm_prerequisite() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    blocking(|| {
-        // Software emulation as CI has it (no probe boot: this host's /dev/kvm cannot boot).
-        let args = ["--backend", "qemu", "--accel", "tcg", "--idle-stop-secs", "4"];
-        let mut world = World::start(&args);
-        let agent = format!("vm{}", std::process::id());
-        let agent = agent.as_str();
-        world.register(agent);
+    in_world(missing_vm_prerequisite(), &VM_ARGS, "vm", |world, agent| {
         let started = Instant::now();
         let session = world.service.open(agent, "q1");
         eprintln!("TIMING microVM session: created (boot included) in {:?}", started.elapsed());
@@ -972,13 +974,13 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         assert!(world.origin.seen().iter().any(|s| s.target == "/from-vm" && s.authorization() == Some(bearer.as_str())));
 
         // A restarted service keeps the VM (its /tmp is still there: no reboot).
-        world.restart_service(&args);
+        world.restart_service(&VM_ARGS);
         let svc = &world.service;
         assert_eq!(svc.stdout(agent, "q1", "cat /tmp/marker"), "here\n");
 
         // Idle: both VMs stop; the next execution boots q1 again with its disk.
         let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(session_dir(&world, agent, "q1").join("session.json")).expect("record"),
+            &std::fs::read(session_dir(world, agent, "q1").join("session.json")).expect("record"),
         )
         .expect("json");
         let uid = record["uid"].as_u64().expect("uid");
@@ -1002,7 +1004,7 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         assert_eq!(r.status, 204, "{r:?}");
         assert_eq!(vmm_processes(uid), 0);
         assert_eq!(namespaces_exist(&SessionKey::new(agent, "q1").expect("valid")), (false, false));
-        assert!(!session_dir(&world, agent, "q1").exists());
+        assert!(!session_dir(world, agent, "q1").exists());
         let listed = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
         assert!(!listed.body.contains("q1"), "{listed:?}");
     })

@@ -52,13 +52,6 @@ impl ServiceClient {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
         let request = http::Request::builder()
             .method(method)
             .uri(path_and_query)
@@ -71,8 +64,7 @@ impl ServiceClient {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
-        sender
-            .send_request(request)
+        exchange(stream, request)
             .await
             .map_err(|e| unreachable(e.to_string()))
     }
@@ -96,6 +88,21 @@ impl ServiceClient {
             Err(refusal(status.as_u16(), &bytes))
         }
     }
+}
+
+/// Sends `request` as the one request of a new HTTP/1.1 connection over `stream`; the
+/// connection is driven until its answer is read or dropped (dropping it closes the
+/// connection).
+pub async fn exchange(
+    stream: tokio::net::TcpStream,
+    request: http::Request<Full<Bytes>>,
+) -> Result<http::Response<Incoming>, hyper::Error> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.send_request(request).await
 }
 
 /// The whole of a body.

@@ -457,10 +457,18 @@ async fn exec(args: ExecArgs) -> Result<i32, String> {
     .await
 }
 
+impl SessionArgs {
+    /// The API path of the session's files `route` (`files`, `files/list`) for `path`.
+    fn files(&self, route: &str, path: &str) -> String {
+        format!(
+            "{}/{route}?path={}",
+            client::session_path(&self.agent, &self.thread),
+            percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC)
+        )
+    }
+}
+
 async fn files(command: FilesCommand) -> Result<(), String> {
-    let query = |path: &str| {
-        percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
     match command {
         FilesCommand::Put {
             service,
@@ -477,11 +485,7 @@ async fn files(command: FilesCommand) -> Result<(), String> {
             } else {
                 std::fs::read(&local).map_err(|e| format!("{}: {e}", local.display()))?
             };
-            let target = format!(
-                "{}/files?path={}",
-                client::session_path(&session.agent, &session.thread),
-                query(&path)
-            );
+            let target = session.files("files", &path);
             service
                 .client()?
                 .call(http::Method::PUT, &target, bytes.into())
@@ -494,11 +498,7 @@ async fn files(command: FilesCommand) -> Result<(), String> {
             path,
             local,
         } => {
-            let target = format!(
-                "{}/files?path={}",
-                client::session_path(&session.agent, &session.thread),
-                query(&path)
-            );
+            let target = session.files("files", &path);
             let bytes = service
                 .client()?
                 .call(http::Method::GET, &target, Default::default())
@@ -517,11 +517,7 @@ async fn files(command: FilesCommand) -> Result<(), String> {
             session,
             path,
         } => {
-            let target = format!(
-                "{}/files/list?path={}",
-                client::session_path(&session.agent, &session.thread),
-                query(&path)
-            );
+            let target = session.files("files/list", &path);
             let bytes = service
                 .client()?
                 .call(http::Method::GET, &target, Default::default())

@@ -76,14 +76,6 @@ impl GuestAgent {
             .connect(connect_timeout)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-        // The connection is driven until the answer is read or dropped.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
         let request = http::Request::builder()
             .method(method)
             .uri(path_and_query)
@@ -92,7 +84,7 @@ impl GuestAgent {
             .header(http::header::CONNECTION, "close")
             .body(Full::new(body))
             .map_err(|e| ServiceError::Internal(format!("a guest request: {e}")))?;
-        match tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(request)).await {
+        match tokio::time::timeout(ANSWER_TIMEOUT, crate::client::exchange(stream, request)).await {
             Ok(answer) => answer.map_err(|e| unreachable(e.to_string())),
             Err(_) => Err(unreachable(format!(
                 "no answer within {} s",
