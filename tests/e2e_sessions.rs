@@ -427,14 +427,14 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         // made during the execution only (the origin records only requests it accepted).
         let audit = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/audit"), None);
         let records = audit.json()["records"].as_array().cloned().unwrap_or_default();
-        let record = |path: &str| {
+        let audited = |path: &str| {
             records
                 .iter()
                 .find(|r| r["path"] == path)
                 .cloned()
                 .unwrap_or_else(|| panic!("no {path} in {records:?}"))
         };
-        let (during, after) = (record("/during"), record("/after"));
+        let (during, after) = (audited("/during"), audited("/after"));
         assert_eq!(during["session"], "t1", "{during}");
         assert_eq!(during["tool_call"], "tc-during", "{during}");
         assert!(during["credential"].is_string(), "{during}");
@@ -524,11 +524,7 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         let mut first = String::new();
         lines.read_line(&mut first).expect("the start line");
         assert!(first.contains("tc-dies"), "{first}");
-        let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(session_dir(world, agent, "t1").join("session.json")).expect("record"),
-        )
-        .expect("json");
-        let pid = record["process"]["pid"].as_i64().expect("pid");
+        let pid = record(world, agent, "t1")["process"]["pid"].as_i64().expect("pid");
         let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         let mut last = String::new();
         lines.read_line(&mut last).expect("the last line");
@@ -588,6 +584,20 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert!(!world.gw.log().contains(TOKEN), "the injected token reached the gateway's log");
     })
     .await;
+}
+
+/// The session's record, as the service keeps it.
+fn record(world: &World, agent: &str, thread: &str) -> serde_json::Value {
+    let path = session_dir(world, agent, thread).join("session.json");
+    serde_json::from_slice(&std::fs::read(path).expect("record")).expect("json")
+}
+
+/// The agent's sessions as the gateway lists them.
+fn gateway_sessions(world: &World, agent: &str) -> serde_json::Value {
+    let listed = world
+        .gw
+        .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
+    listed.json()["sessions"].clone()
 }
 
 /// The session's directory under the service's data directory.
@@ -746,14 +756,7 @@ async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_n
                 tollgate_guest::procs::of_user(uid).is_empty(),
                 "nothing of the session's user runs once it is stopped"
             );
-            let listed = world
-                .gw
-                .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
-            assert_eq!(
-                listed.json()["sessions"],
-                serde_json::json!([]),
-                "{listed:?}"
-            );
+            assert_eq!(gateway_sessions(world, agent), serde_json::json!([]));
             assert!(session_dir(world, agent, "t1")
                 .join("workspace/kept.txt")
                 .is_file());
@@ -769,11 +772,7 @@ async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_n
             assert_eq!(svc.session(agent, "t1")["state"], "running");
 
             // Delete: no namespace, rule, directory, registration or process is left.
-            let record: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(session_dir(world, agent, "t1").join("session.json"))
-                    .expect("record"),
-            )
-            .expect("json");
+            let record = record(world, agent, "t1");
             let pid = record["process"]["pid"]
                 .as_u64()
                 .expect("a running session's pid");
@@ -785,14 +784,7 @@ async fn an_idle_session_stops_and_comes_back_with_its_files_and_delete_leaves_n
                 !PathBuf::from(format!("/proc/{pid}")).exists(),
                 "the guest agent still runs"
             );
-            let listed = world
-                .gw
-                .admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
-            assert_eq!(
-                listed.json()["sessions"],
-                serde_json::json!([]),
-                "{listed:?}"
-            );
+            assert_eq!(gateway_sessions(world, agent), serde_json::json!([]));
             let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1"), None);
             assert_eq!(r.status, 404, "{r:?}");
             let r = svc.call("DELETE", &format!("/v1/sessions/{agent}/t1"), None);
@@ -853,11 +845,7 @@ async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_
 
             // t2's sandbox dies while the service is down; t1's lives on.
             world.service.terminate();
-            let record: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(session_dir(world, agent, "t2").join("session.json"))
-                    .expect("record"),
-            )
-            .expect("json");
+            let record = record(world, agent, "t2");
             let pid = record["process"]["pid"].as_i64().expect("pid");
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
@@ -979,10 +967,7 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         assert_eq!(svc.stdout(agent, "q1", "cat /tmp/marker"), "here\n");
 
         // Idle: both VMs stop; the next execution boots q1 again with its disk.
-        let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(session_dir(world, agent, "q1").join("session.json")).expect("record"),
-        )
-        .expect("json");
+        let record = record(world, agent, "q1");
         let uid = record["uid"].as_u64().expect("uid");
         assert_eq!(vmm_processes(uid), 1, "one QEMU for the session, as its own user");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1005,8 +990,11 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         assert_eq!(vmm_processes(uid), 0);
         assert_eq!(namespaces_exist(&SessionKey::new(agent, "q1").expect("valid")), (false, false));
         assert!(!session_dir(world, agent, "q1").exists());
-        let listed = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/sessions"), None);
-        assert!(!listed.body.contains("q1"), "{listed:?}");
+let listed = gateway_sessions(world, agent);
+        assert!(
+            listed.as_array().into_iter().flatten().all(|s| s["session"] != "q1"),
+            "{listed}"
+        );
     })
     .await;
 }

@@ -4,7 +4,7 @@
 //!
 //! | route | |
 //! |---|---|
-//! | `GET /health` | the agent is up |
+//! | `GET /health` | the agent is up: `{"ok": true, "executing": bool}` |
 //! | `POST /exec` | run an [`Execution`] → [`crate::exec::Finished`]; one at a time (409 while one runs); the client closing its connection cancels it |
 //! | `POST /exec?stream=ndjson` | the same, answered as it runs: one JSON object per line, `{"stdout": …}` or `{"stderr": …}` (text, up to the cap per stream), then `{"end": …}` (a `Finished` without its output); the answer ends with the connection |
 //! | `GET /files?path=` | a file's bytes |
@@ -120,7 +120,12 @@ fn handle(agent: &Agent, mut stream: TcpStream) {
 fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::Result<()> {
     let path = || request.query_param("path").unwrap_or_default();
     match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/health") => write_response(stream, 200, "application/json", b"{\"ok\":true}"),
+        ("GET", "/health") => {
+            // Whether an execution runs: after a cancel, the service waits for it to be gone.
+            let executing = agent.running.try_lock().is_err();
+            let body = serde_json::json!({ "ok": true, "executing": executing }).to_string();
+            write_response(stream, 200, "application/json", body.as_bytes())
+        }
         ("POST", "/sync") => {
             nix::unistd::sync();
             write_response(stream, 200, "application/json", b"{\"ok\":true}")

@@ -24,6 +24,11 @@ use super::sessions::{Session, Sessions};
 /// What the gateway's TTL adds to the execution's timeout: the tool call outlives the
 /// execution only if the service cannot close it (then the TTL ends it).
 const TOOL_CALL_MARGIN: Duration = Duration::from_secs(30);
+/// How long a cancelled execution may take to be killed and reaped in the guest before its
+/// tool call is closed and the session's next execution may start.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// How an execution whose client left ended, for the log.
+const CANCELLED: &str = "cancelled";
 /// Largest execution request (its stdin included).
 pub const MAX_EXEC_REQUEST_BYTES: usize = 8 << 20;
 
@@ -215,6 +220,10 @@ async fn run(
     tracing::info!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "execution started");
 
     let (outcome, last) = relay(&guest, &request.execution, &tool_call, ready, &events).await;
+    if outcome == CANCELLED && !guest.idle(CANCEL_WAIT).await {
+        // Its tool call closes all the same; the next execution may find the agent busy.
+        tracing::warn!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "the cancelled command was not gone in time");
+    }
 
     let (agent, id) = (key.agent.clone(), tool_call.clone());
     if let Err(e) = context
@@ -282,13 +291,13 @@ async fn relay(
         tool_call_id: tool_call.to_string(),
     };
     if events.send(start).await.is_err() {
-        return ("cancelled", None);
+        return (CANCELLED, None);
     }
     let mut pending = Vec::new();
     loop {
         let frame = tokio::select! {
             frame = body.frame() => frame,
-            () = events.closed() => return ("cancelled", None),
+            () = events.closed() => return (CANCELLED, None),
         };
         let data = match frame {
             Some(Ok(frame)) => match frame.into_data() {
@@ -318,7 +327,7 @@ async fn relay(
                 return ("ended", Some(event));
             }
             if events.send(event).await.is_err() {
-                return ("cancelled", None);
+                return (CANCELLED, None);
             }
         }
     }

@@ -127,6 +127,24 @@ impl GuestAgent {
         }
     }
 
+    /// Waits until no execution runs in the agent (a cancelled one is killed and reaped
+    /// once the agent sees its client gone), at most `within`; whether it got there.
+    pub async fn idle(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(bytes) = self.call(http::Method::GET, "/health", Bytes::new()).await {
+                let health: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                if health["executing"] == false {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A TCP connection to the agent, made inside the namespace.
     async fn connect(&self, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
         let (namespace, address) = (self.namespace.clone(), self.address);
