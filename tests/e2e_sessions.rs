@@ -443,6 +443,14 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert_eq!(after["credential"], "stripped", "{after}");
         assert_eq!(after["status"], 401, "{after}");
 
+        // A gateway that lost the session's listener (a restart, the agent registered anew)
+        // gets it again at the next execution, whose requests still carry the token.
+        let r = world
+            .gw
+            .admin_call("DELETE", &format!("/v1/agents/{agent}/sessions/t1"), None);
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(svc.stdout(agent, "t1", &fetch(port, "/after-reopen")), "200");
+
         // A timeout kills the execution's processes — one that left its process group too —
         // and returns what came before.
         let answer = svc.exec_raw(

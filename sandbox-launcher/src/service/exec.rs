@@ -18,8 +18,10 @@ use tollgate_guest::exec::{Execution, Finished};
 
 use super::error::ServiceError;
 use super::guest::guest_error;
+use super::sandbox::open_gateway_session;
 use super::session::SessionKey;
 use super::sessions::{Session, Sessions};
+use crate::gateway_api::ApiError;
 
 /// What the gateway's TTL adds to the execution's timeout: the tool call outlives the
 /// execution only if the service cannot close it (then the TTL ends it).
@@ -206,13 +208,7 @@ async fn run(
     let ttl = timeout + TOOL_CALL_MARGIN.as_secs();
     let id = tool_call.clone();
     session.update(|r| r.open_tool_call = Some(id)).await;
-    let (agent, thread, id) = (key.agent.clone(), key.thread.clone(), tool_call.clone());
-    if let Err(e) = context
-        .gateway_call(&key.agent, move |api| {
-            api.open_tool_call(&agent, &thread, &id, ttl)
-        })
-        .await
-    {
+    if let Err(e) = open_tool_call(sessions, session, &tool_call, ttl).await {
         session.update(|r| r.open_tool_call = None).await;
         let _ = ready.send(Err(e));
         return;
@@ -245,6 +241,34 @@ async fn run(
     drop(turn);
     if let Some(last) = last {
         let _ = events.send(last).await;
+    }
+}
+
+/// Opens the execution's tool call on the gateway. A gateway that has lost the session's
+/// listener (it restarted, or the agent was registered anew) gets it again first, once.
+async fn open_tool_call(
+    sessions: &Sessions,
+    session: &Session,
+    tool_call: &str,
+    ttl: u64,
+) -> Result<(), ServiceError> {
+    let context = &sessions.context;
+    let key = &session.key;
+    let open = || {
+        let (agent, thread, id) = (key.agent.clone(), key.thread.clone(), tool_call.to_string());
+        context.gateway_call(&key.agent, move |api| {
+            api.open_tool_call(&agent, &thread, &id, ttl)
+        })
+    };
+    match open().await {
+        Err(ServiceError::Gateway(ApiError::Refused {
+            status: 404, body, ..
+        })) if body.contains("has no session") => {
+            tracing::warn!(agent = %key.agent, thread = %key.thread, "the gateway had lost the session's listener; opening it again");
+            open_gateway_session(context, &session.id, &key.agent, &key.thread).await?;
+            open().await
+        }
+        other => other,
     }
 }
 

@@ -84,7 +84,7 @@ pub async fn spawn(
 ) -> Result<u32, ServiceError> {
     let config = &context.config;
     let proxy = format!("http://{HOST_ADDRESS}:{}", config.gateway_port);
-    let guest_agent = config.guest_agent_path();
+    let guest_agent = context.guest_agent.clone();
     let files = session_files(&SessionGuest {
         agent: &record.agent,
         thread: &record.thread,

@@ -47,13 +47,7 @@ pub async fn serve(config: ServiceConfig) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let ca_pem = read_ca(&config.ca).map_err(|e| e.to_string())?;
-    let guest_agent = config.guest_agent_path();
-    if !guest_agent.is_file() {
-        return Err(format!(
-            "the guest agent {} is missing: build it (cargo build -p tollgate-guest) or pass --guest-agent",
-            guest_agent.display()
-        ));
-    }
+    let guest_agent = install_guest_agent(&config.guest_agent_path(), &config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -74,6 +68,7 @@ pub async fn serve(config: ServiceConfig) -> Result<(), String> {
         config,
         gateway: Arc::new(gateway),
         ca_pem,
+        guest_agent,
         vm,
     });
     let sessions = Arc::new(Sessions::new(context));
@@ -107,6 +102,29 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
     tracing::info!("stopping; sessions keep running and are adopted at the next start");
+}
+
+/// Copies the guest agent binary into the data directory (`bin/tollgate-guest-agent`, root's,
+/// 0755) and returns the copy's path: sessions run that copy, which no rebuild changes under
+/// them and which no session's private `/tmp` hides (the original may well be under `/tmp`).
+fn install_guest_agent(binary: &Path, data: &Path) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !binary.is_file() {
+        return Err(format!(
+            "the guest agent {} is missing: build it (cargo build -p tollgate-guest) or pass --guest-agent",
+            binary.display()
+        ));
+    }
+    let dir = data.join("bin");
+    let installed = dir.join("tollgate-guest-agent");
+    let partial = dir.join(format!(".tollgate-guest-agent.{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::copy(binary, &partial))
+        .and_then(|_| std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::rename(&partial, &installed))
+        .map_err(|e| format!("cannot install the guest agent into {}: {e}", dir.display()))?;
+    Ok(installed)
 }
 
 /// The API token in `path`, created (0600, random) if the file does not exist.

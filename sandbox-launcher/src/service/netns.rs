@@ -75,7 +75,7 @@ fn guest_command(
         .arg("tollgate-guest")
         .arg(&config.tmp_size)
         .args(["setpriv", "--no-new-privs", "--"])
-        .arg(config.guest_agent_path())
+        .arg(&context.guest_agent)
         .arg("--listen")
         .arg(format!("{SANDBOX_ADDRESS}:{GUEST_PORT}"))
         .arg("--secret-file")

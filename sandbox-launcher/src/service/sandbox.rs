@@ -35,6 +35,8 @@ pub struct SandboxContext {
     pub gateway: Arc<GatewayApi>,
     /// The gateway's CA certificate.
     pub ca_pem: Vec<u8>,
+    /// The guest agent binary sessions run (the service's own copy).
+    pub guest_agent: std::path::PathBuf,
     /// The microVM backend's image and accelerator (`None`: no QEMU here).
     pub vm: Option<microvm::Vm>,
 }
@@ -136,16 +138,7 @@ async fn try_start(
     }
     .map_err(ServiceError::Sandbox)?;
 
-    let listen = Listen {
-        address: net.listen_address().to_string(),
-        netns: net.gateway_namespace_path().to_string_lossy().to_string(),
-    };
-    let (agent, thread) = (record.agent.clone(), record.thread.clone());
-    context
-        .gateway_call(&record.agent, move |api| {
-            api.open_session(&agent, &thread, &listen)
-        })
-        .await?;
+    open_gateway_session(context, id, &record.agent, &record.thread).await?;
     record.gateway_session = true;
     dir.save(record)?;
 
@@ -207,6 +200,27 @@ async fn try_start(
     record.touch();
     dir.save(record)?;
     Ok(guest)
+}
+
+/// Opens (or opens again) the session's listener on the gateway, in its gateway-side
+/// namespace: the gateway attributes what arrives there to the agent and this session.
+pub async fn open_gateway_session(
+    context: &SandboxContext,
+    id: &str,
+    agent: &str,
+    thread: &str,
+) -> Result<(), ServiceError> {
+    let net = network(context, id)?;
+    let listen = Listen {
+        address: net.listen_address().to_string(),
+        netns: net.gateway_namespace_path().to_string_lossy().to_string(),
+    };
+    let (agent_id, thread) = (agent.to_string(), thread.to_string());
+    context
+        .gateway_call(agent, move |api| {
+            api.open_session(&agent_id, &thread, &listen)
+        })
+        .await
 }
 
 /// The guest agent's limits, as its options.

@@ -281,6 +281,10 @@ impl Sessions {
                 continue;
             }
             let id = entry.file_name().to_string_lossy().to_string();
+            // A session's directory is named by its id; the rest (`bin/`) is the service's.
+            if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
             let dir = SessionDir::new(&data, &id);
             let mut record = match dir.load() {
                 Ok(record) => record,
