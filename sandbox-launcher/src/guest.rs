@@ -120,9 +120,9 @@ const GUEST_AGENT: &str = "usr/bin/tollgate-guest-agent";
 /// What a session's VM gets of its own.
 #[derive(Debug)]
 pub struct SessionGuest<'a> {
-    /// The agent.
+    /// The agent, named to the workload (`TOLLGATE_AGENT`).
     pub agent: &'a str,
-    /// The thread.
+    /// The thread, named to the workload (`TOLLGATE_THREAD`).
     pub thread: &'a str,
     /// The gateway as the proxy.
     pub proxy_url: &'a str,

@@ -19,17 +19,17 @@ pub enum ServiceError {
     /// The session does not exist.
     #[error("agent {agent:?} has no session {thread:?}: create it with PUT /v1/sessions/{agent}/{thread}")]
     NoSession {
-        /// The agent.
+        /// The agent named in the call.
         agent: String,
-        /// The thread.
+        /// The thread named in the call, which the agent has no session for.
         thread: String,
     },
     /// An execution is already running in the session.
     #[error("session {thread:?} of agent {agent:?} is running an execution; executions in a session run one at a time: retry when it ends")]
     Busy {
-        /// The agent.
+        /// The agent whose session is busy.
         agent: String,
-        /// The thread.
+        /// The thread whose execution is still running.
         thread: String,
     },
     /// A session limit is reached.
@@ -50,11 +50,11 @@ pub enum ServiceError {
     /// The guest agent answered with an error of its own.
     #[error("{detail}")]
     Guest {
-        /// Its status.
+        /// The status the guest agent answered with, passed on (a 4xx: the caller's fault).
         status: u16,
-        /// Its code.
+        /// The guest agent's stable code (`file`, `bad_request`, …).
         code: String,
-        /// Its message.
+        /// The guest agent's reason, for the caller.
         detail: String,
     },
     /// The guest agent could not be reached or broke off.

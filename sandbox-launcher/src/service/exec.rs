@@ -113,7 +113,7 @@ pub enum Event {
     Error {
         /// The stable code.
         error: String,
-        /// Why.
+        /// What went wrong, for the caller.
         detail: String,
     },
 }
@@ -121,7 +121,7 @@ pub enum Event {
 /// How an execution ended, with its tool call.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ended {
-    /// How.
+    /// The exit, signal, output and flags the guest agent reported.
     #[serde(flatten)]
     pub finished: Finished,
     /// Its tool call's id.

@@ -26,9 +26,9 @@ const RECORD_FILE: &str = "session.json";
 /// Which session: an agent and one of its conversation threads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionKey {
-    /// The agent (as the gateway names it).
+    /// The agent (as the gateway names it): whose tokens and policies apply.
     pub agent: String,
-    /// The thread.
+    /// The conversation thread: what sets this session apart from the agent's others.
     pub thread: String,
 }
 
@@ -118,9 +118,9 @@ impl SandboxProcess {
 /// What is remembered of a session.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionRecord {
-    /// The agent.
+    /// The agent it belongs to (see [`SessionKey`]).
     pub agent: String,
-    /// The thread.
+    /// Its thread (see [`SessionKey`]).
     pub thread: String,
     /// What runs its sandbox.
     pub backend: Backend,

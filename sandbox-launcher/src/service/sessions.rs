@@ -31,7 +31,7 @@ pub struct Life {
 
 /// One session.
 pub struct Session {
-    /// Whose and which.
+    /// The agent and thread it belongs to.
     pub key: SessionKey,
     /// Its short id (directory and namespace names).
     pub id: String,
