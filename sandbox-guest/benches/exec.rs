@@ -12,6 +12,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate_guest::exec::{AtTheEnd, Execution, Shell};
 use tollgate_guest::files::Workspace;
+use tollgate_guest::python::{Python, PythonCall};
 use tollgate_guest::server::{serve, Agent};
 
 const SECRET: &str = "bench-secret-0123456789";
@@ -42,8 +43,35 @@ fn executions(c: &mut Criterion) {
         b.iter(|| shell.run(&truth, &mut AtTheEnd).expect("run"))
     });
 
+    let python = Python::new(
+        shell.workspace.clone(),
+        shell.state.clone(),
+        None,
+        1 << 20,
+        (shell.default_timeout, shell.max_timeout),
+    );
+    let one_plus_one = PythonCall {
+        code: "1+1".into(),
+        timeout_secs: None,
+    };
+    c.bench_function("python/1+1/direct", |b| {
+        b.iter(|| python.run(&one_plus_one, &mut AtTheEnd).expect("run"))
+    });
+
     let workspace = Workspace::open(&shell.workspace, None, 1 << 20).expect("workspace");
-    let agent = Arc::new(Agent::new(SECRET.into(), shell.clone(), workspace, 1 << 20));
+    let python = Python::new(
+        shell.workspace.clone(),
+        shell.state.clone(),
+        None,
+        1 << 20,
+        (shell.default_timeout, shell.max_timeout),
+    );
+    let agent = Arc::new(Agent::new(
+        SECRET.into(),
+        (shell.clone(), python),
+        workspace,
+        1 << 20,
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     std::thread::spawn(move || serve(listener, agent));

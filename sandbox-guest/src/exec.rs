@@ -114,6 +114,19 @@ pub enum ExecError {
     /// The shell could not be started or watched.
     #[error("the execution could not run: {0}")]
     Failed(String),
+    /// What it needs is not in this sandbox (e.g. Python).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Makes `fd` non-blocking (the output pipes, read as they fill).
+pub(crate) fn nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ExecError> {
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| ExecError::Failed(e.to_string()))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| ExecError::Failed(e.to_string()))?;
+    Ok(())
 }
 
 /// The user executions run as.
@@ -242,12 +255,7 @@ impl Shell {
             return Err(ExecError::Failed("no output pipes".into()));
         };
         for fd in [stdout.as_fd(), stderr.as_fd()] {
-            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
-                .map_err(|e| ExecError::Failed(e.to_string()))?;
-            let flags =
-                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
-                .map_err(|e| ExecError::Failed(e.to_string()))?;
+            nonblocking(fd)?;
         }
         let mut out = Capped::new(self.max_output_bytes);
         let mut err = Capped::new(self.max_output_bytes);
@@ -377,14 +385,15 @@ pub fn shell_quote(arg: &str) -> String {
 }
 
 /// One output stream, kept up to a cap.
-struct Capped {
-    kept: Vec<u8>,
+/// One output stream of an execution, kept up to a cap.
+pub(crate) struct Capped {
+    pub(crate) kept: Vec<u8>,
     cap: usize,
-    truncated: bool,
+    pub(crate) truncated: bool,
 }
 
 impl Capped {
-    fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Capped {
             kept: Vec::new(),
             cap,
@@ -394,7 +403,7 @@ impl Capped {
 
     /// Reads what is there now, passing it to `seen` too; returns whether the stream is
     /// still open.
-    fn read_from(&mut self, from: &mut impl Read, seen: &mut dyn FnMut(&[u8])) -> bool {
+    pub(crate) fn read_from(&mut self, from: &mut impl Read, seen: &mut dyn FnMut(&[u8])) -> bool {
         let mut buf = [0u8; 8192];
         loop {
             match from.read(&mut buf) {

@@ -5,7 +5,8 @@
 //! The data path, in module order: [`http`] reads one request from the service and writes
 //! its answer; [`server`] checks the session's secret and routes it; [`exec`] runs an
 //! execution in the session's persistent shell state (environment and working directory
-//! carried from one execution to the next), bounded in time and output; [`files`] reads,
+//! carried from one execution to the next), bounded in time and output; [`python`] keeps the
+//! session's Python interpreter, whose state carries from one call to the next; [`files`] reads,
 //! writes and lists files confined to the session's workspace; [`procs`] finds and ends a
 //! user's processes.
 //!
@@ -16,4 +17,5 @@ pub mod exec;
 pub mod files;
 pub mod http;
 pub mod procs;
+pub mod python;
 pub mod server;

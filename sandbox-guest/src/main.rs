@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use tollgate_guest::exec::{RunAs, Shell};
 use tollgate_guest::files::Workspace;
+use tollgate_guest::python::Python;
 use tollgate_guest::server::{serve, Agent};
 
 #[derive(Parser)]
@@ -114,6 +115,13 @@ fn run(cli: Cli) -> Result<(), String> {
         default_timeout: Duration::from_secs(cli.default_timeout_secs),
         max_timeout: Duration::from_secs(cli.max_timeout_secs),
     };
+    let python = Python::new(
+        cli.workspace.clone(),
+        shell.state.clone(),
+        run_as,
+        cli.max_output_bytes,
+        (shell.default_timeout, shell.max_timeout),
+    );
     let workspace = Workspace::open(&cli.workspace, run_as, cli.max_file_bytes)
         .map_err(|e| format!("{}: {e}", cli.workspace.display()))?;
     let listener = TcpListener::bind(cli.listen).map_err(|e| format!("{}: {e}", cli.listen))?;
@@ -123,6 +131,6 @@ fn run(cli: Cli) -> Result<(), String> {
     let max_request = usize::try_from(cli.max_file_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(64 << 10);
-    let agent = Arc::new(Agent::new(secret, shell, workspace, max_request));
+    let agent = Arc::new(Agent::new(secret, (shell, python), workspace, max_request));
     serve(listener, agent).map_err(|e| e.to_string())
 }

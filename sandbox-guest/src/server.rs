@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `GET /health` | the agent is up: `{"ok": true, "executing": bool}` |
 //! | `POST /exec` | run an [`Execution`] → [`crate::exec::Finished`]; one at a time (409 while one runs); the client closing its connection cancels it |
+//! | `POST /python` | run a [`PythonCall`] in the session's interpreter → [`PythonFinished`]; `?stream=ndjson` as for `/exec`; executions and Python calls share one turn |
 //! | `POST /exec?stream=ndjson` | the same, answered as it runs: one JSON object per line, `{"stdout": …}` or `{"stderr": …}` (text, up to the cap per stream), then `{"end": …}` (a `Finished` without its output); the answer ends with the connection |
 //! | `GET /files?path=` | a file's bytes |
 //! | `PUT /files?path=` | write the body as that file (201) |
@@ -22,6 +23,7 @@ use subtle::ConstantTimeEq;
 use crate::exec::{ExecError, Execution, Finished, Output, Shell, Watcher};
 use crate::files::Workspace;
 use crate::http::{read_request, write_error, write_response, ReadError, Request};
+use crate::python::{Python, PythonCall, PythonFinished};
 
 /// The request header that carries the session's secret.
 pub const SECRET_HEADER: &str = "x-tollgate-secret";
@@ -38,6 +40,8 @@ pub struct Agent {
     pub secret: Vec<u8>,
     /// Where executions run.
     pub shell: Shell,
+    /// The session's Python interpreter.
+    pub python: Python,
     /// Where files are.
     pub workspace: Workspace,
     /// Largest request body (a file upload, an execution).
@@ -51,18 +55,26 @@ impl Agent {
     /// An agent for one session.
     pub fn new(
         secret: Vec<u8>,
-        shell: Shell,
+        (shell, python): (Shell, Python),
         workspace: Workspace,
         max_request_bytes: usize,
     ) -> Self {
         Agent {
             secret,
             shell,
+            python,
             workspace,
             max_request_bytes,
             running: Mutex::new(()),
             connections: AtomicUsize::new(0),
         }
+    }
+}
+
+impl Agent {
+    /// The session's one turn to run something (shell or Python), if it is free.
+    fn turn(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.running.try_lock().ok()
     }
 }
 
@@ -142,31 +154,53 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
                     )
                 }
             };
-            let Ok(running) = agent.running.try_lock() else {
-                return write_error(
-                    stream,
-                    409,
-                    "busy",
-                    "an execution is running in this session; executions run one at a time",
-                );
+            let Some(running) = agent.turn() else {
+                return write_busy(stream);
             };
-            if request.query_param("stream").as_deref() == Some("ndjson") {
-                return stream_execution(agent, &execution, stream, running);
+            // Checked before anything is written, so that a bad request gets its status.
+            if let Err(e) = agent.shell.check(&execution) {
+                return write_exec_error(stream, &e);
             }
-            let mut watcher = PeerWatch { peer: stream };
-            let ran = agent.shell.run(&execution, &mut watcher);
-            // Free before the answer: a client that saw it may send the next one at once.
-            drop(running);
-            match ran {
-                Ok(finished) => {
-                    let body = serde_json::to_vec(&finished).unwrap_or_default();
-                    write_response(stream, 200, "application/json", &body)
+            let streamed = request.query_param("stream").as_deref() == Some("ndjson");
+            answer_as_it_runs(agent, stream, streamed, running, |watcher| {
+                let finished = agent.shell.run(&execution, watcher)?;
+                Ok((
+                    serde_json::to_value(&finished).unwrap_or_default(),
+                    serde_json::to_value(Finished {
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        ..finished
+                    })
+                    .unwrap_or_default(),
+                ))
+            })
+        }
+        ("POST", "/python") => {
+            let call: PythonCall = match serde_json::from_slice(&request.body) {
+                Ok(call) => call,
+                Err(e) => {
+                    return write_error(stream, 400, "bad_request", &format!("invalid call: {e}"))
                 }
-                Err(e @ ExecError::Invalid(_)) => {
-                    write_error(stream, 400, "bad_request", &e.to_string())
-                }
-                Err(e) => write_error(stream, 500, "exec_failed", &e.to_string()),
+            };
+            let Some(running) = agent.turn() else {
+                return write_busy(stream);
+            };
+            if let Err(e) = agent.python.check(&call) {
+                return write_exec_error(stream, &e);
             }
+            let streamed = request.query_param("stream").as_deref() == Some("ndjson");
+            answer_as_it_runs(agent, stream, streamed, running, |watcher| {
+                let finished = agent.python.run(&call, watcher)?;
+                Ok((
+                    serde_json::to_value(&finished).unwrap_or_default(),
+                    serde_json::to_value(PythonFinished {
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        ..finished
+                    })
+                    .unwrap_or_default(),
+                ))
+            })
         }
         ("GET", "/files") => match agent.workspace.read(&path()) {
             Ok(bytes) => write_response(stream, 200, "application/octet-stream", &bytes),
@@ -183,7 +217,7 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
             }
             Err(e) => write_error(stream, e.status(), "file", &e.to_string()),
         },
-        (_, "/health" | "/sync" | "/exec" | "/files" | "/files/list") => {
+        (_, "/health" | "/sync" | "/exec" | "/python" | "/files" | "/files/list") => {
             write_error(stream, 405, "method_not_allowed", "not with this method")
         }
         _ => write_error(stream, 404, "not_found", "no such route"),
@@ -261,17 +295,29 @@ impl Watcher for Streamed<'_> {
     }
 }
 
-/// Runs `execution` (whose turn `running` is) answering as it runs; the turn is given back
-/// before the last line, so a client that read it may send the next execution at once.
-fn stream_execution(
+/// An execution's answer (the shell's or Python's), whose turn `running` is: one JSON at the
+/// end, or (`streamed`) NDJSON as it runs — `{"stdout": …}`, `{"stderr": …}`, then `{"end":
+/// …}` without the output, or `{"error": …}`. `run` gives the whole result and the end line's.
+/// The turn is given back before the last line, so a client that read it may send the next
+/// execution at once; the client leaving cancels the execution.
+fn answer_as_it_runs(
     agent: &Agent,
-    execution: &Execution,
     peer: &mut TcpStream,
+    streamed: bool,
     running: std::sync::MutexGuard<'_, ()>,
+    run: impl FnOnce(&mut dyn Watcher) -> Result<(serde_json::Value, serde_json::Value), ExecError>,
 ) -> std::io::Result<()> {
-    // Checked before anything is written, so that a bad request still gets its status.
-    if let Err(e) = agent.shell.check(execution) {
-        return write_error(peer, 400, "bad_request", &e.to_string());
+    if !streamed {
+        let mut watcher = PeerWatch { peer };
+        let ran = run(&mut watcher);
+        drop(running);
+        return match ran {
+            Ok((whole, _)) => {
+                let body = serde_json::to_vec(&whole).unwrap_or_default();
+                write_response(peer, 200, "application/json", &body)
+            }
+            Err(e) => write_exec_error(peer, &e),
+        };
     }
     let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n";
     std::io::Write::write_all(peer, head.as_bytes())?;
@@ -281,18 +327,31 @@ fn stream_execution(
         cap: agent.shell.max_output_bytes,
         failed: false,
     };
-    let ran = agent.shell.run(execution, &mut streamed);
+    let ran = run(&mut streamed);
     drop(running);
     match ran {
-        Ok(finished) => {
-            let end = Finished {
-                stdout: String::new(),
-                stderr: String::new(),
-                ..finished
-            };
-            streamed.line(serde_json::json!({ "end": end }));
-        }
+        Ok((_, end)) => streamed.line(serde_json::json!({ "end": end })),
         Err(e) => streamed.line(serde_json::json!({ "error": e.to_string() })),
     }
     Ok(())
+}
+
+/// The answer to an execution sent while another runs.
+fn write_busy(stream: &mut TcpStream) -> std::io::Result<()> {
+    write_error(
+        stream,
+        409,
+        "busy",
+        "an execution is running in this session; executions run one at a time",
+    )
+}
+
+/// An execution that could not run, answered with its status.
+fn write_exec_error(stream: &mut TcpStream, error: &ExecError) -> std::io::Result<()> {
+    let (status, code) = match error {
+        ExecError::Invalid(_) => (400, "bad_request"),
+        ExecError::Unavailable(_) => (503, "unavailable"),
+        ExecError::Failed(_) => (500, "exec_failed"),
+    };
+    write_error(stream, status, code, &error.to_string())
 }

@@ -355,3 +355,90 @@ fn an_execution_streams_as_it_runs_and_ends_when_its_client_leaves() {
         "a cancelled execution ran on"
     );
 }
+
+fn python(agent: SocketAddr, body: serde_json::Value) -> serde_json::Value {
+    let (status, out) = call(
+        agent,
+        "POST",
+        "/python",
+        Some(SECRET),
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&out));
+    serde_json::from_slice(&out).expect("json")
+}
+
+#[test]
+fn python_keeps_its_state_reports_errors_and_is_interrupted_by_its_timeout() {
+    if Command::new("python3").arg("-V").output().is_err() {
+        eprintln!("SKIP: python3 is missing");
+        return;
+    }
+    let agent = start();
+    let answer = python(
+        agent.addr,
+        serde_json::json!({"code": "import os\nx = 40\ndef add(a, b):\n    return a + b\nprint('hello')"}),
+    );
+    assert_eq!(answer["stdout"], "hello\n", "{answer}");
+    assert_eq!(answer["result"], serde_json::Value::Null);
+    assert_eq!(answer["error"], serde_json::Value::Null);
+    // Variables, imports and definitions carry to the next call; the last expression is
+    // the result; what a subprocess prints is captured too.
+    let answer = python(
+        agent.addr,
+        serde_json::json!({"code": "os.system('echo from-a-child')\nadd(x, 2)"}),
+    );
+    assert_eq!(answer["result"], "42", "{answer}");
+    assert_eq!(answer["stdout"], "from-a-child\n", "{answer}");
+    // An exception comes back with its traceback; the session goes on.
+    let answer = python(agent.addr, serde_json::json!({"code": "y = 1\n1/0"}));
+    assert_eq!(answer["error"]["type"], "ZeroDivisionError", "{answer}");
+    assert!(answer["error"]["traceback"]
+        .as_str()
+        .is_some_and(|t| t.contains("Traceback")
+            && t.contains("<tool call>")
+            && !t.contains("<string>")));
+    let answer = python(agent.addr, serde_json::json!({"code": "def broken(:"}));
+    assert_eq!(answer["error"]["type"], "SyntaxError", "{answer}");
+    assert_eq!(
+        python(agent.addr, serde_json::json!({"code": "y + x"}))["result"],
+        "41"
+    );
+    // A timeout interrupts an endless loop (KeyboardInterrupt): the interpreter lives on.
+    let answer = python(
+        agent.addr,
+        serde_json::json!({"code": "print('before', flush=True)\nwhile True: pass", "timeout_secs": 1}),
+    );
+    assert_eq!(answer["timed_out"], true, "{answer}");
+    assert_eq!(answer["error"]["type"], "KeyboardInterrupt", "{answer}");
+    assert_eq!(answer["stdout"], "before\n");
+    assert_eq!(answer["interpreter_restarted"], false);
+    assert_eq!(
+        python(agent.addr, serde_json::json!({"code": "x"}))["result"],
+        "40"
+    );
+    // Code that ignores the interrupt: the interpreter is killed and the next call starts
+    // a new one (its state gone, the files kept).
+    let answer = python(
+        agent.addr,
+        serde_json::json!({"code": "import signal\nopen('kept.txt', 'w').write('k')\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass", "timeout_secs": 1}),
+    );
+    assert_eq!(answer["interpreter_restarted"], true, "{answer}");
+    let answer = python(
+        agent.addr,
+        serde_json::json!({"code": "('x' in globals(), open('kept.txt').read())"}),
+    );
+    assert_eq!(answer["result"], "(False, 'k')", "{answer}");
+    // Output is capped (1000 bytes here).
+    let answer = python(agent.addr, serde_json::json!({"code": "print('a' * 5000)"}));
+    assert_eq!(answer["truncated"], true);
+    assert_eq!(answer["stdout"].as_str().map(str::len), Some(1000));
+    // The interpreter runs as the workspace's user.
+    if nix::unistd::geteuid().is_root() {
+        let answer = python(
+            agent.addr,
+            serde_json::json!({"code": "import os\nos.getuid()"}),
+        );
+        assert_eq!(answer["result"], "65534", "{answer}");
+    }
+}
