@@ -425,16 +425,10 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert_eq!(during.authorization(), Some(bearer.as_str()));
         // The audit records name the thread, and the tool call and credential of the one
         // made during the execution only (the origin records only requests it accepted).
-        let audit = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/audit"), None);
-        let records = audit.json()["records"].as_array().cloned().unwrap_or_default();
-        let audited = |path: &str| {
-            records
-                .iter()
-                .find(|r| r["path"] == path)
-                .cloned()
-                .unwrap_or_else(|| panic!("no {path} in {records:?}"))
-        };
-        let (during, after) = (audited("/during"), audited("/after"));
+        let (during, after) = (
+            audit_record(world, agent, "/during"),
+            audit_record(world, agent, "/after"),
+        );
         assert_eq!(during["session"], "t1", "{during}");
         assert_eq!(during["tool_call"], "tc-during", "{during}");
         assert!(during["credential"].is_string(), "{during}");
@@ -600,6 +594,25 @@ fn record(world: &World, agent: &str, thread: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("record")).expect("json")
 }
 
+/// The audit record of the agent's request to `path`, once the gateway has written it.
+fn audit_record(world: &World, agent: &str, path: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/audit"), None);
+        let records = audit.json()["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if let Some(record) = records.iter().find(|r| r["path"] == path) {
+            return record.clone();
+        }
+        assert!(Instant::now() < deadline, "no {path} in {records:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The agent's sessions as the gateway lists them.
 fn gateway_sessions(world: &World, agent: &str) -> serde_json::Value {
     let listed = world
@@ -704,6 +717,7 @@ async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest
             "/v1/sessions",
             "/v1/sessions/{agent}/{thread}",
             "/v1/sessions/{agent}/{thread}/exec",
+            "/v1/sessions/{agent}/{thread}/python",
             "/v1/sessions/{agent}/{thread}/files",
             "/v1/sessions/{agent}/{thread}/files/list",
         ] {
@@ -1003,6 +1017,86 @@ let listed = gateway_sessions(world, agent);
             listed.as_array().into_iter().flatten().all(|s| s["session"] != "q1"),
             "{listed}"
         );
+    })
+    .await;
+}
+
+/// Why this machine cannot run the Python test (the netns backend runs the host's
+/// `/usr/bin/python3`), or `None`.
+fn missing_python() -> Option<String> {
+    missing_prerequisite().or_else(|| {
+        (!std::path::Path::new("/usr/bin/python3").exists())
+            .then(|| "/usr/bin/python3 is missing (apt-get install -y python3)".to_string())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_in_a_session_keeps_its_state_and_each_call_is_one_tool_call() {
+    let args = &["--backend", "netns", "--max-output-bytes", "1000"];
+    in_world(missing_python(), args, "py", |world, agent| {
+        world.service.open(agent, "p1");
+        world.service.open(agent, "p2");
+        let svc = &world.service;
+        let python = |thread: &str, body: serde_json::Value| {
+            let r = svc.call(
+                "POST",
+                &format!("/v1/sessions/{agent}/{thread}/python"),
+                Some(&body.to_string()),
+            );
+            assert_eq!(r.status, 200, "{r:?}");
+            r.json()
+        };
+        // State carries from call to call in one thread, not to another.
+        let answer = python("p1", serde_json::json!({"code": "x = 1\nprint('set')"}));
+        assert_eq!(answer["stdout"], "set\n", "{answer}");
+        assert_eq!(python("p1", serde_json::json!({"code": "x + 1"}))["result"], "2");
+        assert_eq!(
+            python("p2", serde_json::json!({"code": "'x' in globals()"}))["result"],
+            "False"
+        );
+        // An exception comes back with its traceback, and the session works on.
+        let answer = python("p1", serde_json::json!({"code": "1/0"}));
+        assert_eq!(answer["error"]["type"], "ZeroDivisionError", "{answer}");
+        assert!(answer["error"]["traceback"].as_str().unwrap_or("").contains("Traceback"));
+        // An endless loop is interrupted by its timeout; the next call works.
+        let answer = python(
+            "p1",
+            serde_json::json!({"code": "while True: pass", "timeout_secs": 1}),
+        );
+        assert_eq!((answer["timed_out"].as_bool(), answer["error"]["type"].as_str()), (Some(true), Some("KeyboardInterrupt")), "{answer}");
+        assert_eq!(python("p1", serde_json::json!({"code": "x"}))["result"], "1");
+        // Output is capped.
+        let answer = python("p1", serde_json::json!({"code": "print('a' * 5000)"}));
+        assert_eq!(answer["truncated"], true, "{answer}");
+        // Python's own HTTPS client goes through the gateway (its intercepted TLS trusted,
+        // through the environment) and gets the injected token: the call is a tool call.
+        let port = world.origin.port();
+        let answer = python(
+            "p1",
+            serde_json::json!({
+                "code": format!("import urllib.request\nurllib.request.urlopen('https://{HOST}:{port}/from-python').status"),
+                "tool_call_id": "tc-python",
+            }),
+        );
+        assert_eq!(answer["result"], "200", "{answer}");
+        assert_eq!(answer["tool_call_id"], "tc-python");
+        let record = audit_record(world, agent, "/from-python");
+        assert_eq!((record["session"].as_str(), record["tool_call"].as_str()), (Some("p1"), Some("tc-python")), "{record}");
+        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert_eq!(open.json()["tool_calls"], serde_json::json!([]), "{open:?}");
+        // The command line prints the output and the result, and exits 1 on an exception.
+        let cli = |code: &str| {
+            Command::new(binary("tollgate-launcher"))
+                .args(["python", "--service", &svc.url, "--agent", agent, "--thread", "p1", "-c", code])
+                .env("TOLLGATE_LAUNCHER_TOKEN", &svc.token)
+                .output()
+                .expect("tollgate-launcher python")
+        };
+        let out = cli("print('hi')\nx");
+        assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "hi\n1\n"), "{out:?}");
+        let out = cli("undefined_name");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("NameError"), "{out:?}");
     })
     .await;
 }

@@ -133,23 +133,37 @@ pub fn session_path(agent: &str, thread: &str) -> String {
     format!("/v1/sessions/{}/{}", part(agent), part(thread))
 }
 
-/// Runs an execution, printing its output as it comes; returns the exit status the command
-/// line should end with: the command's, 128 + its signal, or 124 after a timeout (as
-/// `timeout(1)` does).
+/// What to run: a command (`exec`) or Python code (`python`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST …/exec`.
+    Exec,
+    /// `POST …/python`.
+    Python,
+}
+
+/// Runs an execution (a command, or Python code), printing its output as it comes; returns
+/// the exit status the command line should end with: the command's, 128 + its signal, 1 for
+/// Python code that raised (its traceback printed), or 124 after a timeout (as `timeout(1)`
+/// does).
 pub async fn exec(
     client: &ServiceClient,
-    agent: &str,
-    thread: &str,
+    (agent, thread): (&str, &str),
+    route: Route,
     execution: serde_json::Value,
 ) -> Result<i32, String> {
     let path = session_path(agent, thread);
     // The session is made if it does not exist yet (PUT is idempotent).
     client.call(http::Method::PUT, &path, Bytes::new()).await?;
     let body = Bytes::from(execution.to_string());
+    let route = match route {
+        Route::Exec => "exec",
+        Route::Python => "python",
+    };
     let response = client
         .send(
             http::Method::POST,
-            &format!("{path}/exec?stream=ndjson"),
+            &format!("{path}/{route}?stream=ndjson"),
             body,
             "application/x-ndjson",
         )
@@ -181,12 +195,26 @@ pub async fn exec(
                 if end["truncated"].as_bool() == Some(true) {
                     eprintln!("tollgate-launcher: the output was longer than the cap and was cut");
                 }
+                if let Some(result) = end["result"].as_str() {
+                    println!("{result}");
+                }
+                if let Some(traceback) = end["error"]["traceback"].as_str() {
+                    eprint!("{traceback}");
+                }
+                if end["interpreter_restarted"].as_bool() == Some(true) {
+                    eprintln!(
+                        "tollgate-launcher: the interpreter was restarted: its variables are gone"
+                    );
+                }
                 if end["timed_out"].as_bool() == Some(true) {
-                    eprintln!("tollgate-launcher: the execution timed out and was killed");
+                    eprintln!("tollgate-launcher: the execution timed out and was stopped");
                     return Ok(124);
                 }
                 if let Some(code) = end["exit_code"].as_i64() {
                     return Ok(code as i32);
+                }
+                if end.get("error").is_some() {
+                    return Ok(if end["error"].is_null() { 0 } else { 1 });
                 }
                 return Ok(128 + end["signal"].as_i64().unwrap_or(0) as i32);
             } else if let Some(error) = event.get("error") {

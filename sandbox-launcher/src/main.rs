@@ -61,6 +61,9 @@ enum Command {
     /// Run a command in a session (made if it does not exist), printing its output as it
     /// comes; exits with the command's status.
     Exec(ExecArgs),
+    /// Run Python code in a session's persistent interpreter (made if it does not exist),
+    /// printing its output as it comes and its result; exits 1 if it raised.
+    Python(PythonArgs),
     /// Move files in and out of a session's workspace.
     Files {
         #[command(subcommand)]
@@ -126,6 +129,25 @@ struct ExecArgs {
     /// The program and its arguments.
     #[arg(last = true)]
     argv: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct PythonArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Seconds before the code is interrupted (the service's default otherwise).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The tool call's id on the gateway (generated otherwise).
+    #[arg(long)]
+    tool_call_id: Option<String>,
+    /// The code itself.
+    #[arg(long, short = 'c', conflicts_with = "file")]
+    code: Option<String>,
+    /// A file holding the code (`-`: standard input).
+    file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -298,6 +320,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Python(args) => {
+            return match runtime().and_then(|rt| rt.block_on(python(args))) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(message) => {
+                    eprintln!("tollgate-launcher: {message}");
+                    ExitCode::from(125)
+                }
+            }
+        }
         Command::Files { command } => runtime().and_then(|rt| rt.block_on(files(command))),
         Command::Sessions { command } => runtime().and_then(|rt| rt.block_on(sessions(command))),
         command => run(command, &state),
@@ -394,9 +425,11 @@ fn run(command: Command, state: &StateDir) -> Result<(), String> {
             Ok(())
         }
         Command::Logs { agent, follow } => logs(state, &agent, follow),
-        Command::Serve(_) | Command::Exec(_) | Command::Files { .. } | Command::Sessions { .. } => {
-            Err("handled in main".into())
-        }
+        Command::Serve(_)
+        | Command::Exec(_)
+        | Command::Python(_)
+        | Command::Files { .. }
+        | Command::Sessions { .. } => Err("handled in main".into()),
     }
 }
 
@@ -448,13 +481,37 @@ async fn exec(args: ExecArgs) -> Result<i32, String> {
     if let Some(id) = args.tool_call_id {
         execution["tool_call_id"] = id.into();
     }
-    client::exec(
-        &client,
-        &args.session.agent,
-        &args.session.thread,
-        execution,
-    )
-    .await
+    let session = (args.session.agent.as_str(), args.session.thread.as_str());
+    client::exec(&client, session, client::Route::Exec, execution).await
+}
+
+async fn python(args: PythonArgs) -> Result<i32, String> {
+    let client = args.service.client()?;
+    let code = match (args.code, args.file) {
+        (Some(code), _) => code,
+        (None, Some(file)) if file.as_os_str() == "-" => {
+            let mut code = String::new();
+            std::io::stdin()
+                .read_to_string(&mut code)
+                .map_err(|e| format!("standard input: {e}"))?;
+            code
+        }
+        (None, Some(file)) => {
+            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?
+        }
+        (None, None) => {
+            return Err("give the code: -c CODE, a FILE, or - for standard input".into())
+        }
+    };
+    let mut call = serde_json::json!({ "code": code });
+    if let Some(timeout) = args.timeout {
+        call["timeout_secs"] = timeout.into();
+    }
+    if let Some(id) = args.tool_call_id {
+        call["tool_call_id"] = id.into();
+    }
+    let session = (args.session.agent.as_str(), args.session.thread.as_str());
+    client::exec(&client, session, client::Route::Python, call).await
 }
 
 impl SessionArgs {

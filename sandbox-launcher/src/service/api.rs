@@ -11,6 +11,7 @@
 //! | `GET /v1/sessions/{agent}/{thread}` | one session |
 //! | `DELETE /v1/sessions/{agent}/{thread}` | end it and delete its files (204) |
 //! | `POST /v1/sessions/{agent}/{thread}/exec` | run an execution: one JSON answer, or `?stream=ndjson` / `?stream=sse` |
+//! | `POST /v1/sessions/{agent}/{thread}/python` | run Python code in the session's persistent interpreter, answered the same ways |
 //! | `GET /v1/sessions/{agent}/{thread}/files?path=` | download a file |
 //! | `PUT /v1/sessions/{agent}/{thread}/files?path=` | upload a file (201) |
 //! | `GET /v1/sessions/{agent}/{thread}/files/list?path=` | a directory's entries |
@@ -58,6 +59,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/v1/sessions/{agent}/{thread}/exec",
             post(execute).layer(axum::extract::DefaultBodyLimit::max(MAX_EXEC_REQUEST_BYTES)),
+        )
+        .route(
+            "/v1/sessions/{agent}/{thread}/python",
+            post(python).layer(axum::extract::DefaultBodyLimit::max(MAX_EXEC_REQUEST_BYTES)),
         )
         .route(
             "/v1/sessions/{agent}/{thread}/files",
@@ -235,12 +240,35 @@ async fn execute(
     let mode = answer_mode(&uri, &headers)?;
     let body = body.map_err(too_large)?;
     let request = ExecRequest::parse(&body, api.sessions.context.config.max_timeout_secs)?;
-    let session = api.sessions.get(&key)?;
+    run_execution(&api, &key, mode, request).await
+}
+
+async fn python(
+    State(api): State<Arc<Api>>,
+    Named(key): Named,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ServiceError> {
+    let mode = answer_mode(&uri, &headers)?;
+    let body = body.map_err(too_large)?;
+    let request = ExecRequest::parse_python(&body, api.sessions.context.config.max_timeout_secs)?;
+    run_execution(&api, &key, mode, request).await
+}
+
+/// Runs `request` in the session `key` (one tool call), answered as `mode` asks.
+async fn run_execution(
+    api: &Arc<Api>,
+    key: &SessionKey,
+    mode: Answer,
+    request: ExecRequest,
+) -> Result<Response, ServiceError> {
+    let session = api.sessions.get(key)?;
     let turn = session
         .exec
         .clone()
         .try_lock_owned()
-        .map_err(|_| exec::busy(&key))?;
+        .map_err(|_| exec::busy(key))?;
     let events = exec::start(api.sessions.clone(), session, turn, request).await?;
     if mode == Answer::Json {
         let ended = exec::collect(events).await?;

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tollgate_guest::exec::{Execution, Finished};
+use tollgate_guest::exec::Execution;
+use tollgate_guest::python::PythonCall;
 
 use super::error::ServiceError;
 use super::guest::guest_error;
@@ -34,11 +35,46 @@ const CANCELLED: &str = "cancelled";
 /// Largest execution request (its stdin included).
 pub const MAX_EXEC_REQUEST_BYTES: usize = 8 << 20;
 
-/// An execution as the API takes it: the guest's [`Execution`] and an optional tool call id.
+/// What an execution runs: a shell command, or Python code in the session's interpreter.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// A command in the session's shell state.
+    Shell(Execution),
+    /// Code in the session's persistent interpreter.
+    Python(PythonCall),
+}
+
+impl Work {
+    /// The guest agent's route for it, answered as it runs.
+    fn route(&self) -> &'static str {
+        match self {
+            Work::Shell(_) => "/exec?stream=ndjson",
+            Work::Python(_) => "/python?stream=ndjson",
+        }
+    }
+
+    /// Its own timeout, if it names one.
+    fn timeout_secs(&self) -> Option<u64> {
+        match self {
+            Work::Shell(execution) => execution.timeout_secs,
+            Work::Python(call) => call.timeout_secs,
+        }
+    }
+
+    /// The body the guest agent takes.
+    fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
+        match self {
+            Work::Shell(execution) => serde_json::to_vec(execution),
+            Work::Python(call) => serde_json::to_vec(call),
+        }
+    }
+}
+
+/// An execution as the API takes it: what to run and an optional tool call id.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
     /// What to run.
-    pub execution: Execution,
+    pub work: Work,
     /// The tool call's id (one is generated otherwise).
     pub tool_call_id: Option<String>,
 }
@@ -47,26 +83,8 @@ impl ExecRequest {
     /// Parses and checks a request body: `{command | argv, env, cwd, stdin, timeout_secs,
     /// tool_call_id}`.
     pub fn parse(body: &[u8], max_timeout_secs: u64) -> Result<ExecRequest, ServiceError> {
+        let (tool_call_id, object) = split_tool_call(body)?;
         let bad = |e: String| ServiceError::BadRequest(format!("invalid execution: {e}"));
-        let mut object: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
-        let tool_call_id = match object.remove("tool_call_id") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(id)) => Some(id),
-            Some(_) => return Err(bad("tool_call_id must be a string".into())),
-        };
-        if let Some(id) = &tool_call_id {
-            let valid = !id.is_empty()
-                && id.len() <= 128
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-            if !valid {
-                return Err(bad(
-                    "tool_call_id must be 1 to 128 of A-Z a-z 0-9 . _ : -".into()
-                ));
-            }
-        }
         let execution: Execution = serde_json::from_value(serde_json::Value::Object(object))
             .map_err(|e| bad(e.to_string()))?;
         match (&execution.command, &execution.argv) {
@@ -78,19 +96,62 @@ impl ExecRequest {
                 ))
             }
         }
-        match execution.timeout_secs {
-            Some(0) => return Err(bad("timeout_secs must be at least 1".into())),
-            Some(secs) if secs > max_timeout_secs => {
-                return Err(bad(format!(
-                    "timeout_secs must be at most {max_timeout_secs}"
-                )))
-            }
-            _ => {}
-        }
+        check_timeout(execution.timeout_secs, max_timeout_secs)?;
         Ok(ExecRequest {
-            execution,
+            work: Work::Shell(execution),
             tool_call_id,
         })
+    }
+
+    /// Parses and checks a Python call's body: `{code, timeout_secs, tool_call_id}`.
+    pub fn parse_python(body: &[u8], max_timeout_secs: u64) -> Result<ExecRequest, ServiceError> {
+        let (tool_call_id, object) = split_tool_call(body)?;
+        let call: PythonCall = serde_json::from_value(serde_json::Value::Object(object))
+            .map_err(|e| ServiceError::BadRequest(format!("invalid Python call: {e}")))?;
+        check_timeout(call.timeout_secs, max_timeout_secs)?;
+        Ok(ExecRequest {
+            work: Work::Python(call),
+            tool_call_id,
+        })
+    }
+}
+
+/// A request body's `tool_call_id`, checked, and the rest of its object.
+fn split_tool_call(
+    body: &[u8],
+) -> Result<(Option<String>, serde_json::Map<String, serde_json::Value>), ServiceError> {
+    let bad = |e: String| ServiceError::BadRequest(format!("invalid execution: {e}"));
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    let tool_call_id = match object.remove("tool_call_id") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(id)) => Some(id),
+        Some(_) => return Err(bad("tool_call_id must be a string".into())),
+    };
+    if let Some(id) = &tool_call_id {
+        let valid = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if !valid {
+            return Err(bad(
+                "tool_call_id must be 1 to 128 of A-Z a-z 0-9 . _ : -".into()
+            ));
+        }
+    }
+    Ok((tool_call_id, object))
+}
+
+/// Refuses a timeout of 0 or past the service's longest.
+fn check_timeout(timeout_secs: Option<u64>, max_timeout_secs: u64) -> Result<(), ServiceError> {
+    let bad = |e: String| ServiceError::BadRequest(format!("invalid execution: {e}"));
+    match timeout_secs {
+        Some(0) => Err(bad("timeout_secs must be at least 1".into())),
+        Some(secs) if secs > max_timeout_secs => Err(bad(format!(
+            "timeout_secs must be at most {max_timeout_secs}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -121,9 +182,10 @@ pub enum Event {
 /// How an execution ended, with its tool call.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ended {
-    /// The exit, signal, output and flags the guest agent reported.
+    /// What the guest agent reported: a command's exit, signal, output and flags, or a
+    /// Python call's output, result, error and flags.
     #[serde(flatten)]
-    pub finished: Finished,
+    pub finished: serde_json::Map<String, serde_json::Value>,
     /// Its tool call's id.
     pub tool_call_id: String,
 }
@@ -202,8 +264,8 @@ async fn run(
         .clone()
         .unwrap_or_else(|| format!("exec-{}", hex::encode(rand::random::<[u8; 8]>())));
     let timeout = request
-        .execution
-        .timeout_secs
+        .work
+        .timeout_secs()
         .unwrap_or(context.config.default_timeout_secs);
     let ttl = timeout + TOOL_CALL_MARGIN.as_secs();
     let id = tool_call.clone();
@@ -215,7 +277,7 @@ async fn run(
     }
     tracing::info!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "execution started");
 
-    let (outcome, last) = relay(&guest, &request.execution, &tool_call, ready, &events).await;
+    let (outcome, last) = relay(&guest, &request.work, &tool_call, ready, &events).await;
     if outcome == CANCELLED && !guest.idle(CANCEL_WAIT).await {
         // Its tool call closes all the same; the next execution may find the agent busy.
         tracing::warn!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "the cancelled command was not gone in time");
@@ -278,22 +340,19 @@ async fn open_tool_call(
 /// event, unsent: the end, or why it broke off.
 async fn relay(
     guest: &super::guest::GuestAgent,
-    execution: &Execution,
+    work: &Work,
     tool_call: &str,
     ready: tokio::sync::oneshot::Sender<Result<(), ServiceError>>,
     events: &mpsc::Sender<Event>,
 ) -> (&'static str, Option<Event>) {
-    let body = match serde_json::to_vec(execution) {
+    let body = match work.body() {
         Ok(body) => Bytes::from(body),
         Err(e) => {
             let _ = ready.send(Err(ServiceError::Internal(e.to_string())));
             return ("not sent", None);
         }
     };
-    let response = match guest
-        .send(http::Method::POST, "/exec?stream=ndjson", body)
-        .await
-    {
+    let response = match guest.send(http::Method::POST, work.route(), body).await {
         Ok(response) => response,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -364,7 +423,7 @@ fn guest_event(line: &[u8], tool_call: &str) -> Option<Event> {
     enum Line {
         Stdout(String),
         Stderr(String),
-        End(Finished),
+        End(serde_json::Map<String, serde_json::Value>),
         Error(String),
     }
     match serde_json::from_slice::<Line>(line).ok()? {
@@ -390,8 +449,8 @@ pub async fn collect(mut events: mpsc::Receiver<Event>) -> Result<Ended, Service
             Event::Stdout(text) => stdout.push_str(&text),
             Event::Stderr(text) => stderr.push_str(&text),
             Event::End(mut ended) => {
-                ended.finished.stdout = stdout;
-                ended.finished.stderr = stderr;
+                ended.finished.insert("stdout".into(), stdout.into());
+                ended.finished.insert("stderr".into(), stderr.into());
                 return Ok(ended);
             }
             Event::Error { error, detail } => {
@@ -425,7 +484,7 @@ mod tests {
         let ok =
             ExecRequest::parse(br#"{"command":"true","tool_call_id":"tc-1"}"#, 60).expect("valid");
         assert_eq!(ok.tool_call_id.as_deref(), Some("tc-1"));
-        assert_eq!(ok.execution.command.as_deref(), Some("true"));
+        assert!(matches!(&ok.work, Work::Shell(e) if e.command.as_deref() == Some("true")));
         for bad in [
             &br#"{}"#[..],
             br#"{"command":"a","argv":["b"]}"#,
@@ -447,7 +506,7 @@ mod tests {
         let end = br#"{"end":{"exit_code":3,"signal":null,"stdout":"","stderr":"","duration_ms":5,"truncated":false,"timed_out":false,"cancelled":false}}"#;
         match guest_event(end, "tc") {
             Some(Event::End(ended)) => {
-                assert_eq!(ended.finished.exit_code, Some(3));
+                assert_eq!(ended.finished["exit_code"], 3);
                 assert_eq!(ended.tool_call_id, "tc");
                 let line = Event::End(ended).json();
                 assert!(line.starts_with(r#"{"end":{"exit_code":3,"#), "{line}");
