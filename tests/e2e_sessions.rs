@@ -983,6 +983,14 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         let bearer = format!("Bearer {TOKEN}");
         assert!(world.origin.seen().iter().any(|s| s.target == "/from-vm" && s.authorization() == Some(bearer.as_str())));
 
+        // The guest image has no Python yet: a clear refusal, and the session works on.
+        let r = svc.call(
+            "POST",
+            &format!("/v1/sessions/{agent}/q1/python"),
+            Some(r#"{"code":"1+1"}"#),
+        );
+        assert_eq!((r.status, r.json()["error"].as_str()), (503, Some("unavailable")), "{r:?}");
+
         // A restarted service keeps the VM (its /tmp is still there: no reboot).
         world.restart_service(&VM_ARGS);
         let svc = &world.service;

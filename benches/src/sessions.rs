@@ -8,8 +8,11 @@
 //!   executions one after another, all sessions at once);
 //! - **resume**: the first execution after the session was stopped for being idle (its
 //!   sandbox started again, its workspace kept);
-//! - **memory**: the resident set of each session's sandbox process (QEMU, or the guest
-//!   agent of the netns backend) after the warm executions.
+//! - **Python** (where the sandbox has it): the first call (its interpreter started) and the
+//!   warm round trip of `1+1`;
+//! - **memory**: the resident set of each session's sandbox (QEMU; or the guest agent of the
+//!   netns backend and its user's processes, the Python interpreter among them) after the
+//!   warm executions.
 //!
 //! The release `tollgate` runs on loopback with its default policies, the release
 //! `tollgate-launcher serve` beside it (its data under /var/tmp: sandboxes replace /tmp).
@@ -60,6 +63,10 @@ struct Figures {
     accel: String,
     cold: Vec<Duration>,
     warm: Histogram<u64>,
+    /// The first Python call's round trip (the interpreter started), where there is Python.
+    python_first: Vec<Duration>,
+    /// Warm `1+1` round trips in the session's interpreter.
+    python_warm: Option<Histogram<u64>>,
     resume: Vec<Duration>,
     rss_kib: Vec<u64>,
 }
@@ -124,6 +131,32 @@ fn measure(
     for sample in &warm_samples {
         warm.record(sample.as_micros() as u64)?;
     }
+    // Python, where the sandbox has it: the first call starts the interpreter.
+    let (mut python_first, mut python_warm) = (Vec::new(), None);
+    let first = at_once(service, agent, &threads, |service, path| {
+        let started = Instant::now();
+        Ok(match service.python_available(path)? {
+            true => vec![started.elapsed()],
+            false => Vec::new(),
+        })
+    })?;
+    if first.len() == threads.len() {
+        python_first = first;
+        let samples = at_once(service, agent, &threads, move |service, path| {
+            (0..executions)
+                .map(|_| {
+                    let started = Instant::now();
+                    service.python_one_plus_one(path)?;
+                    Ok(started.elapsed())
+                })
+                .collect()
+        })?;
+        let mut histogram = Histogram::<u64>::new(3)?;
+        for sample in &samples {
+            histogram.record(sample.as_micros() as u64)?;
+        }
+        python_warm = Some(histogram);
+    }
     let mut rss_kib = Vec::new();
     let mut accel = String::from("-");
     for thread in &threads {
@@ -131,7 +164,16 @@ fn measure(
         let pid = record["process"]["pid"]
             .as_u64()
             .context("a running session's pid")?;
-        rss_kib.push(status_kib(pid, "VmRSS:").context("the sandbox's memory")?);
+        // The sandbox's process, and every process of the session's user besides it (the
+        // Python interpreter, under netns; under qemu QEMU is the user's only process).
+        let uid = record["uid"].as_u64().context("the session's user")?;
+        let own = status_kib(pid, "VmRSS:").context("the sandbox's memory")?;
+        let others: u64 = user_processes(uid)
+            .into_iter()
+            .filter(|p| *p != pid)
+            .filter_map(|p| status_kib(p, "VmRSS:"))
+            .sum();
+        rss_kib.push(own + others);
         if backend == "qemu" {
             accel = service.accel();
         }
@@ -171,6 +213,8 @@ fn measure(
         accel,
         cold,
         warm,
+        python_first,
+        python_warm,
         resume,
         rss_kib,
     })
@@ -309,6 +353,35 @@ impl Service {
         Ok(())
     }
 
+    /// Runs the session's first Python call (which starts its interpreter); `false` where the
+    /// sandbox has no Python.
+    fn python_available(&self, session: &str) -> anyhow::Result<bool> {
+        let answer = self.call(
+            "POST",
+            &format!("{session}/python"),
+            Some(r#"{"code":"1+1"}"#),
+        )?;
+        match answer.status {
+            200 => Ok(true),
+            503 => Ok(false),
+            _ => bail!("{session}/python: {}", answer.status_line),
+        }
+    }
+
+    fn python_one_plus_one(&self, session: &str) -> anyhow::Result<()> {
+        let answer = self.expect(
+            "POST",
+            &format!("{session}/python"),
+            Some(r#"{"code":"1+1"}"#),
+            &[200],
+        )?;
+        let result: serde_json::Value = serde_json::from_slice(&answer.body)?;
+        if result["result"] != "2" {
+            bail!("1+1 was not 2: {result}");
+        }
+        Ok(())
+    }
+
     /// A session's record, as the service keeps it.
     fn record(&self, agent: &str, thread: &str) -> anyhow::Result<serde_json::Value> {
         for entry in std::fs::read_dir(&self.data)?.flatten() {
@@ -354,6 +427,30 @@ fn status_kib(pid: u64, field: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// The pids of `uid`'s processes.
+fn user_processes(uid: u64) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                == Some(uid)
+        })
+        .collect()
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -362,13 +459,22 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn table(rows: &[Figures]) -> String {
     let mut out = String::from(
         "Sandbox sessions (release builds; medians over the sessions but the warm percentiles, over every execution)\n\n\
-         | backend | sessions at once | cold start (create → first `true` done) | warm `true` p50 | warm `true` p99 | resume after idle stop | RSS per session |\n\
-         |---|---|---|---|---|---|---|\n",
+         | backend | sessions at once | cold start (create → first `true` done) | warm `true` p50 | warm `true` p99 | first Python call | warm `1+1` p50 | warm `1+1` p99 | resume after idle stop | RSS per session |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let secs = |v: &[Duration]| median(v.iter().map(Duration::as_secs_f64).collect());
+        let python = match &row.python_warm {
+            Some(warm) => format!(
+                "{:.0} ms | {:.1} ms | {:.1} ms",
+                secs(&row.python_first) * 1000.0,
+                warm.value_at_quantile(0.5) as f64 / 1000.0,
+                warm.value_at_quantile(0.99) as f64 / 1000.0
+            ),
+            None => "no Python | - | -".to_string(),
+        };
         out.push_str(&format!(
-            "| {}{} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.2} s | {:.0} MiB |\n",
+            "| {}{} | {} | {:.2} s | {:.1} ms | {:.1} ms | {python} | {:.2} s | {:.0} MiB |\n",
             row.backend,
             if row.backend == "qemu" {
                 format!(" ({})", row.accel)

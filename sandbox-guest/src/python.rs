@@ -191,6 +191,33 @@ impl Python {
         }
     }
 
+    /// Starts the interpreter if there is none (or it died), so that a sandbox without
+    /// Python is refused before an answer starts.
+    pub fn prepare(&self) -> Result<(), ExecError> {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.live(&mut running).map(|_| ())
+    }
+
+    /// The live interpreter in `running`: the one there, unless it died, else a new one.
+    fn live<'a>(
+        &self,
+        running: &'a mut Option<Interpreter>,
+    ) -> Result<&'a mut Interpreter, ExecError> {
+        if running
+            .as_mut()
+            .is_some_and(|i| !matches!(i.child.try_wait(), Ok(None)))
+        {
+            *running = None;
+        }
+        match running {
+            Some(interpreter) => Ok(interpreter),
+            None => Ok(running.insert(self.start()?)),
+        }
+    }
+
     /// Runs `call` in the session's interpreter (started first if there is none).
     pub fn run(
         &self,
@@ -202,16 +229,7 @@ impl Python {
             .running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if running
-            .as_mut()
-            .is_some_and(|i| !matches!(i.child.try_wait(), Ok(None)))
-        {
-            *running = None;
-        }
-        let interpreter = match running.as_mut() {
-            Some(interpreter) => interpreter,
-            None => running.insert(self.start()?),
-        };
+        let interpreter = self.live(&mut running)?;
         let before = self.run_as.map(|user| crate::procs::of_user(user.uid));
         let outcome = self.call(interpreter, call, timeout, watcher, before.as_ref());
         if outcome.as_ref().map_or(true, |f| f.interpreter_restarted) {

@@ -185,7 +185,11 @@ fn route(agent: &Agent, request: &Request, stream: &mut TcpStream) -> std::io::R
             let Some(running) = agent.turn() else {
                 return write_busy(stream);
             };
-            if let Err(e) = agent.python.check(&call) {
+            if let Err(e) = agent
+                .python
+                .check(&call)
+                .and_then(|_| agent.python.prepare())
+            {
                 return write_exec_error(stream, &e);
             }
             let streamed = request.query_param("stream").as_deref() == Some("ndjson");

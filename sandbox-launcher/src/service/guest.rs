@@ -169,7 +169,8 @@ pub fn guest_error(status: u16, body: &[u8]) -> ServiceError {
         detail: String,
     }
     match serde_json::from_slice::<Answer>(body) {
-        Ok(answer) if (400..500).contains(&status) => ServiceError::Guest {
+        // The caller's fault (4xx), or something this sandbox lacks (503): passed on.
+        Ok(answer) if (400..500).contains(&status) || status == 503 => ServiceError::Guest {
             status,
             code: answer.error,
             detail: answer.detail,
