@@ -407,6 +407,19 @@ impl Service {
     }
 
     fn stop(&mut self) {
+        // Its sessions first (a run that failed half-way leaves some): their sandboxes and
+        // processes do not outlive the benchmark.
+        if let Ok(answer) = self.call("GET", "/v1/sessions", None) {
+            let listed: serde_json::Value =
+                serde_json::from_slice(&answer.body).unwrap_or_default();
+            for session in listed["sessions"].as_array().into_iter().flatten() {
+                if let (Some(agent), Some(thread)) =
+                    (session["agent"].as_str(), session["thread"].as_str())
+                {
+                    let _ = self.call("DELETE", &format!("/v1/sessions/{agent}/{thread}"), None);
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.data);
