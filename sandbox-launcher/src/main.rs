@@ -105,24 +105,47 @@ struct SessionArgs {
     thread: String,
 }
 
+/// What every execution (a command or Python code) is given: where, in which session, for
+/// how long, as which tool call.
 #[derive(clap::Args)]
-struct ExecArgs {
+struct CallArgs {
     #[command(flatten)]
     service: ServiceArgs,
     #[command(flatten)]
     session: SessionArgs,
-    /// Seconds before the execution is killed (the service's default otherwise).
+    /// Seconds before it is stopped (the service's default otherwise).
     #[arg(long)]
     timeout: Option<u64>,
+    /// The tool call's id on the gateway (generated otherwise).
+    #[arg(long)]
+    tool_call_id: Option<String>,
+}
+
+impl CallArgs {
+    /// Runs `body` (plus the timeout and tool call id) on `route`; the command line's exit.
+    async fn run(self, route: client::Route, mut body: serde_json::Value) -> Result<i32, String> {
+        let client = self.service.client()?;
+        if let Some(timeout) = self.timeout {
+            body["timeout_secs"] = timeout.into();
+        }
+        if let Some(id) = self.tool_call_id {
+            body["tool_call_id"] = id.into();
+        }
+        let session = (self.session.agent.as_str(), self.session.thread.as_str());
+        client::exec(&client, session, route, body).await
+    }
+}
+
+#[derive(clap::Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    call: CallArgs,
     /// Where to run it (relative to the workspace).
     #[arg(long)]
     cwd: Option<String>,
     /// A variable exported into the session first (repeatable): NAME=VALUE.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
-    /// The tool call's id on the gateway (generated otherwise).
-    #[arg(long)]
-    tool_call_id: Option<String>,
     /// A shell command line instead of a program and its arguments.
     #[arg(long, short = 'c', conflicts_with = "argv")]
     command: Option<String>,
@@ -134,15 +157,7 @@ struct ExecArgs {
 #[derive(clap::Args)]
 struct PythonArgs {
     #[command(flatten)]
-    service: ServiceArgs,
-    #[command(flatten)]
-    session: SessionArgs,
-    /// Seconds before the code is interrupted (the service's default otherwise).
-    #[arg(long)]
-    timeout: Option<u64>,
-    /// The tool call's id on the gateway (generated otherwise).
-    #[arg(long)]
-    tool_call_id: Option<String>,
+    call: CallArgs,
     /// The code itself.
     #[arg(long, short = 'c', conflicts_with = "file")]
     code: Option<String>,
@@ -456,7 +471,6 @@ impl ServiceArgs {
 }
 
 async fn exec(args: ExecArgs) -> Result<i32, String> {
-    let client = args.service.client()?;
     let mut env = serde_json::Map::new();
     for pair in &args.env {
         let (name, value) = pair
@@ -472,21 +486,13 @@ async fn exec(args: ExecArgs) -> Result<i32, String> {
             return Err("give the command: -- PROGRAM ARGS… or -c 'command line'".into())
         }
     }
-    if let Some(timeout) = args.timeout {
-        execution["timeout_secs"] = timeout.into();
-    }
     if let Some(cwd) = args.cwd {
         execution["cwd"] = cwd.into();
     }
-    if let Some(id) = args.tool_call_id {
-        execution["tool_call_id"] = id.into();
-    }
-    let session = (args.session.agent.as_str(), args.session.thread.as_str());
-    client::exec(&client, session, client::Route::Exec, execution).await
+    args.call.run(client::Route::Exec, execution).await
 }
 
 async fn python(args: PythonArgs) -> Result<i32, String> {
-    let client = args.service.client()?;
     let code = match (args.code, args.file) {
         (Some(code), _) => code,
         (None, Some(file)) if file.as_os_str() == "-" => {
@@ -503,15 +509,8 @@ async fn python(args: PythonArgs) -> Result<i32, String> {
             return Err("give the code: -c CODE, a FILE, or - for standard input".into())
         }
     };
-    let mut call = serde_json::json!({ "code": code });
-    if let Some(timeout) = args.timeout {
-        call["timeout_secs"] = timeout.into();
-    }
-    if let Some(id) = args.tool_call_id {
-        call["tool_call_id"] = id.into();
-    }
-    let session = (args.session.agent.as_str(), args.session.thread.as_str());
-    client::exec(&client, session, client::Route::Python, call).await
+    let call = serde_json::json!({ "code": code });
+    args.call.run(client::Route::Python, call).await
 }
 
 impl SessionArgs {

@@ -230,6 +230,9 @@ fn answer_mode(uri: &Uri, headers: &HeaderMap) -> Result<Answer, ServiceError> {
     })
 }
 
+/// The request body as the route's `parse` reads it (its timeouts bounded by the service's).
+type Parse = fn(&[u8], u64) -> Result<ExecRequest, ServiceError>;
+
 async fn execute(
     State(api): State<Arc<Api>>,
     Named(key): Named,
@@ -237,10 +240,7 @@ async fn execute(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ServiceError> {
-    let mode = answer_mode(&uri, &headers)?;
-    let body = body.map_err(too_large)?;
-    let request = ExecRequest::parse(&body, api.sessions.context.config.max_timeout_secs)?;
-    run_execution(&api, &key, mode, request).await
+    parse_and_run(&api, &key, (&uri, &headers), body, ExecRequest::parse).await
 }
 
 async fn python(
@@ -250,10 +250,28 @@ async fn python(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ServiceError> {
-    let mode = answer_mode(&uri, &headers)?;
+    parse_and_run(
+        &api,
+        &key,
+        (&uri, &headers),
+        body,
+        ExecRequest::parse_python,
+    )
+    .await
+}
+
+/// Reads an execution's body with `parse`, and runs it as the request asks to be answered.
+async fn parse_and_run(
+    api: &Arc<Api>,
+    key: &SessionKey,
+    (uri, headers): (&Uri, &HeaderMap),
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    parse: Parse,
+) -> Result<Response, ServiceError> {
+    let mode = answer_mode(uri, headers)?;
     let body = body.map_err(too_large)?;
-    let request = ExecRequest::parse_python(&body, api.sessions.context.config.max_timeout_secs)?;
-    run_execution(&api, &key, mode, request).await
+    let request = parse(&body, api.sessions.context.config.max_timeout_secs)?;
+    run_execution(api, key, mode, request).await
 }
 
 /// Runs `request` in the session `key` (one tool call), answered as `mode` asks.
