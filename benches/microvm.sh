@@ -6,13 +6,14 @@
 #   sudo bash benches/microvm.sh --quick     # 1 round: a smoke run
 #
 # Needs root, QEMU (apt-get install -y qemu-system-x86 busybox-static xz-utils); builds the
-# guest image into target/bench/guest-image if there is none. Other flags are passed on.
+# guest image into target/bench/guest-image if there is none (without the sessions' root file
+# system: `up` boots the initramfs alone). Other flags are passed on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p tollgate-gateway -p tollgate-launcher -p tollgate-benches
 mkdir -p target/bench
 image=target/bench/guest-image
-[ -f "$image/image.json" ] || target/release/tollgate-launcher image build --out "$image"
+[ -f "$image/image.json" ] || target/release/tollgate-launcher image build --without-root --out "$image"
 args=()
 for a in "$@"; do
   if [ "$a" = --quick ]; then args+=(--rounds 1); else args+=("$a"); fi

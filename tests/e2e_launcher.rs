@@ -443,7 +443,7 @@ fn guest_image() -> PathBuf {
         .get_or_init(|| {
             let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image");
             let out = Command::new(launcher_binary())
-                .args(["image", "build", "--offline", "--out"])
+                .args(["image", "build", "--offline", "--without-root", "--out"])
                 .arg(&dir)
                 .output()
                 .expect("image build");

@@ -48,9 +48,9 @@ fn missing_vm_prerequisite() -> Option<String> {
         }
     }
     let manifest = std::fs::read_to_string(format!("{IMAGE}/image.json")).unwrap_or_default();
-    if !manifest.contains("\"ext4\"") {
+    if !manifest.contains("\"erofs\"") || !manifest.contains("\"root\": {") {
         return Some(format!(
-            "no guest image with the workspace disk's modules in {IMAGE} (run `tollgate-launcher image build`; CI does)"
+            "no guest image with a root file system in {IMAGE} (run `tollgate-launcher image build`; CI does)"
         ));
     }
     None
@@ -247,6 +247,18 @@ impl Service {
     fn exec(&self, agent: &str, thread: &str, command: &str) -> serde_json::Value {
         let r = self.exec_raw(agent, thread, serde_json::json!({ "command": command }));
         assert_eq!(r.status, 200, "{command}: {r:?}");
+        r.json()
+    }
+
+    /// Runs Python `body` (`{code, timeout_secs?, tool_call_id?}`) in the session's
+    /// interpreter and returns the answer, which must be 200.
+    fn python(&self, agent: &str, thread: &str, body: serde_json::Value) -> serde_json::Value {
+        let r = self.call(
+            "POST",
+            &format!("/v1/sessions/{agent}/{thread}/python"),
+            Some(&body.to_string()),
+        );
+        assert_eq!(r.status, 200, "{body}: {r:?}");
         r.json()
     }
 
@@ -970,7 +982,7 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
 
         // The workload can neither read the guest agent's secret nor stop it, and the agent
         // it reaches is its own, which wants the secret.
-        let answer = svc.exec(agent, "q1", "cat /etc/tollgate/secret");
+        let answer = svc.exec(agent, "q1", "cat /run/tollgate/secret");
         assert!(answer["stderr"].as_str().unwrap_or("").contains("Permission denied"), "{answer}");
         svc.exec(agent, "q1", "pkill -9 -f '[t]ollgate-guest-agent'");
         let out = svc.stdout(agent, "q1", &format!("curl -sS --noproxy '*' -m 5 -o /dev/null -w '%{{http_code}}' http://10.200.1.2:{GUEST_PORT}/health"));
@@ -983,18 +995,15 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         let bearer = format!("Bearer {TOKEN}");
         assert!(world.origin.seen().iter().any(|s| s.target == "/from-vm" && s.authorization() == Some(bearer.as_str())));
 
-        // The guest image has no Python yet: a clear refusal, and the session works on.
-        let r = svc.call(
-            "POST",
-            &format!("/v1/sessions/{agent}/q1/python"),
-            Some(r#"{"code":"1+1"}"#),
-        );
-        assert_eq!((r.status, r.json()["error"].as_str()), (503, Some("unavailable")), "{r:?}");
+        // The interpreter lives in the VM.
+        svc.python(agent, "q1", serde_json::json!({"code": "y = 'kept'"}));
 
-        // A restarted service keeps the VM (its /tmp is still there: no reboot).
+        // A restarted service keeps the VM (its /tmp and its interpreter are still there: no
+        // reboot).
         world.restart_service(&VM_ARGS);
         let svc = &world.service;
         assert_eq!(svc.stdout(agent, "q1", "cat /tmp/marker"), "here\n");
+        assert_eq!(svc.python(agent, "q1", serde_json::json!({"code": "y"}))["result"], "'kept'");
 
         // Idle: both VMs stop; the next execution boots q1 again with its disk.
         let record = record(world, agent, "q1");
@@ -1011,6 +1020,8 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         let out = svc.stdout(agent, "q1", "cat f; echo $X; pwd");
         eprintln!("TIMING microVM session: resumed execution (boot included) in {:?}", started.elapsed());
         assert_eq!(out, "on-disk\nvm\n/session/workspace/d\n");
+        // A new boot is a new interpreter (the files are what carries over).
+        assert_eq!(svc.python(agent, "q1", serde_json::json!({"code": "'y' in globals()"}))["result"], "False");
         let r = svc.call("GET", &format!("/v1/sessions/{agent}/q1/files?path=d%2Ff"), None);
         assert_eq!((r.status, r.body.as_str()), (200, "on-disk\n"), "{r:?}");
 
@@ -1024,6 +1035,100 @@ let listed = gateway_sessions(world, agent);
         assert!(
             listed.as_array().into_iter().flatten().all(|s| s["session"] != "q1"),
             "{listed}"
+        );
+    })
+    .await;
+}
+
+/// The microVM Python test's service: emulation, a small output cap, and the default idle
+/// stop (an idle stop would end the interpreter in the middle of the test).
+const VM_PYTHON_ARGS: [&str; 6] = [
+    "--backend",
+    "qemu",
+    "--accel",
+    "tcg",
+    "--max-output-bytes",
+    "1000",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_python_has_the_images_libraries_trusts_only_the_gateway_and_installs_nothing() {
+    in_world(missing_vm_prerequisite(), &VM_PYTHON_ARGS, "vmpy", |world, agent| {
+        let started = Instant::now();
+        world.service.open(agent, "v1");
+        let svc = &world.service;
+        let python = |thread: &str, body: serde_json::Value| svc.python(agent, thread, body);
+        let answer = python("v1", serde_json::json!({"code": "x = 41\nprint('set')"}));
+        eprintln!("TIMING microVM Python: session to first result in {:?}", started.elapsed());
+        assert_eq!(answer["stdout"], "set\n", "{answer}");
+        world.service.open(agent, "v2");
+        let svc = &world.service;
+        let python = |thread: &str, body: serde_json::Value| svc.python(agent, thread, body);
+
+        // State carries from call to call in one thread, not to another.
+        assert_eq!(python("v1", serde_json::json!({"code": "x + 1"}))["result"], "42");
+        assert_eq!(python("v2", serde_json::json!({"code": "'x' in globals()"}))["result"], "False");
+
+        // The image's libraries.
+        let started = Instant::now();
+        let answer = python("v1", serde_json::json!({
+            "code": "import numpy, pandas, yaml, dateutil.parser, requests\n\
+                     frame = pandas.DataFrame({'n': numpy.arange(4)})\n\
+                     (int(frame.n.sum()), yaml.safe_load('a: 1')['a'], dateutil.parser.isoparse('2026-01-02').day)",
+            "timeout_secs": 120,
+        }));
+        eprintln!("TIMING microVM Python: import numpy, pandas, yaml, dateutil, requests in {:?}", started.elapsed());
+        assert_eq!(answer["result"], "(6, 1, 2)", "{answer}");
+
+        // An exception comes back with its traceback; an endless loop is interrupted by its
+        // timeout; the interpreter keeps its state through both.
+        let answer = python("v1", serde_json::json!({"code": "1/0"}));
+        assert_eq!(answer["error"]["type"], "ZeroDivisionError", "{answer}");
+        assert!(answer["error"]["traceback"].as_str().unwrap_or("").contains("Traceback"), "{answer}");
+        let answer = python("v1", serde_json::json!({"code": "while True: pass", "timeout_secs": 2}));
+        assert_eq!((answer["timed_out"].as_bool(), answer["error"]["type"].as_str()), (Some(true), Some("KeyboardInterrupt")), "{answer}");
+        assert_eq!(python("v1", serde_json::json!({"code": "x"}))["result"], "41");
+        // Output is capped.
+        let answer = python("v1", serde_json::json!({"code": "print('a' * 5000)"}));
+        assert_eq!(answer["truncated"], true, "{answer}");
+
+        // requests and urllib go through the gateway, trust its intercepted TLS through the
+        // system trust store alone (the CA variables unset), and get the injected token: the
+        // call is a tool call.
+        let port = world.origin.port();
+        let answer = python("v1", serde_json::json!({
+            "code": format!("import os, urllib.request\n\
+                     for name in ('REQUESTS_CA_BUNDLE', 'SSL_CERT_FILE', 'CURL_CA_BUNDLE'):\n    os.environ.pop(name, None)\n\
+                     (requests.get('https://{HOST}:{port}/from-requests').status_code, urllib.request.urlopen('https://{HOST}:{port}/from-urllib').status)"),
+            "tool_call_id": "tc-vm-python",
+        }));
+        assert_eq!(answer["result"], "(200, 200)", "{answer}");
+        let record = audit_record(world, agent, "/from-requests");
+        assert_eq!((record["session"].as_str(), record["tool_call"].as_str()), (Some("v1"), Some("tc-vm-python")), "{record}");
+        let bearer = format!("Bearer {TOKEN}");
+        for path in ["/from-requests", "/from-urllib"] {
+            assert!(world.origin.seen().iter().any(|s| s.target == path && s.authorization() == Some(bearer.as_str())), "{path}");
+        }
+
+        // So do curl and git; the trust store holds the gateway's CA and nothing else.
+        let unset = "env -u CURL_CA_BUNDLE -u SSL_CERT_FILE -u REQUESTS_CA_BUNDLE";
+        let out = svc.stdout(agent, "v1", &format!(
+            "{unset} curl -sS -o /dev/null -w '%{{http_code}}\\n' https://{HOST}:{port}/from-curl; \
+             {unset} GIT_TERMINAL_PROMPT=0 git ls-remote https://{HOST}:{port}/repo.git > /dev/null 2> git.err; \
+             grep -ci certificate git.err; grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt"
+        ));
+        assert_eq!(out, "200\n0\n1\n");
+        assert!(world.origin.seen().iter().any(|s| s.target.starts_with("/repo.git/info/refs") && s.authorization() == Some(bearer.as_str())), "git's request did not reach the origin");
+
+        // Nothing can be installed: no pip, no ensurepip, no package manager, a read-only
+        // root.
+        let answer = svc.exec(agent, "v1", "for c in pip pip3 apt-get apt dpkg; do command -v $c; done; \
+             python3 -m pip --version 2>&1; python3 -m ensurepip 2>&1; touch /usr/lib/python3/dist-packages/x.py 2>&1; true");
+        assert_eq!(
+            answer["stdout"],
+            "/usr/bin/python3: No module named pip\n/usr/bin/python3: No module named ensurepip\n\
+             touch: cannot touch '/usr/lib/python3/dist-packages/x.py': Read-only file system\n",
+            "{answer}"
         );
     })
     .await;
@@ -1045,15 +1150,7 @@ async fn python_in_a_session_keeps_its_state_and_each_call_is_one_tool_call() {
         world.service.open(agent, "p1");
         world.service.open(agent, "p2");
         let svc = &world.service;
-        let python = |thread: &str, body: serde_json::Value| {
-            let r = svc.call(
-                "POST",
-                &format!("/v1/sessions/{agent}/{thread}/python"),
-                Some(&body.to_string()),
-            );
-            assert_eq!(r.status, 200, "{r:?}");
-            r.json()
-        };
+        let python = |thread: &str, body: serde_json::Value| svc.python(agent, thread, body);
         // State carries from call to call in one thread, not to another.
         let answer = python("p1", serde_json::json!({"code": "x = 1\nprint('set')"}));
         assert_eq!(answer["stdout"], "set\n", "{answer}");

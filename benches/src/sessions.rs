@@ -1,18 +1,19 @@
-//! The sandbox service's cost (issue 19), per backend, with 1 and with 4 sessions at once:
+//! The sandbox service's cost (issues 19 and 20), per backend, with 1 and with 4 sessions at
+//! once:
 //!
-//! - **cold start**: from `PUT /v1/sessions/{agent}/{thread}` to the end of the session's
-//!   first execution (`true`);
+//! - **cold start**: from `PUT /v1/sessions/{agent}/{thread}` to the result of the session's
+//!   first Python call, `1+1` (the sandbox booted, its interpreter started);
 //! - **warm execution**: the round trip of `POST …/exec {"command": "true"}` in a running
 //!   session — tool call opened on the gateway, the command run by the guest agent, the tool
 //!   call closed — p50 and p99 over every session's executions (each session runs its own
 //!   executions one after another, all sessions at once);
 //! - **resume**: the first execution after the session was stopped for being idle (its
 //!   sandbox started again, its workspace kept);
-//! - **Python** (where the sandbox has it): the first call (its interpreter started) and the
-//!   warm round trip of `1+1`;
+//! - **Python**: the warm round trip of `1+1`, and the first `import pandas` (where the
+//!   sandbox has pandas: the microVM image has; the netns backend runs the host's Python);
 //! - **memory**: the resident set of each session's sandbox (QEMU; or the guest agent of the
 //!   netns backend and its user's processes, the Python interpreter among them) after the
-//!   warm executions.
+//!   warm executions and the pandas import.
 //!
 //! The release `tollgate` runs on loopback with its default policies, the release
 //! `tollgate-launcher serve` beside it (its data under /var/tmp: sandboxes replace /tmp).
@@ -61,12 +62,13 @@ struct Figures {
     backend: String,
     sessions: usize,
     accel: String,
+    /// Create → the first Python call's result (the sandbox and its interpreter started).
     cold: Vec<Duration>,
     warm: Histogram<u64>,
-    /// The first Python call's round trip (the interpreter started), where there is Python.
-    python_first: Vec<Duration>,
     /// Warm `1+1` round trips in the session's interpreter.
-    python_warm: Option<Histogram<u64>>,
+    python_warm: Histogram<u64>,
+    /// The first `import pandas` in a session, where the sandbox has pandas.
+    pandas: Option<Vec<Duration>>,
     resume: Vec<Duration>,
     rss_kib: Vec<u64>,
 }
@@ -114,11 +116,11 @@ fn measure(
     let cold = at_once(service, agent, &threads, |service, path| {
         let started = Instant::now();
         service.expect("PUT", path, None, &[200, 201])?;
-        service.exec_true(path)?;
+        service.python_one_plus_one(path)?;
         Ok(vec![started.elapsed()])
     })?;
     let executions = args.executions;
-    let warm_samples = at_once(service, agent, &threads, move |service, path| {
+    let warm = histogram(&at_once(service, agent, &threads, move |service, path| {
         (0..executions)
             .map(|_| {
                 let started = Instant::now();
@@ -126,37 +128,24 @@ fn measure(
                 Ok(started.elapsed())
             })
             .collect()
-    })?;
-    let mut warm = Histogram::<u64>::new(3)?;
-    for sample in &warm_samples {
-        warm.record(sample.as_micros() as u64)?;
-    }
-    // Python, where the sandbox has it: the first call starts the interpreter.
-    let (mut python_first, mut python_warm) = (Vec::new(), None);
-    let first = at_once(service, agent, &threads, |service, path| {
+    })?)?;
+    let python_warm = histogram(&at_once(service, agent, &threads, move |service, path| {
+        (0..executions)
+            .map(|_| {
+                let started = Instant::now();
+                service.python_one_plus_one(path)?;
+                Ok(started.elapsed())
+            })
+            .collect()
+    })?)?;
+    let pandas = at_once(service, agent, &threads, |service, path| {
         let started = Instant::now();
-        Ok(match service.python_available(path)? {
+        Ok(match service.import_pandas(path)? {
             true => vec![started.elapsed()],
             false => Vec::new(),
         })
     })?;
-    if first.len() == threads.len() {
-        python_first = first;
-        let samples = at_once(service, agent, &threads, move |service, path| {
-            (0..executions)
-                .map(|_| {
-                    let started = Instant::now();
-                    service.python_one_plus_one(path)?;
-                    Ok(started.elapsed())
-                })
-                .collect()
-        })?;
-        let mut histogram = Histogram::<u64>::new(3)?;
-        for sample in &samples {
-            histogram.record(sample.as_micros() as u64)?;
-        }
-        python_warm = Some(histogram);
-    }
+    let pandas = (pandas.len() == threads.len()).then_some(pandas);
     let mut rss_kib = Vec::new();
     let mut accel = String::from("-");
     for thread in &threads {
@@ -213,8 +202,8 @@ fn measure(
         accel,
         cold,
         warm,
-        python_first,
         python_warm,
+        pandas,
         resume,
         rss_kib,
     })
@@ -353,18 +342,19 @@ impl Service {
         Ok(())
     }
 
-    /// Runs the session's first Python call (which starts its interpreter); `false` where the
-    /// sandbox has no Python.
-    fn python_available(&self, session: &str) -> anyhow::Result<bool> {
-        let answer = self.call(
+    /// Imports pandas in the session's interpreter; `false` where the sandbox has none.
+    fn import_pandas(&self, session: &str) -> anyhow::Result<bool> {
+        let answer = self.expect(
             "POST",
             &format!("{session}/python"),
-            Some(r#"{"code":"1+1"}"#),
+            Some(r#"{"code":"import pandas","timeout_secs":300}"#),
+            &[200],
         )?;
-        match answer.status {
-            200 => Ok(true),
-            503 => Ok(false),
-            _ => bail!("{session}/python: {}", answer.status_line),
+        let result: serde_json::Value = serde_json::from_slice(&answer.body)?;
+        match result["error"]["type"].as_str() {
+            None => Ok(true),
+            Some("ModuleNotFoundError") => Ok(false),
+            Some(_) => bail!("import pandas failed: {result}"),
         }
     }
 
@@ -464,6 +454,15 @@ fn user_processes(uid: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The samples as a histogram of microseconds.
+fn histogram(samples: &[Duration]) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for sample in samples {
+        histogram.record(sample.as_micros() as u64)?;
+    }
+    Ok(histogram)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -472,20 +471,20 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn table(rows: &[Figures]) -> String {
     let mut out = String::from(
         "Sandbox sessions (release builds; medians over the sessions but the warm percentiles, over every execution)\n\n\
-         | backend | sessions at once | cold start (create → first `true` done) | warm `true` p50 | warm `true` p99 | first Python call | warm `1+1` p50 | warm `1+1` p99 | resume after idle stop | RSS per session |\n\
+         | backend | sessions at once | cold start (create → first Python result) | warm `true` p50 | warm `true` p99 | warm Python `1+1` p50 | warm `1+1` p99 | first `import pandas` | resume after idle stop | RSS per session (after pandas) |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let secs = |v: &[Duration]| median(v.iter().map(Duration::as_secs_f64).collect());
-        let python = match &row.python_warm {
-            Some(warm) => format!(
-                "{:.0} ms | {:.1} ms | {:.1} ms",
-                secs(&row.python_first) * 1000.0,
-                warm.value_at_quantile(0.5) as f64 / 1000.0,
-                warm.value_at_quantile(0.99) as f64 / 1000.0
-            ),
-            None => "no Python | - | -".to_string(),
-        };
+        let python = format!(
+            "{:.1} ms | {:.1} ms | {}",
+            row.python_warm.value_at_quantile(0.5) as f64 / 1000.0,
+            row.python_warm.value_at_quantile(0.99) as f64 / 1000.0,
+            match &row.pandas {
+                Some(times) => format!("{:.2} s", secs(times)),
+                None => "no pandas".to_string(),
+            }
+        );
         out.push_str(&format!(
             "| {}{} | {} | {:.2} s | {:.1} ms | {:.1} ms | {python} | {:.2} s | {:.0} MiB |\n",
             row.backend,

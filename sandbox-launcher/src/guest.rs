@@ -39,8 +39,21 @@ pub const DISK_MODULES: [&str; 6] = [
     "ext4",
 ];
 
+/// The kernel modules a session's VM loads for the image's root file system (erofs, whose
+/// checksums need `crc32c_generic` from [`DISK_MODULES`]), in load order.
+pub const ROOT_MODULES: [&str; 2] = ["libcrc32c", "erofs"];
+
 /// Where the guest keeps the CA bundle (Debian's default path, which curl and OpenSSL read).
 pub const GUEST_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Where a session's VM puts the gateway's CA in its root file system (a tmpfs): the root
+/// image's [`GUEST_CA_FILE`] is a link to it.
+pub const SESSION_RUN_CA: &str = "/run/tollgate/ca.pem";
+
+/// The serial number of the image's root disk, by which a session's init finds it.
+pub const ROOT_DISK_SERIAL: &str = "tollgate-root";
+/// The serial number of a session's workspace disk.
+pub const WORKSPACE_DISK_SERIAL: &str = "tollgate-workspace";
 
 /// The kernel command-line word that makes init only report ready and power off (the KVM
 /// probe boot).
@@ -112,10 +125,9 @@ pub fn vm_files(agent: &str, proxy_url: &str, ca_pem: &[u8], command: &[String])
 
 /// Where a session's VM mounts its workspace disk.
 pub const SESSION_MOUNT: &str = "/session";
-/// The guest's user executions run as (no account needed: the guest agent takes ids).
+/// The guest's user executions run as (`sandbox` in the root image's accounts; the guest
+/// agent takes ids, so none is needed).
 pub const SESSION_USER: &str = "1000:1000";
-/// Where the guest agent binary goes in a session's VM.
-const GUEST_AGENT: &str = "usr/bin/tollgate-guest-agent";
 
 /// What a session's VM gets of its own.
 #[derive(Debug)]
@@ -138,10 +150,21 @@ pub struct SessionGuest<'a> {
     pub agent_options: Vec<String>,
 }
 
+/// Where the guest agent and its libraries are in the initramfs, and, bound there, in the
+/// session's root.
+const AGENT_DIR: &str = "tollgate/agent";
+/// Where init mounts the session's root before switching into it.
+const NEW_ROOT: &str = "/sysroot";
+
 /// A session VM's own files, as an archive to append to the image's initramfs: the
 /// environment (proxy, CA, agent, thread), the CA, the guest agent's secret, the guest agent
-/// with its libraries, and the workload that mounts the workspace disk and becomes the guest
-/// agent (as root; executions run as [`SESSION_USER`]).
+/// with its libraries, and the workload. The workload mounts the image's root file system
+/// (read-only) with the workspace disk at [`SESSION_MOUNT`] and fresh tmpfs on `/tmp` and
+/// `/run`, puts the CA and secret in `/run/tollgate`, and becomes the guest agent (as root,
+/// chrooted there; executions run as [`SESSION_USER`]).
+///
+/// The guest agent runs through the loader it was linked with, from its own library
+/// directory: it was built on the host, whose C library may be newer than the image's.
 pub fn session_files(guest: &SessionGuest<'_>) -> Result<Vec<u8>, crate::image::ImageError> {
     let mut env = String::from("# This session VM's environment, written by tollgate-launcher.\n");
     let mut variables = workload_environment(guest.agent, guest.proxy_url, GUEST_CA_FILE);
@@ -149,21 +172,59 @@ pub fn session_files(guest: &SessionGuest<'_>) -> Result<Vec<u8>, crate::image::
     for (name, value) in variables {
         env.push_str(&format!("export {name}={}\n", shell_quote(&value)));
     }
-    let modules = DISK_MODULES.join(" ");
+    let libraries = crate::image::shared_libraries(guest.guest_agent)?;
+    let loader = libraries
+        .iter()
+        .filter_map(|l| l.file_name())
+        .map(|n| n.to_string_lossy().to_string())
+        .find(|n| n.starts_with("ld-linux"));
+    let bound = "/run/tollgate/agent";
+    let agent = match loader {
+        Some(loader) => {
+            format!("{bound}/lib/{loader} --library-path {bound}/lib {bound}/tollgate-guest-agent")
+        }
+        None => format!("{bound}/tollgate-guest-agent"),
+    };
+    let modules = DISK_MODULES
+        .iter()
+        .chain(ROOT_MODULES.iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
     let options: Vec<String> = guest.agent_options.iter().map(|o| shell_quote(o)).collect();
     let workload = format!(
         r#"fail() {{ echo "{FAILED_MARKER} $*"; exit 1; }}
 for m in {modules}; do
   insmod "/lib/modules/$m.ko" || fail "cannot load kernel module $m (rebuild the image: tollgate-launcher image build)"
 done
+# The disks by serial number: the image's root file system and the session's workspace.
+disk() {{
+  for d in /sys/block/vd*; do
+    [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && echo "/dev/${{d##*/}}" && return 0
+  done
+  return 1
+}}
 n=0
-while [ ! -b /dev/vda ]; do
-  n=$((n + 1)); [ "$n" -gt 100 ] && fail "no workspace disk (/dev/vda) appeared"
+until root_disk=$(disk {ROOT_DISK_SERIAL}) && workspace_disk=$(disk {WORKSPACE_DISK_SERIAL}); do
+  n=$((n + 1)); [ "$n" -gt 100 ] && fail "the root or the workspace disk did not appear"
   sleep 0.1
 done
-mkdir -p {SESSION_MOUNT}
-mount -t ext4 -o noatime /dev/vda {SESSION_MOUNT} || fail "cannot mount the workspace disk"
-exec /{GUEST_AGENT} --listen {listen} --secret-file /etc/tollgate/secret --workspace {SESSION_MOUNT}/workspace --state {SESSION_MOUNT}/shell --user {SESSION_USER} {options}
+new={NEW_ROOT}
+mkdir -p $new
+mount -t erofs -o ro $root_disk $new || fail "cannot mount the root file system"
+mount -t ext4 -o noatime,nosuid,nodev $workspace_disk $new{SESSION_MOUNT} || fail "cannot mount the workspace disk"
+mount -t proc -o nosuid,nodev,noexec proc $new/proc || fail "cannot mount /proc"
+mount -t sysfs -o nosuid,nodev,noexec sysfs $new/sys || fail "cannot mount /sys"
+mount -t devtmpfs -o nosuid,noexec devtmpfs $new/dev || fail "cannot mount /dev"
+mkdir -p $new/dev/shm
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $new/dev/shm || fail "cannot mount /dev/shm"
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $new/tmp || fail "cannot mount /tmp"
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs $new/run || fail "cannot mount /run"
+mkdir -p $new/run/tollgate/agent
+cp /etc/tollgate/ca.pem $new{SESSION_RUN_CA} && chmod 644 $new{SESSION_RUN_CA} || fail "cannot install the CA"
+(umask 077; cp /etc/tollgate/secret $new/run/tollgate/secret) || fail "cannot install the secret"
+mount -o bind /{AGENT_DIR} $new{bound} || fail "cannot bind the guest agent"
+exec chroot $new {agent} --listen {listen} --secret-file /run/tollgate/secret --workspace {SESSION_MOUNT}/workspace --state {SESSION_MOUNT}/shell --user {SESSION_USER} {options}
 "#,
         listen = guest.listen,
         options = options.join(" "),
@@ -173,21 +234,21 @@ exec /{GUEST_AGENT} --listen {listen} --secret-file /etc/tollgate/secret --works
     archive.file("etc/tollgate/env", 0o644, env.as_bytes());
     archive.file("etc/tollgate/workload", 0o755, workload.as_bytes());
     archive.file("etc/tollgate/secret", 0o600, guest.secret.as_bytes());
-    archive.file(GUEST_CA_FILE.trim_start_matches('/'), 0o644, guest.ca_pem);
+    archive.file("etc/tollgate/ca.pem", 0o644, guest.ca_pem);
     let mut added = std::collections::BTreeSet::new();
     crate::image::add_host_file(
         &mut archive,
         guest.guest_agent,
-        GUEST_AGENT,
+        &format!("{AGENT_DIR}/tollgate-guest-agent"),
         0o755,
         &mut added,
     )?;
-    for library in crate::image::shared_libraries(guest.guest_agent)? {
-        let name = library
-            .to_string_lossy()
-            .trim_start_matches('/')
-            .to_string();
-        crate::image::add_host_file(&mut archive, &library, &name, 0o755, &mut added)?;
+    for library in &libraries {
+        let Some(name) = library.file_name() else {
+            continue;
+        };
+        let name = format!("{AGENT_DIR}/lib/{}", name.to_string_lossy());
+        crate::image::add_host_file(&mut archive, library, &name, 0o755, &mut added)?;
     }
     Ok(archive.finish())
 }
@@ -213,7 +274,8 @@ mod tests {
     }
 
     #[test]
-    fn a_session_vms_files_mount_its_disk_and_start_the_guest_agent_with_a_private_secret() {
+    fn a_session_vms_files_mount_its_root_and_disk_and_start_the_guest_agent_there_with_a_private_secret(
+    ) {
         let binary = std::env::current_exe().expect("a program to stand for the agent");
         let files = session_files(&SessionGuest {
             agent: "a",
@@ -227,18 +289,34 @@ mod tests {
         })
         .expect("files");
         let text = String::from_utf8_lossy(&files);
+        // The agent comes last; the test binary standing for it holds this test's strings.
+        let agent = text
+            .find("tollgate/agent/tollgate-guest-agent\0")
+            .expect("the agent's entry");
+        let (text, agent_files) = text.split_at(agent);
         assert!(
             text.contains("export TOLLGATE_THREAD='t 1'\n"),
             "the thread, quoted"
         );
-        assert!(text.contains("for m in virtio_blk crc16 mbcache jbd2 crc32c_generic ext4; do"));
+        assert!(text.contains(
+            "for m in virtio_blk crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c erofs; do"
+        ));
+        let root = text
+            .find("mount -t erofs -o ro $root_disk $new ")
+            .expect("the root");
         let mount = text
-            .find("mount -t ext4 -o noatime /dev/vda /session")
+            .find("mount -t ext4 -o noatime,nosuid,nodev $workspace_disk $new/session ")
             .expect("mount");
+        let ca = text
+            .find("cp /etc/tollgate/ca.pem $new/run/tollgate/ca.pem")
+            .expect("the CA");
+        // The test binary stands for the agent: it is dynamically linked, so it runs through
+        // its own loader.
         let exec = text
-            .find("exec /usr/bin/tollgate-guest-agent --listen 10.200.1.2:999 --secret-file /etc/tollgate/secret --workspace /session/workspace --state /session/shell --user 1000:1000 --max-output-bytes 100")
+            .find("exec chroot $new /run/tollgate/agent/lib/ld-linux-x86-64.so.2 --library-path /run/tollgate/agent/lib /run/tollgate/agent/tollgate-guest-agent --listen 10.200.1.2:999 --secret-file /run/tollgate/secret --workspace /session/workspace --state /session/shell --user 1000:1000 --max-output-bytes 100")
             .expect("the agent");
-        assert!(mount < exec);
+        assert!(root < mount && mount < ca && ca < exec);
+        assert!(agent_files.contains("tollgate/agent/lib/libc.so.6\0"));
         // The secret's cpio entry: newc header, mode 0100600 (a file only root reads).
         let name = text
             .find("etc/tollgate/secret\0")
@@ -246,7 +324,6 @@ mod tests {
         let header = &text[name - 110..name];
         assert!(header.starts_with("070701"), "{header}");
         assert_eq!(&header[14..22], "00008180", "mode 0100600");
-        assert!(text.contains("usr/bin/tollgate-guest-agent\0"));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_launcher::client::{self, ServiceClient};
-use tollgate_launcher::image::{build, BuildOptions};
+use tollgate_launcher::image::root::{parse_packages, Compression, DEFAULT_PACKAGES};
+use tollgate_launcher::image::{build, BuildOptions, RootOptions};
 use tollgate_launcher::sandbox::{down, up, AccelChoice, UpOptions};
 use tollgate_launcher::service::config::ServiceConfig;
 use tollgate_launcher::state::{resident_kib, Backend, ProcessState, StateDir, CONSOLE_FILE};
@@ -229,8 +230,9 @@ enum SessionsCommand {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Build the guest image: Debian's kernel (downloaded with apt-get) and an initramfs with
-    /// busybox and curl.
+    /// Build the guest image: Debian's kernel (downloaded with apt-get), an initramfs with
+    /// busybox and curl, and the sessions' read-only root file system (Debian packages:
+    /// Python, its data libraries, the shell tools; needs root, debootstrap and erofs-utils).
     Build {
         /// The image directory.
         #[arg(long, default_value = "/var/lib/tollgate-launcher/image")]
@@ -238,10 +240,28 @@ enum ImageCommand {
         /// Where the kernel package is downloaded to.
         #[arg(long, default_value = "/var/cache/tollgate-launcher")]
         cache: PathBuf,
-        /// Use only a kernel package already in the cache.
+        /// Use only a kernel package already in the cache (with --without-root).
         #[arg(long)]
         offline: bool,
+        /// Build no root file system: an image for `up` workloads only, not for sessions.
+        #[arg(long)]
+        without_root: bool,
+        /// The root file system's package list (one Debian package per line; default: the
+        /// list built into the launcher, `sandbox-launcher/src/image/packages.txt`).
+        #[arg(long)]
+        packages: Option<PathBuf>,
+        /// How the root file system's files are stored.
+        #[arg(long, value_enum, default_value = "none")]
+        compression: CompressionArg,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    /// Plain blocks: the fastest reads under emulation.
+    None,
+    /// LZ4 (high compression): about half the size.
+    Lz4hc,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -365,20 +385,49 @@ fn run(command: Command, state: &StateDir) -> Result<(), String> {
                     out,
                     cache,
                     offline,
+                    without_root,
+                    packages,
+                    compression,
                 },
         } => {
+            let root = if without_root {
+                None
+            } else {
+                let list = match &packages {
+                    Some(file) => std::fs::read_to_string(file)
+                        .map_err(|e| format!("{}: {e}", file.display()))?,
+                    None => DEFAULT_PACKAGES.to_string(),
+                };
+                Some(RootOptions {
+                    packages: parse_packages(&list).map_err(|e| e.to_string())?,
+                    compression: match compression {
+                        CompressionArg::None => Compression::None,
+                        CompressionArg::Lz4hc => Compression::Lz4hc,
+                    },
+                })
+            };
             let image = build(&BuildOptions {
                 out,
                 cache,
                 offline,
+                root,
             })
             .map_err(|e| e.to_string())?;
             let m = &image.manifest;
             println!(
-                "guest image: {} ({} MiB kernel, {} MiB initramfs) in {}",
+                "guest image: {} ({} MiB kernel, {} MiB initramfs{}) in {}",
                 m.kernel_package,
                 m.kernel_bytes >> 20,
                 m.initramfs_bytes >> 20,
+                m.root
+                    .as_ref()
+                    .map(|r| format!(
+                        ", {} MiB root file system of {} packages from {}",
+                        r.bytes >> 20,
+                        r.packages.len(),
+                        r.suite
+                    ))
+                    .unwrap_or_default(),
                 image
                     .kernel()
                     .parent()

@@ -302,6 +302,7 @@ impl Launch<'_> {
             accel,
             tap_fd: Some(tap.fd()),
             kernel_parameters: Vec::new(),
+            root: None,
             disk: None,
         };
         let console = self.dir.join(CONSOLE_FILE);

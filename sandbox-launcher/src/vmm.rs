@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::{FAILED_MARKER, PROBE_PARAMETER, READY_MARKER};
+use crate::guest::{
+    FAILED_MARKER, PROBE_PARAMETER, READY_MARKER, ROOT_DISK_SERIAL, WORKSPACE_DISK_SERIAL,
+};
 use crate::image::Image;
 use crate::workload::{spawn_confined, RunAs};
 
@@ -62,7 +64,9 @@ pub struct VmSpec<'a> {
     pub tap_fd: Option<RawFd>,
     /// More kernel command-line words.
     pub kernel_parameters: Vec<String>,
-    /// A raw disk image the guest sees as `/dev/vda` (a session's workspace).
+    /// The image's root file system, attached read-only (shared by every session's VM).
+    pub root: Option<&'a Path>,
+    /// A raw disk image the guest writes to (a session's workspace).
     pub disk: Option<&'a Path>,
 }
 
@@ -100,15 +104,27 @@ impl VmSpec<'_> {
             "-append".into(),
             self.kernel_command_line(),
         ]);
+        // The guest finds its disks by serial number, not by the order it probes them in.
+        if let Some(root) = self.root {
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=root,readonly=on",
+                    qemu_path(root)
+                ),
+                "-device".into(),
+                format!("virtio-blk-device,drive=root,serial={ROOT_DISK_SERIAL}"),
+            ]);
+        }
         if let Some(disk) = self.disk {
             args.extend([
                 "-drive".into(),
                 format!(
                     "file={},format=raw,if=none,id=workspace,cache=writeback,discard=unmap",
-                    disk.to_string_lossy().replace(',', ",,")
+                    qemu_path(disk)
                 ),
                 "-device".into(),
-                "virtio-blk-device,drive=workspace".into(),
+                format!("virtio-blk-device,drive=workspace,serial={WORKSPACE_DISK_SERIAL}"),
             ]);
         }
         if let Some(fd) = self.tap_fd {
@@ -301,6 +317,7 @@ fn probe_kvm(image: &Image, user: RunAs) -> bool {
         accel: Accel::Kvm,
         tap_fd: None,
         kernel_parameters: vec![PROBE_PARAMETER.to_string()],
+        root: None,
         disk: None,
     };
     let console = scratch.path().join("console.log");
@@ -326,6 +343,11 @@ fn probe_kvm(image: &Image, user: RunAs) -> bool {
         );
     }
     booted
+}
+
+/// `path` as a QEMU option value (a comma doubled).
+fn qemu_path(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
 }
 
 #[cfg(test)]
@@ -356,6 +378,7 @@ mod tests {
             accel: Accel::Tcg,
             tap_fd: Some(7),
             kernel_parameters: vec![],
+            root: None,
             disk: None,
         };
         let args = spec.qemu_args().join(" ");
@@ -385,17 +408,26 @@ mod tests {
         assert!(!kvm.qemu_args().join(" ").contains("-netdev"));
         assert!(!kvm.qemu_args().join(" ").contains("-drive"));
         let disk = dir.path().join("a,b.img");
+        let root = dir.path().join("root.erofs");
         let with_disk = VmSpec {
+            root: Some(&root),
             disk: Some(&disk),
             ..kvm
         };
         let args = with_disk.qemu_args().join(" ");
         assert!(
             args.contains(&format!(
-                "-drive file={},format=raw,if=none,id=workspace,cache=writeback,discard=unmap -device virtio-blk-device,drive=workspace",
+                "-drive file={},format=raw,if=none,id=workspace,cache=writeback,discard=unmap -device virtio-blk-device,drive=workspace,serial=tollgate-workspace",
                 disk.display().to_string().replace(',', ",,")
             )),
             "a comma in the path is escaped: {args}"
+        );
+        assert!(
+            args.contains(&format!(
+                "-drive file={},format=raw,if=none,id=root,readonly=on -device virtio-blk-device,drive=root,serial=tollgate-root",
+                root.display()
+            )),
+            "the root is read-only: {args}"
         );
     }
 

@@ -5,7 +5,10 @@
 //!
 //! Built from packages: the versioned kernel package that `linux-image-amd64` depends on
 //! (downloaded with `apt-get download`, unpacked without installing it), `busybox-static` and
-//! `curl` from the host.
+//! `curl` from the host. Sessions' VMs also get the read-only root file system of [`root`]
+//! (Python and the shell tools), which their init switches into.
+
+pub mod root;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,7 +18,8 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::cpio::Archive;
-use crate::guest::{init_script, DISK_MODULES, MODULES};
+use crate::guest::{init_script, DISK_MODULES, MODULES, ROOT_MODULES};
+use root::{build_root, Compression, RootManifest, ROOT_FILE};
 
 /// The image's kernel file.
 pub const KERNEL_FILE: &str = "vmlinux";
@@ -75,6 +79,9 @@ pub struct Manifest {
     /// The kernel modules in it (an image built before sessions had disks lists none).
     #[serde(default)]
     pub modules: Vec<String>,
+    /// The sessions' root file system (none in an image built `--without-root`).
+    #[serde(default)]
+    pub root: Option<RootManifest>,
 }
 
 /// A built image.
@@ -114,6 +121,11 @@ impl Image {
     pub fn initramfs(&self) -> PathBuf {
         self.dir.join(INITRAMFS_FILE)
     }
+
+    /// The sessions' read-only root file system, if the image has one.
+    pub fn root(&self) -> Option<PathBuf> {
+        self.manifest.root.as_ref().map(|r| self.dir.join(&r.file))
+    }
 }
 
 /// Where to build and where downloads are kept.
@@ -125,10 +137,27 @@ pub struct BuildOptions {
     pub cache: PathBuf,
     /// Use only a kernel package already in the cache; never download.
     pub offline: bool,
+    /// The sessions' root file system to build, or none (an image for `up` only).
+    pub root: Option<RootOptions>,
+}
+
+/// What goes into the root file system.
+#[derive(Debug, Clone)]
+pub struct RootOptions {
+    /// Debian packages, installed with their dependencies.
+    pub packages: Vec<String>,
+    /// How its files are stored.
+    pub compression: Compression,
 }
 
 /// Builds the image into `options.out`.
 pub fn build(options: &BuildOptions) -> Result<Image, ImageError> {
+    if options.offline && options.root.is_some() {
+        return Err(ImageError::Tool {
+            what: "building the image offline".into(),
+            detail: "the root file system is installed from the package mirror: drop --offline, or build an image for `up` only with --without-root".into(),
+        });
+    }
     let package = kernel_package()?;
     let deb = kernel_deb(&package, options)?;
     std::fs::create_dir_all(&options.out).map_err(io_error(&options.out))?;
@@ -147,6 +176,20 @@ pub fn build(options: &BuildOptions) -> Result<Image, ImageError> {
     let initramfs_path = options.out.join(INITRAMFS_FILE);
     write_public(&initramfs_path, &initramfs)?;
 
+    let root = match &options.root {
+        Some(root) => Some(build_root(
+            &root.packages,
+            root.compression,
+            work.path(),
+            &options.out.join(ROOT_FILE),
+        )?),
+        None => {
+            let stale = options.out.join(ROOT_FILE);
+            let _ = std::fs::remove_file(&stale);
+            None
+        }
+    };
+
     let manifest = Manifest {
         kernel_release: package
             .strip_prefix("linux-image-")
@@ -156,6 +199,7 @@ pub fn build(options: &BuildOptions) -> Result<Image, ImageError> {
         kernel_bytes: vmlinux.len() as u64,
         initramfs_bytes: initramfs.len() as u64,
         modules: all_modules().map(str::to_string).collect(),
+        root,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Tool {
         what: "writing the manifest".into(),
@@ -294,9 +338,14 @@ fn unpack_kernel(deb: &Path, into: &Path) -> Result<UnpackedKernel, ImageError> 
     Ok(UnpackedKernel { vmlinuz, modules })
 }
 
-/// Every module the image carries: the network's (loaded at boot) and a session disk's.
+/// Every module the image carries: the network's (loaded at boot), a session disk's and the
+/// root file system's.
 fn all_modules() -> impl Iterator<Item = &'static str> {
-    MODULES.iter().chain(DISK_MODULES.iter()).copied()
+    MODULES
+        .iter()
+        .chain(DISK_MODULES.iter())
+        .chain(ROOT_MODULES.iter())
+        .copied()
 }
 
 fn find_files(dir: &Path) -> Vec<PathBuf> {

@@ -1,8 +1,9 @@
 //! The microVM backend: each session is a QEMU microVM of its own, booted from the shared
 //! guest image with the session's files appended (its environment, the gateway's CA, the
-//! guest agent's secret, the guest agent), its workspace on a disk image of its own (ext4 on
-//! a sparse file, `/dev/vda` in the guest, mounted at `/session`), its network a tap in the
-//! session's namespace.
+//! guest agent's secret, the guest agent). Its root is the image's read-only root file system
+//! (Python, the shell tools), one file every session's VM attaches read-only; its workspace
+//! is a disk image of its own (ext4 on a sparse file, mounted at `/session`); its network a
+//! tap in the session's namespace.
 //!
 //! QEMU runs as the session's own user id (so no session's VMM can open another's disk or
 //! initramfs), unprivileged and with `-sandbox on`. In the guest the agent runs as root and
@@ -14,7 +15,7 @@ use super::config::{AccelChoiceArg, ServiceConfig};
 use super::error::ServiceError;
 use super::sandbox::{agent_options, blocking, SandboxContext, GUEST_PORT};
 use super::session::{SessionDir, SessionRecord};
-use crate::guest::{session_files, SessionGuest, DISK_MODULES};
+use crate::guest::{session_files, SessionGuest, DISK_MODULES, ROOT_MODULES};
 use crate::image::Image;
 use crate::network::{SandboxNetwork, HOST_ADDRESS, SANDBOX_ADDRESS};
 use crate::tap::Tap;
@@ -49,12 +50,22 @@ impl Vm {
         let image = Image::open(&config.image).map_err(|e| e.to_string())?;
         if let Some(missing) = DISK_MODULES
             .iter()
+            .chain(ROOT_MODULES.iter())
             .find(|m| !image.manifest.modules.iter().any(|have| have == *m))
         {
             return Err(format!(
-                "the guest image in {} has no {missing} module (it predates session disks): rebuild it with `tollgate-launcher image build`",
+                "the guest image in {} has no {missing} module (it predates sessions' disks): rebuild it with `tollgate-launcher image build`",
                 config.image.display()
             ));
+        }
+        match image.root() {
+            Some(root) if root.is_file() => {}
+            _ => {
+                return Err(format!(
+                    "the guest image in {} has no root file system (built --without-root, or before sessions had Python): rebuild it with `tollgate-launcher image build`",
+                    config.image.display()
+                ))
+            }
         }
         let accel = match config.accel {
             AccelChoiceArg::Kvm => Accel::Kvm,
@@ -110,9 +121,11 @@ pub async fn spawn(
             .map_err(|e| format!("{}: {e}", vm.image.initramfs().display()))?;
         initrd.extend(files);
         write_owned(&dir.initrd(), &initrd, user)?;
+        let root = vm.image.root();
         let spec = VmSpec {
             image: &vm.image,
             initrd: &dir.initrd(),
+            root: root.as_deref(),
             memory_mib,
             accel: vm.accel,
             tap_fd: Some(tap.fd()),

@@ -1,0 +1,441 @@
+//! The sessions' root file system: Debian's minimal base with the packages of
+//! [`DEFAULT_PACKAGES`] (Python, its data libraries, the shell tools), made into one read-only
+//! erofs image that every session's VM attaches as a read-only disk. A new session costs no
+//! copy of it; the host's page cache holds one.
+//!
+//! Built with real package installs (debootstrap, then apt-get inside the tree from the
+//! host's own apt sources, so security updates are in) rather than by unpacking `.deb`s:
+//! maintainer scripts compile Python's bytecode and set up the libraries numpy loads. Then
+//! what makes it a sandbox's image and not a Debian system: the package managers go, the
+//! trust store becomes one link to the CA the session's VM is given at boot, and an
+//! unprivileged account exists for executions.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use super::{io_error, output, set_mode, ImageError};
+use crate::guest::{GUEST_CA_FILE, SESSION_MOUNT, SESSION_RUN_CA};
+
+/// The default package list (`src/image/packages.txt`).
+pub const DEFAULT_PACKAGES: &str = include_str!("packages.txt");
+
+/// The root image's file name in the image directory.
+pub const ROOT_FILE: &str = "root.erofs";
+
+/// How the root image's files are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Plain blocks: the largest image and the fastest reads under emulation, where every
+    /// decompressed byte costs emulated instructions.
+    #[default]
+    None,
+    /// LZ4 (high compression): about half the size, decompressed by the guest's CPU.
+    Lz4hc,
+}
+
+/// What the root image holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootManifest {
+    /// The image's file name in the image directory.
+    pub file: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// How its files are stored.
+    pub compression: Compression,
+    /// The Debian suite it was built from.
+    pub suite: String,
+    /// The packages asked for, as `name=version`.
+    pub packages: Vec<String>,
+}
+
+/// The package names in a package list: one per line, `#` comments and blank lines skipped.
+pub fn parse_packages(list: &str) -> Result<Vec<String>, ImageError> {
+    let mut names = Vec::new();
+    for (number, line) in list.lines().enumerate() {
+        let name = line.split('#').next().unwrap_or("").trim();
+        if name.is_empty() {
+            continue;
+        }
+        let valid = name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+            && name.len() >= 2
+            && name.as_bytes()[0].is_ascii_alphanumeric();
+        if !valid {
+            return Err(ImageError::Tool {
+                what: "reading the package list".into(),
+                detail: format!("line {}: {name:?} is not a Debian package name", number + 1),
+            });
+        }
+        names.push(name.to_string());
+    }
+    if names.is_empty() {
+        return Err(ImageError::Tool {
+            what: "reading the package list".into(),
+            detail: "it names no package".into(),
+        });
+    }
+    Ok(names)
+}
+
+/// Where the base system comes from: the host's Debian suite and the apt source lines that
+/// serve it (security and updates included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sources {
+    suite: String,
+    mirror: String,
+    lines: Vec<String>,
+}
+
+impl Sources {
+    /// The host's: its release's code name, and the sites apt fetches package lists from
+    /// (`apt-get indextargets` lines `SITE RELEASE COMPONENT`).
+    fn from_host() -> Result<Sources, ImageError> {
+        let os_release = std::fs::read_to_string("/etc/os-release")
+            .map_err(io_error(Path::new("/etc/os-release")))?;
+        let suite = os_release
+            .lines()
+            .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+            .map(|s| s.trim_matches('"').to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ImageError::Tool {
+                what: "finding the host's Debian release".into(),
+                detail: "/etc/os-release names no VERSION_CODENAME".into(),
+            })?;
+        let targets = output(
+            "listing the host's apt sources",
+            Command::new("apt-get").args([
+                "indextargets",
+                "--format",
+                "$(SITE) $(RELEASE) $(COMPONENT)",
+                "Identifier: Packages",
+            ]),
+        )?;
+        Sources::parse(&suite, &String::from_utf8_lossy(&targets))
+    }
+
+    fn parse(suite: &str, targets: &str) -> Result<Sources, ImageError> {
+        let mut by_site: Vec<(String, String, Vec<String>)> = Vec::new();
+        for line in targets.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(site), Some(release), Some(component)) =
+                (words.next(), words.next(), words.next())
+            else {
+                continue;
+            };
+            // Only this release's own suites (bookworm, bookworm-updates, bookworm-security).
+            if release != suite && !release.starts_with(&format!("{suite}-")) {
+                continue;
+            }
+            match by_site
+                .iter_mut()
+                .find(|(s, r, _)| s == site && r == release)
+            {
+                Some((_, _, components)) if !components.iter().any(|c| c == component) => {
+                    components.push(component.to_string())
+                }
+                Some(_) => {}
+                None => by_site.push((
+                    site.to_string(),
+                    release.to_string(),
+                    vec![component.to_string()],
+                )),
+            }
+        }
+        let mirror = by_site
+            .iter()
+            .find(|(_, release, _)| release == suite)
+            .map(|(site, _, _)| site.clone())
+            .ok_or_else(|| ImageError::Tool {
+                what: "finding a Debian mirror".into(),
+                detail: format!(
+                    "the host's apt sources serve no {suite} package list (run apt-get update)"
+                ),
+            })?;
+        let lines = by_site
+            .iter()
+            .map(|(site, release, components)| {
+                format!("deb {site} {release} {}", components.join(" "))
+            })
+            .collect();
+        Ok(Sources {
+            suite: suite.to_string(),
+            mirror,
+            lines,
+        })
+    }
+}
+
+/// Builds the root image from `packages` into `file`, in the scratch directory `work`.
+pub fn build_root(
+    packages: &[String],
+    compression: Compression,
+    work: &Path,
+    file: &Path,
+) -> Result<RootManifest, ImageError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(ImageError::Tool {
+            what: "building the root file system".into(),
+            detail: "it needs root (debootstrap and chroot install real packages); or build an image for `up` only with --without-root".into(),
+        });
+    }
+    for (program, package) in [
+        ("debootstrap", "debootstrap"),
+        ("mkfs.erofs", "erofs-utils"),
+    ] {
+        if super::which(program).is_none() {
+            return Err(ImageError::Tool {
+                what: "building the root file system".into(),
+                detail: format!("{program} is missing (apt-get install -y {package})"),
+            });
+        }
+    }
+    let sources = Sources::from_host()?;
+    let tree = work.join("root");
+    run(
+        &format!("debootstrap {} from {}", sources.suite, sources.mirror),
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &sources.suite])
+            .arg(&tree)
+            .arg(&sources.mirror),
+    )?;
+    install_packages(&tree, &sources, packages)?;
+    let versions = output(
+        "listing the installed versions",
+        Command::new("chroot")
+            .arg(&tree)
+            .args(["dpkg-query", "-W", "-f", "${Package}=${Version}\\n"])
+            .args(packages),
+    )?;
+    make_sandbox_tree(&tree)?;
+    let mut mkfs = Command::new("mkfs.erofs");
+    mkfs.args(["--quiet", "-x-1", "--all-root", "--preserve-mtime"]);
+    if compression == Compression::Lz4hc {
+        mkfs.arg("-zlz4hc");
+    }
+    let partial = file.with_extension("part");
+    run("making the erofs image", mkfs.arg(&partial).arg(&tree))?;
+    set_mode(&partial, 0o644)?;
+    std::fs::rename(&partial, file).map_err(io_error(file))?;
+    let bytes = std::fs::metadata(file).map_err(io_error(file))?.len();
+    Ok(RootManifest {
+        file: ROOT_FILE.to_string(),
+        bytes,
+        compression,
+        suite: sources.suite,
+        packages: String::from_utf8_lossy(&versions)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+/// `apt-get install` of `packages` inside `tree`, from the host's sources.
+fn install_packages(tree: &Path, sources: &Sources, packages: &[String]) -> Result<(), ImageError> {
+    let apt = tree.join("etc/apt");
+    let list = apt.join("sources.list");
+    write(&list, &format!("{}\n", sources.lines.join("\n")))?;
+    // Name resolution for apt inside the tree (removed again below).
+    let resolv = tree.join("etc/resolv.conf");
+    let _ = std::fs::remove_file(&resolv);
+    std::fs::copy("/etc/resolv.conf", &resolv).map_err(io_error(&resolv))?;
+    let in_tree = |args: &[&str]| {
+        let mut command = Command::new("chroot");
+        command
+            .arg(tree)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C");
+        command
+    };
+    run(
+        "apt-get update in the root file system",
+        &mut in_tree(&["apt-get", "update", "-qq"]),
+    )?;
+    // Packages the base system has from the first mirror get their updates too.
+    run(
+        "apt-get upgrade in the root file system",
+        &mut in_tree(&["apt-get", "upgrade", "-y", "-qq"]),
+    )?;
+    let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(packages.iter().map(String::as_str));
+    run(
+        &format!("installing {} packages", packages.len()),
+        &mut in_tree(&install),
+    )
+}
+
+/// Turns the installed tree into a sandbox's root: no package manager, no documentation, the
+/// gateway's CA as the only trust anchor, an account for executions, mount points.
+fn make_sandbox_tree(tree: &Path) -> Result<(), ImageError> {
+    // The package managers and what only they use. dpkg's status file stays as the record
+    // of what is installed.
+    for path in [
+        "etc/apt",
+        "usr/bin/apt",
+        "usr/bin/apt-cache",
+        "usr/bin/apt-cdrom",
+        "usr/bin/apt-config",
+        "usr/bin/apt-extracttemplates",
+        "usr/bin/apt-ftparchive",
+        "usr/bin/apt-get",
+        "usr/bin/apt-key",
+        "usr/bin/apt-mark",
+        "usr/bin/apt-sortpkgs",
+        "usr/lib/apt",
+        "var/cache/apt",
+        "var/lib/apt",
+        "var/cache/debconf",
+        "var/log",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/info",
+        "usr/share/locale",
+        "usr/share/ca-certificates",
+        "etc/ssl/certs",
+        "etc/resolv.conf",
+    ] {
+        remove(&tree.join(path))?;
+    }
+    for entry in std::fs::read_dir(tree.join("usr/bin"))
+        .map_err(io_error(&tree.join("usr/bin")))?
+        .filter_map(Result::ok)
+    {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name == "dpkg" || name.starts_with("dpkg-") || name.starts_with("pip") {
+            remove(&entry.path())?;
+        }
+    }
+    // The trust store: one link to the CA the session's VM brings (its `/run` is a tmpfs).
+    // curl, git (GnuTLS), OpenSSL and so Python's ssl, and requests (Debian's certifi) read
+    // this file by default.
+    let certs = tree.join("etc/ssl/certs");
+    std::fs::create_dir_all(&certs).map_err(io_error(&certs))?;
+    symlink(
+        SESSION_RUN_CA,
+        &tree.join(GUEST_CA_FILE.trim_start_matches('/')),
+    )?;
+    let openssl_default = tree.join("usr/lib/ssl/cert.pem");
+    if std::fs::symlink_metadata(&openssl_default).is_err() {
+        std::fs::create_dir_all(tree.join("usr/lib/ssl")).map_err(io_error(tree))?;
+        symlink(GUEST_CA_FILE, &openssl_default)?;
+    }
+    // Executions run as uid 1000; name it, for tools that ask (git, getpass, ~).
+    append(
+        &tree.join("etc/passwd"),
+        &format!("sandbox:x:1000:1000:sandbox:{SESSION_MOUNT}/workspace:/bin/bash\n"),
+    )?;
+    append(&tree.join("etc/group"), "sandbox:x:1000:\n")?;
+    write(&tree.join("etc/hostname"), "sandbox\n")?;
+    // No resolver: names are resolved by the gateway, which is the only route out.
+    write(&tree.join("etc/resolv.conf"), "")?;
+    for dir in [SESSION_MOUNT, "/run", "/tmp", "/proc", "/sys", "/dev"] {
+        let path = tree.join(dir.trim_start_matches('/'));
+        std::fs::create_dir_all(&path).map_err(io_error(&path))?;
+    }
+    Ok(())
+}
+
+fn run(what: &str, command: &mut Command) -> Result<(), ImageError> {
+    output(what, command).map(|_| ())
+}
+
+fn remove(path: &Path) -> Result<(), ImageError> {
+    let result = match std::fs::symlink_metadata(path) {
+        Err(_) => return Ok(()),
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    result.map_err(io_error(path))
+}
+
+fn symlink(target: &str, link: &Path) -> Result<(), ImageError> {
+    remove(link)?;
+    std::os::unix::fs::symlink(target, link).map_err(io_error(link))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), ImageError> {
+    remove(path)?;
+    std::fs::write(path, text).map_err(io_error(path))
+}
+
+fn append(path: &Path, line: &str) -> Result<(), ImageError> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io_error(path))?;
+    file.write_all(line.as_bytes()).map_err(io_error(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_list_has_python_its_libraries_and_the_shell_tools_and_no_package_manager() {
+        let packages = parse_packages(DEFAULT_PACKAGES).expect("the default list");
+        for wanted in [
+            "python3",
+            "python3-requests",
+            "python3-numpy",
+            "python3-pandas",
+            "python3-yaml",
+            "python3-dateutil",
+            "bash",
+            "coreutils",
+            "curl",
+            "jq",
+            "git",
+        ] {
+            assert!(packages.iter().any(|p| p == wanted), "{wanted} is missing");
+        }
+        for unwanted in ["python3-pip", "pip", "apt", "python3-venv"] {
+            assert!(!packages.iter().any(|p| p == unwanted), "{unwanted} is in");
+        }
+    }
+
+    #[test]
+    fn a_package_list_refuses_what_is_not_a_package_name() {
+        assert_eq!(
+            parse_packages("# c\n\njq  # the JSON tool\npython3\n").expect("list"),
+            ["jq", "python3"]
+        );
+        for bad in [
+            "",
+            "# only a comment\n",
+            "jq; rm -rf /\n",
+            "--allow-unauthenticated\n",
+            "Foo\n",
+        ] {
+            assert!(parse_packages(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn the_sources_are_the_hosts_suites_of_its_release() {
+        let targets = "\
+http://deb.debian.org/debian-security bookworm-security main
+http://deb.debian.org/debian bookworm-updates main
+http://deb.debian.org/debian bookworm main
+http://deb.debian.org/debian bookworm contrib
+http://deb.debian.org/debian bookworm main
+http://example.test/other stable main
+";
+        let sources = Sources::parse("bookworm", targets).expect("sources");
+        assert_eq!(sources.mirror, "http://deb.debian.org/debian");
+        assert_eq!(
+            sources.lines,
+            [
+                "deb http://deb.debian.org/debian-security bookworm-security main",
+                "deb http://deb.debian.org/debian bookworm-updates main",
+                "deb http://deb.debian.org/debian bookworm main contrib",
+            ]
+        );
+        let err = Sources::parse("trixie", targets).expect_err("no trixie");
+        assert!(err.to_string().contains("apt-get update"), "{err}");
+    }
+}
