@@ -119,25 +119,23 @@ fn measure(
         service.python_one_plus_one(path)?;
         Ok(vec![started.elapsed()])
     })?;
-    let executions = args.executions;
-    let warm = histogram(&at_once(service, agent, &threads, move |service, path| {
-        (0..executions)
-            .map(|_| {
-                let started = Instant::now();
-                service.exec_true(path)?;
-                Ok(started.elapsed())
-            })
-            .collect()
-    })?)?;
-    let python_warm = histogram(&at_once(service, agent, &threads, move |service, path| {
-        (0..executions)
-            .map(|_| {
-                let started = Instant::now();
-                service.python_one_plus_one(path)?;
-                Ok(started.elapsed())
-            })
-            .collect()
-    })?)?;
+    // Warm round trips: each session runs `executions` of `call` one after another, all
+    // sessions at once.
+    let warm_round_trips = |call: fn(&Service, &str) -> anyhow::Result<()>| {
+        let executions = args.executions;
+        let samples = at_once(service, agent, &threads, move |service, path| {
+            (0..executions)
+                .map(|_| {
+                    let started = Instant::now();
+                    call(service, path)?;
+                    Ok(started.elapsed())
+                })
+                .collect()
+        })?;
+        histogram(&samples)
+    };
+    let warm = warm_round_trips(Service::exec_true)?;
+    let python_warm = warm_round_trips(Service::python_one_plus_one)?;
     let pandas = at_once(service, agent, &threads, |service, path| {
         let started = Instant::now();
         Ok(match service.import_pandas(path)? {

@@ -28,11 +28,12 @@ pub const ROOT_FILE: &str = "root.erofs";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
-    /// Plain blocks: the largest image and the fastest reads under emulation, where every
-    /// decompressed byte costs emulated instructions.
-    #[default]
+    /// Plain blocks: nothing to decompress, about twice the size.
     None,
-    /// LZ4 (high compression): about half the size, decompressed by the guest's CPU.
+    /// LZ4 (high compression), decompressed by the guest's CPU: 172 MiB instead of 312 for
+    /// the default list, and under emulation no slower to import pandas from (measured side
+    /// by side, README).
+    #[default]
     Lz4hc,
 }
 
