@@ -1121,9 +1121,10 @@ async fn microvm_python_has_the_images_libraries_trusts_only_the_gateway_and_ins
         assert!(world.origin.seen().iter().any(|s| s.target.starts_with("/repo.git/info/refs") && s.authorization() == Some(bearer.as_str())), "git's request did not reach the origin");
 
         // Nothing can be installed: no pip, no ensurepip, no package manager, a read-only
-        // root.
+        // root; and no set-id program to become anyone else with.
         let answer = svc.exec(agent, "v1", "for c in pip pip3 apt-get apt dpkg; do command -v $c; done; \
-             python3 -m pip --version 2>&1; python3 -m ensurepip 2>&1; touch /usr/lib/python3/dist-packages/x.py 2>&1; true");
+             python3 -m pip --version 2>&1; python3 -m ensurepip 2>&1; touch /usr/lib/python3/dist-packages/x.py 2>&1; \
+             find / -xdev -type f -perm /6000 2>/dev/null; true");
         assert_eq!(
             answer["stdout"],
             "/usr/bin/python3: No module named pip\n/usr/bin/python3: No module named ensurepip\n\

@@ -211,7 +211,7 @@ until root_disk=$(disk {ROOT_DISK_SERIAL}) && workspace_disk=$(disk {WORKSPACE_D
 done
 new={NEW_ROOT}
 mkdir -p $new
-mount -t erofs -o ro $root_disk $new || fail "cannot mount the root file system"
+mount -t erofs -o ro,nosuid,nodev $root_disk $new || fail "cannot mount the root file system"
 mount -t ext4 -o noatime,nosuid,nodev $workspace_disk $new{SESSION_MOUNT} || fail "cannot mount the workspace disk"
 mount -t proc -o nosuid,nodev,noexec proc $new/proc || fail "cannot mount /proc"
 mount -t sysfs -o nosuid,nodev,noexec sysfs $new/sys || fail "cannot mount /sys"
@@ -302,7 +302,7 @@ mod tests {
             "for m in virtio_blk crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c erofs; do"
         ));
         let root = text
-            .find("mount -t erofs -o ro $root_disk $new ")
+            .find("mount -t erofs -o ro,nosuid,nodev $root_disk $new ")
             .expect("the root");
         let mount = text
             .find("mount -t ext4 -o noatime,nosuid,nodev $workspace_disk $new/session ")

@@ -196,22 +196,11 @@ pub fn build_root(
     }
     let sources = Sources::from_host()?;
     let tree = work.join("root");
-    run(
-        &format!("debootstrap {} from {}", sources.suite, sources.mirror),
-        Command::new("debootstrap")
-            .args(["--variant=minbase", &sources.suite])
-            .arg(&tree)
-            .arg(&sources.mirror),
-    )?;
-    install_packages(&tree, &sources, packages)?;
-    let versions = output(
-        "listing the installed versions",
-        Command::new("chroot")
-            .arg(&tree)
-            .args(["dpkg-query", "-W", "-f", "${Package}=${Version}\\n"])
-            .args(packages),
-    )?;
-    make_sandbox_tree(&tree)?;
+    let built = install_tree(&tree, &sources, packages);
+    // debootstrap mounts /proc and /sys in the tree while it works: a run stopped half-way
+    // must not leave them for the scratch directory's removal to walk into.
+    unmount_below(&tree);
+    let versions = built?;
     let mut mkfs = Command::new("mkfs.erofs");
     mkfs.args(["--quiet", "-x-1", "--all-root", "--preserve-mtime"]);
     if compression == Compression::Lz4hc {
@@ -232,6 +221,49 @@ pub fn build_root(
             .map(str::to_string)
             .collect(),
     })
+}
+
+/// The installed tree, made a sandbox's root; the versions of `packages` in it.
+fn install_tree(
+    tree: &Path,
+    sources: &Sources,
+    packages: &[String],
+) -> Result<Vec<u8>, ImageError> {
+    run(
+        &format!("debootstrap {} from {}", sources.suite, sources.mirror),
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &sources.suite])
+            .arg(tree)
+            .arg(&sources.mirror),
+    )?;
+    install_packages(tree, sources, packages)?;
+    let versions = output(
+        "listing the installed versions",
+        Command::new("chroot")
+            .arg(tree)
+            .args(["dpkg-query", "-W", "-f", "${Package}=${Version}\\n"])
+            .args(packages),
+    )?;
+    make_sandbox_tree(tree)?;
+    Ok(versions)
+}
+
+/// Detaches every mount at or below `dir` (deepest first).
+fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    // /proc/self/mounts writes a space in a path as `\040`; the tree's path has none.
+    let prefix = dir.to_string_lossy().to_string();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// `apt-get install` of `packages` inside `tree`, from the host's sources.
@@ -310,6 +342,9 @@ fn make_sandbox_tree(tree: &Path) -> Result<(), ImageError> {
             remove(&entry.path())?;
         }
     }
+    // No set-user-id or set-group-id program: executions stay who they are (the session's
+    // init also mounts the image `nosuid`).
+    strip_set_id_bits(tree)?;
     // The trust store: one link to the CA the session's VM brings (its `/run` is a tmpfs).
     // curl, git (GnuTLS), OpenSSL and so Python's ssl, and requests (Debian's certifi) read
     // this file by default.
@@ -336,6 +371,25 @@ fn make_sandbox_tree(tree: &Path) -> Result<(), ImageError> {
     for dir in [SESSION_MOUNT, "/run", "/tmp", "/proc", "/sys", "/dev"] {
         let path = tree.join(dir.trim_start_matches('/'));
         std::fs::create_dir_all(&path).map_err(io_error(&path))?;
+    }
+    Ok(())
+}
+
+/// Clears the set-user-id and set-group-id bits of every file below `dir` (links not
+/// followed).
+fn strip_set_id_bits(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_error(&dir))? {
+            let path = entry.map_err(io_error(&dir))?.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(io_error(&path))?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() && meta.permissions().mode() & 0o6000 != 0 {
+                set_mode(&path, meta.permissions().mode() & 0o1777)?;
+            }
+        }
     }
     Ok(())
 }
@@ -413,6 +467,60 @@ mod tests {
             "Foo\n",
         ] {
             assert!(parse_packages(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn mounts_left_in_the_tree_are_detached_before_it_is_removed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("root");
+        let proc_dir = tree.join("proc");
+        std::fs::create_dir_all(&proc_dir).expect("dirs");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &proc_dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount");
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mounts")
+                .expect("mounts")
+                .lines()
+                .any(|l| l.split(' ').nth(1) == Some(proc_dir.to_str().expect("utf-8")))
+        };
+        assert!(mounted());
+        std::fs::write(proc_dir.join("kept"), "x").expect("a file in the mount");
+        unmount_below(&tree);
+        assert!(!mounted());
+        assert!(
+            !proc_dir.join("kept").exists(),
+            "the directory is the tree's own again"
+        );
+    }
+
+    #[test]
+    fn set_id_bits_are_cleared_and_other_bits_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).expect("dirs");
+        for (name, mode) in [("su", 0o4755), ("wall", 0o2755), ("plain", 0o755)] {
+            std::fs::write(bin.join(name), "").expect("file");
+            set_mode(&bin.join(name), mode).expect("mode");
+        }
+        strip_set_id_bits(dir.path()).expect("strip");
+        for name in ["su", "wall", "plain"] {
+            let mode = std::fs::metadata(bin.join(name))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, 0o755, "{name}");
         }
     }
 
