@@ -45,7 +45,6 @@ fn executions(c: &mut Criterion) {
 
     let python = Python::new(
         shell.workspace.clone(),
-        shell.state.clone(),
         None,
         1 << 20,
         (shell.default_timeout, shell.max_timeout),
@@ -61,7 +60,6 @@ fn executions(c: &mut Criterion) {
     let workspace = Workspace::open(&shell.workspace, None, 1 << 20).expect("workspace");
     let python = Python::new(
         shell.workspace.clone(),
-        shell.state.clone(),
         None,
         1 << 20,
         (shell.default_timeout, shell.max_timeout),

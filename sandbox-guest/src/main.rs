@@ -117,7 +117,6 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     let python = Python::new(
         cli.workspace.clone(),
-        shell.state.clone(),
         run_as,
         cli.max_output_bytes,
         (shell.default_timeout, shell.max_timeout),

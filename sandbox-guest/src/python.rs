@@ -3,9 +3,11 @@
 //!
 //! The interpreter is one `python3` process per session, started at the first call, running
 //! as the session's user in its workspace. A small driver (below) reads each call's code from
-//! a Unix socket the agent made in the session's state directory, runs it in one persistent
-//! namespace — the last expression's `repr` is the result — and answers on the same socket
-//! with the result or the exception and its traceback. What the code prints goes to the
+//! a socket pair the agent made (one end is the interpreter's standard input, which the driver
+//! moves aside and replaces with `/dev/null`: no path, so nothing in the session's files can
+//! stand in for it), runs it in one persistent namespace — the last expression's `repr` is the
+//! result — and answers on the same socket with the result or the exception and its
+//! traceback. What the code prints goes to the
 //! process's own stdout and stderr, which the agent reads as they come (so a subprocess's
 //! output is captured too, and nothing the code prints can be taken for the driver's answer).
 //!
@@ -17,8 +19,8 @@
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
@@ -32,19 +34,20 @@ use crate::exec::{nonblocking, Capped, ExecError, Output, RunAs, Watcher};
 
 /// How long interrupted code may take to stop before the interpreter is killed.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
-/// How long a new interpreter may take to connect to the agent.
+/// How long a new interpreter may take to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest `repr` of a result kept (the rest is cut, and `truncated` says so).
 const MAX_RESULT_BYTES: usize = 64 * 1024;
 
-/// The driver the interpreter runs (`python3 -u -c DRIVER SOCKET`).
+/// The driver the interpreter runs (`python3 -u -c DRIVER`, its socket as standard input).
 const DRIVER: &str = r#"
 import ast, json, os, signal, socket, sys, traceback
-conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-conn.connect(sys.argv[1])
-os.set_inheritable(conn.fileno(), False)
+conn = socket.socket(fileno=os.dup(0))
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+os.close(null)
 channel = conn.makefile("rwb", buffering=0)
-del sys.argv[1:]
+channel.write(b'{"ready": true}\n')
 sys.path.insert(0, "")
 namespace = {"__name__": "__main__", "__builtins__": __builtins__}
 while True:
@@ -132,8 +135,6 @@ pub struct PythonFinished {
 pub struct Python {
     /// The session's workspace (the interpreter's working directory and `HOME`).
     pub workspace: PathBuf,
-    /// Where the interpreter's socket is made.
-    pub state: PathBuf,
     /// The unprivileged user the interpreter runs as (`None`: the agent's own).
     pub run_as: Option<RunAs>,
     /// Most bytes kept of each of stdout and stderr.
@@ -160,14 +161,12 @@ impl Python {
     /// The interpreter of the session at `workspace` (started at the first call).
     pub fn new(
         workspace: PathBuf,
-        state: PathBuf,
         run_as: Option<RunAs>,
         max_output_bytes: usize,
         (default_timeout, max_timeout): (Duration, Duration),
     ) -> Python {
         Python {
             workspace,
-            state,
             run_as,
             max_output_bytes,
             default_timeout,
@@ -241,34 +240,27 @@ impl Python {
         outcome
     }
 
-    /// Starts an interpreter and waits for its driver to connect.
+    /// Starts an interpreter and waits for its driver to say it is ready.
     fn start(&self) -> Result<Interpreter, ExecError> {
         let failed = |e: String| ExecError::Failed(format!("cannot start python3: {e}"));
-        let path = self.state.join("python.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|e| failed(e.to_string()))?;
-        if let Some(user) = self.run_as {
-            nix::unistd::chown(
-                &path,
-                Some(nix::unistd::Uid::from_raw(user.uid)),
-                Some(nix::unistd::Gid::from_raw(user.gid)),
-            )
-            .map_err(|e| failed(e.to_string()))?;
-        }
+        let (channel, theirs) = UnixStream::pair().map_err(|e| failed(e.to_string()))?;
         let mut command = Command::new("python3");
         command
             .args(["-u", "-c", DRIVER])
-            .arg(&path)
             .env("HOME", &self.workspace)
             .current_dir(&self.workspace)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         if let Some(user) = self.run_as {
             command.uid(user.uid).gid(user.gid);
         }
-        let mut child = command.spawn().map_err(|e| match e.kind() {
+        let spawned = command.spawn();
+        // The command holds the driver's end until it goes: the driver's must be the only
+        // one, so that its exit closes the channel.
+        drop(command);
+        let mut child = spawned.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 ExecError::Unavailable("this sandbox has no python3".into())
             }
@@ -277,36 +269,32 @@ impl Python {
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(failed("no output pipes".into()));
         };
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| failed(e.to_string()))?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        let channel = loop {
-            match listener.accept() {
-                Ok((channel, _)) => break channel,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(failed(e.to_string())),
-            }
-            if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
-                let _ = child.kill();
-                let mut why = String::new();
-                let _ = { stderr }.read_to_string(&mut why);
-                let _ = child.wait();
-                return Err(failed(format!("its driver did not start: {}", why.trim())));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let _ = std::fs::remove_file(&path);
         for fd in [stdout.as_fd(), stderr.as_fd(), channel.as_fd()] {
             nonblocking(fd)?;
         }
-        Ok(Interpreter {
+        let mut interpreter = Interpreter {
             child,
             stdout,
             stderr,
             channel,
             pending: Vec::new(),
-        })
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match read_line(&mut interpreter) {
+                Ok(Some(line)) if line == b"{\"ready\": true}\n" => return Ok(interpreter),
+                Ok(None) if Instant::now() < deadline => {
+                    let mut fds = [PollFd::new(interpreter.channel.as_fd(), PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut fds, PollTimeout::from(100u16));
+                }
+                _ => break,
+            }
+        }
+        let _ = interpreter.child.kill();
+        let _ = interpreter.child.wait();
+        let mut why = String::new();
+        let _ = interpreter.stderr.read_to_string(&mut why);
+        Err(failed(format!("its driver did not start: {}", why.trim())))
     }
 
     /// Sends `call` to `interpreter` and watches it to its answer, the timeout or the caller

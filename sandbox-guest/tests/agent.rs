@@ -429,6 +429,26 @@ fn python_keeps_its_state_reports_errors_and_is_interrupted_by_its_timeout() {
         serde_json::json!({"code": "('x' in globals(), open('kept.txt').read())"}),
     );
     assert_eq!(answer["result"], "(False, 'k')", "{answer}");
+    // The driver's channel has no path (nothing in the session's files stands for it, so
+    // nothing there can be swapped for a link root would follow), and the code's standard
+    // input is empty, not the channel.
+    let answer = python(
+        agent.addr,
+        serde_json::json!({"code": "import sys\ntry:\n    input()\nexcept EOFError:\n    print('eof')\nsys.stdin.read()", "timeout_secs": 5}),
+    );
+    assert_eq!(
+        (answer["stdout"].as_str(), answer["result"].as_str()),
+        (Some("eof\n"), Some("''")),
+        "{answer}"
+    );
+    let sockets: Vec<_> = walk(agent.dir.path())
+        .into_iter()
+        .filter(|p| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+        })
+        .collect();
+    assert!(sockets.is_empty(), "{sockets:?}");
     // Output is capped (1000 bytes here).
     let answer = python(agent.addr, serde_json::json!({"code": "print('a' * 5000)"}));
     assert_eq!(answer["truncated"], true);
@@ -441,4 +461,20 @@ fn python_keeps_its_state_reports_errors_and_is_interrupted_by_its_timeout() {
         );
         assert_eq!(answer["result"], "65534", "{answer}");
     }
+}
+
+/// Every path below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path.clone());
+            }
+            out.push(path);
+        }
+    }
+    out
 }
