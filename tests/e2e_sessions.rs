@@ -1120,6 +1120,11 @@ async fn microvm_python_has_the_images_libraries_trusts_only_the_gateway_and_ins
         assert_eq!(out, "200\n0\n1\n");
         assert!(world.origin.seen().iter().any(|s| s.target.starts_with("/repo.git/info/refs") && s.authorization() == Some(bearer.as_str())), "git's request did not reach the origin");
 
+        // The workload sees its own processes only (not the guest agent), and the guest's
+        // hardening is set.
+        let out = svc.stdout(agent, "v1", "ps -e -o user= | sort -u; cat /proc/sys/fs/protected_symlinks /proc/sys/fs/protected_regular /proc/sys/user/max_user_namespaces; bash -c 'cat <(echo substituted)'");
+        assert_eq!(out, "sandbox\n1\n2\n0\nsubstituted\n");
+
         // Nothing can be installed: no pip, no ensurepip, no package manager, a read-only
         // root; and no set-id program to become anyone else with.
         let answer = svc.exec(agent, "v1", "for c in pip pip3 apt-get apt dpkg; do command -v $c; done; \

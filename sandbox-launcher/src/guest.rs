@@ -213,16 +213,30 @@ new={NEW_ROOT}
 mkdir -p $new
 mount -t erofs -o ro,nosuid,nodev $root_disk $new || fail "cannot mount the root file system"
 mount -t ext4 -o noatime,nosuid,nodev $workspace_disk $new{SESSION_MOUNT} || fail "cannot mount the workspace disk"
-mount -t proc -o nosuid,nodev,noexec proc $new/proc || fail "cannot mount /proc"
-mount -t sysfs -o nosuid,nodev,noexec sysfs $new/sys || fail "cannot mount /sys"
+# Executions see their own processes only, and read /sys.
+mount -t proc -o nosuid,nodev,noexec,hidepid=invisible proc $new/proc || fail "cannot mount /proc"
+mount -t sysfs -o ro,nosuid,nodev,noexec sysfs $new/sys || fail "cannot mount /sys"
 mount -t devtmpfs -o nosuid,noexec devtmpfs $new/dev || fail "cannot mount /dev"
-mkdir -p $new/dev/shm
+mkdir -p $new/dev/shm $new/dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $new/dev/shm || fail "cannot mount /dev/shm"
+mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620 devpts $new/dev/pts || fail "cannot mount /dev/pts"
+ln -sf pts/ptmx $new/dev/ptmx
+ln -sf /proc/self/fd $new/dev/fd
+ln -sf /proc/self/fd/0 $new/dev/stdin
+ln -sf /proc/self/fd/1 $new/dev/stdout
+ln -sf /proc/self/fd/2 $new/dev/stderr
+# What a Debian system sets at boot: links and files in shared directories are followed only
+# as their owners intend, kernel addresses and messages are root's, no user namespaces.
+for setting in fs/protected_symlinks=1 fs/protected_hardlinks=1 fs/protected_fifos=2 \
+    fs/protected_regular=2 kernel/kptr_restrict=2 kernel/dmesg_restrict=1 user/max_user_namespaces=0; do
+  echo "${{setting#*=}}" > "/proc/sys/${{setting%=*}}" || fail "cannot set ${{setting%=*}}"
+done
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $new/tmp || fail "cannot mount /tmp"
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs $new/run || fail "cannot mount /run"
 mkdir -p $new/run/tollgate/agent
 cp /etc/tollgate/ca.pem $new{SESSION_RUN_CA} && chmod 644 $new{SESSION_RUN_CA} || fail "cannot install the CA"
 (umask 077; cp /etc/tollgate/secret $new/run/tollgate/secret) || fail "cannot install the secret"
+rm -f /etc/tollgate/secret
 mount -o bind /{AGENT_DIR} $new{bound} || fail "cannot bind the guest agent"
 exec chroot $new {agent} --listen {listen} --secret-file /run/tollgate/secret --workspace {SESSION_MOUNT}/workspace --state {SESSION_MOUNT}/shell --user {SESSION_USER} {options}
 "#,

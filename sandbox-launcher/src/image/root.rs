@@ -64,7 +64,9 @@ pub fn parse_packages(list: &str) -> Result<Vec<String>, ImageError> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
             && name.len() >= 2
-            && name.as_bytes()[0].is_ascii_alphanumeric();
+            && name.as_bytes()[0].is_ascii_alphanumeric()
+            // apt reads a trailing `-` as "remove" and `+` as "install".
+            && !name.ends_with(['-', '+']);
         if !valid {
             return Err(ImageError::Tool {
                 what: "reading the package list".into(),
@@ -82,8 +84,9 @@ pub fn parse_packages(list: &str) -> Result<Vec<String>, ImageError> {
     Ok(names)
 }
 
-/// Where the base system comes from: the host's Debian suite and the apt source lines that
-/// serve it (security and updates included).
+/// Where the base system comes from: the host's Debian suite and the apt source lines of the
+/// distribution's own archive that serve it (security and updates included; no third-party
+/// repository).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Sources {
     suite: String,
@@ -93,7 +96,7 @@ struct Sources {
 
 impl Sources {
     /// The host's: its release's code name, and the sites apt fetches package lists from
-    /// (`apt-get indextargets` lines `SITE RELEASE COMPONENT`).
+    /// (`apt-get indextargets` lines `SITE RELEASE COMPONENT ORIGIN`).
     fn from_host() -> Result<Sources, ImageError> {
         let os_release = std::fs::read_to_string("/etc/os-release")
             .map_err(io_error(Path::new("/etc/os-release")))?;
@@ -106,27 +109,37 @@ impl Sources {
                 what: "finding the host's Debian release".into(),
                 detail: "/etc/os-release names no VERSION_CODENAME".into(),
             })?;
+        let distribution = os_release
+            .lines()
+            .find_map(|l| l.strip_prefix("ID="))
+            .map(|s| s.trim_matches('"').to_string())
+            .unwrap_or_else(|| "debian".into());
         let targets = output(
             "listing the host's apt sources",
             Command::new("apt-get").args([
                 "indextargets",
                 "--format",
-                "$(SITE) $(RELEASE) $(COMPONENT)",
+                "$(SITE) $(RELEASE) $(COMPONENT) $(ORIGIN)",
                 "Identifier: Packages",
             ]),
         )?;
-        Sources::parse(&suite, &String::from_utf8_lossy(&targets))
+        Sources::parse(&suite, &distribution, &String::from_utf8_lossy(&targets))
     }
 
-    fn parse(suite: &str, targets: &str) -> Result<Sources, ImageError> {
+    fn parse(suite: &str, distribution: &str, targets: &str) -> Result<Sources, ImageError> {
         let mut by_site: Vec<(String, String, Vec<String>)> = Vec::new();
         for line in targets.lines() {
             let mut words = line.split_whitespace();
-            let (Some(site), Some(release), Some(component)) =
-                (words.next(), words.next(), words.next())
+            let (Some(site), Some(release), Some(component), Some(origin)) =
+                (words.next(), words.next(), words.next(), words.next())
             else {
                 continue;
             };
+            // The distribution's own archive only: a third party's packages (and its keys,
+            // which the tree does not have) stay out.
+            if !origin.eq_ignore_ascii_case(distribution) {
+                continue;
+            }
             // Only this release's own suites (bookworm, bookworm-updates, bookworm-security).
             if release != suite && !release.starts_with(&format!("{suite}-")) {
                 continue;
@@ -232,7 +245,7 @@ fn install_tree(
     run(
         &format!("debootstrap {} from {}", sources.suite, sources.mirror),
         Command::new("debootstrap")
-            .args(["--variant=minbase", &sources.suite])
+            .args(["--variant=minbase", "--force-check-gpg", &sources.suite])
             .arg(tree)
             .arg(&sources.mirror),
     )?;
@@ -253,7 +266,11 @@ fn unmount_below(dir: &Path) {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return;
     };
-    // /proc/self/mounts writes a space in a path as `\040`; the tree's path has none.
+    // /proc/self/mounts names resolved, absolute paths (a space as `\040`: the tree's path
+    // has none).
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
     let prefix = dir.to_string_lossy().to_string();
     let mut points: Vec<&str> = mounts
         .lines()
@@ -275,6 +292,11 @@ fn install_packages(tree: &Path, sources: &Sources, packages: &[String]) -> Resu
     let resolv = tree.join("etc/resolv.conf");
     let _ = std::fs::remove_file(&resolv);
     std::fs::copy("/etc/resolv.conf", &resolv).map_err(io_error(&resolv))?;
+    // No service a package brings is started while it is installed (the scripts run on the
+    // host, chrooted); removed again with the rest of the package machinery.
+    let policy = tree.join("usr/sbin/policy-rc.d");
+    write(&policy, "#!/bin/sh\nexit 101\n")?;
+    set_mode(&policy, 0o755)?;
     let in_tree = |args: &[&str]| {
         let mut command = Command::new("chroot");
         command
@@ -319,6 +341,7 @@ fn make_sandbox_tree(tree: &Path) -> Result<(), ImageError> {
         "usr/bin/apt-mark",
         "usr/bin/apt-sortpkgs",
         "usr/lib/apt",
+        "usr/sbin/policy-rc.d",
         "var/cache/apt",
         "var/lib/apt",
         "var/cache/debconf",
@@ -465,6 +488,8 @@ mod tests {
             "jq; rm -rf /\n",
             "--allow-unauthenticated\n",
             "Foo\n",
+            "systemd-\n",
+            "openssh-server+\n",
         ] {
             assert!(parse_packages(bad).is_err(), "{bad:?} accepted");
         }
@@ -527,14 +552,15 @@ mod tests {
     #[test]
     fn the_sources_are_the_hosts_suites_of_its_release() {
         let targets = "\
-http://deb.debian.org/debian-security bookworm-security main
-http://deb.debian.org/debian bookworm-updates main
-http://deb.debian.org/debian bookworm main
-http://deb.debian.org/debian bookworm contrib
-http://deb.debian.org/debian bookworm main
-http://example.test/other stable main
+http://deb.debian.org/debian-security bookworm-security main Debian
+http://deb.debian.org/debian bookworm-updates main Debian
+http://deb.debian.org/debian bookworm main Debian
+http://deb.debian.org/debian bookworm contrib Debian
+http://deb.debian.org/debian bookworm main Debian
+http://example.test/other stable main Other
+http://example.test/pgdg bookworm-pgdg main PostgreSQL
 ";
-        let sources = Sources::parse("bookworm", targets).expect("sources");
+        let sources = Sources::parse("bookworm", "debian", targets).expect("sources");
         assert_eq!(sources.mirror, "http://deb.debian.org/debian");
         assert_eq!(
             sources.lines,
@@ -544,7 +570,7 @@ http://example.test/other stable main
                 "deb http://deb.debian.org/debian bookworm main contrib",
             ]
         );
-        let err = Sources::parse("trixie", targets).expect_err("no trixie");
+        let err = Sources::parse("trixie", "debian", targets).expect_err("no trixie");
         assert!(err.to_string().contains("apt-get update"), "{err}");
     }
 }
