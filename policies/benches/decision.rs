@@ -1,6 +1,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 //! One decision — entity building plus the two-pass evaluation — with policy sets of 10, 100
-//! and 1,000 policies. Run: `cargo bench -p tollgate-policy --bench decision`.
+//! and 1,000 policies, made anew and made before (the decision cache). Run: `cargo bench -p
+//! tollgate-policy --bench decision`.
 //!
 //! The sets are the default policies plus generated ones of the shapes real sets have: a
 //! permit per allowlisted service domain, a policy per agent, a forbid per blocked host.
@@ -58,9 +59,16 @@ fn decision(c: &mut Criterion) {
         for (name, method, url) in cases {
             let (target, path) = Target::from_url(url).expect("url");
             let request = RequestFacts::new(method, target, &path).expect("path");
+            // Made anew each time (what a first request costs), and made before (the same
+            // agent revision asking the same thing again: the decision cache).
             group.bench_with_input(BenchmarkId::new(name, total), &request, |b, request| {
-                b.iter(|| engine.decide(&agent, request))
+                b.iter(|| engine.decide_uncached(&agent, request))
             });
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}-made-before"), total),
+                &request,
+                |b, request| b.iter(|| engine.decide(&agent, request)),
+            );
         }
     }
     group.finish();

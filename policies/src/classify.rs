@@ -66,7 +66,7 @@ pub fn is_arm_host(host: &Host) -> bool {
 }
 
 /// What an ARM request targets. All values are lower-case (ARM ids are case-insensitive).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ArmTarget {
     /// Every scope the target lies in, outermost first.
     pub scopes: Vec<String>,
@@ -221,7 +221,7 @@ pub fn canonical_path(raw: &str) -> Result<String, PathError> {
 }
 
 /// Everything the policies are told about one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestFacts {
     /// Read or write.
     pub action: Action,

@@ -196,6 +196,17 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// Most decisions an engine keeps (each about a kilobyte at most).
+const DECISION_CACHE_ENTRIES: u64 = 10_000;
+
+/// A decision made, with everything it was made from.
+struct MadeDecision {
+    agent: String,
+    revision: u64,
+    request: RequestFacts,
+    decision: Decision,
+}
+
 /// The policies one (action, agent, host) can be decided by, prepared for both passes.
 struct Subset {
     /// Every applicable policy: the first pass (`approved = false`).
@@ -384,6 +395,14 @@ pub struct PolicyEngine {
     /// Entities per (agent, agent revision, host): building and checking them costs more
     /// than evaluating a small policy subset.
     entities: moka::sync::Cache<(String, u64, String), Arc<Entities>>,
+    /// Decisions made, under the hash of everything a decision reads besides the set itself:
+    /// the agent (id and revision, which changes with its run mode, scopes and tags) and the
+    /// request's facts (action, method, host, port, scheme, path, ARM target, tool call,
+    /// upgrade). An entry keeps its whole key and is used only when the key is equal, so a
+    /// colliding hash is a miss. A new set is a new engine, with a cache of its own.
+    decisions: moka::sync::Cache<u64, Arc<MadeDecision>>,
+    /// The hash of [`Self::decisions`]' keys, keyed at random per engine.
+    decision_hasher: std::collections::hash_map::RandomState,
     /// Forbid policies that do not read `context.approved`: when one of them denies the
     /// first pass, it would deny the second too, so the decision is settled.
     settling_forbids: HashSet<String>,
@@ -582,6 +601,8 @@ impl PolicyEngine {
             index: Index::new(&combined),
             all: combined,
             entities: moka::sync::Cache::new(10_000),
+            decisions: moka::sync::Cache::new(DECISION_CACHE_ENTRIES),
+            decision_hasher: std::collections::hash_map::RandomState::new(),
             settling_forbids,
             schema,
             subsets: moka::sync::Cache::new(10_000),
@@ -613,7 +634,36 @@ impl PolicyEngine {
     }
 
     /// Decides one request. Never fails: anything unexpected denies, with the error listed.
+    /// The same agent (same revision) asking the same thing gets the decision made before.
     pub fn decide(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
+        use std::hash::BuildHasher;
+        let key = self
+            .decision_hasher
+            .hash_one((agent.id, agent.revision, request));
+        if let Some(made) = self.decisions.get(&key) {
+            if made.revision == agent.revision && made.agent == agent.id && made.request == *request
+            {
+                return made.decision.clone();
+            }
+        }
+        let decision = self.decide_uncached(agent, request);
+        // An evaluation error is not kept: it may say more about the moment than the input.
+        if decision.errors.is_empty() {
+            self.decisions.insert(
+                key,
+                Arc::new(MadeDecision {
+                    agent: agent.id.to_string(),
+                    revision: agent.revision,
+                    request: request.clone(),
+                    decision: decision.clone(),
+                }),
+            );
+        }
+        decision
+    }
+
+    /// Decides one request without the decision cache.
+    pub fn decide_uncached(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
         let subset = self.applicable(agent, request);
         self.evaluate(agent, request, &subset, true)
             .unwrap_or_else(|error| denied_by_error(vec![error]))
@@ -1033,9 +1083,9 @@ mod tests {
         let tags = BTreeMap::new();
         for agent_n in [0, 7, 39, 99] {
             let id = format!("agent{agent_n}");
-            for mode in [RunMode::ReadOnly, RunMode::Autonomous] {
+            for (revision, mode) in [(1, RunMode::ReadOnly), (2, RunMode::Autonomous)] {
                 let agent = AgentFacts {
-                    revision: 0,
+                    revision,
                     id: &id,
                     run_mode: mode,
                     scopes: &[],
@@ -1066,6 +1116,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_decision_made_before_is_reused_only_for_the_same_agent_revision_and_request() {
+        let text = "@id(\"reads\") permit (principal, action == Action::\"read\", resource) when { principal.run_mode == \"Autonomous\" };\n\
+                    @id(\"no-secret\") forbid (principal, action, resource) when { context.path == \"/secret\" };\n\
+                    @id(\"no-tc\") forbid (principal, action, resource) when { context has tool_call && context.tool_call == \"tc-bad\" };\n";
+        let engine = PolicyEngine::load(&sources(&[("p.cedar", text)])).unwrap();
+        let tags = BTreeMap::new();
+        let agent = |revision, run_mode| AgentFacts {
+            id: "a",
+            revision,
+            run_mode,
+            scopes: &[],
+            tags: &tags,
+        };
+        let decide = |agent: AgentFacts<'_>, request: &RequestFacts| {
+            let made = engine.decide(&agent, request);
+            // Whatever the cache holds, it is what the policies say.
+            let fresh = engine.decide_uncached(&agent, request);
+            assert_eq!(made, fresh, "{request:?}");
+            (made.outcome, made.policies)
+        };
+        let read = request("GET", "https://x.test/ok");
+        let allowed = (Outcome::Allow, vec!["reads".to_string()]);
+        assert_eq!(decide(agent(1, RunMode::Autonomous), &read), allowed);
+        assert_eq!(decide(agent(1, RunMode::Autonomous), &read), allowed);
+        // The agent's next revision (now ReadOnly) is decided anew.
+        assert_eq!(decide(agent(2, RunMode::ReadOnly), &read).0, Outcome::Deny);
+        // So is another path, and another tool call.
+        let secret = request("GET", "https://x.test/secret");
+        assert_eq!(
+            decide(agent(1, RunMode::Autonomous), &secret),
+            (Outcome::Deny, vec!["no-secret".to_string()])
+        );
+        let mut good = read.clone();
+        good.tool_call = Some("tc-good".into());
+        let mut bad = read.clone();
+        bad.tool_call = Some("tc-bad".into());
+        assert_eq!(decide(agent(1, RunMode::Autonomous), &good), allowed);
+        assert_eq!(
+            decide(agent(1, RunMode::Autonomous), &bad),
+            (Outcome::Deny, vec!["no-tc".to_string()])
+        );
+        assert_eq!(decide(agent(1, RunMode::Autonomous), &good), allowed);
+        // Another agent with the same revision number is another key.
+        let other = AgentFacts {
+            id: "b",
+            ..agent(1, RunMode::ReadOnly)
+        };
+        assert_eq!(decide(other, &read).0, Outcome::Deny);
+        assert_eq!(decide(agent(1, RunMode::Autonomous), &read), allowed);
     }
 
     #[test]
