@@ -333,14 +333,16 @@ async fn in_world(
 }
 
 /// The microVM test's service: software emulation as CI has it (no probe boot: this host's
-/// /dev/kvm cannot boot a kernel), and a short cool-down.
+/// /dev/kvm cannot boot a kernel), and a short cool-down — long enough for the checks that
+/// need the VM up to run on a loaded machine (a second VM booting beside another test's took
+/// 4.4 s on CI's two cores).
 const VM_ARGS: [&str; 6] = [
     "--backend",
     "qemu",
     "--accel",
     "tcg",
     "--idle-stop-secs",
-    "4",
+    "10",
 ];
 
 /// A shell line that prints `alive` if the process whose pid is in `pid_file` runs, `gone`

@@ -231,23 +231,30 @@ impl Sessions {
     }
 
     /// Stops the sessions idle for longer than the cool-down and deletes the stopped ones
-    /// kept longer than the retention. An execution under way keeps its session running.
+    /// kept longer than the retention. An execution under way keeps its session running; one
+    /// that comes while its session is being stopped waits for the stop, then starts the
+    /// sandbox again (it is not refused as busy).
     pub async fn sweep(&self) {
         let config = &self.context.config;
         let now = now_secs();
         for session in self.list(None) {
-            let Ok(_idle) = session.exec.clone().try_lock_owned() else {
+            let Ok(idle) = session.exec.clone().try_lock_owned() else {
                 continue;
             };
-            let (state, last_used) = {
-                let life = session.life.lock().await;
-                (life.record.state, life.record.last_used_at)
-            };
+            let mut life = session.life.lock().await;
+            let (state, last_used) = (life.record.state, life.record.last_used_at);
             let idle_for = Duration::from_secs(now.saturating_sub(last_used));
             match state {
                 SessionState::Running if idle_for >= config.idle_stop() => {
+                    // The session's turn is free again at once: an execution that takes it
+                    // waits for the sandbox (`running`), which the stop holds.
+                    drop(idle);
                     tracing::info!(agent = %session.key.agent, thread = %session.key.thread, idle_secs = idle_for.as_secs(), "stopping an idle session");
-                    if let Err(e) = self.stop(&session).await {
+                    life.guest = None;
+                    let stopped =
+                        sandbox::stop(&self.context, &session.id, &session.dir, &mut life.record)
+                            .await;
+                    if let Err(e) = stopped {
                         tracing::warn!(agent = %session.key.agent, thread = %session.key.thread, "{e}");
                     }
                 }
@@ -256,6 +263,7 @@ impl Sessions {
                         .retention()
                         .is_some_and(|keep| idle_for >= config.idle_stop() + keep) =>
                 {
+                    drop(life);
                     tracing::info!(agent = %session.key.agent, thread = %session.key.thread, "deleting a session past its retention");
                     if let Err(e) = self.delete(&session.key).await {
                         tracing::warn!(agent = %session.key.agent, thread = %session.key.thread, "{e}");
