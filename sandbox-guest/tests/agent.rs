@@ -162,10 +162,24 @@ fn executions_carry_their_state_run_unprivileged_and_one_at_a_time() {
         stdout.starts_with(&format!("kept\n{workspace}/d\n{uid}")),
         "{stdout:?}"
     );
-    // One at a time: a second execution while one runs is refused.
+    // One at a time: a second execution while one runs is refused. (The first says when it
+    // runs: on a loaded machine a fixed wait is not enough.)
     let addr = agent.addr;
-    let slow = std::thread::spawn(move || exec(addr, serde_json::json!({"command": "sleep 1"})));
-    std::thread::sleep(Duration::from_millis(300));
+    let started = agent.dir.path().join("workspace/slow-started");
+    let slow = std::thread::spawn(move || {
+        exec(
+            addr,
+            serde_json::json!({"command": "touch \"$HOME/slow-started\"; sleep 2"}),
+        )
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first execution never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (busy, body) = exec(agent.addr, serde_json::json!({"command": "true"}));
     assert_eq!(
         (busy, &body["error"]),
