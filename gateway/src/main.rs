@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::config::LogFormat;
-use tollgate_gateway::telemetry::Telemetry;
+use tollgate_gateway::telemetry::{StderrLog, Telemetry};
 use tollgate_gateway::{Config, RunningGateway};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -92,7 +92,9 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     }
     // Telemetry starts first, so that the gateway's own log events are exported too.
     let telemetry = Arc::new(Telemetry::start(&config)?);
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Log lines go to stderr in batches, written by a thread of their own.
+    let stderr_log = StderrLog::start().context("cannot start the log writer")?;
+    let logs = tracing_subscriber::fmt::layer().with_writer(stderr_log.clone());
     let logs = match config.log.format {
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -117,7 +119,7 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
         runtime.worker_threads(config.limits.worker_threads);
     }
     let runtime = runtime.build().context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let gateway = tollgate_gateway::start(&config, telemetry.clone()).await?;
         print_banner(&gateway, &config, &telemetry);
         wait_for_signal().await;
@@ -126,7 +128,10 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
         // What is still queued goes to the collector if it answers soon.
         telemetry.shutdown(Duration::from_secs(2));
         Ok(())
-    })
+    });
+    // The last lines, before `main` prints an error, if there was one.
+    stderr_log.flush();
+    served
 }
 
 fn print_banner(g: &RunningGateway, config: &Config, telemetry: &Telemetry) {

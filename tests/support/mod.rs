@@ -849,8 +849,17 @@ impl Gateway {
         format!("http://{}", self.egress)
     }
 
-    /// Everything the gateway logged so far.
+    /// Everything the gateway logged until now. It writes lines of info and below in
+    /// batches, every 50 ms: this waits out one batch and a margin first, so that a line
+    /// logged before the call is in what it returns (a check that a secret is *not* logged
+    /// would otherwise pass too early).
     pub fn log(&self) -> String {
+        std::thread::sleep(Duration::from_millis(200));
+        self.log_written()
+    }
+
+    /// What the gateway's log file holds at this moment.
+    fn log_written(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
@@ -892,7 +901,7 @@ impl Gateway {
     pub fn log_contains(&self, needle: &str) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            if self.log().contains(needle) {
+            if self.log_written().contains(needle) {
                 return true;
             }
             if std::time::Instant::now() > deadline {

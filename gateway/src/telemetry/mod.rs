@@ -14,6 +14,9 @@
 
 mod export;
 mod http;
+mod log_writer;
+
+pub use log_writer::StderrLog;
 
 use std::sync::Arc;
 use std::time::Duration;
