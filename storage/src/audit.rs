@@ -82,12 +82,39 @@ impl AuditRecord {
         unhashed.hash = String::new();
         // Serializing a plain struct of strings and integers cannot fail.
         let json = serde_json::to_vec(&unhashed).unwrap_or_default();
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(self.prev_hash.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(&json);
-        hex::encode(ctx.finish())
+        chain_hash(&self.prev_hash, &json)
     }
+
+    /// Links the record after `prev_hash` and returns it as stored (its JSON, `hash` set).
+    /// The JSON is made once: the hash is taken over it with `hash` empty, and since `hash`
+    /// is the last field, the stored form is that JSON with the hash put into its last value.
+    pub fn seal(&mut self, prev_hash: String) -> Vec<u8> {
+        self.prev_hash = prev_hash;
+        self.hash.clear();
+        let mut json = serde_json::to_vec(&*self).unwrap_or_default();
+        self.hash = chain_hash(&self.prev_hash, &json);
+        if json.ends_with(EMPTY_HASH_END) {
+            json.truncate(json.len() - 2);
+            json.extend_from_slice(self.hash.as_bytes());
+            json.extend_from_slice(b"\"}");
+            json
+        } else {
+            // Not reached while `hash` is the last field (a unit test checks it).
+            serde_json::to_vec(&*self).unwrap_or_default()
+        }
+    }
+}
+
+/// How a record's JSON ends while its `hash` is empty.
+const EMPTY_HASH_END: &[u8] = b"\"hash\":\"\"}";
+
+/// SHA-256 of the previous hash, a zero byte and the record's JSON (with `hash` empty), in hex.
+fn chain_hash(prev_hash: &str, json: &[u8]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev_hash.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(json);
+    hex::encode(ctx.finish())
 }
 
 /// Where an agent's audit chain ends: the next position and the last hash.
@@ -192,4 +219,43 @@ pub fn verify_chain(
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_record_is_stored_as_its_json_with_the_hash_it_must_have() {
+        let mut record = AuditRecord {
+            seq: 7,
+            at: 1,
+            agent: "a\"gent".into(),
+            tool_call: Some("tc".into()),
+            session: None,
+            method: "GET".into(),
+            host: "example.com".into(),
+            path: "/\u{202e}x".into(),
+            decision: "allow".into(),
+            policies: vec!["p1".into()],
+            approval: None,
+            approval_wait_ms: None,
+            credential: None,
+            status: 200,
+            error: None,
+            bytes_in: 0,
+            bytes_out: 5,
+            latency_us: 9,
+            upgrade: None,
+            trace_id: "ab".into(),
+            prev_hash: String::new(),
+            hash: "stale".into(),
+        };
+        let stored = record.seal(GENESIS.to_string());
+        assert_eq!(record.prev_hash, GENESIS);
+        assert_eq!(record.hash, record.expected_hash());
+        assert_eq!(stored, serde_json::to_vec(&record).unwrap());
+        let read: AuditRecord = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(read, record);
+    }
 }

@@ -632,15 +632,10 @@ impl Store {
             let space = open.open_space(&record.agent)?;
             let mut head = space.head.lock();
             record.seq = head.next_seq;
-            record.prev_hash = std::mem::take(&mut head.hash);
-            record.hash = record.expected_hash();
+            let value = record.seal(std::mem::take(&mut head.hash));
             head.next_seq += 1;
             head.hash = record.hash.clone();
             drop(head);
-            let value = serde_json::to_vec(&record).map_err(|reason| StoreError::Corrupt {
-                what: "audit",
-                reason,
-            })?;
             batch.insert(&space.keyspace, audit_key(record.seq), value);
             if !touched.iter().any(|t| Arc::ptr_eq(t, &space)) {
                 touched.push(space);
