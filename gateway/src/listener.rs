@@ -17,6 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
@@ -122,6 +124,12 @@ fn enter_netns(ns: &Path) -> Result<(), ListenerError> {
         .map_err(|e| netns_err(e.to_string()))
 }
 
+/// Bytes each accepted connection reads ahead: enough for a request head of usual size in
+/// one read. Bodies are read into buffers of their own, past this one. pingora's default
+/// (64 KiB, zeroed at accept) was most of what a connection held for approval kept in
+/// memory, for every connection, idle or not.
+pub const CONNECTION_READ_BUFFER: usize = 4 * 1024;
+
 /// Serves `listener` with `app` until `shutdown` turns true; with `tls`, connections are TLS.
 pub fn serve<A>(
     name: &str,
@@ -141,10 +149,14 @@ where
     fds.add(address.clone(), listener.into_raw_fd());
     let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
     let mut service = Service::new(name.to_string(), app);
-    match tls {
-        Some(settings) => service.add_tls_with_settings(&address, None, settings),
-        None => service.add_tcp(&address),
-    }
+    let endpoint = ListenerConfig::tcp(address).l4_buffer(L4BufferSettings::new(
+        CONNECTION_READ_BUFFER,
+        DEFAULT_L4_WRITE_BUFFER_SIZE,
+    ));
+    service.add_listener(match tls {
+        Some(settings) => endpoint.tls(settings),
+        None => endpoint,
+    });
     tokio::spawn(async move {
         service.start_service(Some(fds), shutdown, 1).await;
     })
