@@ -456,24 +456,41 @@ fn render(
             ));
         }
     }
-    t.push_str("\nTollgate's ratios, same run (targets: plain ≥ 60% of direct, ≥ 95% of the bare pass-through, ≥ 3× Squid; HTTPS ≥ 2× Squid with ssl_bump):\n\n");
-    t.push_str("| body | conns | plain ÷ direct | plain ÷ bare pingora | plain ÷ Squid | HTTPS ÷ direct HTTPS | HTTPS ÷ Squid ssl_bump |\n");
-    t.push_str("|---|---|---|---|---|---|---|\n");
+    t.push_str("\nTollgate's ratios, same run (targets: plain ≥ 85% of the bare pass-through's req/s at ≤ 1.25× its CPU per request, ≥ 1.8× Squid; HTTPS ≥ 2× Squid with ssl_bump; p99 ≤ Squid's at 32 connections):\n\n");
+    t.push_str("| body | conns | plain ÷ direct | plain ÷ bare pingora | plain CPU/req ÷ bare pingora's | plain ÷ Squid | plain p99 ÷ Squid's | HTTPS ÷ direct HTTPS | HTTPS ÷ Squid ssl_bump | HTTPS p99 ÷ Squid's |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for cell in cells {
         let ratio = |a: Config, b: Config, percent: bool| match (cell.get(a), cell.get(b)) {
             (Some(a), Some(b)) if percent => format!("{:.0}%", a.rps() / b.rps() * 100.0),
             (Some(a), Some(b)) => format!("{:.2}×", a.rps() / b.rps()),
             _ => "–".into(),
         };
+        let cpu_per_request = |r: &Round| {
+            r.proxy_cpu
+                .map(|c| c.as_secs_f64() / r.requests.max(1) as f64)
+        };
+        let cpu = match (
+            cell.get(Config::Tollgate).and_then(cpu_per_request),
+            cell.get(Config::Passthrough).and_then(cpu_per_request),
+        ) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+            _ => "–".into(),
+        };
+        let p99 = |a: Config, b: Config| match (cell.get(a), cell.get(b)) {
+            (Some(a), Some(b)) => format!("{:.2}×", a.ms(0.99) / b.ms(0.99)),
+            _ => "–".into(),
+        };
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {cpu} | {} | {} | {} | {} | {} |\n",
             size_label(cell.body_bytes),
             cell.connections,
             ratio(Config::Tollgate, Config::Direct, true),
             ratio(Config::Tollgate, Config::Passthrough, true),
             ratio(Config::Tollgate, Config::Squid, false),
+            p99(Config::Tollgate, Config::Squid),
             ratio(Config::TollgateTls, Config::DirectTls, true),
             ratio(Config::TollgateTls, Config::SquidTls, false),
+            p99(Config::TollgateTls, Config::SquidTls),
         ));
     }
     t.push('\n');
