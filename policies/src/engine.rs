@@ -25,7 +25,7 @@ use miette::Diagnostic;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::agent::AgentFacts;
+use crate::agent::{AgentFacts, RunMode};
 use crate::classify::{Action, RequestFacts};
 use crate::entities::{self, domains_of, host_id};
 use crate::target::Target;
@@ -275,6 +275,62 @@ fn decidable_for_tunnel(policy: &Policy) -> bool {
     total == known
 }
 
+/// A string literal in Cedar's JSON form of an expression.
+fn literal(expr: &serde_json::Value) -> Option<&str> {
+    expr.get("Value")?.as_str()
+}
+
+/// The run modes a policy can apply to (`None`: any). A policy whose first condition is a
+/// `when` that starts — its leftmost `&&` operand — with `principal.run_mode == "<mode>"`, or
+/// an `||` of such tests, is false for an agent of any other run mode. That test is the
+/// first thing evaluated after the scope, and cannot fail (`run_mode` is a required string),
+/// so leaving the policy out for those agents changes no decision — not even an evaluation
+/// error, which would deny. Read from Cedar's JSON form of the policy, so comments and
+/// strings cannot fool it.
+fn run_modes(policy: &Policy) -> Option<Vec<RunMode>> {
+    fn tested(expr: &serde_json::Value) -> Option<Vec<RunMode>> {
+        if let Some(or) = expr.get("||") {
+            let mut modes = tested(or.get("left")?)?;
+            modes.extend(tested(or.get("right")?)?);
+            return Some(modes);
+        }
+        let eq = expr.get("==")?;
+        let is_run_mode = |side: &serde_json::Value| {
+            side.get(".").is_some_and(|access| {
+                access
+                    .get("left")
+                    .and_then(|l| l.get("Var"))
+                    .and_then(|v| v.as_str())
+                    == Some("principal")
+                    && access.get("attr").and_then(|a| a.as_str()) == Some("run_mode")
+            })
+        };
+        let (left, right) = (eq.get("left")?, eq.get("right")?);
+        let value = match (is_run_mode(left), is_run_mode(right)) {
+            (true, false) => literal(right)?,
+            (false, true) => literal(left)?,
+            _ => return None,
+        };
+        // A name no run mode has: the policy applies to no agent.
+        Some(
+            [RunMode::ReadOnly, RunMode::Review, RunMode::Autonomous]
+                .into_iter()
+                .filter(|m| m.as_str() == value)
+                .collect(),
+        )
+    }
+    let json = policy.to_json().ok()?;
+    let first = json.get("conditions")?.as_array()?.first()?;
+    if first.get("kind")?.as_str()? != "when" {
+        return None;
+    }
+    let mut leftmost = first.get("body")?;
+    while let Some(and) = leftmost.get("&&") {
+        leftmost = and.get("left")?;
+    }
+    tested(leftmost)
+}
+
 /// Which requests a policy's scope can match.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PrincipalKey {
@@ -292,8 +348,18 @@ enum ResourceKey {
 /// The policies' scopes, by action.
 #[derive(Debug, Default)]
 struct Index {
-    /// For each action (in [`Action::ALL`] order): (principal key, resource key, policy).
-    by_action: [Vec<(PrincipalKey, ResourceKey, Policy)>; Action::ALL.len()],
+    /// For each action (in [`Action::ALL`] order): the policies whose scope names it.
+    by_action: [Vec<Indexed>; Action::ALL.len()],
+}
+
+/// A policy, with what its scope and the start of its condition say it can apply to.
+#[derive(Debug)]
+struct Indexed {
+    principal: PrincipalKey,
+    resource: ResourceKey,
+    /// `None`: any run mode.
+    run_modes: Option<Vec<RunMode>>,
+    policy: Policy,
 }
 
 fn action_slot(action: Action) -> usize {
@@ -326,36 +392,48 @@ impl Index {
                 ActionConstraint::Eq(uid) => action_of(&uid).into_iter().collect(),
                 ActionConstraint::In(uids) => uids.iter().filter_map(action_of).collect(),
             };
+            let run_modes = run_modes(policy);
             for action in actions {
-                index.by_action[action_slot(action)].push((
-                    principal.clone(),
-                    resource.clone(),
-                    policy.clone(),
-                ));
+                index.by_action[action_slot(action)].push(Indexed {
+                    principal: principal.clone(),
+                    resource: resource.clone(),
+                    run_modes: run_modes.clone(),
+                    policy: policy.clone(),
+                });
             }
         }
         index
     }
 
-    /// The policies whose scope can match `action` by `agent` on `host`.
-    fn subset(&self, action: Action, agent: &str, host: &crate::target::Host) -> Subset {
+    /// The policies that can apply to `action` by `agent` (of `run_mode`) on `host`.
+    fn subset(
+        &self,
+        action: Action,
+        agent: &str,
+        run_mode: RunMode,
+        host: &crate::target::Host,
+    ) -> Subset {
         let host_name = host_id(host);
         let domains = domains_of(host);
         let applicable: Vec<&Policy> = self.by_action[action_slot(action)]
             .iter()
-            .filter(|(p, r, _)| {
-                let principal_ok = match p {
+            .filter(|p| {
+                let principal_ok = match &p.principal {
                     PrincipalKey::Any => true,
                     PrincipalKey::Agent(id) => id == agent,
                 };
-                let resource_ok = match r {
+                let resource_ok = match &p.resource {
                     ResourceKey::Any => true,
                     ResourceKey::Domain(d) => domains.contains(&d.as_str()),
                     ResourceKey::Host(h) => *h == host_name,
                 };
-                principal_ok && resource_ok
+                let run_mode_ok = p
+                    .run_modes
+                    .as_ref()
+                    .is_none_or(|modes| modes.contains(&run_mode));
+                principal_ok && resource_ok && run_mode_ok
             })
-            .map(|(_, _, policy)| policy)
+            .map(|p| &p.policy)
             .collect();
         let second_can_differ = applicable.iter().any(|p| reads_approval(p));
         let second = applicable
@@ -391,7 +469,7 @@ pub struct PolicyEngine {
     /// The whole set (the index evaluates subsets of it).
     all: PolicySet,
     index: Index,
-    subsets: moka::sync::Cache<(Action, String, String), Arc<Subset>>,
+    subsets: moka::sync::Cache<(Action, String, RunMode, String), Arc<Subset>>,
     /// Entities per (agent, agent revision, host): building and checking them costs more
     /// than evaluating a small policy subset.
     entities: moka::sync::Cache<(String, u64, String), Arc<Entities>>,
@@ -750,9 +828,17 @@ impl PolicyEngine {
 
     fn applicable(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Arc<Subset> {
         let host = &request.target.host;
-        let key = (request.action, agent.id.to_string(), host_id(host));
+        let key = (
+            request.action,
+            agent.id.to_string(),
+            agent.run_mode,
+            host_id(host),
+        );
         self.subsets.get_with(key, || {
-            Arc::new(self.index.subset(request.action, agent.id, host))
+            Arc::new(
+                self.index
+                    .subset(request.action, agent.id, agent.run_mode, host),
+            )
         })
     }
 
@@ -1079,11 +1165,24 @@ mod tests {
         }
         text.push_str("@id(\"any\") permit (principal, action in [Action::\"read\", Action::\"write\"], resource in Domain::\"open.test\") when { principal.run_mode == \"Autonomous\" };\n");
         text.push_str("@id(\"ws\") permit (principal, action == Action::\"upgrade\", resource in Domain::\"svc7.test\") when { context has upgrade && context.upgrade == \"websocket\" };\n");
+        // Run-mode tests where the index can use them (leftmost in the first `when`) and
+        // where it must not: after a test that fails (an overflow, which denies), in a later
+        // condition, in `unless`.
+        text.push_str("@id(\"rm-first\") permit (principal, action == Action::\"write\", resource in Domain::\"svc7.test\") when { principal.run_mode == \"Review\" && context.approved };\n");
+        text.push_str("@id(\"rm-or\") forbid (principal, action, resource in Domain::\"svc39.test\") when { (\"ReadOnly\" == principal.run_mode || principal.run_mode == \"Review\") && context.path == \"/\" };\n");
+        text.push_str("@id(\"rm-none\") permit (principal, action, resource in Domain::\"svc0.test\") when { principal.run_mode == \"Nobody\" };\n");
+        text.push_str("@id(\"rm-after-error\") permit (principal, action == Action::\"write\", resource in Domain::\"svc0.test\") when { context.port * 9223372036854775807 > 0 && principal.run_mode == \"Autonomous\" };\n");
+        text.push_str("@id(\"rm-second\") permit (principal, action == Action::\"read\", resource in Domain::\"svc39.test\") when { context.port * 9223372036854775807 > 0 } when { principal.run_mode == \"Review\" };\n");
+        text.push_str("@id(\"rm-unless\") forbid (principal, action == Action::\"read\", resource in Domain::\"svc99.test\") unless { principal.run_mode == \"Review\" };\n");
         let engine = PolicyEngine::load(&sources(&[("gen.cedar", &text)])).unwrap();
         let tags = BTreeMap::new();
         for agent_n in [0, 7, 39, 99] {
             let id = format!("agent{agent_n}");
-            for (revision, mode) in [(1, RunMode::ReadOnly), (2, RunMode::Autonomous)] {
+            for (revision, mode) in [
+                (1, RunMode::ReadOnly),
+                (2, RunMode::Autonomous),
+                (3, RunMode::Review),
+            ] {
                 let agent = AgentFacts {
                     revision,
                     id: &id,
@@ -1115,6 +1214,45 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_run_modes_a_policy_can_apply_to_are_read_only_from_the_start_of_its_first_when() {
+        let modes = |text: &str| {
+            let set = PolicySet::from_str(text).unwrap();
+            let policy = set.policies().next().unwrap();
+            run_modes(policy)
+        };
+        let scope = "permit (principal, action, resource)";
+        assert_eq!(
+            modes(&format!(
+                "{scope} when {{ principal.run_mode == \"Review\" && context.approved }};"
+            )),
+            Some(vec![RunMode::Review])
+        );
+        assert_eq!(
+            modes(&format!("{scope} when {{ (principal.run_mode == \"ReadOnly\" || \"Autonomous\" == principal.run_mode) && true }};")),
+            Some(vec![RunMode::ReadOnly, RunMode::Autonomous])
+        );
+        assert_eq!(
+            modes(&format!(
+                "{scope} when {{ principal.run_mode == \"Nobody\" }};"
+            )),
+            Some(vec![])
+        );
+        for any in [
+            format!("{scope};"),
+            format!("{scope} when {{ context.approved && principal.run_mode == \"Review\" }};"),
+            format!("{scope} when {{ principal.run_mode == \"Review\" || context.approved }};"),
+            format!("{scope} when {{ principal.run_mode != \"Review\" }};"),
+            format!("{scope} unless {{ principal.run_mode == \"Review\" }};"),
+            format!(
+                "{scope} when {{ context.approved }} when {{ principal.run_mode == \"Review\" }};"
+            ),
+            format!("{scope} when {{ principal.tags.run_mode == \"Review\" }};"),
+        ] {
+            assert_eq!(modes(&any), None, "{any}");
         }
     }
 
