@@ -221,36 +221,47 @@ pub fn verify_chain(
     report
 }
 
+/// A plain record of `agent`'s, for tests.
+#[cfg(test)]
+pub(crate) fn example(agent: &str, at: u64) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        at,
+        agent: agent.into(),
+        tool_call: None,
+        session: None,
+        method: "GET".into(),
+        host: "example.com".into(),
+        path: "/".into(),
+        decision: "allow".into(),
+        policies: vec![],
+        approval: None,
+        approval_wait_ms: None,
+        credential: None,
+        status: 200,
+        error: None,
+        bytes_in: 0,
+        bytes_out: 10,
+        latency_us: 100,
+        upgrade: None,
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+        prev_hash: String::new(),
+        hash: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_sealed_record_is_stored_as_its_json_with_the_hash_it_must_have() {
-        let mut record = AuditRecord {
-            seq: 7,
-            at: 1,
-            agent: "a\"gent".into(),
-            tool_call: Some("tc".into()),
-            session: None,
-            method: "GET".into(),
-            host: "example.com".into(),
-            path: "/\u{202e}x".into(),
-            decision: "allow".into(),
-            policies: vec!["p1".into()],
-            approval: None,
-            approval_wait_ms: None,
-            credential: None,
-            status: 200,
-            error: None,
-            bytes_in: 0,
-            bytes_out: 5,
-            latency_us: 9,
-            upgrade: None,
-            trace_id: "ab".into(),
-            prev_hash: String::new(),
-            hash: "stale".into(),
-        };
+        let mut record = example("a\"gent", 1);
+        record.seq = 7;
+        record.tool_call = Some("tc".into());
+        record.path = "/\u{202e}x".into();
+        record.policies = vec!["p1".into()];
+        record.hash = "stale".into();
         let stored = record.seal(GENESIS.to_string());
         assert_eq!(record.prev_hash, GENESIS);
         assert_eq!(record.hash, record.expected_hash());

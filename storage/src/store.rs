@@ -860,30 +860,7 @@ mod tests {
     }
 
     fn audit(agent: &str, at: u64) -> AuditRecord {
-        AuditRecord {
-            seq: 0,
-            at,
-            agent: agent.into(),
-            tool_call: None,
-            session: None,
-            method: "GET".into(),
-            host: "example.com".into(),
-            path: "/".into(),
-            decision: "allow".into(),
-            policies: vec![],
-            approval: None,
-            approval_wait_ms: None,
-            credential: None,
-            status: 200,
-            error: None,
-            bytes_in: 0,
-            bytes_out: 10,
-            latency_us: 100,
-            upgrade: None,
-            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-            prev_hash: String::new(),
-            hash: String::new(),
-        }
+        crate::audit::example(agent, at)
     }
 
     #[test]

@@ -140,26 +140,7 @@ mod tests {
                 writing: Mutex::new(Vec::new()),
             }),
         };
-        let info = tracing::Metadata::new(
-            "info",
-            "t",
-            Level::INFO,
-            None,
-            None,
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
-        let warn = tracing::Metadata::new(
-            "warn",
-            "t",
-            Level::WARN,
-            None,
-            None,
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
+        let (info, warn) = (event_at(Level::INFO), event_at(Level::WARN));
         log.make_writer_for(&info).write_all(b"one\n").unwrap();
         log.make_writer_for(&info).write_all(b"two\n").unwrap();
         assert_eq!(
@@ -179,6 +160,19 @@ mod tests {
         log.make_writer_for(&info).write_all(b"four\n").unwrap();
         log.flush();
         assert!(pending(&log).is_empty(), "flush writes what waits");
+    }
+
+    fn event_at(level: Level) -> Metadata<'static> {
+        Metadata::new(
+            "event",
+            "t",
+            level,
+            None,
+            None,
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
+            tracing::metadata::Kind::EVENT,
+        )
     }
 
     struct Callsite;
