@@ -269,10 +269,154 @@ impl Service {
         answer["stdout"].as_str().unwrap_or_default().to_string()
     }
 
+    /// A timeout kills the execution's processes — one that left its process group too —
+    /// and returns what came before; the output cap (1000 bytes in these tests' services)
+    /// cuts and says so.
+    fn timeout_and_cap(&self, agent: &str, thread: &str) {
+        let answer = self.exec_raw(
+            agent,
+            thread,
+            serde_json::json!({"command": "setsid sleep 4242 & echo $! > /tmp/escaped.pid; echo before; sleep 30; echo after", "timeout_secs": 1}),
+        );
+        let answer = answer.json();
+        assert_eq!(answer["timed_out"], true, "{answer}");
+        assert_eq!(answer["stdout"], "before\n", "{answer}");
+        assert_eq!(
+            self.stdout(agent, thread, &still_running("/tmp/escaped.pid")),
+            "gone\n",
+            "the process that left the group was killed too"
+        );
+        let answer = self.exec(agent, thread, "head -c 5000 /dev/zero | tr '\\0' a");
+        assert_eq!(answer["truncated"], true, "{answer}");
+        assert_eq!(answer["stdout"].as_str().map(str::len), Some(1000));
+    }
+
+    /// From inside the session: neither the service (on the sandbox's own loopback or on
+    /// the gateway's side) nor the guest agent, which closes on anyone but the service's
+    /// side of the network, answers.
+    fn sandbox_reaches_neither_service_nor_guest_agent(&self, agent: &str, thread: &str) {
+        let service_port = self.url.rsplit(':').next().unwrap_or_default().to_string();
+        let probe = |url: &str| {
+            format!("curl -sS --noproxy '*' --connect-timeout 3 -m 5 -o /dev/null -w '%{{http_code}}' {url} 2>/dev/null || echo blocked")
+        };
+        for url in [
+            format!("http://127.0.0.1:{service_port}/healthz"),
+            format!("http://10.200.1.1:{service_port}/healthz"),
+        ] {
+            let out = self.stdout(agent, thread, &probe(&url));
+            assert!(out.ends_with("blocked\n"), "{url}: {out}");
+        }
+        let out = self.stdout(
+            agent,
+            thread,
+            &probe(&format!("http://10.200.1.2:{GUEST_PORT}/health")),
+        );
+        assert_eq!(
+            out, "000blocked\n",
+            "the guest agent answers the service alone"
+        );
+    }
+
+    /// The files API keeps to the session's workspace: `..`, absolute paths and links out of
+    /// it are refused, and nothing is read or planted outside.
+    fn files_stay_in_the_workspace(&self, agent: &str, thread: &str) {
+        self.stdout(
+            agent,
+            thread,
+            "ln -s /etc/passwd link; ln -s .. up; mkdir -p d",
+        );
+        for (method, path) in [
+            ("GET", "..%2Fsecret"),
+            ("GET", "%2Fetc%2Fpasswd"),
+            ("GET", "link"),
+            ("PUT", "up%2Fplanted"),
+            ("PUT", "..%2F..%2Fplanted"),
+            ("GET", "d%2F..%2F..%2Fsession.json"),
+        ] {
+            let r = self.call(
+                method,
+                &format!("/v1/sessions/{agent}/{thread}/files?path={path}"),
+                (method == "PUT").then_some("x"),
+            );
+            // An absolute path is taken as one in the workspace (404 there); the others
+            // lead out of it (403).
+            assert!(
+                matches!(r.status, 400 | 403 | 404),
+                "{method} {path}: {r:?}"
+            );
+            assert!(!r.body.contains("root:"), "{r:?}");
+            assert!(r.json()["detail"].is_string(), "{r:?}");
+        }
+        let out = self.stdout(
+            agent,
+            thread,
+            "(cd ~ && ls -d ../planted ../../planted 2>/dev/null) || true",
+        );
+        assert_eq!(out, "", "planted outside the workspace");
+    }
+
     fn session(&self, agent: &str, thread: &str) -> serde_json::Value {
         let r = self.call("GET", &format!("/v1/sessions/{agent}/{thread}"), None);
         assert_eq!(r.status, 200, "{r:?}");
         r.json()
+    }
+}
+
+impl World {
+    /// A request made during an execution in `thread` carries the injected token; the same
+    /// request from a process the execution left running, made after it ended, carries none
+    /// (the origin refuses it). The requests' paths are `/{tag}during` and `/{tag}after`.
+    fn token_only_during_the_execution(&self, agent: &str, thread: &str, tag: &str) {
+        let (svc, port) = (&self.service, self.origin.port());
+        let tool_call = format!("tc-{tag}during");
+        let answer = svc.exec_raw(
+            agent,
+            thread,
+            serde_json::json!({
+                "command": format!("{}; (sleep 3; {} > ~/{tag}late.txt) >/dev/null 2>&1 &", fetch(port, &format!("/{tag}during")), fetch(port, &format!("/{tag}after"))),
+                "tool_call_id": tool_call,
+            }),
+        );
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let answer = answer.json();
+        assert_eq!(answer["stdout"], "200", "{answer}");
+        assert_eq!(answer["tool_call_id"], tool_call.as_str());
+        let open = self
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert_eq!(
+            open.json()["tool_calls"],
+            serde_json::json!([]),
+            "closed at its end: {open:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let late = loop {
+            let r = svc.call(
+                "GET",
+                &format!("/v1/sessions/{agent}/{thread}/files?path={tag}late.txt"),
+                None,
+            );
+            if r.status == 200 && !r.body.is_empty() {
+                break r.body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the background request never ended: {r:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(
+            late, "401",
+            "the origin refused a request without the token"
+        );
+        let bearer = format!("Bearer {TOKEN}");
+        let seen = self.origin.seen();
+        let target = format!("/{tag}during");
+        let during = seen
+            .iter()
+            .find(|s| s.target == target)
+            .expect("seen during");
+        assert_eq!(during.authorization(), Some(bearer.as_str()));
     }
 }
 
@@ -333,16 +477,18 @@ async fn in_world(
 }
 
 /// The microVM test's service: software emulation as CI has it (no probe boot: this host's
-/// /dev/kvm cannot boot a kernel), and a short cool-down — long enough for the checks that
-/// need the VM up to run on a loaded machine (a second VM booting beside another test's took
-/// 4.4 s on CI's two cores).
-const VM_ARGS: [&str; 6] = [
+/// /dev/kvm cannot boot a kernel), a short cool-down — long enough for the checks that need
+/// the VM up to run on a loaded machine (a second VM booting beside another test's took 4.4 s
+/// on CI's two cores) — and the output cap the shared checks expect.
+const VM_ARGS: [&str; 8] = [
     "--backend",
     "qemu",
     "--accel",
     "tcg",
     "--idle-stop-secs",
     "10",
+    "--max-output-bytes",
+    "1000",
 ];
 
 /// A shell line that prints `alive` if the process whose pid is in `pid_file` runs, `gone`
@@ -369,6 +515,8 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         "1000",
         "--max-file-bytes",
         "100000",
+        "--execution-grace-secs",
+        "2",
     ];
     in_world(missing_prerequisite(), args, "ses", |world, agent| {
         let started = Instant::now();
@@ -395,7 +543,11 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
             svc.stdout(agent, "t1", "cat ../in/data.txt; echo made > ../out.txt"),
             "uploaded bytes"
         );
-        let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1/files?path=out.txt"), None);
+        let r = svc.call(
+            "GET",
+            &format!("/v1/sessions/{agent}/t1/files?path=out.txt"),
+            None,
+        );
         assert_eq!((r.status, r.body.as_str()), (200, "made\n"), "{r:?}");
         let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1/files/list"), None);
         let names: Vec<String> = r.json()["entries"]
@@ -404,39 +556,14 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
             .flatten()
             .filter_map(|e| e["name"].as_str().map(str::to_string))
             .collect();
-        assert!(names.contains(&"out.txt".into()) && names.contains(&"sub".into()), "{names:?}");
+        assert!(
+            names.contains(&"out.txt".into()) && names.contains(&"sub".into()),
+            "{names:?}"
+        );
 
         // A request made during an execution carries the injected token; the same request
         // from a process left running after its execution carries none.
-        let port = world.origin.port();
-        let answer = svc.exec_raw(
-            agent,
-            "t1",
-            serde_json::json!({
-                "command": format!("{}; (sleep 3; {} > ../late.txt) >/dev/null 2>&1 &", fetch(port, "/during"), fetch(port, "/after")),
-                "tool_call_id": "tc-during",
-            }),
-        );
-        assert_eq!(answer.status, 200, "{answer:?}");
-        let answer = answer.json();
-        assert_eq!(answer["stdout"], "200", "{answer}");
-        assert_eq!(answer["tool_call_id"], "tc-during");
-        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
-        assert_eq!(open.json()["tool_calls"], serde_json::json!([]), "closed at its end: {open:?}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let late = loop {
-            let r = svc.call("GET", &format!("/v1/sessions/{agent}/t1/files?path=late.txt"), None);
-            if r.status == 200 && !r.body.is_empty() {
-                break r.body;
-            }
-            assert!(Instant::now() < deadline, "the background request never ended: {r:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        assert_eq!(late, "401", "the origin refused a request without the token");
-        let bearer = format!("Bearer {TOKEN}");
-        let seen = world.origin.seen();
-        let during = seen.iter().find(|s| s.target == "/during").expect("seen /during");
-        assert_eq!(during.authorization(), Some(bearer.as_str()));
+        world.token_only_during_the_execution(agent, "t1", "");
         // The audit records name the thread, and the tool call and credential of the one
         // made during the execution only (the origin records only requests it accepted).
         let (during, after) = (
@@ -457,42 +584,49 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
             .gw
             .admin_call("DELETE", &format!("/v1/agents/{agent}/sessions/t1"), None);
         assert_eq!(r.status, 204, "{r:?}");
-        assert_eq!(svc.stdout(agent, "t1", &fetch(port, "/after-reopen")), "200");
-
-        // A timeout kills the execution's processes — one that left its process group too —
-        // and returns what came before.
-        let answer = svc.exec_raw(
-            agent,
-            "t1",
-            serde_json::json!({"command": "setsid sleep 4242 & echo $! > /tmp/escaped.pid; echo before; sleep 30; echo after", "timeout_secs": 1}),
-        );
-        let answer = answer.json();
-        assert_eq!(answer["timed_out"], true, "{answer}");
-        assert_eq!(answer["stdout"], "before\n", "{answer}");
         assert_eq!(
-            svc.stdout(agent, "t1", &still_running("/tmp/escaped.pid")),
-            "gone\n",
-            "the process that left the group was killed too"
+            svc.stdout(agent, "t1", &fetch(world.origin.port(), "/after-reopen")),
+            "200"
         );
+
+        svc.timeout_and_cap(agent, "t1");
         // The sandbox's mounts: its own /tmp, /run and /dev/shm; no gaining privileges.
-        assert_eq!(svc.stdout(agent, "t1", "ls -A /run /dev/shm | grep -v : | grep -c . || true"), "0\n");
-        assert_eq!(svc.stdout(agent, "t1", "grep NoNewPrivs /proc/self/status"), "NoNewPrivs:\t1\n");
-        // The output cap (1000 bytes here) cuts and says so.
-        let answer = svc.exec(agent, "t1", "head -c 5000 /dev/zero | tr '\\0' a");
-        assert_eq!(answer["truncated"], true, "{answer}");
-        assert_eq!(answer["stdout"].as_str().map(str::len), Some(1000));
+        assert_eq!(
+            svc.stdout(
+                agent,
+                "t1",
+                "ls -A /run /dev/shm | grep -v : | grep -c . || true"
+            ),
+            "0\n"
+        );
+        assert_eq!(
+            svc.stdout(agent, "t1", "grep NoNewPrivs /proc/self/status"),
+            "NoNewPrivs:\t1\n"
+        );
 
         // One execution at a time: a second one gets 409 while the first runs.
         let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
         let auth = format!("Authorization: Bearer {}", svc.token);
         let mut slow = Command::new("curl")
-            .args(["-sS", "-m", "30", "-H", &auth, "--data-binary", r#"{"command":"sleep 2"}"#, &url])
+            .args([
+                "-sS",
+                "-m",
+                "30",
+                "-H",
+                &auth,
+                "--data-binary",
+                r#"{"command":"sleep 2"}"#,
+                &url,
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("curl");
         let deadline = Instant::now() + Duration::from_secs(10);
         while svc.session(agent, "t1")["executing"] != true {
-            assert!(Instant::now() < deadline, "the slow execution never started");
+            assert!(
+                Instant::now() < deadline,
+                "the slow execution never started"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let busy = svc.exec_raw(agent, "t1", serde_json::json!({"command": "true"}));
@@ -502,7 +636,17 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
 
         // A client that leaves cancels its execution, and its tool call is closed.
         let mut leaving = Command::new("curl")
-            .args(["-sS", "-N", "-m", "30", "-H", &auth, "--data-binary", r#"{"command":"echo $$ > /tmp/left.pid; exec sleep 60","tool_call_id":"tc-left"}"#, &format!("{url}?stream=ndjson")])
+            .args([
+                "-sS",
+                "-N",
+                "-m",
+                "30",
+                "-H",
+                &auth,
+                "--data-binary",
+                r#"{"command":"echo $$ > /tmp/left.pid; exec sleep 60","tool_call_id":"tc-left"}"#,
+                &format!("{url}?stream=ndjson"),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("curl");
@@ -510,18 +654,31 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         std::io::BufReader::new(leaving.stdout.take().expect("stdout"))
             .read_line(&mut first)
             .expect("the start line");
-        assert!(first.contains("\"start\"") && first.contains("tc-left"), "{first}");
-        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
-        assert!(open.body.contains("tc-left"), "open while it runs: {open:?}");
+        assert!(
+            first.contains("\"start\"") && first.contains("tc-left"),
+            "{first}"
+        );
+        let open = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert!(
+            open.body.contains("tc-left"),
+            "open while it runs: {open:?}"
+        );
         let _ = leaving.kill();
         let _ = leaving.wait();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+            let open = world
+                .gw
+                .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
             if !open.body.contains("tc-left") && svc.session(agent, "t1")["executing"] == false {
                 break;
             }
-            assert!(Instant::now() < deadline, "the cancelled execution still runs: {open:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the cancelled execution still runs: {open:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(
@@ -532,7 +689,17 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
 
         // The sandbox dying during an execution ends it with an error, and its tool call.
         let mut dying = Command::new("curl")
-            .args(["-sS", "-N", "-m", "30", "-H", &auth, "--data-binary", r#"{"command":"sleep 60","tool_call_id":"tc-dies"}"#, &format!("{url}?stream=ndjson")])
+            .args([
+                "-sS",
+                "-N",
+                "-m",
+                "30",
+                "-H",
+                &auth,
+                "--data-binary",
+                r#"{"command":"sleep 60","tool_call_id":"tc-dies"}"#,
+                &format!("{url}?stream=ndjson"),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("curl");
@@ -540,15 +707,56 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         let mut first = String::new();
         lines.read_line(&mut first).expect("the start line");
         assert!(first.contains("tc-dies"), "{first}");
-        let pid = record(world, agent, "t1")["process"]["pid"].as_i64().expect("pid");
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let pid = record(world, agent, "t1")["process"]["pid"]
+            .as_i64()
+            .expect("pid");
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
         let mut last = String::new();
         lines.read_line(&mut last).expect("the last line");
-        assert!(last.contains("\"error\"") && last.contains("guest"), "{last}");
+        assert!(
+            last.contains("\"error\"") && last.contains("guest"),
+            "{last}"
+        );
         let _ = dying.wait();
-        let open = world.gw.admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        let open = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
         assert!(!open.body.contains("tc-dies"), "{open:?}");
         // The next execution starts the sandbox again, files kept.
+        assert_eq!(svc.stdout(agent, "t1", "cat ../out.txt"), "made\n");
+
+        // A hung sandbox (its guest agent stopped): past the execution's timeout plus the
+        // grace, the caller gets 504, the tool call is closed and the sandbox stopped; the
+        // next execution starts a new one, files kept.
+        let pid = record(world, agent, "t1")["process"]["pid"]
+            .as_i64()
+            .expect("pid");
+        let _ = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status();
+        let started = Instant::now();
+        let r = svc.call(
+            "POST",
+            &format!("/v1/sessions/{agent}/t1/exec"),
+            Some(r#"{"command":"echo never","timeout_secs":1,"tool_call_id":"tc-hung"}"#),
+        );
+        assert_eq!(r.status, 504, "{r:?}");
+        assert_eq!(r.json()["error"], "guest_unresponsive", "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "answered after {:?}",
+            started.elapsed()
+        );
+        let open = world
+            .gw
+            .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
+        assert!(!open.body.contains("tc-hung"), "{open:?}");
+        assert!(
+            !PathBuf::from(format!("/proc/{pid}")).exists(),
+            "the hung guest agent was not stopped"
+        );
         assert_eq!(svc.stdout(agent, "t1", "cat ../out.txt"), "made\n");
 
         // Files larger than the cap are refused.
@@ -563,7 +771,19 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
 
         // The command line streams the output and exits with the command's status.
         let out = Command::new(binary("tollgate-launcher"))
-            .args(["exec", "--service", &svc.url, "--agent", agent, "--thread", "t1", "--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+            .args([
+                "exec",
+                "--service",
+                &svc.url,
+                "--agent",
+                agent,
+                "--thread",
+                "t1",
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 7",
+            ])
             .env("TOLLGATE_LAUNCHER_TOKEN", &svc.token)
             .output()
             .expect("tollgate-launcher exec");
@@ -582,22 +802,122 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         let local = world.data.path().join("cli-upload.txt");
         std::fs::write(&local, "from the command line").expect("write");
         let local = local.to_string_lossy().to_string();
-        let out = cli(&["files", "put", "--agent", agent, "--thread", "t1", &local, "cli/up.txt"]);
+        let out = cli(&[
+            "files",
+            "put",
+            "--agent",
+            agent,
+            "--thread",
+            "t1",
+            &local,
+            "cli/up.txt",
+        ]);
         assert!(out.status.success(), "{out:?}");
-        let out = cli(&["files", "get", "--agent", agent, "--thread", "t1", "cli/up.txt"]);
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "from the command line");
+        let out = cli(&[
+            "files",
+            "get",
+            "--agent",
+            agent,
+            "--thread",
+            "t1",
+            "cli/up.txt",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "from the command line"
+        );
         let out = cli(&["files", "ls", "--agent", agent, "--thread", "t1", "cli"]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("up.txt"), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("up.txt"),
+            "{out:?}"
+        );
         let out = cli(&["sessions", "list", "--agent", agent]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("t1"), "{out:?}");
-        let out = cli(&["files", "get", "--agent", agent, "--thread", "t1", "../secret"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("t1"),
+            "{out:?}"
+        );
+        let out = cli(&[
+            "files",
+            "get",
+            "--agent",
+            agent,
+            "--thread",
+            "t1",
+            "../secret",
+        ]);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("(403)"), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("(403)"),
+            "{out:?}"
+        );
+        let out = cli(&["sessions", "show", "--agent", agent, "--thread", "t1"]);
+        let shown: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("sessions show prints JSON");
+        assert_eq!(
+            (shown["thread"].as_str(), shown["state"].as_str()),
+            (Some("t1"), Some("running")),
+            "{shown}"
+        );
+        let r = svc.call("PUT", &format!("/v1/sessions/{agent}/t3"), None);
+        assert_eq!(r.status, 201, "{r:?}");
+        let out = cli(&["sessions", "rm", "--agent", agent, "--thread", "t3"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            svc.call("GET", &format!("/v1/sessions/{agent}/t3"), None)
+                .status,
+            404
+        );
+
+        // Server-sent events: the same events as NDJSON, each named.
+        let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
+        let auth = format!("Authorization: Bearer {}", svc.token);
+        let sse = curl(&[
+            "-N",
+            "-H",
+            &auth,
+            "-H",
+            "Accept: text/event-stream",
+            "--data-binary",
+            r#"{"command":"echo out; echo err >&2; exit 3","tool_call_id":"tc-sse"}"#,
+            &url,
+        ]);
+        assert_eq!(sse.status, 200, "{sse:?}");
+        let events: Vec<(&str, serde_json::Value)> = sse
+            .body
+            .split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                let name = e
+                    .lines()
+                    .find_map(|l| l.strip_prefix("event: "))
+                    .expect("an event name");
+                let data = e
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .expect("event data");
+                (name, serde_json::from_str(data).expect("JSON data"))
+            })
+            .collect();
+        let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names.first(), Some(&"start"), "{sse:?}");
+        assert_eq!(names.last(), Some(&"end"), "{sse:?}");
+        assert!(
+            names.contains(&"stdout") && names.contains(&"stderr"),
+            "{sse:?}"
+        );
+        assert_eq!(
+            events.last().map(|(_, d)| d["end"]["exit_code"].clone()),
+            Some(serde_json::json!(3)),
+            "{sse:?}"
+        );
 
         let session = svc.session(agent, "t1");
         assert!(session["executions"].as_u64() >= Some(8), "{session}");
         assert!(session["disk_bytes"].as_u64() > Some(0), "{session}");
-        assert!(!world.gw.log().contains(TOKEN), "the injected token reached the gateway's log");
+        assert!(
+            !world.gw.log().contains(TOKEN),
+            "the injected token reached the gateway's log"
+        );
     })
     .await;
 }
@@ -644,118 +964,142 @@ fn session_dir(world: &World, agent: &str, thread: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_are_apart_and_a_sandbox_reaches_neither_the_service_nor_a_guest_agent() {
-    in_world(missing_prerequisite(), &["--backend", "netns", "--max-sessions-per-agent", "2"], "apart", |world, agent| {
-        world.service.open(agent, "t1");
-        world.service.open(agent, "t2");
-        let svc = &world.service;
+    in_world(
+        missing_prerequisite(),
+        &["--backend", "netns", "--max-sessions-per-agent", "2"],
+        "apart",
+        |world, agent| {
+            world.service.open(agent, "t1");
+            world.service.open(agent, "t2");
+            let svc = &world.service;
 
-        // Two threads of one agent: different users, environments, files.
-        svc.stdout(agent, "t1", "export X=one; echo one > mine.txt");
-        let answer = svc.exec(agent, "t2", "echo \"X=$X\"; cat mine.txt");
-        assert_eq!(answer["stdout"], "X=\n", "{answer}");
-        assert_ne!(answer["exit_code"], 0, "{answer}");
-        let (u1, u2) = (svc.stdout(agent, "t1", "id -u"), svc.stdout(agent, "t2", "id -u"));
-        assert_ne!(u1, u2);
-        assert_ne!(u1.trim(), "0");
-        // t2 cannot read t1's workspace, nor its own session's secret, nor list the service's.
-        let t1_dir = session_dir(world, agent, "t1");
-        let t2_dir = session_dir(world, agent, "t2");
-        for path in [
-            t1_dir.join("workspace/mine.txt"),
-            t2_dir.join("secret"),
-            t1_dir.join("secret"),
-            world.sessions_dir().join("service-token"),
-        ] {
-            let answer = svc.exec(agent, "t2", &format!("cat {}", path.display()));
-            assert_ne!(answer["exit_code"], 0, "{}: {answer}", path.display());
-            assert!(answer["stderr"].as_str().unwrap_or("").contains("Permission denied"), "{answer}");
-        }
-        let answer = svc.exec(agent, "t2", &format!("ls {}", world.sessions_dir().display()));
-        assert_ne!(answer["exit_code"], 0, "{answer}");
+            // Two threads of one agent: different users, environments, files.
+            svc.stdout(agent, "t1", "export X=one; echo one > mine.txt");
+            let answer = svc.exec(agent, "t2", "echo \"X=$X\"; cat mine.txt");
+            assert_eq!(answer["stdout"], "X=\n", "{answer}");
+            assert_ne!(answer["exit_code"], 0, "{answer}");
+            let (u1, u2) = (
+                svc.stdout(agent, "t1", "id -u"),
+                svc.stdout(agent, "t2", "id -u"),
+            );
+            assert_ne!(u1, u2);
+            assert_ne!(u1.trim(), "0");
+            // t2 cannot read t1's workspace, nor its own session's secret, nor list the service's.
+            let t1_dir = session_dir(world, agent, "t1");
+            let t2_dir = session_dir(world, agent, "t2");
+            for path in [
+                t1_dir.join("workspace/mine.txt"),
+                t2_dir.join("secret"),
+                t1_dir.join("secret"),
+                world.sessions_dir().join("service-token"),
+            ] {
+                let answer = svc.exec(agent, "t2", &format!("cat {}", path.display()));
+                assert_ne!(answer["exit_code"], 0, "{}: {answer}", path.display());
+                assert!(
+                    answer["stderr"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("Permission denied"),
+                    "{answer}"
+                );
+            }
+            let answer = svc.exec(
+                agent,
+                "t2",
+                &format!("ls {}", world.sessions_dir().display()),
+            );
+            assert_ne!(answer["exit_code"], 0, "{answer}");
 
-        // The workload cannot stop its guest agent (it runs as root).
-        let answer = svc.exec(agent, "t2", "pkill -9 -f '[t]ollgate-guest-agent'; echo done");
-        assert_eq!(answer["stdout"], "done\n", "{answer}");
-        assert_eq!(svc.stdout(agent, "t2", "echo still"), "still\n");
+            // The workload cannot stop its guest agent (it runs as root).
+            let answer = svc.exec(
+                agent,
+                "t2",
+                "pkill -9 -f '[t]ollgate-guest-agent'; echo done",
+            );
+            assert_eq!(answer["stdout"], "done\n", "{answer}");
+            assert_eq!(svc.stdout(agent, "t2", "echo still"), "still\n");
 
-        // Nothing but the gateway: not the service on the host's loopback or on the gateway's
-        // side, and its own guest agent only without the secret.
-        let service_port = svc.url.rsplit(':').next().unwrap_or_default().to_string();
-        let probe = |url: &str| {
-            format!("curl -sS --noproxy '*' --connect-timeout 3 -m 5 -o /dev/null -w '%{{http_code}}' {url} 2>/dev/null || echo blocked")
-        };
-        for url in [
-            format!("http://127.0.0.1:{service_port}/healthz"),
-            format!("http://10.200.1.1:{service_port}/healthz"),
-        ] {
-            let out = svc.stdout(agent, "t2", &probe(&url));
-            assert!(out.ends_with("blocked\n"), "{url}: {out}");
-        }
-        let out = svc.stdout(agent, "t2", &probe(&format!("http://10.200.1.2:{GUEST_PORT}/health")));
-        assert_eq!(out, "401", "the guest agent wants its secret");
+            // Nothing but the gateway.
+            svc.sandbox_reaches_neither_service_nor_guest_agent(agent, "t2");
 
-        // Files stay in the workspace.
-        svc.stdout(agent, "t2", "ln -s /etc/passwd link; ln -s .. up; mkdir -p d");
-        for (method, path) in [
-            ("GET", "..%2Fsecret"),
-            ("GET", "%2Fetc%2Fpasswd"),
-            ("GET", "link"),
-            ("PUT", "up%2Fplanted"),
-            ("PUT", "..%2F..%2Fplanted"),
-            ("GET", "d%2F..%2F..%2Fsession.json"),
-        ] {
-            let r = svc.call(method, &format!("/v1/sessions/{agent}/t2/files?path={path}"), (method == "PUT").then_some("x"));
-            // An absolute path is taken as one in the workspace (404 there); the others
-            // lead out of it (403).
-            assert!(matches!(r.status, 400 | 403 | 404), "{method} {path}: {r:?}");
-            assert!(!r.body.contains("root:"), "{r:?}");
-            assert!(r.json()["detail"].is_string(), "{r:?}");
-        }
-        assert!(!t2_dir.join("planted").exists() && !world.sessions_dir().join("planted").exists());
+            // Files stay in the workspace.
+            svc.files_stay_in_the_workspace(agent, "t2");
+            assert!(
+                !t2_dir.join("planted").exists() && !world.sessions_dir().join("planted").exists()
+            );
 
-        // Without the token, or with another, nothing is done.
-        for header in [None, Some("Authorization: Bearer wrong"), Some("Authorization: Basic eDp5")] {
-            let extra: Vec<&str> = header.map(|h| vec!["-H", h]).unwrap_or_default();
-            let r = svc.call_with(&extra, "PUT", &format!("/v1/sessions/{agent}/t9"), None);
-            assert_eq!(r.status, 401, "{r:?}");
-            assert_eq!(r.json()["error"], "unauthorized");
-            let r = svc.call_with(&extra, "POST", &format!("/v1/sessions/{agent}/t1/exec"), Some(r#"{"command":"touch /tmp/x"}"#));
-            assert_eq!(r.status, 401, "{r:?}");
-        }
-        assert!(!session_dir(world, agent, "t9").exists());
-        let health = svc.call_with(&[], "GET", "/healthz", None);
-        assert_eq!(health.status, 200);
-        // The OpenAPI description is served and names every route.
-        let api = svc.call_with(&[], "GET", "/v1/openapi.json", None).json();
-        for route in [
-            "/v1/sessions",
-            "/v1/sessions/{agent}/{thread}",
-            "/v1/sessions/{agent}/{thread}/exec",
-            "/v1/sessions/{agent}/{thread}/python",
-            "/v1/sessions/{agent}/{thread}/files",
-            "/v1/sessions/{agent}/{thread}/files/list",
-        ] {
-            assert!(api["paths"][route].is_object(), "{route} is not described");
-        }
+            // Without the token, or with another, nothing is done.
+            for header in [
+                None,
+                Some("Authorization: Bearer wrong"),
+                Some("Authorization: Basic eDp5"),
+            ] {
+                let extra: Vec<&str> = header.map(|h| vec!["-H", h]).unwrap_or_default();
+                let r = svc.call_with(&extra, "PUT", &format!("/v1/sessions/{agent}/t9"), None);
+                assert_eq!(r.status, 401, "{r:?}");
+                assert_eq!(r.json()["error"], "unauthorized");
+                let r = svc.call_with(
+                    &extra,
+                    "POST",
+                    &format!("/v1/sessions/{agent}/t1/exec"),
+                    Some(r#"{"command":"touch /tmp/x"}"#),
+                );
+                assert_eq!(r.status, 401, "{r:?}");
+            }
+            assert!(!session_dir(world, agent, "t9").exists());
+            let health = svc.call_with(&[], "GET", "/healthz", None);
+            assert_eq!(health.status, 200);
+            // The OpenAPI description is served and names every route.
+            let api = svc.call_with(&[], "GET", "/v1/openapi.json", None).json();
+            for route in [
+                "/v1/sessions",
+                "/v1/sessions/{agent}/{thread}",
+                "/v1/sessions/{agent}/{thread}/exec",
+                "/v1/sessions/{agent}/{thread}/python",
+                "/v1/sessions/{agent}/{thread}/files",
+                "/v1/sessions/{agent}/{thread}/files/list",
+            ] {
+                assert!(api["paths"][route].is_object(), "{route} is not described");
+            }
 
-        // Limits and bad input: clear refusals, nothing made.
-        let r = svc.call("PUT", &format!("/v1/sessions/{agent}/t3"), None);
-        assert_eq!(r.status, 429, "{r:?}");
-        assert_eq!(r.json()["error"], "too_many_sessions");
-        let r = svc.call("PUT", "/v1/sessions/nobody-registered/t1", None);
-        assert_eq!(r.status, 409, "{r:?}");
-        assert_eq!(r.json()["error"], "agent_not_registered");
-        assert!(!session_dir(world, "nobody-registered", "t1").exists());
-        let (gw_side, sb_side) = namespaces_exist(&SessionKey::new("nobody-registered", "t1").expect("valid"));
-        assert!(!gw_side && !sb_side, "a refused session leaves no namespace");
-        let r = svc.call("PUT", &format!("/v1/sessions/{agent}/.hidden"), None);
-        assert_eq!(r.status, 400, "{r:?}");
-        let r = svc.call("POST", &format!("/v1/sessions/{agent}/t1/exec"), Some("{not json"));
-        assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("bad_request")), "{r:?}");
-        let r = svc.call("POST", &format!("/v1/sessions/{agent}/nope/exec"), Some(r#"{"command":"true"}"#));
-        assert_eq!(r.status, 404, "{r:?}");
-        world.service.keys.push(SessionKey::new(agent, "t3").expect("valid"));
-    })
+            // Limits and bad input: clear refusals, nothing made.
+            let r = svc.call("PUT", &format!("/v1/sessions/{agent}/t3"), None);
+            assert_eq!(r.status, 429, "{r:?}");
+            assert_eq!(r.json()["error"], "too_many_sessions");
+            let r = svc.call("PUT", "/v1/sessions/nobody-registered/t1", None);
+            assert_eq!(r.status, 409, "{r:?}");
+            assert_eq!(r.json()["error"], "agent_not_registered");
+            assert!(!session_dir(world, "nobody-registered", "t1").exists());
+            let (gw_side, sb_side) =
+                namespaces_exist(&SessionKey::new("nobody-registered", "t1").expect("valid"));
+            assert!(
+                !gw_side && !sb_side,
+                "a refused session leaves no namespace"
+            );
+            let r = svc.call("PUT", &format!("/v1/sessions/{agent}/.hidden"), None);
+            assert_eq!(r.status, 400, "{r:?}");
+            let r = svc.call(
+                "POST",
+                &format!("/v1/sessions/{agent}/t1/exec"),
+                Some("{not json"),
+            );
+            assert_eq!(
+                (r.status, r.json()["error"].as_str()),
+                (400, Some("bad_request")),
+                "{r:?}"
+            );
+            let r = svc.call(
+                "POST",
+                &format!("/v1/sessions/{agent}/nope/exec"),
+                Some(r#"{"command":"true"}"#),
+            );
+            assert_eq!(r.status, 404, "{r:?}");
+            world
+                .service
+                .keys
+                .push(SessionKey::new(agent, "t3").expect("valid"));
+        },
+    )
     .await;
 }
 
@@ -983,12 +1327,12 @@ async fn microvm_sessions_keep_their_disk_across_idle_stops_and_restarts_and_lea
         assert_ne!(answer["exit_code"], 0, "{answer}");
 
         // The workload can neither read the guest agent's secret nor stop it, and the agent
-        // it reaches is its own, which wants the secret.
+        // closes on it at once (it serves the service's side of the network alone).
         let answer = svc.exec(agent, "q1", "cat /run/tollgate/secret");
         assert!(answer["stderr"].as_str().unwrap_or("").contains("Permission denied"), "{answer}");
         svc.exec(agent, "q1", "pkill -9 -f '[t]ollgate-guest-agent'");
-        let out = svc.stdout(agent, "q1", &format!("curl -sS --noproxy '*' -m 5 -o /dev/null -w '%{{http_code}}' http://10.200.1.2:{GUEST_PORT}/health"));
-        assert_eq!(out, "401");
+        let answer = svc.exec(agent, "q1", &format!("curl -sS --noproxy '*' -m 5 -o /dev/null -w '%{{http_code}}' http://10.200.1.2:{GUEST_PORT}/health"));
+        assert_eq!(answer["stdout"], "000", "the guest agent answers the service alone: {answer}");
 
         // A request made during an execution gets the token; the VM has no other way out.
         let port = world.origin.port();
@@ -1038,6 +1382,19 @@ let listed = gateway_sessions(world, agent);
             listed.as_array().into_iter().flatten().all(|s| s["session"] != "q1"),
             "{listed}"
         );
+
+        // The checks the namespace sandbox passes, in a VM (q2, booted again after its idle
+        // stop): a process the execution left running gets no token after it ended; the
+        // timeout and the output cap; the service out of reach; the files API inside the
+        // workspace; no call without the service's token.
+        world.token_only_during_the_execution(agent, "q2", "vm-");
+        let svc = &world.service;
+        svc.timeout_and_cap(agent, "q2");
+        svc.sandbox_reaches_neither_service_nor_guest_agent(agent, "q2");
+        svc.files_stay_in_the_workspace(agent, "q2");
+        let r = svc.call_with(&[], "POST", &format!("/v1/sessions/{agent}/q2/exec"), Some(r#"{"command":"touch unauthorized"}"#));
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(svc.stdout(agent, "q2", "ls unauthorized 2>/dev/null || echo absent"), "absent\n");
     })
     .await;
 }

@@ -2,7 +2,7 @@
 //! documentation). Started by the sandbox's init (or, for a namespace sandbox, by the
 //! service), as root; executions run as `--user`.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,6 +24,11 @@ struct Cli {
     /// Where the sandbox service reaches the agent (port 0: any; the address is printed).
     #[arg(long)]
     listen: SocketAddr,
+    /// Serve only connections from this address (the service's side of the sandbox's
+    /// network) and close any other unanswered; every address if left out. Set it inside a
+    /// sandbox, where the workload can reach the agent too.
+    #[arg(long)]
+    allow_from: Option<IpAddr>,
     /// A file holding the session's secret (read once; keep it from the workload).
     #[arg(long)]
     secret_file: PathBuf,
@@ -130,6 +135,10 @@ fn run(cli: Cli) -> Result<(), String> {
     let max_request = usize::try_from(cli.max_file_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(64 << 10);
-    let agent = Arc::new(Agent::new(secret, (shell, python), workspace, max_request));
+    let mut agent = Agent::new(secret, (shell, python), workspace, max_request);
+    if let Some(peer) = cli.allow_from {
+        agent = agent.serving_only(peer);
+    }
+    let agent = Arc::new(agent);
     serve(listener, agent).map_err(|e| e.to_string())
 }

@@ -13,7 +13,7 @@
 //! | `GET /files/list?path=` | a directory's entries |
 //! | `POST /sync` | write everything cached to disk (before the sandbox is stopped) |
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,6 +49,8 @@ pub struct Agent {
     /// Held while an execution runs.
     running: Mutex<()>,
     connections: AtomicUsize,
+    /// The one address served, when set: see [`Agent::serving_only`].
+    allowed_peer: Option<IpAddr>,
 }
 
 impl Agent {
@@ -67,7 +69,18 @@ impl Agent {
             max_request_bytes,
             running: Mutex::new(()),
             connections: AtomicUsize::new(0),
+            allowed_peer: None,
         }
+    }
+
+    /// Serves connections from `peer` only (the sandbox service's side of the sandbox's
+    /// network); any other is closed unanswered, before it takes one of the
+    /// [`MAX_CONNECTIONS`]. The workload shares the agent's network and cannot send from
+    /// `peer`: without this, a workload holding open connections to its own agent would
+    /// leave none for the service, and the session could no longer be used.
+    pub fn serving_only(mut self, peer: IpAddr) -> Self {
+        self.allowed_peer = Some(peer);
+        self
     }
 }
 
@@ -82,6 +95,13 @@ impl Agent {
 pub fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
+        if let Some(allowed) = agent.allowed_peer {
+            // Dropped: closed without a byte read or written.
+            match stream.peer_addr() {
+                Ok(peer) if peer.ip() == allowed => {}
+                _ => continue,
+            }
+        }
         if agent.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             agent.connections.fetch_sub(1, Ordering::AcqRel);
             let _ = write_error(

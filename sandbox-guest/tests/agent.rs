@@ -24,6 +24,11 @@ impl Drop for Running {
 
 /// Starts the agent in a fresh directory; as `nobody` when the test runs as root.
 fn start() -> Running {
+    start_with(&[])
+}
+
+/// [`start`], with `extra` options.
+fn start_with(extra: &[&str]) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     // The workload's user must be able to reach its workspace.
     std::fs::set_permissions(
@@ -49,6 +54,7 @@ fn start() -> Running {
         .arg(dir.path().join("workspace"))
         .arg("--state")
         .arg(dir.path().join("state"))
+        .args(extra)
         .stdout(Stdio::piped());
     if nix::unistd::geteuid().is_root() {
         command.args(["--user", "nobody"]);
@@ -133,6 +139,59 @@ fn only_the_service_with_the_secret_is_answered() {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+}
+
+/// A connection to `agent` from `source` (a loopback address of the caller's choosing).
+fn connect_from(source: std::net::Ipv4Addr, agent: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+    )
+    .expect("bind");
+    let SocketAddr::V4(agent) = agent else {
+        panic!("the agent listens on IPv4")
+    };
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(agent),
+    )
+    .expect("connect");
+    TcpStream::from(fd)
+}
+
+#[test]
+fn told_the_services_address_the_agent_closes_on_everyone_else_who_cannot_crowd_it_out() {
+    // The service's side is 127.0.0.2 here; the workload's connections come from 127.0.0.1.
+    let agent = start_with(&["--allow-from", "127.0.0.2"]);
+    let health = format!("GET /health HTTP/1.1\r\nX-Tollgate-Secret: {SECRET}\r\n\r\n");
+    let ask = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.write_all(health.as_bytes());
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    // Another address is closed on, even with the secret: nothing is answered.
+    assert_eq!(ask(TcpStream::connect(agent.addr).expect("connect")), "");
+    // Connections held open from there take none of the agent's: the service still gets in.
+    let held: Vec<TcpStream> = (0..tollgate_guest::server::MAX_CONNECTIONS + 8)
+        .map(|_| TcpStream::connect(agent.addr).expect("connect"))
+        .collect();
+    let answer = ask(connect_from(
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        agent.addr,
+    ));
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    drop(held);
 }
 
 #[test]

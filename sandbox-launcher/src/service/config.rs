@@ -111,6 +111,12 @@ pub struct ServiceConfig {
     /// Longest timeout an execution may ask for, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub max_timeout_secs: u64,
+    /// Seconds past its timeout an execution may take to report its end. Then the service
+    /// takes the sandbox for hung: it answers 504 guest_unresponsive (or ends the stream with
+    /// that error) and stops the sandbox, files kept. The execution's tool call lives its
+    /// timeout plus this on the gateway, so one the service cannot close still ends.
+    #[arg(long, default_value_t = 30)]
+    pub execution_grace_secs: u64,
     /// The first of the user ids sessions' executions run as, one per session (netns
     /// backend): a range of `max_sessions` ids no account on the host uses.
     #[arg(long, default_value_t = 2_000_000)]

@@ -60,6 +60,10 @@ pub enum ServiceError {
     /// The guest agent could not be reached or broke off.
     #[error("the session's guest agent: {0}")]
     GuestUnreachable(String),
+    /// The guest did not end an execution within its timeout plus the grace (seconds): its
+    /// sandbox is taken for hung and stopped.
+    #[error("the session's sandbox did not end the execution within its timeout plus {0} s; it was stopped as hung (its files are kept) and starts again with the next execution")]
+    GuestUnresponsive(u64),
     /// Something in the service itself failed.
     #[error("{0}")]
     Internal(String),
@@ -78,6 +82,7 @@ impl ServiceError {
             ServiceError::TooManySessions(_) => 429,
             ServiceError::Gateway(_) | ServiceError::GuestUnreachable(_) => 502,
             ServiceError::Sandbox(_) => 503,
+            ServiceError::GuestUnresponsive(_) => 504,
             ServiceError::Guest { status, .. } => *status,
             ServiceError::Internal(_) => 500,
         };
@@ -98,6 +103,7 @@ impl ServiceError {
             ServiceError::Sandbox(_) => "sandbox_unavailable",
             ServiceError::Guest { code, .. } => code,
             ServiceError::GuestUnreachable(_) => "guest_unreachable",
+            ServiceError::GuestUnresponsive(_) => "guest_unresponsive",
             ServiceError::Internal(_) => "internal_error",
         }
     }

@@ -1,8 +1,8 @@
 //! One execution in a session, which is one tool call on the gateway: the tool call is
-//! opened (for the agent, in the session, with the execution's timeout plus a margin as its
-//! TTL) before the command starts and closed when the execution ends, however it ends —
-//! exit, timeout, cancel, the sandbox's death, a deleted session. Tokens the gateway injected
-//! for it go with it.
+//! opened (for the agent, in the session, with the execution's timeout plus the grace
+//! `execution_grace_secs` as its TTL) before the command starts and closed when the
+//! execution ends, however it ends — exit, timeout, cancel, the sandbox's death or hang, a
+//! deleted session. Tokens the gateway injected for it go with it.
 //!
 //! The execution runs in a task of its own that owns the cleanup, so a client that leaves
 //! (its answer is dropped) cancels the execution without skipping the tool call's close.
@@ -24,14 +24,13 @@ use super::session::SessionKey;
 use super::sessions::{Session, Sessions};
 use crate::gateway_api::ApiError;
 
-/// What the gateway's TTL adds to the execution's timeout: the tool call outlives the
-/// execution only if the service cannot close it (then the TTL ends it).
-const TOOL_CALL_MARGIN: Duration = Duration::from_secs(30);
 /// How long a cancelled execution may take to be killed and reaped in the guest before its
 /// tool call is closed and the session's next execution may start.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 /// How an execution whose client left ended, for the log.
 const CANCELLED: &str = "cancelled";
+/// How an execution the guest did not end in time ended, for the log.
+const UNRESPONSIVE: &str = "guest unresponsive";
 /// Largest execution request (its stdin included).
 pub const MAX_EXEC_REQUEST_BYTES: usize = 8 << 20;
 
@@ -176,6 +175,9 @@ pub enum Event {
         error: String,
         /// What went wrong, for the caller.
         detail: String,
+        /// The status a single JSON answer gets (a stream's is 200 by then).
+        #[serde(skip)]
+        status: u16,
     },
 }
 
@@ -211,6 +213,7 @@ impl Event {
         Event::Error {
             error: error.code().to_string(),
             detail: error.to_string(),
+            status: error.status().as_u16(),
         }
     }
 }
@@ -267,7 +270,12 @@ async fn run(
         .work
         .timeout_secs()
         .unwrap_or(context.config.default_timeout_secs);
-    let ttl = timeout + TOOL_CALL_MARGIN.as_secs();
+    // The gateway ends the tool call after this by itself, so the service waits no longer.
+    let ttl = timeout + context.config.execution_grace_secs;
+    let deadline = Deadline {
+        at: tokio::time::Instant::now() + Duration::from_secs(ttl),
+        grace_secs: context.config.execution_grace_secs,
+    };
     let id = tool_call.clone();
     session.update(|r| r.open_tool_call = Some(id)).await;
     if let Err(e) = open_tool_call(sessions, session, &tool_call, ttl).await {
@@ -277,10 +285,16 @@ async fn run(
     }
     tracing::info!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "execution started");
 
-    let (outcome, last) = relay(&guest, &request.work, &tool_call, ready, &events).await;
+    let (outcome, last) = relay(&guest, &request.work, &tool_call, ready, &events, deadline).await;
     if outcome == CANCELLED && !guest.idle(CANCEL_WAIT).await {
         // Its tool call closes all the same; the next execution may find the agent busy.
         tracing::warn!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "the cancelled command was not gone in time");
+    }
+    if outcome == UNRESPONSIVE {
+        tracing::warn!(agent = %key.agent, thread = %key.thread, tool_call = %tool_call, "the sandbox did not end the execution in time; stopping it as hung");
+        if let Err(e) = sessions.stop(session).await {
+            tracing::warn!(agent = %key.agent, thread = %key.thread, "cannot stop the hung sandbox: {e}");
+        }
     }
 
     let (agent, id) = (key.agent.clone(), tool_call.clone());
@@ -334,16 +348,31 @@ async fn open_tool_call(
     }
 }
 
+/// When the service stops waiting for an execution's end: its timeout plus the grace.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    grace_secs: u64,
+}
+
+impl Deadline {
+    /// What the caller learns when it passed.
+    fn passed(self) -> ServiceError {
+        ServiceError::GuestUnresponsive(self.grace_secs)
+    }
+}
+
 /// Sends the execution to the guest agent and relays what it reports until it ends, the
 /// client leaves (`events` closed: the connection to the guest is dropped, which cancels
-/// the command) or the guest breaks off. Returns how it ended (for the log) and the last
-/// event, unsent: the end, or why it broke off.
+/// the command), the guest breaks off or `deadline` passes (the guest is hung). Returns how
+/// it ended (for the log) and the last event, unsent: the end, or why it broke off.
 async fn relay(
     guest: &super::guest::GuestAgent,
     work: &Work,
     tool_call: &str,
     ready: tokio::sync::oneshot::Sender<Result<(), ServiceError>>,
     events: &mpsc::Sender<Event>,
+    deadline: Deadline,
 ) -> (&'static str, Option<Event>) {
     let body = match work.body() {
         Ok(body) => Bytes::from(body),
@@ -352,19 +381,25 @@ async fn relay(
             return ("not sent", None);
         }
     };
-    let response = match guest.send(http::Method::POST, work.route(), body).await {
-        Ok(response) => response,
-        Err(e) => {
+    let sent = guest.send(http::Method::POST, work.route(), body);
+    let response = match tokio::time::timeout_at(deadline.at, sent).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
             let _ = ready.send(Err(e));
             return ("guest unreachable", None);
+        }
+        Err(_) => {
+            // Answered as the execution's end, after the sandbox is stopped.
+            let _ = ready.send(Ok(()));
+            return (UNRESPONSIVE, Some(Event::failed(&deadline.passed())));
         }
     };
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {
-        let bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => Bytes::new(),
+        let bytes = match tokio::time::timeout_at(deadline.at, body.collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            _ => Bytes::new(),
         };
         let _ = ready.send(Err(guest_error(status.as_u16(), &bytes)));
         return ("refused by the guest", None);
@@ -381,6 +416,9 @@ async fn relay(
         let frame = tokio::select! {
             frame = body.frame() => frame,
             () = events.closed() => return (CANCELLED, None),
+            () = tokio::time::sleep_until(deadline.at) => {
+                return (UNRESPONSIVE, Some(Event::failed(&deadline.passed())));
+            }
         };
         let data = match frame {
             Some(Ok(frame)) => match frame.into_data() {
@@ -436,6 +474,7 @@ fn guest_event(line: &[u8], tool_call: &str) -> Option<Event> {
         Line::Error(detail) => Some(Event::Error {
             error: "exec_failed".into(),
             detail,
+            status: 502,
         }),
     }
 }
@@ -453,9 +492,13 @@ pub async fn collect(mut events: mpsc::Receiver<Event>) -> Result<Ended, Service
                 ended.finished.insert("stderr".into(), stderr.into());
                 return Ok(ended);
             }
-            Event::Error { error, detail } => {
+            Event::Error {
+                error,
+                detail,
+                status,
+            } => {
                 return Err(ServiceError::Guest {
-                    status: 502,
+                    status,
                     code: error,
                     detail,
                 })

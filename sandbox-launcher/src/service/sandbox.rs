@@ -15,7 +15,7 @@ use super::session::{io_error, write_private, SandboxProcess, SessionDir, Sessio
 use super::{microvm, netns};
 use crate::gateway_api::{GatewayApi, Listen};
 use crate::guest::FAILED_MARKER;
-use crate::network::{SandboxNetwork, SANDBOX_ADDRESS};
+use crate::network::{SandboxNetwork, HOST_ADDRESS, SANDBOX_ADDRESS};
 use crate::sandbox::{stop_process_group, tail_of};
 use crate::state::Backend;
 
@@ -223,9 +223,13 @@ pub async fn open_gateway_session(
         .await
 }
 
-/// The guest agent's limits, as its options.
+/// The guest agent's options both backends pass: it serves the service's side of the
+/// sandbox's network alone (the workload, which shares the agent's side, is closed on at
+/// once), and its limits.
 pub fn agent_options(config: &ServiceConfig) -> Vec<String> {
     vec![
+        "--allow-from".into(),
+        HOST_ADDRESS.to_string(),
         "--max-output-bytes".into(),
         config.max_output_bytes.to_string(),
         "--max-file-bytes".into(),
