@@ -116,6 +116,50 @@ struct Snapshot {
     by_peer: HashMap<IpAddr, Arc<Agent>>,
 }
 
+impl Snapshot {
+    /// Adds or replaces `agent` (validated here); true if it was new.
+    fn put(&mut self, mut agent: Agent) -> Result<bool, RegistryError> {
+        validate_agent_id(&agent.id)?;
+        agent
+            .limits
+            .validate()
+            .map_err(|reason| RegistryError::InvalidLimits {
+                agent: agent.id.clone(),
+                reason,
+            })?;
+        for peer in agent.peers.iter_mut() {
+            *peer = canonical_ip(*peer);
+        }
+        for peer in &agent.peers {
+            if let Some(owner) = self.by_peer.get(peer) {
+                if owner.id != agent.id {
+                    return Err(RegistryError::PeerTaken {
+                        peer: *peer,
+                        owner: owner.id.clone(),
+                    });
+                }
+            }
+        }
+        let previous = self.agents.remove(&agent.id);
+        if let Some(previous) = &previous {
+            // A replaced agent keeps its own listener: listeners come from the config file.
+            if agent.listen.is_none() {
+                agent.listen = previous.listen.clone();
+            }
+            for peer in &previous.peers {
+                self.by_peer.remove(peer);
+            }
+        }
+        agent.revision = NEXT_REVISION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let agent = Arc::new(agent);
+        for peer in &agent.peers {
+            self.by_peer.insert(*peer, agent.clone());
+        }
+        self.agents.insert(agent.id.clone(), agent);
+        Ok(previous.is_none())
+    }
+}
+
 /// The agents the gateway serves, by id and by source address.
 #[derive(Default)]
 pub struct AgentRegistry {
@@ -127,9 +171,7 @@ impl AgentRegistry {
     /// A registry holding `agents` (already validated by the config).
     pub fn new(agents: impl IntoIterator<Item = Agent>) -> Result<Self, RegistryError> {
         let registry = Self::default();
-        for agent in agents {
-            registry.put(agent)?;
-        }
+        registry.put_all(agents)?;
         Ok(registry)
     }
 
@@ -151,50 +193,23 @@ impl AgentRegistry {
     }
 
     /// Adds or replaces an agent. Returns true if it was new.
-    pub fn put(&self, mut agent: Agent) -> Result<bool, RegistryError> {
-        validate_agent_id(&agent.id)?;
-        agent
-            .limits
-            .validate()
-            .map_err(|reason| RegistryError::InvalidLimits {
-                agent: agent.id.clone(),
-                reason,
-            })?;
-        for peer in agent.peers.iter_mut() {
-            *peer = canonical_ip(*peer);
-        }
-        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = Snapshot::clone(&self.snapshot.load());
-        for peer in &agent.peers {
-            if let Some(owner) = next.by_peer.get(peer) {
-                if owner.id != agent.id {
-                    return Err(RegistryError::PeerTaken {
-                        peer: *peer,
-                        owner: owner.id.clone(),
-                    });
-                }
-            }
-        }
-        let previous = next.agents.remove(&agent.id);
-        if let Some(previous) = &previous {
-            // A replaced agent keeps its own listener: listeners come from the config file.
-            if agent.listen.is_none() {
-                agent.listen = previous.listen.clone();
-            }
-            for peer in &previous.peers {
-                next.by_peer.remove(peer);
-            }
-        }
-        agent.revision = NEXT_REVISION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let agent = Arc::new(agent);
-        for peer in &agent.peers {
-            next.by_peer.insert(*peer, agent.clone());
-        }
-        next.agents.insert(agent.id.clone(), agent);
-        self.snapshot.store(Arc::new(next));
-        Ok(previous.is_none())
+    pub fn put(&self, agent: Agent) -> Result<bool, RegistryError> {
+        Ok(self.put_all([agent])? == 1)
     }
 
+    /// Adds or replaces `agents`, in order, as one change: all of them or, on the first
+    /// error, none. Returns how many were new. Each change copies the registry once, so
+    /// loading many agents this way costs what one does, not one copy each.
+    pub fn put_all(&self, agents: impl IntoIterator<Item = Agent>) -> Result<usize, RegistryError> {
+        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Snapshot::clone(&self.snapshot.load());
+        let mut added = 0;
+        for agent in agents {
+            added += usize::from(next.put(agent)?);
+        }
+        self.snapshot.store(Arc::new(next));
+        Ok(added)
+    }
     /// Removes an agent; its source addresses stop being attributed to anyone.
     pub fn remove(&self, id: &str) -> Option<Arc<Agent>> {
         let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
@@ -349,6 +364,23 @@ mod tests {
         assert!(r.get("b").is_none(), "a refused put changes nothing");
         r.remove("a");
         assert!(r.by_peer("127.0.0.4".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn agents_put_together_go_in_all_or_none() {
+        let r = AgentRegistry::new([agent("a", &["127.0.0.2"])]).unwrap();
+        let added = r
+            .put_all([agent("b", &["127.0.0.3"]), agent("a", &["127.0.0.5"])])
+            .unwrap();
+        assert_eq!(added, 1, "b is new, a replaced");
+        assert_eq!(r.by_peer("127.0.0.5".parse().unwrap()).unwrap().id, "a");
+        // The second takes the first's address: neither goes in.
+        let err = r
+            .put_all([agent("c", &["127.0.0.6"]), agent("d", &["127.0.0.6"])])
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::PeerTaken { .. }));
+        assert!(r.get("c").is_none() && r.get("d").is_none());
+        assert!(r.by_peer("127.0.0.6".parse().unwrap()).is_none());
     }
 
     #[test]

@@ -140,9 +140,7 @@ pub async fn start(
     }
     // The config's agents first, then those the admin API stored (their latest version).
     let registry = Arc::new(AgentRegistry::new(config.agents.iter().cloned())?);
-    for agent in store.agents::<Agent>()? {
-        registry.put(agent)?;
-    }
+    registry.put_all(store.agents::<Agent>()?)?;
     let approvers = load_approvers(config)?;
     let policies = Arc::new(PolicyStore::load(config.policy.dir.as_deref())?);
 
