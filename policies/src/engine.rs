@@ -12,9 +12,10 @@
 //! nor fail, so the subset decides exactly as the whole set would. Subsets are cached per
 //! (action, agent, host).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cedar_policy::{
@@ -26,7 +27,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::agent::{AgentFacts, RunMode};
-use crate::classify::{Action, RequestFacts};
+use crate::classify::{Action, ArmTarget, RequestFacts};
 use crate::entities::{self, domains_of, host_id};
 use crate::target::Target;
 
@@ -199,6 +200,57 @@ pub struct Decision {
 /// Most decisions an engine keeps (each about a kilobyte at most).
 const DECISION_CACHE_ENTRIES: u64 = 10_000;
 
+/// What of a request a decision reads: all of its facts, its path only when a policy of the
+/// set reads it.
+struct DecisionInput<'a> {
+    request: &'a RequestFacts,
+    with_path: bool,
+}
+
+impl DecisionInput<'_> {
+    /// Everything but the path, which is compared and hashed apart.
+    #[allow(clippy::type_complexity)]
+    fn facts(
+        &self,
+    ) -> (
+        Action,
+        &str,
+        &Target,
+        &Option<ArmTarget>,
+        &Option<String>,
+        &Option<String>,
+    ) {
+        // Every field named, so a fact added to requests cannot be left out of the key.
+        let RequestFacts {
+            action,
+            method,
+            target,
+            path: _,
+            arm,
+            tool_call,
+            upgrade,
+        } = self.request;
+        (*action, method, target, arm, tool_call, upgrade)
+    }
+
+    fn path(&self) -> Option<&str> {
+        self.with_path.then_some(self.request.path.as_str())
+    }
+}
+
+impl PartialEq for DecisionInput<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.facts() == other.facts() && self.path() == other.path()
+    }
+}
+
+impl std::hash::Hash for DecisionInput<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.facts().hash(state);
+        self.path().hash(state);
+    }
+}
+
 /// A decision made, with everything it was made from.
 struct MadeDecision {
     agent: String,
@@ -238,11 +290,13 @@ fn reads_approval(policy: &Policy) -> bool {
     false
 }
 
-/// Whether a policy reads nothing of the request but what a CONNECT shows: every use of
-/// `context` is `context.port`, `context.scheme` or `context has` one of them. Checked on
-/// Cedar's JSON form of the policy, so comments and strings cannot fool it.
-fn decidable_for_tunnel(policy: &Policy) -> bool {
-    fn uses(value: &serde_json::Value, total: &mut usize, known: &mut usize) {
+/// The attributes of `context` a policy reads (`context.x`, `context has x`), or `None` when
+/// it uses `context` in any other way (whole, which reads everything) or its JSON form is
+/// unavailable. Read from Cedar's JSON form of the policy, so comments and strings cannot
+/// fool it.
+fn context_reads(policy: &Policy) -> Option<BTreeSet<String>> {
+    fn uses(value: &serde_json::Value, total: &mut usize, read: &mut BTreeSet<String>) -> usize {
+        let mut attributes = 0;
         match value {
             serde_json::Value::Object(map) => {
                 if map.get("Var").and_then(|v| v.as_str()) == Some("context") {
@@ -255,24 +309,42 @@ fn decidable_for_tunnel(policy: &Policy) -> bool {
                             .and_then(|l| l.get("Var"))
                             .and_then(|v| v.as_str())
                             == Some("context");
-                        let attr = access.get("attr").and_then(|a| a.as_str());
-                        if on_context && matches!(attr, Some("port" | "scheme")) {
-                            *known += 1;
+                        if let (true, Some(attr)) =
+                            (on_context, access.get("attr").and_then(|a| a.as_str()))
+                        {
+                            read.insert(attr.to_string());
+                            attributes += 1;
                         }
                     }
                 }
-                map.values().for_each(|v| uses(v, total, known));
+                for v in map.values() {
+                    attributes += uses(v, total, read);
+                }
             }
-            serde_json::Value::Array(items) => items.iter().for_each(|v| uses(v, total, known)),
+            serde_json::Value::Array(items) => {
+                for v in items {
+                    attributes += uses(v, total, read);
+                }
+            }
             _ => {}
         }
+        attributes
     }
-    let Ok(json) = policy.to_json() else {
-        return false;
-    };
-    let (mut total, mut known) = (0, 0);
-    uses(&json, &mut total, &mut known);
-    total == known
+    let json = policy.to_json().ok()?;
+    let (mut total, mut read) = (0, BTreeSet::new());
+    let attributes = uses(&json, &mut total, &mut read);
+    (attributes == total).then_some(read)
+}
+
+/// Whether a policy reads nothing of the request but what a CONNECT shows: every use of
+/// `context` is `context.port`, `context.scheme` or `context has` one of them.
+fn decidable_for_tunnel(policy: &Policy) -> bool {
+    context_reads(policy).is_some_and(|read| read.iter().all(|a| a == "port" || a == "scheme"))
+}
+
+/// Whether a policy may read the request's path (`context.path`, or `context` whole).
+fn reads_path(policy: &Policy) -> bool {
+    context_reads(policy).is_none_or(|read| read.contains("path"))
 }
 
 /// A string literal in Cedar's JSON form of an expression.
@@ -481,6 +553,12 @@ pub struct PolicyEngine {
     decisions: moka::sync::Cache<u64, Arc<MadeDecision>>,
     /// The hash of [`Self::decisions`]' keys, keyed at random per engine.
     decision_hasher: std::collections::hash_map::RandomState,
+    /// Whether any policy reads the request's path. When none does, the path is left out of
+    /// the decisions' keys: requests to other paths of a host are decided alike, so one
+    /// decision serves them all.
+    reads_path: bool,
+    /// Decisions evaluated (not taken from [`Self::decisions`]).
+    evaluated: AtomicU64,
     /// Forbid policies that do not read `context.approved`: when one of them denies the
     /// first pass, it would deny the second too, so the decision is settled.
     settling_forbids: HashSet<String>,
@@ -674,7 +752,10 @@ impl PolicyEngine {
                 .cloned(),
         )
         .unwrap_or_default();
+        let path_read = combined.policies().any(reads_path);
         Ok(PolicyEngine {
+            reads_path: path_read,
+            evaluated: AtomicU64::new(0),
             tunnel_forbids,
             index: Index::new(&combined),
             all: combined,
@@ -715,12 +796,19 @@ impl PolicyEngine {
     /// The same agent (same revision) asking the same thing gets the decision made before.
     pub fn decide(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
         use std::hash::BuildHasher;
+        let read = DecisionInput {
+            request,
+            with_path: self.reads_path,
+        };
         let key = self
             .decision_hasher
-            .hash_one((agent.id, agent.revision, request));
+            .hash_one((agent.id, agent.revision, &read));
         if let Some(made) = self.decisions.get(&key) {
-            if made.revision == agent.revision && made.agent == agent.id && made.request == *request
-            {
+            let made_from = DecisionInput {
+                request: &made.request,
+                with_path: self.reads_path,
+            };
+            if made.revision == agent.revision && made.agent == agent.id && made_from == read {
                 return made.decision.clone();
             }
         }
@@ -740,8 +828,14 @@ impl PolicyEngine {
         decision
     }
 
+    /// How many decisions this engine evaluated, rather than took from its cache.
+    pub fn evaluated(&self) -> u64 {
+        self.evaluated.load(Ordering::Relaxed)
+    }
+
     /// Decides one request without the decision cache.
     pub fn decide_uncached(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
+        self.evaluated.fetch_add(1, Ordering::Relaxed);
         let subset = self.applicable(agent, request);
         self.evaluate(agent, request, &subset, true)
             .unwrap_or_else(|error| denied_by_error(vec![error]))
@@ -1306,6 +1400,41 @@ mod tests {
         };
         assert_eq!(decide(other, &read).0, Outcome::Deny);
         assert_eq!(decide(agent(1, RunMode::Autonomous), &read), allowed);
+    }
+
+    #[test]
+    fn the_path_is_in_a_decisions_key_only_when_a_policy_reads_it() {
+        let tags = BTreeMap::new();
+        let agent = AgentFacts {
+            id: "a",
+            revision: 1,
+            run_mode: RunMode::Autonomous,
+            scopes: &[],
+            tags: &tags,
+        };
+        let reads = "@id(\"reads\") permit (principal, action == Action::\"read\", resource);\n";
+        let (a, b) = (
+            request("GET", "https://x.test/a"),
+            request("GET", "https://x.test/b"),
+        );
+        for (extra, path_read) in [
+            ("", false),
+            ("@id(\"ports\") forbid (principal, action, resource) when { context.port == 8 && context has upgrade };", false),
+            ("@id(\"p\") forbid (principal, action, resource) when { context.path == \"/b\" };", true),
+            ("@id(\"has\") forbid (principal, action, resource) when { context has path && context.method == \"X\" };", true),
+            ("@id(\"whole\") forbid (principal, action, resource) when { context == context && context.method == \"X\" };", true),
+        ] {
+            let text = format!("{reads}{extra}");
+            let engine = PolicyEngine::load(&sources(&[("p.cedar", &text)])).unwrap();
+            assert_eq!(engine.reads_path, path_read, "{extra}");
+            for r in [&a, &b, &a] {
+                assert_eq!(engine.decide(&agent, r), engine.decide_uncached(&agent, r), "{extra}");
+            }
+            // Three cached decisions and three uncached ones: the cache evaluated /a only, or
+            // /a and /b.
+            let cached = engine.evaluated() - 3;
+            assert_eq!(cached, if path_read { 2 } else { 1 }, "{extra}");
+        }
     }
 
     #[test]
