@@ -25,6 +25,7 @@ pub mod http;
 pub mod load;
 pub mod origin;
 pub mod procfs;
+pub mod scale;
 pub mod squid;
 pub mod tls;
 

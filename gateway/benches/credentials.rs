@@ -1,10 +1,12 @@
 //! The token injection hot path: a cache hit in `Credentials::for_request` (rule match,
-//! cache lookup, header value), and the scan of an answer for the injected token (its header,
+//! cache lookup, header value) and a request no rule covers, with the bench's two rules and
+//! behind 1,000 generated ones; and the scan of an answer for the injected token (its header,
 //! and bodies of 1, 16 and 64 KiB in 16 KiB chunks, as they arrive).
 //! Run: `cargo bench -p tollgate-gateway --bench credentials`.
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use tollgate_benches::scale;
 use tollgate_gateway::config::Config;
 use tollgate_gateway::credentials::reflection::ReflectionScan;
 use tollgate_gateway::credentials::{Credentials, Secret};
@@ -12,10 +14,12 @@ use tollgate_gateway::identity::Agent;
 use tollgate_gateway::target::Target;
 use tollgate_gateway::toolcall::ToolCalls;
 
-fn cache_hit(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "bench-static-token\n").expect("write token");
+/// The credentials of a bench config with `extra_rules` generated credential rules before the
+/// bench's own (so a walk through the rules would pass them all), and its agent.
+fn credentials(
+    token_file: &std::path::Path,
+    extra_rules: usize,
+) -> (Credentials, Agent, tokio::runtime::Runtime) {
     let config = Config::from_toml(
         &format!(
             r#"
@@ -24,6 +28,7 @@ name = "dev"
 kind = "static"
 token = {{ file = {token_file:?} }}
 
+{generated}
 [[credential_rules]]
 hosts = ["other.example.net", "*.internal.example"]
 audience = "other"
@@ -39,33 +44,46 @@ id = "bench"
 run_mode = "Autonomous"
 identity = "dev"
 peers = ["127.0.0.1"]
-"#
+"#,
+            generated = scale::credential_rules(extra_rules, "dev"),
         ),
         "bench",
     )
     .expect("config");
     let credentials = Credentials::new(&config, pingora::connectors::http::Connector::new(None))
         .expect("credentials");
-    let agent: Agent = config.agents[0].clone();
-    let tool_calls = ToolCalls::default();
-    tool_calls.open("bench", None, "tc", None, 1).expect("open");
-    let tool_call = tool_calls.current("bench", None, None).expect("current");
-    let (target, _) = Target::from_url("https://graph.microsoft.com/v1.0/me").expect("url");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    // Warm the cache.
-    runtime
-        .block_on(credentials.for_request(&agent, Some(&tool_call), &target))
-        .expect("first token");
-    c.bench_function("credentials/cache-hit", |b| {
-        b.iter(|| runtime.block_on(credentials.for_request(&agent, Some(&tool_call), &target)))
-    });
+    (credentials, config.agents[0].clone(), runtime)
+}
+
+fn cache_hit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "bench-static-token\n").expect("write token");
+    let tool_calls = ToolCalls::default();
+    tool_calls.open("bench", None, "tc", None, 1).expect("open");
+    let tool_call = tool_calls.current("bench", None, None).expect("current");
+    let (target, _) = Target::from_url("https://graph.microsoft.com/v1.0/me").expect("url");
     let (uncovered, _) = Target::from_url("https://api.github.com/").expect("url");
-    c.bench_function("credentials/no-rule", |b| {
-        b.iter(|| runtime.block_on(credentials.for_request(&agent, Some(&tool_call), &uncovered)))
-    });
+    // The bench's rules alone, and behind 1,000 others.
+    for (extra, suffix) in [(0, ""), (1000, "/1000-rules")] {
+        let (credentials, agent, runtime) = credentials(&token_file, extra);
+        // Warm the cache.
+        runtime
+            .block_on(credentials.for_request(&agent, Some(&tool_call), &target))
+            .expect("first token");
+        c.bench_function(&format!("credentials/cache-hit{suffix}"), |b| {
+            b.iter(|| runtime.block_on(credentials.for_request(&agent, Some(&tool_call), &target)))
+        });
+        c.bench_function(&format!("credentials/no-rule{suffix}"), |b| {
+            b.iter(|| {
+                runtime.block_on(credentials.for_request(&agent, Some(&tool_call), &uncovered))
+            })
+        });
+    }
 }
 
 /// A token shaped like an Entra access token (a JWT of about 1.3 KB).

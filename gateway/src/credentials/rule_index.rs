@@ -13,6 +13,31 @@ use super::Rule;
 pub(super) struct RuleIndex {
     exact: HashMap<String, Vec<usize>>,
     suffixes: HashMap<String, Vec<usize>>,
+    /// The lengths of the names and suffixes in the maps: a name or suffix of another length
+    /// is not looked up (hashing it costs more than walking a short list of rules did).
+    exact_lengths: Lengths,
+    suffix_lengths: Lengths,
+}
+
+/// A set of string lengths: a bit each up to 255, and one for every longer length.
+#[derive(Default)]
+struct Lengths([u64; 5]);
+
+impl Lengths {
+    fn slot(len: usize) -> (usize, u64) {
+        let len = len.min(256);
+        (len / 64, 1 << (len % 64))
+    }
+
+    fn insert(&mut self, len: usize) {
+        let (word, bit) = Self::slot(len);
+        self.0[word] |= bit;
+    }
+
+    fn contains(&self, len: usize) -> bool {
+        let (word, bit) = Self::slot(len);
+        self.0[word] & bit != 0
+    }
 }
 
 /// The rules covering a target's host, as positions in the config's list.
@@ -28,18 +53,26 @@ impl RuleIndex {
     /// The index of `rules`.
     pub(super) fn new(rules: &[Rule]) -> RuleIndex {
         let (mut exact, mut suffixes) = (HashMap::new(), HashMap::new());
+        let (mut exact_lengths, mut suffix_lengths) = (Lengths::default(), Lengths::default());
         for (at, rule) in rules.iter().enumerate() {
             for name in &rule.exact {
+                exact_lengths.insert(name.len());
                 exact.entry(name.clone()).or_insert_with(Vec::new).push(at);
             }
             for suffix in &rule.suffixes {
+                suffix_lengths.insert(suffix.len());
                 suffixes
                     .entry(suffix.clone())
                     .or_insert_with(Vec::new)
                     .push(at);
             }
         }
-        RuleIndex { exact, suffixes }
+        RuleIndex {
+            exact,
+            suffixes,
+            exact_lengths,
+            suffix_lengths,
+        }
     }
 
     /// The rules of `rules` (those this index was made of) covering `target`'s host.
@@ -56,11 +89,16 @@ impl RuleIndex {
                 }
             }
         };
-        if let Some(positions) = self.exact.get(name.as_str()) {
-            note(positions);
+        if self.exact_lengths.contains(name.len()) {
+            if let Some(positions) = self.exact.get(name.as_str()) {
+                note(positions);
+            }
         }
         // A `*.domain` rule covers the names ending in `.domain`: those with a dot there.
         for (dot, _) in name.match_indices('.') {
+            if !self.suffix_lengths.contains(name.len() - dot) {
+                continue;
+            }
             if let Some(positions) = self.suffixes.get(&name[dot..]) {
                 note(positions);
             }
@@ -103,7 +141,7 @@ mod tests {
 
     #[test]
     fn the_index_finds_what_walking_the_rules_in_order_finds() {
-        let rules = vec![
+        let mut rules = vec![
             rule(&["api.example.com"], &[8443]),
             rule(&["*.example.com", "other.test"], &[443]),
             rule(&["api.example.com", "*.deep.example.com"], &[443]),
@@ -112,7 +150,6 @@ mod tests {
             rule(&["*.com"], &[9443]),
             rule(&["API.Example.COM."], &[7443]),
         ];
-        let index = RuleIndex::new(&rules);
         let hosts = [
             "api.example.com",
             "x.api.example.com",
@@ -129,6 +166,13 @@ mod tests {
             "10.0.0.1",
             "[::1]",
         ];
+        // Names and suffixes longer than a word of the length sets (64).
+        let domain = format!("{}.{}.api.example.com", "b".repeat(63), "c".repeat(63));
+        let long = format!("{}.{domain}", "a".repeat(63));
+        rules.push(rule(&[&format!("*.{domain}")], &[443]));
+        rules.push(rule(&[&long], &[8443]));
+        let index = RuleIndex::new(&rules);
+        let hosts: Vec<&str> = hosts.into_iter().chain([long.as_str()]).collect();
         let mut covered = 0;
         for host in hosts {
             for (scheme, port) in [
