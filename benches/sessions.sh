@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sandbox service's cost per backend, with 1 and 4 sessions at once: cold start to the first
-# Python result, the warm round trips of `true` and of Python's `1+1` (p50/p99), the first
-# `import pandas`, resume after an idle stop, memory per session.
+# execution's end, the first Python call, the warm round trips of `true` and of Python's `1+1`
+# (p50/p99), the first `import pandas`, resume after an idle stop, memory per session.
 #
 #   sudo bash benches/sessions.sh                 # both backends, 200 executions per session
 #   sudo bash benches/sessions.sh --quick         # 20 executions per session: a smoke run

@@ -36,6 +36,7 @@ use clap::Parser;
 use rustls::pki_types::ServerName;
 use tollgate_benches::load::{run_load, runtime, Round, Target};
 use tollgate_benches::origin::{start_origin, start_tls_origin};
+use tollgate_benches::scale::{self, Scale};
 use tollgate_benches::squid::{self, Squid};
 use tollgate_benches::tls::{client_trusting, BenchCa};
 use tollgate_benches::{procfs, Gateway, TempDir};
@@ -70,6 +71,10 @@ struct Args {
     /// A smoke run: 1 KB, 32 connections, one round of one second.
     #[arg(long)]
     quick: bool,
+    /// Leave out the rows of the gateway at scale (a second gateway holding
+    /// [`Scale::LARGE`]'s agents, policies, credential rules and open tool calls).
+    #[arg(long)]
+    no_scale: bool,
 }
 
 /// The configurations compared.
@@ -82,6 +87,8 @@ enum Config {
     DirectTls,
     TollgateTls,
     SquidTls,
+    TollgateScale,
+    TollgateScaleTls,
 }
 
 impl Config {
@@ -96,13 +103,18 @@ impl Config {
                 "Tollgate HTTPS: CONNECT + interception + upstream TLS (+ token injection and scan)"
             }
             Config::SquidTls => "Squid HTTPS: CONNECT + ssl_bump + upstream TLS",
+            Config::TollgateScale => "Tollgate plain HTTP, at scale (see below)",
+            Config::TollgateScaleTls => "Tollgate HTTPS, at scale (see below)",
         }
     }
 
     /// The direct configuration its "of direct" ratio is taken against.
     fn direct(self) -> Config {
         match self {
-            Config::DirectTls | Config::TollgateTls | Config::SquidTls => Config::DirectTls,
+            Config::DirectTls
+            | Config::TollgateTls
+            | Config::SquidTls
+            | Config::TollgateScaleTls => Config::DirectTls,
             _ => Config::Direct,
         }
     }
@@ -226,6 +238,21 @@ fn main() -> anyhow::Result<()> {
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
     open_tool_call(&gateway)?;
     let gateway_ca = std::fs::read(gateway.dir().join("data/ca.pem"))?;
+    let mut at_scale = match args.no_scale {
+        true => None,
+        false => Some(start_at_scale(
+            &args.gateway,
+            &origin_ca_file,
+            &tls_ports,
+            sink,
+        )?),
+    };
+    let scale_ca = match &at_scale {
+        Some(g) => Some(client_trusting(&std::fs::read(
+            g.dir().join("data/ca.pem"),
+        )?)?),
+        None => None,
+    };
     let passthrough = Passthrough::start(&args.passthrough)?;
     let (squid, squid_note) = match squid::unavailable(&args.squid) {
         Some(why) => (None, Some(why)),
@@ -308,6 +335,28 @@ fn main() -> anyhow::Result<()> {
                 Proxy::Gateway(&gateway),
             ),
         ];
+        if let (Some(scaled), Some(client)) = (&at_scale, &scale_ca) {
+            targets.push((
+                Config::TollgateScale,
+                Target {
+                    connect: scaled.egress,
+                    tunnel: None,
+                    tls: None,
+                    request: get(format!("http://{github}/bench"), github.clone()),
+                },
+                Proxy::Gateway(scaled),
+            ));
+            targets.push((
+                Config::TollgateScaleTls,
+                Target {
+                    connect: scaled.egress,
+                    tunnel: Some(graph_tls.clone()),
+                    tls: Some((client.clone(), name(GRAPH)?)),
+                    request: get("/bench".into(), graph_tls.clone()),
+                },
+                Proxy::Gateway(scaled),
+            ));
+        }
         if let (Some(squid), Some(client)) = (&squid, &squid_client) {
             targets.push((
                 Config::Squid,
@@ -369,8 +418,15 @@ fn main() -> anyhow::Result<()> {
             procfs::status_kib(passthrough.child.id(), "VmHWM"),
         ),
         ("Squid", squid.as_ref().and_then(Squid::peak_rss_kib)),
+        (
+            "Tollgate at scale",
+            at_scale.as_ref().and_then(Gateway::peak_rss_kib),
+        ),
     ];
     gateway.stop();
+    if let Some(g) = &mut at_scale {
+        g.stop();
+    }
     let table = render(&args, &cells, &peaks, squid_note.as_deref());
     println!("{table}");
     if let Some(out) = &args.out {
@@ -456,9 +512,9 @@ fn render(
             ));
         }
     }
-    t.push_str("\nTollgate's ratios, same run (targets: plain ≥ 85% of the bare pass-through's req/s at ≤ 1.25× its CPU per request, ≥ 1.8× Squid; HTTPS ≥ 2× Squid with ssl_bump; p99 ≤ Squid's at 32 connections):\n\n");
-    t.push_str("| body | conns | plain ÷ direct | plain ÷ bare pingora | plain CPU/req ÷ bare pingora's | plain ÷ Squid | plain p99 ÷ Squid's | HTTPS ÷ direct HTTPS | HTTPS ÷ Squid ssl_bump | HTTPS p99 ÷ Squid's |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("\nTollgate's ratios, same run (targets: plain ≥ 85% of the bare pass-through's req/s at ≤ 1.25× its CPU per request, ≥ 1.8× Squid; HTTPS ≥ 2× Squid with ssl_bump; p99 ≤ Squid's at 32 connections; at scale ≥ 95% of the one-agent gateway's):\n\n");
+    t.push_str("| body | conns | plain ÷ direct | plain ÷ bare pingora | plain CPU/req ÷ bare pingora's | plain ÷ Squid | plain p99 ÷ Squid's | HTTPS ÷ direct HTTPS | HTTPS ÷ Squid ssl_bump | HTTPS p99 ÷ Squid's | plain at scale ÷ one agent | HTTPS at scale ÷ one agent |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cell in cells {
         let ratio = |a: Config, b: Config, percent: bool| match (cell.get(a), cell.get(b)) {
             (Some(a), Some(b)) if percent => format!("{:.0}%", a.rps() / b.rps() * 100.0),
@@ -481,7 +537,7 @@ fn render(
             _ => "–".into(),
         };
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {cpu} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {cpu} | {} | {} | {} | {} | {} | {} | {} |\n",
             size_label(cell.body_bytes),
             cell.connections,
             ratio(Config::Tollgate, Config::Direct, true),
@@ -491,6 +547,8 @@ fn render(
             ratio(Config::TollgateTls, Config::DirectTls, true),
             ratio(Config::TollgateTls, Config::SquidTls, false),
             p99(Config::TollgateTls, Config::SquidTls),
+            ratio(Config::TollgateScale, Config::Tollgate, true),
+            ratio(Config::TollgateScaleTls, Config::TollgateTls, true),
         ));
     }
     t.push('\n');
@@ -503,6 +561,12 @@ fn render(
         }
     }
     t.push('\n');
+    if !args.no_scale {
+        t.push_str(&format!(
+            "\nAt scale: a second gateway, the same configuration plus {} (generated, none applying to the load's requests), under the same load.\n",
+            Scale::LARGE.describe()
+        ));
+    }
     if let Some(note) = squid_note {
         t.push_str(&format!("\nSquid rows skipped: {note}\n"));
     }
@@ -537,6 +601,34 @@ fn gateway_config(
          limits = {{ connections = 100000 }}\n\
          [telemetry]\nendpoint = \"http://{sink}\"\n"
     ))
+}
+
+/// A second gateway like the first, holding [`Scale::LARGE`] besides the bench agent: its
+/// tool calls open, ready for load. Prints how long that took.
+fn start_at_scale(
+    binary: &Path,
+    origin_ca: &Path,
+    tls_ports: &[u16],
+    sink: SocketAddr,
+) -> anyhow::Result<Gateway> {
+    let scale = Scale::LARGE;
+    let dir = TempDir::new("tollgate-bench-scale")?;
+    let policy_dir = dir.path().join("policies");
+    scale::write_policies(&policy_dir, &scale)?;
+    let mut config = gateway_config(dir.path(), origin_ca, tls_ports, sink)?;
+    config.push_str(&scale::config(&scale, &policy_dir, "dev")?);
+    let started = Instant::now();
+    let gateway = Gateway::start(binary, dir, &config)?;
+    let ready = started.elapsed();
+    open_tool_call(&gateway)?;
+    scale::open_tool_calls(&gateway, &scale)?;
+    eprintln!(
+        "gateway at scale ({}): started in {:.1} s, tool calls opened in {:.1} s more",
+        scale.describe(),
+        ready.as_secs_f64(),
+        (started.elapsed() - ready).as_secs_f64()
+    );
+    Ok(gateway)
 }
 
 /// Opens tool call "bench" for the bench agent on the admin API.

@@ -3,34 +3,25 @@
 //! and 1,000 policies, made anew and made before (the decision cache). Run: `cargo bench -p
 //! tollgate-policy --bench decision`.
 //!
-//! The sets are the default policies plus generated ones of the shapes real sets have: a
-//! permit per allowlisted service domain, a policy per agent, a forbid per blocked host.
+//! The sets are the default policies plus generated ones of the shapes real sets have
+//! ([`scale::generated_policies`], which the end-to-end benchmark's gateway at scale loads
+//! too): a permit per allowlisted service domain, a policy per agent, a forbid per blocked
+//! host.
 
 use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use tollgate_benches::scale;
 use tollgate_policy::target::Target;
 use tollgate_policy::{AgentFacts, PolicyEngine, PolicySources, RequestFacts, RunMode};
 
 fn policy_set(total: usize) -> PolicySources {
     let mut sources = PolicySources::embedded_default();
-    let mut text = String::new();
-    let generated = total.saturating_sub(4);
-    for i in 0..generated {
-        let policy = match i % 3 {
-            0 => format!(
-                "@id(\"svc-{i}\") permit (principal, action == Action::\"read\", resource in Domain::\"svc{i}.example.net\");\n"
-            ),
-            1 => format!(
-                "@id(\"agent-{i}\") permit (principal == Agent::\"agent-{i}\", action == Action::\"write\", resource in Domain::\"github.com\") when {{ context.approved }};\n"
-            ),
-            _ => format!(
-                "@id(\"block-{i}\") forbid (principal, action, resource == Host::\"blocked{i}.github.com\");\n"
-            ),
-        };
-        text.push_str(&policy);
-    }
-    sources.files.push(("generated.cedar".into(), text));
+    let generated = total.saturating_sub(scale::default_policy_count());
+    sources.files.push((
+        "generated.cedar".into(),
+        scale::generated_policies(generated),
+    ));
     sources
 }
 
