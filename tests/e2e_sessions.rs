@@ -269,6 +269,40 @@ impl Service {
         answer["stdout"].as_str().unwrap_or_default().to_string()
     }
 
+    /// Starts an execution of `body` in `thread` answered as NDJSON, by a curl the caller
+    /// may kill (a client that leaves); returns it, its output's reader and the first line.
+    fn stream(
+        &self,
+        agent: &str,
+        thread: &str,
+        body: &str,
+    ) -> (Child, std::io::BufReader<std::process::ChildStdout>, String) {
+        let url = format!(
+            "{}/v1/sessions/{agent}/{thread}/exec?stream=ndjson",
+            self.url
+        );
+        let auth = format!("Authorization: Bearer {}", self.token);
+        let mut curl = Command::new("curl")
+            .args([
+                "-sS",
+                "-N",
+                "-m",
+                "30",
+                "-H",
+                &auth,
+                "--data-binary",
+                body,
+                &url,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let mut lines = std::io::BufReader::new(curl.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        lines.read_line(&mut first).expect("the start line");
+        (curl, lines, first)
+    }
+
     /// A timeout kills the execution's processes — one that left its process group too —
     /// and returns what came before; the output cap (1000 bytes in these tests' services)
     /// cuts and says so.
@@ -635,25 +669,11 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert!(slow.wait().expect("wait").success());
 
         // A client that leaves cancels its execution, and its tool call is closed.
-        let mut leaving = Command::new("curl")
-            .args([
-                "-sS",
-                "-N",
-                "-m",
-                "30",
-                "-H",
-                &auth,
-                "--data-binary",
-                r#"{"command":"echo $$ > /tmp/left.pid; exec sleep 60","tool_call_id":"tc-left"}"#,
-                &format!("{url}?stream=ndjson"),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("curl");
-        let mut first = String::new();
-        std::io::BufReader::new(leaving.stdout.take().expect("stdout"))
-            .read_line(&mut first)
-            .expect("the start line");
+        let (mut leaving, _, first) = svc.stream(
+            agent,
+            "t1",
+            r#"{"command":"echo $$ > /tmp/left.pid; exec sleep 60","tool_call_id":"tc-left"}"#,
+        );
         assert!(
             first.contains("\"start\"") && first.contains("tc-left"),
             "{first}"
@@ -688,24 +708,11 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         );
 
         // The sandbox dying during an execution ends it with an error, and its tool call.
-        let mut dying = Command::new("curl")
-            .args([
-                "-sS",
-                "-N",
-                "-m",
-                "30",
-                "-H",
-                &auth,
-                "--data-binary",
-                r#"{"command":"sleep 60","tool_call_id":"tc-dies"}"#,
-                &format!("{url}?stream=ndjson"),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("curl");
-        let mut lines = std::io::BufReader::new(dying.stdout.take().expect("stdout"));
-        let mut first = String::new();
-        lines.read_line(&mut first).expect("the start line");
+        let (mut dying, mut lines, first) = svc.stream(
+            agent,
+            "t1",
+            r#"{"command":"sleep 60","tool_call_id":"tc-dies"}"#,
+        );
         assert!(first.contains("tc-dies"), "{first}");
         let pid = record(world, agent, "t1")["process"]["pid"]
             .as_i64()
@@ -799,34 +806,19 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
                 .output()
                 .expect("tollgate-launcher")
         };
+        // A command about session t1.
+        let in_t1 = |args: &[&str]| cli(&[args, &["--agent", agent, "--thread", "t1"]].concat());
         let local = world.data.path().join("cli-upload.txt");
         std::fs::write(&local, "from the command line").expect("write");
         let local = local.to_string_lossy().to_string();
-        let out = cli(&[
-            "files",
-            "put",
-            "--agent",
-            agent,
-            "--thread",
-            "t1",
-            &local,
-            "cli/up.txt",
-        ]);
+        let out = in_t1(&["files", "put", &local, "cli/up.txt"]);
         assert!(out.status.success(), "{out:?}");
-        let out = cli(&[
-            "files",
-            "get",
-            "--agent",
-            agent,
-            "--thread",
-            "t1",
-            "cli/up.txt",
-        ]);
+        let out = in_t1(&["files", "get", "cli/up.txt"]);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "from the command line"
         );
-        let out = cli(&["files", "ls", "--agent", agent, "--thread", "t1", "cli"]);
+        let out = in_t1(&["files", "ls", "cli"]);
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("up.txt"),
             "{out:?}"
@@ -836,21 +828,13 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
             String::from_utf8_lossy(&out.stdout).contains("t1"),
             "{out:?}"
         );
-        let out = cli(&[
-            "files",
-            "get",
-            "--agent",
-            agent,
-            "--thread",
-            "t1",
-            "../secret",
-        ]);
+        let out = in_t1(&["files", "get", "../secret"]);
         assert!(!out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("(403)"),
             "{out:?}"
         );
-        let out = cli(&["sessions", "show", "--agent", agent, "--thread", "t1"]);
+        let out = in_t1(&["sessions", "show"]);
         let shown: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("sessions show prints JSON");
         assert_eq!(
@@ -1243,27 +1227,11 @@ async fn a_restarted_service_keeps_its_sessions_and_closes_what_its_predecessor_
             assert_eq!(svc.stdout(agent, "t2", "cat f"), "file\n");
 
             // A service killed during an execution: the next one closes the tool call it left.
-            let url = format!("{}/v1/sessions/{agent}/t1/exec", svc.url);
-            let auth = format!("Authorization: Bearer {}", svc.token);
-            let mut running = Command::new("curl")
-                .args([
-                    "-sS",
-                    "-N",
-                    "-m",
-                    "30",
-                    "-H",
-                    &auth,
-                    "--data-binary",
-                    r#"{"command":"sleep 30","tool_call_id":"tc-orphan"}"#,
-                    &format!("{url}?stream=ndjson"),
-                ])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("curl");
-            let mut first = String::new();
-            std::io::BufReader::new(running.stdout.take().expect("stdout"))
-                .read_line(&mut first)
-                .expect("the start line");
+            let (mut running, _, first) = svc.stream(
+                agent,
+                "t1",
+                r#"{"command":"sleep 30","tool_call_id":"tc-orphan"}"#,
+            );
             assert!(first.contains("tc-orphan"), "{first}");
             let _ = world.service.child.kill();
             let _ = world.service.child.wait();
