@@ -42,6 +42,10 @@ const MAX_RESULT_BYTES: usize = 64 * 1024;
 /// The driver the interpreter runs (`python3 -u -c DRIVER`, its socket as standard input).
 const DRIVER: &str = r#"
 import ast, json, os, signal, socket, sys, traceback
+# A timeout interrupts with SIGINT: Python raises KeyboardInterrupt only if SIGINT was not
+# ignored when it started, and a process started in the background by a shell (nohup, `&`)
+# passes it on ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 conn = socket.socket(fileno=os.dup(0))
 null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(null, 0)

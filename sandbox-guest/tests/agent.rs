@@ -38,8 +38,12 @@ fn start_with(extra: &[&str]) -> Running {
     .expect("chmod");
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).expect("secret");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate-guest-agent"));
+    // Started with SIGINT and SIGQUIT ignored, as a shell passes them to a process it starts
+    // in the background (nohup, `&`): the agent's timeouts must not depend on what it inherits.
+    let mut command = Command::new("sh");
     command
+        .args(["-c", "trap '' INT QUIT; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_tollgate-guest-agent"))
         .args([
             "--listen",
             "127.0.0.1:0",
