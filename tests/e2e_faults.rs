@@ -1107,7 +1107,7 @@ async fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
 // Panics
 
 /// Panics are injected with the `fault-injection` feature, which only test builds have, armed
-/// by `TOLLGATE_FAULT_INJECTION=1` (`gateway/src/panics.rs`): a request to
+/// by `TOLLGATE_FAULT_INJECTION=1` (`gateway/src/egress/panics.rs`): a request to
 /// `/__tollgate_fault/panic/<place>` panics there, after its origin answered. Unarmed, the
 /// same request is served as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

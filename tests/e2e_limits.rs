@@ -106,7 +106,7 @@ async fn an_agent_over_its_limits_is_refused_and_its_neighbour_is_not() {
         "a declared body over the limit is sent"
     );
     // The streamed body is refused as it passes the limit: the origin has its head by then
-    // but never the end of the body (README, "Egress behaviour").
+    // but never the end of the body (docs/operations.md, "Egress behaviour").
     let chunk = "y".repeat(80);
     let streamed = format!(
         "POST http://{authority}/stream HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n\

@@ -68,11 +68,12 @@ impl ServeHttp for HttpReceiver {
 impl HttpReceiver {
     fn start() -> (HttpReceiver, u16, tokio::sync::watch::Sender<bool>) {
         let receiver = HttpReceiver::default();
-        let socket = tollgate_gateway::listener::bind("127.0.0.1:0".parse().expect("addr"), None)
-            .expect("bind receiver");
+        let socket =
+            tollgate_gateway::egress::listener::bind("127.0.0.1:0".parse().expect("addr"), None)
+                .expect("bind receiver");
         let port = socket.local_addr().expect("addr").port();
         let (stop, watch) = tokio::sync::watch::channel(false);
-        tollgate_gateway::listener::serve("otlp", socket, receiver.clone(), None, watch);
+        tollgate_gateway::egress::listener::serve("otlp", socket, receiver.clone(), None, watch);
         (receiver, port, stop)
     }
 

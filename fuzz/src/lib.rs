@@ -21,8 +21,9 @@
 //! | [`approval_record`] | an approval record read back from storage |
 //! | [`audit_chain`] | audit records read back from storage, and their hash chain |
 
+use tollgate_gateway::agent::Agent;
 use tollgate_gateway::config::Config;
-use tollgate_gateway::identity::{Agent, AgentRegistry};
+use tollgate_gateway::egress::identity::AgentRegistry;
 use tollgate_policy::target::{Scheme, Target};
 use tollgate_policy::{
     canonical_path, AgentFacts, PolicyEngine, PolicySources, RequestFacts, RunMode,

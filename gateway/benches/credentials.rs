@@ -7,12 +7,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate_benches::scale;
+use tollgate_gateway::agent::Agent;
 use tollgate_gateway::config::Config;
-use tollgate_gateway::credentials::reflection::ReflectionScan;
-use tollgate_gateway::credentials::{Credentials, Secret};
-use tollgate_gateway::identity::Agent;
+use tollgate_gateway::egress::credentials::reflection::ReflectionScan;
+use tollgate_gateway::egress::credentials::{Credentials, Secret};
+use tollgate_gateway::egress::toolcall::ToolCalls;
 use tollgate_gateway::target::Target;
-use tollgate_gateway::toolcall::ToolCalls;
 
 /// The credentials of a bench config with `extra_rules` generated credential rules before the
 /// bench's own (so a walk through the rules would pass them all), and its agent.

@@ -4,7 +4,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tollgate_gateway::framing::check_head;
+use tollgate_gateway::egress::framing::check_head;
 
 fn heads(c: &mut Criterion) {
     let curl = b"GET http://api.github.com/repos/octo/hello HTTP/1.1\r\nHost: api.github.com\r\n\

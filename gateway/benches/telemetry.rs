@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate_gateway::config::Config;
-use tollgate_gateway::telemetry::{SpanExtras, Telemetry};
+use tollgate_gateway::observe::telemetry::{SpanExtras, Telemetry};
 use tollgate_storage::AuditRecord;
 use tracing_subscriber::layer::SubscriberExt as _;
 

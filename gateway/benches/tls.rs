@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tollgate_gateway::ca::{GatewayCa, LeafCerts};
+use tollgate_gateway::egress::ca::{GatewayCa, LeafCerts};
 use tollgate_gateway::target::Host;
 
 fn leaves(c: &mut Criterion) {

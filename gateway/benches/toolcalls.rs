@@ -5,7 +5,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use tollgate_gateway::toolcall::ToolCalls;
+use tollgate_gateway::egress::toolcall::ToolCalls;
 
 fn tool_calls(c: &mut Criterion) {
     let mut group = c.benchmark_group("toolcalls");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Agent;
+use crate::agent::Agent;
 
 /// The configuration `tollgate serve` uses when no `--config` is given: egress proxy on
 /// 127.0.0.1:3128, admin API on 127.0.0.1:9901, data in `./tollgate-data`, and a demo agent
@@ -561,18 +561,6 @@ impl Default for CredentialsConfig {
     }
 }
 
-/// Where an agent's own listener is bound.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AgentListenConfig {
-    /// The address to bind.
-    pub address: SocketAddr,
-    /// A network namespace (e.g. `/run/netns/agent-a`) to bind the address in; the socket
-    /// stays in that namespace and is served by this process.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-}
-
 impl Config {
     /// Parses a configuration from TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -685,7 +673,7 @@ impl Config {
         let mut ids = std::collections::HashSet::new();
         let mut peers = std::collections::HashMap::new();
         for agent in &self.agents {
-            if let Err(e) = crate::identity::validate_agent_id(&agent.id) {
+            if let Err(e) = crate::agent::validate_agent_id(&agent.id) {
                 return invalid(format!("agents: {e}"));
             }
             if !ids.insert(agent.id.as_str()) {
@@ -838,8 +826,8 @@ impl UpstreamConfig {
 impl LimitsConfig {
     /// Every agent's limits where its own record sets none (held requests come from
     /// `[approvals] max_pending_per_agent`).
-    pub fn agent_defaults(&self, approvals: &ApprovalsConfig) -> crate::quota::Effective {
-        crate::quota::Effective {
+    pub fn agent_defaults(&self, approvals: &ApprovalsConfig) -> crate::agent::Effective {
+        crate::agent::Effective {
             connections: self.agent_connections,
             requests_per_second: self.agent_requests_per_second,
             request_body_bytes: self.agent_request_body_bytes,
@@ -1038,7 +1026,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./tollgate-data"));
         assert_eq!(c.agents.len(), 1);
         assert_eq!(c.agents[0].id, "local");
-        assert_eq!(c.agents[0].run_mode, crate::identity::RunMode::Review);
+        assert_eq!(c.agents[0].run_mode, crate::agent::RunMode::Review);
         assert_eq!(
             c.agents[0].peers,
             vec!["127.0.0.1".parse::<IpAddr>().unwrap()]

@@ -1,13 +1,10 @@
 //! The `tollgate` command: a thin clap layer over the gateway library.
 
-mod admin_client;
-mod approvals_cmd;
-mod audit_cmd;
-mod policy_cmd;
+mod cli;
 
 /// jemalloc rather than glibc's allocator: a request allocates and frees many small values
 /// (header maps, Cedar values, the audit record, the span), and glibc's `malloc`/`free` and
-/// their consolidation were a fifth of the gateway's CPU. Measured side by side (README,
+/// their consolidation were a fifth of the gateway's CPU. Measured side by side (docs/benchmarks.md,
 /// "Benchmarks"): 12–18% less CPU per request, at about 10% more memory per held request.
 /// mimalloc saved as much CPU but doubled the memory.
 #[global_allocator]
@@ -22,7 +19,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::config::LogFormat;
-use tollgate_gateway::telemetry::{StderrLog, Telemetry};
+use tollgate_gateway::observe::telemetry::{StderrLog, Telemetry};
 use tollgate_gateway::{Config, RunningGateway};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -52,13 +49,13 @@ enum Command {
     DefaultConfig,
     /// Tools for policy authors: validate, test, explain.
     #[command(subcommand)]
-    Policy(policy_cmd::PolicyCommand),
+    Policy(cli::policy::PolicyCommand),
     /// For approvers: list, show, approve and deny held requests (through the admin API).
     #[command(subcommand)]
-    Approvals(approvals_cmd::ApprovalsCommand),
+    Approvals(cli::approvals::ApprovalsCommand),
     /// An agent's audit trail: print it, or verify its hash chain (through the admin API).
     #[command(subcommand)]
-    Audit(audit_cmd::AuditCommand),
+    Audit(cli::audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -75,9 +72,9 @@ fn main() -> ExitCode {
             print!("{}", tollgate_gateway::config::EMBEDDED_DEFAULT);
             ExitCode::SUCCESS
         }
-        Command::Policy(command) => policy_cmd::run(command),
-        Command::Approvals(command) => approvals_cmd::run(command),
-        Command::Audit(command) => audit_cmd::run(command),
+        Command::Policy(command) => cli::policy::run(command),
+        Command::Approvals(command) => cli::approvals::run(command),
+        Command::Audit(command) => cli::audit::run(command),
     }
 }
 

@@ -10,12 +10,248 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+/// Every error code the gateway answers with (the `error` of its JSON body), each with its one
+/// HTTP status. Codes are stable: clients match on them. The table in
+/// `docs/operations.md` ("Error codes") lists them all (a test checks it does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: the request is malformed: its URL, a header, its body or its framing (the detail says which).
+    BadRequest,
+    /// 400: method-override headers disagree, so what the request would do is unclear.
+    AmbiguousMethod,
+    /// 400: an Azure Resource Manager path that could name two scopes (encoded slashes, dot segments).
+    AmbiguousPath,
+    /// 401: admin API: no token, or a token that is neither the admin token nor an approver's.
+    Unauthorized,
+    /// 403: the policies deny the request (the body names the deciding policies).
+    Denied,
+    /// 403: no registered agent owns the connection's listener or source address.
+    UnknownAgent,
+    /// 403: the agent was removed while its request waited for approval; nothing was sent.
+    AgentRemoved,
+    /// 403: the request's tool call closed before it could be sent; nothing was sent.
+    ToolCallClosed,
+    /// 403: a person denied the held request (the detail has their reason).
+    ApprovalDenied,
+    /// 403: nobody decided on the held request in time.
+    ApprovalExpired,
+    /// 403: a host a credential rule covers was asked for over plain HTTP, or on a port the rule does not name.
+    CredentialRequiresTls,
+    /// 403: the origin resolves to an internal network, or is one of the gateway's own listeners (SSRF guard).
+    DestinationForbidden,
+    /// 403: admin API: an approver's token used outside the approval routes.
+    Forbidden,
+    /// 404: admin API: no such route, agent, session, tool call or approval.
+    NotFound,
+    /// 405: a method the route or the gateway does not take (e.g. `TRACE`).
+    MethodNotAllowed,
+    /// 408: a CONNECT head that took too long.
+    RequestTimeout,
+    /// 409: admin API: a tool call already open, a peer address another agent has.
+    Conflict,
+    /// 409: admin API: the approval was decided before.
+    AlreadySettled,
+    /// 413: a request body over the agent's limit, over the held-body limit of a request that needs approval, or over the admin API's 64 KiB.
+    BodyTooLarge,
+    /// 414: a request target over the limit.
+    UriTooLong,
+    /// 421: a request inside a tunnel that names another host than the CONNECT did.
+    MisdirectedRequest,
+    /// 422: admin API: a policy reload found problems; the set in force stays.
+    InvalidPolicies,
+    /// 429: the agent has as many connections open as its limit allows.
+    TooManyConnections,
+    /// 429: the agent is over its request rate (`Retry-After` says when to try again).
+    RateLimited,
+    /// 429: the agent has as many requests held for approval as its limit allows.
+    TooManyPendingApprovals,
+    /// 429: admin API: the agent has as many tool calls open as its limit allows.
+    TooManyToolCalls,
+    /// 431: a request head (or a CONNECT head) over the size limit.
+    RequestHeaderFieldsTooLarge,
+    /// 500: the gateway failed (a bug; logged); after a panic the status is 502, as the request may have reached its origin.
+    InternalError,
+    /// 500: admin API: the policy directory could not be read on reload.
+    PolicyDirUnreadable,
+    /// 502: no token could be obtained for the request (the provider failed or is not configured).
+    CredentialUnavailable,
+    /// 502: the origin's answer carried the injected token back; it was not relayed (or cut short).
+    CredentialReflected,
+    /// 502: the origin's answer could not be relayed (malformed, compressed when identity was asked for a tokened request, an unasked-for upgrade).
+    UpstreamBadResponse,
+    /// 502: the origin's name does not resolve.
+    UpstreamUnresolvable,
+    /// 502: the origin reset the connection.
+    UpstreamReset,
+    /// 502: the origin refused the connection.
+    UpstreamRefused,
+    /// 502: no route to the origin.
+    UpstreamUnreachable,
+    /// 502: the origin's TLS could not be verified or negotiated.
+    UpstreamTlsFailed,
+    /// 502: another failure talking to the origin.
+    UpstreamError,
+    /// 503: the data directory's store cannot write: nothing is forwarded (every request must leave an audit record) and nothing is changed over the admin API.
+    StorageUnavailable,
+    /// 503: `/readyz`: the gateway is still starting.
+    NotReady,
+    /// 504: the origin (or its name resolution) did not answer in time.
+    UpstreamTimeout,
+    /// 505: a CONNECT head that is not HTTP/1.x.
+    HttpVersionNotSupported,
+}
+
+impl ErrorCode {
+    /// Every code, in the order of the docs' table.
+    pub const ALL: &[ErrorCode] = &[
+        ErrorCode::BadRequest,
+        ErrorCode::AmbiguousMethod,
+        ErrorCode::AmbiguousPath,
+        ErrorCode::Unauthorized,
+        ErrorCode::Denied,
+        ErrorCode::UnknownAgent,
+        ErrorCode::AgentRemoved,
+        ErrorCode::ToolCallClosed,
+        ErrorCode::ApprovalDenied,
+        ErrorCode::ApprovalExpired,
+        ErrorCode::CredentialRequiresTls,
+        ErrorCode::DestinationForbidden,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::Conflict,
+        ErrorCode::AlreadySettled,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::UriTooLong,
+        ErrorCode::MisdirectedRequest,
+        ErrorCode::InvalidPolicies,
+        ErrorCode::TooManyConnections,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManyPendingApprovals,
+        ErrorCode::TooManyToolCalls,
+        ErrorCode::RequestHeaderFieldsTooLarge,
+        ErrorCode::InternalError,
+        ErrorCode::PolicyDirUnreadable,
+        ErrorCode::CredentialUnavailable,
+        ErrorCode::CredentialReflected,
+        ErrorCode::UpstreamBadResponse,
+        ErrorCode::UpstreamUnresolvable,
+        ErrorCode::UpstreamReset,
+        ErrorCode::UpstreamRefused,
+        ErrorCode::UpstreamUnreachable,
+        ErrorCode::UpstreamTlsFailed,
+        ErrorCode::UpstreamError,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::NotReady,
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::HttpVersionNotSupported,
+    ];
+
+    /// The code as clients see it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::AmbiguousMethod => "ambiguous_method",
+            ErrorCode::AmbiguousPath => "ambiguous_path",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Denied => "denied",
+            ErrorCode::UnknownAgent => "unknown_agent",
+            ErrorCode::AgentRemoved => "agent_removed",
+            ErrorCode::ToolCallClosed => "tool_call_closed",
+            ErrorCode::ApprovalDenied => "approval_denied",
+            ErrorCode::ApprovalExpired => "approval_expired",
+            ErrorCode::CredentialRequiresTls => "credential_requires_tls",
+            ErrorCode::DestinationForbidden => "destination_forbidden",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::AlreadySettled => "already_settled",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::MisdirectedRequest => "misdirected_request",
+            ErrorCode::InvalidPolicies => "invalid_policies",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyPendingApprovals => "too_many_pending_approvals",
+            ErrorCode::TooManyToolCalls => "too_many_tool_calls",
+            ErrorCode::RequestHeaderFieldsTooLarge => "request_header_fields_too_large",
+            ErrorCode::InternalError => "internal_error",
+            ErrorCode::PolicyDirUnreadable => "policy_dir_unreadable",
+            ErrorCode::CredentialUnavailable => "credential_unavailable",
+            ErrorCode::CredentialReflected => "credential_reflected",
+            ErrorCode::UpstreamBadResponse => "upstream_bad_response",
+            ErrorCode::UpstreamUnresolvable => "upstream_unresolvable",
+            ErrorCode::UpstreamReset => "upstream_reset",
+            ErrorCode::UpstreamRefused => "upstream_refused",
+            ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::UpstreamTlsFailed => "upstream_tls_failed",
+            ErrorCode::UpstreamError => "upstream_error",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::HttpVersionNotSupported => "http_version_not_supported",
+        }
+    }
+
+    /// The HTTP status the code is answered with.
+    pub const fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::AmbiguousMethod | ErrorCode::AmbiguousPath => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Denied
+            | ErrorCode::UnknownAgent
+            | ErrorCode::AgentRemoved
+            | ErrorCode::ToolCallClosed
+            | ErrorCode::ApprovalDenied
+            | ErrorCode::ApprovalExpired
+            | ErrorCode::CredentialRequiresTls
+            | ErrorCode::DestinationForbidden
+            | ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::Conflict | ErrorCode::AlreadySettled => 409,
+            ErrorCode::BodyTooLarge => 413,
+            ErrorCode::UriTooLong => 414,
+            ErrorCode::MisdirectedRequest => 421,
+            ErrorCode::InvalidPolicies => 422,
+            ErrorCode::TooManyConnections
+            | ErrorCode::RateLimited
+            | ErrorCode::TooManyPendingApprovals
+            | ErrorCode::TooManyToolCalls => 429,
+            ErrorCode::RequestHeaderFieldsTooLarge => 431,
+            ErrorCode::InternalError | ErrorCode::PolicyDirUnreadable => 500,
+            ErrorCode::CredentialUnavailable
+            | ErrorCode::CredentialReflected
+            | ErrorCode::UpstreamBadResponse
+            | ErrorCode::UpstreamUnresolvable
+            | ErrorCode::UpstreamReset
+            | ErrorCode::UpstreamRefused
+            | ErrorCode::UpstreamUnreachable
+            | ErrorCode::UpstreamTlsFailed
+            | ErrorCode::UpstreamError => 502,
+            ErrorCode::StorageUnavailable | ErrorCode::NotReady => 503,
+            ErrorCode::UpstreamTimeout => 504,
+            ErrorCode::HttpVersionNotSupported => 505,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A response the gateway gives on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// HTTP status code.
     pub status: u16,
-    /// A stable, machine-readable code, e.g. `unknown_agent`.
+    /// Its code ([`ErrorCode::as_str`]), e.g. `unknown_agent`.
     pub error: &'static str,
     /// A sentence for the person reading the log or the client output.
     pub detail: String,
@@ -27,15 +263,22 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// A refusal with this status, code and detail.
-    pub fn new(status: u16, error: &'static str, detail: impl Into<String>) -> Self {
+    /// A refusal with this code (and its status) and detail.
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
         Refusal {
-            status,
-            error,
+            status: code.status(),
+            error: code.as_str(),
             detail: detail.into(),
             extra: None,
             retry_after_secs: None,
         }
+    }
+
+    /// The same refusal with another status: only a panic's `internal_error` (502, as the
+    /// request may have reached its origin) needs one.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
     }
 
     /// The same refusal, telling the client when to try again.
@@ -47,7 +290,8 @@ impl Refusal {
     /// The refusal for a policy decision that denies: 403 with the decision, the policies
     /// that made it and any evaluation errors.
     pub fn for_decision(decision: &tollgate_policy::Decision, policy_version: &str) -> Self {
-        Refusal::new(403, "denied", decision.reason.clone()).with_decision(decision, policy_version)
+        Refusal::new(ErrorCode::Denied, decision.reason.clone())
+            .with_decision(decision, policy_version)
     }
 
     /// The same refusal with the policy decision behind it (decision, policies, errors,
@@ -69,7 +313,7 @@ impl Refusal {
 
     /// 400: the request itself is malformed.
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(400, "bad_request", detail)
+        Self::new(ErrorCode::BadRequest, detail)
     }
 
     /// The JSON body.
@@ -167,10 +411,25 @@ mod tests {
 
     #[test]
     fn the_body_is_json_with_code_and_detail() {
-        let r = Refusal::new(403, "unknown_agent", "no agent for \"x\"");
+        let r = Refusal::new(ErrorCode::UnknownAgent, "no agent for \"x\"");
         let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
         assert_eq!(v["error"], "unknown_agent");
         assert_eq!(v["detail"], "no agent for \"x\"");
+    }
+
+    #[test]
+    fn every_error_code_is_in_the_docs_table_with_its_status() {
+        let docs = include_str!("../../docs/operations.md");
+        for code in ErrorCode::ALL {
+            let row = format!("| {} | `{}` |", code.status(), code.as_str());
+            assert!(
+                docs.contains(&row),
+                "docs/operations.md lacks the row {row:?}"
+            );
+        }
+        let codes: std::collections::HashSet<&str> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(codes.len(), ErrorCode::ALL.len(), "a code is listed twice");
     }
 
     #[test]

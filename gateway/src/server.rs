@@ -17,24 +17,25 @@ use tokio::task::JoinHandle;
 use tollgate_storage::{now_millis, Store};
 
 use crate::admin::{AdminApi, AdminApp, Approvers};
-use crate::agent_listener::{AgentListeners, EgressApps};
-use crate::approval::Approvals;
-use crate::audit::AuditTrail;
-use crate::ca::{CaError, GatewayCa, LeafCerts};
+use crate::agent::Agent;
 use crate::config::Config;
-use crate::credentials::Credentials;
 use crate::datadir::{self, FileError};
-use crate::decide::PolicyStore;
-use crate::head::HeadDeadlines;
-use crate::identity::{Agent, AgentRegistry, ListenerBinding, RegistryError};
-use crate::intercept::Interceptor;
-use crate::listener::{self, ListenerError};
-use crate::metrics::{GaugeSources, Metrics};
-use crate::obo::OboSealer;
-use crate::proxy::Shared;
-use crate::telemetry::Telemetry;
-use crate::toolcall::ToolCalls;
-use crate::upstream::Upstream;
+use crate::egress::agent_listener::{AgentListeners, EgressApps};
+use crate::egress::approval::Approvals;
+use crate::egress::ca::{CaError, GatewayCa, LeafCerts};
+use crate::egress::credentials::Credentials;
+use crate::egress::decide::PolicyStore;
+use crate::egress::head::HeadDeadlines;
+use crate::egress::identity::{AgentRegistry, ListenerBinding, RegistryError};
+use crate::egress::intercept::Interceptor;
+use crate::egress::listener::{self, ListenerError};
+use crate::egress::obo::OboSealer;
+use crate::egress::proxy::Shared;
+use crate::egress::toolcall::ToolCalls;
+use crate::egress::upstream::Upstream;
+use crate::observe::audit::AuditTrail;
+use crate::observe::metrics::{GaugeSources, Metrics};
+use crate::observe::telemetry::Telemetry;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +60,13 @@ pub enum StartError {
     Policy(#[from] tollgate_policy::LoadError),
     /// Identity providers and credential rules.
     #[error(transparent)]
-    Credentials(#[from] crate::credentials::CredentialsError),
+    Credentials(#[from] crate::egress::credentials::CredentialsError),
     /// The durable store.
     #[error(transparent)]
     Storage(#[from] tollgate_storage::StoreError),
     /// The key sealing lent tokens.
     #[error(transparent)]
-    Seal(#[from] crate::obo::SealError),
+    Seal(#[from] crate::egress::obo::SealError),
     /// The audit writer thread.
     #[error("cannot start the audit writer: {0}")]
     AuditWriter(std::io::Error),
@@ -115,7 +116,7 @@ pub async fn start(
     config: &Config,
     telemetry: Arc<Telemetry>,
 ) -> Result<RunningGateway, StartError> {
-    if crate::panics::armed() {
+    if crate::egress::panics::armed() {
         tracing::warn!(
             "fault injection is armed (TOLLGATE_FAULT_INJECTION=1 in a test build): requests \
              to /__tollgate_fault/panic/… panic on purpose; never run this in production"
@@ -205,7 +206,7 @@ pub async fn start(
     for (_, listen, socket) in &agent_sockets {
         own_addresses.push(local(socket, listen.address)?);
     }
-    let quotas = Arc::new(crate::quota::Quotas::new(
+    let quotas = Arc::new(crate::egress::quota::Quotas::new(
         config.limits.agent_defaults(&config.approvals),
     ));
     let shared = Arc::new(Shared {
@@ -392,9 +393,12 @@ fn load_approvers(config: &Config) -> Result<Vec<(String, String)>, StartError> 
         .approvers
         .iter()
         .map(|a| {
-            crate::credentials::provider::read_secret(&a.token, &format!("approver {:?}", a.name))
-                .map(|token| (a.name.clone(), token.expose().to_string()))
-                .map_err(StartError::Approver)
+            crate::egress::credentials::provider::read_secret(
+                &a.token,
+                &format!("approver {:?}", a.name),
+            )
+            .map(|token| (a.name.clone(), token.expose().to_string()))
+            .map_err(StartError::Approver)
         })
         .collect()
 }

@@ -1,0 +1,537 @@
+//! OpenTelemetry: one span per request, the gateway's metrics and its log events, exported
+//! over OTLP (HTTP/protobuf or gRPC) to a collector.
+//!
+//! Exporting never slows a request. A finished span (or log event) is pushed into a bounded
+//! [`DropQueue`] with one short lock; one thread of its own (`tollgate-otlp`, with a small
+//! single-threaded runtime) takes the queues every `flush_interval_ms`, or as soon as a full
+//! batch (512) is waiting, and exports them; it collects and exports the metrics every
+//! metrics interval. A collector that is slow or down only keeps that thread waiting: the
+//! queues fill, further spans and events are dropped and counted
+//! (`tollgate_telemetry_{spans,logs}_dropped_total`), and requests go on as before.
+//!
+//! Every request gets a trace id, exported or not: the per-request log line and the audit
+//! record carry it, so a trace, a log line and an audit record can be joined.
+
+mod export;
+mod http;
+mod log_writer;
+
+pub use log_writer::StderrLog;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::metrics::{Histogram, MeterProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceId, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::logs::{SdkLogRecord, SdkLoggerProvider};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::Resource;
+use parking_lot::Mutex;
+use tollgate_storage::AuditRecord;
+
+use crate::config::{Config, OtlpProtocol, TelemetryConfig};
+use crate::observe::metrics::{GaugeSources, Metrics, TelemetryDrops};
+use crate::observe::queue::DropQueue;
+
+/// The `tracing` target of the one log line per request. Its fields are the span's, so it is
+/// exported as an OTLP log record only when `telemetry.request_logs` asks for it (or spans
+/// are not exported): a backend would otherwise ingest every request twice.
+pub const REQUEST_LOG_TARGET: &str = "tollgate_gateway::request";
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// An exporter could not be built from the configuration or the environment.
+    #[error("telemetry: cannot set up the OTLP {signal} exporter: {reason}")]
+    Exporter {
+        /// traces, metrics or logs.
+        signal: &'static str,
+        /// What was wrong (never a header value).
+        reason: String,
+    },
+    /// A `[telemetry.headers]` value could not be read.
+    #[error("telemetry.headers: {0}")]
+    Header(String),
+    /// A setting is out of range.
+    #[error("telemetry: {0}")]
+    Invalid(String),
+    /// The export thread could not start.
+    #[error("telemetry: cannot start the export thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The gateway's OpenTelemetry pipeline (or its absence, when export is off).
+pub struct Telemetry {
+    tracer: Option<SdkTracer>,
+    duration: Option<Histogram<f64>>,
+    providers: Option<Providers>,
+    queues: Arc<Queues>,
+    exporter: Mutex<Option<export::Handle>>,
+    summary: String,
+    /// Whether the per-request log lines are exported as log records.
+    export_request_lines: bool,
+}
+
+/// The SDK providers, kept for as long as telemetry runs.
+struct Providers {
+    traces: Option<SdkTracerProvider>,
+    logs: Option<SdkLoggerProvider>,
+    meters: Option<SdkMeterProvider>,
+}
+
+/// What the data path hands to the export thread.
+pub(crate) struct Queues {
+    spans: DropQueue<SpanData>,
+    logs: DropQueue<(SdkLogRecord, opentelemetry::InstrumentationScope)>,
+    /// Woken when a full export batch of spans is waiting (so a busy gateway exports as
+    /// fast as batches fill, not only on the flush interval).
+    spans_ready: tokio::sync::Notify,
+    /// The same for log events.
+    logs_ready: tokio::sync::Notify,
+}
+
+impl TelemetryDrops for Queues {
+    fn spans(&self) -> u64 {
+        self.spans.dropped()
+    }
+    fn logs(&self) -> u64 {
+        self.logs.dropped()
+    }
+}
+
+/// A request's trace: its id from arrival, and its span while it is being exported.
+#[derive(Default)]
+pub struct RequestTrace {
+    trace_id: Option<TraceId>,
+    span: Option<opentelemetry_sdk::trace::Span>,
+}
+
+impl RequestTrace {
+    /// The trace id as 32 lowercase hex digits.
+    pub fn id(&self) -> String {
+        self.trace_id.unwrap_or(TraceId::INVALID).to_string()
+    }
+}
+
+/// What the summary of a request does not carry but its span should.
+pub struct SpanExtras<'a> {
+    /// The agent's run mode, if the agent is known.
+    pub run_mode: Option<&'a str>,
+    /// The decision as metrics label it (`none` when the request never reached one).
+    pub decision: &'static str,
+    /// Time from arrival to the end of the answer.
+    pub latency: Duration,
+}
+
+impl Telemetry {
+    /// Telemetry that exports nothing; requests still get trace ids.
+    pub fn off() -> Telemetry {
+        Telemetry {
+            tracer: None,
+            duration: None,
+            providers: None,
+            queues: Arc::new(Queues::new(0)),
+            exporter: Mutex::new(None),
+            summary: "off".into(),
+            export_request_lines: false,
+        }
+    }
+
+    /// Starts export as `config.telemetry` and the `OTEL_*` environment say; off when no
+    /// endpoint is named anywhere or `OTEL_SDK_DISABLED=true`.
+    pub fn start(config: &Config) -> Result<Telemetry, TelemetryError> {
+        let settings = &config.telemetry;
+        let Some(plan) = export::Plan::resolve(config)? else {
+            return Ok(Telemetry::off());
+        };
+        let queues = Arc::new(Queues::new(settings.queue_size));
+        let resource = resource(settings);
+        let exporter = export::Handle::spawn(plan.clone(), queues.clone(), resource.clone())?;
+        let traces = plan.signals.traces.then(|| {
+            SdkTracerProvider::builder()
+                .with_resource(resource.clone())
+                .with_span_processor(export::SpanQueue(queues.clone()))
+                .build()
+        });
+        let logs = plan.signals.logs.then(|| {
+            SdkLoggerProvider::builder()
+                .with_resource(resource.clone())
+                .with_log_processor(export::LogQueue(queues.clone()))
+                .build()
+        });
+        let meters = exporter.reader().map(|reader| {
+            SdkMeterProvider::builder()
+                .with_resource(resource.clone())
+                .with_reader(reader)
+                .build()
+        });
+        let tracer = traces.as_ref().map(|p| p.tracer("tollgate"));
+        let duration = meters.as_ref().map(|p| {
+            p.meter("tollgate")
+                .f64_histogram("tollgate.request.duration")
+                .with_unit("s")
+                .with_description(
+                    "Time from a request's arrival to the end of its answer, approval waits included.",
+                )
+                .with_boundaries(crate::observe::metrics::LATENCY_BUCKETS.to_vec())
+                .build()
+        });
+        Ok(Telemetry {
+            summary: format!(
+                "OTLP over {} (traces {}, metrics {}, logs {})",
+                plan.protocol_name(),
+                on_off(plan.signals.traces),
+                on_off(plan.signals.metrics),
+                on_off(plan.signals.logs)
+            ),
+            tracer,
+            duration,
+            providers: Some(Providers {
+                traces,
+                logs,
+                meters,
+            }),
+            queues,
+            exporter: Mutex::new(Some(exporter)),
+            export_request_lines: settings.request_logs || !plan.signals.traces,
+        })
+    }
+
+    /// What is exported, for the start-up banner: "off", or the protocol and signals.
+    pub fn summary(&self) -> &str {
+        &self.summary
+    }
+
+    /// The `tracing` layer that exports log events (info and above), if logs are exported.
+    /// The export path's own events are never fed back into it.
+    pub fn log_layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S> + Send + Sync>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let provider = self.providers.as_ref()?.logs.as_ref()?;
+        Some(ExportedEvents {
+            bridge: opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(
+                provider,
+            ),
+            request_lines: self.export_request_lines,
+        })
+    }
+
+    /// Exports the gateway's metrics: the request counts and the values `/metrics` reads.
+    pub fn observe(&self, metrics: Arc<Metrics>, gauges: Arc<GaugeSources>) {
+        let Some(provider) = self.providers.as_ref().and_then(|p| p.meters.as_ref()) else {
+            return;
+        };
+        export::register_instruments(&provider.meter("tollgate"), metrics, gauges);
+    }
+
+    /// How much telemetry was dropped (for the gauges).
+    pub fn dropped(&self) -> Arc<dyn TelemetryDrops> {
+        self.queues.clone()
+    }
+
+    /// Begins a request's trace (its span starts now, when spans are exported).
+    pub fn start_request(&self) -> RequestTrace {
+        match &self.tracer {
+            Some(tracer) => {
+                let span = tracer
+                    .span_builder("request")
+                    .with_kind(SpanKind::Server)
+                    .start(tracer);
+                RequestTrace {
+                    trace_id: Some(span.span_context().trace_id()),
+                    span: Some(span),
+                }
+            }
+            None => RequestTrace {
+                trace_id: Some(TraceId::from_bytes(rand::random::<[u8; 16]>())),
+                span: None,
+            },
+        }
+    }
+
+    /// Ends a request's span with what the request came to (its audit summary, which holds
+    /// no body, query or header value), and records its duration.
+    pub fn finish_request(&self, trace: RequestTrace, request: &AuditRecord, extras: SpanExtras) {
+        if let Some(duration) = &self.duration {
+            duration.record(
+                extras.latency.as_secs_f64(),
+                &[KeyValue::new("decision", extras.decision)],
+            );
+        }
+        let Some(mut span) = trace.span else { return };
+        if !span.is_recording() {
+            return;
+        }
+        span.update_name(request.method.clone());
+        span.set_attributes(span_attributes(request, &extras));
+        if let Some(error) = &request.error {
+            span.set_status(Status::error(error.clone()));
+        } else if request.status >= 500 {
+            span.set_status(Status::error(format!("status {}", request.status)));
+        }
+        span.end();
+    }
+
+    /// Stops exporting: what is queued is sent if the collector answers within `grace`.
+    pub fn shutdown(&self, grace: Duration) {
+        if let Some(exporter) = self.exporter.lock().take() {
+            exporter.stop(grace);
+        }
+        if let Some(providers) = &self.providers {
+            // Export has ended: the SDK may stop recording.
+            if let Some(traces) = &providers.traces {
+                let _ = traces.shutdown();
+            }
+            if let Some(logs) = &providers.logs {
+                let _ = logs.shutdown();
+            }
+            if let Some(meters) = &providers.meters {
+                let _ = meters.shutdown();
+            }
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown(Duration::from_secs(1));
+    }
+}
+
+/// Passes the events worth exporting to the OpenTelemetry bridge: info and above, and none
+/// from the export path itself (which would feed the queue it drains). The `RUST_LOG` filter
+/// in front of every layer still decides what is logged at all.
+struct ExportedEvents<L> {
+    bridge: L,
+    /// Whether the per-request lines ([`REQUEST_LOG_TARGET`]) are exported too.
+    request_lines: bool,
+}
+
+/// Targets whose events are never exported.
+const NOT_EXPORTED: [&str; 6] = [
+    "tollgate_gateway::observe::telemetry",
+    "opentelemetry",
+    "tonic",
+    "h2",
+    "hyper",
+    "tower",
+];
+
+impl<S, L> tracing_subscriber::Layer<S> for ExportedEvents<L>
+where
+    S: tracing::Subscriber,
+    L: tracing_subscriber::Layer<S>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let metadata = event.metadata();
+        if exported(metadata.level(), metadata.target(), self.request_lines) {
+            self.bridge.on_event(event, ctx);
+        }
+    }
+}
+
+/// Whether an event of `level` from `target` is exported as an OTLP log record.
+fn exported(level: &tracing::Level, target: &str, request_lines: bool) -> bool {
+    *level <= tracing::Level::INFO
+        && (request_lines || target != REQUEST_LOG_TARGET)
+        && !NOT_EXPORTED.iter().any(|t| target.starts_with(t))
+}
+
+impl Queues {
+    fn new(capacity: usize) -> Queues {
+        Queues {
+            spans: DropQueue::new(capacity),
+            logs: DropQueue::new(capacity),
+            spans_ready: tokio::sync::Notify::new(),
+            logs_ready: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// The span's attributes: OpenTelemetry's HTTP names where they exist, `tollgate.*` for the
+/// gateway's own. The path never has its query; no header value or body is ever set.
+fn span_attributes(r: &AuditRecord, extras: &SpanExtras) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(16);
+    attributes.extend([
+        KeyValue::new("http.request.method", r.method.clone()),
+        KeyValue::new("server.address", r.host.clone()),
+        KeyValue::new("url.path", r.path.clone()),
+        KeyValue::new("http.response.status_code", i64::from(r.status)),
+        KeyValue::new("http.request.body.size", r.bytes_in as i64),
+        KeyValue::new("http.response.body.size", r.bytes_out as i64),
+        KeyValue::new("tollgate.agent", r.agent.clone()),
+        KeyValue::new("tollgate.latency_ms", extras.latency.as_secs_f64() * 1e3),
+    ]);
+    if let Some(run_mode) = extras.run_mode {
+        attributes.push(KeyValue::new("tollgate.run_mode", run_mode.to_string()));
+    }
+    if let Some(tool_call) = &r.tool_call {
+        attributes.push(KeyValue::new("tollgate.tool_call", tool_call.clone()));
+    }
+    if !r.decision.is_empty() {
+        attributes.push(KeyValue::new("tollgate.decision", r.decision.clone()));
+        attributes.push(KeyValue::new(
+            "tollgate.policies",
+            opentelemetry::Value::Array(
+                r.policies
+                    .iter()
+                    .map(|p| opentelemetry::StringValue::from(p.clone()))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+        ));
+    }
+    if let Some(approval) = &r.approval {
+        attributes.push(KeyValue::new("tollgate.approval.id", approval.clone()));
+        attributes.push(KeyValue::new(
+            "tollgate.approval.wait_ms",
+            r.approval_wait_ms.unwrap_or(0) as i64,
+        ));
+    }
+    if let Some(provider) = &r.credential {
+        attributes.push(KeyValue::new(
+            "tollgate.credential.provider",
+            provider.clone(),
+        ));
+    }
+    if let Some(error) = &r.error {
+        attributes.push(KeyValue::new("error.type", error.clone()));
+    }
+    attributes
+}
+
+/// `service.name` (config, then `OTEL_SERVICE_NAME`, then `tollgate`), `service.version`,
+/// `host.name`, `process.pid`, and whatever `OTEL_RESOURCE_ATTRIBUTES` adds.
+fn resource(settings: &TelemetryConfig) -> Resource {
+    let name = settings
+        .service_name
+        .clone()
+        .or_else(|| std::env::var("OTEL_SERVICE_NAME").ok())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "tollgate".to_string());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let mut builder = Resource::builder()
+        .with_service_name(name)
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())));
+    if !host.is_empty() {
+        builder = builder.with_attribute(KeyValue::new("host.name", host));
+    }
+    builder.build()
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+impl OtlpProtocol {
+    fn name(self) -> &'static str {
+        match self {
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+            OtlpProtocol::Grpc => "grpc",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            at: 0,
+            agent: "a1".into(),
+            tool_call: Some("tc".into()),
+            session: None,
+            method: "POST".into(),
+            host: "api.example".into(),
+            path: "/v1/x".into(),
+            decision: "allow".into(),
+            policies: vec!["p1".into()],
+            approval: Some("ap".into()),
+            approval_wait_ms: Some(1500),
+            credential: Some("entra".into()),
+            status: 201,
+            error: None,
+            bytes_in: 3,
+            bytes_out: 4,
+            latency_us: 9,
+            upgrade: None,
+            trace_id: String::new(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn spans_carry_the_request_summary_under_semantic_names() {
+        let extras = SpanExtras {
+            run_mode: Some("Review"),
+            decision: "allow",
+            latency: Duration::from_millis(2),
+        };
+        let attributes = span_attributes(&record(), &extras);
+        let get = |key: &str| {
+            attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(get("http.request.method").as_deref(), Some("POST"));
+        assert_eq!(get("url.path").as_deref(), Some("/v1/x"));
+        assert_eq!(get("http.response.status_code").as_deref(), Some("201"));
+        assert_eq!(get("tollgate.run_mode").as_deref(), Some("Review"));
+        assert_eq!(get("tollgate.approval.wait_ms").as_deref(), Some("1500"));
+        assert_eq!(
+            get("tollgate.credential.provider").as_deref(),
+            Some("entra")
+        );
+        assert_eq!(get("error.type"), None);
+    }
+
+    #[test]
+    fn request_lines_are_exported_as_logs_only_when_asked_and_the_export_path_never() {
+        use tracing::Level;
+        assert!(exported(
+            &Level::WARN,
+            "tollgate_gateway::egress::upstream",
+            false
+        ));
+        assert!(exported(&Level::INFO, "pingora_core::services", false));
+        assert!(!exported(
+            &Level::DEBUG,
+            "tollgate_gateway::egress::upstream",
+            true
+        ));
+        assert!(!exported(&Level::INFO, REQUEST_LOG_TARGET, false));
+        assert!(exported(&Level::INFO, REQUEST_LOG_TARGET, true));
+        assert!(!exported(
+            &Level::WARN,
+            "tollgate_gateway::observe::telemetry::export",
+            true
+        ));
+        assert!(!exported(&Level::ERROR, "h2::proto", true));
+    }
+
+    #[test]
+    fn without_export_requests_still_get_distinct_trace_ids() {
+        let telemetry = Telemetry::off();
+        let a = telemetry.start_request().id();
+        let b = telemetry.start_request().id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert_ne!(a, TraceId::INVALID.to_string());
+    }
+}
