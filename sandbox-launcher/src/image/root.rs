@@ -32,7 +32,7 @@ pub enum Compression {
     None,
     /// LZ4 (high compression), decompressed by the guest's CPU: 172 MiB instead of 312 for
     /// the default list, and under emulation no slower to import pandas from (measured side
-    /// by side, README).
+    /// by side, docs/benchmarks.md).
     #[default]
     Lz4hc,
 }
