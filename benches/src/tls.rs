@@ -48,15 +48,31 @@ impl BenchCa {
         Ok((cert, key))
     }
 
+    /// A leaf certificate for the DNS `names` and the IP addresses `ips`, signed by this CA:
+    /// (certificate, private key), PEM. The benchmark's origins and the end-to-end tests'
+    /// origins both get theirs here.
+    pub fn leaf_pem(
+        &self,
+        names: &[&str],
+        ips: &[std::net::IpAddr],
+    ) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A server configuration with a certificate for `names`, signed by this CA.
     pub fn server_config(&self, names: &[&str]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let key = KeyPair::generate()?;
-        let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let chain = vec![cert.der().clone()];
-        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
-            .context("the origin key")?;
+        let (cert, key) = self.leaf_pem(names, &[])?;
+        let chain =
+            vec![CertificateDer::from_pem_slice(cert.as_bytes())
+                .context("the origin certificate")?];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("the origin key")?;
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
