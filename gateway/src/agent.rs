@@ -18,7 +18,7 @@ pub struct Agent {
     /// Unique id. In an admin API body it may be left out: the path names the agent.
     #[serde(default)]
     pub id: String,
-    /// ReadOnly, Review or Autonomous.
+    /// What the agent may do without a person; policies read it as `principal.run_mode`.
     pub run_mode: RunMode,
     /// Azure RBAC scopes the agent's managed identity holds.
     #[serde(default)]
@@ -26,7 +26,7 @@ pub struct Agent {
     /// Name of the identity provider the agent's tokens come from.
     #[serde(default)]
     pub identity: Option<String>,
-    /// Free-form tags, visible to policies.
+    /// Free-form tags (e.g. `team`), which policies read as Cedar entity tags.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// Source addresses on the shared egress listener that belong to this agent.
@@ -83,7 +83,7 @@ pub fn validate_agent_id(id: &str) -> Result<(), InvalidAgentId> {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AgentListenConfig {
-    /// The address to bind.
+    /// The address the listener binds; every connection to it is this agent's.
     pub address: SocketAddr,
     /// A network namespace (e.g. `/run/netns/agent-a`) to bind the address in; the socket
     /// stays in that namespace and is served by this process.
@@ -136,15 +136,15 @@ impl AgentLimits {
 /// Limits with every field decided: an agent's own, or the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Effective {
-    /// Connections at once.
+    /// Client connections open at once (plain and CONNECT); more get 429 and are closed.
     pub connections: usize,
-    /// Requests per second; 0 means no limit.
+    /// Requests per second, with bursts of up to one second's worth; 0 means no limit.
     pub requests_per_second: u32,
-    /// Largest body; 0 means no limit.
+    /// Largest request body in bytes (larger gets 413); 0 means no limit.
     pub request_body_bytes: u64,
-    /// Held requests at once.
+    /// Requests held for approval at once; more get 429.
     pub pending_approvals: usize,
-    /// Tool calls open at once.
+    /// Tool calls open at once; opening another gets 429.
     pub open_tool_calls: usize,
 }
 

@@ -27,7 +27,7 @@ pub enum ClientError {
     /// Connecting, sending or reading failed.
     #[error("the server cannot be reached")]
     Unreachable,
-    /// No answer in time.
+    /// The whole exchange took longer than the caller's timeout.
     #[error("the server did not answer in time")]
     Timeout,
     /// The answer is larger than the caller accepts.
@@ -35,7 +35,7 @@ pub enum ClientError {
     TooLarge,
 }
 
-/// One request.
+/// One request the gateway sends on its own behalf (token endpoint, admin API).
 pub struct Request<'a> {
     /// The method, e.g. GET or POST.
     pub method: &'a str,
@@ -43,7 +43,7 @@ pub struct Request<'a> {
     pub url: &'a str,
     /// Extra headers (names and values); values are marked sensitive (never logged).
     pub headers: Vec<(Cow<'static, str>, String)>,
-    /// A body and its content type.
+    /// A body and its content type (`Content-Type`); `None` sends no body.
     pub body: Option<(Cow<'static, str>, Bytes)>,
 }
 

@@ -66,10 +66,10 @@ pub struct Config {
     /// Sizes, timeouts and worker threads.
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// The Cedar policy set.
+    /// Where the Cedar policies are read from, and how often they are reloaded.
     #[serde(default)]
     pub policy: PolicyConfig,
-    /// How the gateway logs.
+    /// The format of the gateway's own log on stderr.
     #[serde(default)]
     pub log: LogConfig,
     /// OpenTelemetry export (traces, metrics, logs) over OTLP.
@@ -81,7 +81,7 @@ pub struct Config {
     /// Which destinations get which token: `[[credential_rules]]`.
     #[serde(default)]
     pub credential_rules: Vec<CredentialRuleConfig>,
-    /// Token cache and fetch settings.
+    /// How tokens are cached, refreshed and fetched (timeouts, back-off).
     #[serde(default)]
     pub credentials: CredentialsConfig,
     /// Held requests: how long they wait, how many, how large.
@@ -143,7 +143,7 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// The log line format.
+/// `[log] format`: how each line on stderr is written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -223,7 +223,7 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// The OTLP transport.
+/// `[telemetry] protocol`: how exports reach the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum OtlpProtocol {
     /// Protobuf over HTTP POST (port 4318 by convention).
@@ -404,11 +404,11 @@ pub enum IdentityProviderConfig {
     ClientCredentials {
         /// The name agents (`identity`) and credential rules (`provider`) refer to.
         name: String,
-        /// The token endpoint.
+        /// Where tokens are asked for (POST, form-encoded).
         token_url: String,
-        /// The client id.
+        /// The gateway's application (client) id at the token endpoint.
         client_id: String,
-        /// The client secret.
+        /// Where the gateway's client secret is read from; it is sent only to `token_url`.
         client_secret: SecretSource,
         /// The form parameter the audience is sent as: `scope` (Entra v2, default) or
         /// `resource` (Entra v1).
@@ -417,7 +417,7 @@ pub enum IdentityProviderConfig {
     },
     /// The Azure managed-identity endpoint (IMDS, or App Service's IDENTITY_ENDPOINT).
     ManagedIdentity {
-        /// The provider's name.
+        /// The name agents (`identity`) and credential rules (`provider`) refer to.
         name: String,
         /// The endpoint; default: `$IDENTITY_ENDPOINT` if set, else the instance metadata
         /// service `http://169.254.169.254/metadata/identity/oauth2/token`.
@@ -436,9 +436,9 @@ pub enum IdentityProviderConfig {
     },
     /// A fixed token, for development and tests.
     Static {
-        /// The provider's name.
+        /// The name agents (`identity`) and credential rules (`provider`) refer to.
         name: String,
-        /// The token.
+        /// Where the fixed token is read from; every request for a token gets this one.
         token: SecretSource,
         /// How long each handed-out token is treated as valid, in seconds.
         #[serde(default = "default_static_ttl")]
@@ -504,7 +504,7 @@ pub struct CredentialsConfig {
 }
 
 impl IdentityProviderConfig {
-    /// The provider's name.
+    /// The name agents and credential rules use for this provider, whatever its kind.
     pub fn name(&self) -> &str {
         match self {
             Self::ClientCredentials { name, .. }
@@ -581,7 +581,7 @@ impl Config {
         Self::from_toml(&text, &path.display().to_string())
     }
 
-    /// The embedded default configuration.
+    /// Parses [`EMBEDDED_DEFAULT`], the configuration `tollgate serve` runs without `--config`.
     pub fn embedded_default() -> Result<Self, ConfigError> {
         Self::from_toml(EMBEDDED_DEFAULT, "(embedded default)")
     }
@@ -809,15 +809,15 @@ impl Config {
 }
 
 impl UpstreamConfig {
-    /// The TCP connect timeout.
+    /// `connect_timeout_ms` as a duration; the TLS handshake may take as long again.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
-    /// The read timeout.
+    /// `read_timeout_ms` as a duration: the longest wait for the next read from an origin.
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
     }
-    /// The write timeout.
+    /// `write_timeout_ms` as a duration: the longest wait for a write to an origin.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
     }
@@ -836,12 +836,12 @@ impl LimitsConfig {
         }
     }
 
-    /// The handshake timeout.
+    /// `handshake_timeout_ms` as a duration.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
-    /// The request head timeout.
+    /// `request_head_timeout_ms` as a duration (slowloris guard).
     pub fn request_head_timeout(&self) -> Duration {
         Duration::from_millis(self.request_head_timeout_ms)
     }

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 #[error("{action} {path}: {source}")]
 pub struct FileError {
-    /// What was being done.
+    /// What failed, as the start of the message, e.g. "cannot write".
     pub action: &'static str,
-    /// The file or directory.
+    /// The file or directory it failed on.
     pub path: PathBuf,
     /// What the operating system said.
     pub source: std::io::Error,

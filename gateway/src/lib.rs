@@ -23,13 +23,18 @@
 //! The `tollgate` binary (`main.rs`, with its subcommands in `cli/`) is a thin command-line
 //! layer over this library.
 
+// In the map's order: the data path, the control plane, what requests leave behind, and
+// what they all share.
+pub mod egress;
+
 pub mod admin;
+
+pub mod observe;
+
 pub mod agent;
 pub mod client;
 pub mod config;
 pub mod datadir;
-pub mod egress;
-pub mod observe;
 pub mod reply;
 pub mod server;
 

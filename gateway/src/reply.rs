@@ -148,7 +148,7 @@ impl ErrorCode {
         ErrorCode::HttpVersionNotSupported,
     ];
 
-    /// The code as clients see it.
+    /// The code as clients see it in the body's `error` field, e.g. `unknown_agent`.
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
@@ -249,7 +249,7 @@ impl std::fmt::Display for ErrorCode {
 /// A response the gateway gives on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// HTTP status code.
+    /// HTTP status code; usually [`ErrorCode::status`] of its code (see `with_status`).
     pub status: u16,
     /// Its code ([`ErrorCode::as_str`]), e.g. `unknown_agent`.
     pub error: &'static str,
@@ -316,7 +316,7 @@ impl Refusal {
         Self::new(ErrorCode::BadRequest, detail)
     }
 
-    /// The JSON body.
+    /// The JSON body: `error`, `detail` and any extra fields.
     pub fn body(&self) -> Bytes {
         let mut body = serde_json::Map::new();
         body.insert("error".into(), self.error.into());

@@ -40,37 +40,37 @@ use crate::observe::telemetry::Telemetry;
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A file in the data directory.
+    /// A file in the data directory could not be read or written.
     #[error(transparent)]
     File(#[from] FileError),
-    /// The gateway CA.
+    /// The gateway CA could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] CaError),
-    /// A listener.
+    /// A listener (egress, admin or an agent's own) could not be bound.
     #[error(transparent)]
     Listener(#[from] ListenerError),
-    /// The agents in the config.
+    /// The registry refused the agents in the config or in the store.
     #[error("agents: {0}")]
     Registry(#[from] RegistryError),
-    /// The upstream trust bundle.
+    /// The CAs trusted for origin TLS could not be read or written as one bundle.
     #[error("upstream trust: {0}")]
     Trust(String),
-    /// The policy set.
+    /// The Cedar policy set could not be read or is invalid.
     #[error(transparent)]
     Policy(#[from] tollgate_policy::LoadError),
-    /// Identity providers and credential rules.
+    /// An identity provider or credential rule could not be set up (e.g. a secret unreadable).
     #[error(transparent)]
     Credentials(#[from] crate::egress::credentials::CredentialsError),
-    /// The durable store.
+    /// The durable store could not be opened, read or written.
     #[error(transparent)]
     Storage(#[from] tollgate_storage::StoreError),
-    /// The key sealing lent tokens.
+    /// The key sealing lent tokens could not be loaded or created.
     #[error(transparent)]
     Seal(#[from] crate::egress::obo::SealError),
-    /// The audit writer thread.
+    /// The audit writer thread could not be spawned.
     #[error("cannot start the audit writer: {0}")]
     AuditWriter(std::io::Error),
-    /// An approver's token.
+    /// An approver's token could not be read from its file or environment variable.
     #[error("admin.approvers: {0}")]
     Approver(String),
 }
@@ -79,7 +79,7 @@ pub enum StartError {
 pub struct RunningGateway {
     /// The shared egress listener's address.
     pub egress: SocketAddr,
-    /// The admin API's address.
+    /// The admin API's bound address (the real port when the config gave port 0).
     pub admin: SocketAddr,
     /// Agents' own listeners: (agent id, address).
     pub agent_listeners: Vec<(String, SocketAddr)>,
@@ -87,7 +87,7 @@ pub struct RunningGateway {
     pub ca_cert: PathBuf,
     /// Whether the CA was created by this start.
     pub ca_created: bool,
-    /// The admin token file.
+    /// The file holding the admin bearer token (the start-up banner names it).
     pub admin_token: PathBuf,
     /// Whether the admin token was created by this start.
     pub admin_token_created: bool,

@@ -35,11 +35,11 @@ pub struct AgentFacts<'a> {
     /// Changes whenever the agent's facts change (the registry numbers every update); the
     /// engine caches the agent's Cedar entity under (id, revision).
     pub revision: u64,
-    /// Its run mode.
+    /// Its run mode, which policies read as `principal.run_mode`.
     pub run_mode: RunMode,
     /// The Azure RBAC scopes its identity holds.
     pub scopes: &'a [String],
-    /// Its tags.
+    /// Its tags, which policies read as the principal's Cedar tags (`principal.getTag("team")`).
     pub tags: &'a BTreeMap<String, String>,
 }
 

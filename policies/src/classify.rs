@@ -13,7 +13,7 @@
 
 use crate::target::{Host, Target};
 
-/// The Cedar actions.
+/// What a request can do, as the Cedar action policies match (`Action::"read"` and so on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     /// GET, HEAD, OPTIONS without a body.
@@ -38,7 +38,7 @@ impl Action {
     /// Every action, in the order of their Cedar ids.
     pub const ALL: [Action; 3] = [Action::Read, Action::Write, Action::Upgrade];
 
-    /// The Cedar action id.
+    /// The Cedar action id: `read`, `write` or `upgrade`.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Read => "read",
@@ -70,9 +70,9 @@ pub fn is_arm_host(host: &Host) -> bool {
 pub struct ArmTarget {
     /// Every scope the target lies in, outermost first.
     pub scopes: Vec<String>,
-    /// The subscription id.
+    /// The subscription id, from `/subscriptions/<id>`.
     pub subscription: Option<String>,
-    /// The resource group.
+    /// The resource group's name, from `/resourceGroups/<name>`.
     pub resource_group: Option<String>,
     /// The resource provider namespace.
     pub provider: Option<String>,
@@ -223,15 +223,15 @@ pub fn canonical_path(raw: &str) -> Result<String, PathError> {
 /// Everything the policies are told about one request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestFacts {
-    /// Read or write.
+    /// Read, write or upgrade: what the request can do, not only what its method says.
     pub action: Action,
     /// The HTTP method, upper-case.
     pub method: String,
-    /// Where it goes.
+    /// The origin it goes to (scheme, host, port): the Cedar resource.
     pub target: Target,
     /// The path, without the query.
     pub path: String,
-    /// The ARM target, for ARM hosts.
+    /// The ARM target parsed from the path, for [`ARM_HOSTS`] only.
     pub arm: Option<ArmTarget>,
     /// The agent's open tool call, if any.
     pub tool_call: Option<String>,

@@ -56,7 +56,7 @@ pub struct Problem {
     pub line: Option<usize>,
     /// 1-based column, when known.
     pub column: Option<usize>,
-    /// What is wrong.
+    /// What is wrong, for the policy author.
     pub message: String,
 }
 
@@ -160,13 +160,13 @@ impl PolicySources {
     }
 }
 
-/// The three outcomes.
+/// What a decision says to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Forward it.
     Allow,
-    /// Refuse it.
+    /// Refuse it (the gateway answers 403).
     Deny,
     /// Hold it for a person; allowed once approved.
     NeedsApproval,
@@ -186,14 +186,14 @@ impl Outcome {
 /// A decision and what determined it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
-    /// Allow, deny or needs approval.
+    /// What to do with the request.
     pub outcome: Outcome,
     /// The policies that determined the outcome (the permits that allow, the forbids that
     /// deny; empty when nothing permits).
     pub policies: Vec<String>,
     /// Evaluation errors (any error denies).
     pub errors: Vec<String>,
-    /// One sentence for people.
+    /// One sentence for people: a refusal's `detail`, and what `tollgate policy explain` prints.
     pub reason: String,
 }
 

@@ -142,9 +142,9 @@ impl Scheme {
 pub struct Target {
     /// How the origin is spoken to.
     pub scheme: Scheme,
-    /// The origin's host.
+    /// The host as policies see it: a lower-case DNS name or an IP literal.
     pub host: Host,
-    /// The origin's port.
+    /// The port; the scheme's default when the URL names none.
     pub port: u16,
 }
 

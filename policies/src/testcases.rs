@@ -33,17 +33,17 @@ use crate::target::Target;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TestAgent {
-    /// Its run mode.
+    /// `ReadOnly`, `Review` or `Autonomous`, as in the gateway's config.
     pub run_mode: RunMode,
-    /// Its RBAC scopes.
+    /// The Azure RBAC scopes its identity holds, compared with ARM targets' scopes.
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// Its tags.
+    /// Tags, which policies read as the principal's Cedar tags.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
 
-/// One expected decision.
+/// One `[[case]]`: a request and the decision the policies must make for it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TestCase {
@@ -51,11 +51,11 @@ pub struct TestCase {
     pub name: String,
     /// An agent of the file's `[agents]`.
     pub agent: String,
-    /// The HTTP method.
+    /// The request's HTTP method; anything but GET, HEAD and OPTIONS writes.
     pub method: String,
-    /// The absolute URL.
+    /// The request's absolute `http://` or `https://` URL.
     pub url: String,
-    /// The expected outcome.
+    /// The outcome the case expects: `allow`, `deny` or `needs_approval`.
     pub expect: Outcome,
     /// A policy that must be among the deciding ones.
     #[serde(default)]
@@ -68,14 +68,14 @@ pub struct TestCase {
     pub upgrade: Option<String>,
 }
 
-/// A test file.
+/// One TOML test file: the agents its cases use, then the cases.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TestFile {
-    /// Agents by id.
+    /// The agents the cases name, by id (`[agents.<id>]`).
     #[serde(default)]
     pub agents: BTreeMap<String, TestAgent>,
-    /// The cases.
+    /// The cases, in file order (`[[case]]`).
     #[serde(default, rename = "case")]
     pub cases: Vec<TestCase>,
 }
@@ -83,30 +83,30 @@ pub struct TestFile {
 /// Why test files could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TestFileError {
-    /// Not readable.
+    /// A test file, or the directory holding them, could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
-        /// The file or directory.
+        /// The file or directory that could not be read.
         path: PathBuf,
         /// What the operating system said.
         source: std::io::Error,
     },
-    /// Not a valid test file.
+    /// A file does not parse as a test file (TOML syntax; unknown, missing or mistyped keys).
     #[error("{path}: {message}")]
     Invalid {
-        /// The file.
+        /// The file that is not valid.
         path: PathBuf,
-        /// What is wrong.
+        /// The TOML parser's message, with line and column.
         message: String,
     },
 }
 
-/// The result of one case.
+/// One case run: what the engine decided, and whether that was expected.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
-    /// The file it came from.
+    /// The path of the test file the case came from.
     pub file: String,
-    /// The case.
+    /// The case as read from the file.
     pub case: TestCase,
     /// What the engine decided (None if the case itself is broken).
     pub decision: Option<Decision>,

@@ -66,7 +66,7 @@ pub struct Finished {
     pub stdout: String,
     /// Its standard error (lossy UTF-8), up to the cap.
     pub stderr: String,
-    /// How long it ran.
+    /// How long it ran, from start to end, in milliseconds.
     pub duration_ms: u64,
     /// Whether either stream was longer than the cap.
     pub truncated: bool,
@@ -132,9 +132,9 @@ pub(crate) fn nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ExecErr
 /// The user executions run as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunAs {
-    /// User id.
+    /// The user id executions run as.
     pub uid: u32,
-    /// Group id.
+    /// The group id they run as.
     pub gid: u32,
 }
 

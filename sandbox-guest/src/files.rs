@@ -44,7 +44,7 @@ pub enum FileError {
     /// The workspace's user may not read or write it.
     #[error("the session's user may not do that to this file")]
     Denied,
-    /// Another failure.
+    /// Another I/O failure, with the system's message (500).
     #[error("{0}")]
     Io(String),
 }
@@ -80,7 +80,7 @@ impl From<Errno> for FileError {
 /// One entry of a listing.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Entry {
-    /// Its name.
+    /// Its name in the listed directory (not a path).
     pub name: String,
     /// `file`, `dir`, `symlink` or `other`.
     pub kind: &'static str,
@@ -88,7 +88,7 @@ pub struct Entry {
     pub size: u64,
 }
 
-/// A session's workspace.
+/// A session's workspace: every path is resolved beneath it, never out through `..` or a link.
 #[derive(Debug)]
 pub struct Workspace {
     root: OwnedFd,
@@ -111,7 +111,7 @@ impl Workspace {
         })
     }
 
-    /// A file's contents.
+    /// A file's contents, read as the workspace's owner; larger than the limit: `TooLarge`.
     pub fn read(&self, path: &str) -> Result<Vec<u8>, FileError> {
         self.as_owner(|| self.read_as_owner(path))
     }

@@ -19,7 +19,7 @@ pub struct Request {
     pub query: String,
     /// Header fields, names lower-cased.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// The whole body.
+    /// The whole body, read before the request is handled (`Content-Length` bytes).
     pub body: Vec<u8>,
 }
 

@@ -32,7 +32,7 @@ struct Cli {
     /// A file holding the session's secret (read once; keep it from the workload).
     #[arg(long)]
     secret_file: PathBuf,
-    /// The session's workspace.
+    /// The session's workspace: where files go, and executions' first working directory.
     #[arg(long)]
     workspace: PathBuf,
     /// Where the shell state is kept between executions.
@@ -45,7 +45,7 @@ struct Cli {
     /// Most bytes kept of each of stdout and stderr.
     #[arg(long, default_value_t = 1 << 20)]
     max_output_bytes: usize,
-    /// Largest file served or written.
+    /// Largest file served or written, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_file_bytes: u64,
     /// Timeout of an execution that asks for none, in seconds.

@@ -104,7 +104,7 @@ pub struct PythonError {
     /// Its type's name (`ZeroDivisionError`, `KeyboardInterrupt`, …).
     #[serde(rename = "type")]
     pub kind: String,
-    /// Its message.
+    /// Its message: `str()` of the exception, or why the interpreter is gone.
     pub message: String,
     /// The whole traceback, as Python prints it.
     pub traceback: String,
@@ -121,7 +121,7 @@ pub struct PythonFinished {
     pub result: Option<String>,
     /// The exception it ended with, if any.
     pub error: Option<PythonError>,
-    /// How long it ran.
+    /// How long it ran, from start to end, in milliseconds.
     pub duration_ms: u64,
     /// Whether output or the result was longer than the cap.
     pub truncated: bool,

@@ -36,13 +36,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything a request may touch.
 pub struct Agent {
-    /// The session's secret.
+    /// The session's secret: a request without it in [`SECRET_HEADER`] gets 401.
     pub secret: Vec<u8>,
-    /// Where executions run.
+    /// Runs shell executions in the session's shell state.
     pub shell: Shell,
     /// The session's Python interpreter.
     pub python: Python,
-    /// Where files are.
+    /// The workspace file uploads, downloads and listings work in.
     pub workspace: Workspace,
     /// Largest request body (a file upload, an execution).
     pub max_request_bytes: usize,

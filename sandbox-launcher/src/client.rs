@@ -105,7 +105,7 @@ pub async fn exchange(
     sender.send_request(request).await
 }
 
-/// The whole of a body.
+/// Reads the whole of an answer's body; an error says the answer broke off.
 pub async fn read_all(body: Incoming) -> Result<Bytes, String> {
     body.collect()
         .await

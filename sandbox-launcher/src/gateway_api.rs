@@ -30,9 +30,9 @@ pub enum ApiError {
     /// The gateway answered with an error.
     #[error("the gateway refused {what} ({status}): {body}")]
     Refused {
-        /// The call.
+        /// What was asked, as messages name it (e.g. "registering agent a1").
         what: String,
-        /// Its status code.
+        /// The HTTP status the gateway answered with.
         status: u16,
         /// Its answer (the gateway's JSON error).
         body: String,
@@ -42,7 +42,7 @@ pub enum ApiError {
 /// An agent's registration, as the gateway's `PUT /v1/agents/{id}` takes it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Registration {
-    /// ReadOnly, Review or Autonomous.
+    /// What the agent may do without a person: `ReadOnly`, `Review` or `Autonomous`.
     pub run_mode: String,
     /// RBAC scopes (Azure subscription / resource-group ids).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -50,20 +50,20 @@ pub struct Registration {
     /// The identity provider whose tokens the agent's calls get.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
-    /// The agent's own listener.
+    /// The agent's own listener, in the sandbox's namespace: every connection to it is the agent's.
     pub listen: Listen,
 }
 
 /// Where the gateway listens for the agent.
 #[derive(Debug, Clone, Serialize)]
 pub struct Listen {
-    /// `10.200.1.1:3128`.
+    /// The address the gateway binds in the namespace, e.g. `10.200.1.1:3128`.
     pub address: String,
-    /// `/run/netns/tg-<agent>`.
+    /// The network namespace to bind it in, e.g. `/run/netns/tg-<agent>`.
     pub netns: String,
 }
 
-/// A gateway's admin API.
+/// A client of a gateway's admin API: its URL and the admin token it is called with.
 pub struct GatewayApi {
     url: String,
     authority: String,

@@ -136,9 +136,9 @@ pub struct SessionGuest<'a> {
     pub agent: &'a str,
     /// The thread, named to the workload (`TOLLGATE_THREAD`).
     pub thread: &'a str,
-    /// The gateway as the proxy.
+    /// The gateway listener's URL, set as the workload's `http_proxy` and `https_proxy`.
     pub proxy_url: &'a str,
-    /// The gateway's CA.
+    /// The gateway's CA certificate (PEM), the workload's only trust anchor.
     pub ca_pem: &'a [u8],
     /// The guest agent's secret (0600, root's, in the guest).
     pub secret: &'a str,

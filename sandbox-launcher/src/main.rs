@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The guest image.
+    /// Build the guest image that VMs and sessions boot.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
@@ -43,14 +43,14 @@ enum Command {
     Up(UpArgs),
     /// Take an agent's sandbox down: process, registration, network, state.
     Down {
-        /// The agent.
+        /// The agent whose sandbox to take down.
         agent: String,
     },
     /// The sandboxes: agent, backend, PID, uptime, state, memory.
     List,
     /// A sandbox's console (a VM's serial console, a process's output).
     Logs {
-        /// The agent.
+        /// The agent whose sandbox's console to print.
         agent: String,
         /// Keep printing what comes until the sandbox ends.
         #[arg(short, long)]
@@ -70,7 +70,7 @@ enum Command {
         #[command(subcommand)]
         command: FilesCommand,
     },
-    /// The service's sessions.
+    /// List, show or delete the sandbox service's sessions.
     Sessions {
         #[command(subcommand)]
         command: SessionsCommand,
@@ -80,7 +80,7 @@ enum Command {
 /// Where the sandbox service is (for `exec`, `files`, `sessions`).
 #[derive(clap::Args)]
 struct ServiceArgs {
-    /// The sandbox service's API.
+    /// The sandbox service's base URL (where `serve` listens).
     #[arg(
         long,
         env = "TOLLGATE_LAUNCHER_URL",
@@ -95,13 +95,13 @@ struct ServiceArgs {
     service_token_file: PathBuf,
 }
 
-/// Which session.
+/// Which session: there is one per agent and conversation thread.
 #[derive(clap::Args)]
 struct SessionArgs {
-    /// The agent.
+    /// The agent the session belongs to (its id on the gateway).
     #[arg(long)]
     agent: String,
-    /// The conversation thread.
+    /// The conversation thread; each of an agent's threads has a session of its own.
     #[arg(long)]
     thread: String,
 }
@@ -159,7 +159,7 @@ struct ExecArgs {
 struct PythonArgs {
     #[command(flatten)]
     call: CallArgs,
-    /// The code itself.
+    /// The code to run, given inline instead of in FILE.
     #[arg(long, short = 'c', conflicts_with = "file")]
     code: Option<String>,
     /// A file holding the code (`-`: standard input).
@@ -176,7 +176,7 @@ enum FilesCommand {
         session: SessionArgs,
         /// The local file, or `-`.
         local: PathBuf,
-        /// The path in the workspace.
+        /// Where to put it, relative to the workspace's root.
         path: String,
     },
     /// Download PATH from the workspace to standard output (or LOCAL).
@@ -185,9 +185,9 @@ enum FilesCommand {
         service: ServiceArgs,
         #[command(flatten)]
         session: SessionArgs,
-        /// The path in the workspace.
+        /// The file to download, relative to the workspace's root.
         path: String,
-        /// The local file.
+        /// The local file to write (standard output otherwise).
         local: Option<PathBuf>,
     },
     /// List a directory of the workspace.
@@ -204,15 +204,15 @@ enum FilesCommand {
 
 #[derive(Subcommand)]
 enum SessionsCommand {
-    /// The sessions (of one agent).
+    /// List the sessions (of every agent, or of one).
     List {
         #[command(flatten)]
         service: ServiceArgs,
-        /// Only this agent's.
+        /// Only the sessions of the agent with this id.
         #[arg(long)]
         agent: Option<String>,
     },
-    /// One session, as JSON.
+    /// Print one session, as JSON.
     Show {
         #[command(flatten)]
         service: ServiceArgs,
@@ -234,7 +234,7 @@ enum ImageCommand {
     /// busybox and curl, and the sessions' read-only root file system (Debian packages:
     /// Python, its data libraries, the shell tools; needs root, debootstrap and erofs-utils).
     Build {
-        /// The image directory.
+        /// Where to write the image (what `serve --image` and `up --image` read).
         #[arg(long, default_value = "/var/lib/tollgate-launcher/image")]
         out: PathBuf,
         /// Where the kernel package is downloaded to.
@@ -276,9 +276,9 @@ enum BackendArg {
 enum AccelArg {
     /// KVM if a probe boot with it works, else software emulation.
     Auto,
-    /// KVM.
+    /// KVM, without a probe boot.
     Kvm,
-    /// Software emulation.
+    /// QEMU's software emulation: slower, but needs no /dev/kvm.
     Tcg,
 }
 
@@ -290,7 +290,7 @@ struct UpArgs {
     /// What runs the sandbox.
     #[arg(long, value_enum, default_value = "qemu")]
     backend: BackendArg,
-    /// The agent's run mode.
+    /// The agent's run mode, registered with the gateway.
     #[arg(long, default_value = "ReadOnly", value_parser = ["ReadOnly", "Review", "Autonomous"])]
     run_mode: String,
     /// An RBAC scope of the agent's identity (repeatable), e.g.
@@ -303,7 +303,7 @@ struct UpArgs {
     /// The port of the agent's gateway listener inside the sandbox's namespace.
     #[arg(long, default_value_t = 3128)]
     port: u16,
-    /// The gateway's admin API.
+    /// The gateway's admin API, where the agent and its listener are registered.
     #[arg(long, default_value = "http://127.0.0.1:9901")]
     admin: String,
     /// The admin token's file (or set TOLLGATE_TOKEN and pass --token-file "").

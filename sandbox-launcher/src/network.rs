@@ -46,7 +46,7 @@ pub enum NetworkError {
     /// A command could not be run at all.
     #[error("cannot run {program}: {source} (the launcher needs iproute2 and nftables: apt-get install -y iproute2 nftables)")]
     Missing {
-        /// The program.
+        /// The program that could not be started (iproute2's `ip`).
         program: String,
         /// What the operating system said.
         source: std::io::Error,
@@ -54,7 +54,7 @@ pub enum NetworkError {
     /// The tap device could not be made.
     #[error("cannot create the VM's tap device in namespace {namespace}: {source} (needs root and /dev/net/tun)")]
     Tap {
-        /// The namespace.
+        /// The gateway side's namespace, where the tap was to be made.
         namespace: String,
         /// What the operating system said.
         source: std::io::Error,
@@ -62,22 +62,22 @@ pub enum NetworkError {
     /// The sandbox's resolver file could not be written or removed.
     #[error("cannot write or remove {path}: {source}")]
     Resolver {
-        /// The file or directory.
+        /// The sandbox's `/etc/netns/<namespace>` directory, or its `resolv.conf`.
         path: PathBuf,
         /// What the operating system said.
         source: std::io::Error,
     },
-    /// A command failed.
+    /// A command ran but exited with an error.
     #[error("`{command}` failed: {stderr}")]
     Command {
-        /// The command line.
+        /// The command line that failed, program and arguments.
         command: String,
         /// What it printed on stderr.
         stderr: String,
     },
 }
 
-/// The network of one agent's sandbox.
+/// The network of one sandbox (an agent's or a session's): two namespaces, a pair, the rules.
 #[derive(Debug, Clone)]
 pub struct SandboxNetwork {
     gateway_namespace: String,
@@ -125,7 +125,7 @@ impl SandboxNetwork {
         })
     }
 
-    /// The gateway's side's namespace name.
+    /// The gateway's side's namespace name (`tg-<agent>`, or `tgs-<session>`).
     pub fn gateway_namespace(&self) -> &str {
         &self.gateway_namespace
     }
@@ -135,7 +135,7 @@ impl SandboxNetwork {
         PathBuf::from("/run/netns").join(&self.gateway_namespace)
     }
 
-    /// The sandbox's side's namespace name.
+    /// The sandbox's side's namespace name (the gateway's side's, with `-s`).
     pub fn sandbox_namespace(&self) -> &str {
         &self.sandbox_namespace
     }
@@ -145,7 +145,7 @@ impl SandboxNetwork {
         SocketAddr::from((HOST_ADDRESS, self.port))
     }
 
-    /// The gateway's side's nftables table.
+    /// The gateway's side's nftables table: the sandbox may connect to the gateway listener only.
     pub fn ruleset(&self) -> String {
         // A session's service connects to its guest agent from this side; nothing from here
         // may open any other connection to the sandbox.

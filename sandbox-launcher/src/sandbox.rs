@@ -42,23 +42,23 @@ pub enum LaunchError {
     /// The agent already has a sandbox.
     #[error("agent {0} already has a sandbox (or one was not taken down): run `tollgate-launcher down {0}` first")]
     AlreadyUp(String),
-    /// The agent has no sandbox.
+    /// The agent has no sandbox in the state directory to take down.
     #[error("agent {0} has no sandbox")]
     NotFound(String),
     /// The admin token could not be read.
     #[error("cannot read the admin token from {path}: {source} (pass --token-file or set {TOKEN_VARIABLE})")]
     Token {
-        /// The token file.
+        /// The token file, or `$TOLLGATE_TOKEN` when the token was to come from that variable.
         path: PathBuf,
-        /// What went wrong.
+        /// Why it could not be read (for the variable: "not set").
         source: std::io::Error,
     },
     /// The gateway's CA certificate could not be read.
     #[error("cannot use {path} as the gateway's CA certificate: {reason} (pass --ca; the gateway writes it to tollgate-data/ca.pem)")]
     Ca {
-        /// The file.
+        /// The file given as the CA certificate.
         path: PathBuf,
-        /// What is wrong.
+        /// Why it cannot be used (unreadable, or not a PEM certificate).
         reason: String,
     },
     /// The sandbox user is unusable.
@@ -67,7 +67,7 @@ pub enum LaunchError {
     /// A process could not be started.
     #[error("cannot start {what}: {source}")]
     Spawn {
-        /// What.
+        /// What could not be started, as the message names it (QEMU, or the workload).
         what: String,
         /// What the operating system said.
         source: std::io::Error,
@@ -75,9 +75,9 @@ pub enum LaunchError {
     /// The VM did not come up; everything was taken down again.
     #[error("the VM of agent {agent} did not start: {reason}{tail}")]
     Boot {
-        /// The agent.
+        /// The agent whose VM did not start.
         agent: String,
-        /// What happened.
+        /// What went wrong: the guest's report, QEMU's exit, or no ready marker in time.
         reason: String,
         /// The end of its console and QEMU's messages.
         tail: String,
@@ -85,44 +85,44 @@ pub enum LaunchError {
     /// `down` could not remove everything.
     #[error("agent {agent}'s sandbox was not fully taken down: {}", problems.join("; "))]
     Incomplete {
-        /// The agent.
+        /// The agent whose sandbox was only partly taken down.
         agent: String,
         /// What is left, and why.
         problems: Vec<String>,
     },
 }
 
-/// How to accelerate a VM.
+/// How a VM's CPU is run; `Auto` settles it with a probe boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelChoice {
     /// KVM if a probe boot works, else emulation.
     Auto,
     /// KVM, without probing.
     Kvm,
-    /// Emulation.
+    /// QEMU's software emulation, without probing.
     Tcg,
 }
 
 /// Everything `up` needs.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
-    /// The agent.
+    /// The agent's id on the gateway; it also names the sandbox's namespaces.
     pub agent: String,
-    /// VM or process.
+    /// What runs the sandbox: a QEMU microVM, or a process in a network namespace.
     pub backend: Backend,
-    /// The agent's run mode.
+    /// The run mode the agent is registered with (`ReadOnly`, `Review`, `Autonomous`).
     pub run_mode: String,
-    /// Its RBAC scopes.
+    /// The Azure RBAC scopes it is registered with (policies compare ARM targets with them).
     pub scopes: Vec<String>,
-    /// Its identity provider.
+    /// The gateway identity provider whose tokens its calls get, if any.
     pub identity: Option<String>,
     /// The port of its listener (the same in every sandbox).
     pub port: u16,
-    /// The gateway's admin URL.
+    /// The gateway's admin URL (`http://host:port`), where the agent is registered.
     pub admin: String,
     /// The admin token's file (`None`: [`TOKEN_VARIABLE`]).
     pub token_file: Option<PathBuf>,
-    /// The gateway's CA certificate.
+    /// The gateway's CA certificate, installed as the sandbox's only trust anchor.
     pub ca_file: PathBuf,
     /// The guest image (VMs).
     pub image_dir: PathBuf,
@@ -138,10 +138,10 @@ pub struct UpOptions {
     pub command: Vec<String>,
 }
 
-/// A started sandbox.
+/// What `up` reports of a sandbox it started.
 #[derive(Debug)]
 pub struct Launched {
-    /// Its record.
+    /// Its record, as stored in the state directory.
     pub record: SandboxRecord,
     /// From the start of `up` until it was ready.
     pub ready_after: Duration,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 const RECORD_FILE: &str = "sandbox.json";
 /// The workload's (process) or serial console's (VM) output.
 pub const CONSOLE_FILE: &str = "console.log";
-/// QEMU's own messages.
+/// QEMU's own messages, kept apart from the guest's console; quoted when a boot fails.
 pub const VMM_LOG_FILE: &str = "vmm.log";
 
 /// Why state could not be read or written.
@@ -21,7 +21,7 @@ pub enum StateError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
-        /// The file.
+        /// The file or directory that could not be read or written.
         path: PathBuf,
         /// What the operating system said.
         source: std::io::Error,
@@ -29,9 +29,9 @@ pub enum StateError {
     /// A record is not what this launcher writes.
     #[error("{path} is not a sandbox record: {reason}")]
     Corrupt {
-        /// The file.
+        /// The record file.
         path: PathBuf,
-        /// What is wrong.
+        /// What the JSON parser reported.
         reason: String,
     },
 }
@@ -58,9 +58,9 @@ impl std::fmt::Display for Backend {
 /// One running (or exited, not yet taken down) sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SandboxRecord {
-    /// The agent it runs.
+    /// The agent whose sandbox this is; its directory is named after it.
     pub agent: String,
-    /// What runs it.
+    /// What runs it, and so whose process `pid` is (QEMU's or the workload's).
     pub backend: Backend,
     /// The VMM's or workload's process id (leader of its process group).
     pub pid: u32,
@@ -85,7 +85,7 @@ pub struct SandboxRecord {
 /// Whether a sandbox's process is still there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessState {
-    /// Running.
+    /// The process `up` started is still there (same pid and start time, not a zombie).
     Running,
     /// Ended (or a zombie awaiting its parent).
     Exited,
@@ -146,7 +146,7 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The state directory.
+/// The launcher's state directory: one sub-directory per agent's sandbox.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     root: PathBuf,
@@ -158,7 +158,7 @@ impl StateDir {
         StateDir { root: root.into() }
     }
 
-    /// Where the directory is.
+    /// The directory's path, as given (it may not exist yet).
     pub fn root(&self) -> &Path {
         &self.root
     }

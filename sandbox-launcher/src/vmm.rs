@@ -22,12 +22,12 @@ use crate::guest::{
 use crate::image::Image;
 use crate::workload::{spawn_confined, RunAs};
 
-/// The QEMU program.
+/// The QEMU program every VM runs in (Debian: `apt-get install qemu-system-x86`).
 pub const QEMU: &str = "qemu-system-x86_64";
 /// How long the KVM probe boot may take (a KVM boot takes well under a second; on a host
 /// whose KVM cannot boot a kernel the probe hangs until this passes, once per host boot).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The KVM device.
+/// The KVM device, whose group QEMU is given when it runs with KVM.
 const KVM_DEVICE: &str = "/dev/kvm";
 
 /// How the guest's CPU is run.
@@ -52,13 +52,13 @@ impl std::fmt::Display for Accel {
 /// One VM's QEMU settings.
 #[derive(Debug)]
 pub struct VmSpec<'a> {
-    /// The image to boot.
+    /// The image whose kernel is booted.
     pub image: &'a Image,
     /// The initramfs to boot with (the image's, or a VM's copy with its files appended).
     pub initrd: &'a Path,
-    /// Guest memory.
+    /// Guest memory in MiB (QEMU's `-m`).
     pub memory_mib: u32,
-    /// KVM or emulation.
+    /// How the guest's CPU is run; with KVM, QEMU also gets `/dev/kvm`'s group.
     pub accel: Accel,
     /// The open tap the guest's network card is wired to; no network card without one.
     pub tap_fd: Option<RawFd>,
@@ -71,7 +71,7 @@ pub struct VmSpec<'a> {
 }
 
 impl VmSpec<'_> {
-    /// QEMU's arguments.
+    /// QEMU's arguments (without the program): one-CPU `microvm`, `-sandbox on`, these settings.
     pub fn qemu_args(&self) -> Vec<String> {
         let mut args: Vec<String> = [
             "-M",
@@ -221,7 +221,7 @@ pub enum Boot {
     Ready,
     /// The guest printed the failure marker with this reason.
     Failed(String),
-    /// QEMU exited first.
+    /// QEMU exited, with this status, before the guest printed either marker.
     Exited(ExitStatus),
     /// Nothing within the time allowed.
     TimedOut,

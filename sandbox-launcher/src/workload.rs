@@ -58,9 +58,9 @@ pub fn shell_command(command: &[String]) -> String {
 /// The unprivileged account a workload or VMM runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunAs {
-    /// User id.
+    /// The user id the process runs as.
     pub uid: u32,
-    /// Group id.
+    /// Its primary group id.
     pub gid: u32,
     /// One supplementary group, when the process needs a device only that group may open
     /// (QEMU and `/dev/kvm`); otherwise none.

@@ -66,9 +66,9 @@ pub struct ApprovalRecord {
     pub agent: String,
     /// The tool call the request belongs to, if one was open.
     pub tool_call: Option<String>,
-    /// Why it is held.
+    /// Why it is held: a policy asked for a person, or the agent lacks permission (OBO).
     pub kind: ApprovalKind,
-    /// HTTP method.
+    /// The HTTP method; with an override header, both (`GET (X-HTTP-Method-Override: DELETE)`).
     pub method: String,
     /// The full URL, as the request named it (query included: the approver must see exactly
     /// what will be sent).
@@ -85,11 +85,11 @@ pub struct ApprovalRecord {
     pub requested_at: u64,
     /// When it stops waiting (ms since the epoch).
     pub expires_at: u64,
-    /// Where it is in its life.
+    /// Where it is in its life; only `Pending` changes, once.
     pub state: ApprovalState,
-    /// When the state last changed.
+    /// When it left `Pending` (ms since the epoch); `None` while pending.
     pub decided_at: Option<u64>,
-    /// Who approved or denied it.
+    /// The approver's name (`admin` for the admin token); `None` for expiry and abandonment.
     pub approver: Option<String>,
     /// The approver's reason (for a denial).
     pub reason: Option<String>,
@@ -136,9 +136,9 @@ impl Settlement {
 /// Which approvals a listing returns.
 #[derive(Debug, Clone, Default)]
 pub struct ApprovalFilter {
-    /// Only this agent's.
+    /// Only approvals of the agent with this id; `None`: every agent's.
     pub agent: Option<String>,
-    /// Only those in this state.
+    /// Only approvals in this state; `None`: every state.
     pub state: Option<ApprovalState>,
 }
 

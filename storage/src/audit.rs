@@ -30,15 +30,16 @@ pub struct AuditRecord {
     /// listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
-    /// HTTP method.
+    /// The HTTP method; with an override header, both (`GET (X-HTTP-Method-Override: DELETE)`).
     pub method: String,
     /// Destination host (and port when not the default).
     pub host: String,
-    /// Path without the query.
+    /// Path without the query, which often carries tokens.
     pub path: String,
-    /// allow / deny / needs_approval, or empty if the request never reached a decision.
+    /// allow / deny / needs_approval; empty if the request never reached a decision, `none`
+    /// for a CONNECT refused before any policy was asked (the agent's request rate).
     pub decision: String,
-    /// The policies that decided.
+    /// Ids of the policies that determined the decision; empty when none did.
     pub policies: Vec<String>,
     /// The approval that held it, if any.
     pub approval: Option<String>,
@@ -142,11 +143,11 @@ impl Default for ChainHead {
 /// What verifying an agent's audit chain found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainReport {
-    /// Records checked.
+    /// How many records were checked (those retention kept).
     pub records: u64,
     /// The oldest record kept (retention deletes older ones).
     pub first_seq: Option<u64>,
-    /// The newest record.
+    /// The newest record's position (`seq`); `None` for an empty trail.
     pub last_seq: Option<u64>,
     /// The first broken link, if any.
     pub broken: Option<BrokenLink>,
@@ -157,7 +158,7 @@ pub struct ChainReport {
 pub struct BrokenLink {
     /// The position of the first record (or missing record) that does not fit.
     pub seq: u64,
-    /// What is wrong there.
+    /// What does not fit, for people: records missing, a link or a hash that does not match.
     pub reason: String,
 }
 

@@ -30,7 +30,7 @@ const OPENED_AT_KEY: &[u8] = b"opened-at";
 // Memory bounds. fjall's defaults (64 MiB memtable per keyspace, 32 MiB block cache) suit a
 // database that is the process's main job; here the store sits beside a proxy, with one
 // keyspace per agent, and its reads (approvals, audit pages) are rare.
-/// Block cache for reads.
+/// Capacity of the block cache that every keyspace's reads share.
 const BLOCK_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// A keyspace's memtable is flushed to disk at this size.
 const MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
@@ -67,7 +67,7 @@ pub enum StoreError {
     /// A stored record could not be read back.
     #[error("a stored {what} record is unreadable: {reason}")]
     Corrupt {
-        /// Which kind of record.
+        /// Which kind of record, e.g. `approval` or `agent`.
         what: &'static str,
         /// What serde reported.
         reason: serde_json::Error,
@@ -92,9 +92,9 @@ pub enum StoreError {
     /// The approval was already settled; settlements never change.
     #[error("approval {id:?} is already {state}", state = state.as_str())]
     AlreadySettled {
-        /// The approval.
+        /// The approval's id.
         id: String,
-        /// Its state.
+        /// The state it was settled to before.
         state: ApprovalState,
     },
     /// A settlement must leave `Pending`.
@@ -475,7 +475,7 @@ impl Store {
         self.commit_durably(open, &space.keyspace, approval_key(&record.id), Some(value))
     }
 
-    /// The approval with this id.
+    /// The approval with this id, whichever agent's it is; `None` if no stored record has it.
     pub fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
         let open = self.opened()?;
         let Some(agent) = open.approval_owner.read().get(id).cloned() else {

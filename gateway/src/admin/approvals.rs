@@ -105,7 +105,7 @@ struct Approval {
     obo_token: Option<String>,
 }
 
-/// A denial's body.
+/// A denial's body: the reason is required, because the agent's 403 tells it why.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Denial {

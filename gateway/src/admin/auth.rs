@@ -42,7 +42,7 @@ impl Approvers {
     }
 }
 
-/// An authenticated caller.
+/// Whom a request's bearer token belongs to: the admin, or a named approver.
 pub(super) struct Caller {
     /// Recorded on approvals they settle.
     pub(super) name: String,

@@ -99,7 +99,7 @@ pub struct AdminApi {
     pub gauges: Arc<GaugeSources>,
     /// The agents' own listeners (opened for agents registered with one).
     pub listeners: Arc<AgentListeners>,
-    /// What `/readyz` reports.
+    /// Set once start-up has started every listener; until then `/readyz` answers 503.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 

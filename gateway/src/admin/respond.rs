@@ -68,7 +68,7 @@ pub(super) fn no_agent(id: &str) -> Refusal {
     )
 }
 
-/// A JSON answer.
+/// `value` as a JSON answer with `status` (`{}` if it cannot be serialized).
 pub(super) fn json<T: serde::Serialize + ?Sized>(
     status: StatusCode,
     value: &T,
@@ -77,7 +77,7 @@ pub(super) fn json<T: serde::Serialize + ?Sized>(
     response(status, body)
 }
 
-/// An answer without a body.
+/// An answer without a body (e.g. 204 after a removal), still `no-store`.
 pub(super) fn empty(status: StatusCode) -> Response<Vec<u8>> {
     response(status, Vec::new())
 }

@@ -14,7 +14,7 @@ const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// Where the admin API is and who is calling.
 #[derive(Args)]
 pub struct ApiArgs {
-    /// The admin API's base URL.
+    /// The admin API's base URL (the gateway's `[admin] listen` address).
     #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:9901")]
     pub admin: String,
     /// A file holding the bearer token (the admin token or an approver's own). Default: the
@@ -23,7 +23,7 @@ pub struct ApiArgs {
     token_file: Option<PathBuf>,
 }
 
-/// Why a command failed.
+/// Why a command failed, and so its exit code.
 pub enum Failure {
     /// Bad usage (exit code 2).
     Usage(String),

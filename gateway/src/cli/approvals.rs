@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::admin_client::{self, call, ApiArgs, Failure};
 use tollgate_gateway::admin::shown::for_person;
 
-/// Approver commands.
+/// `tollgate approvals` subcommands: held requests, settled through the admin API.
 #[derive(Subcommand)]
 pub enum ApprovalsCommand {
     /// List approvals (pending ones unless --state says otherwise).
@@ -18,7 +18,7 @@ pub enum ApprovalsCommand {
         /// pending, approved, denied, expired, abandoned or all.
         #[arg(long, default_value = "pending")]
         state: String,
-        /// Only this agent's.
+        /// Only approvals of the agent with this id.
         #[arg(long)]
         agent: Option<String>,
         #[command(flatten)]
@@ -26,14 +26,14 @@ pub enum ApprovalsCommand {
     },
     /// Show everything recorded about one approval.
     Show {
-        /// The approval id.
+        /// The approval's id, as `tollgate approvals list` shows it.
         id: String,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Approve: the held request is sent, once.
     Approve {
-        /// The approval id.
+        /// The approval's id, as `tollgate approvals list` shows it.
         id: String,
         /// For an on-behalf-of approval: a file holding your OBO token, used for this
         /// request and the rest of its tool call.
@@ -44,7 +44,7 @@ pub enum ApprovalsCommand {
     },
     /// Deny: the agent gets 403 with your reason.
     Deny {
-        /// The approval id.
+        /// The approval's id, as `tollgate approvals list` shows it.
         id: String,
         /// Why (the agent is told).
         #[arg(long)]

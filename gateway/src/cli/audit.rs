@@ -13,12 +13,12 @@ use super::admin_client::{self, call, ApiArgs, Failure};
 /// How often `tail --follow` asks for new records.
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Audit commands.
+/// `tollgate audit` subcommands: an agent's audit trail, read through the admin API.
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Print the agent's audit records, one line each, oldest first.
     Tail {
-        /// The agent.
+        /// The id of the agent whose records to print.
         #[arg(long)]
         agent: String,
         /// Start at this position (default: the last 20 records).
@@ -32,7 +32,7 @@ pub enum AuditCommand {
     },
     /// Check the agent's hash chain; report the first broken link.
     Verify {
-        /// The agent.
+        /// The id of the agent whose trail to check.
         #[arg(long)]
         agent: String,
         #[command(flatten)]

@@ -17,7 +17,7 @@ use tollgate_policy::{
 const DEFAULT_DIR: &str = "policies/default";
 const DEFAULT_TESTS: &str = "policies/tests";
 
-/// Policy author commands.
+/// `tollgate policy` subcommands: offline checks of a policy set, no gateway needed.
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Parse and validate a policy directory against the schema; list problems with file,
@@ -44,13 +44,13 @@ pub enum PolicyCommand {
 /// `tollgate policy explain` arguments.
 #[derive(clap::Args)]
 pub struct ExplainArgs {
-    /// The agent asking.
+    /// The id of the agent sending the request (looked up in --config, if given).
     #[arg(long)]
     agent: String,
-    /// The HTTP method.
+    /// The request's HTTP method; anything but GET, HEAD and OPTIONS is a write.
     #[arg(long, default_value = "GET")]
     method: String,
-    /// The absolute URL.
+    /// The request's absolute http or https URL.
     #[arg(long)]
     url: String,
     /// Take the agent (and the policy directory, if DIR is not given) from this gateway
@@ -70,16 +70,16 @@ pub struct ExplainArgs {
     dir: Option<PathBuf>,
 }
 
-/// Run modes as command-line values.
+/// `--run-mode` values, spelled as in the config and in policies.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum RunModeArg {
-    /// ReadOnly.
+    /// Reads only.
     #[value(name = "ReadOnly")]
     ReadOnly,
-    /// Review.
+    /// Reads; writes once a person approves them.
     #[value(name = "Review")]
     Review,
-    /// Autonomous.
+    /// Reads, and writes within the agent's RBAC scopes; other writes with approval.
     #[value(name = "Autonomous")]
     Autonomous,
 }

@@ -35,24 +35,34 @@
 //! end (its record in [`crate::observe`]). [`panics`] makes a panic while serving a request
 //! end that request like any other failure.
 
+// In the map's order: connections, then each step a request takes.
 pub mod agent_listener;
-pub mod approval;
-pub mod ca;
-pub mod classify;
-pub mod credentials;
-pub mod decide;
+pub mod listener;
+
 pub mod framing;
 pub mod h2_watch;
 pub mod head;
-pub mod identity;
-pub mod intercept;
-pub mod listener;
-pub mod obo;
-pub mod panics;
 pub mod pipeline;
-pub mod proxy;
-pub mod quota;
-pub mod replay;
-pub mod toolcall;
-pub mod upstream;
 mod wrapped_stream;
+
+pub mod identity;
+pub mod quota;
+
+pub mod ca;
+pub mod intercept;
+
+pub mod classify;
+pub mod toolcall;
+
+pub mod decide;
+
+pub mod approval;
+pub mod obo;
+
+pub mod credentials;
+
+pub mod replay;
+pub mod upstream;
+
+pub mod panics;
+pub mod proxy;

@@ -30,7 +30,7 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 /// The decisions requests are labelled with (`none`: refused before a decision).
 const DECISIONS: [&str; 4] = ["allow", "deny", "needs_approval", "none"];
 
-/// One latency histogram.
+/// Request latencies of one decision, in the [`LATENCY_BUCKETS`] (count and sum in µs).
 #[derive(Default)]
 struct Histogram {
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -78,7 +78,7 @@ pub struct Gauges {
     pub panics: u64,
     /// Minted TLS leaf certificates cached.
     pub tls_leaf_cache_entries: u64,
-    /// The policy set in force.
+    /// The version (content hash) of the policy set in force, the `tollgate_policy_info` label.
     pub policy_version: String,
     /// Audit records dropped because the writer was behind or the store failed.
     pub audit_records_dropped: u64,
@@ -86,7 +86,7 @@ pub struct Gauges {
     pub audit_queue_peak: u64,
     /// Store writes that failed (disk full, read-only, I/O error).
     pub storage_write_errors: u64,
-    /// The store's memory by kind.
+    /// The store's memory by kind, in bytes, and its table count: the `tollgate_storage_*` gauges.
     pub storage_memory: StoreMemory,
     /// Spans dropped because the OTLP exporter was behind.
     pub telemetry_spans_dropped: u64,
@@ -96,9 +96,9 @@ pub struct Gauges {
 
 /// What the OTLP exporter dropped so far (its queues were full), read when the gauges are.
 pub trait TelemetryDrops: Send + Sync {
-    /// Spans dropped.
+    /// Spans dropped since start because the span queue was full.
     fn spans(&self) -> u64;
-    /// Log events dropped.
+    /// Log events dropped since start because the log queue was full.
     fn logs(&self) -> u64;
 }
 
@@ -121,7 +121,7 @@ pub struct GaugeSources {
 }
 
 impl GaugeSources {
-    /// Reads every value now.
+    /// Reads every value now, for one scrape or one OTLP export.
     pub fn read(&self) -> Gauges {
         let tokens = self.credentials.counters();
         Gauges {
@@ -145,15 +145,15 @@ impl GaugeSources {
 
 /// One single-valued metric, under its Prometheus and its OpenTelemetry name.
 pub struct Scalar {
-    /// The Prometheus name.
+    /// The name at `/metrics` (counters end in `_total`).
     pub name: &'static str,
     /// The OpenTelemetry instrument name.
     pub otel_name: &'static str,
     /// Counter (since start) or gauge (now).
     pub counter: bool,
-    /// What it counts.
+    /// One sentence for the `# HELP` line and the OpenTelemetry description.
     pub help: &'static str,
-    /// Where its value is.
+    /// Picks its value out of a reading of the [`Gauges`].
     pub read: fn(&Gauges) -> u64,
 }
 

@@ -21,11 +21,11 @@ use crate::cpio::Archive;
 use crate::guest::{init_script, DISK_MODULES, MODULES, ROOT_MODULES};
 use root::{build_root, Compression, RootManifest, ROOT_FILE};
 
-/// The image's kernel file.
+/// The image's kernel file, uncompressed: QEMU boots it directly (PVH).
 pub const KERNEL_FILE: &str = "vmlinux";
-/// The image's initramfs file.
+/// The image's initramfs file, shared by every VM (each appends its own files to a copy).
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
-/// The image's description.
+/// The image's [`Manifest`], as JSON: what it was built from.
 pub const MANIFEST_FILE: &str = "image.json";
 /// The Debian package whose dependency names the current kernel package.
 const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
@@ -40,7 +40,7 @@ pub enum ImageError {
     /// A program the build needs failed or is missing.
     #[error("{what}: {detail}")]
     Tool {
-        /// What was being done.
+        /// What was being done, as the message's start (e.g. "finding the kernel package").
         what: String,
         /// What went wrong, with the fix where there is one.
         detail: String,
@@ -48,7 +48,7 @@ pub enum ImageError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
-        /// The file.
+        /// The file or directory that could not be read or written.
         path: PathBuf,
         /// What the operating system said.
         source: std::io::Error,
@@ -84,7 +84,7 @@ pub struct Manifest {
     pub root: Option<RootManifest>,
 }
 
-/// A built image.
+/// A built image, checked complete: its directory and what it was built from.
 #[derive(Debug, Clone)]
 pub struct Image {
     dir: PathBuf,
@@ -112,7 +112,7 @@ impl Image {
         Ok(Image { dir, manifest })
     }
 
-    /// The uncompressed kernel.
+    /// The uncompressed kernel, which QEMU boots with `-kernel`.
     pub fn kernel(&self) -> PathBuf {
         self.dir.join(KERNEL_FILE)
     }

@@ -42,7 +42,7 @@ pub enum Compression {
 pub struct RootManifest {
     /// The image's file name in the image directory.
     pub file: String,
-    /// Its size in bytes.
+    /// Its size in bytes, as built.
     pub bytes: u64,
     /// How its files are stored.
     pub compression: Compression,

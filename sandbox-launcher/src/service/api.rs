@@ -39,13 +39,13 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What every handler shares.
 pub struct Api {
-    /// The sessions.
+    /// Every session, and what starting their sandboxes needs.
     pub sessions: Arc<Sessions>,
-    /// The bearer token.
+    /// The bearer token every `/v1/sessions` route needs (compared in constant time).
     pub token: String,
 }
 
-/// The API's routes.
+/// The API's routes: `/healthz` and `/v1/openapi.json` open, the sessions behind the token.
 pub fn router(api: Arc<Api>) -> Router {
     let max_file = usize::try_from(api.sessions.context.config.max_file_bytes)
         .unwrap_or(usize::MAX)

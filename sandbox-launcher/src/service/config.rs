@@ -20,9 +20,9 @@ pub enum BackendChoice {
 pub enum AccelChoiceArg {
     /// KVM if a probe boot with it works, else software emulation.
     Auto,
-    /// KVM.
+    /// KVM, without a probe boot.
     Kvm,
-    /// Software emulation.
+    /// QEMU's software emulation: slower, but needs no /dev/kvm.
     Tcg,
 }
 
@@ -70,7 +70,7 @@ pub struct ServiceConfig {
     /// Default: `service-token` in the data directory.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// The gateway's admin API.
+    /// The gateway's admin API, where sessions' listeners and tool calls are opened.
     #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:9901")]
     pub admin: String,
     /// The gateway's admin token file (or set TOLLGATE_TOKEN and pass --admin-token-file "").
@@ -96,13 +96,13 @@ pub struct ServiceConfig {
     /// Sessions one agent may have (running or stopped).
     #[arg(long, default_value_t = 16)]
     pub max_sessions_per_agent: usize,
-    /// Sessions in all.
+    /// Sessions over all agents (running or stopped); more get 429.
     #[arg(long, default_value_t = 128)]
     pub max_sessions: usize,
     /// Bytes kept of each of an execution's stdout and stderr.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_output_bytes: usize,
-    /// Largest file uploaded or downloaded.
+    /// Largest file uploaded or downloaded, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_file_bytes: u64,
     /// Timeout of an execution that asks for none, in seconds.
@@ -130,14 +130,14 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
-    /// The token file.
+    /// The API's bearer token file: `--token-file`, else `service-token` in the data directory.
     pub fn token_path(&self) -> PathBuf {
         self.token_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("service-token"))
     }
 
-    /// The guest agent binary.
+    /// The guest agent binary: `--guest-agent`, else `tollgate-guest-agent` beside this program.
     pub fn guest_agent_path(&self) -> PathBuf {
         self.guest_agent.clone().unwrap_or_else(|| {
             std::env::current_exe()
@@ -147,7 +147,7 @@ impl ServiceConfig {
         })
     }
 
-    /// The idle cool-down.
+    /// How long an idle session runs before it is stopped (`--idle-stop-secs`).
     pub fn idle_stop(&self) -> Duration {
         Duration::from_secs(self.idle_stop_secs)
     }

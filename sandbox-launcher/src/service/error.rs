@@ -16,7 +16,7 @@ pub enum ServiceError {
     /// No or a wrong bearer token.
     #[error("this API needs `Authorization: Bearer <token>` with the service's token (its file is printed at start)")]
     Unauthorized,
-    /// The session does not exist.
+    /// The agent has no session for this thread (never made, or deleted).
     #[error("agent {agent:?} has no session {thread:?}: create it with PUT /v1/sessions/{agent}/{thread}")]
     NoSession {
         /// The agent named in the call.
@@ -70,7 +70,7 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// The HTTP status.
+    /// The HTTP status it is answered with (a guest agent's own is passed on).
     pub fn status(&self) -> StatusCode {
         let code = match self {
             ServiceError::BadRequest(_) => 400,
@@ -89,7 +89,7 @@ impl ServiceError {
         StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
     }
 
-    /// The stable code.
+    /// The stable code in the body's `error` field, for programs to match on.
     pub fn code(&self) -> &str {
         match self {
             ServiceError::BadRequest(_) => "bad_request",
@@ -108,7 +108,7 @@ impl ServiceError {
         }
     }
 
-    /// The JSON body.
+    /// The JSON body: `{"error": code, "detail": message}`, the gateway's shape.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({ "error": self.code(), "detail": self.to_string() })
     }

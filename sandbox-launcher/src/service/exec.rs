@@ -72,7 +72,7 @@ impl Work {
 /// An execution as the API takes it: what to run and an optional tool call id.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
-    /// What to run.
+    /// The command or Python code to run, as the guest agent takes it.
     pub work: Work,
     /// The tool call's id (one is generated otherwise).
     pub tool_call_id: Option<String>,
@@ -154,24 +154,24 @@ fn check_timeout(timeout_secs: Option<u64>, max_timeout_secs: u64) -> Result<(),
     }
 }
 
-/// What an execution reports, in order: `Started`, output, then `Ended` or `Failed`.
+/// What an execution reports, in order: `Start`, output, then `End` or `Error`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Event {
     /// It runs, as this tool call.
     Start {
-        /// The tool call's id.
+        /// The tool call's id on the gateway: the caller's, or one generated.
         tool_call_id: String,
     },
     /// Standard output (text, up to the cap).
     Stdout(String),
     /// Standard error (text, up to the cap).
     Stderr(String),
-    /// It ended.
+    /// It ended: how, as the guest agent reported it.
     End(Ended),
     /// It could not run, or broke off.
     Error {
-        /// The stable code.
+        /// The stable code, as in the service's error answers (e.g. `guest_unresponsive`).
         error: String,
         /// What went wrong, for the caller.
         detail: String,
@@ -188,7 +188,7 @@ pub struct Ended {
     /// Python call's output, result, error and flags.
     #[serde(flatten)]
     pub finished: serde_json::Map<String, serde_json::Value>,
-    /// Its tool call's id.
+    /// The id of the tool call it ran as (as in `Start`).
     pub tool_call_id: String,
 }
 
@@ -198,7 +198,7 @@ impl Event {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
     }
 
-    /// The SSE event name.
+    /// The SSE event name: the same as the event's key in its JSON.
     pub fn name(&self) -> &'static str {
         match self {
             Event::Start { .. } => "start",

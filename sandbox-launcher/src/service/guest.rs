@@ -27,9 +27,9 @@ const SECRET_HEADER: &str = tollgate_guest::server::SECRET_HEADER;
 pub struct GuestAgent {
     /// The namespace the service connects from.
     pub namespace: PathBuf,
-    /// The agent's address in it.
+    /// The guest agent's address, as reached from that namespace.
     pub address: SocketAddr,
-    /// The session's secret.
+    /// The secret sent with every call, new at each start of the sandbox.
     secret: String,
 }
 

@@ -28,9 +28,9 @@ const MKFS: &str = "mkfs.ext4";
 /// The microVM backend's image and accelerator, chosen once at the service's start.
 #[derive(Debug, Clone)]
 pub struct Vm {
-    /// The guest image.
+    /// The guest image every session's VM boots (checked to have the disk modules).
     pub image: Image,
-    /// KVM or emulation.
+    /// How the VMs' CPUs are run, chosen once (a probe boot under `auto`).
     pub accel: Accel,
 }
 

@@ -29,11 +29,11 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every session's sandbox needs from the service.
 pub struct SandboxContext {
-    /// The settings.
+    /// The service's settings (`tollgate-launcher serve`'s options).
     pub config: ServiceConfig,
-    /// The gateway's admin API.
+    /// The gateway's admin API, where sessions' listeners and tool calls are opened and closed.
     pub gateway: Arc<GatewayApi>,
-    /// The gateway's CA certificate.
+    /// The gateway's CA certificate (PEM), every sandbox's only trust anchor.
     pub ca_pem: Vec<u8>,
     /// The guest agent binary sessions run (the service's own copy).
     pub guest_agent: std::path::PathBuf,

@@ -85,7 +85,7 @@ fn shown(id: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {
-    /// Its sandbox runs.
+    /// Its sandbox runs; the record's `process` is its process.
     Running,
     /// Its sandbox is stopped (idle, or never started); its files stay.
     Stopped,
@@ -122,7 +122,7 @@ pub struct SessionRecord {
     pub agent: String,
     /// Its thread (see [`SessionKey`]).
     pub thread: String,
-    /// What runs its sandbox.
+    /// What runs its sandbox, fixed when the session is created.
     pub backend: Backend,
     /// The user id its executions run as (netns backend; its group id is the same number).
     pub uid: u32,
@@ -130,7 +130,7 @@ pub struct SessionRecord {
     pub created_at: u64,
     /// When it was last used: created, started, an execution ended, a file moved.
     pub last_used_at: u64,
-    /// Executions run in it.
+    /// How many executions (commands and Python calls) have run in it.
     pub executions: u64,
     /// Whether its sandbox runs.
     pub state: SessionState,
@@ -162,7 +162,7 @@ impl SessionRecord {
         }
     }
 
-    /// Its key.
+    /// Its key, from `agent` and `thread`.
     pub fn key(&self) -> SessionKey {
         SessionKey {
             agent: self.agent.clone(),
@@ -170,13 +170,13 @@ impl SessionRecord {
         }
     }
 
-    /// Marks it used now.
+    /// Marks it used now: its idle stop and its retention count from here.
     pub fn touch(&mut self) {
         self.last_used_at = now_secs();
     }
 }
 
-/// A session's directory.
+/// A session's directory under the data directory, and where each of its files is.
 #[derive(Debug, Clone)]
 pub struct SessionDir {
     path: PathBuf,
@@ -190,12 +190,12 @@ impl SessionDir {
         }
     }
 
-    /// The directory.
+    /// The directory itself: `<data_dir>/<session id>`.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Its workspace.
+    /// Its workspace directory (netns backend; a VM's workspace is on [`disk`](Self::disk)).
     pub fn workspace(&self) -> PathBuf {
         self.path.join("workspace")
     }
@@ -205,7 +205,7 @@ impl SessionDir {
         self.path.join("shell")
     }
 
-    /// The guest agent's secret.
+    /// The guest agent's secret (0600), new at every start: the service sends it with each call.
     pub fn secret(&self) -> PathBuf {
         self.path.join("secret")
     }
@@ -253,7 +253,7 @@ impl SessionDir {
         write_private(&self.path.join(RECORD_FILE), &bytes)
     }
 
-    /// Reads the record.
+    /// Reads the record [`save`](Self::save) wrote.
     pub fn load(&self) -> Result<SessionRecord, ServiceError> {
         let path = self.path.join(RECORD_FILE);
         let bytes = std::fs::read(&path).map_err(|e| io_error(&path, e))?;

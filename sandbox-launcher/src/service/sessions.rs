@@ -29,17 +29,17 @@ pub struct Life {
     pub guest: Option<GuestAgent>,
 }
 
-/// One session.
+/// One session: an agent's conversation thread, its files, and its sandbox while it runs.
 pub struct Session {
     /// The agent and thread it belongs to.
     pub key: SessionKey,
     /// Its short id (directory and namespace names).
     pub id: String,
-    /// Its directory.
+    /// Its directory under the data directory (record, workspace, secret, logs).
     pub dir: SessionDir,
     /// The user id its executions run as.
     pub uid: u32,
-    /// Its sandbox and record.
+    /// Its record and guest agent, behind the lock that starting and stopping hold.
     pub life: tokio::sync::Mutex<Life>,
     /// Held for the whole of an execution.
     pub exec: Arc<tokio::sync::Mutex<()>>,
@@ -82,7 +82,7 @@ impl Session {
     }
 }
 
-/// All sessions.
+/// Every session of the service, by agent and thread, running or stopped.
 pub struct Sessions {
     /// What starting a sandbox needs.
     pub context: Arc<SandboxContext>,
@@ -104,7 +104,7 @@ impl Sessions {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The session `key`.
+    /// The session `key`, or `NoSession` (404) if the service has none.
     pub fn get(&self, key: &SessionKey) -> Result<Arc<Session>, ServiceError> {
         self.map()
             .get(key)

@@ -31,11 +31,11 @@ const BATCH: usize = 512;
 /// The three OpenTelemetry signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Signal {
-    /// Spans.
+    /// A span per request.
     Traces,
-    /// Metrics.
+    /// The gateway's counters and gauges, read every metrics interval.
     Metrics,
-    /// Log events.
+    /// The gateway's log events (info and above).
     Logs,
 }
 
@@ -293,7 +293,7 @@ impl Exporters {
     }
 }
 
-/// The running export thread.
+/// The export thread (`tollgate-otlp`), kept to stop it: [`Handle::stop`] sends what is queued.
 pub(super) struct Handle {
     stop: watch::Sender<bool>,
     done: mpsc::Receiver<()>,

@@ -33,7 +33,7 @@ pub struct StderrLog {
 }
 
 struct Inner {
-    /// Lines not yet written.
+    /// Lines logged since the last write to stderr.
     pending: Mutex<Vec<u8>>,
     /// Held while a batch is written, so that batches reach stderr in the order they were
     /// taken.

@@ -90,7 +90,7 @@ pub(crate) struct Queues {
     /// Woken when a full export batch of spans is waiting (so a busy gateway exports as
     /// fast as batches fill, not only on the flush interval).
     spans_ready: tokio::sync::Notify,
-    /// The same for log events.
+    /// Woken when a full export batch of log events is waiting.
     logs_ready: tokio::sync::Notify,
 }
 
