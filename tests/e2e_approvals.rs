@@ -183,6 +183,58 @@ async fn a_held_write_is_released_once_on_approval_and_refused_on_denial() {
     assert_eq!(page["next"], 3);
 }
 
+/// An approver reads what a held request would send — its JSON body pretty-printed — from
+/// the gateway's memory only: the preview is in no file of the data directory, not in the
+/// log, and gone once the request is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approver_sees_the_held_body_which_is_never_stored_or_logged() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("");
+    let url = format!("http://127.0.0.1:{}/vms", origin.port());
+    let marker = "preview-marker-5d1c9a";
+    let body = format!(r#"{{"name":"{marker}","size":3}}"#);
+    let held = post_in_background(&gw, &url, &body, &[]);
+    let approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
+    let preview = approval["body_preview"].clone();
+    assert_eq!(
+        (
+            preview["kind"].as_str(),
+            preview["text"].as_str(),
+            preview["truncated"].as_bool()
+        ),
+        (
+            Some("json"),
+            Some(format!("{{\n  \"name\": \"{marker}\",\n  \"size\": 3\n}}").as_str()),
+            Some(false)
+        ),
+        "{approval}"
+    );
+    let id = approval["id"].as_str().expect("id").to_string();
+    let one = gw
+        .admin_call("GET", &format!("/v1/approvals/{id}"), None)
+        .json();
+    assert_eq!(one["body_preview"], preview, "{one}");
+
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(held.await.expect("curl").status, 200);
+    let settled = gw
+        .admin_call("GET", &format!("/v1/approvals/{id}"), None)
+        .json();
+    assert!(settled.get("body_preview").is_none(), "{settled}");
+    assert!(!gw.log_contains(marker), "{}", gw.log());
+    for (path, bytes) in files_under(&gw.data_dir()) {
+        assert!(
+            !bytes_contain(&bytes, marker),
+            "the held body reached {}",
+            path.display()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecided_request_expires_and_a_departed_client_abandons_its_request() {
     if no_curl() {
@@ -459,6 +511,10 @@ async fn the_approvals_command_lists_shows_approves_and_denies() {
     let (code, out, _) = approvals_cli(&gw, &token, &["show", &id]);
     assert_eq!(code, 0);
     assert!(out.contains(&sha256_hex(b"v1")), "{out}");
+    assert!(
+        out.contains("body_preview: (text)") && out.lines().any(|line| line.trim() == "v1"),
+        "show must print the held body: {out}"
+    );
     let (code, out, err) = approvals_cli(&gw, &token, &["approve", &id]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("approved"), "{out}");

@@ -96,6 +96,21 @@ async fn an_approver_approves_and_denies_held_requests_on_the_page() {
         text.contains("15 bytes") && text.contains(&sha256_hex(b"hello, approver")),
         "the row must show the body's size and SHA-256: {text:?}"
     );
+    let run_mode = browser.wait_for(&format!("{} [data-field=run_mode]", row(&id)), PAGE_WAIT);
+    assert_eq!(
+        browser.text(&run_mode),
+        "Review",
+        "the row must show the agent's run mode"
+    );
+    let preview = browser.wait_for(
+        &format!("{} [data-field=body_preview]", row(&id)),
+        PAGE_WAIT,
+    );
+    assert_eq!(
+        browser.text(&preview),
+        "hello, approver",
+        "the row must show what the held request would send"
+    );
     assert!(
         !browser.current_url().contains("token"),
         "the token must be removed from the address bar: {}",

@@ -60,26 +60,6 @@ fn pending(gw: &Gateway, agent: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-/// Every file under `dir`, read whole.
-fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            out.push((path, bytes));
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the_tool_call() {
     if no_curl() {
@@ -176,7 +156,7 @@ async fn a_refused_identity_becomes_an_on_behalf_of_approval_for_the_rest_of_the
     // Stored only sealed: no file of the data directory, and no log line, holds it.
     for (path, bytes) in files_under(&gw.data_dir()) {
         assert!(
-            !contains(&bytes, PERSON_TOKEN),
+            !bytes_contain(&bytes, PERSON_TOKEN),
             "{} holds the token",
             path.display()
         );

@@ -209,16 +209,49 @@ async fn closing_a_tool_call_refuses_its_held_requests_and_no_token_is_made_for_
     let endpoint = TokenEndpoint::start(CLIENT_ID, CLIENT_SECRET, 3600, std::time::Duration::ZERO);
     let origin = Origin::protected(HOST, &endpoint, AUDIENCE);
     let gw = gateway_with_tokens(&endpoint, &origin);
-    let opened = gw.admin_call("POST", "/v1/agents/r/tool-calls", Some(r#"{"id":"tc-1"}"#));
+    // The request comes from a session (conversation thread) of r's, on its own listener.
+    let session = gw.admin_call(
+        "PUT",
+        "/v1/agents/r/sessions/thread-7",
+        Some(r#"{"listen":{"address":"127.0.0.1:0"}}"#),
+    );
+    assert_eq!(session.status, 201, "{session:?}");
+    let listener = session.json()["address"]
+        .as_str()
+        .expect("address")
+        .to_string();
+    let opened = gw.admin_call(
+        "POST",
+        "/v1/agents/r/tool-calls",
+        Some(r#"{"id":"tc-1","session":"thread-7"}"#),
+    );
     assert_eq!(opened.status, 201);
     let url = format!("https://{HOST}:{}/items", origin.port());
-    let mut post = via(&gw, &url);
-    post.extend(args!["-X", "POST", "--data-binary", "{\"n\":1}"]);
+    let post = args![
+        "-x",
+        format!("http://{listener}"),
+        "--cacert",
+        gw.ca_cert().display(),
+        &url,
+        "-X",
+        "POST",
+        "--data-binary",
+        "{\"n\":1}"
+    ];
     let held = tokio::spawn(curl_async(post));
     let approval = tokio::task::block_in_place(|| {
         wait_for_approvals(&gw, "state=pending&agent=r", 1).remove(0)
     });
-    assert_eq!(approval["tool_call"], "tc-1");
+    // The approver sees whose conversation asked, in which tool call, and the run mode.
+    assert_eq!(
+        (
+            approval["tool_call"].as_str(),
+            approval["session"].as_str(),
+            approval["run_mode"].as_str()
+        ),
+        (Some("tc-1"), Some("thread-7"), Some("Review")),
+        "{approval}"
+    );
     let id = approval["id"].as_str().expect("id").to_string();
 
     // The tool call ends while its request waits: the request is refused, never sent.

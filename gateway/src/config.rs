@@ -255,6 +255,11 @@ pub struct ApprovalsConfig {
     /// SHA-256 recorded) so that exactly those bytes are sent once approved. Larger: 413.
     #[serde(default = "default_max_held_body")]
     pub max_body_bytes: usize,
+    /// How much of a held body approvers are shown (API, CLI, page), from memory only:
+    /// JSON pretty-printed, text as it is, marked when cut short; binary bodies are named,
+    /// not shown. Never stored, logged or exported. 0: no preview.
+    #[serde(default = "default_preview_bytes")]
+    pub preview_bytes: usize,
     /// How long a token an approver lent (on-behalf-of) may be used, within its tool call;
     /// it is deleted when the tool call closes or this time has passed.
     #[serde(default = "default_obo_lifetime")]
@@ -856,6 +861,9 @@ fn default_max_pending() -> usize {
 fn default_max_held_body() -> usize {
     1024 * 1024
 }
+fn default_preview_bytes() -> usize {
+    4096
+}
 fn default_obo_lifetime() -> u64 {
     3600
 }
@@ -954,6 +962,7 @@ impl Default for ApprovalsConfig {
             timeout_secs: default_approval_timeout(),
             max_pending_per_agent: default_max_pending(),
             max_body_bytes: default_max_held_body(),
+            preview_bytes: default_preview_bytes(),
             obo_token_lifetime_secs: default_obo_lifetime(),
             obo_key_file: None,
         }

@@ -66,6 +66,14 @@ pub struct ApprovalRecord {
     pub agent: String,
     /// The tool call the request belongs to, if one was open.
     pub tool_call: Option<String>,
+    /// The session (conversation thread) the request came from, when it came through that
+    /// session's own listener: the approver sees in whose conversation it was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The agent's run mode when the request was held (`ReadOnly`, `Review`, `Autonomous`):
+    /// an Autonomous agent's request is held only where it lacks permission (on-behalf-of).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_mode: Option<String>,
     /// Why it is held: a policy asked for a person, or the agent lacks permission (OBO).
     pub kind: ApprovalKind,
     /// The HTTP method; with an override header, both (`GET (X-HTTP-Method-Override: DELETE)`).

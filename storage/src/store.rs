@@ -835,11 +835,23 @@ mod tests {
     use super::*;
     use crate::approval::ApprovalKind;
 
+    #[test]
+    fn an_approval_stored_before_it_named_its_session_and_run_mode_still_reads() {
+        let mut old = serde_json::to_value(pending("a1", "agent")).expect("json");
+        let fields = old.as_object_mut().expect("object");
+        assert!(fields.remove("run_mode").is_some());
+        assert!(!fields.contains_key("session"), "no session: not written");
+        let read: ApprovalRecord = serde_json::from_value(old).expect("an older record reads");
+        assert_eq!((read.session, read.run_mode), (None, None));
+    }
+
     fn pending(id: &str, agent: &str) -> ApprovalRecord {
         ApprovalRecord {
             id: id.into(),
             agent: agent.into(),
             tool_call: Some("tc-1".into()),
+            session: None,
+            run_mode: Some("Review".into()),
             kind: ApprovalKind::Request,
             method: "POST".into(),
             url: "https://api.example.com/things".into(),

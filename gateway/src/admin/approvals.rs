@@ -12,6 +12,7 @@ use crate::egress::credentials::Secret;
 use crate::reply::{ErrorCode, Refusal};
 
 use super::auth::Caller;
+use super::preview;
 use super::respond::{json, only, read_body, store_failed};
 use super::AdminApi;
 
@@ -29,7 +30,8 @@ impl AdminApi {
                 only(method, &[Method::GET])?;
                 let filter = approval_filter(session.req_header().uri.query().unwrap_or(""))?;
                 let approvals = self.approvals.list(&filter).map_err(decide_refusal)?;
-                let views: Vec<serde_json::Value> = approvals.iter().map(approval_view).collect();
+                let views: Vec<serde_json::Value> =
+                    approvals.iter().map(|a| self.approval_view(a)).collect();
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({ "approvals": views }),
@@ -38,7 +40,7 @@ impl AdminApi {
             [id] => {
                 only(method, &[Method::GET])?;
                 let record = self.approvals.get(id).map_err(decide_refusal)?;
-                Ok(json(StatusCode::OK, &approval_view(&record)))
+                Ok(json(StatusCode::OK, &self.approval_view(&record)))
             }
             [id, "approve"] => {
                 only(method, &[Method::POST])?;
@@ -67,7 +69,7 @@ impl AdminApi {
                     .approve(id, &caller.name, obo_token, may_lend)
                     .await
                     .map_err(decide_refusal)?;
-                Ok(json(StatusCode::OK, &approval_view(&record)))
+                Ok(json(StatusCode::OK, &settled_view(&record)))
             }
             [id, "deny"] => {
                 only(method, &[Method::POST])?;
@@ -87,7 +89,7 @@ impl AdminApi {
                     .deny(id, &caller.name, denial.reason.trim())
                     .await
                     .map_err(decide_refusal)?;
-                Ok(json(StatusCode::OK, &approval_view(&record)))
+                Ok(json(StatusCode::OK, &settled_view(&record)))
             }
             _ => Err(Refusal::new(
                 ErrorCode::NotFound,
@@ -112,9 +114,28 @@ struct Denial {
     reason: String,
 }
 
-/// An approval as approvers see it: the record without its sealed token (they see only
-/// whether one is held).
-fn approval_view(record: &ApprovalRecord) -> serde_json::Value {
+impl AdminApi {
+    /// An approval as approvers see it: the record without its sealed token, and — while
+    /// this process holds the request — a preview of its body, from memory.
+    fn approval_view(&self, record: &ApprovalRecord) -> serde_json::Value {
+        let mut view = settled_view(record);
+        let preview = self
+            .approvals
+            .held_body(&record.id)
+            .and_then(|body| preview::of(&body, self.approvals.preview_bytes()));
+        if let (Some(fields), Some(preview)) = (view.as_object_mut(), preview) {
+            fields.insert(
+                "body_preview".into(),
+                serde_json::to_value(preview).unwrap_or_default(),
+            );
+        }
+        view
+    }
+}
+
+/// An approval record as approvers see it: without its sealed token (they see only whether
+/// one is held).
+fn settled_view(record: &ApprovalRecord) -> serde_json::Value {
     let obo_token_held = record.sealed_obo_token.is_some();
     let mut view = serde_json::to_value(record).unwrap_or_default();
     if let Some(fields) = view.as_object_mut() {

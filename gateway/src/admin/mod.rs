@@ -33,7 +33,8 @@
 //! `audit` (agents' audit trails), `sessions` (a conversation thread's listener),
 //! `tool_calls`, `approvals` (list, approve, deny), `policies` (the set in force, and
 //! reloading it), `page` (the approvers' web page); `respond` holds what they share
-//! (body reading, JSON answers, method checks). [`shown`] makes text from a sandbox safe to
+//! (body reading, JSON answers, method checks); `preview` is what approvers read of a held
+//! body. [`shown`] makes text from a sandbox safe to
 //! show a person.
 
 pub mod shown;
@@ -44,6 +45,7 @@ mod audit;
 mod auth;
 mod page;
 mod policies;
+mod preview;
 mod respond;
 mod sessions;
 mod status;

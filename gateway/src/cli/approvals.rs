@@ -153,11 +153,36 @@ fn print_record(record: &Value) {
         return;
     };
     for (key, value) in fields {
+        if key == "body_preview" {
+            print_preview(value);
+            continue;
+        }
         let shown = match value {
             Value::String(s) => for_person(s).into_owned(),
             Value::Null => "-".to_string(),
             other => other.to_string(),
         };
         println!("{key:>16}: {shown}");
+    }
+}
+
+/// The held body's preview, line by line, each line escaped for the terminal.
+fn print_preview(preview: &Value) {
+    let kind = preview["kind"].as_str().unwrap_or("?");
+    let Some(text) = preview["text"].as_str() else {
+        println!("{:>16}: ({kind}, not shown)", "body_preview");
+        return;
+    };
+    let cut = if preview["truncated"].as_bool() == Some(true) {
+        ", cut short"
+    } else {
+        ""
+    };
+    println!("{:>16}: ({kind}{cut})", "body_preview");
+    for line in text.lines() {
+        println!("{:>16}  {}", "", for_person(line));
+    }
+    if !cut.is_empty() {
+        println!("{:>16}  …", "");
     }
 }

@@ -43,6 +43,10 @@ pub struct HoldRequest {
     pub max_pending: usize,
     /// Its tool call, if one is open.
     pub tool_call: Option<String>,
+    /// The session it came from, on that session's own listener.
+    pub session: Option<String>,
+    /// The agent's run mode now.
+    pub run_mode: String,
     /// Why it is held.
     pub kind: ApprovalKind,
     /// HTTP method.
@@ -78,6 +82,9 @@ struct Waiter {
     agent: String,
     /// The tool call it belongs to, if any.
     tool_call: Option<String>,
+    /// The held body (shared, not copied): approvers may be shown a preview of it, from
+    /// memory only.
+    body: bytes::Bytes,
 }
 
 /// How a wait ended.
@@ -170,6 +177,17 @@ impl Approvals {
         self.settings.max_body_bytes
     }
 
+    /// The body of a request this process holds, for approvers' eyes: from memory only (the
+    /// store has its hash, never its bytes). `None` once it is settled, or after a restart.
+    pub fn held_body(&self, id: &str) -> Option<bytes::Bytes> {
+        self.waiters.lock().get(id).map(|w| w.body.clone())
+    }
+
+    /// How much of a held body approvers are shown (`approvals.preview_bytes`).
+    pub fn preview_bytes(&self) -> usize {
+        self.settings.preview_bytes
+    }
+
     /// Refuses up front if `agent` already has the maximum of held requests (checked again
     /// when the hold starts; this early check spares buffering a body for nothing).
     pub fn check_capacity(&self, agent: &str, max_pending: usize) -> Result<(), Refusal> {
@@ -199,6 +217,8 @@ impl Approvals {
             id: request.id,
             agent: request.agent,
             tool_call: request.tool_call,
+            session: request.session,
+            run_mode: Some(request.run_mode),
             kind: request.kind,
             method: request.method,
             url: request.url,
@@ -216,7 +236,7 @@ impl Approvals {
             obo_audience: request.obo_audience,
             not_sent: None,
         };
-        let (slot, decided) = self.reserve(&record, request.max_pending)?;
+        let (slot, decided) = self.reserve(&record, request.max_pending, request.body.clone())?;
         let store = self.store.clone();
         let stored = record.clone();
         match tokio::task::spawn_blocking(move || store.insert_approval(&stored)).await {
@@ -247,6 +267,7 @@ impl Approvals {
         &self,
         record: &ApprovalRecord,
         max_pending: usize,
+        body: bytes::Bytes,
     ) -> Result<(HeldSlot<'_>, oneshot::Receiver<Verdict>), HoldEnd> {
         {
             let mut held = self.held.lock();
@@ -263,6 +284,7 @@ impl Approvals {
                 verdict: tx,
                 agent: record.agent.clone(),
                 tool_call: record.tool_call.clone(),
+                body,
             },
         );
         Ok((

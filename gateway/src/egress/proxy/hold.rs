@@ -149,6 +149,8 @@ impl Egress {
             agent: agent.id.clone(),
             max_pending,
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
+            session: self.binding.session().map(str::to_string),
+            run_mode: agent.run_mode.as_str().to_string(),
             kind,
             method: ctx
                 .overridden
