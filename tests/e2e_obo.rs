@@ -286,6 +286,21 @@ peers = ["127.0.0.1"]
     let approval = wait_for_approvals(&gw, "state=pending&agent=auto", 1).remove(0);
     assert_eq!(approval["kind"], "on_behalf_of");
     assert_eq!(approval["policies"][0], "autonomous-approved-writes");
+    // The approver reads what it would do, and why their identity is asked for.
+    assert_eq!(
+        (
+            approval["arm"]["summary"].as_str(),
+            approval["arm"]["inside_agent_scopes"].as_bool()
+        ),
+        (
+            Some(
+                "create or update microsoft.storage/storageaccounts acct in resource group \
+                 rg-b of subscription sub-1"
+            ),
+            Some(false)
+        ),
+        "{approval}"
+    );
     assert_eq!(origin.requests(), 1, "no first try with the agent's token");
     let id = approval["id"].as_str().expect("id");
     let approved = gw.admin_call(

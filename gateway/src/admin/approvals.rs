@@ -12,9 +12,9 @@ use crate::egress::credentials::Secret;
 use crate::reply::{ErrorCode, Refusal};
 
 use super::auth::Caller;
-use super::preview;
 use super::respond::{json, only, read_body, store_failed};
 use super::AdminApi;
+use super::{operation, preview};
 
 impl AdminApi {
     /// `/v1/approvals…`: list, read, approve, deny (approvers' tokens open these too).
@@ -115,19 +115,31 @@ struct Denial {
 }
 
 impl AdminApi {
-    /// An approval as approvers see it: the record without its sealed token, and — while
-    /// this process holds the request — a preview of its body, from memory.
+    /// An approval as approvers see it: the record without its sealed token; for an Azure
+    /// Resource Manager request, what it would do ([`operation`]); and — while this process
+    /// holds the request — a preview of its body, from memory.
     fn approval_view(&self, record: &ApprovalRecord) -> serde_json::Value {
         let mut view = settled_view(record);
         let preview = self
             .approvals
             .held_body(&record.id)
             .and_then(|body| preview::of(&body, self.approvals.preview_bytes()));
-        if let (Some(fields), Some(preview)) = (view.as_object_mut(), preview) {
-            fields.insert(
-                "body_preview".into(),
-                serde_json::to_value(preview).unwrap_or_default(),
-            );
+        let scopes = self
+            .registry
+            .get(&record.agent)
+            .map(|agent| agent.scopes.clone())
+            .unwrap_or_default();
+        let arm = operation::of(&record.method, &record.url, &scopes);
+        if let Some(fields) = view.as_object_mut() {
+            if let Some(preview) = preview {
+                fields.insert(
+                    "body_preview".into(),
+                    serde_json::to_value(preview).unwrap_or_default(),
+                );
+            }
+            if let Some(arm) = arm {
+                fields.insert("arm".into(), serde_json::to_value(arm).unwrap_or_default());
+            }
         }
         view
     }

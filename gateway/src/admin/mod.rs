@@ -34,7 +34,7 @@
 //! `tool_calls`, `approvals` (list, approve, deny), `policies` (the set in force, and
 //! reloading it), `page` (the approvers' web page); `respond` holds what they share
 //! (body reading, JSON answers, method checks); `preview` is what approvers read of a held
-//! body. [`shown`] makes text from a sandbox safe to
+//! body, `operation` what a held ARM request would do. [`shown`] makes text from a sandbox safe to
 //! show a person.
 
 pub mod shown;
@@ -43,6 +43,7 @@ mod agents;
 mod approvals;
 mod audit;
 mod auth;
+mod operation;
 mod page;
 mod policies;
 mod preview;

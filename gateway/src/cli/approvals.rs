@@ -157,6 +157,15 @@ fn print_record(record: &Value) {
             print_preview(value);
             continue;
         }
+        if key == "arm" {
+            let summary = value["summary"].as_str().unwrap_or("?");
+            let outside = match value["inside_agent_scopes"].as_bool() {
+                Some(false) => " (outside the agent's RBAC scopes)",
+                _ => "",
+            };
+            println!("{:>16}: {}{outside}", "operation", for_person(summary));
+            continue;
+        }
         let shown = match value {
             Value::String(s) => for_person(s).into_owned(),
             Value::Null => "-".to_string(),
