@@ -685,6 +685,12 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
             open.body.contains("tc-left"),
             "open while it runs: {open:?}"
         );
+        // The gateway knows what the tool call runs, for the approvers of its requests.
+        assert_eq!(
+            open.json()["tool_calls"][0]["command"],
+            "echo $$ > /tmp/left.pid; exec sleep 60",
+            "{open:?}"
+        );
         let _ = leaving.kill();
         let _ = leaving.wait();
         let deadline = Instant::now() + Duration::from_secs(10);

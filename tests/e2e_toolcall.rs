@@ -223,7 +223,7 @@ async fn closing_a_tool_call_refuses_its_held_requests_and_no_token_is_made_for_
     let opened = gw.admin_call(
         "POST",
         "/v1/agents/r/tool-calls",
-        Some(r#"{"id":"tc-1","session":"thread-7"}"#),
+        Some(r#"{"id":"tc-1","session":"thread-7","command":"curl -X POST https://api.protected.test/items"}"#),
     );
     assert_eq!(opened.status, 201);
     let url = format!("https://{HOST}:{}/items", origin.port());
@@ -251,6 +251,10 @@ async fn closing_a_tool_call_refuses_its_held_requests_and_no_token_is_made_for_
         ),
         (Some("tc-1"), Some("thread-7"), Some("Review")),
         "{approval}"
+    );
+    assert_eq!(
+        approval["command"], "curl -X POST https://api.protected.test/items",
+        "and what the tool call was running: {approval}"
     );
     let id = approval["id"].as_str().expect("id").to_string();
 

@@ -64,7 +64,9 @@ fn cache_hit(c: &mut Criterion) {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "bench-static-token\n").expect("write token");
     let tool_calls = ToolCalls::default();
-    tool_calls.open("bench", None, "tc", None, 1).expect("open");
+    tool_calls
+        .open("bench", None, "tc", None, 1, None)
+        .expect("open");
     let tool_call = tool_calls.current("bench", None, None).expect("current");
     let (target, _) = Target::from_url("https://graph.microsoft.com/v1.0/me").expect("url");
     let (uncovered, _) = Target::from_url("https://api.github.com/").expect("url");

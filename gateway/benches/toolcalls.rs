@@ -13,7 +13,7 @@ fn tool_calls(c: &mut Criterion) {
         let calls = ToolCalls::default();
         for i in 0..already_open {
             calls
-                .open("agent", None, &format!("open-{i}"), None, usize::MAX)
+                .open("agent", None, &format!("open-{i}"), None, usize::MAX, None)
                 .expect("open");
         }
         group.bench_with_input(
@@ -22,14 +22,14 @@ fn tool_calls(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     calls
-                        .open("agent", None, "tc", None, usize::MAX)
+                        .open("agent", None, "tc", None, usize::MAX, None)
                         .expect("open");
                     calls.close("agent", "tc")
                 })
             },
         );
         let probe = calls
-            .open("agent", None, "probe", None, usize::MAX)
+            .open("agent", None, "probe", None, usize::MAX, None)
             .expect("open")
             .info;
         let serial = calls

@@ -142,16 +142,20 @@ impl GatewayApi {
         )
     }
 
-    /// Opens tool call `id` of `agent` in session `session` for `ttl_secs`.
+    /// Opens tool call `id` of `agent` in session `session` for `ttl_secs`; `command` is
+    /// what it runs, shown to approvers of its requests.
     pub fn open_tool_call(
         &self,
         agent: &str,
         session: &str,
         id: &str,
         ttl_secs: u64,
+        command: Option<&str>,
     ) -> Result<(), ApiError> {
-        let body =
-            serde_json::json!({ "id": id, "ttl_secs": ttl_secs, "session": session }).to_string();
+        let body = serde_json::json!({
+            "id": id, "ttl_secs": ttl_secs, "session": session, "command": command,
+        })
+        .to_string();
         self.expect(
             &format!("opening tool call {id} of agent {agent}"),
             &[201],

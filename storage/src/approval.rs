@@ -74,6 +74,10 @@ pub struct ApprovalRecord {
     /// an Autonomous agent's request is held only where it lacks permission (on-behalf-of).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_mode: Option<String>,
+    /// What the request's tool call was running (the command or code the sandbox service
+    /// executed), when its opener said; at most 4 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     /// Why it is held: a policy asked for a person, or the agent lacks permission (OBO).
     pub kind: ApprovalKind,
     /// The HTTP method; with an override header, both (`GET (X-HTTP-Method-Override: DELETE)`).

@@ -852,6 +852,7 @@ mod tests {
             tool_call: Some("tc-1".into()),
             session: None,
             run_mode: Some("Review".into()),
+            command: None,
             kind: ApprovalKind::Request,
             method: "POST".into(),
             url: "https://api.example.com/things".into(),

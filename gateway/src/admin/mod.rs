@@ -17,7 +17,7 @@
 //! | `PUT /v1/agents/{id}` | create (201) or replace (200) an agent |
 //! | `DELETE /v1/agents/{id}` | remove an agent (204) |
 //! | `GET /v1/agents/{id}/tool-calls` | the agent's open tool calls |
-//! | `POST /v1/agents/{id}/tool-calls` | open one: `{"id": "...", "ttl_secs": 600}` (201) |
+//! | `POST /v1/agents/{id}/tool-calls` | open one: `{"id": "...", "ttl_secs": 600, "session": "...", "command": "..."}` (201) |
 //! | `DELETE /v1/agents/{id}/tool-calls/{tc}` | close it (204) |
 //! | `GET /v1/agents/{id}/audit?since=SEQ&limit=N` | the agent's audit trail from position SEQ (`next` continues it) |
 //! | `GET /v1/agents/{id}/audit/verify` | check the trail's hash chain: `{records, first_seq, last_seq, broken: {seq, reason} \| null}` |

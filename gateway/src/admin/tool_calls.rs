@@ -50,7 +50,7 @@ impl AdminApi {
         Ok(empty(StatusCode::NO_CONTENT))
     }
 
-    /// Opens a tool call: `{"id", "ttl_secs", "session"}`.
+    /// Opens a tool call: `{"id", "ttl_secs", "session", "command"}`.
     async fn open_tool_call(
         &self,
         session: &mut ServerSession,
@@ -66,6 +66,9 @@ impl AdminApi {
             /// session's listener belong to it.
             #[serde(default)]
             session: Option<String>,
+            /// What it runs (a command, or code), shown to approvers of its requests.
+            #[serde(default)]
+            command: Option<String>,
         }
         let body = read_body(session).await?;
         let request: OpenToolCall = serde_json::from_slice(&body)
@@ -95,6 +98,7 @@ impl AdminApi {
             &request.id,
             ttl,
             max_open,
+            request.command.as_deref(),
         ) {
             Ok(opened) => {
                 if let Some((serial, id)) = &opened.ended {

@@ -47,6 +47,8 @@ pub struct HoldRequest {
     pub session: Option<String>,
     /// The agent's run mode now.
     pub run_mode: String,
+    /// What its tool call runs, if its opener said.
+    pub command: Option<String>,
     /// Why it is held.
     pub kind: ApprovalKind,
     /// HTTP method.
@@ -219,6 +221,7 @@ impl Approvals {
             tool_call: request.tool_call,
             session: request.session,
             run_mode: Some(request.run_mode),
+            command: request.command,
             kind: request.kind,
             method: request.method,
             url: request.url,

@@ -7,6 +7,7 @@
 //! `Tollgate-Tool-Call` header (the header never reaches the origin).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::RwLock;
@@ -18,6 +19,10 @@ pub const TOOL_CALL_HEADER: &str = "tollgate-tool-call";
 /// Longest TTL a tool call may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// Longest description of what a tool call runs (its command or code), in bytes: enough to
+/// read, bounded so that a tool call stays small in memory and in approval records.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
 /// A tool call a request belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCallRef {
@@ -26,6 +31,9 @@ pub struct ToolCallRef {
     /// Unique for each opening in this process: an id opened again after closing is another
     /// tool call, and never sees the tokens of the first.
     pub serial: u64,
+    /// What it runs (the command or code the sandbox service executes), when its opener
+    /// said: approvers see it beside the requests it makes.
+    pub command: Option<Arc<str>>,
 }
 
 static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -37,6 +45,8 @@ struct Open {
     serial: u64,
     /// The session it was opened in (its requests come on that session's listener).
     session: Option<String>,
+    /// What it runs, if its opener said.
+    command: Option<Arc<str>>,
     opened_at: SystemTime,
     expires_at: Option<Instant>,
 }
@@ -57,6 +67,9 @@ pub struct ToolCallInfo {
     /// The session it belongs to, if it was opened in one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// What it runs, if its opener said (at most [`MAX_COMMAND_BYTES`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     /// When it was opened (seconds since the Unix epoch).
     pub opened_at: u64,
     /// Seconds until it closes by itself, if it has a TTL.
@@ -75,6 +88,9 @@ pub enum ToolCallError {
     /// The TTL is zero or longer than [`MAX_TTL`].
     #[error("ttl_secs must be between 1 and {}", MAX_TTL.as_secs())]
     BadTtl,
+    /// The command is longer than [`MAX_COMMAND_BYTES`].
+    #[error("command is {0} bytes; at most {MAX_COMMAND_BYTES} are kept: shorten it")]
+    CommandTooLong(usize),
     /// The agent has as many tool calls open as it may.
     #[error(
         "the agent has {0} tool calls open, its limit (limits.open_tool_calls): close finished \
@@ -152,8 +168,12 @@ impl ToolCalls {
         id: &str,
         ttl: Option<Duration>,
         max_open: usize,
+        command: Option<&str>,
     ) -> Result<Opened, ToolCallError> {
         validate_id(id)?;
+        if let Some(command) = command.filter(|c| c.len() > MAX_COMMAND_BYTES) {
+            return Err(ToolCallError::CommandTooLong(command.len()));
+        }
         if ttl.is_some_and(|t| t.is_zero() || t > MAX_TTL) {
             return Err(ToolCallError::BadTtl);
         }
@@ -179,6 +199,7 @@ impl ToolCalls {
             id: id.to_string(),
             serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             session: session.map(str::to_string),
+            command: command.map(Arc::from),
             opened_at: SystemTime::now(),
             expires_at: ttl.map(|t| now + t),
         };
@@ -294,6 +315,7 @@ impl ToolCalls {
         found.map(|c| ToolCallRef {
             id: c.id.clone(),
             serial: c.serial,
+            command: c.command.clone(),
         })
     }
 }
@@ -303,6 +325,7 @@ fn info(agent: &str, call: &Open, now: Instant) -> ToolCallInfo {
         id: call.id.clone(),
         agent: agent.to_string(),
         session: call.session.clone(),
+        command: call.command.as_deref().map(str::to_string),
         opened_at: call
             .opened_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -326,7 +349,7 @@ mod tests {
     fn the_only_open_tool_call_is_the_current_one() {
         let t = ToolCalls::default();
         assert_eq!(current(&t, "a", None), None);
-        t.open("a", None, "tc-1", None, 8).unwrap();
+        t.open("a", None, "tc-1", None, 8, None).unwrap();
         assert_eq!(current(&t, "a", None).as_deref(), Some("tc-1"));
         assert_eq!(current(&t, "b", None), None, "tool calls are per agent");
         assert!(t.close("a", "tc-1").is_some());
@@ -337,8 +360,8 @@ mod tests {
     #[test]
     fn several_open_tool_calls_need_the_request_to_name_one() {
         let t = ToolCalls::default();
-        t.open("a", None, "tc-1", None, 8).unwrap();
-        t.open("a", None, "tc-2", None, 8).unwrap();
+        t.open("a", None, "tc-1", None, 8, None).unwrap();
+        t.open("a", None, "tc-2", None, 8, None).unwrap();
         assert_eq!(current(&t, "a", None), None, "ambiguous: no tool call");
         assert_eq!(current(&t, "a", Some("tc-2")).as_deref(), Some("tc-2"));
         assert_eq!(current(&t, "a", Some("tc-9")), None);
@@ -353,18 +376,18 @@ mod tests {
     #[test]
     fn ids_are_unique_per_agent_and_checked() {
         let t = ToolCalls::default();
-        t.open("a", None, "x", None, 8).unwrap();
+        t.open("a", None, "x", None, 8, None).unwrap();
         assert_eq!(
-            t.open("a", None, "x", None, 8),
+            t.open("a", None, "x", None, 8, None),
             Err(ToolCallError::AlreadyOpen("x".into()))
         );
-        assert!(t.open("b", None, "x", None, 8).is_ok());
+        assert!(t.open("b", None, "x", None, 8, None).is_ok());
         assert!(matches!(
-            t.open("a", None, "a b", None, 8),
+            t.open("a", None, "a b", None, 8, None),
             Err(ToolCallError::InvalidId(_))
         ));
         assert_eq!(
-            t.open("a", None, "y", Some(Duration::ZERO), 8),
+            t.open("a", None, "y", Some(Duration::ZERO), 8, None),
             Err(ToolCallError::BadTtl)
         );
     }
@@ -372,7 +395,7 @@ mod tests {
     #[test]
     fn an_expired_tool_call_is_no_longer_current_and_a_reopened_id_is_another_call() {
         let t = ToolCalls::default();
-        t.open("a", None, "short", Some(Duration::from_millis(30)), 8)
+        t.open("a", None, "short", Some(Duration::from_millis(30)), 8, None)
             .unwrap();
         let first = t.current("a", None, None).unwrap();
         assert_eq!(first.id, "short");
@@ -384,7 +407,7 @@ mod tests {
             vec![("a".to_string(), first.serial, first.id.clone())]
         );
         assert!(t.sweep_expired().is_empty());
-        t.open("a", None, "short", None, 8).unwrap();
+        t.open("a", None, "short", None, 8, None).unwrap();
         let again = t.current("a", None, None).unwrap();
         assert_eq!(again.id, "short", "the id can be reused");
         assert_ne!(again.serial, first.serial, "but it is another tool call");
@@ -393,20 +416,20 @@ mod tests {
     #[test]
     fn an_agent_opens_at_most_its_limit_and_expired_calls_make_room() {
         let t = ToolCalls::default();
-        t.open("a", None, "1", None, 2).unwrap();
-        t.open("a", None, "2", Some(Duration::from_millis(30)), 2)
+        t.open("a", None, "1", None, 2, None).unwrap();
+        t.open("a", None, "2", Some(Duration::from_millis(30)), 2, None)
             .unwrap();
         assert_eq!(
-            t.open("a", None, "3", None, 2),
+            t.open("a", None, "3", None, 2, None),
             Err(ToolCallError::TooMany(2))
         );
         assert!(
-            t.open("b", None, "3", None, 2).is_ok(),
+            t.open("b", None, "3", None, 2, None).is_ok(),
             "the limit is per agent"
         );
         std::thread::sleep(Duration::from_millis(60));
         assert!(
-            t.open("a", None, "3", None, 2).is_ok(),
+            t.open("a", None, "3", None, 2, None).is_ok(),
             "an expired call does not count"
         );
         assert_eq!(
@@ -415,21 +438,41 @@ mod tests {
             "and is still ended by the sweeper"
         );
         assert_eq!(
-            t.open("a", None, "4", None, 2),
+            t.open("a", None, "4", None, 2, None),
             Err(ToolCallError::TooMany(2))
         );
         assert!(t.close("a", "1").is_some());
-        let again = t.open("a", None, "4", None, 2).unwrap();
+        let again = t.open("a", None, "4", None, 2, None).unwrap();
         assert_eq!(again.info.id, "4");
         let listed: Vec<String> = t.list("a").into_iter().map(|c| c.id).collect();
         assert_eq!(listed, ["3", "4"], "oldest first");
     }
 
     #[test]
+    fn what_a_tool_call_runs_goes_with_its_requests_and_is_bounded() {
+        let t = ToolCalls::default();
+        t.open("a", None, "tc-1", None, 8, Some("rm -rf build && make"))
+            .unwrap();
+        let current = t.current("a", None, None).expect("open");
+        assert_eq!(current.command.as_deref(), Some("rm -rf build && make"));
+        assert_eq!(
+            t.list("a")[0].command.as_deref(),
+            Some("rm -rf build && make")
+        );
+        let long = "x".repeat(MAX_COMMAND_BYTES + 1);
+        assert_eq!(
+            t.open("a", None, "tc-2", None, 8, Some(&long)),
+            Err(ToolCallError::CommandTooLong(MAX_COMMAND_BYTES + 1))
+        );
+        let most = "x".repeat(MAX_COMMAND_BYTES);
+        assert!(t.open("a", None, "tc-3", None, 8, Some(&most)).is_ok());
+    }
+
+    #[test]
     fn a_sessions_tool_calls_are_its_own() {
         let t = ToolCalls::default();
-        t.open("a", Some("s1"), "tc-1", None, 8).unwrap();
-        t.open("a", Some("s2"), "tc-2", None, 8).unwrap();
+        t.open("a", Some("s1"), "tc-1", None, 8, None).unwrap();
+        t.open("a", Some("s2"), "tc-2", None, 8, None).unwrap();
         let of = |session, named| t.current("a", session, named).map(|c| c.id);
         assert_eq!(of(Some("s1"), None).as_deref(), Some("tc-1"));
         assert_eq!(of(Some("s2"), None).as_deref(), Some("tc-2"));

@@ -60,6 +60,27 @@ impl Work {
         }
     }
 
+    /// What it runs, for the gateway's approvers: the command line (or the program and its
+    /// arguments), or the Python code; at most [`MAX_DESCRIPTION_BYTES`], cut with `…`.
+    fn description(&self) -> String {
+        let whole = match self {
+            Work::Shell(execution) => match (&execution.command, &execution.argv) {
+                (Some(command), _) => command.clone(),
+                (None, Some(argv)) => argv.join(" "),
+                (None, None) => String::new(),
+            },
+            Work::Python(call) => call.code.clone(),
+        };
+        if whole.len() <= MAX_DESCRIPTION_BYTES {
+            return whole;
+        }
+        let mut end = MAX_DESCRIPTION_BYTES - '…'.len_utf8();
+        while !whole.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &whole[..end])
+    }
+
     /// The body the guest agent takes.
     fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
         match self {
@@ -68,6 +89,10 @@ impl Work {
         }
     }
 }
+
+/// The most of an execution's command or code the gateway keeps with its tool call (the
+/// gateway's own limit).
+const MAX_DESCRIPTION_BYTES: usize = 4096;
 
 /// An execution as the API takes it: what to run and an optional tool call id.
 #[derive(Debug, Clone)]
@@ -278,7 +303,8 @@ async fn run(
     };
     let id = tool_call.clone();
     session.update(|r| r.open_tool_call = Some(id)).await;
-    if let Err(e) = open_tool_call(sessions, session, &tool_call, ttl).await {
+    let described = request.work.description();
+    if let Err(e) = open_tool_call(sessions, session, &tool_call, ttl, &described).await {
         session.update(|r| r.open_tool_call = None).await;
         let _ = ready.send(Err(e));
         return;
@@ -327,13 +353,15 @@ async fn open_tool_call(
     session: &Session,
     tool_call: &str,
     ttl: u64,
+    command: &str,
 ) -> Result<(), ServiceError> {
     let context = &sessions.context;
     let key = &session.key;
     let open = || {
         let (agent, thread, id) = (key.agent.clone(), key.thread.clone(), tool_call.to_string());
+        let command = command.to_string();
         context.gateway_call(&key.agent, move |api| {
-            api.open_tool_call(&agent, &thread, &id, ttl)
+            api.open_tool_call(&agent, &thread, &id, ttl, Some(&command))
         })
     };
     match open().await {
@@ -521,6 +549,27 @@ pub fn busy(key: &SessionKey) -> ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_description_of_an_execution_is_its_command_or_code_and_bounded() {
+        let shell: Work =
+            Work::Shell(serde_json::from_str(r#"{"command": "make test"}"#).expect("execution"));
+        assert_eq!(shell.description(), "make test");
+        let argv: Work =
+            Work::Shell(serde_json::from_str(r#"{"argv": ["ls", "-l"]}"#).expect("execution"));
+        assert_eq!(argv.description(), "ls -l");
+        let long = "é".repeat(MAX_DESCRIPTION_BYTES);
+        let python: Work = Work::Python(
+            serde_json::from_value(serde_json::json!({ "code": long })).expect("call"),
+        );
+        let described = python.description();
+        assert!(
+            described.len() <= MAX_DESCRIPTION_BYTES,
+            "{}",
+            described.len()
+        );
+        assert!(described.ends_with('…') && long.starts_with(described.trim_end_matches('…')));
+    }
 
     #[test]
     fn an_execution_request_is_checked_before_anything_runs() {

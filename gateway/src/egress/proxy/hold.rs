@@ -151,6 +151,10 @@ impl Egress {
             tool_call: ctx.tool_call.as_ref().map(|tc| tc.id.clone()),
             session: self.binding.session().map(str::to_string),
             run_mode: agent.run_mode.as_str().to_string(),
+            command: ctx
+                .tool_call
+                .as_ref()
+                .and_then(|tc| tc.command.as_deref().map(str::to_string)),
             kind,
             method: ctx
                 .overridden
