@@ -735,3 +735,139 @@ async fn a_held_request_is_decided_again_when_it_is_released() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(origin.requests(), 0, "a removed agent's write was sent");
 }
+
+/// The live feed: a listener connected before a request sees it `pending` (with what an
+/// approver is shown) and then how it was settled; one that reconnects with the id of the
+/// last event it saw gets exactly what it missed; a new one first gets what is pending now;
+/// an id it cannot resume is said so. Approvers' tokens open it, nothing else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_reconnect() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("bob.token");
+    std::fs::write(&token_file, "bob-feed-token\n").expect("token");
+    let gw = start_in(
+        dir,
+        &format!("[[admin.approvers]]\nname = \"bob\"\ntoken = {{ file = {token_file:?} }}\n"),
+    );
+    let url = format!("http://127.0.0.1:{}/orders", origin.port());
+    let admin = gw.admin_token();
+
+    // Refused before anything streams: no token, a wrong one, a write, an unknown filter.
+    let none = gw.admin_as(None, "GET", "/v1/approvals/events", None);
+    assert_eq!(
+        (none.status, none.json()["error"].as_str()),
+        (401, Some("unauthorized")),
+        "{none:?}"
+    );
+    assert_eq!(
+        gw.admin_as(Some("nope"), "GET", "/v1/approvals/events", None)
+            .status,
+        401
+    );
+    assert_eq!(
+        gw.admin_call("POST", "/v1/approvals/events", None).status,
+        405
+    );
+    let unknown = gw.admin_call("GET", "/v1/approvals/events?state=pending", None);
+    assert_eq!(unknown.status, 400, "{unknown:?}");
+
+    let mut platform = FeedListener::open(&gw, &admin, "", None).await;
+    assert_eq!(platform.status, 200);
+    let mut bob = FeedListener::open(&gw, "bob-feed-token", "agent=a", None).await;
+    assert_eq!(bob.status, 200);
+    let mut elsewhere = FeedListener::open(&gw, &admin, "agent=someone-else", None).await;
+    let metrics = gw.admin_call("GET", "/metrics", None);
+    assert!(
+        metrics.body.contains("tollgate_approval_feed_listeners 3"),
+        "{}",
+        metrics.body
+    );
+
+    // Pending, with the details an approver decides on; then approved.
+    let first = post_in_background(&gw, &url, r#"{"item":"book"}"#, &[]);
+    let pending = platform.expect("pending", None).await;
+    let id = pending.data["id"].as_str().expect("id").to_string();
+    assert_eq!(pending.data["agent"], "a");
+    assert_eq!(pending.data["method"], "POST");
+    assert_eq!(pending.data["url"], url.as_str());
+    assert_eq!(pending.data["run_mode"], "Review");
+    assert_eq!(
+        pending.data["body_preview"]["text"],
+        "{\n  \"item\": \"book\"\n}"
+    );
+    assert!(
+        pending.data.get("sealed_obo_token").is_none(),
+        "{pending:?}"
+    );
+    assert_eq!(bob.expect("pending", Some(&id)).await.id, pending.id);
+    let approved = gw.admin_as(
+        Some("bob-feed-token"),
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        None,
+    );
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let settled = platform.expect("approved", Some(&id)).await;
+    assert_eq!(settled.data["state"], "approved");
+    assert_eq!(settled.data["approver"], "bob");
+    assert!(
+        settled.data.get("body_preview").is_none(),
+        "settled: no preview {settled:?}"
+    );
+    bob.expect("approved", Some(&id)).await;
+    assert_eq!(first.await.expect("curl").status, 200);
+    let seen = settled.id.clone().expect("an id");
+
+    // The platform is away while a second request is held and denied.
+    drop(platform);
+    let second = post_in_background(&gw, &url, "{}", &[]);
+    let second_id = bob.expect("pending", None).await.data["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let denied = gw.admin_call(
+        "POST",
+        &format!("/v1/approvals/{second_id}/deny"),
+        Some(r#"{"reason":"no more books"}"#),
+    );
+    assert_eq!(denied.status, 200, "{denied:?}");
+    assert_eq!(second.await.expect("curl").status, 403);
+    let mut back = FeedListener::open(&gw, &admin, "", Some(&seen)).await;
+    back.expect("pending", Some(&second_id)).await;
+    let missed = back.expect("denied", Some(&second_id)).await;
+    assert_eq!(missed.data["reason"], "no more books");
+    assert!(
+        back.next(Duration::from_millis(500)).await.is_none(),
+        "only what was missed"
+    );
+
+    // The client of a third one leaves: abandoned. A new listener first gets what is
+    // pending; one with an id it cannot resume is told so, then gets the same.
+    let third = post_in_background(&gw, &url, "{}", &["--max-time", "2"]);
+    let third_id = back.expect("pending", None).await.data["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let mut late = FeedListener::open(&gw, &admin, "", None).await;
+    late.expect("pending", Some(&third_id)).await;
+    let mut stale = FeedListener::open(&gw, &admin, "", Some("0badc0de-7")).await;
+    let resync = stale.expect("resync", None).await;
+    assert!(
+        resync.data["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarted")),
+        "{resync:?}"
+    );
+    stale.expect("pending", Some(&third_id)).await;
+    assert_eq!(third.await.expect("curl").status, 0, "curl gave up");
+    for listener in [&mut back, &mut late, &mut stale] {
+        listener.expect("abandoned", Some(&third_id)).await;
+    }
+
+    // Another agent's filter saw none of it.
+    assert!(elsewhere.next(Duration::from_millis(200)).await.is_none());
+}

@@ -214,17 +214,25 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     let denied = format!("http://blocked.test:{}/nope", origin.port());
     let r = curl_async(args!["-x", gw.proxy_url(), &denied]).await;
     assert_eq!(r.status, 403, "{r:?}");
-    // Held, then approved after a while.
+    // Held, then approved after a while; its body is previewed to approvers (and on the
+    // feed), never exported.
+    let mut feed = FeedListener::open(&gw, &gw.admin_token(), "", None).await;
     let held = post_in_background(
         &gw,
         &format!("http://127.0.0.1:{}/write", origin.port()),
-        "{\"n\":1}",
+        "{\"n\":\"held-body-marker-4e2a\"}",
         &[],
     );
     let approval = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
         .as_str()
         .expect("id")
         .to_string();
+    let shown = gw.admin_call("GET", &format!("/v1/approvals/{approval}"), None);
+    assert!(shown.body.contains("held-body-marker-4e2a"), "{shown:?}");
+    let pending = feed.expect("pending", Some(&approval)).await;
+    assert!(pending.data["body_preview"]["text"]
+        .as_str()
+        .is_some_and(|t| t.contains("held-body-marker-4e2a")));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let approved = gw.admin_call(
         "POST",
@@ -314,7 +322,7 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
         "{a:?}"
     );
     assert_eq!(int(a, "http.response.status_code"), Some(200));
-    assert_eq!(int(a, "http.request.body.size"), Some(7));
+    assert_eq!(int(a, "http.request.body.size"), Some(29));
 
     // Metrics: the request counter by agent, decision and status, and the duration
     // histogram. Exports are cumulative and periodic: wait for one made after the held
@@ -379,12 +387,14 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
             "static-agent-token-6f1e",
             "query-secret-77",
             "collector-key-93b2",
+            "held-body-marker-4e2a",
         ] {
             assert!(!body.contains(secret), "{secret} exported to {}", r.path);
         }
     }
     assert!(!gw.log_contains("collector-key-93b2"));
     assert!(!gw.log_contains("static-agent-token-6f1e"));
+    assert!(!gw.log_contains("held-body-marker-4e2a"));
 }
 
 /// A span with its resource's attributes.

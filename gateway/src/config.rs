@@ -260,6 +260,10 @@ pub struct ApprovalsConfig {
     /// not shown. Never stored, logged or exported. 0: no preview.
     #[serde(default = "default_preview_bytes")]
     pub preview_bytes: usize,
+    /// How many of the latest approval events the live feed (`GET /v1/approvals/events`)
+    /// keeps, so that a listener reconnecting with `Last-Event-ID` gets what it missed.
+    #[serde(default = "default_feed_events")]
+    pub feed_events: usize,
     /// How long a token an approver lent (on-behalf-of) may be used, within its tool call;
     /// it is deleted when the tool call closes or this time has passed.
     #[serde(default = "default_obo_lifetime")]
@@ -864,6 +868,9 @@ fn default_max_held_body() -> usize {
 fn default_preview_bytes() -> usize {
     4096
 }
+fn default_feed_events() -> usize {
+    1024
+}
 fn default_obo_lifetime() -> u64 {
     3600
 }
@@ -963,6 +970,7 @@ impl Default for ApprovalsConfig {
             max_pending_per_agent: default_max_pending(),
             max_body_bytes: default_max_held_body(),
             preview_bytes: default_preview_bytes(),
+            feed_events: default_feed_events(),
             obo_token_lifetime_secs: default_obo_lifetime(),
             obo_key_file: None,
         }

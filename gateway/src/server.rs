@@ -161,6 +161,7 @@ pub async fn start(
         store.clone(),
         config.approvals.clone(),
         sealer,
+        registry.clone(),
     ));
     // Lent tokens live as long as their tool call, and no tool call survives a restart.
     approvals.forget_expired_tokens(true)?;

@@ -7,14 +7,13 @@ use pingora::protocols::http::ServerSession;
 use tollgate_storage::{ApprovalFilter, ApprovalRecord, ApprovalState};
 
 use crate::agent::RunMode;
-use crate::egress::approval::DecideError;
+use crate::egress::approval::{view, DecideError};
 use crate::egress::credentials::Secret;
 use crate::reply::{ErrorCode, Refusal};
 
 use super::auth::Caller;
 use super::respond::{json, only, read_body, store_failed};
 use super::AdminApi;
-use super::{operation, preview};
 
 impl AdminApi {
     /// `/v1/approvals…`: list, read, approve, deny (approvers' tokens open these too).
@@ -31,7 +30,7 @@ impl AdminApi {
                 let filter = approval_filter(session.req_header().uri.query().unwrap_or(""))?;
                 let approvals = self.approvals.list(&filter).map_err(decide_refusal)?;
                 let views: Vec<serde_json::Value> =
-                    approvals.iter().map(|a| self.approval_view(a)).collect();
+                    approvals.iter().map(|a| self.approvals.view(a)).collect();
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({ "approvals": views }),
@@ -40,7 +39,7 @@ impl AdminApi {
             [id] => {
                 only(method, &[Method::GET])?;
                 let record = self.approvals.get(id).map_err(decide_refusal)?;
-                Ok(json(StatusCode::OK, &self.approval_view(&record)))
+                Ok(json(StatusCode::OK, &self.approvals.view(&record)))
             }
             [id, "approve"] => {
                 only(method, &[Method::POST])?;
@@ -69,7 +68,7 @@ impl AdminApi {
                     .approve(id, &caller.name, obo_token, may_lend)
                     .await
                     .map_err(decide_refusal)?;
-                Ok(json(StatusCode::OK, &settled_view(&record)))
+                Ok(json(StatusCode::OK, &view::settled(&record)))
             }
             [id, "deny"] => {
                 only(method, &[Method::POST])?;
@@ -89,7 +88,7 @@ impl AdminApi {
                     .deny(id, &caller.name, denial.reason.trim())
                     .await
                     .map_err(decide_refusal)?;
-                Ok(json(StatusCode::OK, &settled_view(&record)))
+                Ok(json(StatusCode::OK, &view::settled(&record)))
             }
             _ => Err(Refusal::new(
                 ErrorCode::NotFound,
@@ -114,51 +113,8 @@ struct Denial {
     reason: String,
 }
 
-impl AdminApi {
-    /// An approval as approvers see it: the record without its sealed token; for an Azure
-    /// Resource Manager request, what it would do ([`operation`]); and — while this process
-    /// holds the request — a preview of its body, from memory.
-    fn approval_view(&self, record: &ApprovalRecord) -> serde_json::Value {
-        let mut view = settled_view(record);
-        let preview = self
-            .approvals
-            .held_body(&record.id)
-            .and_then(|body| preview::of(&body, self.approvals.preview_bytes()));
-        let scopes = self
-            .registry
-            .get(&record.agent)
-            .map(|agent| agent.scopes.clone())
-            .unwrap_or_default();
-        let arm = operation::of(&record.method, &record.url, &scopes);
-        if let Some(fields) = view.as_object_mut() {
-            if let Some(preview) = preview {
-                fields.insert(
-                    "body_preview".into(),
-                    serde_json::to_value(preview).unwrap_or_default(),
-                );
-            }
-            if let Some(arm) = arm {
-                fields.insert("arm".into(), serde_json::to_value(arm).unwrap_or_default());
-            }
-        }
-        view
-    }
-}
-
-/// An approval record as approvers see it: without its sealed token (they see only whether
-/// one is held).
-fn settled_view(record: &ApprovalRecord) -> serde_json::Value {
-    let obo_token_held = record.sealed_obo_token.is_some();
-    let mut view = serde_json::to_value(record).unwrap_or_default();
-    if let Some(fields) = view.as_object_mut() {
-        fields.remove("sealed_obo_token");
-        fields.insert("obo_token_held".into(), obo_token_held.into());
-    }
-    view
-}
-
 /// `state=…&agent=…` from a query string.
-fn approval_filter(query: &str) -> Result<ApprovalFilter, Refusal> {
+pub(super) fn approval_filter(query: &str) -> Result<ApprovalFilter, Refusal> {
     let mut filter = ApprovalFilter::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));

@@ -24,6 +24,7 @@
 //! | `GET /v1/policies` | the policy set in force: version, policies, rejected problems |
 //! | `POST /v1/policies/reload` | reload the policy directory now |
 //! | `GET /v1/approvals?state=pending&agent=ID` | approvals, oldest first (both filters optional) |
+//! | `GET /v1/approvals/events?agent=ID` | the live feed: Server-Sent Events `pending`, `approved`, `denied`, `expired`, `abandoned` (resumable with `Last-Event-ID`) |
 //! | `GET /v1/approvals/{id}` | one approval: the held request's method, URL, body hash, … |
 //! | `POST /v1/approvals/{id}/approve` | release the held request (once); `{"obo_token": "..."}` lends the approver's token (required for on-behalf-of approvals) |
 //! | `POST /v1/approvals/{id}/deny` | refuse it: `{"reason": "..."}` (required) |
@@ -33,9 +34,8 @@
 //! `audit` (agents' audit trails), `sessions` (a conversation thread's listener),
 //! `tool_calls`, `approvals` (list, approve, deny), `policies` (the set in force, and
 //! reloading it), `page` (the approvers' web page); `respond` holds what they share
-//! (body reading, JSON answers, method checks); `preview` is what approvers read of a held
-//! body, `operation` what a held ARM request would do. [`shown`] makes text from a sandbox safe to
-//! show a person.
+//! (body reading, JSON answers, method checks); `events` streams the live feed of approval
+//! events. [`shown`] makes text from a sandbox safe to show a person.
 
 pub mod shown;
 
@@ -43,10 +43,9 @@ mod agents;
 mod approvals;
 mod audit;
 mod auth;
-mod operation;
+mod events;
 mod page;
 mod policies;
-mod preview;
 mod respond;
 mod sessions;
 mod status;
@@ -58,8 +57,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
-use pingora::apps::http_app::ServeHttp;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
@@ -77,6 +76,9 @@ use crate::observe::metrics::{GaugeSources, Metrics};
 use crate::reply::{ErrorCode, Refusal};
 
 use respond::{json, only, refusal_response};
+
+/// The live feed's route (streamed, so served apart from the JSON routes).
+const EVENTS_PATH: &str = "/v1/approvals/events";
 
 /// The admin API application: the state it reads and changes.
 pub struct AdminApi {
@@ -225,16 +227,51 @@ impl ServerApp for AdminApp {
 }
 
 #[async_trait]
-impl ServeHttp for AdminApi {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        match self.route(session).await {
-            Ok(response) => response,
-            Err(refusal) => {
-                let method = session.req_header().method.clone();
-                let path = session.req_header().uri.path().to_string();
-                tracing::info!(%method, path, status = refusal.status, error = refusal.error, detail = %refusal.detail, "admin request refused");
-                refusal_response(&refusal)
+impl HttpServerApp for AdminApi {
+    /// One request: the feed's stream, or one JSON answer (and the connection kept for the
+    /// next request).
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return None,
+        }
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        let answer = if session.req_header().uri.path() == EVENTS_PATH {
+            match self.stream_events(&mut session, shutdown).await {
+                // The stream ran; its connection is not reused.
+                Ok(()) => return None,
+                Err(refusal) => Err(refusal),
             }
+        } else {
+            self.route(&mut session).await
+        };
+        let response = answer.unwrap_or_else(|refusal| {
+            let method = &session.req_header().method;
+            let path = session.req_header().uri.path();
+            tracing::info!(%method, path, status = refusal.status, error = refusal.error, detail = %refusal.detail, "admin request refused");
+            refusal_response(&refusal)
+        });
+        let (parts, body) = response.into_parts();
+        let head: ResponseHeader = parts.into();
+        if session.write_response_header(Box::new(head)).await.is_err() {
+            return None;
+        }
+        if !body.is_empty()
+            && session
+                .write_response_body(body.into(), true)
+                .await
+                .is_err()
+        {
+            return None;
+        }
+        let kept = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, kept)),
+            Err(_) => None,
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct Metrics {
 pub struct Gauges {
     /// Requests held for approval now.
     pub held_approvals: usize,
+    /// Listeners connected to the live feed of approval events now.
+    pub approval_feed_listeners: usize,
     /// Token cache hits, misses, and failed token requests, since start.
     pub token_cache_hits: u64,
     /// See `token_cache_hits`.
@@ -126,6 +128,7 @@ impl GaugeSources {
         let tokens = self.credentials.counters();
         Gauges {
             held_approvals: self.approvals.held(),
+            approval_feed_listeners: self.approvals.feed().listeners(),
             token_cache_hits: tokens.hits,
             token_cache_misses: tokens.misses,
             token_endpoint_errors: tokens.errors,
@@ -158,13 +161,20 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 16] = [
+pub const SCALARS: [Scalar; 17] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
         counter: false,
         help: "Requests held for approval now.",
         read: |g| g.held_approvals as u64,
+    },
+    Scalar {
+        name: "tollgate_approval_feed_listeners",
+        otel_name: "tollgate.approvals.feed_listeners",
+        counter: false,
+        help: "Listeners connected to the live feed of approval events.",
+        read: |g| g.approval_feed_listeners as u64,
     },
     Scalar {
         name: "tollgate_token_cache_hits_total",
@@ -377,6 +387,7 @@ mod tests {
     fn gauges() -> Gauges {
         Gauges {
             held_approvals: 2,
+            approval_feed_listeners: 4,
             token_cache_hits: 5,
             token_cache_misses: 1,
             token_endpoint_errors: 0,
@@ -436,6 +447,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tollgate_held_approvals 2"), "{text}");
+        assert!(
+            text.contains("tollgate_approval_feed_listeners 4"),
+            "{text}"
+        );
         assert!(
             text.contains("# TYPE tollgate_telemetry_spans_dropped_total counter\ntollgate_telemetry_spans_dropped_total 7"),
             "{text}"

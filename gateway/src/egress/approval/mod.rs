@@ -15,6 +15,16 @@
 //!
 //! Held requests cost a waiter entry and the buffered body; the store does the rest. Store
 //! writes (with their fsync) run on the blocking pool, off the proxy's worker threads.
+//!
+//! Every change of an approval's state is published on the [`feed`], once it is durable.
+//! What approvers are shown of an approval is made in [`view`]: the record, what an Azure
+//! Resource Manager request would do (`operation`), and a preview of the held body
+//! (`preview`, from memory only).
+
+pub mod feed;
+mod operation;
+mod preview;
+pub mod view;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,6 +40,7 @@ use tollgate_storage::{
 
 use crate::config::ApprovalsConfig;
 use crate::egress::credentials::{Credentials, Secret};
+use crate::egress::identity::AgentRegistry;
 use crate::egress::obo::OboSealer;
 use crate::reply::{ErrorCode, Refusal};
 
@@ -160,18 +171,58 @@ pub struct Approvals {
     sealer: OboSealer,
     /// How many requests each agent has held.
     held: Mutex<HashMap<String, usize>>,
+    /// The agents, for their RBAC scopes (an ARM request's summary says whether they cover
+    /// it).
+    registry: Arc<AgentRegistry>,
+    /// Where each change of state is published.
+    feed: feed::Feed,
 }
 
 impl Approvals {
-    /// Approvals recorded in `store`, with the limits of `settings`.
-    pub fn new(store: Arc<Store>, settings: ApprovalsConfig, sealer: OboSealer) -> Self {
+    /// Approvals recorded in `store`, with the limits of `settings`, of the agents in
+    /// `registry`.
+    pub fn new(
+        store: Arc<Store>,
+        settings: ApprovalsConfig,
+        sealer: OboSealer,
+        registry: Arc<AgentRegistry>,
+    ) -> Self {
         Approvals {
+            feed: feed::Feed::new(settings.feed_events),
             store,
             settings,
             sealer,
             waiters: Mutex::default(),
             held: Mutex::default(),
+            registry,
         }
+    }
+
+    /// The live feed of approval events.
+    pub fn feed(&self) -> &feed::Feed {
+        &self.feed
+    }
+
+    /// `record` as approvers see it ([`view::detailed`]): with what an ARM request would do
+    /// for its agent's scopes now, and a preview of its body while this process holds it.
+    pub fn view(&self, record: &ApprovalRecord) -> serde_json::Value {
+        let body = self.held_body(&record.id);
+        self.view_with(record, body.as_deref())
+    }
+
+    fn view_with(&self, record: &ApprovalRecord, body: Option<&[u8]>) -> serde_json::Value {
+        let scopes = self
+            .registry
+            .get(&record.agent)
+            .map(|agent| agent.scopes.clone())
+            .unwrap_or_default();
+        view::detailed(record, &scopes, body, self.settings.preview_bytes)
+    }
+
+    /// Publishes `record`'s state on the feed (`body`: the held body, for a pending one).
+    fn announce(&self, record: &ApprovalRecord, body: Option<&[u8]>) {
+        self.feed
+            .publish(record.state, &record.agent, &self.view_with(record, body));
     }
 
     /// The largest body a held request may have.
@@ -251,6 +302,7 @@ impl Approvals {
             agent = record.agent, approval = record.id, method = record.method,
             kind = ?record.kind, "request held for approval"
         );
+        self.announce(&record, Some(&request.body));
         let settled = self.wait(&record.id, decided, timeout, client_gone).await;
         drop(slot);
         match settled {
@@ -320,6 +372,7 @@ impl Approvals {
             Ok(record) => {
                 // Settled: the slot has nothing left to abandon when it is dropped.
                 self.waiters.lock().remove(id);
+                self.announce(&record, None);
                 tracing::info!(
                     approval = id,
                     state = by_gateway.as_str(),
@@ -426,6 +479,7 @@ impl Approvals {
         if let Some(waiter) = self.waiters.lock().remove(id) {
             let _ = waiter.verdict.send((record.clone(), obo_token));
         }
+        self.announce(&record, None);
         tracing::info!(
             approval = id,
             agent = record.agent,
@@ -572,8 +626,8 @@ impl Drop for HeldSlot<'_> {
                 .store
                 .settle(&self.id, Settlement::by_gateway(ApprovalState::Abandoned))
             {
-                Ok(_) | Err(StoreError::AlreadySettled { .. }) | Err(StoreError::NoApproval(_)) => {
-                }
+                Ok(record) => self.approvals.announce(&record, None),
+                Err(StoreError::AlreadySettled { .. }) | Err(StoreError::NoApproval(_)) => {}
                 Err(e) => {
                     tracing::warn!(approval = self.id, error = %e, "could not abandon a dropped hold")
                 }
