@@ -2,7 +2,8 @@
 //! `tollgate-e2e-bench` (`src/e2e.rs`: direct, a bare pingora pass-through, Squid and
 //! Tollgate side by side), `tollgate-passthrough` (`src/passthrough.rs`: that pass-through),
 //! `tollgate-held-bench` (`src/held.rs`: memory of requests held for approval, and the
-//! latency of releasing one), `tollgate-soak` (`src/soak.rs`: memory and file descriptors
+//! latency of releasing one), `tollgate-feed-bench` (`src/feed.rs`: the live feed of
+//! approvals with many listeners), `tollgate-soak` (`src/soak.rs`: memory and file descriptors
 //! under long mixed load) and `tollgate-microvm-bench` (`src/microvm.rs`: sandbox start-up
 //! and memory).
 //!
