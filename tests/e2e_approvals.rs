@@ -751,7 +751,10 @@ async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_
     std::fs::write(&token_file, "bob-feed-token\n").expect("token");
     let gw = start_in(
         dir,
-        &format!("[[admin.approvers]]\nname = \"bob\"\ntoken = {{ file = {token_file:?} }}\n"),
+        &format!(
+            "[approvals]\nfeed_listeners = 5\n\
+             [[admin.approvers]]\nname = \"bob\"\ntoken = {{ file = {token_file:?} }}\n"
+        ),
     );
     let url = format!("http://127.0.0.1:{}/orders", origin.port());
     let admin = gw.admin_token();
@@ -777,9 +780,13 @@ async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_
 
     let mut platform = FeedListener::open(&gw, &admin, "", None).await;
     assert_eq!(platform.status, 200);
+    let synced = platform.expect("synced", None).await;
+    assert_eq!(synced.data["pending"], 0, "{synced:?}");
     let mut bob = FeedListener::open(&gw, "bob-feed-token", "agent=a", None).await;
     assert_eq!(bob.status, 200);
+    bob.expect("synced", None).await;
     let mut elsewhere = FeedListener::open(&gw, &admin, "agent=someone-else", None).await;
+    elsewhere.expect("synced", None).await;
     let metrics = gw.admin_call("GET", "/metrics", None);
     assert!(
         metrics.body.contains("tollgate_approval_feed_listeners 3"),
@@ -837,7 +844,11 @@ async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_
     assert_eq!(denied.status, 200, "{denied:?}");
     assert_eq!(second.await.expect("curl").status, 403);
     let mut back = FeedListener::open(&gw, &admin, "", Some(&seen)).await;
-    back.expect("pending", Some(&second_id)).await;
+    let replayed = back.expect("pending", Some(&second_id)).await;
+    assert!(
+        replayed.data.get("body_preview").is_none(),
+        "a settled request's preview is not replayed: {replayed:?}"
+    );
     let missed = back.expect("denied", Some(&second_id)).await;
     assert_eq!(missed.data["reason"], "no more books");
     assert!(
@@ -853,7 +864,10 @@ async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_
         .expect("id")
         .to_string();
     let mut late = FeedListener::open(&gw, &admin, "", None).await;
-    late.expect("pending", Some(&third_id)).await;
+    let snapshot = late.expect("pending", Some(&third_id)).await;
+    assert_eq!(snapshot.id, None, "what is pending comes without ids");
+    let synced = late.expect("synced", None).await;
+    assert_eq!(synced.data["pending"], 1);
     let mut stale = FeedListener::open(&gw, &admin, "", Some("0badc0de-7")).await;
     let resync = stale.expect("resync", None).await;
     assert!(
@@ -863,6 +877,14 @@ async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_
         "{resync:?}"
     );
     stale.expect("pending", Some(&third_id)).await;
+    assert_eq!(stale.expect("synced", None).await.id, synced.id);
+    // Five listen now (bob, elsewhere, back, late, stale): the limit.
+    let sixth = gw.admin_call("GET", "/v1/approvals/events", None);
+    assert_eq!(
+        (sixth.status, sixth.json()["error"].as_str()),
+        (503, Some("too_many_listeners")),
+        "{sixth:?}"
+    );
     assert_eq!(third.await.expect("curl").status, 0, "curl gave up");
     for listener in [&mut back, &mut late, &mut stale] {
         listener.expect("abandoned", Some(&third_id)).await;
@@ -870,4 +892,166 @@ async fn the_feed_streams_approvals_from_pending_to_settled_and_resumes_after_a_
 
     // Another agent's filter saw none of it.
     assert!(elsewhere.next(Duration::from_millis(200)).await.is_none());
+}
+
+/// One `POST` a webhook receiver got: its headers (lower-case names) and body.
+#[derive(Debug, Clone)]
+struct Delivery {
+    headers: std::collections::HashMap<String, String>,
+    body: String,
+    status: u16,
+}
+
+/// A webhook receiver on loopback: answers each `POST` with the next status of `script`
+/// (200 once it is used up) and records it.
+fn webhook_receiver(
+    script: Vec<u16>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>,
+) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        let mut script = script.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let head_end = loop {
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            let headers: std::collections::HashMap<String, String> = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let length: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + length {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+            let status = script.next().unwrap_or(200);
+            seen.lock().expect("lock").push(Delivery {
+                headers,
+                body,
+                status,
+            });
+            let _ = stream.write_all(
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    (addr, got)
+}
+
+/// Webhooks: every approval event is POSTed to the configured URL, in order, signed with
+/// HMAC-SHA256 over the timestamp and the body, and retried after a failure; the secret is
+/// never sent or logged. A webhook in the clear off the host is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_get_each_approval_event_signed_and_retried() {
+    if no_curl() {
+        return;
+    }
+    let refused_dir = tempfile::tempdir().expect("tempdir");
+    let refused = start_fails(
+        refused_dir.path(),
+        "[[approvals.webhooks]]\nurl = \"http://192.0.2.1/hook\"\nsecret = { env = \"NOPE\" }\n",
+    );
+    assert!(refused.contains("use https"), "{refused}");
+
+    let origin = Origin::http();
+    let (receiver, deliveries) = webhook_receiver(vec![500]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, "whsec-6a1f-not-for-the-wire\n").expect("secret");
+    let gw = start_in(
+        dir,
+        &format!(
+            "[[approvals.webhooks]]\nurl = \"http://{receiver}/tollgate?k=v\"\n\
+             secret = {{ file = {secret_file:?} }}\n"
+        ),
+    );
+    let url = format!("http://127.0.0.1:{}/orders", origin.port());
+    let held = post_in_background(&gw, &url, r#"{"n":1}"#, &[]);
+    let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(held.await.expect("curl").status, 200);
+
+    // The pending event is refused once (500), tried again a second later, then the
+    // approved event follows: three POSTs, in order.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got = deliveries.lock().expect("lock").clone();
+        if got.len() >= 3 || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let events: Vec<(&str, u16)> = got
+        .iter()
+        .map(|d| (d.headers["tollgate-event"].as_str(), d.status))
+        .collect();
+    assert_eq!(
+        events,
+        vec![("pending", 500), ("pending", 200), ("approved", 200)],
+        "{got:?}"
+    );
+    assert_eq!(got[0].body, got[1].body, "a retry sends the same event");
+    assert_eq!(
+        got[0].headers["tollgate-event-id"],
+        got[1].headers["tollgate-event-id"]
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"whsec-6a1f-not-for-the-wire");
+    for delivery in &got {
+        let body: serde_json::Value = serde_json::from_str(&delivery.body).expect("JSON");
+        assert_eq!(body["id"], id.as_str());
+        let timestamp = &delivery.headers["tollgate-timestamp"];
+        let signed = format!("{timestamp}.{}", delivery.body);
+        let expected = hex::encode(ring::hmac::sign(&key, signed.as_bytes()).as_ref());
+        assert_eq!(
+            delivery.headers["tollgate-signature"],
+            format!("sha256={expected}"),
+            "{delivery:?}"
+        );
+        assert!(!delivery.headers.values().any(|v| v.contains("whsec-6a1f")));
+        assert!(!delivery.body.contains("whsec-6a1f"));
+    }
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&got[2].body).expect("JSON")["state"],
+        "approved"
+    );
+    let metrics = gw.admin_call("GET", "/metrics", None);
+    assert!(
+        metrics
+            .body
+            .contains("tollgate_webhook_events_failed_total 0"),
+        "{}",
+        metrics.body
+    );
+    assert!(gw.log_contains("a webhook did not take an approval event"));
+    assert!(!gw.log().contains("whsec-6a1f"));
+    assert!(!gw.log().contains("k=v"), "the URL's query is not logged");
 }

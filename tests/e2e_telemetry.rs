@@ -217,6 +217,7 @@ async fn spans_metrics_and_logs_reach_an_otlp_http_collector_without_secrets() {
     // Held, then approved after a while; its body is previewed to approvers (and on the
     // feed), never exported.
     let mut feed = FeedListener::open(&gw, &gw.admin_token(), "", None).await;
+    feed.expect("synced", None).await;
     let held = post_in_background(
         &gw,
         &format!("http://127.0.0.1:{}/write", origin.port()),

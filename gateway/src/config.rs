@@ -264,6 +264,15 @@ pub struct ApprovalsConfig {
     /// keeps, so that a listener reconnecting with `Last-Event-ID` gets what it missed.
     #[serde(default = "default_feed_events")]
     pub feed_events: usize,
+    /// The most bytes those events may take together (older ones are dropped first).
+    #[serde(default = "default_feed_bytes")]
+    pub feed_bytes: usize,
+    /// How many listeners the live feed takes at once; more are refused (503).
+    #[serde(default = "default_feed_listeners")]
+    pub feed_listeners: usize,
+    /// URLs every approval event is also `POST`ed to, signed (`[[approvals.webhooks]]`).
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
     /// How long a token an approver lent (on-behalf-of) may be used, within its tool call;
     /// it is deleted when the tool call closes or this time has passed.
     #[serde(default = "default_obo_lifetime")]
@@ -273,6 +282,24 @@ pub struct ApprovalsConfig {
     /// environment variable overrides both.
     #[serde(default)]
     pub obo_key_file: Option<PathBuf>,
+}
+
+/// `[[approvals.webhooks]]`: a URL each approval event is `POST`ed to, for platforms that
+/// prefer a push to reading the live feed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where events go: `https://…` (plain `http://` for loopback only).
+    pub url: String,
+    /// The key each event's signature (`tollgate-signature`, HMAC-SHA256) is made with; never
+    /// sent.
+    pub secret: SecretSource,
+    /// How many times one event is tried before it is given up.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// How long one try may take.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 /// `[storage]`: the durable store under the data directory.
@@ -871,6 +898,18 @@ fn default_preview_bytes() -> usize {
 fn default_feed_events() -> usize {
     1024
 }
+fn default_feed_bytes() -> usize {
+    8 << 20
+}
+fn default_feed_listeners() -> usize {
+    4096
+}
+fn default_webhook_attempts() -> u32 {
+    8
+}
+fn default_webhook_timeout_ms() -> u64 {
+    5000
+}
 fn default_obo_lifetime() -> u64 {
     3600
 }
@@ -971,6 +1010,9 @@ impl Default for ApprovalsConfig {
             max_body_bytes: default_max_held_body(),
             preview_bytes: default_preview_bytes(),
             feed_events: default_feed_events(),
+            feed_bytes: default_feed_bytes(),
+            feed_listeners: default_feed_listeners(),
+            webhooks: Vec::new(),
             obo_token_lifetime_secs: default_obo_lifetime(),
             obo_key_file: None,
         }

@@ -95,6 +95,8 @@ pub enum ErrorCode {
     StorageUnavailable,
     /// 503: `/readyz`: the gateway is still starting.
     NotReady,
+    /// 503: admin API: the live feed has as many listeners as `approvals.feed_listeners` allows.
+    TooManyListeners,
     /// 504: the origin (or its name resolution) did not answer in time.
     UpstreamTimeout,
     /// 505: a CONNECT head that is not HTTP/1.x.
@@ -191,6 +193,7 @@ impl ErrorCode {
             ErrorCode::UpstreamError => "upstream_error",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::NotReady => "not_ready",
+            ErrorCode::TooManyListeners => "too_many_listeners",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::HttpVersionNotSupported => "http_version_not_supported",
         }
@@ -233,7 +236,9 @@ impl ErrorCode {
             | ErrorCode::UpstreamUnreachable
             | ErrorCode::UpstreamTlsFailed
             | ErrorCode::UpstreamError => 502,
-            ErrorCode::StorageUnavailable | ErrorCode::NotReady => 503,
+            ErrorCode::StorageUnavailable | ErrorCode::NotReady | ErrorCode::TooManyListeners => {
+                503
+            }
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::HttpVersionNotSupported => 505,
         }

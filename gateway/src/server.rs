@@ -36,6 +36,7 @@ use crate::egress::upstream::Upstream;
 use crate::observe::audit::AuditTrail;
 use crate::observe::metrics::{GaugeSources, Metrics};
 use crate::observe::telemetry::Telemetry;
+use crate::observe::webhook::{self, Webhook};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,9 @@ pub enum StartError {
     /// An approver's token could not be read from its file or environment variable.
     #[error("admin.approvers: {0}")]
     Approver(String),
+    /// A webhook's URL is not accepted, or its secret could not be read.
+    #[error("approvals.webhooks: {0}")]
+    Webhook(String),
 }
 
 /// A running gateway: where it listens, and the handle to stop it.
@@ -143,6 +147,13 @@ pub async fn start(
     let registry = Arc::new(AgentRegistry::new(config.agents.iter().cloned())?);
     registry.put_all(store.agents::<Agent>()?)?;
     let approvers = load_approvers(config)?;
+    let webhooks = config
+        .approvals
+        .webhooks
+        .iter()
+        .map(Webhook::load)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StartError::Webhook)?;
     let policies = Arc::new(PolicyStore::load(config.policy.dir.as_deref())?);
 
     let server_conf = Arc::new(ServerConf {
@@ -272,6 +283,16 @@ pub async fn start(
     tasks.push(prune_history(
         store.clone(),
         Duration::from_secs(config.storage.retention_days * 86_400),
+        watch.clone(),
+    ));
+    // Webhooks reach the platform with the same trusted roots as origins.
+    let webhook_connector = Arc::new(pingora::connectors::http::Connector::new(Some(
+        pingora::connectors::ConnectorOptions::from_server_conf(&server_conf),
+    )));
+    tasks.extend(webhook::spawn(
+        webhooks,
+        approvals.clone(),
+        webhook_connector,
         watch.clone(),
     ));
     let gauges = Arc::new(GaugeSources {

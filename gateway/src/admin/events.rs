@@ -29,6 +29,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// is disconnected (it reconnects with `Last-Event-ID` and misses nothing the ring holds).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many bytes of frames one write carries at most (a backlog is sent in several).
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// How long a disconnected client should wait before reconnecting (the `retry:` field).
 const RETRY: &[u8] = b"retry: 2000\n\n";
 
@@ -45,7 +48,15 @@ impl AdminApi {
         only(&session.req_header().method, &[Method::GET])?;
         let agent = agent_filter(session.req_header().uri.query().unwrap_or(""))?;
         let feed = self.approvals.feed();
-        let _listening = feed.listen();
+        let max = self.approvals.feed_listeners();
+        let Some(_listening) = feed.listen(max) else {
+            return Err(Refusal::new(
+                ErrorCode::TooManyListeners,
+                format!(
+                    "the live feed already has {max} listeners (approvals.feed_listeners);                      close one, or list approvals with GET /v1/approvals"
+                ),
+            ));
+        };
         // Subscribed before anything is read, so nothing published from here on is missed.
         let mut published = feed.subscribe();
         let last_event_id = session
@@ -84,38 +95,50 @@ impl AdminApi {
             }
         };
         let mut stopping = shutdown.clone();
-        loop {
+        let mut quiet_until = tokio::time::Instant::now() + KEEP_ALIVE;
+        'stream: loop {
             published.borrow_and_update();
-            match feed.after(last) {
-                Ok(events) => {
-                    for event in &events {
-                        if agent.as_deref().is_none_or(|a| a == event.agent) {
-                            out.extend_from_slice(&event.frame);
-                        }
-                    }
-                    if let Some(newest) = events.last() {
-                        last = newest.seq;
-                    }
-                }
+            let events = match feed.after(last) {
+                Ok(events) => events,
                 Err(_lagged) => {
                     out.extend_from_slice(&resync(
                         "the events after the last one sent are no longer kept",
                     ));
                     last = self.pending_now(agent.as_deref(), &mut out);
+                    Vec::new()
+                }
+            };
+            for event in &events {
+                if agent.as_deref().is_none_or(|a| a == event.agent) {
+                    out.extend_from_slice(&event.frame);
+                }
+                last = event.seq;
+                // A listener far behind gets its backlog in bounded writes, not one copy.
+                if out.len() >= BATCH_BYTES {
+                    if !send(session, out.split().freeze()).await {
+                        break 'stream;
+                    }
+                    quiet_until = tokio::time::Instant::now() + KEEP_ALIVE;
                 }
             }
-            if !out.is_empty() && !send(session, out.split().freeze()).await {
-                break;
+            if !out.is_empty() {
+                if !send(session, out.split().freeze()).await {
+                    break;
+                }
+                quiet_until = tokio::time::Instant::now() + KEEP_ALIVE;
             }
             if *stopping.borrow() {
                 // The gateway is stopping: end the stream properly; the listener reconnects
                 // (to whichever gateway comes up) and is told to resync.
-                let _ = session.write_response_body(Bytes::new(), true).await;
+                let end = session.write_response_body(Bytes::new(), true);
+                let _ = tokio::time::timeout(Duration::from_secs(1), end).await;
                 break;
             }
             tokio::select! {
                 changed = published.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep(KEEP_ALIVE) => out.extend_from_slice(b": keep-alive\n\n"),
+                // Counted from the last write: a listener whose agent is quiet still gets it
+                // while other agents' events wake this loop.
+                _ = tokio::time::sleep_until(quiet_until) => out.extend_from_slice(b": keep-alive\n\n"),
                 // A GET has no body: this ends when the listener leaves (or sends bytes it
                 // should not).
                 _ = session.read_body_or_idle(true) => break,
@@ -126,13 +149,14 @@ impl AdminApi {
         Ok(())
     }
 
-    /// Writes one `pending` event per approval pending now into `out`, each with the id of
-    /// the feed's place before they were read; returns that place (where the listener
-    /// continues).
+    /// Writes one `pending` event per approval pending now into `out`, then a `synced`
+    /// event with the id of the feed's place before they were read; returns that place
+    /// (where the listener continues). The `pending` events carry no id, so that a listener
+    /// cut off within them resumes before them all (with the previous id, or none) and gets
+    /// them again.
     fn pending_now(&self, agent: Option<&str>, out: &mut BytesMut) -> u64 {
         let feed = self.approvals.feed();
         let at = feed.head();
-        let id = feed.id(at);
         let filter = ApprovalFilter {
             agent: agent.map(str::to_string),
             state: Some(ApprovalState::Pending),
@@ -142,18 +166,18 @@ impl AdminApi {
                 for record in &pending {
                     let data = serde_json::to_string(&self.approvals.view(record))
                         .unwrap_or_else(|_| "{}".into());
-                    out.extend_from_slice(&frame(
-                        Some(&id),
-                        ApprovalState::Pending.as_str(),
-                        &data,
-                    ));
+                    out.extend_from_slice(&frame(None, ApprovalState::Pending.as_str(), &data));
                 }
+                let data = serde_json::json!({ "pending": pending.len() }).to_string();
+                out.extend_from_slice(&frame(Some(&feed.id(at)), "synced", &data));
             }
             Err(e) => {
                 // The listener still gets every event from here on; it is told the list of
                 // what was already pending is missing.
                 tracing::error!(error = %e, "the approval feed could not list pending approvals");
-                out.extend_from_slice(&resync("the approvals pending now could not be read; list them with GET /v1/approvals?state=pending"));
+                out.extend_from_slice(&resync(
+                    "the approvals pending now could not be read; list them with GET /v1/approvals?state=pending",
+                ));
             }
         }
         at

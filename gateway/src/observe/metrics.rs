@@ -68,6 +68,8 @@ pub struct Gauges {
     pub held_approvals: usize,
     /// Listeners connected to the live feed of approval events now.
     pub approval_feed_listeners: usize,
+    /// Approval events a webhook was not given (tries used up, or left the feed), since start.
+    pub webhook_events_failed: u64,
     /// Token cache hits, misses, and failed token requests, since start.
     pub token_cache_hits: u64,
     /// See `token_cache_hits`.
@@ -129,6 +131,7 @@ impl GaugeSources {
         Gauges {
             held_approvals: self.approvals.held(),
             approval_feed_listeners: self.approvals.feed().listeners(),
+            webhook_events_failed: crate::observe::webhook::failed(),
             token_cache_hits: tokens.hits,
             token_cache_misses: tokens.misses,
             token_endpoint_errors: tokens.errors,
@@ -161,7 +164,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 17] = [
+pub const SCALARS: [Scalar; 18] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -175,6 +178,13 @@ pub const SCALARS: [Scalar; 17] = [
         counter: false,
         help: "Listeners connected to the live feed of approval events.",
         read: |g| g.approval_feed_listeners as u64,
+    },
+    Scalar {
+        name: "tollgate_webhook_events_failed_total",
+        otel_name: "tollgate.approvals.webhook_events_failed",
+        counter: true,
+        help: "Approval events a webhook was not given: tries used up, or left the feed first.",
+        read: |g| g.webhook_events_failed,
     },
     Scalar {
         name: "tollgate_token_cache_hits_total",
@@ -388,6 +398,7 @@ mod tests {
         Gauges {
             held_approvals: 2,
             approval_feed_listeners: 4,
+            webhook_events_failed: 0,
             token_cache_hits: 5,
             token_cache_misses: 1,
             token_endpoint_errors: 0,

@@ -12,3 +12,4 @@ pub mod audit;
 pub mod metrics;
 pub mod queue;
 pub mod telemetry;
+pub mod webhook;

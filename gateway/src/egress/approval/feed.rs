@@ -28,8 +28,36 @@ pub struct Event {
     pub seq: u64,
     /// The agent whose approval it is (listeners may ask for one agent's events only).
     pub agent: String,
+    /// The approval's id.
+    approval: String,
+    /// Its name: the approval's state (`pending`, `approved`, …).
+    pub name: &'static str,
     /// The whole Server-Sent Events frame (`id`, `event`, `data` lines and the blank line).
     pub frame: Bytes,
+    /// Where the data (the approval, JSON) lies in `frame`.
+    data: std::ops::Range<usize>,
+}
+
+impl Event {
+    /// An event with id `id` (its `seq` is set by the caller).
+    fn new(id: String, name: &'static str, approval: &str, agent: &str, data: &str) -> Event {
+        let frame = frame(Some(&id), name, data);
+        // The data line is the frame's last, before its two line feeds.
+        let data_end = frame.len() - 2;
+        Event {
+            seq: 0,
+            agent: agent.to_string(),
+            approval: approval.to_string(),
+            name,
+            data: data_end - data.len()..data_end,
+            frame,
+        }
+    }
+
+    /// The event's data: the approval as approvers see it (JSON), shared with `frame`.
+    pub fn data(&self) -> Bytes {
+        self.frame.slice(self.data.clone())
+    }
 }
 
 /// Where a listener starts reading, from the `Last-Event-ID` it sent.
@@ -54,6 +82,9 @@ pub struct Feed {
     generation: String,
     /// How many events the ring keeps for listeners that reconnect.
     capacity: usize,
+    /// How many bytes of frames the ring keeps at most (a sandbox chooses how long its URLs
+    /// and commands are).
+    max_bytes: usize,
     ring: Mutex<Ring>,
     /// The place of the latest event; listeners wait for it to change.
     head: watch::Sender<u64>,
@@ -74,24 +105,31 @@ impl Drop for Listening<'_> {
 struct Ring {
     events: VecDeque<Arc<Event>>,
     last_seq: u64,
+    /// The frames' bytes, together.
+    bytes: usize,
 }
 
 impl Feed {
-    /// A feed that keeps the latest `capacity` events (at least one).
-    pub fn new(capacity: usize) -> Self {
+    /// A feed that keeps the latest `capacity` events (at least one), within `max_bytes`.
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Feed {
             generation: format!("{:08x}", rand::random::<u32>()),
             capacity: capacity.max(1),
+            max_bytes,
             ring: Mutex::default(),
             head: watch::Sender::new(0),
             listeners: AtomicUsize::new(0),
         }
     }
 
-    /// Counts a listener until the guard is dropped.
-    pub fn listen(&self) -> Listening<'_> {
-        self.listeners.fetch_add(1, Ordering::Relaxed);
-        Listening(self)
+    /// Counts a listener until the guard is dropped; `None` when `max` are listening.
+    pub fn listen(&self, max: usize) -> Option<Listening<'_>> {
+        self.listeners
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Listening(self))
     }
 
     /// How many listeners are connected now.
@@ -99,26 +137,72 @@ impl Feed {
         self.listeners.load(Ordering::Relaxed)
     }
 
-    /// Publishes that an approval of `agent` is now in `state`; `view` is the approval as
-    /// approvers see it (the event's data).
-    pub fn publish(&self, state: ApprovalState, agent: &str, view: &serde_json::Value) {
+    /// Publishes that approval `approval` of `agent` is now in `state`; `view` is the
+    /// approval as approvers see it (the event's data).
+    ///
+    /// Once an approval is settled, its `pending` event still in the ring loses its body
+    /// preview: the preview is shown while the request is held, and a listener resuming
+    /// later must not read it.
+    pub fn publish(
+        &self,
+        state: ApprovalState,
+        approval: &str,
+        agent: &str,
+        view: &serde_json::Value,
+    ) {
         let data = serde_json::to_string(view).unwrap_or_else(|_| "{}".into());
         let seq = {
             let mut ring = self.ring.lock();
             ring.last_seq += 1;
             let seq = ring.last_seq;
-            let frame = frame(Some(&self.id(seq)), state.as_str(), &data);
-            if ring.events.len() == self.capacity {
-                ring.events.pop_front();
-            }
-            ring.events.push_back(Arc::new(Event {
+            let event = Event {
                 seq,
-                agent: agent.to_string(),
-                frame,
-            }));
+                ..Event::new(self.id(seq), state.as_str(), approval, agent, &data)
+            };
+            if state != ApprovalState::Pending {
+                self.scrub_preview(&mut ring, approval);
+            }
+            ring.bytes += event.frame.len();
+            ring.events.push_back(Arc::new(event));
+            while ring.events.len() > self.capacity
+                || (ring.bytes > self.max_bytes && ring.events.len() > 1)
+            {
+                if let Some(old) = ring.events.pop_front() {
+                    ring.bytes -= old.frame.len();
+                }
+            }
             seq
         };
         self.head.send_replace(seq);
+    }
+
+    /// Replaces `approval`'s `pending` event in the ring, if it is there with a body
+    /// preview, by one without.
+    fn scrub_preview(&self, ring: &mut Ring, approval: &str) {
+        let Some(slot) = ring
+            .events
+            .iter_mut()
+            .rev()
+            .find(|e| e.approval == approval && e.name == ApprovalState::Pending.as_str())
+        else {
+            return;
+        };
+        let Ok(mut data) = serde_json::from_slice::<serde_json::Value>(&slot.data()) else {
+            return;
+        };
+        let removed = data
+            .as_object_mut()
+            .and_then(|fields| fields.remove("body_preview"));
+        if removed.is_none() {
+            return;
+        }
+        let text = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
+        let scrubbed = Event {
+            seq: slot.seq,
+            ..Event::new(self.id(slot.seq), slot.name, approval, &slot.agent, &text)
+        };
+        ring.bytes = ring.bytes - slot.frame.len() + scrubbed.frame.len();
+        *slot = Arc::new(scrubbed);
     }
 
     /// A receiver that wakes when an event is published.
@@ -203,8 +287,8 @@ mod tests {
 
     #[test]
     fn events_are_framed_once_with_ids_of_this_process() {
-        let feed = Feed::new(8);
-        feed.publish(ApprovalState::Pending, "agent-1", &view(1));
+        let feed = Feed::new(8, 1 << 20);
+        feed.publish(ApprovalState::Pending, "a1", "agent-1", &view(1));
         let events = feed.after(0).expect("kept");
         assert_eq!(events.len(), 1);
         let text = std::str::from_utf8(&events[0].frame).expect("utf-8");
@@ -216,15 +300,20 @@ mod tests {
             )
         );
         assert_eq!(events[0].agent, "agent-1");
+        assert_eq!(events[0].name, "pending");
+        assert_eq!(
+            &events[0].data()[..],
+            br#"{"id":"a1","note":"line\nbreak"}"#
+        );
     }
 
     #[test]
     fn a_listener_resumes_after_its_last_event_while_the_ring_holds_what_followed() {
-        let feed = Feed::new(3);
+        let feed = Feed::new(3, 1 << 20);
         assert_eq!(feed.start(None), Start::Fresh);
         assert_eq!(feed.start(Some(&feed.id(0))), Start::After(0));
         for n in 1..=5 {
-            feed.publish(ApprovalState::Pending, "a", &view(n));
+            feed.publish(ApprovalState::Pending, &format!("a{n}"), "a", &view(n));
         }
         // The ring keeps 3..=5: resuming after 2, 3 or 4 misses nothing.
         assert_eq!(feed.start(Some(&feed.id(2))), Start::After(2));
@@ -238,9 +327,9 @@ mod tests {
 
     #[test]
     fn ids_of_another_process_or_of_no_event_are_not_resumed() {
-        let feed = Feed::new(4);
-        feed.publish(ApprovalState::Approved, "a", &view(1));
-        let other = Feed::new(4);
+        let feed = Feed::new(4, 1 << 20);
+        feed.publish(ApprovalState::Approved, "a1", "a", &view(1));
+        let other = Feed::new(4, 1 << 20);
         for id in [
             other.id(1),
             feed.id(2),
@@ -256,11 +345,58 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscriber_wakes_when_an_event_is_published() {
-        let feed = Feed::new(4);
+        let feed = Feed::new(4, 1 << 20);
         let mut head = feed.subscribe();
-        feed.publish(ApprovalState::Denied, "a", &view(1));
+        feed.publish(ApprovalState::Denied, "a1", "a", &view(1));
         head.changed().await.expect("the feed is alive");
         assert_eq!(*head.borrow(), 1);
         assert_eq!(feed.head(), 1);
+    }
+
+    #[test]
+    fn a_settled_approvals_pending_event_loses_its_preview_in_the_ring() {
+        let feed = Feed::new(8, 1 << 20);
+        let pending = serde_json::json!({ "id": "x", "body_preview": { "text": "secret-ish" } });
+        feed.publish(ApprovalState::Pending, "x", "a", &pending);
+        feed.publish(ApprovalState::Pending, "y", "a", &pending);
+        feed.publish(
+            ApprovalState::Approved,
+            "x",
+            "a",
+            &serde_json::json!({ "id": "x" }),
+        );
+        let events = feed.after(0).expect("kept");
+        let texts: Vec<String> = events
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.frame).into_owned())
+            .collect();
+        assert!(!texts[0].contains("secret-ish"), "{texts:?}");
+        assert!(texts[0].starts_with(&format!("id: {}\nevent: pending\n", feed.id(1))));
+        assert!(
+            texts[1].contains("secret-ish"),
+            "y is still held: {texts:?}"
+        );
+        assert_eq!(events[0].seq, 1);
+    }
+
+    #[test]
+    fn the_ring_keeps_within_its_bytes() {
+        let feed = Feed::new(100, 1000);
+        let big = serde_json::json!({ "url": "u".repeat(300) });
+        for n in 0..10 {
+            feed.publish(ApprovalState::Pending, &format!("a{n}"), "a", &big);
+        }
+        let kept = feed.after(feed.head() - 1).expect("the latest is kept");
+        assert_eq!(kept.len(), 1);
+        let ring = feed.ring.lock();
+        assert!(
+            ring.bytes <= 1000 && ring.events.len() < 10,
+            "{} bytes",
+            ring.bytes
+        );
+        assert_eq!(
+            ring.bytes,
+            ring.events.iter().map(|e| e.frame.len()).sum::<usize>()
+        );
     }
 }

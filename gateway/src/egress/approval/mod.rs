@@ -188,7 +188,7 @@ impl Approvals {
         registry: Arc<AgentRegistry>,
     ) -> Self {
         Approvals {
-            feed: feed::Feed::new(settings.feed_events),
+            feed: feed::Feed::new(settings.feed_events, settings.feed_bytes),
             store,
             settings,
             sealer,
@@ -201,6 +201,11 @@ impl Approvals {
     /// The live feed of approval events.
     pub fn feed(&self) -> &feed::Feed {
         &self.feed
+    }
+
+    /// How many listeners the feed takes at once (`approvals.feed_listeners`).
+    pub fn feed_listeners(&self) -> usize {
+        self.settings.feed_listeners
     }
 
     /// `record` as approvers see it ([`view::detailed`]): with what an ARM request would do
@@ -219,10 +224,27 @@ impl Approvals {
         view::detailed(record, &scopes, body, self.settings.preview_bytes)
     }
 
-    /// Publishes `record`'s state on the feed (`body`: the held body, for a pending one).
-    fn announce(&self, record: &ApprovalRecord, body: Option<&[u8]>) {
-        self.feed
-            .publish(record.state, &record.agent, &self.view_with(record, body));
+    /// Publishes `record`'s settled state on the feed.
+    fn announce(&self, record: &ApprovalRecord) {
+        self.feed.publish(
+            record.state,
+            &record.id,
+            &record.agent,
+            &self.view_with(record, None),
+        );
+    }
+
+    /// Publishes that `record` is pending, with a preview of its held `body` — unless it was
+    /// settled already (an approver can act as soon as it is stored): its waiter is gone
+    /// then. Under the waiters' lock, so that a settlement (which removes the waiter first)
+    /// is always published after it.
+    fn announce_pending(&self, record: &ApprovalRecord, body: &[u8]) {
+        let view = self.view_with(record, Some(body));
+        let waiters = self.waiters.lock();
+        if waiters.contains_key(&record.id) {
+            self.feed
+                .publish(record.state, &record.id, &record.agent, &view);
+        }
     }
 
     /// The largest body a held request may have.
@@ -302,7 +324,7 @@ impl Approvals {
             agent = record.agent, approval = record.id, method = record.method,
             kind = ?record.kind, "request held for approval"
         );
-        self.announce(&record, Some(&request.body));
+        self.announce_pending(&record, &request.body);
         let settled = self.wait(&record.id, decided, timeout, client_gone).await;
         drop(slot);
         match settled {
@@ -372,7 +394,7 @@ impl Approvals {
             Ok(record) => {
                 // Settled: the slot has nothing left to abandon when it is dropped.
                 self.waiters.lock().remove(id);
-                self.announce(&record, None);
+                self.announce(&record);
                 tracing::info!(
                     approval = id,
                     state = by_gateway.as_str(),
@@ -479,7 +501,7 @@ impl Approvals {
         if let Some(waiter) = self.waiters.lock().remove(id) {
             let _ = waiter.verdict.send((record.clone(), obo_token));
         }
-        self.announce(&record, None);
+        self.announce(&record);
         tracing::info!(
             approval = id,
             agent = record.agent,
@@ -626,7 +648,7 @@ impl Drop for HeldSlot<'_> {
                 .store
                 .settle(&self.id, Settlement::by_gateway(ApprovalState::Abandoned))
             {
-                Ok(record) => self.approvals.announce(&record, None),
+                Ok(record) => self.approvals.announce(&record),
                 Err(StoreError::AlreadySettled { .. }) | Err(StoreError::NoApproval(_)) => {}
                 Err(e) => {
                     tracing::warn!(approval = self.id, error = %e, "could not abandon a dropped hold")
