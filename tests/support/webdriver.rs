@@ -19,6 +19,9 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// The W3C key under which an element reference is returned.
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// The WebDriver key code of Enter, for [`Browser::press_keys`].
+pub const ENTER: char = '\u{E007}';
+
 /// How long one WebDriver command may take (navigation waits for the page to load).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -247,6 +250,59 @@ impl Browser {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+    }
+
+    /// Types `text` on the keyboard into whatever has the focus, as a person would (unlike
+    /// [`Browser::send_keys`], which first focuses an element). WebDriver's key codes are
+    /// keys: [`ENTER`] presses Enter.
+    pub fn press_keys(&self, text: &str) {
+        let actions: Vec<Value> = text
+            .chars()
+            .flat_map(|c| {
+                let key = c.to_string();
+                [
+                    json!({ "type": "keyDown", "value": key }),
+                    json!({ "type": "keyUp", "value": key }),
+                ]
+            })
+            .collect();
+        self.command(
+            "POST",
+            &self.session_path("/actions"),
+            Some(json!({ "actions": [{ "type": "key", "id": "keyboard", "actions": actions }] })),
+        );
+    }
+
+    /// The element that has the focus (the document's body when none has).
+    pub fn focused(&self) -> Element {
+        let found = self.command("GET", &self.session_path("/element/active"), None);
+        Element(
+            found[ELEMENT_KEY]
+                .as_str()
+                .unwrap_or_else(|| panic!("no active element in {found}"))
+                .to_string(),
+        )
+    }
+
+    /// The value of `element`'s attribute `name`, if it has one.
+    pub fn attribute(&self, element: &Element, name: &str) -> Option<String> {
+        self.command(
+            "GET",
+            &self.session_path(&format!("/element/{}/attribute/{name}", element.0)),
+            None,
+        )
+        .as_str()
+        .map(str::to_string)
+    }
+
+    /// Runs `script`, the body of a function (its arguments in `arguments`), in the page, and
+    /// returns what it returns.
+    pub fn execute(&self, script: &str) -> Value {
+        self.command(
+            "POST",
+            &self.session_path("/execute/sync"),
+            Some(json!({ "script": script, "args": [] })),
+        )
     }
 
     /// Whether `element` is shown on the page.
