@@ -142,6 +142,15 @@ fn state_of(gw: &Gateway, id: &str) -> String {
     got.json()["state"].as_str().unwrap_or_default().to_string()
 }
 
+/// Headless Chromium, when it and curl are installed (the test is skipped otherwise: both
+/// say why).
+fn curl_and_browser() -> Option<Browser> {
+    if no_curl() {
+        return None;
+    }
+    Browser::start_if_installed()
+}
+
 /// The CSS selector of the page's row for approval `id`.
 fn row(id: &str) -> String {
     format!("[data-approval-id=\"{id}\"]")
@@ -167,10 +176,7 @@ fn wait_for_status(browser: &Browser, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approver_approves_and_denies_held_requests_on_the_page() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     let origin = Origin::http();
@@ -290,10 +296,7 @@ async fn an_approver_approves_and_denies_held_requests_on_the_page() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_brings_back_the_token_form() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     let gw = start_gateway();
@@ -323,10 +326,7 @@ async fn a_refused_token_brings_back_the_token_form() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arm_delete_reads_as_its_operation_and_a_json_body_is_pretty_printed() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     let origin = Origin::http();
@@ -401,10 +401,7 @@ async fn an_arm_delete_reads_as_its_operation_and_a_json_body_is_pretty_printed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_are_grouped_by_agent_and_thread_newest_first() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     let origin = Origin::http();
@@ -502,10 +499,7 @@ async fn approvals_are_grouped_by_agent_and_thread_newest_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_follows_the_event_stream_not_polling() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     let origin = Origin::http();
@@ -542,10 +536,7 @@ async fn the_page_follows_the_event_stream_not_polling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approver_decides_with_the_keyboard_alone() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     let origin = Origin::http();
@@ -610,10 +601,7 @@ async fn an_approver_decides_with_the_keyboard_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_gateway_restart_the_page_drops_what_was_settled_and_stays_live() {
-    if no_curl() {
-        return;
-    }
-    let Some(browser) = Browser::start_if_installed() else {
+    let Some(browser) = curl_and_browser() else {
         return;
     };
     // Back-off included, the page is back on the stream within seconds.

@@ -428,10 +428,7 @@ fn main() -> anyhow::Result<()> {
         g.stop();
     }
     let table = render(&args, &cells, &peaks, squid_note.as_deref());
-    println!("{table}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
-    }
+    tollgate_benches::report(&table, args.out.as_deref())?;
     if cells
         .iter()
         .flat_map(|c| c.rows.iter())

@@ -148,21 +148,12 @@ fn main() -> anyhow::Result<()> {
         let loaded = round(&gateway, admin, &token, origin, args.listeners, &args, 1).await?;
         anyhow::Ok([baseline, loaded])
     });
-    if result.is_err() {
-        gateway.keep_dir();
-        eprintln!(
-            "the gateway's log is kept: {}",
-            gateway.log_path().display()
-        );
-    }
+    gateway.keep_log_if(result.is_err());
     gateway.stop();
     rt.shutdown_background();
     let rounds = result?;
     let table = render(&args, &rounds);
-    println!("{table}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
-    }
+    tollgate_benches::report(&table, args.out.as_deref())?;
     Ok(())
 }
 

@@ -131,6 +131,14 @@ impl Gateway {
         self.dir.keep();
     }
 
+    /// When a run `failed`, keeps the gateway's directory and says where its log is.
+    pub fn keep_log_if(&mut self, failed: bool) {
+        if failed {
+            self.keep_dir();
+            eprintln!("the gateway's log is kept: {}", self.log_path().display());
+        }
+    }
+
     /// User + system CPU time of the gateway process so far.
     pub fn cpu_time(&self) -> Option<Duration> {
         procfs::cpu_time(self.pid())

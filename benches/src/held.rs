@@ -171,13 +171,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut gateway = Gateway::start(&args.gateway, dir, &config)?;
     let result = measure(&args, &gateway, &clients_rt, origin);
-    if result.is_err() {
-        gateway.keep_dir();
-        eprintln!(
-            "the gateway's log is kept: {}",
-            gateway.log_path().display()
-        );
-    }
+    gateway.keep_log_if(result.is_err());
     // Kill the gateway first (closing the clients first would have it abandon every held
     // request, each with an fsync'd write), then drop the clients.
     gateway.stop();
@@ -185,10 +179,7 @@ fn main() -> anyhow::Result<()> {
     let measured = result?;
 
     let table = render(&args, &measured);
-    println!("{table}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
-    }
+    tollgate_benches::report(&table, args.out.as_deref())?;
     Ok(())
 }
 

@@ -31,3 +31,13 @@ pub mod squid;
 pub mod tls;
 
 pub use gateway::{Gateway, TempDir};
+
+/// Prints a benchmark's Markdown table and, with `--out`, writes it there too.
+pub fn report(table: &str, out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    println!("{table}");
+    if let Some(out) = out {
+        std::fs::write(out, table).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}

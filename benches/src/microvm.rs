@@ -87,10 +87,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("round {} of {} done", round + 1, args.rounds);
     }
     let table = table(&args, &accel, &alone, &together);
-    println!("{table}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
-    }
+    tollgate_benches::report(&table, args.out.as_deref())?;
     Ok(())
 }
 

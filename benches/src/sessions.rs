@@ -100,10 +100,7 @@ fn main() -> anyhow::Result<()> {
         service.stop();
     }
     let table = table(&rows);
-    println!("{table}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
-    }
+    tollgate_benches::report(&table, args.out.as_deref())?;
     Ok(())
 }
 
