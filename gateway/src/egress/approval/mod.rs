@@ -716,3 +716,89 @@ fn end_for(record: &ApprovalRecord, timeout_secs: u64, settled_here: bool) -> Ho
     };
     HoldEnd::Refused(refusal.with_extra("approval", record.id.clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An approver can settle a record as soon as it is stored, before the hold has
+    /// published it as pending: the feed must then never say `pending` after the settlement.
+    #[tokio::test]
+    async fn a_pending_event_never_follows_its_settlement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let sealer = OboSealer::load(&dir.path().join("obo-key")).expect("key");
+        let registry = Arc::new(AgentRegistry::new(std::iter::empty()).expect("registry"));
+        let approvals = Approvals::new(store.clone(), ApprovalsConfig::default(), sealer, registry);
+        let now = now_millis();
+        let record = ApprovalRecord {
+            id: new_approval_id(),
+            agent: "a".into(),
+            tool_call: None,
+            session: None,
+            run_mode: Some("Review".into()),
+            command: None,
+            kind: ApprovalKind::Request,
+            method: "POST".into(),
+            url: "http://example.test/".into(),
+            body_sha256: body_sha256(b"{}"),
+            body_bytes: 2,
+            credential: None,
+            policies: Vec::new(),
+            requested_at: now,
+            expires_at: now + 60_000,
+            state: ApprovalState::Pending,
+            decided_at: None,
+            approver: None,
+            reason: None,
+            sealed_obo_token: None,
+            obo_audience: None,
+            not_sent: None,
+        };
+        // What `hold` does up to its announcement: reserve, store…
+        let (slot, _decided) = approvals
+            .reserve(&record, 4, bytes::Bytes::from_static(b"{}"))
+            .map_err(|_| "reserve")
+            .expect("room");
+        store.insert_approval(&record).expect("stored");
+        // …an approver is faster than the announcement…
+        approvals
+            .deny(&record.id, "alice", "too fast")
+            .await
+            .expect("denied");
+        // …and the announcement comes too late.
+        approvals.announce_pending(&record, b"{}");
+        drop(slot);
+        let names: Vec<&str> = approvals
+            .feed()
+            .after(0)
+            .expect("kept")
+            .iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, vec!["denied"]);
+
+        // Announced in time, it comes first.
+        let mut second = record.clone();
+        second.id = new_approval_id();
+        let (slot, _decided) = approvals
+            .reserve(&second, 4, bytes::Bytes::from_static(b"{}"))
+            .map_err(|_| "reserve")
+            .expect("room");
+        store.insert_approval(&second).expect("stored");
+        approvals.announce_pending(&second, b"{}");
+        approvals
+            .deny(&second.id, "alice", "no")
+            .await
+            .expect("denied");
+        drop(slot);
+        let names: Vec<&str> = approvals
+            .feed()
+            .after(1)
+            .expect("kept")
+            .iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, vec!["pending", "denied"]);
+    }
+}
