@@ -47,7 +47,8 @@ pub struct Request<'a> {
     pub body: Option<(Cow<'static, str>, Bytes)>,
 }
 
-/// Sends `request` and returns the status and body (at most `max_response` bytes).
+/// Sends `request` and returns the status and body (at most `max_response` bytes; with 0,
+/// the status alone: the body is not read and the connection not reused).
 pub async fn send(
     connector: &Connector,
     request: Request<'_>,
@@ -120,6 +121,9 @@ async fn exchange(
         .response_header()
         .map(|h| h.status.as_u16())
         .ok_or(ClientError::Unreachable)?;
+    if max_response == 0 {
+        return Ok((status, Bytes::new()));
+    }
     let mut response = Vec::new();
     while let Some(chunk) = session.read_response_body().await.map_err(unreachable)? {
         if response.len() + chunk.len() > max_response {

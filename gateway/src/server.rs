@@ -151,7 +151,8 @@ pub async fn start(
         .approvals
         .webhooks
         .iter()
-        .map(Webhook::load)
+        .enumerate()
+        .map(|(index, hook)| Webhook::load(index, hook))
         .collect::<Result<Vec<_>, _>>()
         .map_err(StartError::Webhook)?;
     let policies = Arc::new(PolicyStore::load(config.policy.dir.as_deref())?);

@@ -16,7 +16,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use tollgate_storage::{ApprovalFilter, ApprovalState};
 
-use crate::egress::approval::feed::{frame, Start};
+use crate::egress::approval::feed::{frame, Lagged, Start};
 use crate::reply::{ErrorCode, Refusal};
 
 use super::respond::only;
@@ -100,7 +100,7 @@ impl AdminApi {
             published.borrow_and_update();
             let events = match feed.after(last) {
                 Ok(events) => events,
-                Err(_lagged) => {
+                Err(Lagged(_)) => {
                     out.extend_from_slice(&resync(
                         "the events after the last one sent are no longer kept",
                     ));

@@ -10,10 +10,14 @@
 //!
 //! Each `POST`'s body is the event's data (the approval, JSON), with the headers
 //! `tollgate-event` (its name), `tollgate-event-id` (as on the feed), `tollgate-timestamp`
-//! (Unix seconds) and `tollgate-signature: sha256=<hex>`, the HMAC-SHA256, under the
-//! webhook's secret, of `<timestamp>.<body>`: the receiver checks it (and that the timestamp
-//! is recent) to know the event is the gateway's and not replayed. The secret is never sent
-//! or logged.
+//! (Unix seconds, of this try) and `tollgate-signature: sha256=<hex>`, the HMAC-SHA256, under
+//! the webhook's secret (at least 32 bytes), of `<timestamp>.<event>.<event id>.<body>`: the
+//! receiver checks it, that the timestamp is recent, and that it has not seen the event id
+//! before, to know the event is the gateway's and not replayed. The secret is never sent or
+//! logged. The endpoint's answer is judged by its status alone (2xx: taken).
+//!
+//! Each try reads the event from the feed again, so an event retried after its approval was
+//! settled no longer carries the held body's preview.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use tollgate_policy::target::{Host, Scheme, Target};
 
 use crate::client::{self, Request};
 use crate::config::WebhookConfig;
-use crate::egress::approval::feed::{Event, Feed};
+use crate::egress::approval::feed::{Feed, Lagged};
 use crate::egress::approval::Approvals;
 
 /// Events given up since start, over all webhooks.
@@ -36,8 +40,8 @@ static FAILED: AtomicU64 = AtomicU64::new(0);
 /// The longest wait between two tries of one event.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// How much of an endpoint's answer is read (and ignored).
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// The shortest secret a webhook takes (HMAC-SHA256's key is as strong as it is long).
+const MIN_SECRET_BYTES: usize = 32;
 
 /// Approval events given up since start (the `tollgate_webhook_events_failed_total` counter).
 pub fn failed() -> u64 {
@@ -55,10 +59,13 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// The webhook `config` describes, with its secret read (an error says which is missing).
-    pub fn load(config: &WebhookConfig) -> Result<Webhook, String> {
-        let (target, _) =
-            Target::from_url(&config.url).map_err(|e| format!("webhook {:?}: {e}", config.url))?;
+    /// The webhook `config` (the `index`th) describes, with its secret read (an error says
+    /// what is wrong, naming the webhook by its place and host, never its path or query).
+    pub fn load(index: usize, config: &WebhookConfig) -> Result<Webhook, String> {
+        let (target, _) = Target::from_url(&config.url).map_err(|e| {
+            format!("webhook {index}: the url is not an absolute http(s) URL ({e})")
+        })?;
+        let name = format!("webhook {index} ({target})");
         let loopback = match &target.host {
             Host::Ip(ip) => ip.is_loopback(),
             Host::Name(name) => name == "localhost",
@@ -66,15 +73,16 @@ impl Webhook {
         // Events carry what approvers read (body previews): never in the clear off the host.
         if target.scheme == Scheme::Http && !loopback {
             return Err(format!(
-                "webhook {:?}: use https (plain http is accepted for loopback only)",
-                config.url
+                "{name}: use https (plain http is accepted for loopback only)"
             ));
         }
         let host = target.to_string();
-        let secret = crate::egress::credentials::provider::read_secret(
-            &config.secret,
-            &format!("webhook {:?}", config.url),
-        )?;
+        let secret = crate::egress::credentials::provider::read_secret(&config.secret, &name)?;
+        if secret.expose().len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "{name}: the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+            ));
+        }
         Ok(Webhook {
             url: config.url.clone(),
             host,
@@ -117,25 +125,30 @@ async fn run(
     let mut last = feed.head();
     loop {
         published.borrow_and_update();
-        match feed.after(last) {
-            Ok(events) => {
-                for event in events {
-                    if !deliver(&hook, feed, &event, &connector, &mut shutdown).await {
-                        return;
-                    }
-                    last = event.seq;
-                }
+        while last < feed.head() {
+            if *shutdown.borrow() {
+                return;
             }
-            Err(_lagged) => {
-                let head = feed.head();
-                let lost = head.saturating_sub(last);
-                FAILED.fetch_add(lost, Ordering::Relaxed);
-                tracing::error!(
-                    webhook = hook.host,
-                    lost,
-                    "approval events left the feed before the webhook could take them"
-                );
-                last = head;
+            let seq = last + 1;
+            match deliver(&hook, feed, seq, &connector, &mut shutdown).await {
+                Delivery::Done => last = seq,
+                Delivery::Stopping => return,
+                Delivery::Gone => {
+                    // It left the ring before it was taken, and so may have others after
+                    // it: go on from the oldest still kept, and count what is lost.
+                    let oldest = match feed.after(last) {
+                        Err(Lagged(oldest)) => oldest,
+                        Ok(_) => seq + 1,
+                    };
+                    let lost = oldest.saturating_sub(seq).max(1);
+                    FAILED.fetch_add(lost, Ordering::Relaxed);
+                    tracing::error!(
+                        webhook = hook.host,
+                        lost,
+                        "approval events left the feed before the webhook took them"
+                    );
+                    last = (oldest - 1).max(seq);
+                }
             }
         }
         tokio::select! {
@@ -145,18 +158,31 @@ async fn run(
     }
 }
 
-/// Tries `event` until the endpoint takes it or the tries are used up; false when the
-/// gateway is stopping.
+/// How the tries of one event ended.
+enum Delivery {
+    /// Taken by the endpoint, or given up after its tries (counted).
+    Done,
+    /// The event left the ring before it was taken.
+    Gone,
+    /// The gateway is stopping.
+    Stopping,
+}
+
+/// Tries the event at `seq` until the endpoint takes it or the tries are used up.
 async fn deliver(
     hook: &Webhook,
     feed: &Feed,
-    event: &Event,
+    seq: u64,
     connector: &Connector,
     shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let body = event.data();
-    let id = feed.id(event.seq);
+) -> Delivery {
+    let id = feed.id(seq);
     for attempt in 1..=hook.max_attempts {
+        // Read again each try: a settled approval's pending event has lost its preview.
+        let Some(event) = feed.at(seq) else {
+            return Delivery::Gone;
+        };
+        let body = event.data();
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -170,16 +196,21 @@ async fn deliver(
                 ("tollgate-event-id".into(), id.clone()),
                 (
                     "tollgate-signature".into(),
-                    signature(&hook.key, &timestamp, &body),
+                    signature(&hook.key, &timestamp, event.name, &id, &body),
                 ),
                 ("tollgate-timestamp".into(), timestamp),
             ],
-            body: Some(("application/json".into(), body.clone())),
+            body: Some(("application/json".into(), body)),
         };
-        let why = match client::send(connector, request, hook.timeout, MAX_ANSWER_BYTES).await {
-            Ok((status, _)) if (200..300).contains(&status) => return true,
-            Ok((status, _)) => format!("answered {status}"),
-            Err(e) => e.to_string(),
+        // The answer's status is enough: its body is not read.
+        let sent = client::send(connector, request, hook.timeout, 0);
+        let why = tokio::select! {
+            answer = sent => match answer {
+                Ok((status, _)) if (200..300).contains(&status) => return Delivery::Done,
+                Ok((status, _)) => format!("answered {status}"),
+                Err(e) => e.to_string(),
+            },
+            _ = shutdown.changed() => return Delivery::Stopping,
         };
         tracing::warn!(
             webhook = hook.host,
@@ -192,7 +223,7 @@ async fn deliver(
             let wait = Duration::from_secs(1 << (attempt - 1).min(6)).min(MAX_BACKOFF);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return false,
+                _ = shutdown.changed() => return Delivery::Stopping,
             }
         }
     }
@@ -203,14 +234,23 @@ async fn deliver(
         attempts = hook.max_attempts,
         "gave up delivering an approval event to a webhook"
     );
-    true
+    Delivery::Done
 }
 
-/// `sha256=<hex>`: the HMAC-SHA256 of `<timestamp>.<body>` under the webhook's secret.
-pub fn signature(key: &ring::hmac::Key, timestamp: &str, body: &[u8]) -> String {
+/// `sha256=<hex>`: the HMAC-SHA256 of `<timestamp>.<event>.<event id>.<body>` under the
+/// webhook's secret.
+pub fn signature(
+    key: &ring::hmac::Key,
+    timestamp: &str,
+    event: &str,
+    event_id: &str,
+    body: &[u8],
+) -> String {
     let mut context = ring::hmac::Context::with_key(key);
-    context.update(timestamp.as_bytes());
-    context.update(b".");
+    for part in [timestamp, event, event_id] {
+        context.update(part.as_bytes());
+        context.update(b".");
+    }
     context.update(body);
     format!("sha256={}", hex::encode(context.sign().as_ref()))
 }
@@ -220,16 +260,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_signature_covers_the_timestamp_and_the_body() {
+    fn the_signature_covers_the_timestamp_the_event_and_the_body() {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"whsec");
-        let signed = signature(&key, "1700000000", b"{\"id\":\"a\"}");
-        // HMAC-SHA256("whsec", "1700000000.{\"id\":\"a\"}"), computed independently
-        // (Python's hmac module).
+        let body = b"{\"id\":\"a\"}";
+        let signed = signature(&key, "1700000000", "pending", "0a1b2c3d-1", body);
+        // HMAC-SHA256("whsec", "1700000000.pending.0a1b2c3d-1.{\"id\":\"a\"}"), computed
+        // independently (Python's hmac module).
         assert_eq!(
             signed,
-            "sha256=fdd6a42ef3a01f0fe29b825302049edc22e364780cd7db03489febf14ce4b734"
+            "sha256=3d38c669804d079c0429271f6bc45144df86cb651fde218df86d0e05536a1762"
         );
-        assert_ne!(signed, signature(&key, "1700000001", b"{\"id\":\"a\"}"));
-        assert_ne!(signed, signature(&key, "1700000000", b"{\"id\":\"b\"}"));
+        for (timestamp, event, id, body) in [
+            ("1700000001", "pending", "0a1b2c3d-1", &body[..]),
+            ("1700000000", "denied", "0a1b2c3d-1", &body[..]),
+            ("1700000000", "pending", "0a1b2c3d-2", &body[..]),
+            ("1700000000", "pending", "0a1b2c3d-1", b"{\"id\":\"b\"}"),
+        ] {
+            assert_ne!(signed, signature(&key, timestamp, event, id, body));
+        }
     }
 }

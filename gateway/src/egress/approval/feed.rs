@@ -71,9 +71,10 @@ pub enum Start {
     Resync(&'static str),
 }
 
-/// A listener fell so far behind that the events after its place left the ring.
+/// A listener fell so far behind that the events after its place left the ring; the oldest
+/// event the ring still keeps is at this place.
 #[derive(Debug)]
-pub struct Lagged;
+pub struct Lagged(pub u64);
 
 /// The feed: the latest events, and a signal when there are more.
 pub struct Feed {
@@ -254,10 +255,19 @@ impl Feed {
             return Ok(Vec::new());
         };
         if seq + 1 < oldest {
-            return Err(Lagged);
+            return Err(Lagged(oldest));
         }
         let skip = (seq + 1 - oldest) as usize;
         Ok(ring.events.iter().skip(skip).cloned().collect())
+    }
+
+    /// The event at `seq` as the ring holds it now (without its preview once its approval
+    /// is settled); `None` once it has left the ring, or before it is published.
+    pub fn at(&self, seq: u64) -> Option<Arc<Event>> {
+        let ring = self.ring.lock();
+        let oldest = ring.events.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(oldest)?).ok()?;
+        ring.events.get(index).cloned()
     }
 }
 
@@ -322,7 +332,9 @@ mod tests {
         assert!(feed.after(5).expect("kept").is_empty());
         // After 1, event 2 is gone: the listener must start again.
         assert!(matches!(feed.start(Some(&feed.id(1))), Start::Resync(_)));
-        assert!(feed.after(1).is_err());
+        assert!(matches!(feed.after(1), Err(Lagged(3))));
+        assert_eq!(feed.at(4).map(|e| e.seq), Some(4));
+        assert!(feed.at(2).is_none() && feed.at(6).is_none());
     }
 
     #[test]
