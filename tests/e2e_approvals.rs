@@ -903,7 +903,7 @@ struct Delivery {
 }
 
 /// A webhook receiver on loopback: answers each `POST` with the next status of `script`
-/// (200 once it is used up) and records it.
+/// (200 once it is used up; 0: no answer, the connection held for 8 s) and records it.
 fn webhook_receiver(
     script: Vec<u16>,
 ) -> (
@@ -954,6 +954,11 @@ fn webhook_receiver(
                 body,
                 status,
             });
+            if status == 0 {
+                // No answer: the connection is held, then closed.
+                std::thread::sleep(Duration::from_secs(8));
+                continue;
+            }
             let _ = stream.write_all(
                 format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                     .as_bytes(),
@@ -1086,4 +1091,80 @@ async fn webhooks_get_each_approval_event_signed_and_retried() {
     assert!(gw.log_contains("a webhook did not take an approval event"));
     assert!(!gw.log().contains("whsec-6a1f"));
     assert!(!gw.log().contains("k=v"), "the URL's query is not logged");
+}
+
+/// A webhook that stalls while the feed moves on loses only what left the feed's memory,
+/// counts it, and goes on from the oldest event still kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_webhook_goes_on_from_the_oldest_event_still_kept() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    // The first POST gets no answer (the webhook gives up after 6 s, one try).
+    let (receiver, deliveries) = webhook_receiver(vec![0]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, "0123456789abcdef0123456789abcdef\n").expect("secret");
+    let gw = start_in(
+        dir,
+        &format!(
+            "[approvals]\nfeed_events = 2\n\
+             [[approvals.webhooks]]\nurl = \"http://{receiver}/hook\"\n\
+             secret = {{ file = {secret_file:?} }}\nmax_attempts = 1\ntimeout_ms = 6000\n"
+        ),
+    );
+    let url = format!("http://127.0.0.1:{}/orders", origin.port());
+    // Events 1 (pending) and 2 (approved) of the first request, 3 and 4 of the second,
+    // all while the webhook waits for its answer to event 1: the feed keeps only 3 and 4.
+    let mut ids = Vec::new();
+    for (n, decision) in ["approve", "deny"].iter().enumerate() {
+        let held = post_in_background(&gw, &url, "{}", &[]);
+        let id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let body = (*decision == "deny").then_some(r#"{"reason":"no"}"#);
+        let decided = gw.admin_call("POST", &format!("/v1/approvals/{id}/{decision}"), body);
+        assert_eq!(decided.status, 200, "{n}: {decided:?}");
+        held.await.expect("curl");
+        ids.push(id);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got = deliveries.lock().expect("lock").clone();
+        if got.len() >= 3 || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let seen: Vec<(String, String)> = got
+        .iter()
+        .map(|d| {
+            let body: serde_json::Value = serde_json::from_str(&d.body).expect("JSON");
+            (
+                d.headers["tollgate-event"].clone(),
+                body["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("pending".to_string(), ids[0].clone()),
+            ("pending".to_string(), ids[1].clone()),
+            ("denied".to_string(), ids[1].clone()),
+        ],
+        "{got:?}"
+    );
+    // Event 1 given up, event 2 lost.
+    let metrics = gw.admin_call("GET", "/metrics", None);
+    assert!(
+        metrics
+            .body
+            .contains("tollgate_webhook_events_failed_total 2"),
+        "{}",
+        metrics.body
+    );
+    assert!(gw.log_contains("approval events left the feed before the webhook took them"));
 }
