@@ -40,9 +40,9 @@ pub fn of_user(uid: u32) -> HashSet<ProcessId> {
 
 /// SIGKILLs every process of `uid` but those in `spared`, pass after pass until one finds
 /// none (a process forking away from the kill is caught by the next pass). Returns how many
-/// were killed.
+/// processes were killed (each counted once, however many passes found it still dying).
 pub fn kill_user(uid: u32, spared: &HashSet<ProcessId>) -> usize {
-    let mut killed = 0;
+    let mut killed: HashSet<ProcessId> = HashSet::new();
     for _ in 0..MAX_PASSES {
         let targets: Vec<ProcessId> = of_user(uid)
             .into_iter()
@@ -51,18 +51,24 @@ pub fn kill_user(uid: u32, spared: &HashSet<ProcessId>) -> usize {
         if targets.is_empty() {
             break;
         }
-        for (pid, _) in targets {
-            if nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
+        let mut new = false;
+        for target in targets {
+            let sent = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(target.0),
                 nix::sys::signal::Signal::SIGKILL,
             )
-            .is_ok()
-            {
-                killed += 1;
+            .is_ok();
+            if sent && killed.insert(target) {
+                new = true;
             }
         }
+        if !new {
+            // Only processes already killed and not yet gone (a busy machine takes a
+            // moment): give them that moment rather than spin.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
-    killed
+    killed.len()
 }
 
 /// A live (not zombie) process's real user id and start time.
