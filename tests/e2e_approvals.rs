@@ -1168,3 +1168,127 @@ async fn a_stalled_webhook_goes_on_from_the_oldest_event_still_kept() {
     );
     assert!(gw.log_contains("approval events left the feed before the webhook took them"));
 }
+
+/// Reads HTTP/1 answers (with `Content-Length`) one at a time from a raw connection.
+struct Answers {
+    conn: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Answers {
+    /// The next answer's status and body; `None` when the connection closes first.
+    fn next(&mut self) -> Option<(u16, String)> {
+        use std::io::Read;
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if self.buf.len() >= end + 4 + len {
+                    let body = String::from_utf8_lossy(&self.buf[end + 4..end + 4 + len]);
+                    let body = body.to_string();
+                    self.buf.drain(..end + 4 + len);
+                    let status = head.split(' ').nth(1)?.parse().ok()?;
+                    return Some((status, body));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match self.conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_keeps_its_connection_and_its_place_before_the_requests_sent_after_it() {
+    use std::io::Write;
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let gw = start("");
+    let host = format!("127.0.0.1:{}", origin.port());
+    let proxy = gw.proxy_url();
+    let conn = std::net::TcpStream::connect(proxy.trim_start_matches("http://")).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answers = Answers {
+        conn: conn.try_clone().expect("clone"),
+        buf: Vec::new(),
+    };
+    let mut conn = conn;
+
+    // A chunked write is held, its body read whole ("hello world").
+    conn.write_all(
+        format!(
+            "POST http://{host}/held HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
+    assert_eq!(approval["body_bytes"], 11, "{approval}");
+    assert_eq!(approval["body_sha256"], sha256_hex(b"hello world"));
+    // A read sent on the same connection while it waits waits its turn: nothing reaches the
+    // origin before the held request is answered.
+    conn.write_all(format!("GET http://{host}/after HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(origin.requests(), 0);
+    let id = approval["id"].as_str().expect("id");
+    let approved = gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    assert_eq!(approved.status, 200, "{approved:?}");
+
+    // Answered in order, on the same connection; the held body went whole, re-framed by
+    // length.
+    let (status, body) = answers.next().expect("the held request's answer");
+    assert_eq!(status, 200, "{body}");
+    let seen: Seen = serde_json::from_str(&body).expect("echo");
+    assert_eq!((seen.target.as_str(), seen.body_len), ("/held", 11));
+    assert_eq!(
+        seen.headers.get("content-length").map(String::as_str),
+        Some("11")
+    );
+    assert!(!seen.headers.contains_key("transfer-encoding"), "{seen:?}");
+    let (status, body) = answers.next().expect("the following read's answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"/after\""), "{body}");
+
+    // The connection is still open. A held request that asks to close it is answered, then
+    // the connection closes.
+    conn.write_all(
+        format!(
+            "POST http://{host}/last HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\
+             Connection: close\r\n\r\nabc"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let approval = wait_for_approvals(&gw, "state=pending", 1).remove(0);
+    let id = approval["id"].as_str().expect("id");
+    gw.admin_call("POST", &format!("/v1/approvals/{id}/approve"), None);
+    let (status, body) = answers.next().expect("the last request's answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"/last\""), "{body}");
+    assert_eq!(
+        answers.next(),
+        None,
+        "the connection stays open after Connection: close"
+    );
+
+    // One record per request, each made once.
+    let records = audit_records(&gw, "a", 3);
+    let mut paths: Vec<&str> = records.iter().filter_map(|r| r["path"].as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(paths, ["/after", "/held", "/last"], "{records:?}");
+    assert_eq!(origin.requests(), 3);
+}

@@ -34,6 +34,8 @@ use crate::egress::framing::{self, Head, RequestLine};
 use crate::egress::h2_watch::RefusedStream;
 use crate::egress::panics;
 use crate::egress::pipeline::Pipeline;
+use crate::egress::proxy::park;
+use crate::egress::proxy::RequestCtx;
 use crate::reply::{self, ErrorCode, Refusal};
 
 /// How long a connection may wait for its next request head (pingora's keep-alive default).
@@ -100,16 +102,37 @@ pub async fn serve_http1<A>(
     let (mut stream, pipeline) = Pipeline::wrap(stream);
     let mut settings: Option<HttpPersistentSettings> = None;
     let mut idle = deadlines.first_byte;
+    // A request parked while it waited for approval (`park`), to be served again.
+    let mut unparked: Option<(BytesMut, Box<RequestCtx>)> = None;
     loop {
-        let Some(sent_ahead) = pipeline.next_head() else {
-            return;
-        };
-        let next = next_head(&mut stream, sent_ahead, idle, deadlines.head, shutdown).await;
-        idle = KEEPALIVE_IDLE;
-        let (request, line, started) = match next {
-            Ok(Some((buf, head, started))) => {
-                (pipeline.serve(buf, head.len, head.body), head.line, started)
+        let next = match unparked.take() {
+            // Its head was read and checked when it came: the same bytes pass again.
+            Some((bytes, ctx)) => match framing::check_head(&bytes) {
+                Ok(Some(head)) => Ok(Some((bytes, head, Instant::now(), Some(ctx)))),
+                _ => {
+                    tracing::error!(
+                        "a parked request could not be served again; connection closed"
+                    );
+                    return;
+                }
+            },
+            None => {
+                let Some(sent_ahead) = pipeline.next_head() else {
+                    return;
+                };
+                let next = next_head(&mut stream, sent_ahead, idle, deadlines.head, shutdown);
+                next.await
+                    .map(|read| read.map(|(buf, head, started)| (buf, head, started, None)))
             }
+        };
+        idle = KEEPALIVE_IDLE;
+        let (request, line, started, resumed) = match next {
+            Ok(Some((buf, head, started, resumed))) => (
+                pipeline.serve(buf, head.len, head.body),
+                head.line,
+                started,
+                resumed,
+            ),
             Ok(None) => return,
             Err(head) => {
                 refused(&head);
@@ -133,14 +156,19 @@ pub async fn serve_http1<A>(
         session.set_pipelined_prefix(request);
         // A panic while pingora serves the request (a bug) still gets the request answered
         // (502, unless part of an answer went out) and recorded (`panics`).
-        let reused = match panics::catching(
+        let turn = panics::catching(
             "an HTTP/1 connection",
             app.process_new_http(session, shutdown),
-        )
-        .await
-        {
+        );
+        let (served, parked) = park::serving(&pipeline, resumed, turn).await;
+        let reused = match served {
             Ok(Some(reused)) => reused,
-            Ok(None) => return,
+            Ok(None) => {
+                if parked.is_some() {
+                    tracing::error!("a parked request lost its connection; nothing was recorded");
+                }
+                return;
+            }
             Err(()) => {
                 let failed = RefusedHead {
                     refusal: panics::refusal(),
@@ -157,6 +185,10 @@ pub async fn serve_http1<A>(
         let (next, kept) = reused.consume();
         stream = next;
         settings = kept;
+        if let Some(parked) = parked {
+            // Boxed: only a parked request's connection carries the wait's state.
+            unparked = Some(Box::pin(parked.wait(&mut stream)).await);
+        }
     }
 }
 

@@ -109,9 +109,16 @@ impl PipelineControl {
         (!state.overflowed).then(|| std::mem::take(&mut state.held))
     }
 
+    /// Whether the request being served has had all its bytes read (what arrives now is
+    /// held for the next head).
+    pub fn request_ended(&self) -> bool {
+        matches!(self.state.lock().phase, Phase::Ended)
+    }
+
     /// Starts serving the request whose head is `buf[..head_len]` and whose body ends as
     /// `end` says: returns the request's bytes in `buf` (head and body so far); the rest of
-    /// `buf` is held back, and the connection ends with the request's body.
+    /// `buf` is held back, after bytes still held (those sent while a parked request waited,
+    /// which follow it), and the connection ends with the request's body.
     pub fn serve(&self, mut buf: BytesMut, head_len: usize, end: BodyEnd) -> BytesMut {
         let mut state = self.state.lock();
         let after_head = &buf[head_len..];
@@ -137,7 +144,11 @@ impl PipelineControl {
             }
         };
         let rest = buf.split_off(head_len + taken);
-        state.held = rest;
+        if state.held.is_empty() {
+            state.held = rest;
+        } else {
+            state.held.extend_from_slice(&rest);
+        }
         state.phase = phase;
         state.answered = false;
         buf

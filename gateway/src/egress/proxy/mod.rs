@@ -44,9 +44,11 @@ use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::{RequestTrace, Telemetry};
 use crate::reply::{ErrorCode, Refusal};
 use crate::target::Target;
+use hold::{Decided, Held};
 
 mod destination;
 mod hold;
+pub mod park;
 pub mod record;
 mod send;
 
@@ -122,6 +124,47 @@ pub struct RequestCtx {
     approval_wait: Duration,
     /// The request's trace id and span.
     trace: RequestTrace,
+    /// For a parked request served again ([`park`]): what admission decided, and how its
+    /// hold ended.
+    resumed: Option<Box<(hold::Decided, hold::Waited)>>,
+    /// Left in pingora's hands by a request that was parked: it ends this turn with no
+    /// answer and no record (the request gets both when it is served again).
+    parked: bool,
+}
+
+impl RequestCtx {
+    /// A request's context, from its arrival.
+    fn new(trace: RequestTrace) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            agent: None,
+            target: None,
+            tool_call: None,
+            decision: None,
+            credential: None,
+            addr: None,
+            path_and_query: String::new(),
+            overridden: None,
+            upgrade: None,
+            approval: None,
+            bytes_in: 0,
+            body_streamed: 0,
+            relayed: None,
+            refusal: None,
+            approval_wait: Duration::ZERO,
+            trace,
+            resumed: None,
+            parked: false,
+        }
+    }
+
+    /// What stays in pingora's hands when a request is parked.
+    fn parked() -> RequestCtx {
+        RequestCtx {
+            parked: true,
+            ..RequestCtx::new(RequestTrace::default())
+        }
+    }
 }
 
 /// Why the pipeline stopped before forwarding.
@@ -130,6 +173,9 @@ enum Stop {
     Refuse(Refusal),
     /// The sandbox went away while its request was held: nothing to answer, nothing sent.
     ClientGone,
+    /// The request was parked while it waits for approval ([`park`]): its turn ends without
+    /// an answer, and it is served again with the verdict.
+    Parked,
 }
 
 impl From<Refusal> for Stop {
@@ -171,24 +217,10 @@ impl ProxyHttp for Egress {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            started: Instant::now(),
-            agent: None,
-            target: None,
-            tool_call: None,
-            decision: None,
-            credential: None,
-            addr: None,
-            path_and_query: String::new(),
-            overridden: None,
-            upgrade: None,
-            approval: None,
-            bytes_in: 0,
-            body_streamed: 0,
-            relayed: None,
-            refusal: None,
-            approval_wait: Duration::ZERO,
-            trace: self.shared.telemetry.start_request(),
+        // A parked request served again goes on with its own context.
+        match park::take_resumed() {
+            Some(resumed) => *resumed,
+            None => RequestCtx::new(self.shared.telemetry.start_request()),
         }
     }
 
@@ -365,15 +397,39 @@ impl Egress {
     /// Steps 1–7 up to the connection: identity, destination, classification, decision, and
     /// the network guard. Nothing is forwarded unless every step admits the request.
     async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Admitted, Stop> {
+        // A parked request served again goes on from its hold's end (its head and body are
+        // the same bytes, and were admitted when they first came).
+        if let Some(resumed) = ctx.resumed.take() {
+            let (decided, waited) = *resumed;
+            let (decided, release) = self.end_hold(ctx, decided, waited).await?;
+            // The body sent is the one held; the same bytes, given to pingora again, are read
+            // past here (pingora keeps a connection only if the request was read whole before
+            // its answer).
+            if let Err(e) = session.downstream_session.drain_request_body().await {
+                let refusal = Refusal::bad_request(format!(
+                    "could not read the request body again: {}",
+                    e.etype().as_str()
+                ));
+                if let Some(id) = &ctx.approval {
+                    self.shared.approvals.not_sent(id, &refusal.detail).await;
+                }
+                return Err(refusal.into());
+            }
+            let Decided {
+                request, decision, ..
+            } = *decided;
+            return self
+                .admit_decided(session, ctx, request, decision, Some(release))
+                .await;
+        }
         // 0. The head arrived in time, one well-framed request with nothing hidden in it:
         //    checked before pingora parsed it (`head`), or — HTTP/2 frames its own — here.
         if session.as_http1().is_none() {
             crate::egress::framing::check_decoded(session.req_header())?;
         }
         // 1. Who is asking.
-        let mut agent =
-            identity::identify(&self.shared.registry, &self.binding, client_ip(session))
-                .map_err(|e| identity_refusal(&e))?;
+        let agent = identity::identify(&self.shared.registry, &self.binding, client_ip(session))
+            .map_err(|e| identity_refusal(&e))?;
         ctx.agent = Some(agent.clone());
         // 1a. Within what this agent may use: its request rate and body size.
         self.shared.quotas.start_request(&agent)?;
@@ -418,16 +474,45 @@ impl Egress {
         ctx.path_and_query = path;
         // 5. A person decides: the request, its body included, is held until then. An ARM
         //    write outside the agent's RBAC scopes needs the approver's own identity.
-        let (mut body, lent) = match outcome {
-            Outcome::NeedsApproval => {
-                ctx.decision = Some(decision.clone());
-                let released = self
-                    .hold_for_approval(session, ctx, &agent, &request, &decision, engine.version())
-                    .await?;
-                agent = released.agent;
-                (Some(released.body), released.lent)
+        if outcome == Outcome::NeedsApproval {
+            ctx.decision = Some(decision.clone());
+            let decided = Decided {
+                agent,
+                request,
+                decision,
+                policy_version: engine.version().to_string(),
+            };
+            return match self.hold_for_approval(session, ctx, decided).await? {
+                Held::Parked => Err(Stop::Parked),
+                Held::Released(decided, release) => {
+                    let Decided {
+                        request, decision, ..
+                    } = *decided;
+                    self.admit_decided(session, ctx, request, decision, Some(release))
+                        .await
+                }
+            };
+        }
+        self.admit_decided(session, ctx, request, decision, None)
+            .await
+    }
+
+    /// Steps 6–7, for a request the policies allow (after its approval, if it needed one:
+    /// `release`): credentials, resolution, and how it is sent.
+    async fn admit_decided(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        request: tollgate_policy::RequestFacts,
+        decision: Decision,
+        release: Option<hold::Release>,
+    ) -> Result<Admitted, Stop> {
+        let (agent, mut body, lent) = match (release, &ctx.agent) {
+            (Some(released), _) => (released.agent, Some(released.body), released.lent),
+            (None, Some(agent)) => (agent.clone(), None, None),
+            (None, None) => {
+                return Err(Refusal::new(ErrorCode::InternalError, "no identified agent").into())
             }
-            _ => (None, None),
         };
         ctx.decision = Some(decision);
         // 6. Credentials: the sandbox's are stripped; a token for this tool call — or the one
@@ -528,6 +613,8 @@ impl Egress {
                 ctx.refusal = Some(refusal);
                 Ok(true)
             }
+            // Its turn ends here; `park` serves it again with the verdict.
+            Stop::Parked => Ok(true),
             Stop::ClientGone => Err(pingora::Error::explain(
                 ErrorType::ConnectionClosed,
                 "the client left before its answer was complete",

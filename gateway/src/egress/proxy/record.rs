@@ -23,6 +23,10 @@ impl Egress {
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
+        // A parked request is recorded once, at the end of its turn with the verdict.
+        if ctx.parked {
+            return;
+        }
         let req = session.req_header();
         let status = session
             .response_written()
