@@ -385,7 +385,9 @@ where
     }
     let _ = io.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would make every future that may answer this way (each
+        // connection's) 4 KiB larger for as long as it lives.
+        let mut sink = vec![0u8; 4096];
         let mut left = 64 * 1024usize;
         while left > 0 {
             match io.read(&mut sink).await {

@@ -30,6 +30,7 @@ use crate::egress::head;
 use crate::egress::identity::{self, ListenerBinding};
 use crate::egress::intercept::{self, Interceptor, NotAdmitted, Tunnel};
 use crate::egress::proxy::{identity_refusal, record_refused_head, Egress, Shared};
+use crate::egress::quota::ConnectionPermit;
 use crate::observe::audit;
 use crate::reply::{self, Refusal};
 use crate::target::Target;
@@ -124,11 +125,13 @@ fn enter_netns(ns: &Path) -> Result<(), ListenerError> {
         .map_err(|e| netns_err(e.to_string()))
 }
 
-/// Bytes each accepted connection reads ahead: enough for a request head of usual size in
-/// one read. Bodies are read into buffers of their own, past this one. pingora's default
-/// (64 KiB, zeroed at accept) was most of what a connection held for approval kept in
-/// memory, for every connection, idle or not.
-pub const CONNECTION_READ_BUFFER: usize = 4 * 1024;
+/// Bytes each accepted connection reads ahead, into a buffer of pingora's: none. Every
+/// reader of a connection reads into a buffer of its own at least this large — request heads
+/// 4 KiB at a time (`head`), bodies, TLS records, a CONNECT head 1 KiB at a time — and a read
+/// that asks for as much as the read-ahead buffer holds bypasses it, so it saved no system
+/// call; it only kept its bytes, zeroed at accept, for as long as the connection lived, idle
+/// or held for approval. (pingora's default is 64 KiB.)
+pub const CONNECTION_READ_BUFFER: usize = 0;
 
 /// Serves `listener` with `app` until `shutdown` turns true; with `tls`, connections are TLS.
 pub fn serve<A>(
@@ -213,7 +216,7 @@ impl ServerApp for EgressApp {
         // The agent's connection limit: who it is is known from the listener or the source
         // address before anything is parsed. Unknown sources are refused per request (403).
         let agent = identity::identify(&self.shared.registry, &self.binding, peer_ip(&stream));
-        let _permit = match agent
+        let permit = match agent
             .as_ref()
             .map(|agent| self.shared.quotas.open_connection(agent))
         {
@@ -236,11 +239,7 @@ impl ServerApp for EgressApp {
             _ => return None,
         };
         if !is_connect {
-            let known = agent.as_deref().ok();
-            head::serve_http1(&self.proxy, stream, self.deadlines(), shutdown, |refused| {
-                record_refused_head(&self.shared, known, self.binding.session(), None, refused)
-            })
-            .await;
+            self.serve_apart(stream, agent.ok(), None, permit, shutdown);
             return None;
         }
         // Who it is, and whether the policies leave anything inside this tunnel allowed: a
@@ -308,24 +307,40 @@ impl ServerApp for EgressApp {
                 .process_new(H2Watch::wrap(decrypted, recorded), shutdown)
                 .await;
         }
-        let known = agent.as_deref().ok();
-        head::serve_http1(
-            &self.proxy,
-            decrypted,
-            self.deadlines(),
-            shutdown,
-            |refused| {
+        self.serve_apart(decrypted, agent.ok(), tunnel, permit, shutdown);
+        None
+    }
+}
+
+impl EgressApp {
+    /// Serves the HTTP/1 requests of a connection in a task of its own. pingora's task for
+    /// the connection ends here, and with it its state and this app's (a TLS handshake's, an
+    /// interception's): a connection that waits — between requests, or with a request
+    /// parked for approval — keeps only the connection loop's own.
+    fn serve_apart(
+        self: &Arc<Self>,
+        stream: Stream,
+        known: Option<Arc<crate::agent::Agent>>,
+        tunnel: Option<Target>,
+        permit: Option<ConnectionPermit>,
+        shutdown: &ShutdownWatch,
+    ) {
+        let app = self.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // The agent's connection counts until the connection ends.
+            let _permit = permit;
+            head::serve_http1(&app.proxy, stream, app.deadlines(), &shutdown, |refused| {
                 record_refused_head(
-                    &self.shared,
-                    known,
-                    self.binding.session(),
+                    &app.shared,
+                    known.as_deref(),
+                    app.binding.session(),
                     tunnel.as_ref(),
                     refused,
                 )
-            },
-        )
-        .await;
-        None
+            })
+            .await;
+        });
     }
 }
 
