@@ -186,6 +186,7 @@ pub async fn serve_http1<A>(
         stream = next;
         settings = kept;
         if let Some(parked) = parked {
+            pipeline.shrink_held();
             // Boxed: only a parked request's connection carries the wait's state.
             unparked = Some(Box::pin(parked.wait(&mut stream)).await);
         }

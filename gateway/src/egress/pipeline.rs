@@ -109,6 +109,14 @@ impl PipelineControl {
         (!state.overflowed).then(|| std::mem::take(&mut state.held))
     }
 
+    /// Lets go of the read buffer that the bytes held back share with the request's own:
+    /// for a connection that waits long (a request parked for approval), only those bytes
+    /// stay (between ordinary requests the buffer is reused for the next head).
+    pub fn shrink_held(&self) {
+        let mut state = self.state.lock();
+        state.held = BytesMut::from(&state.held[..]);
+    }
+
     /// Whether the request being served has had all its bytes read (what arrives now is
     /// held for the next head).
     pub fn request_ended(&self) -> bool {
