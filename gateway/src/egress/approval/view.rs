@@ -1,7 +1,7 @@
 //! An approval as approvers and the agent platform see it: the stored record without its
 //! sealed token, plus what a person needs to decide — for an Azure Resource Manager request
-//! what it would do ([`operation`](super::operation)), and while this process holds the
-//! request a preview of its body, from memory ([`preview`](super::preview)). The admin API's
+//! what it would do (`operation`), and while this process holds the
+//! request a preview of its body, from memory (`preview`). The admin API's
 //! answers and the live feed's events are both made here, so they never differ.
 
 use tollgate_storage::ApprovalRecord;

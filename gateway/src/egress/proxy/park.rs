@@ -9,7 +9,7 @@
 //! connection's loop ([`crate::egress::head::serve_http1`]) waits for the verdict, watching
 //! the connection for the client leaving. Then the request is served again: its head and
 //! body, exactly as held, are given to pingora as the next request, whose context is the
-//! parked one carrying the verdict ([`super::Egress::admit`] goes on from there). So the
+//! parked one carrying the verdict (`Egress::admit` goes on from there). So the
 //! verdict is acted on by the same code whether the request was parked or held in place,
 //! and the request gets one record, at its end.
 //!
