@@ -1183,15 +1183,35 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
     );
     assert_eq!(origin.requests(), 3);
 
-    // All three are in the agent's audit trail, as failures, and counted.
-    let records = support::audit_records(&gw, "a", 3);
+    // While a held request waits for approval, parked outside pingora: answered, recorded,
+    // nothing recorded as pending, nothing sent.
+    let parked = curl_async(args![
+        "-x",
+        gw.proxy_url(),
+        "-d",
+        "{}",
+        format!("{base}/__tollgate_fault/panic/parked")
+    ])
+    .await;
+    assert_eq!(parked.status, 502, "{parked:?}");
+    assert_eq!(parked.json()["error"], "internal_error", "{parked:?}");
+    assert_eq!(origin.requests(), 3);
+    assert!(wait_for_approvals(&gw, "state=pending", 0).is_empty());
+
+    // All four are in the agent's audit trail, as failures, and counted.
+    let records = support::audit_records(&gw, "a", 4);
     let failed: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["error"] == "internal_error")
         .collect();
-    assert_eq!(failed.len(), 3, "{records:?}");
+    assert_eq!(failed.len(), 4, "{records:?}");
     // Each with the status the sandbox saw: 502, or the origin's when its head was out.
-    for (path, status) in [("response", 502), ("send", 502), ("relay", 200)] {
+    for (path, status) in [
+        ("response", 502),
+        ("send", 502),
+        ("relay", 200),
+        ("parked", 502),
+    ] {
         let path = format!("/__tollgate_fault/panic/{path}");
         assert!(
             failed
@@ -1206,7 +1226,7 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
     assert!(failed
         .iter()
         .any(|r| r["path"] == "/__tollgate_fault/panic/send" && r["approval"] == id.as_str()));
-    assert_eq!(metric(&gw, "tollgate_panics_total"), 3);
+    assert_eq!(metric(&gw, "tollgate_panics_total"), 4);
     // The gateway serves on.
     let after = curl_async(args!["-x", gw.proxy_url(), format!("{base}/after")]).await;
     assert_eq!(after.status, 200, "{after:?}");

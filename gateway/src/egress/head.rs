@@ -35,7 +35,6 @@ use crate::egress::h2_watch::RefusedStream;
 use crate::egress::panics;
 use crate::egress::pipeline::Pipeline;
 use crate::egress::proxy::park;
-use crate::egress::proxy::RequestCtx;
 use crate::reply::{self, ErrorCode, Refusal};
 
 /// How long a connection may wait for its next request head (pingora's keep-alive default).
@@ -103,16 +102,20 @@ pub async fn serve_http1<A>(
     let mut settings: Option<HttpPersistentSettings> = None;
     let mut idle = deadlines.first_byte;
     // A request parked while it waited for approval (`park`), to be served again.
-    let mut unparked: Option<(BytesMut, Box<RequestCtx>)> = None;
+    let mut unparked: Option<park::Unparked> = None;
     loop {
         let next = match unparked.take() {
             // Its head was read and checked when it came: the same bytes pass again.
-            Some((bytes, ctx)) => match framing::check_head(&bytes) {
-                Ok(Some(head)) => Ok(Some((bytes, head, Instant::now(), Some(ctx)))),
+            Some(unparked) => match framing::check_head(&unparked.bytes) {
+                Ok(Some(head)) => {
+                    let (bytes, ctx) = unparked.into_ctx();
+                    Ok(Some((bytes, head, Instant::now(), Some(ctx))))
+                }
                 _ => {
-                    tracing::error!(
-                        "a parked request could not be served again; connection closed"
-                    );
+                    let failed = not_served_again(RequestLine::default());
+                    unparked.give_up(&failed.refusal.detail).await;
+                    refused(&failed);
+                    reply::answer_raw_and_close(&mut stream, &failed.refusal).await;
                     return;
                 }
             },
@@ -160,12 +163,39 @@ pub async fn serve_http1<A>(
             "an HTTP/1 connection",
             app.process_new_http(session, shutdown),
         );
-        let (served, parked) = park::serving(&pipeline, resumed, turn).await;
+        let park::Turn {
+            served,
+            parked,
+            not_taken,
+        } = park::serving(&pipeline, resumed, turn).await;
+        // A parked request this turn was to serve again, and its turn ended first (the
+        // gateway stopping): not sent, and recorded so.
+        if let Some(unparked) = not_taken {
+            let failed = not_served_again(line);
+            unparked.give_up(&failed.refusal.detail).await;
+            refused(&failed);
+            if let Ok(Some(reused)) = served {
+                let (mut connection, _) = reused.consume();
+                reply::answer_raw_and_close(&mut connection, &failed.refusal).await;
+            }
+            return;
+        }
         let reused = match served {
             Ok(Some(reused)) => reused,
             Ok(None) => {
+                // pingora did not keep the connection of a request it had parked (a client
+                // that reset it): nothing was recorded, nothing can be answered.
                 if parked.is_some() {
-                    tracing::error!("a parked request lost its connection; nothing was recorded");
+                    refused(&RefusedHead {
+                        refusal: Refusal::new(
+                            ErrorCode::InternalError,
+                            "the connection was not kept while its request was to be held \
+                             for approval (the client left, or it could not be read to its \
+                             end); no approval was recorded and nothing was sent",
+                        ),
+                        line,
+                        started,
+                    });
                 }
                 return;
             }
@@ -187,9 +217,38 @@ pub async fn serve_http1<A>(
         settings = kept;
         if let Some(parked) = parked {
             pipeline.shrink_held();
-            // Boxed: only a parked request's connection carries the wait's state.
-            unparked = Some(Box::pin(parked.wait(&mut stream)).await);
+            // Boxed: only a parked request's connection carries the wait's state. A panic
+            // while it waits (a bug) still gets the request answered and recorded; its hold,
+            // dropped, abandons its approval if it was still pending.
+            let wait = Box::pin(parked.wait(&mut stream));
+            match panics::catching("a request waiting for approval", wait).await {
+                Ok(waited) => unparked = Some(waited),
+                Err(()) => {
+                    let failed = RefusedHead {
+                        refusal: panics::refusal(),
+                        line,
+                        started,
+                    };
+                    refused(&failed);
+                    reply::answer_raw_and_close(&mut stream, &failed.refusal).await;
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// The record of a request held for approval that its connection could not serve again
+/// once its approval was settled (the gateway stopping, or a bug): nothing was sent.
+fn not_served_again(line: RequestLine) -> RefusedHead {
+    RefusedHead {
+        refusal: Refusal::new(
+            ErrorCode::InternalError,
+            "the request's approval was settled, but the gateway could not serve the request \
+             again (it is stopping, or failed); nothing was sent",
+        ),
+        line,
+        started: Instant::now(),
     }
 }
 

@@ -126,7 +126,7 @@ pub struct RequestCtx {
     trace: RequestTrace,
     /// For a parked request served again ([`park`]): what admission decided, and how its
     /// hold ended.
-    resumed: Option<Box<(hold::Decided, hold::Waited)>>,
+    resumed: Option<Box<park::Resumed>>,
     /// Left in pingora's hands by a request that was parked: it ends this turn with no
     /// answer and no record (the request gets both when it is served again).
     parked: bool,
@@ -400,7 +400,9 @@ impl Egress {
         // A parked request served again goes on from its hold's end (its head and body are
         // the same bytes, and were admitted when they first came).
         if let Some(resumed) = ctx.resumed.take() {
-            let (decided, waited) = *resumed;
+            let park::Resumed {
+                decided, waited, ..
+            } = *resumed;
             let (decided, release) = self.end_hold(ctx, decided, waited).await?;
             // The body sent is the one held; the same bytes, given to pingora again, are read
             // past here (pingora keeps a connection only if the request was read whole before

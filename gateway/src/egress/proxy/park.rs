@@ -66,23 +66,64 @@ pub struct Parked {
     pub(super) head: Bytes,
 }
 
-/// Serves one request of a connection (`serve`, pingora's turn) where it may park: returns
-/// what `serve` returned and the request it parked, if it did. `resumed` is the context of
-/// a parked request that this turn serves again.
+/// How a parked request's hold ended, carried by its context into the turn that serves it
+/// again.
+pub(super) struct Resumed {
+    /// What admission decided.
+    pub(super) decided: Decided,
+    /// The verdict, the held body and the wait.
+    pub(super) waited: Waited,
+    /// Where the approval is recorded (to mark it not sent if the request cannot be).
+    approvals: Arc<Approvals>,
+}
+
+/// A parked request whose wait has ended: to be served again.
+pub struct Unparked {
+    /// Its head and body, to give pingora again.
+    pub bytes: BytesMut,
+    /// Its context, which carries the verdict.
+    ctx: Box<RequestCtx>,
+}
+
+/// What one turn of the connection loop left: what pingora returned, the request it parked,
+/// and a parked request it was to serve again but never took up (its turn ended before the
+/// request's context was asked for).
+pub struct Turn<T> {
+    /// What pingora returned.
+    pub served: T,
+    /// The request parked in this turn.
+    pub parked: Option<Box<Parked>>,
+    /// The request this turn was to serve again and did not.
+    pub not_taken: Option<Unparked>,
+}
+
+/// Serves one request of a connection (`serve`, pingora's turn) where it may park.
+/// `unparked` is a parked request that this turn serves again (its bytes are the turn's).
 pub async fn serving<F: Future>(
     pipeline: &PipelineControl,
-    resumed: Option<Box<RequestCtx>>,
+    unparked: Option<Box<RequestCtx>>,
     serve: F,
-) -> (F::Output, Option<Box<Parked>>) {
+) -> Turn<F::Output> {
     let parking = RefCell::new(Parking {
         pipeline: pipeline.clone(),
         parked: None,
-        resumed,
+        resumed: unparked,
     });
     let mut turn = std::pin::pin!(PARKING.scope(parking, serve));
     let served = turn.as_mut().await;
-    let parked = turn.take_value().and_then(|p| p.into_inner().parked);
-    (served, parked)
+    let left = turn.take_value().map(RefCell::into_inner);
+    let (parked, not_taken) = match left {
+        Some(left) => (left.parked, left.resumed),
+        None => (None, None),
+    };
+    Turn {
+        served,
+        parked,
+        not_taken: not_taken.map(|ctx| Unparked {
+            bytes: BytesMut::new(),
+            ctx,
+        }),
+    }
 }
 
 /// The context of the parked request this turn serves again, if it is one.
@@ -115,9 +156,8 @@ pub(super) fn park(parked: Box<Parked>) {
 
 impl Parked {
     /// Records the approval and waits for its verdict, or for the client to leave
-    /// (`connection` ends). Returns the request's bytes to serve again and its context,
-    /// which carries the verdict.
-    pub async fn wait(self: Box<Self>, connection: &mut Stream) -> (BytesMut, Box<RequestCtx>) {
+    /// (`connection` ends). Returns the request to serve again, with the verdict.
+    pub async fn wait(self: Box<Self>, connection: &mut Stream) -> Unparked {
         let Parked {
             mut ctx,
             decided,
@@ -125,6 +165,7 @@ impl Parked {
             approvals,
             head,
         } = *self;
+        crate::egress::panics::inject(&ctx.path_and_query, "parked");
         let body = hold.body.clone();
         let client_gone = async {
             // The request's bytes are all read: a read returns only when the client closes
@@ -134,16 +175,43 @@ impl Parked {
         };
         let held_at = Instant::now();
         let outcome = approvals.hold(hold, client_gone).await;
-        let replay = replay_bytes(&head, &body);
-        ctx.resumed = Some(Box::new((
+        let bytes = replay_bytes(&head, &body);
+        ctx.resumed = Some(Box::new(Resumed {
             decided,
-            Waited {
+            waited: Waited {
                 body,
                 outcome,
                 took: held_at.elapsed(),
             },
-        )));
-        (replay, Box::new(ctx))
+            approvals,
+        }));
+        Unparked {
+            bytes,
+            ctx: Box::new(ctx),
+        }
+    }
+}
+
+impl Unparked {
+    /// Its context, for the turn that serves it.
+    pub fn into_ctx(self) -> (BytesMut, Box<RequestCtx>) {
+        (self.bytes, self.ctx)
+    }
+
+    /// Gives it up: the connection loop could not serve it again (the gateway stopping, a
+    /// failure). An approved request is marked not sent, with `why`; nothing was sent.
+    pub async fn give_up(self, why: &str) {
+        let Some(resumed) = &self.ctx.resumed else {
+            return;
+        };
+        tracing::warn!(
+            approval = self.ctx.approval.as_deref().unwrap_or("-"),
+            why,
+            "a request held for approval was not served again"
+        );
+        if let (Ok(_), Some(id)) = (&resumed.waited.outcome, &self.ctx.approval) {
+            resumed.approvals.not_sent(id, why).await;
+        }
     }
 }
 
