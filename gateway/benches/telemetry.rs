@@ -1,8 +1,8 @@
 //! What OpenTelemetry costs a request, piece by piece: its span (start and finish, with the
-//! summary's attributes) and its log line (through the `fmt` layer alone, and through the
-//! OTLP log bridge as well). Export runs against a loopback port nobody listens on, so the
-//! queues fill and drop — the work a request does is the same whether or not the collector
-//! answers. Run: `cargo bench -p tollgate-gateway --bench telemetry`.
+//! summary's attributes) and its log line (as a `tracing` event through the `fmt` layer alone
+//! and through the OTLP log bridge as well, and written directly as the gateway writes it).
+//! Export runs against a loopback port nobody listens on, so the queues fill and drop — the
+//! work a request does is the same whether or not the collector answers. Run: `cargo bench -p tollgate-gateway --bench telemetry`.
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate_gateway::config::Config;
-use tollgate_gateway::observe::telemetry::{SpanExtras, Telemetry};
+use tollgate_gateway::observe::telemetry::{LineFormat, RequestLine, SpanExtras, Telemetry};
 use tollgate_storage::AuditRecord;
 use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -82,18 +82,31 @@ fn request_span(c: &mut Criterion) {
     group.finish();
 }
 
-/// The per-request log line's fields, as `proxy.rs` logs them.
-fn log_line() {
-    tracing::info!(
-        agent = "bench", tool_call = "tc-1", method = %http::Method::GET, host = "api.github.com:443",
-        path = "/repos/x/y", decision = "allow", credential = "dev", policies = "allowlist,readonly-reads",
-        approval = "-", status = 200u16, elapsed_ms = 0.9f64,
-        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736", "request"
-    );
+/// A request's log line with the summary's fields.
+fn line(record: &AuditRecord) -> RequestLine<'_> {
+    RequestLine {
+        agent: &record.agent,
+        tool_call: record.tool_call.as_deref().unwrap_or("-"),
+        method: &record.method,
+        host: &record.host,
+        path: &record.path,
+        decision: &record.decision,
+        credential: record.credential.as_deref().unwrap_or("-"),
+        policies: "allowlist,readonly-reads",
+        approval: "-",
+        status: record.status,
+        elapsed_ms: 0.9,
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+        refusal: None,
+        error: None,
+    }
 }
 
 fn request_log_line(c: &mut Criterion) {
+    let record = summary();
+    let line = line(&record);
     let mut group = c.benchmark_group("request log line");
+    // This process never installs the direct writer: `log` makes a `tracing` event.
     let fmt = || {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::sink)
@@ -103,7 +116,7 @@ fn request_log_line(c: &mut Criterion) {
         .with(tracing_subscriber::EnvFilter::new("info"))
         .with(fmt());
     tracing::subscriber::with_default(plain, || {
-        group.bench_function("fmt only", |b| b.iter(log_line));
+        group.bench_function("tracing fmt layer", |b| b.iter(|| line.log()));
     });
     let telemetry = Arc::new(exporting());
     let bridged = tracing_subscriber::registry()
@@ -111,7 +124,18 @@ fn request_log_line(c: &mut Criterion) {
         .with(fmt())
         .with(telemetry.log_layer());
     tracing::subscriber::with_default(bridged, || {
-        group.bench_function("fmt + OTLP log bridge", |b| b.iter(log_line));
+        group.bench_function("tracing fmt layer + OTLP log bridge", |b| {
+            b.iter(|| line.log())
+        });
+    });
+    // What the gateway does when the line is not exported: formatted straight into a buffer
+    // (appending it to the stderr writer's buffer is one short lock more).
+    let mut buf = Vec::with_capacity(1024);
+    group.bench_function("written directly", |b| {
+        b.iter(|| {
+            buf.clear();
+            line.write(&mut buf, LineFormat::Text);
+        })
     });
     group.finish();
 }

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::config::LogFormat;
-use tollgate_gateway::observe::telemetry::{StderrLog, Telemetry};
+use tollgate_gateway::observe::telemetry::{
+    write_request_lines_directly, LineFormat, StderrLog, Telemetry,
+};
 use tollgate_gateway::{Config, RunningGateway};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -100,13 +102,18 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     // Log lines go to stderr in batches, written by a thread of their own.
     let stderr_log = StderrLog::start().context("cannot start the log writer")?;
     let logs = tracing_subscriber::fmt::layer().with_writer(stderr_log.clone());
-    let logs = match config.log.format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .boxed(),
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (logs, format) = match config.log.format {
+        LogFormat::Text => (logs.with_ansi(colours).boxed(), LineFormat::Text),
         // One JSON object per line, the event's fields flattened beside time and level.
-        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+        LogFormat::Json => (logs.json().flatten_event(true).boxed(), LineFormat::Json),
     };
+    // The per-request line skips `tracing`'s formatter unless something must see it as an
+    // event (colours, or its export as an OTLP log record).
+    let coloured = colours && format == LineFormat::Text;
+    if !coloured && !telemetry.exports_request_lines() {
+        write_request_lines_directly(stderr_log.clone(), format);
+    }
     tracing_subscriber::registry()
         .with(filter)
         .with(logs)

@@ -9,7 +9,7 @@ use tollgate_policy::Outcome;
 use tollgate_storage::AuditRecord;
 
 use crate::agent::Agent;
-use crate::observe::telemetry::{RequestTrace, SpanExtras, REQUEST_LOG_TARGET};
+use crate::observe::telemetry::{RequestLine, RequestTrace, SpanExtras};
 use crate::target::Target;
 
 use super::{Egress, RequestCtx, Shared};
@@ -141,27 +141,23 @@ pub fn record_request(
         r.tool_call.as_deref().unwrap_or("-"),
         r.credential.as_deref().unwrap_or("-"),
     );
-    let approval = r.approval.as_deref().unwrap_or("-");
-    match (&r.error, end.detail) {
-        (Some(error), Some(detail)) => tracing::info!(
-            target: REQUEST_LOG_TARGET,
-            agent = r.agent, tool_call, method = r.method, host = r.host, path = r.path, decision,
-            credential, policies, approval, status = r.status, elapsed_ms, trace_id = r.trace_id,
-            refusal = error, detail, "request refused"
-        ),
-        (Some(error), None) => tracing::info!(
-            target: REQUEST_LOG_TARGET,
-            agent = r.agent, tool_call, method = r.method, host = r.host, path = r.path, decision,
-            credential, policies, approval, status = r.status, elapsed_ms, trace_id = r.trace_id,
-            error, "request failed"
-        ),
-        (None, _) => tracing::info!(
-            target: REQUEST_LOG_TARGET,
-            agent = r.agent, tool_call, method = r.method, host = r.host, path = r.path, decision,
-            credential, policies, approval, status = r.status, elapsed_ms, trace_id = r.trace_id,
-            "request"
-        ),
+    RequestLine {
+        agent: &r.agent,
+        tool_call,
+        method: &r.method,
+        host: &r.host,
+        path: &r.path,
+        decision,
+        credential,
+        policies: &policies,
+        approval: r.approval.as_deref().unwrap_or("-"),
+        status: r.status,
+        elapsed_ms,
+        trace_id: &r.trace_id,
+        refusal: r.error.as_deref().zip(end.detail),
+        error: r.error.as_deref().filter(|_| end.detail.is_none()),
     }
+    .log();
     // The metrics' decision label ("none": refused before a decision).
     let decided = end.outcome.map_or("none", Outcome::as_str);
     let agent = if end.known_agent {

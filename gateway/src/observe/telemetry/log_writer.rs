@@ -76,7 +76,8 @@ impl StderrLog {
         batch.shrink_to(FLUSH_BYTES);
     }
 
-    fn append(&self, line: &[u8], urgent: bool) {
+    /// Appends whole lines; `urgent` ones (and a full buffer) are written at once.
+    pub(super) fn append(&self, line: &[u8], urgent: bool) {
         let full = {
             let mut pending = self.inner.pending.lock();
             pending.extend_from_slice(line);

@@ -15,8 +15,10 @@
 mod export;
 mod http;
 mod log_writer;
+mod request_line;
 
 pub use log_writer::StderrLog;
+pub use request_line::{write_request_lines_directly, LineFormat, RequestLine};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,6 +221,12 @@ impl Telemetry {
             ),
             request_lines: self.export_request_lines,
         })
+    }
+
+    /// Whether the per-request log lines are exported as OTLP log records (then they must
+    /// go through `tracing`, see [`RequestLine`]).
+    pub fn exports_request_lines(&self) -> bool {
+        self.export_request_lines && self.providers.as_ref().is_some_and(|p| p.logs.is_some())
     }
 
     /// Exports the gateway's metrics: the request counts and the values `/metrics` reads.
