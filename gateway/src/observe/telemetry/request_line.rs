@@ -228,13 +228,9 @@ fn text_field(buf: &mut Vec<u8>, name: &str, value: &str) {
     buf.push(b' ');
     buf.extend_from_slice(name.as_bytes());
     buf.push(b'=');
-    if plain(value) {
-        buf.push(b'"');
-        buf.extend_from_slice(value.as_bytes());
-        buf.push(b'"');
-    } else {
+    quoted(buf, value, |buf, value| {
         let _ = write!(buf, "{value:?}");
-    }
+    });
 }
 
 /// `,"name":"value"`, the value escaped as JSON.
@@ -242,12 +238,17 @@ fn json_field(buf: &mut Vec<u8>, name: &str, value: &str) {
     buf.extend_from_slice(b",\"");
     buf.extend_from_slice(name.as_bytes());
     buf.extend_from_slice(b"\":");
+    quoted(buf, value, json_value::<str>);
+}
+
+/// `"value"` as it is when nothing in it needs escaping, else as `escape` writes it.
+fn quoted(buf: &mut Vec<u8>, value: &str, escape: fn(&mut Vec<u8>, &str)) {
     if plain(value) {
         buf.push(b'"');
         buf.extend_from_slice(value.as_bytes());
         buf.push(b'"');
     } else {
-        json_value(buf, value);
+        escape(buf, value);
     }
 }
 
