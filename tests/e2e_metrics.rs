@@ -206,3 +206,38 @@ async fn json_logs_are_one_object_per_line_with_the_request_fields() {
     assert_eq!(request["status"], 200);
     assert!(!gw.log().contains("query-secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_line_follows_rust_log_and_can_be_turned_off() {
+    if no_curl() {
+        return;
+    }
+    let origin = Origin::http();
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}\n{REVIEW_AGENT}",
+        loopback_upstream(None)
+    );
+    let url = format!("http://127.0.0.1:{}/quiet", origin.port());
+    // The same gateway twice: the line is written unless RUST_LOG turns its target off.
+    for (filter, logged) in [
+        ("info", true),
+        ("info,tollgate_gateway::request=off", false),
+    ] {
+        let gw =
+            Gateway::start_with_env(&config, &[APPROVAL_POLICIES], "", &[("RUST_LOG", filter)]);
+        let r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        // The request is recorded either way: its audit record is there.
+        let records = audit_records(&gw, "a", 1);
+        assert_eq!(records[0]["path"], "/quiet", "{records:?}");
+        let line = "INFO tollgate_gateway::request: request agent=\"a\"";
+        assert_eq!(
+            gw.log().contains(line),
+            logged,
+            "RUST_LOG={filter}: {}",
+            gw.log()
+        );
+        // The gateway's other lines are still written.
+        assert!(gw.log_contains("INFO"), "RUST_LOG={filter}: {}", gw.log());
+    }
+}
