@@ -20,12 +20,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::config::LogFormat;
 use tollgate_gateway::observe::telemetry::{
-    write_request_lines_directly, LineFormat, StderrLog, Telemetry,
+    fmt_layer, write_request_lines_directly, LineFormat, StderrLog, Telemetry,
 };
 use tollgate_gateway::{Config, RunningGateway};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::Layer as _;
 
 /// Tollgate: the egress gateway for AI-agent sandboxes.
 #[derive(Parser)]
@@ -101,13 +100,12 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     let telemetry = Arc::new(Telemetry::start(&config)?);
     // Log lines go to stderr in batches, written by a thread of their own.
     let stderr_log = StderrLog::start().context("cannot start the log writer")?;
-    let logs = tracing_subscriber::fmt::layer().with_writer(stderr_log.clone());
     let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (logs, format) = match config.log.format {
-        LogFormat::Text => (logs.with_ansi(colours).boxed(), LineFormat::Text),
-        // One JSON object per line, the event's fields flattened beside time and level.
-        LogFormat::Json => (logs.json().flatten_event(true).boxed(), LineFormat::Json),
+    let format = match config.log.format {
+        LogFormat::Text => LineFormat::Text,
+        LogFormat::Json => LineFormat::Json,
     };
+    let logs = fmt_layer(stderr_log.clone(), format, colours);
     // The per-request line skips `tracing`'s formatter unless something must see it as an
     // event (colours, or its export as an OTLP log record).
     let coloured = colours && format == LineFormat::Text;

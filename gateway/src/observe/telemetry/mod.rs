@@ -305,6 +305,27 @@ impl Telemetry {
     }
 }
 
+/// The `tracing` layer that writes the gateway's log lines to `writer` in `format`, with
+/// colours only for text on a terminal (`colours`). The request line written directly
+/// ([`RequestLine`]) is tested against this very layer.
+pub fn fmt_layer<S, W>(
+    writer: W,
+    format: LineFormat,
+    colours: bool,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer as _;
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    match format {
+        LineFormat::Text => layer.with_ansi(colours).boxed(),
+        // One JSON object per line, the event's fields flattened beside time and level.
+        LineFormat::Json => layer.json().flatten_event(true).boxed(),
+    }
+}
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
         self.shutdown(Duration::from_secs(1));

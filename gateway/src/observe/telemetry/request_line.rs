@@ -7,8 +7,8 @@
 //! batched stderr writer, in exactly the format `tracing_subscriber` would give it (text or
 //! JSON, tested side by side), so an operator's parser sees no difference.
 //!
-//! The `RUST_LOG` filter still decides whether the line is written (through the same
-//! `tracing` call site). The line goes through `tracing` as before when something else must
+//! The `RUST_LOG` filter still decides whether the line is written: it is asked about an
+//! event of the same target, level and fields. The line goes through `tracing` as before when something else must
 //! see it as an event: when OTLP exports request lines as log records, when stderr is a
 //! terminal (colours), and in a process that never installed the direct writer.
 
@@ -83,7 +83,7 @@ impl RequestLine<'_> {
             self.event();
             return;
         };
-        if !tracing::enabled!(target: REQUEST_LOG_TARGET, Level::INFO) {
+        if !self.enabled() {
             return;
         }
         LINE.with_borrow_mut(|buf| {
@@ -93,6 +93,29 @@ impl RequestLine<'_> {
             // A huge line (a long path) does not keep its memory in every thread.
             buf.shrink_to(LINE_CAPACITY);
         });
+    }
+
+    /// Whether `RUST_LOG` lets the event through: asked with the event's own fields, so that
+    /// a directive on a field name (`tollgate_gateway::request[{error}]=off`) selects the
+    /// same lines as it does for the event.
+    fn enabled(&self) -> bool {
+        match (self.refusal, self.error) {
+            (Some(_), _) => tracing::event_enabled!(
+                target: REQUEST_LOG_TARGET, Level::INFO,
+                message, agent, tool_call, method, host, path, decision, credential, policies,
+                approval, status, elapsed_ms, trace_id, refusal, detail
+            ),
+            (None, Some(_)) => tracing::event_enabled!(
+                target: REQUEST_LOG_TARGET, Level::INFO,
+                message, agent, tool_call, method, host, path, decision, credential, policies,
+                approval, status, elapsed_ms, trace_id, error
+            ),
+            (None, None) => tracing::event_enabled!(
+                target: REQUEST_LOG_TARGET, Level::INFO,
+                message, agent, tool_call, method, host, path, decision, credential, policies,
+                approval, status, elapsed_ms, trace_id
+            ),
+        }
     }
 
     /// Appends the line, stamped now, to `buf` as `tracing_subscriber` would write it in
@@ -349,15 +372,9 @@ mod tests {
             let captured = captured.clone();
             move || captured.clone()
         };
-        let layer = tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .with_writer(writer);
-        let dispatch = match format {
-            LineFormat::Text => tracing::Dispatch::new(tracing_subscriber::registry().with(layer)),
-            LineFormat::Json => tracing::Dispatch::new(
-                tracing_subscriber::registry().with(layer.json().flatten_event(true)),
-            ),
-        };
+        // The gateway's own `fmt` layer, as `main` builds it (stderr is no terminal here).
+        let layer = super::super::fmt_layer(writer, format, false);
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
         tracing::dispatcher::with_default(&dispatch, || line.event());
         let bytes = captured.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
@@ -405,9 +422,11 @@ mod tests {
     fn a_direct_line_reads_exactly_as_tracing_would_write_it() {
         let paths = [
             "/plain/path",
+            "",
             "/a \"quoted\" \\ path",
-            "/ctl\u{1}\t\n\r",
-            "/ünïcödé/\u{200b}/\u{301}",
+            "/it's ~ {} [] <> = ,",
+            "/ctl\u{1}\t\n\r\u{1b}[31m\u{7f}",
+            "/ünïcödé/\u{200b}/\u{301}/\u{9b}/\u{2028}",
         ];
         let endings = [
             (None, None),
@@ -431,6 +450,55 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rust_log_selects_the_same_lines_as_it_did_for_the_event() {
+        let request = line("/p", None, None);
+        let refused = line("/p", Some(("policy_denied", "denied")), None);
+        let failed = line("/p", None, Some("ConnectTimedout"));
+        // What each filter lets through: (request, refused, failed).
+        let cases = [
+            ("info", (true, true, true)),
+            ("warn", (false, false, false)),
+            ("info,tollgate_gateway::request=off", (false, false, false)),
+            // A directive on a field name picks the lines that have that field.
+            (
+                "info,tollgate_gateway::request[{error}]=off",
+                (true, true, false),
+            ),
+            (
+                "warn,tollgate_gateway::request[{refusal}]=info",
+                (false, true, false),
+            ),
+        ];
+        for (filter, expected) in cases {
+            let subscriber =
+                tracing_subscriber::registry().with(tracing_subscriber::EnvFilter::new(filter));
+            let got = tracing::subscriber::with_default(subscriber, || {
+                (request.enabled(), refused.enabled(), failed.enabled())
+            });
+            assert_eq!(got, expected, "RUST_LOG={filter}");
+            // The event itself, for comparison: the same lines are written.
+            let written = |line: &RequestLine| {
+                let captured = Captured::default();
+                let writer = {
+                    let captured = captured.clone();
+                    move || captured.clone()
+                };
+                let subscriber = tracing_subscriber::registry()
+                    .with(tracing_subscriber::EnvFilter::new(filter))
+                    .with(super::super::fmt_layer(writer, LineFormat::Text, false));
+                tracing::subscriber::with_default(subscriber, || line.event());
+                let written = !captured.0.lock().unwrap().is_empty();
+                written
+            };
+            assert_eq!(
+                (written(&request), written(&refused), written(&failed)),
+                expected,
+                "the event under RUST_LOG={filter}"
+            );
         }
     }
 
