@@ -39,23 +39,32 @@ pub fn refusal() -> Refusal {
 }
 
 /// Runs `serving` to its end; `Err(())` if it panicked (counted and logged as `what`).
-pub async fn catching<F: Future>(what: &'static str, serving: F) -> Result<F::Output, ()> {
-    let serving = std::pin::pin!(serving);
-    CatchUnwind { serving, what }.await
+///
+/// A plain future that holds `serving` itself, not an `async fn`: an `async fn` keeps its
+/// argument and the pinned copy it polls side by side, so every request's pipeline state
+/// would be stored (and copied into its box) twice.
+pub fn catching<F: Future>(what: &'static str, serving: F) -> CatchUnwind<F> {
+    CatchUnwind { serving, what }
 }
 
-struct CatchUnwind<'a, F> {
-    serving: Pin<&'a mut F>,
-    what: &'static str,
+pin_project_lite::pin_project! {
+    /// The future [`catching`] returns.
+    pub struct CatchUnwind<F> {
+        #[pin]
+        serving: F,
+        what: &'static str,
+    }
 }
 
-impl<F: Future> Future for CatchUnwind<'_, F> {
+impl<F: Future> Future for CatchUnwind<F> {
     type Output = Result<F::Output, ()>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let what = self.what;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let what = *this.what;
+        let serving = this.serving;
         // Nothing of the future's state is used again after a panic: it is dropped.
-        match catch_unwind(AssertUnwindSafe(|| self.serving.as_mut().poll(cx))) {
+        match catch_unwind(AssertUnwindSafe(|| serving.poll(cx))) {
             Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
             Ok(Poll::Pending) => Poll::Pending,
             Err(payload) => {

@@ -403,7 +403,9 @@ impl Egress {
             let park::Resumed {
                 decided, waited, ..
             } = *resumed;
-            let (decided, release) = self.end_hold(ctx, decided, waited).await?;
+            // Boxed, as the hold below: approval's state is large and rare, and every
+            // request's pipeline state (boxed and copied per request) would carry it.
+            let (decided, release) = Box::pin(self.end_hold(ctx, decided, waited)).await?;
             // The body sent is the one held; the same bytes, given to pingora again, are read
             // past here (pingora keeps a connection only if the request was read whole before
             // its answer).
@@ -484,7 +486,8 @@ impl Egress {
                 decision,
                 policy_version: engine.version().to_string(),
             };
-            return match self.hold_for_approval(session, ctx, decided).await? {
+            // Boxed: a hold's state is several KiB, which the allowed path need not carry.
+            return match Box::pin(self.hold_for_approval(session, ctx, decided)).await? {
                 Held::Parked => Err(Stop::Parked),
                 Held::Released(decided, release) => {
                     let Decided {
