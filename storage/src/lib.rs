@@ -4,7 +4,9 @@
 //!
 //! - [`Store`] (`store`) — opens the database and owns its keyspaces: `agents` (the registry)
 //!   and one keyspace per agent (`agent.<id>`) holding everything recorded about that agent,
-//!   so two agents' data are never mixed and removing an agent drops all of its data at once.
+//!   so two agents' data are never mixed and removing an agent drops all of its data at once;
+//!   and `audit-heads`, where each agent's audit chain ends (apart from the agent's records so
+//!   that their keys only ever grow, and compaction moves their tables down untouched).
 //! - [`ApprovalRecord`] (`approval`) — one request held for a person, and the state machine
 //!   it moves through (pending → approved / denied / expired / abandoned). Every state change
 //!   is fsync'd before the call returns: the gateway acts on a change only after it is durable.

@@ -5,10 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fjall::config::PinningPolicy;
-use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{
+    AbstractTree, Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode,
+};
 use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -21,7 +24,14 @@ const REGISTRY: &str = "agents";
 const AGENT_PREFIX: &str = "agent.";
 const APPROVAL_KEY: &[u8] = b"approval/";
 const AUDIT_KEY: &[u8] = b"audit/";
-const AUDIT_HEAD_KEY: &[u8] = b"audit-head";
+/// Where each agent's audit chain ends: one key per agent id. Not in the agent's own
+/// keyspace: a key written with every batch of records there would put every table's key
+/// range over all the others' (the records' keys only grow), so each compaction would
+/// rewrite the whole trail instead of moving its tables down untouched.
+const AUDIT_HEADS: &str = "audit-heads";
+/// Where an agent's chain head was kept before [`AUDIT_HEADS`], in the agent's keyspace:
+/// still read, and removed at the agent's next append or prune.
+const LEGACY_AUDIT_HEAD_KEY: &[u8] = b"audit-head";
 /// A keyspace for the store's own records: when the database was last opened, written
 /// durably at every open to prove the disk takes writes.
 const HEALTH: &str = "health";
@@ -138,9 +148,14 @@ pub struct StoreMemory {
 
 /// One agent's keyspace, and the next position in its audit trail.
 struct AgentSpace {
+    /// The agent's id (the key of its chain head).
+    agent: String,
     keyspace: Keyspace,
-    /// Where the agent's audit chain ends (also stored, under `audit-head`).
+    /// Where the agent's audit chain ends (also stored, in [`AUDIT_HEADS`]).
     head: Mutex<ChainHead>,
+    /// Whether the head is still stored the old way, in the agent's keyspace: the next
+    /// write of the head removes that copy.
+    legacy_head: std::sync::atomic::AtomicBool,
 }
 
 /// The gateway's durable state. Cheap to share: clone the `Arc` it comes in.
@@ -169,6 +184,8 @@ struct Opened {
     path: PathBuf,
     db: Database,
     registry: Keyspace,
+    /// Every agent's audit chain head ([`AUDIT_HEADS`]).
+    heads: Keyspace,
     agents: RwLock<HashMap<String, Arc<AgentSpace>>>,
     /// Approval id → agent id, rebuilt at open, so an approval is found by its id alone.
     approval_owner: RwLock<HashMap<String, String>>,
@@ -184,6 +201,7 @@ impl Opened {
             .open()
             .map_err(err)?;
         let registry = db.keyspace(REGISTRY, keyspace_options).map_err(err)?;
+        let heads = db.keyspace(AUDIT_HEADS, keyspace_options).map_err(err)?;
         let health = db.keyspace(HEALTH, keyspace_options).map_err(err)?;
         let mut proof = db.batch().durability(Some(PersistMode::SyncData));
         proof.insert(&health, OPENED_AT_KEY, now_millis().to_be_bytes());
@@ -192,6 +210,7 @@ impl Opened {
             path: path.to_path_buf(),
             db,
             registry,
+            heads,
             agents: RwLock::default(),
             approval_owner: RwLock::default(),
         };
@@ -209,7 +228,26 @@ impl Opened {
                     .insert(record.id, agent.to_string());
             }
         }
+        opened.forget_orphan_heads().map_err(err)?;
         Ok(opened)
+    }
+
+    /// Removes the chain heads of agents that have no keyspace: a removal that stopped
+    /// between dropping the agent's keyspace and its head. A later agent of the same id
+    /// must start a chain of its own.
+    fn forget_orphan_heads(&self) -> Result<(), fjall::Error> {
+        let agents = self.agents.read();
+        let mut batch = self.db.batch();
+        for item in self.heads.iter() {
+            let key = item.key()?;
+            if !agents.contains_key(String::from_utf8_lossy(&key).as_ref()) {
+                batch.remove(&self.heads, key);
+            }
+        }
+        if !batch.is_empty() {
+            batch.commit()?;
+        }
+        Ok(())
     }
 
     fn db_err(&self, reason: fjall::Error) -> StoreError {
@@ -228,22 +266,62 @@ impl Opened {
             .db
             .keyspace(&format!("{AGENT_PREFIX}{agent}"), keyspace_options)
             .map_err(|e| self.db_err(e))?;
-        let head = self.read_head(&keyspace)?;
+        let (head, legacy) = self.read_head(agent, &keyspace)?;
         let space = Arc::new(AgentSpace {
+            agent: agent.to_string(),
             keyspace,
             head: Mutex::new(head),
+            legacy_head: legacy.into(),
         });
         agents.insert(agent.to_string(), space.clone());
         Ok(space)
     }
 
-    fn read_head(&self, keyspace: &Keyspace) -> Result<ChainHead, StoreError> {
-        match keyspace.get(AUDIT_HEAD_KEY).map_err(|e| self.db_err(e))? {
-            Some(value) => serde_json::from_slice(&value).map_err(|reason| StoreError::Corrupt {
+    /// The agent's stored chain head, and whether it was found where it was kept before
+    /// [`AUDIT_HEADS`] (in the agent's keyspace).
+    fn read_head(&self, agent: &str, keyspace: &Keyspace) -> Result<(ChainHead, bool), StoreError> {
+        let parse = |value: &[u8]| {
+            serde_json::from_slice(value).map_err(|reason| StoreError::Corrupt {
                 what: "audit head",
                 reason,
-            }),
-            None => Ok(ChainHead::default()),
+            })
+        };
+        if let Some(value) = self.heads.get(agent).map_err(|e| self.db_err(e))? {
+            return Ok((parse(&value)?, false));
+        }
+        match keyspace
+            .get(LEGACY_AUDIT_HEAD_KEY)
+            .map_err(|e| self.db_err(e))?
+        {
+            Some(value) => Ok((parse(&value)?, true)),
+            None => Ok((ChainHead::default(), false)),
+        }
+    }
+
+    /// Puts `space`'s chain head (`head`) in `batch`, and the removal of its old copy if the
+    /// agent still has one.
+    fn write_head(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        space: &AgentSpace,
+        head: &ChainHead,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(head).map_err(|reason| StoreError::Corrupt {
+            what: "audit head",
+            reason,
+        })?;
+        batch.insert(&self.heads, space.agent.as_str(), value);
+        if space.legacy_head.load(Ordering::Relaxed) {
+            batch.remove(&space.keyspace, LEGACY_AUDIT_HEAD_KEY);
+        }
+        Ok(())
+    }
+
+    /// After a batch with `space`'s head failed, takes the head back from the disk.
+    fn restore_head(&self, space: &AgentSpace, head: &mut ChainHead) {
+        if let Ok((stored, legacy)) = self.read_head(&space.agent, &space.keyspace) {
+            *head = stored;
+            space.legacy_head.store(legacy, Ordering::Relaxed);
         }
     }
 
@@ -375,7 +453,7 @@ impl Store {
         let Ok(open) = self.opened() else {
             return StoreMemory::default();
         };
-        let mut trees = vec![open.registry.tree.clone()];
+        let mut trees = vec![open.registry.tree.clone(), open.heads.tree.clone()];
         trees.extend(
             open.all_spaces()
                 .iter()
@@ -440,7 +518,11 @@ impl Store {
                 .delete_keyspace(space.keyspace.clone())
                 .map_err(|e| self.write_err(e))?;
         }
-        Ok(())
+        // After the keyspace: a head left by a crash in between is forgotten at the next
+        // open, and a keyspace never outlives its head.
+        let mut batch = open.db.batch();
+        batch.remove(&open.heads, id);
+        batch.commit().map_err(|e| self.write_err(e))
     }
 
     /// Whether the agent has a keyspace of its own (for tests of the layout).
@@ -642,21 +724,17 @@ impl Store {
             }
         }
         for space in &touched {
-            let head =
-                serde_json::to_vec(&*space.head.lock()).map_err(|reason| StoreError::Corrupt {
-                    what: "audit head",
-                    reason,
-                })?;
-            batch.insert(&space.keyspace, AUDIT_HEAD_KEY, head);
+            open.write_head(&mut batch, space, &space.head.lock())?;
         }
         if let Err(e) = batch.commit() {
             // Nothing was written: the chains end where the stored heads say.
             for space in &touched {
-                if let Ok(head) = open.read_head(&space.keyspace) {
-                    *space.head.lock() = head;
-                }
+                open.restore_head(space, &mut space.head.lock());
             }
             return Err(self.write_err(e));
+        }
+        for space in &touched {
+            space.legacy_head.store(false, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -771,17 +849,12 @@ impl Store {
         // The chain now starts later, on purpose: verification starts there.
         let mut head = space.head.lock();
         head.pruned_before = last_pruned + 1;
-        let value = serde_json::to_vec(&*head).map_err(|reason| StoreError::Corrupt {
-            what: "audit head",
-            reason,
-        })?;
-        batch.insert(&space.keyspace, AUDIT_HEAD_KEY, value);
+        open.write_head(&mut batch, space, &head)?;
         if let Err(e) = batch.commit() {
-            if let Ok(stored) = open.read_head(&space.keyspace) {
-                *head = stored;
-            }
+            open.restore_head(space, &mut head);
             return Err(self.write_err(e));
         }
+        space.legacy_head.store(false, Ordering::Relaxed);
         Ok(Some(deleted))
     }
 }
@@ -1102,6 +1175,74 @@ mod tests {
         store.append_audit_batch(vec![audit("a1", 100)]).unwrap();
         let report = store.verify_audit("a1").unwrap();
         assert_eq!((report.records, report.broken), (4, None));
+    }
+
+    #[test]
+    fn an_agents_keyspace_holds_only_its_records_whose_keys_only_grow() {
+        let (_dir, store, keyspace) = trail(3);
+        store.append_audit_batch(vec![audit("a1", 100)]).unwrap();
+        let keys: Vec<Vec<u8>> = keyspace
+            .iter()
+            .map(|kv| kv.key().unwrap().to_vec())
+            .collect();
+        // Nothing rewritten with every batch: each flushed table's keys start after the
+        // last one's end, so compaction moves tables down instead of merging them.
+        assert_eq!(keys, (0..4).map(audit_key).collect::<Vec<_>>());
+        let heads = &store.opened().unwrap().heads;
+        let head: ChainHead = serde_json::from_slice(&heads.get("a1").unwrap().unwrap()).unwrap();
+        assert_eq!(head.next_seq, 4);
+    }
+
+    #[test]
+    fn a_chain_head_kept_the_old_way_is_read_and_moved_at_the_next_write() {
+        let (dir, store, keyspace) = trail(3);
+        // The layout before the heads had a keyspace of their own.
+        let heads = store.opened().unwrap().heads.clone();
+        let head = heads.get("a1").unwrap().unwrap();
+        keyspace.insert(LEGACY_AUDIT_HEAD_KEY, head).unwrap();
+        heads.remove("a1").unwrap();
+        drop((store, keyspace, heads));
+
+        let store = Store::open(dir.path()).unwrap();
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!((report.records, report.broken), (3, None));
+        store.append_audit_batch(vec![audit("a1", 100)]).unwrap();
+        let open = store.opened().unwrap();
+        let space = open.existing_space("a1").unwrap();
+        assert!(space.keyspace.get(LEGACY_AUDIT_HEAD_KEY).unwrap().is_none());
+        assert!(open.heads.get("a1").unwrap().is_some());
+        drop((space, open));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.append_audit_batch(vec![audit("a1", 110)]).unwrap();
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!((report.records, report.broken), (5, None));
+    }
+
+    #[test]
+    fn a_removed_agents_head_goes_with_it_and_an_agent_of_its_name_starts_afresh() {
+        let (dir, store, _) = trail(3);
+        store.remove_agent("a1").unwrap();
+        assert!(store.opened().unwrap().heads.get("a1").unwrap().is_none());
+        // A head left behind by a removal that stopped half-way is forgotten at open.
+        let heads = store.opened().unwrap().heads.clone();
+        heads
+            .insert("ghost", serde_json::to_vec(&ChainHead::default()).unwrap())
+            .unwrap();
+        drop((store, heads));
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store
+            .opened()
+            .unwrap()
+            .heads
+            .get("ghost")
+            .unwrap()
+            .is_none());
+        store.put_agent("a1", &1).unwrap();
+        store.append_audit_batch(vec![audit("a1", 200)]).unwrap();
+        assert_eq!(store.audit("a1", 0, 10).unwrap()[0].seq, 0);
+        let report = store.verify_audit("a1").unwrap();
+        assert_eq!((report.records, report.broken), (1, None));
     }
 
     #[test]
