@@ -7,7 +7,8 @@
 //! workers done). It reports, per 10,000 records: this process's CPU time (every thread,
 //! fjall's included) and the bytes it wrote to disk (`/proc/self/io`), and what is left on
 //! disk. A trail whose every write re-merged what was written before shows as bytes written
-//! growing faster than the trail.
+//! growing faster than the trail. With `--approval-every N`, one approval record is stored
+//! (durably, as the gateway does when it holds a request) after every N batches.
 //!
 //!   cargo run --release -p tollgate-benches --bin tollgate-audit-bench -- --records 100000,500000
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use tollgate_benches::procfs;
-use tollgate_storage::{AuditRecord, Store};
+use tollgate_storage::{ApprovalKind, ApprovalRecord, ApprovalState, AuditRecord, Store};
 
 #[derive(Parser)]
 #[command(about = "The audit trail's cost to the store: CPU and bytes written per 10k records")]
@@ -27,6 +28,9 @@ struct Args {
     /// Records per write (the gateway's audit writer sends up to 512 at a time).
     #[arg(long, default_value_t = 256)]
     batch: u64,
+    /// Store an approval record after every this many batches (0: none).
+    #[arg(long, default_value_t = 0)]
+    approval_every: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +53,11 @@ fn main() -> anyhow::Result<()> {
                 .append_audit_batch(batch)
                 .map_err(|e| anyhow!("{e}"))?;
             seq += args.batch;
+            if args.approval_every > 0 && (seq / args.batch) % args.approval_every == 0 {
+                store
+                    .insert_approval(&approval(seq))
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
         }
         let appended = started.elapsed();
         settle()?;
@@ -93,6 +102,34 @@ fn record(n: u64) -> AuditRecord {
         trace_id: format!("{n:032x}"),
         prev_hash: String::new(),
         hash: String::new(),
+    }
+}
+
+/// A request held for approval, as the gateway stores it.
+fn approval(n: u64) -> ApprovalRecord {
+    ApprovalRecord {
+        id: format!("ap-{n:016x}"),
+        agent: "agent-1".into(),
+        tool_call: Some("tc-0123456789abcdef".into()),
+        session: None,
+        run_mode: Some("Review".into()),
+        command: None,
+        kind: ApprovalKind::Request,
+        method: "POST".into(),
+        url: "https://origin.test/bench/write".into(),
+        body_sha256: "00".repeat(32),
+        body_bytes: 0,
+        credential: None,
+        policies: vec!["review-approved-writes".into()],
+        requested_at: 1_700_000_000_000 + n,
+        expires_at: 1_700_000_600_000 + n,
+        state: ApprovalState::Pending,
+        decided_at: None,
+        approver: None,
+        reason: None,
+        sealed_obo_token: None,
+        obo_audience: None,
+        not_sent: None,
     }
 }
 

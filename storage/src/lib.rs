@@ -2,11 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`Store`] (`store`) — opens the database and owns its keyspaces: `agents` (the registry)
-//!   and one keyspace per agent (`agent.<id>`) holding everything recorded about that agent,
-//!   so two agents' data are never mixed and removing an agent drops all of its data at once;
-//!   and `audit-heads`, where each agent's audit chain ends (apart from the agent's records so
-//!   that their keys only ever grow, and compaction moves their tables down untouched).
+//! - [`Store`] (`store`) — opens the database and owns its keyspaces: `agents` (the registry);
+//!   one keyspace per agent (`agent.<id>`) holding that agent's audit trail, so two agents'
+//!   records are never mixed and removing an agent drops its trail at once; `approvals`, every
+//!   agent's approval records under the agent's id; and `audit-heads`, where each agent's
+//!   audit chain ends. Approvals and heads are kept apart from the trail so that its keys only
+//!   ever grow, and compaction moves its tables down untouched instead of rewriting them.
 //! - [`ApprovalRecord`] (`approval`) — one request held for a person, and the state machine
 //!   it moves through (pending → approved / denied / expired / abandoned). Every state change
 //!   is fsync'd before the call returns: the gateway acts on a change only after it is durable.

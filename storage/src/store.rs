@@ -22,7 +22,13 @@ use crate::now_millis;
 
 const REGISTRY: &str = "agents";
 const AGENT_PREFIX: &str = "agent.";
-const APPROVAL_KEY: &[u8] = b"approval/";
+/// Every agent's approval records, keyed by the agent's id, a zero byte and the approval's
+/// id. Not in the agent's own keyspace, for the reason [`AUDIT_HEADS`] is not: an approval
+/// written among the audit records would put its table's key range over the whole trail.
+const APPROVALS: &str = "approvals";
+/// Where an agent's approvals were kept before [`APPROVALS`], in the agent's keyspace: moved
+/// from there when the store opens.
+const LEGACY_APPROVAL_KEY: &[u8] = b"approval/";
 const AUDIT_KEY: &[u8] = b"audit/";
 /// Where each agent's audit chain ends: one key per agent id. Not in the agent's own
 /// keyspace: a key written with every batch of records there would put every table's key
@@ -186,6 +192,8 @@ struct Opened {
     registry: Keyspace,
     /// Every agent's audit chain head ([`AUDIT_HEADS`]).
     heads: Keyspace,
+    /// Every agent's approval records ([`APPROVALS`]).
+    approvals: Keyspace,
     agents: RwLock<HashMap<String, Arc<AgentSpace>>>,
     /// Approval id → agent id, rebuilt at open, so an approval is found by its id alone.
     approval_owner: RwLock<HashMap<String, String>>,
@@ -202,6 +210,7 @@ impl Opened {
             .map_err(err)?;
         let registry = db.keyspace(REGISTRY, keyspace_options).map_err(err)?;
         let heads = db.keyspace(AUDIT_HEADS, keyspace_options).map_err(err)?;
+        let approvals = db.keyspace(APPROVALS, keyspace_options).map_err(err)?;
         let health = db.keyspace(HEALTH, keyspace_options).map_err(err)?;
         let mut proof = db.batch().durability(Some(PersistMode::SyncData));
         proof.insert(&health, OPENED_AT_KEY, now_millis().to_be_bytes());
@@ -211,6 +220,7 @@ impl Opened {
             db,
             registry,
             heads,
+            approvals,
             agents: RwLock::default(),
             approval_owner: RwLock::default(),
         };
@@ -219,17 +229,42 @@ impl Opened {
                 continue;
             };
             let space = opened.open_space(agent)?;
-            for record in scan::<ApprovalRecord>(&space.keyspace, APPROVAL_KEY, "approval")
-                .map_err(|e| scan_error(path, e))?
-            {
-                opened
-                    .approval_owner
-                    .write()
-                    .insert(record.id, agent.to_string());
-            }
+            opened.move_legacy_approvals(&space)?;
+        }
+        for record in scan::<ApprovalRecord>(&opened.approvals, b"", "approval")
+            .map_err(|e| scan_error(path, e))?
+        {
+            opened
+                .approval_owner
+                .write()
+                .insert(record.id, record.agent);
         }
         opened.forget_orphan_heads().map_err(err)?;
         Ok(opened)
+    }
+
+    /// Moves the approvals an earlier gateway kept in the agent's own keyspace to
+    /// [`APPROVALS`], in one durable write.
+    fn move_legacy_approvals(&self, space: &AgentSpace) -> Result<(), StoreError> {
+        let legacy: Vec<ApprovalRecord> = scan(&space.keyspace, LEGACY_APPROVAL_KEY, "approval")
+            .map_err(|e| scan_error(&self.path, e))?;
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        for record in &legacy {
+            let value = approval_json(record)?;
+            batch.insert(
+                &self.approvals,
+                approval_key(&space.agent, &record.id),
+                value,
+            );
+            batch.remove(
+                &space.keyspace,
+                [LEGACY_APPROVAL_KEY, record.id.as_bytes()].concat(),
+            );
+        }
+        batch.commit().map_err(|e| self.db_err(e))
     }
 
     /// Removes the chain heads of agents that have no keyspace: a removal that stopped
@@ -453,7 +488,11 @@ impl Store {
         let Ok(open) = self.opened() else {
             return StoreMemory::default();
         };
-        let mut trees = vec![open.registry.tree.clone(), open.heads.tree.clone()];
+        let mut trees = vec![
+            open.registry.tree.clone(),
+            open.heads.tree.clone(),
+            open.approvals.tree.clone(),
+        ];
         trees.extend(
             open.all_spaces()
                 .iter()
@@ -509,11 +548,16 @@ impl Store {
     /// Removes an agent's registry record and all of its data (approvals, audit trail).
     pub fn remove_agent(&self, id: &str) -> Result<(), StoreError> {
         let open = self.opened()?;
-        self.commit_durably(&open, &open.registry, id.as_bytes().to_vec(), None)?;
+        let mut batch = open.db.batch().durability(Some(PersistMode::SyncData));
+        batch.remove(&open.registry, id);
+        for item in open.approvals.prefix(agent_approvals(id)) {
+            batch.remove(&open.approvals, item.key().map_err(|e| self.db_err(e))?);
+        }
+        batch.commit().map_err(|e| self.write_err(e))?;
+        open.approval_owner.write().retain(|_, owner| owner != id);
         self.removed.write().insert(id.to_string());
         let space = open.agents.write().remove(id);
         if let Some(space) = space {
-            open.approval_owner.write().retain(|_, owner| owner != id);
             open.db
                 .delete_keyspace(space.keyspace.clone())
                 .map_err(|e| self.write_err(e))?;
@@ -536,25 +580,16 @@ impl Store {
     /// Stores a new approval record, durably: the request may be held only once this returns.
     pub fn insert_approval(&self, record: &ApprovalRecord) -> Result<(), StoreError> {
         let open = self.opened()?;
-        let space = open.open_space(&record.agent)?;
-        self.write_approval(&open, &space, record)?;
+        self.write_approval(&open, record)?;
         open.approval_owner
             .write()
             .insert(record.id.clone(), record.agent.clone());
         Ok(())
     }
 
-    fn write_approval(
-        &self,
-        open: &Opened,
-        space: &AgentSpace,
-        record: &ApprovalRecord,
-    ) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(record).map_err(|reason| StoreError::Corrupt {
-            what: "approval",
-            reason,
-        })?;
-        self.commit_durably(open, &space.keyspace, approval_key(&record.id), Some(value))
+    fn write_approval(&self, open: &Opened, record: &ApprovalRecord) -> Result<(), StoreError> {
+        let key = approval_key(&record.agent, &record.id);
+        self.commit_durably(open, &open.approvals, key, Some(approval_json(record)?))
     }
 
     /// The approval with this id, whichever agent's it is; `None` if no stored record has it.
@@ -563,25 +598,22 @@ impl Store {
         let Some(agent) = open.approval_owner.read().get(id).cloned() else {
             return Ok(None);
         };
-        let Some(space) = open.existing_space(&agent) else {
-            return Ok(None);
-        };
-        read_approval(&space.keyspace, id).map_err(|e| self.with_path(e))
+        read_approval(&open.approvals, &agent, id).map_err(|e| self.with_path(e))
     }
 
     /// Approvals matching `filter`, oldest request first.
     pub fn approvals(&self, filter: &ApprovalFilter) -> Result<Vec<ApprovalRecord>, StoreError> {
         let open = self.opened()?;
-        let spaces: Vec<Arc<AgentSpace>> = match &filter.agent {
-            Some(agent) => open.existing_space(agent).into_iter().collect(),
-            None => open.all_spaces(),
-        };
-        let mut found = Vec::new();
-        for space in spaces {
-            let records: Vec<ApprovalRecord> =
-                scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
-            found.extend(records.into_iter().filter(|r| filter.matches(r)));
-        }
+        let prefix = filter
+            .agent
+            .as_deref()
+            .map(agent_approvals)
+            .unwrap_or_default();
+        let mut found: Vec<ApprovalRecord> = scan(&open.approvals, &prefix, "approval")
+            .map_err(|e| self.with_path(e))?
+            .into_iter()
+            .filter(|r| filter.matches(r))
+            .collect();
         found.sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
         Ok(found)
     }
@@ -594,7 +626,7 @@ impl Store {
         }
         let _one_at_a_time = self.settling.lock();
         let open = self.opened()?;
-        let (space, mut record) = self.stored_approval(&open, id)?;
+        let mut record = self.stored_approval(&open, id)?;
         if record.state != ApprovalState::Pending {
             return Err(StoreError::AlreadySettled {
                 id: id.to_string(),
@@ -608,16 +640,12 @@ impl Store {
         if let Some(sealed) = settlement.sealed_obo_token {
             record.sealed_obo_token = Some(sealed);
         }
-        self.write_approval(&open, &space, &record)?;
+        self.write_approval(&open, &record)?;
         Ok(record)
     }
 
-    /// The approval with this id and the agent space that holds it.
-    fn stored_approval(
-        &self,
-        open: &Opened,
-        id: &str,
-    ) -> Result<(Arc<AgentSpace>, ApprovalRecord), StoreError> {
+    /// The approval with this id.
+    fn stored_approval(&self, open: &Opened, id: &str) -> Result<ApprovalRecord, StoreError> {
         let missing = || StoreError::NoApproval(id.to_string());
         let agent = open
             .approval_owner
@@ -625,11 +653,9 @@ impl Store {
             .get(id)
             .cloned()
             .ok_or_else(missing)?;
-        let space = open.existing_space(&agent).ok_or_else(missing)?;
-        let record = read_approval(&space.keyspace, id)
+        read_approval(&open.approvals, &agent, id)
             .map_err(|e| self.with_path(e))?
-            .ok_or_else(missing)?;
-        Ok((space, record))
+            .ok_or_else(missing)
     }
 
     /// Records on an approved request why it was not sent after all (`not_sent`): the
@@ -637,7 +663,7 @@ impl Store {
     pub fn not_sent(&self, id: &str, why: &str) -> Result<ApprovalRecord, StoreError> {
         let _one_at_a_time = self.settling.lock();
         let open = self.opened()?;
-        let (space, mut record) = self.stored_approval(&open, id)?;
+        let mut record = self.stored_approval(&open, id)?;
         if record.state != ApprovalState::Approved || record.not_sent.is_some() {
             return Err(StoreError::AlreadySettled {
                 id: id.to_string(),
@@ -645,7 +671,7 @@ impl Store {
             });
         }
         record.not_sent = Some(why.to_string());
-        self.write_approval(&open, &space, &record)?;
+        self.write_approval(&open, &record)?;
         Ok(record)
     }
 
@@ -676,21 +702,16 @@ impl Store {
         forget: impl Fn(&ApprovalRecord) -> bool,
     ) -> Result<usize, StoreError> {
         let open = self.opened()?;
-        let spaces: Vec<Arc<AgentSpace>> = match agent {
-            Some(agent) => open.existing_space(agent).into_iter().collect(),
-            None => open.all_spaces(),
-        };
+        let prefix = agent.map(agent_approvals).unwrap_or_default();
         let _one_at_a_time = self.settling.lock();
+        let records: Vec<ApprovalRecord> =
+            scan(&open.approvals, &prefix, "approval").map_err(|e| self.with_path(e))?;
         let mut forgotten = 0;
-        for space in spaces {
-            let records: Vec<ApprovalRecord> =
-                scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
-            for mut record in records {
-                if record.sealed_obo_token.is_some() && forget(&record) {
-                    record.sealed_obo_token = None;
-                    self.write_approval(&open, &space, &record)?;
-                    forgotten += 1;
-                }
+        for mut record in records {
+            if record.sealed_obo_token.is_some() && forget(&record) {
+                record.sealed_obo_token = None;
+                self.write_approval(&open, &record)?;
+                forgotten += 1;
             }
         }
         Ok(forgotten)
@@ -795,16 +816,17 @@ impl Store {
             while let Some(deleted) = self.prune_audit_chunk(&open, &space, before)? {
                 pruned += deleted;
             }
-            let _one_at_a_time = self.settling.lock();
-            let approvals: Vec<ApprovalRecord> =
-                scan(&space.keyspace, APPROVAL_KEY, "approval").map_err(|e| self.with_path(e))?;
-            for record in approvals {
-                let settled_before = record.decided_at.is_some_and(|at| at < before);
-                if record.state != ApprovalState::Pending && settled_before {
-                    self.commit_durably(&open, &space.keyspace, approval_key(&record.id), None)?;
-                    open.approval_owner.write().remove(&record.id);
-                    pruned += 1;
-                }
+        }
+        let _one_at_a_time = self.settling.lock();
+        let approvals: Vec<ApprovalRecord> =
+            scan(&open.approvals, b"", "approval").map_err(|e| self.with_path(e))?;
+        for record in approvals {
+            let settled_before = record.decided_at.is_some_and(|at| at < before);
+            if record.state != ApprovalState::Pending && settled_before {
+                let key = approval_key(&record.agent, &record.id);
+                self.commit_durably(&open, &open.approvals, key, None)?;
+                open.approval_owner.write().remove(&record.id);
+                pruned += 1;
             }
         }
         Ok(pruned)
@@ -859,8 +881,22 @@ impl Store {
     }
 }
 
-fn approval_key(id: &str) -> Vec<u8> {
-    [APPROVAL_KEY, id.as_bytes()].concat()
+/// The key of an agent's approval in [`APPROVALS`].
+fn approval_key(agent: &str, id: &str) -> Vec<u8> {
+    [&agent_approvals(agent), id.as_bytes()].concat()
+}
+
+/// The prefix of every key of the agent's approvals: its id and a zero byte (which no id
+/// holds, so one agent's prefix never starts another's).
+fn agent_approvals(agent: &str) -> Vec<u8> {
+    [agent.as_bytes(), &[0]].concat()
+}
+
+fn approval_json(record: &ApprovalRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|reason| StoreError::Corrupt {
+        what: "approval",
+        reason,
+    })
 }
 
 fn audit_key(seq: u64) -> Vec<u8> {
@@ -894,8 +930,15 @@ fn scan<T: DeserializeOwned>(
     records(keyspace, prefix, what).collect()
 }
 
-fn read_approval(keyspace: &Keyspace, id: &str) -> Result<Option<ApprovalRecord>, ScanError> {
-    match keyspace.get(approval_key(id)).map_err(ScanError::Db)? {
+fn read_approval(
+    keyspace: &Keyspace,
+    agent: &str,
+    id: &str,
+) -> Result<Option<ApprovalRecord>, ScanError> {
+    match keyspace
+        .get(approval_key(agent, id))
+        .map_err(ScanError::Db)?
+    {
         Some(value) => serde_json::from_slice(&value)
             .map(Some)
             .map_err(|e| ScanError::Corrupt("approval", e)),
@@ -1180,6 +1223,7 @@ mod tests {
     #[test]
     fn an_agents_keyspace_holds_only_its_records_whose_keys_only_grow() {
         let (_dir, store, keyspace) = trail(3);
+        store.insert_approval(&pending("ap-1", "a1")).unwrap();
         store.append_audit_batch(vec![audit("a1", 100)]).unwrap();
         let keys: Vec<Vec<u8>> = keyspace
             .iter()
@@ -1220,8 +1264,37 @@ mod tests {
     }
 
     #[test]
+    fn approvals_kept_the_old_way_are_moved_at_open_and_read_as_before() {
+        let (dir, store, keyspace) = trail(2);
+        let record = pending("ap-old", "a1");
+        let legacy_key = [LEGACY_APPROVAL_KEY, b"ap-old"].concat();
+        keyspace
+            .insert(legacy_key.clone(), serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        drop((store, keyspace));
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.approval("ap-old").unwrap(), Some(record));
+        let open = store.opened().unwrap();
+        let space = open.existing_space("a1").unwrap();
+        assert!(space.keyspace.get(&legacy_key).unwrap().is_none());
+        drop((space, open));
+        let settled = store.settle("ap-old", Settlement::by_gateway(ApprovalState::Expired));
+        assert_eq!(settled.unwrap().state, ApprovalState::Expired);
+        let listed = store
+            .approvals(&ApprovalFilter {
+                agent: Some("a1".into()),
+                state: None,
+            })
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+    }
+
+    #[test]
     fn a_removed_agents_head_goes_with_it_and_an_agent_of_its_name_starts_afresh() {
         let (dir, store, _) = trail(3);
+        store.insert_approval(&pending("ap-1", "a1")).unwrap();
+        store.insert_approval(&pending("ap-2", "a10")).unwrap();
         store.remove_agent("a1").unwrap();
         assert!(store.opened().unwrap().heads.get("a1").unwrap().is_none());
         // A head left behind by a removal that stopped half-way is forgotten at open.
@@ -1238,6 +1311,12 @@ mod tests {
             .get("ghost")
             .unwrap()
             .is_none());
+        // Its approvals went with it, and only its: not those of an agent whose id it begins.
+        let all = store.approvals(&ApprovalFilter::default()).unwrap();
+        assert_eq!(
+            all.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["ap-2"]
+        );
         store.put_agent("a1", &1).unwrap();
         store.append_audit_batch(vec![audit("a1", 200)]).unwrap();
         assert_eq!(store.audit("a1", 0, 10).unwrap()[0].seq, 0);
