@@ -504,6 +504,70 @@ async fn grpc_export_is_configured_by_the_standard_environment_variables() {
     server.abort();
 }
 
+/// The gateway sends its spans over http/protobuf itself: to the endpoint, with the headers,
+/// the SDK's exporter would have used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_span_export_is_configured_by_the_standard_environment_variables() {
+    if no_curl() {
+        return;
+    }
+    let (collector, port, stop) = HttpReceiver::start();
+    let origin = Origin::http();
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}{REVIEW_AGENT}",
+        loopback_upstream(None)
+    );
+    let endpoint = format!("http://127.0.0.1:{port}/custom/traces");
+    let gw = Gateway::start_with_env(
+        &config,
+        &[APPROVAL_POLICIES],
+        "",
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-generic=not-used"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                "x-env-key=env%20key%2C9c, x-other = two",
+            ),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+            ("OTEL_METRICS_EXPORTER", "none"),
+            ("OTEL_LOGS_EXPORTER", "none"),
+        ],
+    );
+    assert!(
+        gw.banner
+            .iter()
+            .any(|l| l
+                .contains("telemetry: OTLP over http/protobuf (traces on, metrics off, logs off)")),
+        "{:?}",
+        gw.banner
+    );
+    let url = format!("http://127.0.0.1:{}/over-http", origin.port());
+    let r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let span = eventually("a span at the endpoint named", || {
+        let bodies = collector.bodies("/custom/traces");
+        bodies
+            .iter()
+            .flat_map(|b| spans_of(ExportTraceServiceRequest::decode(&b[..]).expect("traces")))
+            .next()
+    });
+    assert_eq!(
+        text(&span.1.attributes, "url.path").as_deref(),
+        Some("/over-http")
+    );
+    let received = collector.all();
+    let headers = &received[0].headers;
+    // The signal's own variable wins over the generic one; values are percent-decoded.
+    assert_eq!(
+        headers.get("x-env-key").map(String::as_str),
+        Some("env key,9c")
+    );
+    assert_eq!(headers.get("x-other").map(String::as_str), Some("two"));
+    assert_eq!(headers.get("x-generic"), None);
+    let _ = stop.send(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_never_answers_costs_requests_nothing_and_drops_are_counted() {
     if no_curl() {

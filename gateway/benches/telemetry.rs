@@ -1,5 +1,6 @@
 //! What OpenTelemetry costs a request, piece by piece: its span (start and finish, with the
-//! summary's attributes) and its log line (as a `tracing` event through the `fmt` layer alone
+//! summary's attributes; encoded by the gateway over http/protobuf, the SDK's over gRPC — the
+//! SDK's also costs its conversion on the export thread, not measured here) and its log line (as a `tracing` event through the `fmt` layer alone
 //! and through the OTLP log bridge as well, and written directly as the gateway writes it).
 //! Export runs against a loopback port nobody listens on, so the queues fill and drop — the
 //! work a request does is the same whether or not the collector answers. Run: `cargo bench -p tollgate-gateway --bench telemetry`.
@@ -41,18 +42,25 @@ fn summary() -> AuditRecord {
     }
 }
 
-/// Telemetry exporting everything to a closed loopback port.
-fn exporting() -> Telemetry {
+/// Telemetry exporting everything to a closed loopback port, over `protocol`.
+fn exporting_over(protocol: &str) -> Telemetry {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
     let config = Config::from_toml(
-        &format!("[telemetry]\nendpoint = \"http://127.0.0.1:{port}\"\n"),
+        &format!(
+            "[telemetry]\nendpoint = \"http://127.0.0.1:{port}\"\nprotocol = \"{protocol}\"\n"
+        ),
         "bench",
     )
     .expect("config");
     Telemetry::start(&config).expect("telemetry")
+}
+
+/// Telemetry exporting everything over http/protobuf (the gateway's own span encoding).
+fn exporting() -> Telemetry {
+    exporting_over("http/protobuf")
 }
 
 fn request_span(c: &mut Criterion) {
@@ -77,6 +85,15 @@ fn request_span(c: &mut Criterion) {
             let trace = on.start_request();
             let _ = trace.id();
             on.finish_request(trace, &record, extras());
+        })
+    });
+    // Over gRPC, spans are the SDK's: made as spans, converted on the export thread.
+    let sdk = exporting_over("grpc");
+    group.bench_function("exported, the SDK's span (gRPC)", |b| {
+        b.iter(|| {
+            let trace = sdk.start_request();
+            let _ = trace.id();
+            sdk.finish_request(trace, &record, extras());
         })
     });
     group.finish();

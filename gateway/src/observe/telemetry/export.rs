@@ -1,5 +1,10 @@
 //! The export side: where OTLP goes (resolved once from the config and the `OTEL_*`
 //! environment), the queues' processors, and the `tollgate-otlp` thread that sends.
+//!
+//! Spans over http/protobuf are the gateway's own: encoded by the request
+//! ([`super::protobuf`]), framed here and sent with the gateway's HTTP client, to the
+//! endpoint, headers and timeout the SDK's exporter would have used ([`HttpTraces`]). Spans
+//! over gRPC, metrics and logs go through the SDK's exporters.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -9,7 +14,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::metrics::Meter;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, LogProcessor, SdkLogRecord};
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter as _;
@@ -19,6 +24,9 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter as _, SpanProcessor};
 use opentelemetry_sdk::Resource;
 use tokio::sync::watch;
 
+use super::http::OtlpHttp;
+use super::protobuf::Frame;
+use super::sampler::Sampler;
 use super::{Queues, TelemetryError};
 use crate::config::{Config, OtlpProtocol};
 use crate::egress::credentials::provider::read_secret;
@@ -75,6 +83,156 @@ pub(super) struct Plan {
     timeout: Option<Duration>,
     flush_interval: Duration,
     metrics_interval: Duration,
+    /// Where spans go when the gateway sends them itself (traces on, over http/protobuf).
+    pub traces_http: Option<HttpTraces>,
+    /// Which requests' spans are exported.
+    pub sampler: Sampler,
+}
+
+/// Where the gateway's own span export sends, resolved as the SDK's HTTP exporter resolves
+/// it for the other signals.
+#[derive(Clone)]
+pub(super) struct HttpTraces {
+    /// The config's endpoint with `/v1/traces`; else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as
+    /// it is; else `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces`.
+    url: String,
+    /// The config's headers, then `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (or, without it,
+    /// `OTEL_EXPORTER_OTLP_HEADERS`) over them.
+    headers: Vec<(String, String)>,
+    /// The config's timeout; else `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, then
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` (ms); else 10 s.
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpTraces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Header values are secrets (API keys): never printed.
+        f.debug_struct("HttpTraces")
+            .field("url", &self.url)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The SDK's default export timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl HttpTraces {
+    fn resolve(
+        plan_endpoint: Option<String>,
+        config_headers: &HashMap<String, String>,
+        config_timeout: Option<Duration>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<HttpTraces, TelemetryError> {
+        let url = plan_endpoint
+            .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").map(|e| e.trim().to_string()))
+            .or_else(|| {
+                env("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .map(|e| format!("{}/v1/traces", e.trim().trim_end_matches('/')))
+            })
+            .ok_or_else(|| TelemetryError::Invalid("no endpoint for traces".into()))?;
+        if tollgate_policy::target::Target::from_url(&url).is_err() {
+            return Err(TelemetryError::Exporter {
+                signal: Signal::Traces.name(),
+                reason: format!("invalid endpoint {url:?} (an absolute http or https URL)"),
+            });
+        }
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ] {
+            if env(name).is_some_and(|v| !v.trim().eq_ignore_ascii_case("none")) {
+                return Err(TelemetryError::Invalid(format!(
+                    "{name}: payloads are sent uncompressed (unset it or use none)"
+                )));
+            }
+        }
+        let mut headers: Vec<(String, String)> = config_headers
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+            .collect();
+        let from_env = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS"))
+            .unwrap_or_default();
+        for (name, value) in parse_headers(&from_env) {
+            headers.retain(|(n, _)| *n != name);
+            headers.push((name, value));
+        }
+        let env_ms = |name: &str| {
+            env(name)
+                .and_then(|ms| ms.trim().parse().ok())
+                .map(Duration::from_millis)
+        };
+        let timeout = config_timeout
+            .or_else(|| env_ms("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"))
+            .or_else(|| env_ms("OTEL_EXPORTER_OTLP_TIMEOUT"))
+            .unwrap_or(DEFAULT_TIMEOUT);
+        Ok(HttpTraces {
+            url,
+            headers,
+            timeout,
+        })
+    }
+
+    /// Sends one export body; an answer other than 2xx is a failure.
+    async fn send(&self, client: &OtlpHttp, body: Vec<u8>) -> OTelSdkResult {
+        let request = crate::client::Request {
+            method: "POST",
+            url: &self.url,
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (std::borrow::Cow::Owned(n.clone()), v.clone()))
+                .collect(),
+            body: Some(("application/x-protobuf".into(), body.into())),
+        };
+        match client.send(request, self.timeout).await {
+            Ok(status) if (200..300).contains(&status) => Ok(()),
+            Ok(status) => Err(OTelSdkError::InternalFailure(format!(
+                "the collector answered {status}"
+            ))),
+            Err(e) => Err(OTelSdkError::InternalFailure(e.to_string())),
+        }
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `name=value` pairs split by commas, values percent-decoded;
+/// pairs that are not valid header names and values are left out, as the SDK leaves them.
+fn parse_headers(list: &str) -> Vec<(String, String)> {
+    list.split(',')
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            let (name, value) = (name.trim(), value.trim());
+            let value = percent_decode(value).unwrap_or_else(|| value.to_string());
+            let valid = !name.is_empty()
+                && !value.is_empty()
+                && http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && http::HeaderValue::from_str(&value).is_ok();
+            valid.then(|| (name.to_ascii_lowercase(), value))
+        })
+        .collect()
+}
+
+/// `%XX` sequences decoded; `None` if one is malformed or the result is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A non-empty environment variable of the process.
@@ -155,7 +313,7 @@ impl Plan {
                 "the metrics interval must be at least 1 s".into(),
             ));
         }
-        Ok(Some(Plan {
+        let mut plan = Plan {
             signals,
             protocol,
             endpoint: t.endpoint.clone(),
@@ -163,7 +321,18 @@ impl Plan {
             timeout: t.export_timeout_secs.map(Duration::from_secs),
             flush_interval: Duration::from_millis(t.flush_interval_ms),
             metrics_interval,
-        }))
+            traces_http: None,
+            sampler: Sampler::from_env(env),
+        };
+        if signals.traces && protocol == OtlpProtocol::HttpProtobuf {
+            plan.traces_http = Some(HttpTraces::resolve(
+                plan.endpoint(Signal::Traces),
+                &plan.headers,
+                plan.timeout,
+                env,
+            )?);
+        }
+        Ok(Some(plan))
     }
 
     pub fn protocol_name(&self) -> &'static str {
@@ -255,7 +424,7 @@ struct Exporters {
 
 impl Exporters {
     fn build(plan: &Plan, resource: &Resource) -> Result<Exporters, TelemetryError> {
-        let mut spans = match plan.signals.traces {
+        let mut spans = match plan.signals.traces && plan.traces_http.is_none() {
             true => Some(exporter!(
                 plan,
                 Signal::Traces,
@@ -412,6 +581,25 @@ async fn run(
         )
         .await;
     };
+    let encoded_spans = async {
+        let Some(target) = &plan.traces_http else {
+            return;
+        };
+        let frame = Frame::new(&resource, super::SCOPE);
+        let client = OtlpHttp::new(target.timeout);
+        let send =
+            async |batch: Vec<Vec<u8>>| target.send(&client, frame.export_body(&batch)).await;
+        let health = Health::new(Signal::Traces);
+        drain(
+            &queues.encoded_spans,
+            &queues.spans_ready,
+            plan,
+            health,
+            stop.clone(),
+            send,
+        )
+        .await;
+    };
     let logs = async {
         let Some(exporter) = &exporters.logs else {
             return;
@@ -452,7 +640,7 @@ async fn run(
             }
         }
     };
-    tokio::join!(spans, logs, metrics);
+    tokio::join!(spans, encoded_spans, logs, metrics);
     drop(resource);
 }
 
@@ -561,6 +749,19 @@ fn enqueue<T>(queue: &DropQueue<T>, ready: &tokio::sync::Notify, item: T) -> Res
     }
 }
 
+/// Queues a finished span (either form) for export; a drop is counted, and warned about at
+/// every power of two.
+pub(super) fn queue_span<T>(queue: &DropQueue<T>, ready: &tokio::sync::Notify, span: T) {
+    if let Err(dropped) = enqueue(queue, ready, span) {
+        if dropped.is_power_of_two() {
+            tracing::warn!(
+                dropped,
+                "the telemetry exporter is behind; spans were dropped"
+            );
+        }
+    }
+}
+
 /// Puts finished spans in the export queue.
 #[derive(Debug)]
 pub(super) struct SpanQueue(pub Arc<Queues>);
@@ -575,14 +776,7 @@ impl SpanProcessor for SpanQueue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if let Err(dropped) = enqueue(&self.0.spans, &self.0.spans_ready, span) {
-            if dropped.is_power_of_two() {
-                tracing::warn!(
-                    dropped,
-                    "the telemetry exporter is behind; spans were dropped"
-                );
-            }
-        }
+        queue_span(&self.0.spans, &self.0.spans_ready, span);
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -765,6 +959,68 @@ mod tests {
         .expect("on");
         assert_eq!(p.protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(p.metrics_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_gateways_own_span_export_goes_where_the_sdks_would() {
+        let traces = |telemetry: &str, vars: &[(&str, &str)]| {
+            plan(telemetry, vars)
+                .expect("plan")
+                .expect("on")
+                .traces_http
+                .expect("http traces")
+        };
+        // The config's endpoint and headers; env headers over them; the config's timeout.
+        let t = traces(
+            "endpoint = \"http://c:4318/\"\nexport_timeout_secs = 3",
+            &[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://ignored:1/x"),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "bad name=x,x-k=%41%42,novalue=",
+                ),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+            ],
+        );
+        assert_eq!(t.url, "http://c:4318/v1/traces");
+        assert_eq!(t.headers, vec![("x-k".to_string(), "AB".to_string())]);
+        assert_eq!(t.timeout, Duration::from_secs(3));
+        // Without them: the signal's endpoint as it is, then the generic one with the path.
+        let t = traces(
+            "",
+            &[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c/custom"),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "250"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+            ],
+        );
+        assert_eq!(
+            (t.url.as_str(), t.timeout),
+            ("https://c/custom", Duration::from_millis(250))
+        );
+        let t = traces("", &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]);
+        assert_eq!(
+            (t.url.as_str(), t.timeout),
+            ("http://c:4318/v1/traces", DEFAULT_TIMEOUT)
+        );
+        // Over gRPC the SDK's exporter sends them.
+        let p = plan("endpoint = \"http://c:4317\"\nprotocol = \"grpc\"", &[]);
+        assert!(p.expect("plan").expect("on").traces_http.is_none());
+        // What the gateway cannot do is refused at start, with the variable named.
+        let e = plan(
+            "",
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ],
+        );
+        assert!(e
+            .err()
+            .is_some_and(|e| e.to_string().contains("OTEL_EXPORTER_OTLP_COMPRESSION")));
+        let e = plan("", &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "c:4318")]);
+        assert!(e
+            .err()
+            .is_some_and(|e| e.to_string().contains("invalid endpoint")));
     }
 
     #[test]

@@ -26,6 +26,16 @@ impl OtlpHttp {
             timeout,
         }
     }
+
+    /// Sends one request of the gateway's own span export; returns the collector's status.
+    pub async fn send(
+        &self,
+        request: client::Request<'_>,
+        timeout: Duration,
+    ) -> Result<u16, client::ClientError> {
+        let (status, _) = client::send(&self.connector, request, timeout, MAX_RESPONSE).await?;
+        Ok(status)
+    }
 }
 
 impl std::fmt::Debug for OtlpHttp {

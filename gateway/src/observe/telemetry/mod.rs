@@ -15,17 +15,19 @@
 mod export;
 mod http;
 mod log_writer;
+mod protobuf;
 mod request_line;
+mod sampler;
 
 pub use log_writer::StderrLog;
 pub use request_line::{write_request_lines_directly, LineFormat, RequestLine};
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::metrics::{Histogram, MeterProvider as _};
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceId, Tracer as _, TracerProvider as _,
+    Span as _, SpanId, SpanKind, Status, TraceId, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::logs::{SdkLogRecord, SdkLoggerProvider};
@@ -43,6 +45,9 @@ use crate::observe::queue::DropQueue;
 /// exported as an OTLP log record only when `telemetry.request_logs` asks for it (or spans
 /// are not exported): a backend would otherwise ingest every request twice.
 pub const REQUEST_LOG_TARGET: &str = "tollgate_gateway::request";
+
+/// The instrumentation scope of the gateway's spans and metrics.
+const SCOPE: &str = "tollgate";
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +73,7 @@ pub enum TelemetryError {
 
 /// The gateway's OpenTelemetry pipeline (or its absence, when export is off).
 pub struct Telemetry {
-    tracer: Option<SdkTracer>,
+    spans: Spans,
     duration: Option<Histogram<f64>>,
     providers: Option<Providers>,
     queues: Arc<Queues>,
@@ -85,9 +90,22 @@ struct Providers {
     meters: Option<SdkMeterProvider>,
 }
 
+/// How requests' spans are made.
+enum Spans {
+    /// Not exported (requests still get trace ids).
+    Off,
+    /// Encoded by the request, sent by the export thread over http/protobuf.
+    Encoded(sampler::Sampler),
+    /// The SDK's spans, for its gRPC exporter.
+    Sdk(SdkTracer),
+}
+
 /// What the data path hands to the export thread.
 pub(crate) struct Queues {
+    /// The SDK's spans (gRPC).
     spans: DropQueue<SpanData>,
+    /// Encoded spans (http/protobuf).
+    encoded_spans: DropQueue<Vec<u8>>,
     logs: DropQueue<(SdkLogRecord, opentelemetry::InstrumentationScope)>,
     /// Woken when a full export batch of spans is waiting (so a busy gateway exports as
     /// fast as batches fill, not only on the flush interval).
@@ -98,7 +116,7 @@ pub(crate) struct Queues {
 
 impl TelemetryDrops for Queues {
     fn spans(&self) -> u64 {
-        self.spans.dropped()
+        self.spans.dropped() + self.encoded_spans.dropped()
     }
     fn logs(&self) -> u64 {
         self.logs.dropped()
@@ -109,7 +127,15 @@ impl TelemetryDrops for Queues {
 #[derive(Default)]
 pub struct RequestTrace {
     trace_id: Option<TraceId>,
-    span: Option<opentelemetry_sdk::trace::Span>,
+    span: Option<RequestSpan>,
+}
+
+/// The span of a request whose span is exported.
+enum RequestSpan {
+    /// To be encoded when the request ends.
+    Encoded { span_id: SpanId, start: SystemTime },
+    /// The SDK's (boxed: it is large, and every request's context holds this).
+    Sdk(Box<opentelemetry_sdk::trace::Span>),
 }
 
 impl RequestTrace {
@@ -133,7 +159,7 @@ impl Telemetry {
     /// Telemetry that exports nothing; requests still get trace ids.
     pub fn off() -> Telemetry {
         Telemetry {
-            tracer: None,
+            spans: Spans::Off,
             duration: None,
             providers: None,
             queues: Arc::new(Queues::new(0)),
@@ -153,7 +179,7 @@ impl Telemetry {
         let queues = Arc::new(Queues::new(settings.queue_size));
         let resource = resource(settings);
         let exporter = export::Handle::spawn(plan.clone(), queues.clone(), resource.clone())?;
-        let traces = plan.signals.traces.then(|| {
+        let traces = (plan.signals.traces && plan.traces_http.is_none()).then(|| {
             SdkTracerProvider::builder()
                 .with_resource(resource.clone())
                 .with_span_processor(export::SpanQueue(queues.clone()))
@@ -171,9 +197,13 @@ impl Telemetry {
                 .with_reader(reader)
                 .build()
         });
-        let tracer = traces.as_ref().map(|p| p.tracer("tollgate"));
+        let spans = match (&traces, plan.traces_http.is_some()) {
+            (Some(provider), _) => Spans::Sdk(provider.tracer(SCOPE)),
+            (None, true) => Spans::Encoded(plan.sampler),
+            (None, false) => Spans::Off,
+        };
         let duration = meters.as_ref().map(|p| {
-            p.meter("tollgate")
+            p.meter(SCOPE)
                 .f64_histogram("tollgate.request.duration")
                 .with_unit("s")
                 .with_description(
@@ -190,7 +220,7 @@ impl Telemetry {
                 on_off(plan.signals.metrics),
                 on_off(plan.signals.logs)
             ),
-            tracer,
+            spans,
             duration,
             providers: Some(Providers {
                 traces,
@@ -234,7 +264,7 @@ impl Telemetry {
         let Some(provider) = self.providers.as_ref().and_then(|p| p.meters.as_ref()) else {
             return;
         };
-        export::register_instruments(&provider.meter("tollgate"), metrics, gauges);
+        export::register_instruments(&provider.meter(SCOPE), metrics, gauges);
     }
 
     /// How much telemetry was dropped (for the gauges).
@@ -244,19 +274,31 @@ impl Telemetry {
 
     /// Begins a request's trace (its span starts now, when spans are exported).
     pub fn start_request(&self) -> RequestTrace {
-        match &self.tracer {
-            Some(tracer) => {
+        let random_id = || TraceId::from_bytes(rand::random::<[u8; 16]>());
+        match &self.spans {
+            Spans::Sdk(tracer) => {
                 let span = tracer
                     .span_builder("request")
                     .with_kind(SpanKind::Server)
                     .start(tracer);
                 RequestTrace {
                     trace_id: Some(span.span_context().trace_id()),
-                    span: Some(span),
+                    span: Some(RequestSpan::Sdk(Box::new(span))),
                 }
             }
-            None => RequestTrace {
-                trace_id: Some(TraceId::from_bytes(rand::random::<[u8; 16]>())),
+            Spans::Encoded(sampler) => {
+                let trace_id = random_id();
+                let span = sampler.samples(trace_id).then(|| RequestSpan::Encoded {
+                    span_id: SpanId::from_bytes(rand::random::<[u8; 8]>()),
+                    start: SystemTime::now(),
+                });
+                RequestTrace {
+                    trace_id: Some(trace_id),
+                    span,
+                }
+            }
+            Spans::Off => RequestTrace {
+                trace_id: Some(random_id()),
                 span: None,
             },
         }
@@ -271,18 +313,39 @@ impl Telemetry {
                 &[KeyValue::new("decision", extras.decision)],
             );
         }
-        let Some(mut span) = trace.span else { return };
-        if !span.is_recording() {
-            return;
+        let error = match &request.error {
+            Some(error) => Some(std::borrow::Cow::Borrowed(error.as_str())),
+            None if request.status >= 500 => Some(format!("status {}", request.status).into()),
+            None => None,
+        };
+        match trace.span {
+            None => {}
+            Some(RequestSpan::Encoded { span_id, start }) => {
+                let head = protobuf::SpanHead {
+                    trace_id: trace.trace_id.unwrap_or(TraceId::INVALID),
+                    span_id,
+                    name: &request.method,
+                    start,
+                    end: SystemTime::now(),
+                    error: error.as_deref(),
+                };
+                let span = protobuf::span(&head, |out| span_attributes(request, &extras, out));
+                export::queue_span(&self.queues.encoded_spans, &self.queues.spans_ready, span);
+            }
+            Some(RequestSpan::Sdk(mut span)) => {
+                if !span.is_recording() {
+                    return;
+                }
+                span.update_name(request.method.clone());
+                let mut attributes = KeyValues(Vec::with_capacity(16));
+                span_attributes(request, &extras, &mut attributes);
+                span.set_attributes(attributes.0);
+                if let Some(error) = error {
+                    span.set_status(Status::error(error.into_owned()));
+                }
+                span.end();
+            }
         }
-        span.update_name(request.method.clone());
-        span.set_attributes(span_attributes(request, &extras));
-        if let Some(error) = &request.error {
-            span.set_status(Status::error(error.clone()));
-        } else if request.status >= 500 {
-            span.set_status(Status::error(format!("status {}", request.status)));
-        }
-        span.end();
     }
 
     /// Stops exporting: what is queued is sent if the collector answers within `grace`.
@@ -375,6 +438,7 @@ impl Queues {
     fn new(capacity: usize) -> Queues {
         Queues {
             spans: DropQueue::new(capacity),
+            encoded_spans: DropQueue::new(capacity),
             logs: DropQueue::new(capacity),
             spans_ready: tokio::sync::Notify::new(),
             logs_ready: tokio::sync::Notify::new(),
@@ -383,55 +447,67 @@ impl Queues {
 }
 
 /// The span's attributes: OpenTelemetry's HTTP names where they exist, `tollgate.*` for the
-/// gateway's own. The path never has its query; no header value or body is ever set.
-fn span_attributes(r: &AuditRecord, extras: &SpanExtras) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(16);
-    attributes.extend([
-        KeyValue::new("http.request.method", r.method.clone()),
-        KeyValue::new("server.address", r.host.clone()),
-        KeyValue::new("url.path", r.path.clone()),
-        KeyValue::new("http.response.status_code", i64::from(r.status)),
-        KeyValue::new("http.request.body.size", r.bytes_in as i64),
-        KeyValue::new("http.response.body.size", r.bytes_out as i64),
-        KeyValue::new("tollgate.agent", r.agent.clone()),
-        KeyValue::new("tollgate.latency_ms", extras.latency.as_secs_f64() * 1e3),
-    ]);
+/// gateway's own. The path never has its query; no header value or body is ever set. The one
+/// list of them, for both kinds of span.
+fn span_attributes(r: &AuditRecord, extras: &SpanExtras, out: &mut dyn protobuf::Attributes) {
+    use protobuf::Any::{Float, Int, Str, Strs};
+    let int = |n: u64| Int(i64::try_from(n).unwrap_or(i64::MAX));
+    out.put("http.request.method", Str(&r.method));
+    out.put("server.address", Str(&r.host));
+    out.put("url.path", Str(&r.path));
+    out.put("http.response.status_code", Int(i64::from(r.status)));
+    out.put("http.request.body.size", int(r.bytes_in));
+    out.put("http.response.body.size", int(r.bytes_out));
+    out.put("tollgate.agent", Str(&r.agent));
+    out.put(
+        "tollgate.latency_ms",
+        Float(extras.latency.as_secs_f64() * 1e3),
+    );
     if let Some(run_mode) = extras.run_mode {
-        attributes.push(KeyValue::new("tollgate.run_mode", run_mode.to_string()));
+        out.put("tollgate.run_mode", Str(run_mode));
     }
     if let Some(tool_call) = &r.tool_call {
-        attributes.push(KeyValue::new("tollgate.tool_call", tool_call.clone()));
+        out.put("tollgate.tool_call", Str(tool_call));
     }
     if !r.decision.is_empty() {
-        attributes.push(KeyValue::new("tollgate.decision", r.decision.clone()));
-        attributes.push(KeyValue::new(
-            "tollgate.policies",
-            opentelemetry::Value::Array(
-                r.policies
-                    .iter()
+        out.put("tollgate.decision", Str(&r.decision));
+        out.put("tollgate.policies", Strs(&r.policies));
+    }
+    if let Some(approval) = &r.approval {
+        out.put("tollgate.approval.id", Str(approval));
+        out.put(
+            "tollgate.approval.wait_ms",
+            int(r.approval_wait_ms.unwrap_or(0)),
+        );
+    }
+    if let Some(provider) = &r.credential {
+        out.put("tollgate.credential.provider", Str(provider));
+    }
+    if let Some(error) = &r.error {
+        out.put("error.type", Str(error));
+    }
+}
+
+/// The SDK's form of the attributes.
+struct KeyValues(Vec<KeyValue>);
+
+impl protobuf::Attributes for KeyValues {
+    fn put(&mut self, key: &'static str, value: protobuf::Any<'_>) {
+        use protobuf::Any;
+        let value = match value {
+            Any::Str(s) => opentelemetry::Value::from(s.to_string()),
+            Any::Int(i) => i.into(),
+            Any::Float(f) => f.into(),
+            Any::Bool(b) => b.into(),
+            Any::Strs(list) => opentelemetry::Value::Array(
+                list.iter()
                     .map(|p| opentelemetry::StringValue::from(p.clone()))
                     .collect::<Vec<_>>()
                     .into(),
             ),
-        ));
+        };
+        self.0.push(KeyValue::new(key, value));
     }
-    if let Some(approval) = &r.approval {
-        attributes.push(KeyValue::new("tollgate.approval.id", approval.clone()));
-        attributes.push(KeyValue::new(
-            "tollgate.approval.wait_ms",
-            r.approval_wait_ms.unwrap_or(0) as i64,
-        ));
-    }
-    if let Some(provider) = &r.credential {
-        attributes.push(KeyValue::new(
-            "tollgate.credential.provider",
-            provider.clone(),
-        ));
-    }
-    if let Some(error) = &r.error {
-        attributes.push(KeyValue::new("error.type", error.clone()));
-    }
-    attributes
 }
 
 /// `service.name` (config, then `OTEL_SERVICE_NAME`, then `tollgate`), `service.version`,
@@ -511,7 +587,9 @@ mod tests {
             decision: "allow",
             latency: Duration::from_millis(2),
         };
-        let attributes = span_attributes(&record(), &extras);
+        let mut attributes = KeyValues(Vec::new());
+        span_attributes(&record(), &extras, &mut attributes);
+        let attributes = attributes.0;
         let get = |key: &str| {
             attributes
                 .iter()
