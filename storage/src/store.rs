@@ -548,6 +548,10 @@ impl Store {
     /// Removes an agent's registry record and all of its data (approvals, audit trail).
     pub fn remove_agent(&self, id: &str) -> Result<(), StoreError> {
         let open = self.opened()?;
+        // No audit append (which could bring the keyspace or the head back) and no rewrite of
+        // an approval (which could bring it back) while the agent's data goes.
+        let _in_order = self.appending.lock();
+        let _one_at_a_time = self.settling.lock();
         let mut batch = open.db.batch().durability(Some(PersistMode::SyncData));
         batch.remove(&open.registry, id);
         for item in open.approvals.prefix(agent_approvals(id)) {
@@ -820,16 +824,25 @@ impl Store {
         let _one_at_a_time = self.settling.lock();
         let approvals: Vec<ApprovalRecord> =
             scan(&open.approvals, b"", "approval").map_err(|e| self.with_path(e))?;
-        for record in approvals {
-            let settled_before = record.decided_at.is_some_and(|at| at < before);
-            if record.state != ApprovalState::Pending && settled_before {
-                let key = approval_key(&record.agent, &record.id);
-                self.commit_durably(&open, &open.approvals, key, None)?;
-                open.approval_owner.write().remove(&record.id);
-                pruned += 1;
+        let old: Vec<ApprovalRecord> = approvals
+            .into_iter()
+            .filter(|r| {
+                r.state != ApprovalState::Pending && r.decided_at.is_some_and(|at| at < before)
+            })
+            .collect();
+        if !old.is_empty() {
+            // One durable write for all of them: settlements wait on this lock meanwhile.
+            let mut batch = open.db.batch().durability(Some(PersistMode::SyncData));
+            for record in &old {
+                batch.remove(&open.approvals, approval_key(&record.agent, &record.id));
+            }
+            batch.commit().map_err(|e| self.write_err(e))?;
+            let mut owners = open.approval_owner.write();
+            for record in &old {
+                owners.remove(&record.id);
             }
         }
-        Ok(pruned)
+        Ok(pruned + old.len())
     }
 
     /// Deletes the oldest audit records of one agent older than `before`, at most
