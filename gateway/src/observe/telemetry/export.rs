@@ -106,9 +106,10 @@ pub(super) struct HttpTraces {
 
 impl std::fmt::Debug for HttpTraces {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Header values are secrets (API keys): never printed.
+        // Header values are secrets (API keys): never printed; nor is the URL's userinfo
+        // or query.
         f.debug_struct("HttpTraces")
-            .field("url", &self.url)
+            .field("url", &tollgate_policy::target::redacted(&self.url))
             .field(
                 "headers",
                 &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
@@ -138,7 +139,10 @@ impl HttpTraces {
         if tollgate_policy::target::Target::from_url(&url).is_err() {
             return Err(TelemetryError::Exporter {
                 signal: Signal::Traces.name(),
-                reason: format!("invalid endpoint {url:?} (an absolute http or https URL)"),
+                reason: format!(
+                    "invalid endpoint {:?} (an absolute http or https URL)",
+                    tollgate_policy::target::redacted(&url)
+                ),
             });
         }
         for name in [
@@ -151,10 +155,16 @@ impl HttpTraces {
                 )));
             }
         }
-        let mut headers: Vec<(String, String)> = config_headers
-            .iter()
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
-            .collect();
+        let mut headers: Vec<(String, String)> = Vec::with_capacity(config_headers.len());
+        for (name, value) in config_headers {
+            // Checked once here rather than failing every export; the value is not shown.
+            if http::HeaderValue::from_str(value).is_err() {
+                return Err(TelemetryError::Header(format!(
+                    "{name}: the value is not a valid HTTP header value"
+                )));
+            }
+            headers.push((name.to_ascii_lowercase(), value.clone()));
+        }
         let from_env = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
             .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS"))
             .unwrap_or_default();
@@ -1021,6 +1031,33 @@ mod tests {
         assert!(e
             .err()
             .is_some_and(|e| e.to_string().contains("invalid endpoint")));
+        // Neither the endpoint's userinfo nor its query reaches the message.
+        let e = plan(
+            "",
+            &[(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "ftp://user:key-3f9@c/x?token=q-77",
+            )],
+        )
+        .err()
+        .map(|e| e.to_string())
+        .expect("refused");
+        assert!(e.contains("invalid endpoint"), "{e}");
+        assert!(!e.contains("key-3f9") && !e.contains("q-77"), "{e}");
+        // A configured header value that HTTP cannot carry is refused at start, unshown.
+        let secret = tempfile::NamedTempFile::new().expect("file");
+        std::fs::write(secret.path(), "ab\u{1}cd-secret").expect("write");
+        let e = plan(
+            &format!(
+                "endpoint = \"http://c:4318\"\nheaders = {{ \"x-key\" = {{ file = {:?} }} }}",
+                secret.path()
+            ),
+            &[],
+        )
+        .err()
+        .map(|e| e.to_string())
+        .expect("refused");
+        assert!(e.contains("x-key") && !e.contains("cd-secret"), "{e}");
     }
 
     #[test]

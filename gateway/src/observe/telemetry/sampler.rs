@@ -24,7 +24,7 @@ impl Sampler {
         let ratio = || {
             env("OTEL_TRACES_SAMPLER_ARG")
                 .and_then(|arg| arg.trim().parse::<f64>().ok())
-                .filter(|r| (0.0..=1.0).contains(r))
+                .map(|r| r.clamp(0.0, 1.0))
                 .unwrap_or(1.0)
         };
         match env("OTEL_TRACES_SAMPLER").as_deref().map(str::trim) {
@@ -83,7 +83,21 @@ mod tests {
             ]),
             Sampler::Ratio(0.25)
         );
-        // A missing or out-of-range ratio is 1, as the SDK reads it.
+        // An unreadable ratio is 1, and one out of range is clamped, as the SDK reads them.
+        assert_eq!(
+            sampler(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "-0.5")
+            ]),
+            Sampler::Ratio(0.0)
+        );
+        assert_eq!(
+            sampler(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "half")
+            ]),
+            Sampler::Ratio(1.0)
+        );
         assert_eq!(
             sampler(&[
                 ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
