@@ -401,6 +401,9 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
     );
     assert_eq!(ack.status, 200);
     assert_eq!(first.await.expect("curl").status, 200);
+    // Its audit record is written after the answer, within the writer's flush interval;
+    // once the API shows it, it is in the store and must outlive the kill.
+    wait_for_audit(&gw, "a");
     let second = post_in_background(&gw, &url, "two", &[]);
     let pending_id = wait_for_approvals(&gw, "state=pending", 1)[0]["id"]
         .as_str()
@@ -433,17 +436,7 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
     ])
     .await;
     assert_eq!(from_b.status, 200, "{from_b:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while gw.admin_call("GET", "/v1/agents/b/audit", None).json()["records"]
-        .as_array()
-        .is_none_or(Vec::is_empty)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "b's request was never audited"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_audit(&gw, "b");
     let dir = gw.stop();
     let store = tollgate_storage::Store::open(&dir.path().join("data/store")).expect("store");
     assert!(store.has_agent_space("a") && store.has_agent_space("b"));
@@ -458,11 +451,25 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed() {
     };
     assert_eq!((of("a"), of("b")), (2, 0));
     assert_eq!(store.audit("b", 0, 10).expect("audit b").len(), 1);
-    assert!(store
-        .audit("a", 0, 10)
-        .expect("audit a")
-        .iter()
-        .all(|r| r.agent == "a"));
+    let of_a = store.audit("a", 0, 10).expect("audit a");
+    assert!(!of_a.is_empty() && of_a.iter().all(|r| r.agent == "a"));
+}
+
+/// Waits until `agent` has at least one audit record the admin API can show.
+fn wait_for_audit(gw: &Gateway, agent: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gw
+        .admin_call("GET", &format!("/v1/agents/{agent}/audit"), None)
+        .json()["records"]
+        .as_array()
+        .is_none_or(Vec::is_empty)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{agent}'s request was never audited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs `tollgate approvals <args>` against `gw`'s admin API with `token_file`.
