@@ -100,25 +100,42 @@ pub fn policy_set(data: &[u8]) {
     let Ok(engine) = PolicyEngine::load(&sources) else {
         return;
     };
-    let Ok((target, path)) = Target::from_url("https://api.example.test/repos?page=1") else {
-        return;
-    };
-    let Ok(request) = RequestFacts::new("POST", target, &path) else {
-        return;
-    };
-    let agent = AgentFacts {
-        id: "fuzz",
-        revision: 1,
-        run_mode: RunMode::Autonomous,
-        scopes: &[],
-        tags: &Default::default(),
-    };
-    let indexed = engine.decide(&agent, &request);
-    let plain = engine.decide_without_index(&agent, &request);
-    assert_eq!(
-        indexed.outcome, plain.outcome,
-        "the index changed a decision"
-    );
+    // The index, the first pass without permits gated by approval, the single pass and the
+    // context built with only the attributes read must all decide as the whole set does.
+    for url in [
+        "https://api.example.test/repos?page=1",
+        "http://10.0.0.1:8080/",
+        "https://management.azure.com/subscriptions/s/resourceGroups/rg/providers/P/t/n",
+    ] {
+        let Ok((target, path)) = Target::from_url(url) else {
+            return;
+        };
+        for method in ["GET", "POST", "DELETE"] {
+            let Ok(request) = RequestFacts::new(method, target.clone(), &path) else {
+                return;
+            };
+            for run_mode in [RunMode::ReadOnly, RunMode::Review, RunMode::Autonomous] {
+                let agent = AgentFacts {
+                    id: "fuzz",
+                    revision: run_mode as u64,
+                    run_mode,
+                    scopes: &[],
+                    tags: &Default::default(),
+                };
+                let indexed = engine.decide(&agent, &request);
+                let plain = engine.decide_without_index(&agent, &request);
+                assert_eq!(
+                    (
+                        indexed.outcome,
+                        &indexed.policies,
+                        indexed.errors.is_empty()
+                    ),
+                    (plain.outcome, &plain.policies, plain.errors.is_empty()),
+                    "the index changed a decision: {method} {url} {run_mode:?}"
+                );
+            }
+        }
+    }
 }
 
 /// A policy test file: parsed, then run against the default policies without panicking.

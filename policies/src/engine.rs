@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::{AgentFacts, RunMode};
 use crate::classify::{Action, ArmTarget, RequestFacts};
-use crate::entities::{self, domains_of, host_id};
+use crate::entities::{self, domains_of, host_id, ContextAttributes};
 use crate::target::Target;
 
 /// The Cedar schema every policy set is validated against (part of the gateway release).
@@ -261,7 +261,8 @@ struct MadeDecision {
 
 /// The policies one (action, agent, host) can be decided by, prepared for both passes.
 struct Subset {
-    /// Every applicable policy: the first pass (`approved = false`).
+    /// The first pass (`approved = false`): every applicable policy but the permits
+    /// [gated by approval](gated_by_approval), which are false in it.
     first: PolicySet,
     /// The second pass (`approved = true`) needs only the policies whose result can differ or
     /// still matters: forbids that do not read `context.approved` did not fire in the first
@@ -270,6 +271,14 @@ struct Subset {
     /// Whether any applicable policy reads `context.approved` at all; if none does, the second
     /// pass would repeat the first.
     second_can_differ: bool,
+    /// Every applicable policy, when one pass with `approved = true` decides exactly what the
+    /// two would: the first pass has no permit (each is [gated](gated_by_approval)), so it
+    /// can only deny, and no forbid reads `context.approved`, so each forbid fires in this
+    /// pass exactly when it would in the first. A forbid that fires denies; otherwise a
+    /// permit that fires needs a person's approval.
+    one_pass: Option<PolicySet>,
+    /// The context attributes any applicable policy reads: the only ones built.
+    reads: ContextAttributes,
 }
 
 /// Whether a policy's result can depend on `context.approved`: it names `approved`, or uses
@@ -347,9 +356,42 @@ fn reads_path(policy: &Policy) -> bool {
     context_reads(policy).is_none_or(|read| read.contains("path"))
 }
 
+/// The attribute `expr` reads when it is `<var>.<attribute>` in Cedar's JSON form.
+fn attribute_of<'a>(expr: &'a serde_json::Value, var: &str) -> Option<&'a str> {
+    let access = expr.get(".")?;
+    (access.get("left")?.get("Var")?.as_str()? == var)
+        .then(|| access.get("attr")?.as_str())
+        .flatten()
+}
+
 /// A string literal in Cedar's JSON form of an expression.
 fn literal(expr: &serde_json::Value) -> Option<&str> {
     expr.get("Value")?.as_str()
+}
+
+/// The run modes one test of `principal.run_mode == "<mode>"` (or an `||` of such tests)
+/// lets through; `None` when `expr` is anything else.
+fn tested_run_modes(expr: &serde_json::Value) -> Option<Vec<RunMode>> {
+    if let Some(or) = expr.get("||") {
+        let mut modes = tested_run_modes(or.get("left")?)?;
+        modes.extend(tested_run_modes(or.get("right")?)?);
+        return Some(modes);
+    }
+    let eq = expr.get("==")?;
+    let is_run_mode = |side| attribute_of(side, "principal") == Some("run_mode");
+    let (left, right) = (eq.get("left")?, eq.get("right")?);
+    let value = match (is_run_mode(left), is_run_mode(right)) {
+        (true, false) => literal(right)?,
+        (false, true) => literal(left)?,
+        _ => return None,
+    };
+    // A name no run mode has: the policy applies to no agent.
+    Some(
+        [RunMode::ReadOnly, RunMode::Review, RunMode::Autonomous]
+            .into_iter()
+            .filter(|m| m.as_str() == value)
+            .collect(),
+    )
 }
 
 /// The run modes a policy can apply to (`None`: any). A policy whose first condition is a
@@ -360,47 +402,48 @@ fn literal(expr: &serde_json::Value) -> Option<&str> {
 /// error, which would deny. Read from Cedar's JSON form of the policy, so comments and
 /// strings cannot fool it.
 fn run_modes(policy: &Policy) -> Option<Vec<RunMode>> {
-    fn tested(expr: &serde_json::Value) -> Option<Vec<RunMode>> {
-        if let Some(or) = expr.get("||") {
-            let mut modes = tested(or.get("left")?)?;
-            modes.extend(tested(or.get("right")?)?);
-            return Some(modes);
-        }
-        let eq = expr.get("==")?;
-        let is_run_mode = |side: &serde_json::Value| {
-            side.get(".").is_some_and(|access| {
-                access
-                    .get("left")
-                    .and_then(|l| l.get("Var"))
-                    .and_then(|v| v.as_str())
-                    == Some("principal")
-                    && access.get("attr").and_then(|a| a.as_str()) == Some("run_mode")
-            })
-        };
-        let (left, right) = (eq.get("left")?, eq.get("right")?);
-        let value = match (is_run_mode(left), is_run_mode(right)) {
-            (true, false) => literal(right)?,
-            (false, true) => literal(left)?,
-            _ => return None,
-        };
-        // A name no run mode has: the policy applies to no agent.
-        Some(
-            [RunMode::ReadOnly, RunMode::Review, RunMode::Autonomous]
-                .into_iter()
-                .filter(|m| m.as_str() == value)
-                .collect(),
-        )
-    }
     let json = policy.to_json().ok()?;
+    tested_run_modes(first_when_conjuncts(&json)?.first()?)
+}
+
+/// The `&&` operands of a policy's first condition, in the order Cedar evaluates them, when
+/// that condition is a `when` (`None` otherwise). `a && b && c` is `(a && b) && c`: its left
+/// spine gives `a`, `b`, `c`; an operand that is itself a parenthesized `&&` on the right
+/// stays whole.
+fn first_when_conjuncts(json: &serde_json::Value) -> Option<Vec<&serde_json::Value>> {
     let first = json.get("conditions")?.as_array()?.first()?;
     if first.get("kind")?.as_str()? != "when" {
         return None;
     }
-    let mut leftmost = first.get("body")?;
-    while let Some(and) = leftmost.get("&&") {
-        leftmost = and.get("left")?;
+    let mut node = first.get("body")?;
+    let mut later = Vec::new();
+    while let Some(and) = node.get("&&") {
+        later.push(and.get("right")?);
+        node = and.get("left")?;
     }
-    tested(leftmost)
+    later.push(node);
+    later.reverse();
+    Some(later)
+}
+
+/// Whether a permit can only be satisfied once a person approved: its first condition is a
+/// `when` whose first `&&` operand is `context.approved`, or whose first operand tests the
+/// run mode (which cannot fail, see [`run_modes`]) and second is `context.approved`. With
+/// `approved = false` such a permit is false without any error, so the first pass may leave
+/// it out and decide exactly as if it had evaluated it.
+fn gated_by_approval(policy: &Policy) -> bool {
+    let is_approved = |expr| attribute_of(expr, "context") == Some("approved");
+    if policy.effect() != cedar_policy::Effect::Permit {
+        return false;
+    }
+    let Ok(json) = policy.to_json() else {
+        return false;
+    };
+    match first_when_conjuncts(&json).as_deref() {
+        Some([first, ..]) if is_approved(first) => true,
+        Some([mode, second, ..]) => is_approved(second) && tested_run_modes(mode).is_some(),
+        _ => false,
+    }
 }
 
 /// Which requests a policy's scope can match.
@@ -431,7 +474,19 @@ struct Indexed {
     resource: ResourceKey,
     /// `None`: any run mode.
     run_modes: Option<Vec<RunMode>>,
+    /// See [`reads_approval`].
+    reads_approval: bool,
+    /// See [`gated_by_approval`].
+    gated: bool,
+    /// The context attributes it reads.
+    reads: ContextAttributes,
     policy: Policy,
+}
+
+impl Indexed {
+    fn permit(&self) -> bool {
+        self.policy.effect() == cedar_policy::Effect::Permit
+    }
 }
 
 fn action_slot(action: Action) -> usize {
@@ -465,11 +520,20 @@ impl Index {
                 ActionConstraint::In(uids) => uids.iter().filter_map(action_of).collect(),
             };
             let run_modes = run_modes(policy);
+            let (reads_approval, gated) = (reads_approval(policy), gated_by_approval(policy));
+            let reads = context_reads(policy).map_or(ContextAttributes::ALL, |read| {
+                read.iter().fold(ContextAttributes::NONE, |all, name| {
+                    all.and(ContextAttributes::named(name))
+                })
+            });
             for action in actions {
                 index.by_action[action_slot(action)].push(Indexed {
                     principal: principal.clone(),
                     resource: resource.clone(),
                     run_modes: run_modes.clone(),
+                    reads_approval,
+                    gated,
+                    reads,
                     policy: policy.clone(),
                 });
             }
@@ -487,7 +551,7 @@ impl Index {
     ) -> Subset {
         let host_name = host_id(host);
         let domains = domains_of(host);
-        let applicable: Vec<&Policy> = self.by_action[action_slot(action)]
+        let applicable: Vec<&Indexed> = self.by_action[action_slot(action)]
             .iter()
             .filter(|p| {
                 let principal_ok = match &p.principal {
@@ -505,19 +569,22 @@ impl Index {
                     .is_none_or(|modes| modes.contains(&run_mode));
                 principal_ok && resource_ok && run_mode_ok
             })
-            .map(|p| &p.policy)
             .collect();
-        let second_can_differ = applicable.iter().any(|p| reads_approval(p));
-        let second = applicable
-            .iter()
-            .filter(|p| p.effect() == cedar_policy::Effect::Permit || reads_approval(p))
-            .map(|p| (*p).clone());
-        // Every policy came from a valid set with unique ids, so adding cannot fail.
+        let set = |keep: &dyn Fn(&Indexed) -> bool| {
+            let kept = applicable.iter().filter(|p| keep(p));
+            // Every policy came from a valid set with unique ids, so adding cannot fail.
+            PolicySet::from_policies(kept.map(|p| p.policy.clone())).unwrap_or_default()
+        };
+        let first_permits = applicable.iter().any(|p| p.permit() && !p.gated);
+        let forbid_reads_approval = applicable.iter().any(|p| !p.permit() && p.reads_approval);
         Subset {
-            first: PolicySet::from_policies(applicable.iter().map(|p| (*p).clone()))
-                .unwrap_or_default(),
-            second: PolicySet::from_policies(second).unwrap_or_default(),
-            second_can_differ,
+            first: set(&|p| !p.gated),
+            second: set(&|p| p.permit() || p.reads_approval),
+            second_can_differ: applicable.iter().any(|p| p.reads_approval),
+            one_pass: (!first_permits && !forbid_reads_approval).then(|| set(&|_| true)),
+            reads: applicable
+                .iter()
+                .fold(ContextAttributes::NONE, |all, p| all.and(p.reads)),
         }
     }
 }
@@ -669,8 +736,7 @@ impl PolicyEngine {
             // Cedar names parsed policies policy0, policy1, … in file order.
             let mut in_order: Vec<&Policy> = parsed.policies().collect();
             in_order.sort_by_key(|p| {
-                p.id()
-                    .to_string()
+                policy_id(p.id())
                     .trim_start_matches("policy")
                     .parse::<usize>()
                     .unwrap_or(usize::MAX)
@@ -716,7 +782,7 @@ impl PolicyEngine {
         if problems.is_empty() {
             let result = Validator::new(schema.clone()).validate(&combined, ValidationMode::Strict);
             for e in result.validation_errors() {
-                let id = e.policy_id().to_string();
+                let id = policy_id(e.policy_id());
                 let file = files
                     .get(&id)
                     .cloned()
@@ -725,7 +791,7 @@ impl PolicyEngine {
                 problems.push(problem_at(&file, text, e, format!("policy {id:?}: {e}")));
             }
             for w in result.validation_warnings() {
-                let id = w.policy_id().to_string();
+                let id = policy_id(w.policy_id());
                 let file = files
                     .get(&id)
                     .cloned()
@@ -743,7 +809,7 @@ impl PolicyEngine {
         let settling_forbids = combined
             .policies()
             .filter(|p| p.effect() == cedar_policy::Effect::Forbid && !reads_approval(p))
-            .map(|p| p.id().to_string())
+            .map(|p| policy_id(p.id()))
             .collect();
         let tunnel_forbids = PolicySet::from_policies(
             combined
@@ -848,6 +914,8 @@ impl PolicyEngine {
             first: self.all.clone(),
             second: self.all.clone(),
             second_can_differ: true,
+            one_pass: None,
+            reads: ContextAttributes::ALL,
         };
         self.evaluate(agent, request, &everything, false)
             .unwrap_or_else(|error| denied_by_error(vec![error]))
@@ -884,7 +952,7 @@ impl PolicyEngine {
                 Action::Write => facts.as_write(),
                 Action::Upgrade => facts.upgrading("websocket"),
             };
-            let context = entities::context(&facts, false).ok()?;
+            let context = entities::context(&facts, false, ContextAttributes::ALL).ok()?;
             let request = Request::new(
                 entities::agent_uid(agent.id),
                 entities::action_uid(facts.action),
@@ -963,7 +1031,7 @@ impl PolicyEngine {
         // pass. A value of the wrong type would still be an evaluation error, and deny.
         let pass =
             |approved: bool, policies: &PolicySet| -> Result<cedar_policy::Response, String> {
-                let context = entities::context(request, approved)?;
+                let context = entities::context(request, approved, subset.reads)?;
                 let schema = (!shortcuts).then_some(&self.schema);
                 let cedar_request = Request::new(
                     principal.clone(),
@@ -976,6 +1044,17 @@ impl PolicyEngine {
                 Ok(authorizer.is_authorized(&cedar_request, policies, entities.as_ref()))
             };
 
+        if let (true, Some(whole)) = (shortcuts, &subset.one_pass) {
+            let response = pass(true, whole)?;
+            // An error is rare; the two passes below report it as they always do.
+            if errors(&response).is_empty() {
+                let fired = ids(&response);
+                return Ok(match response.decision() {
+                    CedarDecision::Allow => needs_approval(fired),
+                    CedarDecision::Deny => denied(agent, request, fired),
+                });
+            }
+        }
         let first = pass(false, &subset.first)?;
         let first_errors = errors(&first);
         if !first_errors.is_empty() {
@@ -1003,15 +1082,7 @@ impl PolicyEngine {
         }
         let second_ids = ids(&second);
         if second.decision() == CedarDecision::Allow {
-            return Ok(Decision {
-                outcome: Outcome::NeedsApproval,
-                reason: format!(
-                    "needs a person's approval: {} permit(s) it once approved",
-                    second_ids.join(", ")
-                ),
-                policies: second_ids,
-                errors: Vec::new(),
-            });
+            return Ok(needs_approval(second_ids));
         }
         Ok(denied(
             agent,
@@ -1025,13 +1096,15 @@ impl PolicyEngine {
     }
 }
 
+/// A policy's id as its `@id` annotation gave it. (`PolicyId`'s `Display` escapes it, so it
+/// would not match the annotation for an id with a quote or a backslash, and costs more.)
+fn policy_id(id: &PolicyId) -> String {
+    AsRef::<str>::as_ref(id).to_string()
+}
+
 /// The deciding policy ids of a response, sorted.
 fn ids(response: &cedar_policy::Response) -> Vec<String> {
-    let mut ids: Vec<String> = response
-        .diagnostics()
-        .reason()
-        .map(|id| id.to_string())
-        .collect();
+    let mut ids: Vec<String> = response.diagnostics().reason().map(policy_id).collect();
     ids.sort();
     ids
 }
@@ -1053,6 +1126,18 @@ fn denied_by_error(errors: Vec<String>) -> Decision {
             errors.join("; ")
         ),
         errors,
+    }
+}
+
+fn needs_approval(permits: Vec<String>) -> Decision {
+    Decision {
+        outcome: Outcome::NeedsApproval,
+        reason: format!(
+            "needs a person's approval: {} permit(s) it once approved",
+            permits.join(", ")
+        ),
+        policies: permits,
+        errors: Vec::new(),
     }
 }
 
@@ -1221,6 +1306,23 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_is_named_by_its_id_as_written() {
+        let text = r#"@id("say \"hi\" \\ there") permit (principal, action, resource);"#;
+        let engine = PolicyEngine::load(&sources(&[("p.cedar", text)])).unwrap();
+        let tags = BTreeMap::new();
+        let agent = AgentFacts {
+            revision: 1,
+            id: "a",
+            run_mode: RunMode::Review,
+            scopes: &[],
+            tags: &tags,
+        };
+        let d = engine.decide(&agent, &request("GET", "https://example.com/"));
+        assert_eq!(d.policies, [r#"say "hi" \ there"#]);
+        assert!(engine.files.contains_key(r#"say "hi" \ there"#));
+    }
+
+    #[test]
     fn errors_deny() {
         // Strict validation rules out most runtime errors; an integer overflow remains. The
         // erroring permit must not allow, and the decision lists the error.
@@ -1268,6 +1370,13 @@ mod tests {
         text.push_str("@id(\"rm-after-error\") permit (principal, action == Action::\"write\", resource in Domain::\"svc0.test\") when { context.port * 9223372036854775807 > 0 && principal.run_mode == \"Autonomous\" };\n");
         text.push_str("@id(\"rm-second\") permit (principal, action == Action::\"read\", resource in Domain::\"svc39.test\") when { context.port * 9223372036854775807 > 0 } when { principal.run_mode == \"Review\" };\n");
         text.push_str("@id(\"rm-unless\") forbid (principal, action == Action::\"read\", resource in Domain::\"svc99.test\") unless { principal.run_mode == \"Review\" };\n");
+        // Permits gated by approval (left out of the first pass) and ones that are not: the
+        // gate after a test that fails; an error after the gate (only the second pass sees
+        // it); a forbid that reads `approved` (no single pass then).
+        text.push_str("@id(\"gate-after-error\") permit (principal, action == Action::\"write\", resource in Domain::\"svc99.test\") when { context.port * 9223372036854775807 > 0 && context.approved };\n");
+        text.push_str("@id(\"svc99-writes\") permit (principal, action == Action::\"write\", resource in Domain::\"svc99.test\") when { principal.run_mode == \"Autonomous\" };\n");
+        text.push_str("@id(\"error-after-gate\") permit (principal, action == Action::\"write\", resource in Domain::\"svc0.test\") when { context.approved && context.port * 9223372036854775807 > 0 };\n");
+        text.push_str("@id(\"approved-deletes\") forbid (principal, action == Action::\"write\", resource in Domain::\"svc39.test\") when { context.approved && context.method == \"DELETE\" };\n");
         let engine = PolicyEngine::load(&sources(&[("gen.cedar", &text)])).unwrap();
         let tags = BTreeMap::new();
         for agent_n in [0, 7, 39, 99] {
@@ -1292,7 +1401,7 @@ mod tests {
                         "https://a.open.test/".to_string(),
                         "https://svc7.test.evil/".to_string(),
                     ] {
-                        for method in ["GET", "POST", "UPGRADE"] {
+                        for method in ["GET", "POST", "DELETE", "UPGRADE"] {
                             let r = match method {
                                 "UPGRADE" => request("GET", &url).upgrading("websocket"),
                                 _ => request(method, &url),
@@ -1300,8 +1409,12 @@ mod tests {
                             let indexed = engine.decide(&agent, &r);
                             let whole = engine.decide_without_index(&agent, &r);
                             assert_eq!(
-                                (indexed.outcome, &indexed.policies),
-                                (whole.outcome, &whole.policies),
+                                (
+                                    indexed.outcome,
+                                    &indexed.policies,
+                                    indexed.errors.is_empty()
+                                ),
+                                (whole.outcome, &whole.policies, whole.errors.is_empty()),
                                 "{id} {mode:?} {method} {url}"
                             );
                         }
@@ -1348,6 +1461,54 @@ mod tests {
         ] {
             assert_eq!(modes(&any), None, "{any}");
         }
+    }
+
+    #[test]
+    fn only_a_permit_that_tests_approval_before_anything_that_can_fail_is_gated() {
+        let gated = |text: &str| {
+            let set = PolicySet::from_str(text).unwrap();
+            let gated = gated_by_approval(set.policies().next().unwrap());
+            gated
+        };
+        let scope = "permit (principal, action, resource)";
+        for yes in [
+            format!("{scope} when {{ context.approved }};"),
+            format!("{scope} when {{ context.approved && context.port > 1 }};"),
+            format!("{scope} when {{ principal.run_mode == \"Review\" && context.approved }};"),
+            format!("{scope} when {{ principal.run_mode == \"Review\" && context.approved && context.path == \"/\" }};"),
+            format!("{scope} when {{ context.approved }} unless {{ context.port == 1 }};"),
+        ] {
+            assert!(gated(&yes), "{yes}");
+        }
+        for no in [
+            format!("{scope};"),
+            format!(
+                "{scope} when {{ context.port * 9223372036854775807 > 0 && context.approved }};"
+            ),
+            format!("{scope} when {{ principal.scopes.contains(\"x\") && context.approved }};"),
+            format!("{scope} when {{ context.approved || context.port == 1 }};"),
+            format!("{scope} when {{ !context.approved }};"),
+            format!("{scope} when {{ context.port == 1 }} when {{ context.approved }};"),
+            format!("{scope} unless {{ context.approved }};"),
+            "forbid (principal, action, resource) when { context.approved };".to_string(),
+        ] {
+            assert!(!gated(&no), "{no}");
+        }
+    }
+
+    #[test]
+    fn a_write_that_needs_approval_is_decided_in_one_pass_by_the_default_set() {
+        let engine = PolicyEngine::load(&PolicySources::embedded_default()).unwrap();
+        let host = crate::target::Host::parse("api.github.com").unwrap();
+        let subset = engine
+            .index
+            .subset(Action::Write, "a", RunMode::Review, &host);
+        assert!(subset.one_pass.is_some());
+        // An Autonomous agent's write may be allowed without approval: two passes.
+        let subset = engine
+            .index
+            .subset(Action::Write, "a", RunMode::Autonomous, &host);
+        assert!(subset.one_pass.is_none());
     }
 
     #[test]

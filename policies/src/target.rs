@@ -59,6 +59,15 @@ pub fn redacted(raw: &str) -> String {
 }
 
 impl Host {
+    /// Whether the host is this machine: a loopback address, or `localhost`. (Only the
+    /// name itself: `localhost.` is normalised to it, a sub-domain of it is not this host.)
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            Host::Ip(ip) => ip.is_loopback(),
+            Host::Name(name) => name == "localhost",
+        }
+    }
+
     /// Parses a host as it appears in a URL or SNI: a DNS name or an IP literal.
     pub fn parse(raw: &str) -> Result<Host, TargetError> {
         let bad = || TargetError::BadHost(raw.chars().take(256).collect());
