@@ -27,7 +27,7 @@ use pingora::connectors::http::Connector;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use tollgate_policy::target::{Host, Scheme, Target};
+use tollgate_policy::target::{Scheme, Target};
 
 use crate::client::{self, Request};
 use crate::config::WebhookConfig;
@@ -66,12 +66,8 @@ impl Webhook {
             format!("webhook {index}: the url is not an absolute http(s) URL ({e})")
         })?;
         let name = format!("webhook {index} ({target})");
-        let loopback = match &target.host {
-            Host::Ip(ip) => ip.is_loopback(),
-            Host::Name(name) => name == "localhost",
-        };
         // Events carry what approvers read (body previews): never in the clear off the host.
-        if target.scheme == Scheme::Http && !loopback {
+        if target.scheme == Scheme::Http && !target.host.is_loopback() {
             return Err(format!(
                 "{name}: use https (plain http is accepted for loopback only)"
             ));

@@ -245,6 +245,55 @@ fn percent_decode(value: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Refuses an export of `signal` that would send a secret — a header (a collector's API key,
+/// from the config or `OTEL_EXPORTER_OTLP_{,<SIGNAL>_}HEADERS`) or the endpoint URL's user
+/// information — over plain `http://` to a host other than this one. Like approval webhooks,
+/// plain http is for a collector on loopback.
+fn refuse_secrets_in_the_clear(
+    signal: Signal,
+    config_endpoint: Option<&str>,
+    config_headers: &HashMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), TelemetryError> {
+    let Some(endpoint) = config_endpoint
+        .map(str::to_string)
+        .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{}_ENDPOINT", signal.env())))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    else {
+        return Ok(());
+    };
+    let endpoint = endpoint.trim();
+    let env_headers = env(&format!("OTEL_EXPORTER_OTLP_{}_HEADERS", signal.env()))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS"))
+        .unwrap_or_default();
+    let parsed = tollgate_policy::target::Target::from_url(endpoint);
+    let user_info = matches!(parsed, Err(tollgate_policy::target::TargetError::UserInfo));
+    let secrets = !config_headers.is_empty() || !parse_headers(&env_headers).is_empty();
+    let in_the_clear = match &parsed {
+        Ok((target, _)) => {
+            target.scheme == tollgate_policy::target::Scheme::Http && !target.host.is_loopback()
+        }
+        // Not a URL the gateway can read: only https is known to be safe.
+        Err(_) => !endpoint.to_ascii_lowercase().starts_with("https://"),
+    };
+    if (secrets || user_info) && in_the_clear {
+        return Err(TelemetryError::Exporter {
+            signal: signal.name(),
+            reason: format!(
+                "{} would be sent in the clear to {}: use an https endpoint (plain http is \
+                 accepted for a collector on loopback only)",
+                if user_info {
+                    "the endpoint's user information"
+                } else {
+                    "its headers (a collector's API key)"
+                },
+                tollgate_policy::target::redacted(endpoint)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A non-empty environment variable of the process.
 fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -322,6 +371,16 @@ impl Plan {
             return Err(TelemetryError::Invalid(
                 "the metrics interval must be at least 1 s".into(),
             ));
+        }
+        for signal in [Signal::Traces, Signal::Metrics, Signal::Logs] {
+            let on = match signal {
+                Signal::Traces => signals.traces,
+                Signal::Metrics => signals.metrics,
+                Signal::Logs => signals.logs,
+            };
+            if on {
+                refuse_secrets_in_the_clear(signal, t.endpoint.as_deref(), &headers, env)?;
+            }
         }
         let mut plan = Plan {
             signals,
@@ -982,7 +1041,7 @@ mod tests {
         };
         // The config's endpoint and headers; env headers over them; the config's timeout.
         let t = traces(
-            "endpoint = \"http://c:4318/\"\nexport_timeout_secs = 3",
+            "endpoint = \"https://c:4318/\"\nexport_timeout_secs = 3",
             &[
                 ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://ignored:1/x"),
                 (
@@ -992,7 +1051,7 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
             ],
         );
-        assert_eq!(t.url, "http://c:4318/v1/traces");
+        assert_eq!(t.url, "https://c:4318/v1/traces");
         assert_eq!(t.headers, vec![("x-k".to_string(), "AB".to_string())]);
         assert_eq!(t.timeout, Duration::from_secs(3));
         // Without them: the signal's endpoint as it is, then the generic one with the path.
@@ -1049,7 +1108,7 @@ mod tests {
         std::fs::write(secret.path(), "ab\u{1}cd-secret").expect("write");
         let e = plan(
             &format!(
-                "endpoint = \"http://c:4318\"\nheaders = {{ \"x-key\" = {{ file = {:?} }} }}",
+                "endpoint = \"https://c:4318\"\nheaders = {{ \"x-key\" = {{ file = {:?} }} }}",
                 secret.path()
             ),
             &[],
@@ -1058,6 +1117,67 @@ mod tests {
         .map(|e| e.to_string())
         .expect("refused");
         assert!(e.contains("x-key") && !e.contains("cd-secret"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_go_to_a_collector_in_the_clear_off_this_host() {
+        let key = tempfile::NamedTempFile::new().expect("file");
+        std::fs::write(key.path(), "key-5e1").expect("write");
+        let with_key = |endpoint: &str, protocol: &str| {
+            format!(
+                "endpoint = {endpoint:?}\nprotocol = {protocol:?}\nheaders = {{ \"x-key\" = {{ file = {:?} }} }}",
+                key.path()
+            )
+        };
+        let refused = |telemetry: &str, vars: &[(&str, &str)]| {
+            let e = plan(telemetry, vars)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| panic!("accepted: {telemetry} {vars:?}"));
+            assert!(e.contains("in the clear") && e.contains("https"), "{e}");
+            assert!(!e.contains("key-5e1") && !e.contains("pw-9"), "{e}");
+        };
+        // The config's headers, over http/protobuf or gRPC, to another host.
+        refused(
+            &with_key("http://collector.internal:4318", "http/protobuf"),
+            &[],
+        );
+        refused(&with_key("http://10.1.2.3:4317", "grpc"), &[]);
+        // Headers from the environment, for every signal or for one.
+        let off_host = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")];
+        refused(
+            "",
+            &[off_host[0], ("OTEL_EXPORTER_OTLP_HEADERS", "x-key=k")],
+        );
+        refused(
+            "traces = false\nlogs = false",
+            &[
+                off_host[0],
+                ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-key=k"),
+            ],
+        );
+        // Credentials in the URL.
+        refused("endpoint = \"http://u:pw-9@c:4318\"", &[]);
+        // Accepted: https, plain http on loopback, or nothing secret to send.
+        for endpoint in [
+            "https://collector.internal:4318",
+            "http://127.0.0.1:4318",
+            "http://[::1]:4318",
+            "http://localhost:4318",
+        ] {
+            let p = plan(&with_key(endpoint, "http/protobuf"), &[]);
+            assert!(p.is_ok_and(|p| p.is_some()), "{endpoint}");
+        }
+        assert!(plan("", &off_host).is_ok_and(|p| p.is_some()));
+        // A header for a signal that is not exported does not matter.
+        assert!(plan(
+            "metrics = false",
+            &[
+                off_host[0],
+                ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-key=k")
+            ]
+        )
+        .is_ok_and(|p| p.is_some()));
     }
 
     #[test]
