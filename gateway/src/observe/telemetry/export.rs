@@ -268,7 +268,8 @@ fn refuse_secrets_in_the_clear(
         .unwrap_or_default();
     let parsed = tollgate_policy::target::Target::from_url(endpoint);
     let user_info = matches!(parsed, Err(tollgate_policy::target::TargetError::UserInfo));
-    let secrets = !config_headers.is_empty() || !parse_headers(&env_headers).is_empty();
+    // Any header the environment names counts, even one the SDK might leave out.
+    let secrets = !config_headers.is_empty() || !env_headers.trim().is_empty();
     let in_the_clear = match &parsed {
         Ok((target, _)) => {
             target.scheme == tollgate_policy::target::Scheme::Http && !target.host.is_loopback()
