@@ -908,7 +908,9 @@ impl PolicyEngine {
     }
 
     /// Decides the plain way — every policy of the set, both passes, no shortcuts — as the
-    /// reference the indexed decision is checked against.
+    /// reference the indexed decision is checked against. Like it, a first pass denied by a
+    /// forbid that does not read `context.approved` is that forbid's deny: that is what a
+    /// decision is, not a shortcut.
     pub fn decide_without_index(&self, agent: &AgentFacts<'_>, request: &RequestFacts) -> Decision {
         let everything = Subset {
             first: self.all.clone(),
@@ -1004,9 +1006,10 @@ impl PolicyEngine {
         })
     }
 
-    /// The two passes. With `shortcuts`, a first-pass deny by a forbid that does not read
-    /// `context.approved` settles the decision, and the second pass runs only when it can
-    /// change the outcome, on the policies that matter to it.
+    /// The two passes. A first-pass deny by a forbid that does not read `context.approved`
+    /// settles the decision. With `shortcuts`, the second pass runs only when it can change
+    /// the outcome, on the policies that matter to it, and a decision the first pass could
+    /// only deny is made in one.
     fn evaluate(
         &self,
         agent: &AgentFacts<'_>,
@@ -1072,7 +1075,9 @@ impl PolicyEngine {
         let settled = first_ids
             .iter()
             .any(|id| self.settling_forbids.contains(id));
-        if shortcuts && (settled || !subset.second_can_differ) {
+        // A forbid that fired without reading `approved` would fire again: the request is
+        // denied by it, whatever an approval would permit (or fail to evaluate).
+        if settled || (shortcuts && !subset.second_can_differ) {
             return Ok(denied(agent, request, first_ids));
         }
         let second = pass(true, &subset.second)?;
@@ -1376,6 +1381,13 @@ mod tests {
         text.push_str("@id(\"gate-after-error\") permit (principal, action == Action::\"write\", resource in Domain::\"svc99.test\") when { context.port * 9223372036854775807 > 0 && context.approved };\n");
         text.push_str("@id(\"svc99-writes\") permit (principal, action == Action::\"write\", resource in Domain::\"svc99.test\") when { principal.run_mode == \"Autonomous\" };\n");
         text.push_str("@id(\"error-after-gate\") permit (principal, action == Action::\"write\", resource in Domain::\"svc0.test\") when { context.approved && context.port * 9223372036854775807 > 0 };\n");
+        // A forbid that settles a request an approval would permit, had the permit not failed.
+        text.push_str("@id(\"error-after-gate-39\") permit (principal, action == Action::\"write\", resource in Domain::\"svc39.test\") when { context.approved && context.port * 9223372036854775807 > 0 };\n");
+        text.push_str("@id(\"no-deletes-39\") forbid (principal, action == Action::\"write\", resource in Domain::\"svc39.test\") when { context.method == \"DELETE\" };\n");
+        // The same where one pass would decide (Review and ReadOnly agents on open.test): its
+        // error sends the decision back to the two passes.
+        text.push_str("@id(\"error-after-gate-open\") permit (principal, action == Action::\"write\", resource in Domain::\"open.test\") when { context.approved && context.port * 9223372036854775807 > 0 };\n");
+        text.push_str("@id(\"no-open-deletes\") forbid (principal, action == Action::\"write\", resource in Domain::\"open.test\") when { context.method == \"DELETE\" };\n");
         text.push_str("@id(\"approved-deletes\") forbid (principal, action == Action::\"write\", resource in Domain::\"svc39.test\") when { context.approved && context.method == \"DELETE\" };\n");
         let engine = PolicyEngine::load(&sources(&[("gen.cedar", &text)])).unwrap();
         let tags = BTreeMap::new();

@@ -41,19 +41,21 @@ pub enum TargetError {
 /// A request target as messages may show it: without its query or fragment (they often
 /// carry tokens) or user information (`name:password@`), and at most 256 characters.
 pub fn redacted(raw: &str) -> String {
-    let raw = raw.split(['?', '#']).next().unwrap_or_default();
     let (scheme, rest) = match raw.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, raw),
     };
+    // User information first: a malformed one may hold a `?` or `#`, which would otherwise
+    // end the shown part inside it.
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let rest = match rest[..authority_end].rfind('@') {
         Some(at) => format!("…@{}", &rest[at + 1..]),
         None => rest.to_string(),
     };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
     let shown = match scheme {
         Some(scheme) => format!("{scheme}://{rest}"),
-        None => rest,
+        None => rest.to_string(),
     };
     shown.chars().take(256).collect()
 }
@@ -309,6 +311,8 @@ mod tests {
             "http://…@api.test:8080/x"
         );
         assert_eq!(redacted("/p?sig=1"), "/p");
+        assert_eq!(redacted("http://u:pa#ss@c:4318/x"), "http://…@c:4318/x");
+        assert_eq!(redacted("grpc://u:pa?ss@c"), "grpc://…@c");
         assert_eq!(redacted("a@b.test:443"), "…@b.test:443");
         assert_eq!(
             redacted("/x@y"),

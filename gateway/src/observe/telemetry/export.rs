@@ -267,7 +267,16 @@ fn refuse_secrets_in_the_clear(
         .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS"))
         .unwrap_or_default();
     let parsed = tollgate_policy::target::Target::from_url(endpoint);
-    let user_info = matches!(parsed, Err(tollgate_policy::target::TargetError::UserInfo));
+    // User information whatever the scheme: gRPC's client takes `grpc://user:key@host` or a
+    // bare `user:key@host` (made `http://` by OTEL_EXPORTER_OTLP_INSECURE), which the
+    // gateway's own parser refuses before it looks for an `@`.
+    let after_scheme = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let user_info = after_scheme
+        .split('/')
+        .next()
+        .is_some_and(|authority| authority.contains('@'));
     // Any header the environment names counts, even one the SDK might leave out.
     let secrets = !config_headers.is_empty() || !env_headers.trim().is_empty();
     let in_the_clear = match &parsed {
@@ -1096,7 +1105,7 @@ mod tests {
             "",
             &[(
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                "ftp://user:key-3f9@c/x?token=q-77",
+                "https://user:key-3f9@c/x?token=q-77",
             )],
         )
         .err()
@@ -1157,8 +1166,14 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-key=k"),
             ],
         );
-        // Credentials in the URL.
+        // Credentials in the URL, whatever its scheme or none.
         refused("endpoint = \"http://u:pw-9@c:4318\"", &[]);
+        refused(
+            "endpoint = \"grpc://u:pw-9@c:4317\"\nprotocol = \"grpc\"",
+            &[],
+        );
+        refused("endpoint = \"u:pw-9@c:4317\"\nprotocol = \"grpc\"", &[]);
+        refused("endpoint = \"http://u:p#w-9@c:4318\"", &[]);
         // Accepted: https, plain http on loopback, or nothing secret to send.
         for endpoint in [
             "https://collector.internal:4318",
