@@ -142,35 +142,26 @@ fn measure(
     };
     let warm = warm_round_trips(Service::exec_true)?;
     let python_warm = warm_round_trips(Service::python_one_plus_one)?;
+    // Each session's memory is read as soon as its import is done: once it has been idle
+    // for IDLE_STOP_SECS it is stopped, and the others may take longer than that.
+    let rss = std::sync::Mutex::new(Vec::new());
     let pandas = at_once(service, agent, &threads, |service, path| {
         let started = Instant::now();
-        Ok(match service.import_pandas(path)? {
-            true => vec![started.elapsed()],
-            false => Vec::new(),
-        })
+        let imported = service.import_pandas(path)?;
+        let took = started.elapsed();
+        let thread = path.rsplit('/').next().unwrap_or_default();
+        let kib = session_rss_kib(&service.record(agent, thread)?)?;
+        rss.lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .push(kib);
+        Ok(if imported { vec![took] } else { Vec::new() })
     })?;
     let pandas = (pandas.len() == threads.len()).then_some(pandas);
-    let mut rss_kib = Vec::new();
-    let mut accel = String::from("-");
-    for thread in &threads {
-        let record = service.record(agent, thread)?;
-        let pid = record["process"]["pid"]
-            .as_u64()
-            .context("a running session's pid")?;
-        // The sandbox's process, and every process of the session's user besides it (the
-        // Python interpreter, under netns; under qemu QEMU is the user's only process).
-        let uid = record["uid"].as_u64().context("the session's user")?;
-        let own = status_kib(pid, "VmRSS:").context("the sandbox's memory")?;
-        let others: u64 = user_processes(uid)
-            .into_iter()
-            .filter(|p| *p != pid)
-            .filter_map(|p| status_kib(p, "VmRSS:"))
-            .sum();
-        rss_kib.push(own + others);
-        if backend == "qemu" {
-            accel = service.accel();
-        }
-    }
+    let rss_kib = rss.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let accel = match backend {
+        "qemu" => service.accel(),
+        _ => String::from("-"),
+    };
     // Idle past the cool-down: every session stops; then all resume at once.
     let deadline = Instant::now() + Duration::from_secs(IDLE_STOP_SECS + 60);
     for thread in &threads {
@@ -215,6 +206,23 @@ fn measure(
 }
 
 /// Runs `work` for every thread's session at once, one OS thread each; all samples.
+/// A running session's memory: its sandbox's process, and every process of the session's
+/// user besides it (the Python interpreter, under netns; under qemu QEMU is the user's only
+/// process).
+fn session_rss_kib(record: &serde_json::Value) -> anyhow::Result<u64> {
+    let pid = record["process"]["pid"]
+        .as_u64()
+        .context("a running session's pid")?;
+    let uid = record["uid"].as_u64().context("the session's user")?;
+    let own = status_kib(pid, "VmRSS:").context("the sandbox's memory")?;
+    let others: u64 = user_processes(uid)
+        .into_iter()
+        .filter(|p| *p != pid)
+        .filter_map(|p| status_kib(p, "VmRSS:"))
+        .sum();
+    Ok(own + others)
+}
+
 fn at_once(
     service: &Service,
     agent: &str,
