@@ -71,6 +71,10 @@ struct Args {
     /// A smoke run: 1 KB, 32 connections, one round of one second.
     #[arg(long)]
     quick: bool,
+    /// Only the plain-HTTP rows (direct, the bare pass-through, Tollgate): for profiling the
+    /// gateway's plain path alone, side by side with the pass-through.
+    #[arg(long)]
+    plain_only: bool,
     /// Leave out the rows of the gateway at scale (a second gateway holding
     /// [`Scale::LARGE`]'s agents, policies, credential rules and open tool calls).
     #[arg(long)]
@@ -378,6 +382,14 @@ fn main() -> anyhow::Result<()> {
                 },
                 Proxy::Squid(squid),
             ));
+        }
+        if args.plain_only {
+            targets.retain(|(config, _, _)| {
+                matches!(
+                    config,
+                    Config::Direct | Config::Passthrough | Config::Tollgate | Config::TollgateScale
+                )
+            });
         }
         for &connections in &args.connections {
             // Warm every path: connections, pools, the token cache, leaf certificates.
