@@ -1,10 +1,13 @@
 //! Step 0's cost per request: reading and checking one HTTP/1 request head
 //! (`framing::check_head`: the httparse parse, the framing rules and pingora's authority
-//! check) before pingora parses it again. Run: `cargo bench -p tollgate-gateway --bench head`.
+//! check) before pingora parses it again; and finding a head's hop-by-hop headers
+//! (`upstream::hop_by_hop_headers`), done for every request's head and its answer's.
+//! Run: `cargo bench -p tollgate-gateway --bench head`.
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate_gateway::egress::framing::check_head;
+use tollgate_gateway::egress::upstream::hop_by_hop_headers;
 
 fn heads(c: &mut Criterion) {
     let curl = b"GET http://api.github.com/repos/octo/hello HTTP/1.1\r\nHost: api.github.com\r\n\
@@ -25,7 +28,47 @@ fn heads(c: &mut Criterion) {
         c.bench_function(&format!("head/check/{name}"), |b| {
             b.iter(|| check_head(head))
         });
+        let headers = header_map(head);
+        c.bench_function(&format!("head/hop_by_hop/{name}"), |b| {
+            b.iter(|| hop_by_hop_headers(&headers))
+        });
     }
+    let answer = b"HTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 06:00:00 GMT\r\n\
+                   Content-Type: application/json; charset=utf-8\r\nContent-Length: 1024\r\n\
+                   Cache-Control: private, max-age=60\r\nETag: W/\"0f6c9a345d1e4a7b\"\r\n\
+                   X-RateLimit-Remaining: 4999\r\nServer: github.com\r\n\r\n";
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut fields);
+    assert!(matches!(
+        response.parse(answer),
+        Ok(httparse::Status::Complete(_))
+    ));
+    let headers = to_map(response.headers);
+    c.bench_function("head/hop_by_hop/answer", |b| {
+        b.iter(|| hop_by_hop_headers(&headers))
+    });
+}
+
+/// A request head's header fields as the header map pingora would hand on.
+fn header_map(head: &[u8]) -> http::HeaderMap {
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut fields);
+    assert!(matches!(
+        request.parse(head),
+        Ok(httparse::Status::Complete(_))
+    ));
+    to_map(request.headers)
+}
+
+fn to_map(fields: &[httparse::Header<'_>]) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for field in fields {
+        map.append(
+            http::HeaderName::from_bytes(field.name.as_bytes()).expect("a header name"),
+            http::HeaderValue::from_bytes(field.value).expect("a header value"),
+        );
+    }
+    map
 }
 
 criterion_group!(benches, heads);

@@ -87,10 +87,8 @@ pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Box<Unframed>> {
         method: request.method.unwrap_or_default().to_string(),
         target: request
             .path
-            .unwrap_or_default()
-            .chars()
-            .take(MAX_TARGET_BYTES)
-            .collect(),
+            .map(|path| path[..path.floor_char_boundary(MAX_TARGET_BYTES)].to_string())
+            .unwrap_or_default(),
     };
     let refuse = |refusal: Refusal, line: RequestLine| Err(Box::new(Unframed { refusal, line }));
     let len = match parsed {
@@ -400,6 +398,11 @@ mod tests {
             "a".repeat(MAX_TARGET_BYTES)
         );
         assert_eq!(refused(&long_target).status, 414);
+        // Its record keeps the target's first MAX_TARGET_BYTES bytes.
+        let line = check_head(long_target.as_bytes()).expect_err("414").line;
+        assert_eq!(line.method, "GET");
+        assert_eq!(line.target.len(), MAX_TARGET_BYTES);
+        assert!(long_target.contains(&line.target));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
         let head = format!("GET http://a.test/ HTTP/1.1\r\n{many}\r\n");
         assert_eq!(refused(&head).status, 431);
