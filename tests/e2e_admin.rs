@@ -532,3 +532,25 @@ fn the_admin_api_closes_connections_whose_head_is_slow_or_never_comes() {
     let ok = admin(&gw, "GET", "/healthz", None, None);
     assert_eq!(ok.status, 200, "{ok:?}");
 }
+
+/// The allocator's options compiled into the binary (see `main.rs`): jemalloc reads them, and
+/// the environment still overrides them.
+#[test]
+fn jemalloc_takes_the_gateways_options_and_the_environment_overrides_them() {
+    let tcache_max = |env: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("--version")
+            .env("_RJEM_MALLOC_CONF", env)
+            .output()
+            .expect("run");
+        // `stats_print` makes jemalloc print its options when the process exits.
+        let stats = String::from_utf8_lossy(&out.stderr).into_owned();
+        stats
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("opt.tcache_max: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no opt.tcache_max in jemalloc's statistics: {stats}"))
+    };
+    assert_eq!(tcache_max("stats_print:true"), "65536");
+    assert_eq!(tcache_max("stats_print:true,tcache_max:32768"), "32768");
+}

@@ -1,14 +1,7 @@
 //! The `tollgate` command: a thin clap layer over the gateway library.
 
+mod allocator;
 mod cli;
-
-/// jemalloc rather than glibc's allocator: a request allocates and frees many small values
-/// (header maps, Cedar values, the audit record, the span), and glibc's `malloc`/`free` and
-/// their consolidation were a fifth of the gateway's CPU. Measured side by side (docs/benchmarks.md,
-/// "Benchmarks"): 12–18% less CPU per request, at about 10% more memory per held request.
-/// mimalloc saved as much CPU but doubled the memory.
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
