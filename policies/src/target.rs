@@ -202,13 +202,39 @@ impl Target {
     }
 
     /// The value of the `Host` header for this target (port omitted when it is the default).
+    ///
+    /// Built without the formatting machinery for a name: every request needs it twice (its
+    /// upstream `Host` and its audit record), and `format!` made it 1% of the gateway's CPU.
     pub fn host_header(&self) -> String {
-        if self.port == self.scheme.default_port() {
-            self.host.to_string()
-        } else {
-            format!("{}:{}", self.host, self.port)
+        let mut header = match &self.host {
+            Host::Name(name) => {
+                let mut header = String::with_capacity(name.len() + 6);
+                header.push_str(name);
+                header
+            }
+            ip => ip.to_string(),
+        };
+        if self.port != self.scheme.default_port() {
+            header.push(':');
+            push_decimal(&mut header, self.port);
+        }
+        header
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u16) {
+    let mut digits = [0u8; 5];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
+    out.extend(digits[start..].iter().map(|&d| char::from(d)));
 }
 
 impl fmt::Display for Target {
@@ -346,5 +372,24 @@ mod tests {
         assert_eq!(t.host_header(), "example.com:8080");
         let t = Target::from_url_authority(Scheme::Https, "[::1]:8443").unwrap();
         assert_eq!(t.host_header(), "[::1]:8443");
+        // Every port's digits, against the formatter's.
+        for port in [1, 9, 10, 80, 99, 100, 443, 1000, 8080, 10000, 65535] {
+            let t = Target::from_url_authority(Scheme::Https, &format!("h.test:{port}")).unwrap();
+            let expected = if port == 443 {
+                "h.test".to_string()
+            } else {
+                format!("h.test:{port}")
+            };
+            assert_eq!(t.host_header(), expected);
+            let t = Target::from_url_authority(Scheme::Http, &format!("10.0.0.1:{port}")).unwrap();
+            let expected = if port == 80 {
+                "10.0.0.1".to_string()
+            } else {
+                format!("10.0.0.1:{port}")
+            };
+            assert_eq!(t.host_header(), expected);
+        }
+        let t = Target::from_url_authority(Scheme::Https, "[::1]").unwrap();
+        assert_eq!(t.host_header(), "[::1]");
     }
 }
