@@ -374,20 +374,15 @@ mod tests {
         assert_eq!(t.host_header(), "[::1]:8443");
         // Every port's digits, against the formatter's.
         for port in [1, 9, 10, 80, 99, 100, 443, 1000, 8080, 10000, 65535] {
-            let t = Target::from_url_authority(Scheme::Https, &format!("h.test:{port}")).unwrap();
-            let expected = if port == 443 {
-                "h.test".to_string()
-            } else {
-                format!("h.test:{port}")
-            };
-            assert_eq!(t.host_header(), expected);
-            let t = Target::from_url_authority(Scheme::Http, &format!("10.0.0.1:{port}")).unwrap();
-            let expected = if port == 80 {
-                "10.0.0.1".to_string()
-            } else {
-                format!("10.0.0.1:{port}")
-            };
-            assert_eq!(t.host_header(), expected);
+            for (scheme, host) in [(Scheme::Https, "h.test"), (Scheme::Http, "10.0.0.1")] {
+                let t = Target::from_url_authority(scheme, &format!("{host}:{port}")).unwrap();
+                let expected = if port == scheme.default_port() {
+                    host.to_string()
+                } else {
+                    format!("{host}:{port}")
+                };
+                assert_eq!(t.host_header(), expected);
+            }
         }
         let t = Target::from_url_authority(Scheme::Https, "[::1]").unwrap();
         assert_eq!(t.host_header(), "[::1]");
