@@ -139,9 +139,17 @@ enum RequestSpan {
 }
 
 impl RequestTrace {
-    /// The trace id as 32 lowercase hex digits.
+    /// The trace id as 32 lowercase hex digits (W3C trace context's form), written without
+    /// the formatting machinery: every request's summary carries it.
     pub fn id(&self) -> String {
-        self.trace_id.unwrap_or(TraceId::INVALID).to_string()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bytes = self.trace_id.unwrap_or(TraceId::INVALID).to_bytes();
+        let mut id = String::with_capacity(2 * bytes.len());
+        for byte in bytes {
+            id.push(char::from(HEX[usize::from(byte >> 4)]));
+            id.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+        id
     }
 }
 
@@ -640,5 +648,23 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
         assert_ne!(a, TraceId::INVALID.to_string());
+    }
+
+    #[test]
+    fn a_trace_id_reads_as_the_sdk_writes_it() {
+        for bytes in [
+            [0u8; 16],
+            [0xff; 16],
+            *b"\x01\x23\x45\x67\x89\xab\xcd\xef\xfe\xdc\xba\x98\x76\x54\x32\x10",
+        ] {
+            let trace = RequestTrace {
+                trace_id: Some(TraceId::from_bytes(bytes)),
+                span: None,
+            };
+            assert_eq!(trace.id(), TraceId::from_bytes(bytes).to_string());
+        }
+        let trace = Telemetry::off().start_request();
+        assert_eq!(trace.id(), trace.trace_id.expect("an id").to_string());
+        assert_eq!(RequestTrace::default().id(), "0".repeat(32));
     }
 }
