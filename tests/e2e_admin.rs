@@ -533,8 +533,8 @@ fn the_admin_api_closes_connections_whose_head_is_slow_or_never_comes() {
     assert_eq!(ok.status, 200, "{ok:?}");
 }
 
-/// The allocator's options compiled into the binary (see `main.rs`): jemalloc reads them, and
-/// the environment still overrides them.
+/// The allocator's options compiled into the binary (see `gateway/src/allocator.rs`): jemalloc
+/// reads them, and the environment still overrides them.
 #[test]
 fn jemalloc_takes_the_gateways_options_and_the_environment_overrides_them() {
     let tcache_max = |env: &str| {
