@@ -604,3 +604,129 @@ async fn a_collector_that_never_answers_costs_requests_nothing_and_drops_are_cou
     assert!(gw.log_contains("spans were dropped"), "{}", gw.log());
     drop(silent);
 }
+
+/// Sends `GET url` through the proxy at `proxy` on the keep-alive connection `conn` and reads
+/// its answer: the status.
+fn keep_alive_get(conn: &mut std::net::TcpStream, url: &str) -> u16 {
+    use std::io::{Read, Write};
+    let authority = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .expect("an http:// URL");
+    let request = format!("GET {url} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    conn.write_all(request.as_bytes())
+        .expect("send the request");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = conn
+            .read(&mut chunk)
+            .expect("the answer, within the read timeout");
+        assert!(n > 0, "the gateway closed the connection");
+        answer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a content-length");
+    while answer.len() < head_end + length {
+        let n = conn.read(&mut chunk).expect("the body");
+        assert!(n > 0, "the gateway closed the connection mid-body");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_costs_requests_nothing_and_drops_are_counted() {
+    if no_curl() {
+        return;
+    }
+    // The gateway's stderr is a pipe that is not read (a log shipper that stopped): once its
+    // 64 KiB fill, every write to it blocks.
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let origin = Origin::http();
+    let config = format!(
+        "{EPHEMERAL_LISTENERS}{}{REVIEW_AGENT}",
+        loopback_upstream(None)
+    );
+    let gw = Gateway::start_with_stderr(&config, &[APPROVAL_POLICIES], writer.into());
+    // Request lines of about 2 KiB (the path is in each), 3,000 of them: past the pipe and
+    // the gateway's buffer for stderr.
+    let long = "a".repeat(2000);
+    let mut conn = std::net::TcpStream::connect(gw.egress).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    for n in 0..3000 {
+        let status = keep_alive_get(
+            &mut conn,
+            &format!("http://127.0.0.1:{}/{long}/{n}", origin.port()),
+        );
+        assert_eq!(status, 200, "request {n}");
+    }
+    let metrics = gw.admin_call("GET", "/metrics", None).body;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_log_lines_dropped_total "))
+        .expect("dropped log lines metric")
+        .parse()
+        .expect("number");
+    assert!(dropped >= 500.0, "{dropped} lines dropped");
+    // Every request is in the audit trail all the same.
+    eventually("the last request's audit record", || {
+        let records = gw
+            .admin_call("GET", "/v1/agents/a/audit?since=2990&limit=100", None)
+            .json()["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let last = records.last()?["path"].as_str()?.to_string();
+        last.ends_with("/2999").then_some(())
+    });
+    // Once stderr is read again, what was kept arrives in whole lines, and new lines follow.
+    let read = Arc::new(Mutex::new(Vec::new()));
+    let into = read.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut chunk = [0u8; 65536];
+        while let Ok(n) = reader.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&chunk[..n]);
+        }
+    });
+    let status = keep_alive_get(
+        &mut conn,
+        &format!("http://127.0.0.1:{}/after-the-stall", origin.port()),
+    );
+    assert_eq!(status, 200);
+    let text = eventually("the next request's line on stderr", || {
+        let read = read.lock().unwrap_or_else(|e| e.into_inner());
+        let text = String::from_utf8_lossy(&read).to_string();
+        text.contains("/after-the-stall").then_some(text)
+    });
+    let request_lines: Vec<&str> = text.lines().filter(|l| l.contains("/aaaaaaaa")).collect();
+    assert!(!request_lines.is_empty());
+    for line in &request_lines {
+        assert!(
+            line.contains(&format!("/{long}/")),
+            "a line cut short: {line}"
+        );
+    }
+    assert!(
+        request_lines.len() + dropped as usize <= 3000,
+        "{} lines written, {dropped} dropped",
+        request_lines.len()
+    );
+}

@@ -52,6 +52,23 @@ impl Gateway {
         settings: &str,
         env: &[(&str, &str)],
     ) -> Gateway {
+        let (cmd, dir) = Self::prepare(config, policies, settings, env);
+        Self::spawn(cmd, dir)
+    }
+
+    /// Like [`Gateway::start_with_policies`], with the gateway's stderr going to `stderr`.
+    pub fn start_with_stderr(config: &str, policies: &[(&str, &str)], stderr: Stdio) -> Gateway {
+        let (cmd, dir) = Self::prepare(config, policies, "", &[]);
+        Self::spawn_with_stderr(cmd, dir, stderr)
+    }
+
+    /// The command and data directory for [`Gateway::start_with_env`].
+    fn prepare(
+        config: &str,
+        policies: &[(&str, &str)],
+        settings: &str,
+        env: &[(&str, &str)],
+    ) -> (Command, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).expect("policy dir");
@@ -63,7 +80,7 @@ impl Gateway {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Self::spawn(cmd, dir)
+        (cmd, dir)
     }
 
     /// A `tollgate serve` command for `config` in `dir` (its data directory is `dir/data`).
@@ -87,15 +104,21 @@ impl Gateway {
         Self::spawn(cmd, dir)
     }
 
-    /// Spawns a prepared `tollgate serve` command and waits for its banner.
-    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Gateway {
+    /// Spawns a prepared `tollgate serve` command and waits for its banner; its stderr goes
+    /// to `gateway.log` in `dir` ([`Gateway::log`]).
+    pub fn spawn(cmd: Command, dir: tempfile::TempDir) -> Gateway {
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        Self::spawn_with_stderr(cmd, dir, log.into())
+    }
+
+    /// Like [`Gateway::spawn`], with its stderr going to `stderr`.
+    fn spawn_with_stderr(mut cmd: Command, dir: tempfile::TempDir, stderr: Stdio) -> Gateway {
         if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
             cmd.env("RUST_LOG", "info");
         }
         cmd.current_dir(dir.path())
             .stdout(Stdio::piped())
-            .stderr(log);
+            .stderr(stderr);
         let mut child = cmd.spawn().expect("spawn tollgate");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();

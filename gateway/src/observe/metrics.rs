@@ -96,6 +96,8 @@ pub struct Gauges {
     pub telemetry_spans_dropped: u64,
     /// Log events dropped because the OTLP exporter was behind.
     pub telemetry_logs_dropped: u64,
+    /// Log lines dropped because stderr did not take them.
+    pub log_lines_dropped: u64,
 }
 
 /// What the OTLP exporter dropped so far (its queues were full), read when the gauges are.
@@ -145,6 +147,7 @@ impl GaugeSources {
             storage_memory: self.store.memory(),
             telemetry_spans_dropped: self.telemetry.spans(),
             telemetry_logs_dropped: self.telemetry.logs(),
+            log_lines_dropped: crate::observe::telemetry::log_lines_dropped(),
         }
     }
 }
@@ -164,7 +167,7 @@ pub struct Scalar {
 }
 
 /// The single-valued metrics, exposed at `/metrics` and exported over OTLP alike.
-pub const SCALARS: [Scalar; 18] = [
+pub const SCALARS: [Scalar; 19] = [
     Scalar {
         name: "tollgate_held_approvals",
         otel_name: "tollgate.approvals.held",
@@ -291,6 +294,13 @@ pub const SCALARS: [Scalar; 18] = [
         help: "Log events dropped because the OTLP exporter was behind (collector slow or down).",
         read: |g| g.telemetry_logs_dropped,
     },
+    Scalar {
+        name: "tollgate_log_lines_dropped_total",
+        otel_name: "tollgate.log.lines_dropped",
+        counter: true,
+        help: "Log lines dropped because stderr did not take them (its reader slow or stopped); requests go on, and the audit trail keeps them.",
+        read: |g| g.log_lines_dropped,
+    },
 ];
 
 impl Metrics {
@@ -412,6 +422,7 @@ mod tests {
             storage_memory: StoreMemory::default(),
             telemetry_spans_dropped: 7,
             telemetry_logs_dropped: 0,
+            log_lines_dropped: 9,
         }
     }
 
@@ -464,6 +475,10 @@ mod tests {
         );
         assert!(
             text.contains("# TYPE tollgate_telemetry_spans_dropped_total counter\ntollgate_telemetry_spans_dropped_total 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tollgate_log_lines_dropped_total counter\ntollgate_log_lines_dropped_total 9"),
             "{text}"
         );
         assert!(

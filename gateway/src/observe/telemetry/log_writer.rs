@@ -7,13 +7,21 @@
 //! short lock instead, and the `tollgate-log` thread writes what has accumulated every
 //! [`FLUSH_INTERVAL`] in one call. Lines keep their order.
 //!
-//! What an operator must not miss is not kept waiting: a warning or an error writes the
-//! buffer (its own line last) at once, and so does a buffer past [`FLUSH_BYTES`]. Lines of
-//! info and below may arrive up to one interval late, and are lost if the process is killed
-//! (`SIGKILL`) in that interval; a clean shutdown writes them ([`StderrLog::flush`]).
+//! A request's thread never writes to stderr itself, so a slow or stalled reader of the
+//! gateway's stderr (a log shipper that stopped reading its pipe) cannot stop requests: the
+//! buffer grows up to [`MAX_PENDING_BYTES`], and lines past that are dropped and counted
+//! (`tollgate_log_lines_dropped_total`) until stderr takes writes again. The audit trail, not
+//! the log, is the record that every request keeps.
+//!
+//! What an operator must not miss is not kept waiting: a warning or an error wakes the writer
+//! thread at once, and so does a buffer past [`FLUSH_BYTES`]. Lines of info and below may
+//! arrive up to one interval late, and are lost if the process is killed (`SIGKILL`) in that
+//! interval; a clean shutdown, or a start-up that fails, writes them ([`StderrLog::flush`]).
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -23,8 +31,22 @@ use tracing_subscriber::fmt::MakeWriter;
 /// How long a line of info and below may wait in the buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// A buffer this large is written at once, whatever the level.
+/// A buffer this large wakes the writer at once, whatever the level.
 pub const FLUSH_BYTES: usize = 64 * 1024;
+
+/// The most bytes of lines kept while stderr does not take them (about ten thousand request
+/// lines); lines that would go past it are dropped and counted.
+pub const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
+
+/// Lines dropped since start because stderr did not take them fast enough (the process has
+/// one stderr, so one count).
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped since start because the buffer for stderr was full: what the
+/// `tollgate_log_lines_dropped_total` counter shows.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
 
 /// The gateway's log writer (see the module documentation). Clones share one buffer.
 #[derive(Clone)]
@@ -35,56 +57,94 @@ pub struct StderrLog {
 struct Inner {
     /// Lines logged since the last write to stderr.
     pending: Mutex<Vec<u8>>,
-    /// Held while a batch is written, so that batches reach stderr in the order they were
-    /// taken.
-    writing: Mutex<Vec<u8>>,
+    /// Held while a batch is written, so that batches reach their sink in the order they
+    /// were taken.
+    writing: Mutex<Writing>,
+    /// The `tollgate-log` thread, woken for warnings and full buffers.
+    writer: OnceLock<Thread>,
+    /// Set when the writer has been woken and has not yet taken the buffer: a burst of
+    /// lines wakes it once.
+    woken: AtomicBool,
+}
+
+struct Writing {
+    batch: Vec<u8>,
+    sink: Box<dyn Write + Send>,
 }
 
 impl StderrLog {
     /// Starts the writer thread; it lives as long as the process.
     pub fn start() -> std::io::Result<StderrLog> {
-        let log = StderrLog {
-            inner: Arc::new(Inner {
-                pending: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
-                writing: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
-            }),
-        };
+        StderrLog::start_with(Box::new(std::io::stderr()), FLUSH_INTERVAL)
+    }
+
+    /// A writer to `sink` with its thread, which writes every `interval` (stderr and
+    /// [`FLUSH_INTERVAL`] but in tests).
+    fn start_with(sink: Box<dyn Write + Send>, interval: Duration) -> std::io::Result<StderrLog> {
+        let log = StderrLog::unstarted(sink);
         let writer = log.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tollgate-log".into())
             .spawn(move || loop {
-                std::thread::sleep(FLUSH_INTERVAL);
+                std::thread::park_timeout(interval);
+                writer.inner.woken.store(false, Ordering::Relaxed);
                 writer.flush();
             })?;
+        let _ = log.inner.writer.set(thread.thread().clone());
         Ok(log)
     }
 
-    /// Writes every line buffered so far.
+    /// A writer with no thread: lines wait until [`StderrLog::flush`].
+    fn unstarted(sink: Box<dyn Write + Send>) -> StderrLog {
+        StderrLog {
+            inner: Arc::new(Inner {
+                pending: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
+                writing: Mutex::new(Writing {
+                    batch: Vec::with_capacity(FLUSH_BYTES),
+                    sink,
+                }),
+                writer: OnceLock::new(),
+                woken: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Writes every line buffered so far (on the calling thread, which waits for stderr).
     pub fn flush(&self) {
-        let mut batch = self.inner.writing.lock();
+        let mut writing = self.inner.writing.lock();
+        let Writing { batch, sink } = &mut *writing;
         {
             let mut pending = self.inner.pending.lock();
             if pending.is_empty() {
                 return;
             }
-            std::mem::swap(&mut *pending, &mut *batch);
+            std::mem::swap(&mut *pending, batch);
         }
         // Nothing better can be done with a failing stderr than to drop the lines.
-        let _ = std::io::stderr().lock().write_all(&batch);
+        let _ = sink.write_all(batch).and_then(|()| sink.flush());
         batch.clear();
         // A burst may have grown the buffer far past a batch: give that memory back.
         batch.shrink_to(FLUSH_BYTES);
     }
 
-    /// Appends whole lines; `urgent` ones (and a full buffer) are written at once.
+    /// Appends whole lines, or drops them if the buffer is full; `urgent` ones (and a full
+    /// batch) wake the writer thread. Never waits for stderr.
     pub(super) fn append(&self, line: &[u8], urgent: bool) {
-        let full = {
+        let wake = {
             let mut pending = self.inner.pending.lock();
-            pending.extend_from_slice(line);
-            pending.len() >= FLUSH_BYTES
+            if pending.len() + line.len() > MAX_PENDING_BYTES {
+                drop(pending);
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+                true
+            } else {
+                pending.extend_from_slice(line);
+                urgent || pending.len() >= FLUSH_BYTES
+            }
         };
-        if urgent || full {
-            self.flush();
+        if wake && !self.inner.woken.swap(true, Ordering::Relaxed) {
+            if let Some(writer) = self.inner.writer.get() {
+                writer.unpark();
+            }
         }
     }
 }
@@ -127,40 +187,142 @@ impl<'a> MakeWriter<'a> for StderrLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use std::time::Instant;
 
-    fn pending(log: &StderrLog) -> Vec<u8> {
-        log.inner.pending.lock().clone()
+    /// A sink the test reads, and can stall like a pipe nobody reads.
+    #[derive(Clone, Default)]
+    struct Sink {
+        written: Arc<Mutex<Vec<u8>>>,
+        stalled: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Sink {
+        fn stall(&self, stalled: bool) {
+            let (flag, changed) = &*self.stalled;
+            *flag.lock().unwrap_or_else(|e| e.into_inner()) = stalled;
+            changed.notify_all();
+        }
+
+        fn written(&self) -> Vec<u8> {
+            self.written.lock().clone()
+        }
+
+        /// Waits up to 10 s for `want` to be written in full.
+        fn wait_for(&self, want: &[u8]) -> Vec<u8> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let written = self.written();
+                if written.windows(want.len()).any(|w| w == want) || Instant::now() > deadline {
+                    return written;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let (flag, changed) = &*self.stalled;
+            let mut stalled = flag.lock().unwrap_or_else(|e| e.into_inner());
+            while *stalled {
+                stalled = changed.wait(stalled).unwrap_or_else(|e| e.into_inner());
+            }
+            self.written.lock().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
-    fn info_lines_wait_for_the_writer_and_warnings_take_them_along_in_order() {
-        // No thread: the test drives the flushes.
-        let log = StderrLog {
-            inner: Arc::new(Inner {
-                pending: Mutex::new(Vec::new()),
-                writing: Mutex::new(Vec::new()),
-            }),
-        };
+    fn info_lines_wait_for_the_writer_and_warnings_wake_it_with_every_line_in_order() {
+        // An interval no test waits for: what is written came from a wake-up or a flush.
+        let sink = Sink::default();
+        let log = StderrLog::start_with(Box::new(sink.clone()), Duration::from_secs(3600))
+            .expect("writer thread");
         let (info, warn) = (event_at(Level::INFO), event_at(Level::WARN));
         log.make_writer_for(&info).write_all(b"one\n").unwrap();
         log.make_writer_for(&info).write_all(b"two\n").unwrap();
-        assert_eq!(
-            pending(&log),
-            b"one\ntwo\n",
-            "info lines are buffered, in order"
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            sink.written().is_empty(),
+            "info lines wait for the interval"
         );
         log.make_writer_for(&warn).write_all(b"three\n").unwrap();
-        assert!(
-            pending(&log).is_empty(),
-            "a warning writes the buffer at once"
+        assert_eq!(
+            sink.wait_for(b"three\n"),
+            b"one\ntwo\nthree\n",
+            "a warning wakes the writer, which writes the lines before it first"
         );
-        // A buffer past its size is written whatever the level.
-        let big = vec![b'x'; FLUSH_BYTES];
+        // A buffer past a batch's size wakes the writer whatever the level.
+        let big = [b"x".repeat(FLUSH_BYTES - 1), b"\n".to_vec()].concat();
         log.make_writer_for(&info).write_all(&big).unwrap();
-        assert!(pending(&log).is_empty(), "a full buffer is written at once");
+        assert!(
+            sink.wait_for(&big).ends_with(&big),
+            "a full batch is written at once"
+        );
         log.make_writer_for(&info).write_all(b"four\n").unwrap();
         log.flush();
-        assert!(pending(&log).is_empty(), "flush writes what waits");
+        assert!(
+            sink.written().ends_with(b"x\nfour\n"),
+            "flush writes what waits"
+        );
+    }
+
+    #[test]
+    fn a_stalled_stderr_never_stops_the_threads_that_log_and_costs_at_most_the_buffer() {
+        let sink = Sink::default();
+        sink.stall(true);
+        let log = StderrLog::start_with(Box::new(sink.clone()), Duration::from_millis(1))
+            .expect("writer thread");
+        let line = [b"y".repeat(999), b"\n".to_vec()].concat();
+        let lines = 3 * MAX_PENDING_BYTES / line.len();
+        let dropped_before = dropped();
+        // Requests log from their own threads: those must all get through with stderr
+        // stalled (before, the thread that filled the buffer wrote it, and waited).
+        let (done, finished) = mpsc::channel();
+        let logging = log.clone();
+        let (info, warn) = (event_at(Level::INFO), event_at(Level::WARN));
+        let line_sent = line.clone();
+        std::thread::spawn(move || {
+            for n in 0..lines {
+                let level = if n % 100 == 0 { &warn } else { &info };
+                logging
+                    .make_writer_for(level)
+                    .write_all(&line_sent)
+                    .unwrap();
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("logging went on with stderr stalled");
+        let pending_now = log.inner.pending.lock().len();
+        assert!(
+            pending_now <= MAX_PENDING_BYTES,
+            "the buffer is bounded: {pending_now}"
+        );
+        // The writer took one batch before it stalled; the buffer holds at most its limit.
+        let kept = (MAX_PENDING_BYTES / line.len()) as u64;
+        let dropped_now = dropped() - dropped_before;
+        assert!(
+            dropped_now >= lines as u64 - 2 * kept && dropped_now < lines as u64,
+            "{dropped_now} of {lines} lines dropped"
+        );
+        // Once stderr takes writes again, what was kept arrives whole, in order.
+        sink.stall(false);
+        log.flush();
+        let written = sink.written();
+        assert_eq!(written.len() % line.len(), 0, "no partial line");
+        assert_eq!(
+            (written.len() / line.len()) as u64,
+            lines as u64 - dropped_now,
+            "every line not dropped is written"
+        );
+        assert!(written.chunks(line.len()).all(|l| l == line.as_slice()));
     }
 
     fn event_at(level: Level) -> Metadata<'static> {

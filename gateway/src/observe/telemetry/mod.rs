@@ -19,7 +19,7 @@ mod protobuf;
 mod request_line;
 mod sampler;
 
-pub use log_writer::StderrLog;
+pub use log_writer::{dropped as log_lines_dropped, StderrLog};
 pub use request_line::{write_request_lines_directly, LineFormat, RequestLine};
 
 use std::sync::Arc;
