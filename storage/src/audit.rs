@@ -115,7 +115,12 @@ fn chain_hash(prev_hash: &str, json: &[u8]) -> String {
     ctx.update(prev_hash.as_bytes());
     ctx.update(&[0]);
     ctx.update(json);
-    hex::encode(ctx.finish())
+    // Written into a buffer: `hex::encode` collects its digits a `char` at a time, which
+    // took as long as the hash itself.
+    let mut digits = [0u8; 64];
+    // 32 bytes always fit 64 digits.
+    let _ = hex::encode_to_slice(ctx.finish(), &mut digits);
+    String::from_utf8_lossy(&digits).into_owned()
 }
 
 /// Where an agent's audit chain ends: the next position and the last hash.
@@ -269,5 +274,19 @@ mod tests {
         assert_eq!(stored, serde_json::to_vec(&record).unwrap());
         let read: AuditRecord = serde_json::from_slice(&stored).unwrap();
         assert_eq!(read, record);
+    }
+
+    #[test]
+    fn the_chain_hash_is_sha256_of_the_link_in_lowercase_hex() {
+        let json = br#"{"seq":1}"#;
+        let linked = [GENESIS.as_bytes(), &[0], json].concat();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &linked);
+        let expected: String = digest
+            .as_ref()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        assert_eq!(chain_hash(GENESIS, json), expected);
+        assert_eq!(expected.len(), 64);
     }
 }
