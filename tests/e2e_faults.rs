@@ -1227,6 +1227,12 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
         .iter()
         .any(|r| r["path"] == "/__tollgate_fault/panic/send" && r["approval"] == id.as_str()));
     assert_eq!(metric(&gw, "tollgate_panics_total"), 4);
+    // Each panic's message reached the log, through the gateway's log writer.
+    let log = gw.log();
+    assert!(
+        log.contains("' panicked at ") && log.contains("fault injected: a panic in response"),
+        "{log}"
+    );
     // The gateway serves on.
     let after = curl_async(args!["-x", gw.proxy_url(), format!("{base}/after")]).await;
     assert_eq!(after.status, 200, "{after:?}");

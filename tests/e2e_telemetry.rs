@@ -659,9 +659,9 @@ async fn a_stderr_nobody_reads_costs_requests_nothing_and_drops_are_counted() {
         loopback_upstream(None)
     );
     let gw = Gateway::start_with_stderr(&config, &[APPROVAL_POLICIES], writer.into());
-    // Request lines of about 2 KiB (the path is in each), 3,000 of them: past the pipe and
-    // the gateway's buffer for stderr.
-    let long = "a".repeat(2000);
+    // Request lines of about 4 KiB (the path is in each), 3,000 of them: past the pipe, the
+    // gateway's 4 MiB buffer and a batch as large being written.
+    let long = "a".repeat(4000);
     let mut conn = std::net::TcpStream::connect(gw.egress).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
@@ -691,7 +691,8 @@ async fn a_stderr_nobody_reads_costs_requests_nothing_and_drops_are_counted() {
         let last = records.last()?["path"].as_str()?.to_string();
         last.ends_with("/2999").then_some(())
     });
-    // Once stderr is read again, what was kept arrives in whole lines, and new lines follow.
+    // Once stderr is read again, what was kept arrives in whole lines, in order, and new
+    // lines follow (the first after the stall may still find the buffer full: ask again).
     let read = Arc::new(Mutex::new(Vec::new()));
     let into = read.clone();
     std::thread::spawn(move || {
@@ -706,27 +707,35 @@ async fn a_stderr_nobody_reads_costs_requests_nothing_and_drops_are_counted() {
                 .extend_from_slice(&chunk[..n]);
         }
     });
-    let status = keep_alive_get(
-        &mut conn,
-        &format!("http://127.0.0.1:{}/after-the-stall", origin.port()),
-    );
-    assert_eq!(status, 200);
-    let text = eventually("the next request's line on stderr", || {
+    let mut after = 0;
+    let text = eventually("a line after the stall on stderr", || {
+        after += 1;
+        let url = format!("http://127.0.0.1:{}/after-the-stall/{after}", origin.port());
+        assert_eq!(keep_alive_get(&mut conn, &url), 200);
+        std::thread::sleep(Duration::from_millis(100));
         let read = read.lock().unwrap_or_else(|e| e.into_inner());
         let text = String::from_utf8_lossy(&read).to_string();
-        text.contains("/after-the-stall").then_some(text)
+        text.contains("/after-the-stall/").then_some(text)
     });
-    let request_lines: Vec<&str> = text.lines().filter(|l| l.contains("/aaaaaaaa")).collect();
-    assert!(!request_lines.is_empty());
-    for line in &request_lines {
-        assert!(
-            line.contains(&format!("/{long}/")),
-            "a line cut short: {line}"
-        );
-    }
+    let numbers: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("/aaaaaaaa"))
+        .map(|line| {
+            let (_, rest) = line
+                .split_once(&format!("/{long}/"))
+                .unwrap_or_else(|| panic!("a line cut short: {line}"));
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().expect("the request's number")
+        })
+        .collect();
+    assert!(!numbers.is_empty());
     assert!(
-        request_lines.len() + dropped as usize <= 3000,
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "lines out of order: {numbers:?}"
+    );
+    assert!(
+        numbers.len() + dropped as usize <= 3000,
         "{} lines written, {dropped} dropped",
-        request_lines.len()
+        numbers.len()
     );
 }

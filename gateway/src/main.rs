@@ -93,6 +93,9 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     let telemetry = Arc::new(Telemetry::start(&config)?);
     // Log lines go to stderr in batches, written by a thread of their own.
     let stderr_log = StderrLog::start().context("cannot start the log writer")?;
+    // A panic's message too, so that a panicking request's thread never waits for stderr.
+    let panics_log = stderr_log.clone();
+    std::panic::set_hook(Box::new(move |info| panics_log.panicked(info)));
     let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let format = match config.log.format {
         LogFormat::Text => LineFormat::Text,
@@ -132,8 +135,9 @@ fn serve(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
         telemetry.shutdown(Duration::from_secs(2));
         Ok(())
     });
-    // The last lines, before `main` prints an error, if there was one.
-    stderr_log.flush();
+    // The last lines, before `main` prints an error, if there was one (not waiting long for
+    // a stderr that takes nothing).
+    stderr_log.flush_within(Duration::from_secs(2));
     served
 }
 

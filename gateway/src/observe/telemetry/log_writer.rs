@@ -9,20 +9,23 @@
 //!
 //! A request's thread never writes to stderr itself, so a slow or stalled reader of the
 //! gateway's stderr (a log shipper that stopped reading its pipe) cannot stop requests: the
-//! buffer grows up to [`MAX_PENDING_BYTES`], and lines past that are dropped and counted
-//! (`tollgate_log_lines_dropped_total`) until stderr takes writes again. The audit trail, not
-//! the log, is the record that every request keeps.
+//! lines wait in a buffer of up to [`MAX_PENDING_BYTES`] (besides the batch stderr is being
+//! given, which is at most as large), and lines past that are dropped and counted
+//! (`tollgate_log_lines_dropped_total`) until stderr takes writes again; so are the lines of
+//! a write that fails. A panic's message goes the same way ([`StderrLog::panicked`]). The
+//! audit trail, not the log, is the record that every request keeps.
 //!
 //! What an operator must not miss is not kept waiting: a warning or an error wakes the writer
 //! thread at once, and so does a buffer past [`FLUSH_BYTES`]. Lines of info and below may
 //! arrive up to one interval late, and are lost if the process is killed (`SIGKILL`) in that
-//! interval; a clean shutdown, or a start-up that fails, writes them ([`StderrLog::flush`]).
+//! interval; a clean shutdown, or a start-up that fails, has them written
+//! ([`StderrLog::flush_within`], which gives up on a stderr that takes nothing).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tracing::{Level, Metadata};
@@ -65,6 +68,8 @@ struct Inner {
     /// Set when the writer has been woken and has not yet taken the buffer: a burst of
     /// lines wakes it once.
     woken: AtomicBool,
+    /// Lines this writer dropped (the process's count is [`dropped`]).
+    dropped: AtomicU64,
 }
 
 struct Writing {
@@ -94,7 +99,7 @@ impl StderrLog {
         Ok(log)
     }
 
-    /// A writer with no thread: lines wait until [`StderrLog::flush`].
+    /// A writer with no thread: lines wait until [`StderrLog::flush_within`].
     fn unstarted(sink: Box<dyn Write + Send>) -> StderrLog {
         StderrLog {
             inner: Arc::new(Inner {
@@ -105,12 +110,13 @@ impl StderrLog {
                 }),
                 writer: OnceLock::new(),
                 woken: AtomicBool::new(false),
+                dropped: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Writes every line buffered so far (on the calling thread, which waits for stderr).
-    pub fn flush(&self) {
+    /// Writes every line buffered so far, on the calling thread (the writer's own, and tests).
+    fn flush(&self) {
         let mut writing = self.inner.writing.lock();
         let Writing { batch, sink } = &mut *writing;
         {
@@ -120,11 +126,64 @@ impl StderrLog {
             }
             std::mem::swap(&mut *pending, batch);
         }
-        // Nothing better can be done with a failing stderr than to drop the lines.
-        let _ = sink.write_all(batch).and_then(|()| sink.flush());
+        // Nothing better can be done with a failing stderr than to drop the lines: they are
+        // counted as dropped.
+        if sink.write_all(batch).and_then(|()| sink.flush()).is_err() {
+            let lines = batch.iter().filter(|&&byte| byte == b'\n').count();
+            self.count_dropped(lines as u64);
+        }
         batch.clear();
         // A burst may have grown the buffer far past a batch: give that memory back.
         batch.shrink_to(FLUSH_BYTES);
+    }
+
+    /// Waits up to `limit` for every line buffered so far to be written (at shutdown). The
+    /// writer thread writes them: a stderr that takes no writes keeps them, and this returns
+    /// `false` at `limit`, never later.
+    pub fn flush_within(&self, limit: Duration) -> bool {
+        let Some(writer) = self.inner.writer.get() else {
+            self.flush();
+            return true;
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            // Nothing waits, and no batch is being written: all of it has been written.
+            let waiting = !self.inner.pending.lock().is_empty();
+            if !waiting && self.inner.writing.try_lock().is_some() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            writer.unpark();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Logs a panic as Rust's own hook would, but through the buffer, so that a panicking
+    /// request's thread does not wait for stderr either. A panic on the main thread (the
+    /// process is ending) waits up to a second for its line to be written.
+    pub fn panicked(&self, info: &std::panic::PanicHookInfo<'_>) {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        let message = info.payload_as_str().unwrap_or("Box<dyn Any>");
+        let location = info
+            .location()
+            .map_or_else(String::new, |at| format!(" at {at}"));
+        let mut line = format!("thread '{name}' panicked{location}:\n{message}\n");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            line.push_str(&format!("stack backtrace:\n{backtrace}\n"));
+        }
+        self.append(line.as_bytes(), true);
+        if name == "main" {
+            self.flush_within(Duration::from_secs(1));
+        }
+    }
+
+    fn count_dropped(&self, lines: u64) {
+        self.inner.dropped.fetch_add(lines, Ordering::Relaxed);
+        DROPPED.fetch_add(lines, Ordering::Relaxed);
     }
 
     /// Appends whole lines, or drops them if the buffer is full; `urgent` ones (and a full
@@ -134,7 +193,7 @@ impl StderrLog {
             let mut pending = self.inner.pending.lock();
             if pending.len() + line.len() > MAX_PENDING_BYTES {
                 drop(pending);
-                DROPPED.fetch_add(1, Ordering::Relaxed);
+                self.count_dropped(1);
                 true
             } else {
                 pending.extend_from_slice(line);
@@ -278,22 +337,18 @@ mod tests {
         sink.stall(true);
         let log = StderrLog::start_with(Box::new(sink.clone()), Duration::from_millis(1))
             .expect("writer thread");
-        let line = [b"y".repeat(999), b"\n".to_vec()].concat();
-        let lines = 3 * MAX_PENDING_BYTES / line.len();
-        let dropped_before = dropped();
+        // Numbered lines of 1,000 bytes.
+        let line = |n: usize| format!("{n:0>999}\n").into_bytes();
+        let lines = 3 * MAX_PENDING_BYTES / 1000;
         // Requests log from their own threads: those must all get through with stderr
         // stalled (before, the thread that filled the buffer wrote it, and waited).
         let (done, finished) = mpsc::channel();
         let logging = log.clone();
         let (info, warn) = (event_at(Level::INFO), event_at(Level::WARN));
-        let line_sent = line.clone();
         std::thread::spawn(move || {
             for n in 0..lines {
                 let level = if n % 100 == 0 { &warn } else { &info };
-                logging
-                    .make_writer_for(level)
-                    .write_all(&line_sent)
-                    .unwrap();
+                logging.make_writer_for(level).write_all(&line(n)).unwrap();
             }
             let _ = done.send(());
         });
@@ -306,23 +361,59 @@ mod tests {
             "the buffer is bounded: {pending_now}"
         );
         // The writer took one batch before it stalled; the buffer holds at most its limit.
-        let kept = (MAX_PENDING_BYTES / line.len()) as u64;
-        let dropped_now = dropped() - dropped_before;
+        let kept = (MAX_PENDING_BYTES / 1000) as u64;
+        let dropped_now = log.inner.dropped.load(Ordering::Relaxed);
         assert!(
             dropped_now >= lines as u64 - 2 * kept && dropped_now < lines as u64,
             "{dropped_now} of {lines} lines dropped"
         );
-        // Once stderr takes writes again, what was kept arrives whole, in order.
+        // Shutting down does not wait for a stalled stderr past its limit.
+        assert!(!log.flush_within(Duration::from_millis(100)));
+        // Once stderr takes writes again, what was kept arrives whole and in order.
         sink.stall(false);
-        log.flush();
-        let written = sink.written();
-        assert_eq!(written.len() % line.len(), 0, "no partial line");
-        assert_eq!(
-            (written.len() / line.len()) as u64,
-            lines as u64 - dropped_now,
-            "every line not dropped is written"
+        assert!(
+            log.flush_within(Duration::from_secs(30)),
+            "written once stderr takes writes"
         );
-        assert!(written.chunks(line.len()).all(|l| l == line.as_slice()));
+        let written = sink.written();
+        assert_eq!(written.len() % 1000, 0, "no partial line");
+        let numbers: Vec<usize> = written
+            .chunks(1000)
+            .map(|l| {
+                let text = std::str::from_utf8(&l[..999]).expect("a number");
+                text.parse().expect("a number")
+            })
+            .collect();
+        assert_eq!(
+            numbers.len() as u64,
+            lines as u64 - dropped_now,
+            "every line not dropped"
+        );
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "in order");
+    }
+
+    #[test]
+    fn lines_a_failing_stderr_did_not_take_are_counted_as_dropped() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = StderrLog::unstarted(Box::new(Closed));
+        let before = dropped();
+        log.append(b"one\ntwo\n", false);
+        log.append(b"three\n", false);
+        log.flush();
+        assert_eq!(
+            log.inner.dropped.load(Ordering::Relaxed),
+            3,
+            "the batch's lines"
+        );
+        assert!(dropped() - before >= 3, "and the process's count");
     }
 
     fn event_at(level: Level) -> Metadata<'static> {
