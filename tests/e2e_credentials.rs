@@ -573,15 +573,6 @@ async fn trace_and_track_are_refused_for_every_agent() {
     assert_eq!((origin.requests(), plain.requests()), (0, 0));
 }
 
-/// The value of the Prometheus sample `name` (no labels) at the gateway's `/metrics`.
-fn metric(gw: &Gateway, name: &str) -> u64 {
-    let text = gw.admin_call("GET", "/metrics", None).body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in {text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_carries_the_token_back_is_not_relayed() {
     if no_curl() {
@@ -602,7 +593,7 @@ async fn an_answer_that_carries_the_token_back_is_not_relayed() {
         1,
         "the request went; its answer did not come back"
     );
-    assert_eq!(metric(&gw, "tollgate_credential_reflections_total"), 1);
+    assert_eq!(gw.metric("tollgate_credential_reflections_total"), 1);
 
     // Further on in a long answer (past the scanned window): cut off before the token, the
     // connection closed short of the announced length.
@@ -613,7 +604,7 @@ async fn an_answer_that_carries_the_token_back_is_not_relayed() {
         "the token never reaches the sandbox"
     );
     assert!(r.body.len() < 300_000, "{}", r.body.len());
-    assert_eq!(metric(&gw, "tollgate_credential_reflections_total"), 2);
+    assert_eq!(gw.metric("tollgate_credential_reflections_total"), 2);
     // A long answer without the token is relayed whole.
     let r = call_path(&gw, &origin, "/bytes/300000", &[]).await;
     assert_eq!((r.status, r.body.len()), (200, 300_000));

@@ -871,14 +871,6 @@ async fn audited_at_least(
     panic!("the audit trail never reached {n} records");
 }
 
-/// A metric's value from `/metrics`.
-fn metric(gw: &Gateway, name: &str) -> u64 {
-    let text = gw.admin_call("GET", "/metrics", None).body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// After a restart or a recovery: the approval `id` is still approved by `approver`, every record in
 /// `audited` is unchanged, the chain is intact, and the gateway serves reads and writes.
 async fn all_there_and_serving(
@@ -996,8 +988,8 @@ async fn a_full_disk_stops_all_forwarding_and_freeing_it_recovers_without_a_rest
         (503, Some("storage_unavailable")),
         "{ready:?}"
     );
-    assert!(metric(&gw, "tollgate_storage_write_errors_total") >= 1);
-    assert!(metric(&gw, "tollgate_audit_records_dropped_total") >= 1);
+    assert!(gw.metric("tollgate_storage_write_errors_total") >= 1);
+    assert!(gw.metric("tollgate_audit_records_dropped_total") >= 1);
     assert!(gw.log_contains("the store cannot write"), "{}", gw.log());
 
     // Space comes back: the gateway reopens its store by itself (every 2 s) and serves
@@ -1127,7 +1119,7 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
         &[("TOLLGATE_FAULT_INJECTION", "1")],
     );
     let base = format!("http://127.0.0.1:{}", origin.port());
-    assert_eq!(metric(&gw, "tollgate_panics_total"), 0);
+    assert_eq!(gw.metric("tollgate_panics_total"), 0);
 
     // On the path pingora proxies: the origin answered, then the gateway panicked.
     let read = curl_async(args![
@@ -1226,7 +1218,7 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
     assert!(failed
         .iter()
         .any(|r| r["path"] == "/__tollgate_fault/panic/send" && r["approval"] == id.as_str()));
-    assert_eq!(metric(&gw, "tollgate_panics_total"), 4);
+    assert_eq!(gw.metric("tollgate_panics_total"), 4);
     // Each panic's message reached the log, through the gateway's log writer.
     let log = gw.log();
     assert!(
@@ -1247,5 +1239,5 @@ async fn a_panic_while_serving_still_answers_records_and_counts_the_request() {
     ])
     .await;
     assert_eq!(read.status, 200, "{read:?}");
-    assert_eq!(metric(&gw, "tollgate_panics_total"), 0);
+    assert_eq!(gw.metric("tollgate_panics_total"), 0);
 }

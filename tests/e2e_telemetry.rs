@@ -592,15 +592,9 @@ async fn a_collector_that_never_answers_costs_requests_nothing_and_drops_are_cou
         let r = curl_async(args!["-x", gw.proxy_url(), &url]).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
-    let metrics = gw.admin_call("GET", "/metrics", None).body;
-    let dropped: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tollgate_telemetry_spans_dropped_total "))
-        .expect("dropped spans metric")
-        .parse()
-        .expect("number");
+    let dropped = gw.metric("tollgate_telemetry_spans_dropped_total");
     // 20 spans met a queue of 4 that the stuck exporter never drained.
-    assert!(dropped >= 16.0, "{metrics}");
+    assert!(dropped >= 16, "{dropped} spans dropped");
     assert!(gw.log_contains("spans were dropped"), "{}", gw.log());
     drop(silent);
 }
@@ -672,14 +666,8 @@ async fn a_stderr_nobody_reads_costs_requests_nothing_and_drops_are_counted() {
         );
         assert_eq!(status, 200, "request {n}");
     }
-    let metrics = gw.admin_call("GET", "/metrics", None).body;
-    let dropped: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tollgate_log_lines_dropped_total "))
-        .expect("dropped log lines metric")
-        .parse()
-        .expect("number");
-    assert!(dropped >= 500.0, "{dropped} lines dropped");
+    let dropped = gw.metric("tollgate_log_lines_dropped_total");
+    assert!(dropped >= 500, "{dropped} lines dropped");
     // Every request is in the audit trail all the same.
     eventually("the last request's audit record", || {
         let records = gw

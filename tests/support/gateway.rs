@@ -239,6 +239,14 @@ impl Gateway {
         curl(&refs)
     }
 
+    /// The value of the Prometheus sample `name` (one without labels) at `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.admin_call("GET", "/metrics", None).body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     /// Waits (up to 5 s) until the log contains `needle`; the gateway logs a request after it
     /// has answered it, so a client can be faster than the log line.
     pub fn log_contains(&self, needle: &str) -> bool {
