@@ -75,6 +75,13 @@ struct Args {
     /// gateway's plain path alone, side by side with the pass-through.
     #[arg(long)]
     plain_only: bool,
+    /// Pace the load at this many requests per second (all connections together) instead of
+    /// as fast as each proxy answers: every proxy that keeps up serves the same requests, and
+    /// its CPU time per request is its own work, not its share of a saturated machine (the
+    /// measure for comparing two builds of the gateway; the median round is then the one of
+    /// median CPU per request).
+    #[arg(long)]
+    rate: Option<u32>,
     /// Leave out the rows of the gateway at scale (a second gateway holding
     /// [`Scale::LARGE`]'s agents, policies, credential rules and open tool calls).
     #[arg(long)]
@@ -394,20 +401,22 @@ fn main() -> anyhow::Result<()> {
         for &connections in &args.connections {
             // Warm every path: connections, pools, the token cache, leaf certificates.
             for (_, target, _) in &targets {
-                load_rt.block_on(run_load(target, connections, Duration::from_millis(500)))?;
+                let warm = Duration::from_millis(500);
+                load_rt.block_on(run_load(target, connections, warm, None))?;
             }
             let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
             for round in 0..args.rounds {
                 for turn in 0..targets.len() {
                     let i = (round + turn) % targets.len();
                     let (_, target, proxy) = &targets[i];
-                    rounds[i].push(measure(&load_rt, target, proxy, connections, args.seconds)?);
+                    let round = measure(&load_rt, target, proxy, connections, &args)?;
+                    rounds[i].push(round);
                 }
             }
             let rows = targets
                 .iter()
                 .zip(rounds)
-                .map(|((config, _, _), r)| (*config, median(r)))
+                .map(|((config, _, _), r)| (*config, median(r, args.rate.is_some())))
                 .collect();
             let cell = Cell {
                 body_bytes: size,
@@ -451,8 +460,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut rounds: Vec<Round>) -> Round {
-    rounds.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+/// The median round: by req/s, or, paced (when all serve the same), by CPU per request.
+fn median(mut rounds: Vec<Round>, paced: bool) -> Round {
+    match paced {
+        true => rounds.sort_by(|a, b| {
+            let cost = |r: &Round| r.cpu_per_request().unwrap_or_default();
+            cost(a).total_cmp(&cost(b))
+        }),
+        false => rounds.sort_by(|a, b| a.rps().total_cmp(&b.rps())),
+    }
     rounds.swap_remove(rounds.len() / 2)
 }
 
@@ -462,11 +478,11 @@ fn measure(
     target: &Target,
     proxy: &Proxy,
     connections: usize,
-    seconds: u64,
+    args: &Args,
 ) -> anyhow::Result<Round> {
     let before = proxy.cpu_time();
-    let mut round =
-        runtime.block_on(run_load(target, connections, Duration::from_secs(seconds)))?;
+    let duration = Duration::from_secs(args.seconds);
+    let mut round = runtime.block_on(run_load(target, connections, duration, args.rate))?;
     round.proxy_cpu = match (before, proxy.cpu_time()) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
@@ -481,8 +497,12 @@ fn render(
     peaks: &[(&str, Option<u64>)],
     squid_note: Option<&str>,
 ) -> String {
+    let pace = match args.rate {
+        Some(rate) => format!("paced at {rate} req/s (the median round by CPU per request)"),
+        None => "closed loop (the median round by req/s)".into(),
+    };
     let mut t = format!(
-        "HTTP/1.1 keep-alive, {} round(s) of {} s per configuration and cell, interleaved (median round shown); {} CPUs\n\n",
+        "HTTP/1.1 keep-alive, {} round(s) of {} s per configuration and cell, interleaved, {pace}; {} CPUs\n\n",
         args.rounds,
         args.seconds,
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -492,13 +512,8 @@ fn render(
     for cell in cells {
         for (config, r) in &cell.rows {
             let cpu = r
-                .proxy_cpu
-                .map(|c| {
-                    format!(
-                        "{:.2}",
-                        c.as_secs_f64() / r.requests.max(1) as f64 * 10_000.0
-                    )
-                })
+                .cpu_per_request()
+                .map(|c| format!("{:.2}", c * 10_000.0))
                 .unwrap_or_else(|| "–".into());
             let rss = r
                 .proxy_rss_kib
@@ -530,13 +545,10 @@ fn render(
             (Some(a), Some(b)) => format!("{:.2}×", a.rps() / b.rps()),
             _ => "–".into(),
         };
-        let cpu_per_request = |r: &Round| {
-            r.proxy_cpu
-                .map(|c| c.as_secs_f64() / r.requests.max(1) as f64)
-        };
         let cpu = match (
-            cell.get(Config::Tollgate).and_then(cpu_per_request),
-            cell.get(Config::Passthrough).and_then(cpu_per_request),
+            cell.get(Config::Tollgate).and_then(Round::cpu_per_request),
+            cell.get(Config::Passthrough)
+                .and_then(Round::cpu_per_request),
         ) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
             _ => "–".into(),

@@ -1,5 +1,6 @@
 //! The closed-loop load generator: N keep-alive HTTP/1.1 connections, each sending its next
-//! request as soon as the previous response has been read, for a fixed time. A connection
+//! request as soon as the previous response has been read (or, paced, at its next turn), for
+//! a fixed time. A connection
 //! goes to the origin or a proxy in the clear, or through TLS — to the origin directly, or
 //! inside a `CONNECT` tunnel through a proxy that intercepts (the client trusts the
 //! proxy's CA, as a sandbox does).
@@ -52,6 +53,12 @@ impl Round {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// The proxy's CPU time per successful request, s.
+    pub fn cpu_per_request(&self) -> Option<f64> {
+        self.proxy_cpu
+            .map(|c| c.as_secs_f64() / self.requests.max(1) as f64)
+    }
+
     /// Latency at quantile `q`, ms.
     pub fn ms(&self, q: f64) -> f64 {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
@@ -61,18 +68,29 @@ impl Round {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// Runs `connections` closed-loop clients against `target` for `duration`.
+/// Runs `connections` closed-loop clients against `target` for `duration`; with a `rate`
+/// (requests per second, all connections together), each connection sends at most one
+/// request per `connections / rate` seconds, so that a proxy that keeps up is not saturated
+/// and its CPU time per request measures its work rather than its share of the machine.
 pub async fn run_load(
     target: &Target,
     connections: usize,
     duration: Duration,
+    rate: Option<u32>,
 ) -> anyhow::Result<Round> {
     let stop = Arc::new(AtomicBool::new(false));
+    let interval = rate
+        .filter(|&r| r > 0)
+        .map(|r| Duration::from_secs_f64(connections as f64 / f64::from(r)));
     let mut tasks = Vec::new();
-    for _ in 0..connections {
+    for i in 0..connections {
         let stop = stop.clone();
         let target = target.clone();
-        tasks.push(tokio::spawn(async move { client(&target, &stop).await }));
+        // Paced connections start spread over one interval, not all at once.
+        let first = interval.map(|every| every.mul_f64(i as f64 / connections as f64));
+        tasks.push(tokio::spawn(async move {
+            client(&target, &stop, interval, first).await
+        }));
     }
     let started = Instant::now();
     tokio::time::sleep(duration).await;
@@ -126,13 +144,21 @@ async fn open(target: &Target) -> std::io::Result<Box<dyn Stream>> {
     }
 }
 
-/// One keep-alive connection; reconnects after an error. Returns (latencies, ok, errors).
-async fn client(target: &Target, stop: &AtomicBool) -> (Histogram<u64>, u64, u64) {
+/// One keep-alive connection; reconnects after an error. Paced, it sends a request every
+/// `interval` (never two at once to catch up), the first after `first`. Returns (latencies,
+/// ok, errors).
+async fn client(
+    target: &Target,
+    stop: &AtomicBool,
+    interval: Option<Duration>,
+    first: Option<Duration>,
+) -> (Histogram<u64>, u64, u64) {
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
     let (mut ok, mut errors) = (0, 0);
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut next_turn = tokio::time::Instant::now() + first.unwrap_or_default();
     'connections: while !stop.load(Ordering::Relaxed) {
         let Ok(mut stream) = open(target).await else {
             errors += 1;
@@ -141,6 +167,10 @@ async fn client(target: &Target, stop: &AtomicBool) -> (Histogram<u64>, u64, u64
         };
         buf.clear();
         while !stop.load(Ordering::Relaxed) {
+            if let Some(every) = interval {
+                tokio::time::sleep_until(next_turn).await;
+                next_turn = (next_turn + every).max(tokio::time::Instant::now());
+            }
             let start = Instant::now();
             if stream.write_all(&target.request).await.is_err() || stream.flush().await.is_err() {
                 errors += 1;

@@ -170,8 +170,8 @@ fn main() -> anyhow::Result<()> {
     while started.elapsed() < total {
         let (a, b) = load_rt.block_on(async {
             tokio::join!(
-                run_load(&plain_target, args.connections, round),
-                run_load(&tunnel_target, args.connections, round)
+                run_load(&plain_target, args.connections, round, None),
+                run_load(&tunnel_target, args.connections, round, None)
             )
         });
         let (a, b) = (a?, b?);
