@@ -35,15 +35,15 @@ pub(super) fn shape_upstream_request(
     credential: Option<&Injection>,
     stripped: &[HeaderName],
 ) -> pingora::Result<()> {
-    // Origins get origin-form (`/path?query`), never the absolute URL sent to the proxy.
-    let origin_form = upstream_request
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .filter(|pq| pq.starts_with('/'))
-        .unwrap_or_else(|| "/".to_string());
-    let uri = origin_form
-        .parse::<http::Uri>()
+    // Origins get origin-form (`/path?query`), never the absolute URL sent to the proxy: the
+    // path and query as parsed, shared rather than copied and parsed again.
+    let path_and_query = match upstream_request.uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        _ => http::uri::PathAndQuery::from_static("/"),
+    };
+    let mut origin_form = http::uri::Parts::default();
+    origin_form.path_and_query = Some(path_and_query);
+    let uri = http::Uri::from_parts(origin_form)
         .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "request path", e))?;
     upstream_request.set_uri(uri);
     upstream_request.remove_header(TOOL_CALL_HEADER);
@@ -351,5 +351,52 @@ impl Egress {
         )
         .map_err(|e| Refusal::bad_request(format!("the request cannot be sent: {e}")))?;
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request line an origin gets for a request sent to the proxy as `target`.
+    fn sent_as(target: &[u8]) -> (String, Option<String>) {
+        let mut request = RequestHeader::build("GET", target, None).expect("a request head");
+        request
+            .insert_header(TOOL_CALL_HEADER, "tc-1")
+            .expect("a header");
+        let (origin, _) = Target::from_url("http://api.github.com:8080/").expect("a URL");
+        shape_upstream_request(&mut request, &origin, None, &[]).expect("shaped");
+        let host = request
+            .headers
+            .get(http::header::HOST)
+            .map(|v| v.to_str().expect("ASCII").to_string());
+        assert!(request.headers.get(TOOL_CALL_HEADER).is_none());
+        (
+            String::from_utf8_lossy(request.raw_path()).into_owned(),
+            host,
+        )
+    }
+
+    #[test]
+    fn origins_get_the_origin_form_and_the_admitted_host() {
+        let host = Some("api.github.com:8080".to_string());
+        for (sent, origin_form) in [
+            (
+                &b"http://api.github.com:8080/repos/o/r?per_page=1&q=a%20b"[..],
+                "/repos/o/r?per_page=1&q=a%20b",
+            ),
+            (b"http://api.github.com:8080", "/"),
+            (b"http://api.github.com:8080?q=1", "/?q=1"),
+            (b"/already/origin?form", "/already/origin?form"),
+            (b"//double/slash", "//double/slash"),
+            (b"*", "/"),
+        ] {
+            assert_eq!(
+                sent_as(sent),
+                (origin_form.to_string(), host.clone()),
+                "{}",
+                String::from_utf8_lossy(sent)
+            );
+        }
     }
 }
