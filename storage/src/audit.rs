@@ -120,7 +120,10 @@ fn chain_hash(prev_hash: &str, json: &[u8]) -> String {
     let mut digits = [0u8; 64];
     // 32 bytes always fit 64 digits.
     let _ = hex::encode_to_slice(ctx.finish(), &mut digits);
-    String::from_utf8_lossy(&digits).into_owned()
+    // Hex digits are ASCII: checked as such, not converted a character at a time.
+    std::str::from_utf8(&digits)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// Where an agent's audit chain ends: the next position and the last hash.
