@@ -112,7 +112,7 @@ fn line(record: &AuditRecord) -> RequestLine<'_> {
         policies: "allowlist,readonly-reads",
         approval: "-",
         status: record.status,
-        elapsed_ms: 0.9,
+        elapsed_us: 2_181,
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
         refusal: None,
         error: None,

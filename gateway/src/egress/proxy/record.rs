@@ -132,7 +132,7 @@ pub fn record_request(
 ) {
     record.trace_id = trace.id();
     let r = &record;
-    let elapsed_ms = end.elapsed.as_secs_f64() * 1e3;
+    let elapsed_us = u64::try_from(end.elapsed.as_micros()).unwrap_or(u64::MAX);
     let (decision, policies) = match end.outcome {
         Some(outcome) => (outcome.as_str(), r.policies.join(",")),
         None => ("-", String::new()),
@@ -152,7 +152,7 @@ pub fn record_request(
         policies: &policies,
         approval: r.approval.as_deref().unwrap_or("-"),
         status: r.status,
-        elapsed_ms,
+        elapsed_us,
         trace_id: &r.trace_id,
         refusal: r.error.as_deref().zip(end.detail),
         error: r.error.as_deref().filter(|_| end.detail.is_none()),
