@@ -281,8 +281,7 @@ async fn next_head(
     // dribbled a byte at a time costs one scan of each new byte, not a parse per byte.
     let mut scanned: usize = 0;
     loop {
-        let ended = memchr::memmem::find(&buf[scanned.saturating_sub(2)..], b"\n\r\n").is_some()
-            || memchr::memmem::find(&buf[scanned.saturating_sub(1)..], b"\n\n").is_some();
+        let ended = blank_line_from(&buf, scanned);
         scanned = buf.len();
         if ended || buf.len() > framing::MAX_HEAD_BYTES {
             match framing::check_head(&buf) {
@@ -310,5 +309,44 @@ async fn next_head(
                 return Ok(None);
             }
         }
+    }
+}
+
+/// Whether `buf` has a blank line (`\n\r\n` or `\n\n`: the end of a head) that ends past
+/// `from`, the bytes before which were looked at already. Each line end is one byte search;
+/// the bytes after it are compared in place (a substring searcher would be built per call).
+fn blank_line_from(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2);
+    memchr::memchr_iter(b'\n', &buf[start..]).any(|at| {
+        let after = &buf[start + at + 1..];
+        after.starts_with(b"\n") || after.starts_with(b"\r\n")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blank_line_from;
+
+    #[test]
+    fn a_blank_line_is_found_however_the_head_was_cut_into_reads() {
+        let heads: [&[u8]; 3] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+        ];
+        for head in heads {
+            let blank_at = head.len();
+            // Every way of reading the head in two parts: the blank line is seen by the
+            // read that completes it, never before.
+            for cut in 1..head.len() {
+                assert!(!blank_line_from(&head[..cut], 0), "{head:?} cut at {cut}");
+                assert!(
+                    blank_line_from(&head[..blank_at], cut),
+                    "{head:?} read on from {cut}"
+                );
+            }
+        }
+        assert!(!blank_line_from(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        assert!(!blank_line_from(b"\r\n\r", 0));
     }
 }

@@ -46,6 +46,9 @@ struct SecretValue {
     /// The searcher that recognises the value in an answer ([`reflection`]), built on first
     /// use and shared by every clone: once per token, not once per request.
     finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
+    /// The searcher for the value's first two bytes, where a split value may start; built
+    /// on first use like `finder`.
+    start_finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
 }
 
 impl Secret {
@@ -54,6 +57,7 @@ impl Secret {
         Secret(Arc::new(SecretValue {
             value: value.into(),
             finder: std::sync::OnceLock::new(),
+            start_finder: std::sync::OnceLock::new(),
         }))
     }
 
@@ -67,6 +71,14 @@ impl Secret {
         self.0
             .finder
             .get_or_init(|| memchr::memmem::Finder::new(self.0.value.as_bytes()).into_owned())
+    }
+
+    /// A searcher for the value's first two bytes (its whole value if shorter).
+    fn start_finder(&self) -> &memchr::memmem::Finder<'static> {
+        self.0.start_finder.get_or_init(|| {
+            let value = self.0.value.as_bytes();
+            memchr::memmem::Finder::new(&value[..value.len().min(2)]).into_owned()
+        })
     }
 }
 

@@ -114,14 +114,14 @@ impl ReflectionScan {
             return 0;
         }
         if chunk.len() >= longest {
-            return run_at_end(&chunk[chunk.len() - longest..], token);
+            return run_at_end(&chunk[chunk.len() - longest..], &self.token);
         }
         // A chunk shorter than the token: the run may begin in the withheld bytes.
         let from_withheld = (longest - chunk.len()).min(self.withheld.len());
         let mut end = Vec::with_capacity(from_withheld + chunk.len());
         end.extend_from_slice(&self.withheld[self.withheld.len() - from_withheld..]);
         end.extend_from_slice(chunk);
-        run_at_end(&end, token)
+        run_at_end(&end, &self.token)
     }
 
     /// Whether the token occurs in the body scanned so far once `chunk` is added.
@@ -157,17 +157,23 @@ impl ReflectionScan {
 }
 
 /// The longest run at the end of `end` (shorter than `token`) that is `token`'s start.
-/// Candidates are found by the token's first two bytes (a SIMD search), so ordinary data
-/// costs one pass; a run of one byte is the last byte alone.
-fn run_at_end(end: &[u8], token: &[u8]) -> usize {
-    let matches_from = |at: usize| end[at..] == token[..end.len() - at];
-    let longer = match token.get(..2) {
-        Some(pair) => memchr::memmem::find_iter(end, pair).find(|&at| matches_from(at)),
-        None => None,
+/// Candidates are found by the token's first two bytes (a SIMD search whose searcher is
+/// built once per token), so ordinary data costs one pass; a run of one byte is the last
+/// byte alone.
+fn run_at_end(end: &[u8], token: &Secret) -> usize {
+    let bytes = token.expose().as_bytes();
+    let matches_from = |at: usize| end[at..] == bytes[..end.len() - at];
+    let longer = if bytes.len() >= 2 {
+        token
+            .start_finder()
+            .find_iter(end)
+            .find(|&at| matches_from(at))
+    } else {
+        None
     };
     match longer {
         Some(at) => end.len() - at,
-        None if end.last() == token.first() && !end.is_empty() => 1,
+        None if end.last() == bytes.first() && !end.is_empty() => 1,
         None => 0,
     }
 }
