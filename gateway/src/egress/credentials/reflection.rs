@@ -159,18 +159,25 @@ impl ReflectionScan {
 /// The longest run at the end of `end` (shorter than `token`) that is `token`'s start.
 /// Candidates are found by the token's first two bytes (a SIMD search whose searcher is
 /// built once per token), so ordinary data costs one pass; a run of one byte is the last
-/// byte alone.
+/// byte alone. Every candidate is tried, overlapping ones too: the searcher's own iterator
+/// skips past each match it reports, so for a token that starts `aab` the window `…aaab`
+/// would show only the candidate that fails, and the run starting one byte later would go
+/// out unwithheld.
 fn run_at_end(end: &[u8], token: &Secret) -> usize {
     let bytes = token.expose().as_bytes();
     let matches_from = |at: usize| end[at..] == bytes[..end.len() - at];
-    let longer = if bytes.len() >= 2 {
-        token
-            .start_finder()
-            .find_iter(end)
-            .find(|&at| matches_from(at))
-    } else {
-        None
-    };
+    let mut longer = None;
+    if bytes.len() >= 2 {
+        let finder = token.start_finder();
+        let mut from = 0;
+        while let Some(found) = finder.find(&end[from..]) {
+            if matches_from(from + found) {
+                longer = Some(from + found);
+                break;
+            }
+            from += found + 1;
+        }
+    }
     match longer {
         Some(at) => end.len() - at,
         None if end.last() == bytes.first() && !end.is_empty() => 1,
@@ -254,6 +261,48 @@ mod tests {
         }
         // A body that ends with a long run of the token's start is cut short.
         assert_eq!(relayed(token, &format!("xx{}", &token[..10]), &[], 1), None);
+    }
+
+    /// What was relayed of `body`, split at `cuts`, before the token was found (all of it
+    /// if it never was).
+    fn relayed_until_found(token: &str, body: &str, cuts: &[usize], hold: usize) -> Vec<u8> {
+        let mut s = scan(token);
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain(std::iter::once(&body.len())) {
+            let Ok(pieces) = s.pass(Bytes::copy_from_slice(&body.as_bytes()[from..to]), hold)
+            else {
+                return out;
+            };
+            for piece in pieces {
+                out.extend_from_slice(&piece);
+            }
+            from = to;
+        }
+        if let Ok(rest) = s.end() {
+            out.extend_from_slice(&rest);
+        }
+        out
+    }
+
+    #[test]
+    fn a_token_whose_first_bytes_repeat_is_withheld_from_its_first_byte() {
+        // Where a failed candidate overlaps the real start (`…aaab…` for a token `aab…`), the
+        // real start must still be found.
+        for token in ["aabcccccccccc", "aaaaaaaab", "abababx", "aab", "aa"] {
+            for lead in ["", "a", "aa", "ab", "aba", "xa"] {
+                let body = format!("xxxx{lead}{token}yyyy");
+                let at = body.find(token).unwrap();
+                for cut in 1..body.len() {
+                    let sent = relayed_until_found(token, &body, &[cut], 1);
+                    assert!(
+                        sent.len() <= at,
+                        "token {token:?} in {body:?} split at {cut}: {:?} relayed",
+                        String::from_utf8_lossy(&sent)
+                    );
+                }
+            }
+        }
     }
 
     #[test]
