@@ -223,23 +223,37 @@ mod tests {
         assert!(body.as_bytes().chunks(1).any(|c| s.body_reflects(c)));
     }
 
-    /// Feeds `body` in pieces split at `cuts` and returns what was relayed, or `None` once the
-    /// token was found.
-    fn relayed(token: &str, body: &str, cuts: &[usize], hold: usize) -> Option<String> {
+    /// Feeds `body` in pieces split at `cuts`: what was relayed, up to where the token was
+    /// found (all of it if it never was), and whether it was.
+    fn feed(token: &str, body: &str, cuts: &[usize], hold: usize) -> (Vec<u8>, bool) {
         let mut s = scan(token);
         let mut out = Vec::new();
         let mut from = 0;
         for &to in cuts.iter().chain(std::iter::once(&body.len())) {
-            let pieces = s
-                .pass(Bytes::copy_from_slice(&body.as_bytes()[from..to]), hold)
-                .ok()?;
+            let Ok(pieces) = s.pass(Bytes::copy_from_slice(&body.as_bytes()[from..to]), hold)
+            else {
+                return (out, true);
+            };
             for piece in pieces {
                 out.extend_from_slice(&piece);
             }
             from = to;
         }
-        out.extend_from_slice(&s.end().ok()?);
-        Some(String::from_utf8(out).unwrap())
+        match s.end() {
+            Ok(rest) => {
+                out.extend_from_slice(&rest);
+                (out, false)
+            }
+            Err(Reflected) => (out, true),
+        }
+    }
+
+    /// What was relayed of `body` split at `cuts`, or `None` once the token was found.
+    fn relayed(token: &str, body: &str, cuts: &[usize], hold: usize) -> Option<String> {
+        match feed(token, body, cuts, hold) {
+            (_, true) => None,
+            (out, false) => Some(String::from_utf8(out).unwrap()),
+        }
     }
 
     #[test]
@@ -263,28 +277,6 @@ mod tests {
         assert_eq!(relayed(token, &format!("xx{}", &token[..10]), &[], 1), None);
     }
 
-    /// What was relayed of `body`, split at `cuts`, before the token was found (all of it
-    /// if it never was).
-    fn relayed_until_found(token: &str, body: &str, cuts: &[usize], hold: usize) -> Vec<u8> {
-        let mut s = scan(token);
-        let mut out = Vec::new();
-        let mut from = 0;
-        for &to in cuts.iter().chain(std::iter::once(&body.len())) {
-            let Ok(pieces) = s.pass(Bytes::copy_from_slice(&body.as_bytes()[from..to]), hold)
-            else {
-                return out;
-            };
-            for piece in pieces {
-                out.extend_from_slice(&piece);
-            }
-            from = to;
-        }
-        if let Ok(rest) = s.end() {
-            out.extend_from_slice(&rest);
-        }
-        out
-    }
-
     #[test]
     fn a_token_whose_first_bytes_repeat_is_withheld_from_its_first_byte() {
         // Where a failed candidate overlaps the real start (`…aaab…` for a token `aab…`), the
@@ -294,7 +286,7 @@ mod tests {
                 let body = format!("xxxx{lead}{token}yyyy");
                 let at = body.find(token).unwrap();
                 for cut in 1..body.len() {
-                    let sent = relayed_until_found(token, &body, &[cut], 1);
+                    let (sent, _) = feed(token, &body, &[cut], 1);
                     assert!(
                         sent.len() <= at,
                         "token {token:?} in {body:?} split at {cut}: {:?} relayed",
