@@ -49,6 +49,9 @@ struct SecretValue {
     /// The searcher for the value's first two bytes, where a split value may start; built
     /// on first use like `finder`.
     start_finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
+    /// The searcher for the value with its ASCII letters lowercased, for header names: the
+    /// header map holds them lowercased, while the wire may carry the origin's own case.
+    lowercase_finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
 }
 
 impl Secret {
@@ -58,6 +61,7 @@ impl Secret {
             value: value.into(),
             finder: std::sync::OnceLock::new(),
             start_finder: std::sync::OnceLock::new(),
+            lowercase_finder: std::sync::OnceLock::new(),
         }))
     }
 
@@ -71,6 +75,14 @@ impl Secret {
         self.0
             .finder
             .get_or_init(|| memchr::memmem::Finder::new(self.0.value.as_bytes()).into_owned())
+    }
+
+    /// A searcher for the value with its ASCII letters lowercased.
+    fn lowercase_finder(&self) -> &memchr::memmem::Finder<'static> {
+        self.0.lowercase_finder.get_or_init(|| {
+            let lowercase = self.0.value.as_bytes().to_ascii_lowercase();
+            memchr::memmem::Finder::new(&lowercase).into_owned()
+        })
     }
 
     /// A searcher for the value's first two bytes (its whole value if shorter).

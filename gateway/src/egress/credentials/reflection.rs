@@ -5,9 +5,10 @@
 //! sent): the injected token would come back to the very sandbox that must never hold it. The
 //! gateway scans what the origin answers for the exact token value before relaying it:
 //!
-//! - the header (names, values, reason phrase) and the first
-//!   `credentials.reflection_scan_bytes` of the body are read and scanned before anything is
-//!   relayed: a match there is `502 credential_reflected`;
+//! - the header (names, without regard to case, since HTTP/1 carries them in the origin's;
+//!   values; the reason phrase) and the first `credentials.reflection_scan_bytes` of the body
+//!   are read and scanned before anything is relayed: a match there is
+//!   `502 credential_reflected`;
 //! - the rest of the body is scanned chunk by chunk before each chunk is relayed: a match ends
 //!   the answer short and closes the connection, the token's bytes unsent;
 //! - a token split across two reads is found too (the last bytes scanned are kept for the
@@ -63,14 +64,17 @@ impl ReflectionScan {
     }
 
     /// Whether any header name or value of `header`, or its reason phrase, contains the token.
+    /// Names are compared without regard to case: the map holds them lowercased, but an
+    /// HTTP/1 answer is written with the names in the origin's own case.
     pub fn header_reflects(&self, header: &ResponseHeader) -> bool {
         let finder = self.token.finder();
+        let in_names = self.token.lowercase_finder();
         header
             .get_reason_phrase()
             .is_some_and(|r| finder.find(r.as_bytes()).is_some())
             || header.headers.iter().any(|(name, value)| {
                 finder.find(value.as_bytes()).is_some()
-                    || finder.find(name.as_str().as_bytes()).is_some()
+                    || in_names.find(name.as_str().as_bytes()).is_some()
             })
     }
 
@@ -201,6 +205,22 @@ mod tests {
         assert!(s.header_reflects(&header));
         let mut clean = ResponseHeader::build(200, None).unwrap();
         clean.insert_header("x-echo", "Bearer tok-12345").unwrap();
+        assert!(!s.header_reflects(&clean));
+    }
+
+    #[test]
+    fn a_token_in_a_header_name_is_found_in_the_case_it_is_sent() {
+        let token = "eyJhbGciOi.Tok-XYZ";
+        let s = scan(token);
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        header.insert_header(format!("X-{token}"), "1").unwrap();
+        // As the sandbox would get it over HTTP/1: the name in the origin's case.
+        let mut wire = Vec::new();
+        header.header_to_h1_wire(&mut wire);
+        assert!(memchr::memmem::find(&wire, token.as_bytes()).is_some());
+        assert!(s.header_reflects(&header));
+        let mut clean = ResponseHeader::build(200, None).unwrap();
+        clean.insert_header("X-eyJhbGciOi.Tok-XY", "1").unwrap();
         assert!(!s.header_reflects(&clean));
     }
 
