@@ -15,9 +15,11 @@
 //!   next read), and no part of it is relayed before it is: bytes at the end of a read that
 //!   could be the token's start are withheld until the next read shows they are not. In a
 //!   body that is any such bytes; in an upgraded connection (where holding back the end of a
-//!   message could stall the conversation) runs of [`PIPE_HOLD`] bytes or more, so at most the
-//!   token's first `PIPE_HOLD - 1` bytes could cross at a read boundary there. A body that
-//!   ends with [`PIPE_HOLD`] or more bytes of the token's start is cut short before them.
+//!   message could stall the conversation) runs of [`PIPE_HOLD`] bytes or more, measured over
+//!   what was scanned (relayed bytes too), so at most the token's first `PIPE_HOLD - 1` bytes
+//!   could cross there, however the stream is cut into reads. A body that ends with
+//!   [`PIPE_HOLD`] or more bytes of the token's start is cut short before them. (A WebSocket's
+//!   frames are taken apart first: [`super::upgraded`].)
 //!
 //! Only the token's exact bytes are recognised: an origin that re-encodes what it echoes
 //! (base64, escaping) is not, and tokened requests ask for `Accept-Encoding: identity` (and
@@ -45,8 +47,8 @@ pub struct ReflectionScan {
     /// The end of what was scanned so far (up to the token's length less one byte), so a
     /// token split across two chunks is still found.
     tail: Vec<u8>,
-    /// Scanned bytes not yet relayed: the end of what was read, which is the start of the
-    /// token.
+    /// Scanned bytes not yet relayed: the end of what was read (so the end of `tail`), which
+    /// is the start of the token.
     withheld: BytesMut,
 }
 
@@ -61,6 +63,20 @@ impl ReflectionScan {
             tail: Vec::new(),
             withheld: BytesMut::new(),
         })
+    }
+
+    /// A scan for the same token with nothing scanned yet.
+    pub fn restarted(&self) -> ReflectionScan {
+        ReflectionScan {
+            token: self.token.clone(),
+            tail: Vec::new(),
+            withheld: BytesMut::new(),
+        }
+    }
+
+    /// Whether `bytes`, taken alone, contain the token.
+    pub fn contains_token(&self, bytes: &[u8]) -> bool {
+        self.token.finder().find(bytes).is_some()
     }
 
     /// Whether any header name or value of `header`, or its reason phrase, contains the token.
@@ -85,9 +101,17 @@ impl ReflectionScan {
         if self.body_reflects(&chunk) {
             return Err(Reflected);
         }
-        let held = self.token_start_at_end(&chunk);
-        let keep = if held >= hold.max(1) { held } else { 0 };
+        // The run is measured over what was scanned, relayed bytes included: with `hold` above
+        // one, a run's first bytes may have gone while it was shorter, and the rest of it must
+        // still wait once it is `hold` long (so, read after read, no more than `hold - 1` of
+        // the token's bytes go).
         let total = self.withheld.len() + chunk.len();
+        let run = run_at_end(&self.tail, &self.token);
+        let keep = if run >= hold.max(1) {
+            run.min(total)
+        } else {
+            0
+        };
         let release = total - keep;
         if release <= self.withheld.len() {
             let out = self.withheld.split_to(release).freeze();
@@ -107,25 +131,6 @@ impl ReflectionScan {
             return Err(Reflected);
         }
         Ok(self.withheld.split().freeze())
-    }
-
-    /// How many bytes at the end of what was read (the withheld bytes, then `chunk`) are the
-    /// token's first bytes: the longest such run shorter than the token.
-    fn token_start_at_end(&self, chunk: &[u8]) -> usize {
-        let token = self.token.expose().as_bytes();
-        let longest = token.len() - 1;
-        if longest == 0 {
-            return 0;
-        }
-        if chunk.len() >= longest {
-            return run_at_end(&chunk[chunk.len() - longest..], &self.token);
-        }
-        // A chunk shorter than the token: the run may begin in the withheld bytes.
-        let from_withheld = (longest - chunk.len()).min(self.withheld.len());
-        let mut end = Vec::with_capacity(from_withheld + chunk.len());
-        end.extend_from_slice(&self.withheld[self.withheld.len() - from_withheld..]);
-        end.extend_from_slice(chunk);
-        run_at_end(&end, &self.token)
     }
 
     /// Whether the token occurs in the body scanned so far once `chunk` is added.
@@ -333,6 +338,42 @@ mod tests {
             s.pass(Bytes::from_static(b"oken-value"), PIPE_HOLD),
             Err(Reflected)
         );
+    }
+
+    #[test]
+    fn in_a_pipe_no_more_than_pipe_hold_less_one_of_the_tokens_bytes_go_however_it_is_read() {
+        // Read by read, a run that was too short to hold when its first bytes went must still
+        // be held once it is long enough: reads of every length, starting at every offset.
+        for token in [
+            "secret-token-value",
+            "aaaaaaaaab-value",
+            "abababababx-value",
+        ] {
+            for lead in ["xx", "xaaaa", "xabab"] {
+                reads_of_every_size(token, &format!("{lead}{token}yy"));
+            }
+        }
+    }
+
+    /// Feeds `body` (which carries `token` once) in reads of every size from every offset:
+    /// the token is found, and fewer than `PIPE_HOLD` of its bytes were relayed.
+    fn reads_of_every_size(token: &str, body: &str) {
+        let at = body.find(token).unwrap();
+        for size in 1..=token.len() {
+            for offset in 0..size {
+                let cuts: Vec<usize> = (offset.max(1)..body.len()).step_by(size).collect();
+                let (sent, found) = feed(token, body, &cuts, PIPE_HOLD);
+                assert!(
+                    found,
+                    "{token} in {body}, reads of {size} from {offset}: not found"
+                );
+                assert!(
+                    sent.len() < at + PIPE_HOLD,
+                    "{token} in {body}, reads of {size} from {offset}: {:?} relayed",
+                    String::from_utf8_lossy(&sent)
+                );
+            }
+        }
     }
 
     #[test]
