@@ -14,6 +14,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -356,9 +359,30 @@ fn origin_tls(host: &str) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
-/// A WebSocket origin over TLS that echoes; with `tell`, its first message repeats the
-/// `Authorization` header of the handshake it was sent, as a debug endpoint might.
-async fn tls_ws_origin(host: &str, tell: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// How [`tls_ws_origin`] answers beyond echoing.
+#[derive(Clone, Copy, PartialEq)]
+enum TlsWsOrigin {
+    /// Echoes text messages.
+    Echo,
+    /// First repeats the `Authorization` header of the handshake it was sent, as a debug
+    /// endpoint might.
+    Tell,
+    /// As `Tell`, in two frames (a text frame and its continuation) cut inside the token.
+    TellInFragments,
+    /// As `TellInFragments`, with a pong between the two (which the sandbox's client takes
+    /// apart from the message).
+    TellAroundAPong,
+    /// Accepts `permessage-deflate` whether or not it was offered.
+    Deflate,
+    /// Sends a masked frame, which only a client may send.
+    Masked,
+}
+
+/// A WebSocket origin over TLS that echoes, and does what `behaviour` says.
+async fn tls_ws_origin(
+    host: &str,
+    behaviour: TlsWsOrigin,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -377,9 +401,15 @@ async fn tls_ws_origin(host: &str, tell: bool) -> (SocketAddr, tokio::task::Join
                 #[allow(clippy::result_large_err)]
                 let remember =
                     move |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                          response| {
+                          mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
                         if let Some(auth) = request.headers().get("authorization") {
                             *keep.lock().expect("seen") = auth.to_str().unwrap_or("").to_string();
+                        }
+                        if behaviour == TlsWsOrigin::Deflate {
+                            response.headers_mut().insert(
+                                "sec-websocket-extensions",
+                                http::HeaderValue::from_static("permessage-deflate"),
+                            );
                         }
                         Ok(response)
                     };
@@ -387,7 +417,38 @@ async fn tls_ws_origin(host: &str, tell: bool) -> (SocketAddr, tokio::task::Join
                     return;
                 };
                 let told = format!("you sent: {}", seen.lock().expect("seen"));
-                if tell && ws.send(Message::text(told)).await.is_err() {
+                let sent = match behaviour {
+                    TlsWsOrigin::Tell => ws.send(Message::text(told)).await,
+                    TlsWsOrigin::TellInFragments | TlsWsOrigin::TellAroundAPong => {
+                        let (first, rest) = told.split_at(told.len() - 10);
+                        let first =
+                            Frame::message(first.to_string(), OpCode::Data(Data::Text), false);
+                        let rest =
+                            Frame::message(rest.to_string(), OpCode::Data(Data::Continue), true);
+                        let pong = match behaviour {
+                            TlsWsOrigin::TellAroundAPong => Some(Message::Pong(b"x"[..].into())),
+                            _ => None,
+                        };
+                        let mut sent = ws.send(Message::Frame(first)).await;
+                        if let (Ok(()), Some(pong)) = (&sent, pong) {
+                            sent = ws.send(pong).await;
+                        }
+                        match sent {
+                            Ok(()) => ws.send(Message::Frame(rest)).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    TlsWsOrigin::Masked => {
+                        let frame = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+                        let tls = ws.get_mut();
+                        match tls.write_all(&frame).await.and(tls.flush().await) {
+                            Ok(()) => Ok(()),
+                            Err(_) => return,
+                        }
+                    }
+                    TlsWsOrigin::Echo | TlsWsOrigin::Deflate => Ok(()),
+                };
+                if sent.is_err() {
                     return;
                 }
                 while let Some(Ok(message)) = ws.next().await {
@@ -403,12 +464,25 @@ async fn tls_ws_origin(host: &str, tell: bool) -> (SocketAddr, tokio::task::Join
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_stream_that_carries_the_injected_token_back_is_cut_off() {
-    let (origin, _task) = tls_ws_origin(WS_HOST, true).await;
-    let gw = tokened_ws_gateway(origin);
-    let authority = format!("{WS_HOST}:{}", origin.port());
-    let tls = support::tunnel::tunnel(&gw, &authority, WS_HOST, true, &[b"http/1.1"])
-        .await
-        .expect("tunnel");
+    the_token_sent_back_is_cut_off(TlsWsOrigin::Tell).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_sent_back_in_two_websocket_frames_is_cut_off() {
+    // On the wire a frame header lies between the token's halves; the sandbox's client joins
+    // them into one message.
+    the_token_sent_back_is_cut_off(TlsWsOrigin::TellInFragments).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_sent_back_in_two_websocket_frames_around_a_pong_is_cut_off() {
+    the_token_sent_back_is_cut_off(TlsWsOrigin::TellAroundAPong).await;
+}
+
+/// An origin that sends the handshake's token back as its first message, as `behaviour`
+/// says: the sandbox never receives it, and the record says why the connection ended.
+async fn the_token_sent_back_is_cut_off(behaviour: TlsWsOrigin) {
+    let (gw, authority, tls, _origin) = tokened_ws_tunnel(behaviour).await;
     let (mut ws, answer) = tokio_tungstenite::client_async(format!("wss://{authority}/chat"), tls)
         .await
         .expect("the handshake goes through (with the token injected)");
@@ -435,6 +509,83 @@ async fn an_upgraded_stream_that_carries_the_injected_token_back_is_cut_off() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_origin_accepts_an_extension_it_was_not_offered_is_refused() {
+    let (gw, authority, tls, _origin) = tokened_ws_tunnel(TlsWsOrigin::Deflate).await;
+    // The sandbox offers compression: the gateway takes the offer out, and the origin, which
+    // compresses anyway, is not let through (its messages would hide the token from the scan).
+    let mut request = format!("wss://{authority}/chat")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-extensions",
+        http::HeaderValue::from_static("permessage-deflate"),
+    );
+    let refused = tokio_tungstenite::client_async(request, tls).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(answer)) = refused else {
+        panic!("the upgrade was not refused: {refused:?}");
+    };
+    assert_eq!(answer.status(), 502);
+    let body: serde_json::Value =
+        serde_json::from_slice(answer.body().as_deref().unwrap_or_default()).expect("JSON body");
+    assert_eq!(body["error"], "upstream_bad_response", "{body}");
+    let records = tokio::task::block_in_place(|| audit_records(&gw, "auto", 1));
+    assert_eq!(
+        (
+            records[0]["status"].as_u64(),
+            records[0]["error"].as_str(),
+            records[0]["upgrade"].as_str()
+        ),
+        (Some(502), Some("upstream_bad_response"), None),
+        "{records:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_the_scan_cannot_read_ends_a_tokened_upgrade() {
+    let (gw, authority, tls, _origin) = tokened_ws_tunnel(TlsWsOrigin::Masked).await;
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{authority}/chat"), tls)
+        .await
+        .expect("handshake");
+    let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the connection ended");
+    assert!(
+        !matches!(next, Some(Ok(Message::Text(_)))),
+        "the masked frame reached the sandbox: {next:?}"
+    );
+    let records = tokio::task::block_in_place(|| audit_records(&gw, "auto", 1));
+    assert_eq!(
+        (
+            records[0]["upgrade"].as_str(),
+            records[0]["error"].as_str(),
+            records[0]["bytes_out"].as_u64()
+        ),
+        (Some("websocket"), Some("upstream_bad_response"), Some(0)),
+        "{records:?}"
+    );
+}
+
+/// A gateway as [`tokened_ws_gateway`] makes it, in front of a TLS WebSocket origin that does
+/// what `behaviour` says, and a sandbox's tunnel through it to the origin: the gateway, the
+/// origin's authority, the tunnel, and the origin's task.
+async fn tokened_ws_tunnel(
+    behaviour: TlsWsOrigin,
+) -> (
+    Gateway,
+    String,
+    support::tunnel::Tls,
+    tokio::task::JoinHandle<()>,
+) {
+    let (origin, task) = tls_ws_origin(WS_HOST, behaviour).await;
+    let gw = tokened_ws_gateway(origin);
+    let authority = format!("{WS_HOST}:{}", origin.port());
+    let tls = support::tunnel::tunnel(&gw, &authority, WS_HOST, true, &[b"http/1.1"])
+        .await
+        .expect("tunnel");
+    (gw, authority, tls, task)
+}
+
 const WS_HOST: &str = "ws.protected.test";
 const WS_TOKEN: &str = "ws-static-token-6d0c1f2e9a";
 
@@ -457,12 +608,7 @@ fn tokened_ws_gateway(origin: SocketAddr) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_connection_opened_with_a_tool_calls_token_ends_with_the_tool_call() {
-    let (origin, _task) = tls_ws_origin(WS_HOST, false).await;
-    let gw = tokened_ws_gateway(origin);
-    let authority = format!("{WS_HOST}:{}", origin.port());
-    let tls = support::tunnel::tunnel(&gw, &authority, WS_HOST, true, &[b"http/1.1"])
-        .await
-        .expect("tunnel");
+    let (gw, authority, tls, _origin) = tokened_ws_tunnel(TlsWsOrigin::Echo).await;
     let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{authority}/chat"), tls)
         .await
         .expect("handshake");

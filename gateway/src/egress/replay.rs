@@ -24,7 +24,8 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::egress::credentials::reflection::{ReflectionScan, PIPE_HOLD};
+use crate::egress::credentials::reflection::ReflectionScan;
+use crate::egress::credentials::upgraded::{Cut, UpgradeScan};
 use crate::egress::upstream;
 use crate::reply::{ErrorCode, Refusal};
 
@@ -92,6 +93,9 @@ pub enum PipeEnd {
     Failed(pingora::BError),
     /// The origin sent the injected token: the connection was cut before those bytes.
     Reflected,
+    /// The origin sent what the token scan cannot read as the sandbox would (says what): the
+    /// connection was cut before it.
+    Unreadable(&'static str),
     /// The tool call whose token opened it ended.
     Ended,
 }
@@ -291,6 +295,23 @@ impl Answer<'_> {
             .all(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"))
     }
 
+    /// The protocol the origin switched to (its `Upgrade` header), if it names one in text.
+    pub fn upgrade(&self) -> Option<&str> {
+        self.header
+            .headers
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    /// Whether the origin accepted a WebSocket extension. One such as `permessage-deflate`
+    /// transforms every message's payload, so a scan of the raw stream would not see a token
+    /// in it.
+    pub fn extended(&self) -> bool {
+        self.header
+            .headers
+            .contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS)
+    }
+
     /// Drops the answer unseen (its connection is not reused).
     pub fn discard(self) {}
 
@@ -400,10 +421,11 @@ impl Answer<'_> {
     pub async fn pipe(
         mut self,
         session: &mut Session,
-        mut scan: Option<&mut ReflectionScan>,
+        mut scan: Option<UpgradeScan<'_>>,
         until: impl std::future::Future<Output = ()>,
     ) -> Piped {
         let mut until = std::pin::pin!(until);
+        let mut pieces = Vec::with_capacity(4);
         let mut piped = Piped {
             bytes_in: 0,
             bytes_out: 0,
@@ -435,15 +457,17 @@ impl Answer<'_> {
                 },
                 from_origin = self.origin.read_response_body() => match from_origin {
                     Ok(Some(bytes)) => {
-                        let pieces = match scan.as_mut() {
-                            Some(scan) => match scan.pass(bytes, PIPE_HOLD) {
-                                Ok(pieces) => pieces,
-                                Err(_) => break PipeEnd::Reflected,
+                        pieces.clear();
+                        match scan.as_mut() {
+                            Some(scan) => match scan.pass(bytes, &mut pieces) {
+                                Ok(()) => {}
+                                Err(Cut::Reflected) => break PipeEnd::Reflected,
+                                Err(Cut::Unreadable(what)) => break PipeEnd::Unreadable(what),
                             },
-                            None => [bytes, Bytes::new()],
-                        };
+                            None => pieces.push(bytes),
+                        }
                         let mut failed = None;
-                        for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+                        for piece in pieces.drain(..) {
                             piped.bytes_out += piece.len() as u64;
                             if let Err(e) = session.write_response_body(Some(piece), false).await {
                                 failed = Some(e);

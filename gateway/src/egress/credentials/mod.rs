@@ -15,6 +15,7 @@
 pub mod provider;
 pub mod reflection;
 mod rule_index;
+pub mod upgraded;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -14,6 +14,7 @@ use http::HeaderName;
 use tollgate_storage::ApprovalKind;
 
 use crate::egress::credentials::reflection::ReflectionScan;
+use crate::egress::credentials::upgraded::UpgradeScan;
 use crate::egress::credentials::Injection;
 use crate::egress::panics;
 use crate::egress::replay::{self, Outgoing, PipeEnd, RelayError, Screened};
@@ -210,6 +211,17 @@ impl Egress {
                 )
                 .into());
             }
+            // Nor is an upgraded stream whose messages an extension would compress: the
+            // gateway offered none (the sandbox's offer was taken out of the request).
+            if switching && answer.extended() {
+                return Err(Refusal::new(
+                    ErrorCode::UpstreamBadResponse,
+                    "the origin accepted a WebSocket extension on a connection that carries a \
+                     credential, although the gateway offered none; its messages could not be \
+                     checked for the credential, so the connection was not opened",
+                )
+                .into());
+            }
             // After a 101 the body is the upgraded stream: only the header is scanned.
             let window = match switching {
                 true => 0,
@@ -242,7 +254,11 @@ impl Egress {
                     _ => std::future::pending().await,
                 }
             };
-            let piped = answer.pipe(session, scan.as_mut(), tool_call_ended).await;
+            let asked = ctx.upgrade.as_deref().unwrap_or_default();
+            let scan = scan
+                .as_mut()
+                .map(|scan| UpgradeScan::new(scan, asked, answer.upgrade()));
+            let piped = answer.pipe(session, scan, tool_call_ended).await;
             ctx.bytes_in = piped.bytes_in;
             ctx.relayed = Some(replay::Relayed {
                 status: 101,
@@ -264,6 +280,20 @@ impl Egress {
                 PipeEnd::Reflected => {
                     self.credential_reflected(ctx);
                     ctx.refusal = Some(reflected_late());
+                    Err(Stop::ClientGone)
+                }
+                PipeEnd::Unreadable(what) => {
+                    tracing::warn!(
+                        agent = ctx.agent.as_ref().map(|a| a.id.as_str()).unwrap_or("-"),
+                        sent = what,
+                        "an upgraded connection that carries a credential was cut: the origin \
+                         sent what cannot be checked for it"
+                    );
+                    ctx.refusal = Some(Refusal::new(
+                        ErrorCode::UpstreamBadResponse,
+                        "the origin sent, inside a connection opened with a credential, what \
+                         cannot be checked for the credential; the connection was cut before it",
+                    ));
                     Err(Stop::ClientGone)
                 }
             };
