@@ -10,6 +10,7 @@ use tollgate_benches::scale;
 use tollgate_gateway::agent::Agent;
 use tollgate_gateway::config::Config;
 use tollgate_gateway::egress::credentials::reflection::ReflectionScan;
+use tollgate_gateway::egress::credentials::upgraded::UpgradeScan;
 use tollgate_gateway::egress::credentials::{Credentials, Secret};
 use tollgate_gateway::egress::toolcall::ToolCalls;
 use tollgate_gateway::target::Target;
@@ -162,5 +163,34 @@ fn reflection_scan(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, cache_hit, reflection_scan);
+/// What an upgraded WebSocket costs to scan: 16 KiB of 1 KiB text messages from the origin,
+/// read as frames (data payloads as one stream, the raw bytes too) in 16 KiB reads.
+fn websocket_scan(c: &mut Criterion) {
+    let token = Secret::new(jwt_like());
+    let mut stream = Vec::new();
+    for i in 0..16u8 {
+        stream.extend_from_slice(&[0x81, 126, 0x04, 0x00]);
+        stream.extend(std::iter::repeat_n(b'a' + i, 1024));
+    }
+    let chunks: Vec<bytes::Bytes> = stream
+        .chunks(16 * 1024)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    c.bench_function("credentials/websocket-scan/16k", |b| {
+        let mut out = Vec::with_capacity(64);
+        b.iter(|| {
+            let mut reflection = ReflectionScan::new(&token).expect("scan");
+            let mut scan = UpgradeScan::new(&mut reflection, "websocket", Some("websocket"));
+            let mut relayed = 0;
+            for chunk in &chunks {
+                out.clear();
+                scan.pass(chunk.clone(), &mut out).expect("no token");
+                relayed += out.iter().map(|p| p.len()).sum::<usize>();
+            }
+            relayed
+        })
+    });
+}
+
+criterion_group!(benches, cache_hit, reflection_scan, websocket_scan);
 criterion_main!(benches);

@@ -74,11 +74,6 @@ impl ReflectionScan {
         }
     }
 
-    /// Whether `bytes`, taken alone, contain the token.
-    pub fn contains_token(&self, bytes: &[u8]) -> bool {
-        self.token.finder().find(bytes).is_some()
-    }
-
     /// Whether any header name or value of `header`, or its reason phrase, contains the token.
     /// Names are compared without regard to case: the map holds them lowercased, but an
     /// HTTP/1 answer is written with the names in the origin's own case.

@@ -10,10 +10,11 @@
 //!
 //! - data frames' payloads are scanned as one stream (consecutive messages too: erring
 //!   towards finding), with the hold of [`PIPE_HOLD`] bytes of the token's start;
-//! - each control frame (at most 125 bytes) is read whole and scanned alone;
-//! - frame headers and control frames pass once whole and checked, never ahead of payload
-//!   bytes held back before them, so the stream's order is kept;
-//! - the raw bytes are scanned too, for a token laid across a header's bytes;
+//! - control frames' payloads (at most 125 bytes each) are kept out of that stream;
+//! - the raw bytes are scanned too (finding, not holding back), so a token within a control
+//!   frame, or laid across a frame header's bytes, is found;
+//! - frame headers pass once whole and checked; they and control payloads never pass ahead of
+//!   data bytes held back before them, so the stream's order is kept;
 //! - a frame the gateway cannot read as the sandbox would — masked (only a client masks), a
 //!   reserved bit set (an extension's transformed payload: the gateway offered none), a
 //!   control frame longer than 125 bytes or fragmented — ends the connection before it.
@@ -26,12 +27,9 @@ use bytes::Bytes;
 
 use super::reflection::{ReflectionScan, PIPE_HOLD};
 
-/// Bytes (frame headers, control frames) that may wait behind held-back payload bytes: only
+/// Bytes (frame headers, control payloads) that may wait behind held-back data bytes: only
 /// the frames an origin sends while a message stops at what could be the token's start.
 const QUEUED_MAX: usize = 16 * 1024;
-
-/// The longest control frame: a two-byte header (unmasked, short length) and 125 bytes.
-const CONTROL_MAX: usize = 2 + 125;
 
 /// Why an upgraded connection was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,14 +89,9 @@ impl<'a> UpgradeScan<'a> {
 enum At {
     /// In a frame header: the bytes read of it so far.
     Header { bytes: [u8; 14], read: usize },
-    /// In a data frame's payload: how many bytes of it are still to come.
-    Payload { left: u64 },
-    /// In a control frame, read whole before it is scanned: its bytes so far, and its length.
-    Control {
-        frame: [u8; CONTROL_MAX],
-        read: usize,
-        len: usize,
-    },
+    /// In a frame's payload: how many bytes of it are still to come, and whether it is a
+    /// control frame's.
+    Payload { left: u64, control: bool },
 }
 
 impl At {
@@ -141,9 +134,14 @@ impl<'a> FrameScan<'a> {
         if self.raw.body_reflects(&chunk) {
             return Err(Cut::Reflected);
         }
+        // With nothing pending from earlier reads, a read that goes out whole goes as one piece.
+        let pending =
+            self.released != self.scanned || matches!(self.at, At::Header { read, .. } if read > 0);
+        let (whole, first) = (chunk.clone(), out.len());
         while !chunk.is_empty() {
             match &mut self.at {
-                At::Payload { left } => {
+                At::Payload { left, control } => {
+                    let control = *control;
                     let n = chunk
                         .len()
                         .min(usize::try_from(*left).unwrap_or(usize::MAX));
@@ -152,22 +150,10 @@ impl<'a> FrameScan<'a> {
                     if *left == 0 {
                         self.at = At::NEXT_HEADER;
                     }
-                    self.payload(payload, out)?;
-                }
-                At::Control { frame, read, len } => {
-                    let n = chunk.len().min(*len - *read);
-                    frame[*read..*read + n].copy_from_slice(&chunk.split_to(n));
-                    *read += n;
-                    if read < len {
-                        continue;
+                    match control {
+                        true => self.opaque(payload, out)?,
+                        false => self.payload(payload, out)?,
                     }
-                    // A control frame stands alone for the sandbox's client: so for the scan.
-                    if self.scan.contains_token(&frame[2..*len]) {
-                        return Err(Cut::Reflected);
-                    }
-                    let whole = Bytes::copy_from_slice(&frame[..*len]);
-                    self.at = At::NEXT_HEADER;
-                    self.opaque(whole, out)?;
                 }
                 At::Header { bytes, read } => {
                     // A header is relayed once whole and checked: as the chunk's own bytes when
@@ -191,36 +177,22 @@ impl<'a> FrameScan<'a> {
                         continue;
                     }
                     let left = payload_len(&bytes[..len])?;
-                    if bytes[0] & 0x08 != 0 {
-                        // Two header bytes (unmasked, a short length), then the payload.
-                        let mut frame = [0; CONTROL_MAX];
-                        frame[..2].copy_from_slice(&bytes[..2]);
-                        self.at = At::Control {
-                            frame,
-                            read: 2,
-                            len: 2 + left as usize,
-                        };
-                        continue;
-                    }
+                    let control = bytes[0] & 0x08 != 0;
                     let header = match before {
                         0 => part,
                         _ => Bytes::copy_from_slice(&bytes[..len]),
                     };
                     self.at = match left {
                         0 => At::NEXT_HEADER,
-                        left => At::Payload { left },
+                        left => At::Payload { left, control },
                     };
                     self.opaque(header, out)?;
                 }
             }
         }
-        // An empty control frame is whole with its header.
-        if let At::Control { frame, read, len } = &self.at {
-            if read == len {
-                let whole = Bytes::copy_from_slice(&frame[..*len]);
-                self.at = At::NEXT_HEADER;
-                self.opaque(whole, out)?;
-            }
+        if !pending && out[first..].iter().map(Bytes::len).sum::<usize>() == whole.len() {
+            out.truncate(first);
+            out.push(whole);
         }
         Ok(())
     }
@@ -553,6 +525,23 @@ mod tests {
         assert!(relayed == fits && ended.is_ok(), "{ended:?}");
         let over = waiting(QUEUED_MAX / empty.len());
         assert!(matches!(feed(&over, &[]).1, Err(Cut::Unreadable(_))));
+    }
+
+    #[test]
+    fn a_read_with_nothing_held_goes_out_as_one_piece() {
+        // One write to the sandbox per read, not one per frame.
+        let stream = [
+            frame(1, true, b"hello"),
+            frame(9, true, b"p"),
+            frame(0xA, true, &[]),
+            frame(2, true, &[1; 300]),
+        ]
+        .concat();
+        let mut token = ReflectionScan::new(&Secret::new(TOKEN.into())).unwrap();
+        let mut scan = UpgradeScan::new(&mut token, "websocket", None);
+        let mut out = Vec::new();
+        scan.pass(Bytes::from(stream.clone()), &mut out).unwrap();
+        assert_eq!(out, vec![Bytes::from(stream)]);
     }
 
     #[test]
