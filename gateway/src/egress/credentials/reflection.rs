@@ -15,11 +15,12 @@
 //!   next read), and no part of it is relayed before it is: bytes at the end of a read that
 //!   could be the token's start are withheld until the next read shows they are not. In a
 //!   body that is any such bytes; in an upgraded connection (where holding back the end of a
-//!   message could stall the conversation) runs of [`PIPE_HOLD`] bytes or more, measured over
-//!   what was scanned (relayed bytes too), so at most the token's first `PIPE_HOLD - 1` bytes
-//!   could cross there, however the stream is cut into reads. A body that ends with
-//!   [`PIPE_HOLD`] or more bytes of the token's start is cut short before them. (A WebSocket's
-//!   frames are taken apart first: [`super::upgraded`].)
+//!   message could stall the conversation) runs of [`ReflectionScan::pipe_hold`] bytes or
+//!   more ([`PIPE_HOLD`], fewer for a token shorter than twice that), measured over what was
+//!   scanned (relayed bytes too), so at most one byte fewer of the token's start could cross
+//!   there, however the stream is cut into reads. A body that ends with that many bytes or
+//!   more of the token's start is cut short before them. (A WebSocket's frames are taken
+//!   apart first: [`super::upgraded`].)
 //!
 //! Only the token's exact bytes are recognised: an origin that re-encodes what it echoes
 //! (base64, escaping) is not, and tokened requests ask for `Accept-Encoding: identity` (and
@@ -33,8 +34,12 @@ use pingora::http::ResponseHeader;
 use super::Secret;
 
 /// In an upgraded connection, the shortest run of the token's first bytes at the end of a
-/// read that is held back until the next read.
+/// read that is held back until the next read, for a token of twice that length or more.
 pub const PIPE_HOLD: usize = 8;
+
+/// The shortest such run for any token: a run this long ends a message by chance about once
+/// in 2^24 messages or more, so holding it cannot stall a conversation in practice.
+const PIPE_HOLD_MIN: usize = 4;
 
 /// The token was found: nothing more is relayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,10 +124,18 @@ impl ReflectionScan {
         Ok([out, chunk.slice(..from_chunk)])
     }
 
-    /// The end of the body: what is still withheld may go, unless it is [`PIPE_HOLD`] bytes or
-    /// more of the token's start (then the body is cut short before it).
+    /// In an upgraded connection, the shortest run of the token's first bytes at the end of a
+    /// read that is held back: [`PIPE_HOLD`], or half a shorter token (at least
+    /// `PIPE_HOLD_MIN`), so that fewer than half of a token of 8 to 15 bytes could cross.
+    pub fn pipe_hold(&self) -> usize {
+        (self.token.expose().len() / 2).clamp(PIPE_HOLD_MIN, PIPE_HOLD)
+    }
+
+    /// The end of the body: what is still withheld may go, unless it is
+    /// [`ReflectionScan::pipe_hold`] bytes or more of the token's start (then the body is cut
+    /// short before it).
     pub fn end(&mut self) -> Result<Bytes, Reflected> {
-        if self.withheld.len() >= PIPE_HOLD {
+        if self.withheld.len() >= self.pipe_hold() {
             return Err(Reflected);
         }
         Ok(self.withheld.split().freeze())
@@ -345,25 +358,30 @@ mod tests {
             "abababababx-value",
         ] {
             for lead in ["xx", "xaaaa", "xabab"] {
-                reads_of_every_size(token, &format!("{lead}{token}yy"));
+                reads_of_every_size(token, &format!("{lead}{token}yy"), PIPE_HOLD);
             }
+        }
+        // Of a short token, at most half less a byte.
+        for (token, hold) in [("short-tk", 4), ("shortertk1", 5), ("a-fifteen-byte!", 7)] {
+            assert_eq!(scan(token).pipe_hold(), hold, "{token}");
+            reads_of_every_size(token, &format!("xx{token}yy"), hold);
         }
     }
 
-    /// Feeds `body` (which carries `token` once) in reads of every size from every offset:
-    /// the token is found, and fewer than `PIPE_HOLD` of its bytes were relayed.
-    fn reads_of_every_size(token: &str, body: &str) {
+    /// Feeds `body` (which carries `token` once) in reads of every size from every offset, as
+    /// a pipe does: the token is found, and fewer than `hold` of its bytes were relayed.
+    fn reads_of_every_size(token: &str, body: &str, hold: usize) {
         let at = body.find(token).unwrap();
         for size in 1..=token.len() {
             for offset in 0..size {
                 let cuts: Vec<usize> = (offset.max(1)..body.len()).step_by(size).collect();
-                let (sent, found) = feed(token, body, &cuts, PIPE_HOLD);
+                let (sent, found) = feed(token, body, &cuts, scan(token).pipe_hold());
                 assert!(
                     found,
                     "{token} in {body}, reads of {size} from {offset}: not found"
                 );
                 assert!(
-                    sent.len() < at + PIPE_HOLD,
+                    sent.len() < at + hold,
                     "{token} in {body}, reads of {size} from {offset}: {:?} relayed",
                     String::from_utf8_lossy(&sent)
                 );

@@ -9,7 +9,8 @@
 //! ping. So a WebSocket is read frame by frame:
 //!
 //! - data frames' payloads are scanned as one stream (consecutive messages too: erring
-//!   towards finding), with the hold of [`PIPE_HOLD`] bytes of the token's start;
+//!   towards finding), with the pipe's hold of the token's start
+//!   ([`ReflectionScan::pipe_hold`]);
 //! - control frames' payloads (at most 125 bytes each) are kept out of that stream;
 //! - the raw bytes are scanned too (finding, not holding back), so a token within a control
 //!   frame, or laid across a frame header's bytes, is found;
@@ -25,7 +26,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use super::reflection::{ReflectionScan, PIPE_HOLD};
+use super::reflection::ReflectionScan;
 
 /// Bytes (frame headers, control payloads) that may wait behind held-back data bytes: only
 /// the frames an origin sends while a message stops at what could be the token's start.
@@ -71,12 +72,14 @@ impl<'a> UpgradeScan<'a> {
     }
 
     /// Scans the origin's next `chunk` and appends to `out`, in order, what may be relayed
-    /// now. Bytes that could be the token's start (runs of [`PIPE_HOLD`] or more) wait for
+    /// now. Bytes that could be the token's start (runs of [`ReflectionScan::pipe_hold`] bytes
+    /// or more) wait for
     /// what follows.
     pub fn pass(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), Cut> {
         match self {
             UpgradeScan::Raw(scan) => {
-                let pieces = scan.pass(chunk, PIPE_HOLD).map_err(|_| Cut::Reflected)?;
+                let hold = scan.pipe_hold();
+                let pieces = scan.pass(chunk, hold).map_err(|_| Cut::Reflected)?;
                 out.extend(pieces.into_iter().filter(|p| !p.is_empty()));
                 Ok(())
             }
@@ -105,6 +108,8 @@ impl At {
 pub struct FrameScan<'a> {
     /// The data frames' payloads.
     scan: &'a mut ReflectionScan,
+    /// Its hold in a pipe.
+    hold: usize,
     /// The raw bytes (finding only: nothing is held for it).
     raw: ReflectionScan,
     at: At,
@@ -121,6 +126,7 @@ impl<'a> FrameScan<'a> {
     fn new(scan: &'a mut ReflectionScan) -> FrameScan<'a> {
         FrameScan {
             raw: scan.restarted(),
+            hold: scan.pipe_hold(),
             scan,
             at: At::NEXT_HEADER,
             scanned: 0,
@@ -202,7 +208,7 @@ impl<'a> FrameScan<'a> {
         self.scanned += payload.len() as u64;
         let pieces = self
             .scan
-            .pass(payload, PIPE_HOLD)
+            .pass(payload, self.hold)
             .map_err(|_| Cut::Reflected)?;
         for mut piece in pieces {
             while !piece.is_empty() {
@@ -310,6 +316,7 @@ fn payload_len(header: &[u8]) -> Result<u64, Cut> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::egress::credentials::reflection::PIPE_HOLD;
     use crate::egress::credentials::Secret;
 
     const TOKEN: &str = "Bearer eyJhbGciOiJFUzI1NiJ9.secret-part";
