@@ -20,9 +20,13 @@
 //! | [`agent_json`] | the admin API's agent registration body |
 //! | [`approval_record`] | an approval record read back from storage |
 //! | [`audit_chain`] | audit records read back from storage, and their hash chain |
+//! | [`websocket_frames`] | what an origin sends inside a WebSocket opened with a token |
 
 use tollgate_gateway::agent::Agent;
 use tollgate_gateway::config::Config;
+use tollgate_gateway::egress::credentials::reflection::ReflectionScan;
+use tollgate_gateway::egress::credentials::upgraded::UpgradeScan;
+use tollgate_gateway::egress::credentials::Secret;
 use tollgate_gateway::egress::identity::AgentRegistry;
 use tollgate_policy::target::{Scheme, Target};
 use tollgate_policy::{
@@ -209,4 +213,103 @@ pub fn audit_chain(data: &[u8]) {
             assert_eq!(record.hash, record.expected_hash(), "seq {}", record.seq);
         }
     }
+}
+
+/// The token the WebSocket target's scans look for (the seeds carry it).
+pub const WEBSOCKET_TOKEN: &str = "Bearer fuzz-token-0123456789";
+
+/// What an origin sends inside a tokened WebSocket (the first byte sets the size of the reads
+/// the rest arrives in): scanned without panicking; what is relayed is a prefix of what was
+/// sent and never holds the whole token, neither in its bytes nor in the messages a client
+/// makes of them ([`client_view`]); whether the connection is cut does not depend on
+/// how the stream was cut into reads; uncut, small reads relay what one read does and at most
+/// 7 bytes more (the start of the token a read ended in, before the run was long enough to
+/// hold: [`ReflectionScan::pipe_hold`]).
+pub fn websocket_frames(data: &[u8]) {
+    let Some((&size, stream)) = data.split_first() else {
+        return;
+    };
+    let in_reads = websocket_scanned(stream, usize::from(size % 31) + 1);
+    let whole = websocket_scanned(stream, stream.len().max(1));
+    for (relayed, _) in [&in_reads, &whole] {
+        assert!(stream.starts_with(relayed), "relayed out of order");
+        let token = WEBSOCKET_TOKEN.as_bytes();
+        let has_token = |bytes: &[u8]| bytes.windows(token.len()).any(|w| w == token);
+        assert!(!has_token(relayed), "the token was relayed");
+        assert!(
+            !has_token(&client_view(relayed)),
+            "the token was relayed in messages"
+        );
+    }
+    assert_eq!(in_reads.1, whole.1, "cut or not depends on the reads");
+    if !whole.1 {
+        assert!(
+            in_reads.0.starts_with(&whole.0) && in_reads.0.len() - whole.0.len() < 8,
+            "small reads relayed {} bytes, one read {}",
+            in_reads.0.len(),
+            whole.0.len()
+        );
+    }
+}
+
+/// What a WebSocket client makes of `relayed`, written apart from the scan as the check on
+/// it: the data frames' payloads joined (fragments and messages alike, unmasked if masked),
+/// control frames left out, up to where the bytes stop.
+pub fn client_view(relayed: &[u8]) -> Vec<u8> {
+    let mut view = Vec::new();
+    let mut rest = relayed;
+    while rest.len() >= 2 {
+        let (first, second) = (rest[0], rest[1]);
+        let (len, mut at) = match second & 0x7f {
+            126 if rest.len() >= 4 => (u64::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 if rest.len() >= 10 => {
+                let mut bytes = [0; 8];
+                bytes.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(bytes), 10)
+            }
+            126 | 127 => break,
+            short => (u64::from(short), 2),
+        };
+        let key = match second & 0x80 != 0 {
+            true if rest.len() >= at + 4 => {
+                at += 4;
+                Some([rest[at - 4], rest[at - 3], rest[at - 2], rest[at - 1]])
+            }
+            true => break,
+            false => None,
+        };
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| at.checked_add(len))
+            .map_or(rest.len(), |end| end.min(rest.len()));
+        if first & 0x08 == 0 {
+            let payload = rest[at..end].iter().enumerate();
+            view.extend(payload.map(|(i, b)| key.map_or(*b, |k| b ^ k[i % 4])));
+        }
+        rest = &rest[end..];
+    }
+    view
+}
+
+/// `stream` through a WebSocket scan for [`WEBSOCKET_TOKEN`] in reads of `size`: what was
+/// relayed, and whether the connection was cut.
+pub fn websocket_scanned(stream: &[u8], size: usize) -> (Vec<u8>, bool) {
+    let Some(mut token) = ReflectionScan::new(&Secret::new(WEBSOCKET_TOKEN.into())) else {
+        return (Vec::new(), false);
+    };
+    let mut scan = UpgradeScan::new(&mut token, "websocket", Some("websocket"));
+    let mut relayed = Vec::new();
+    let mut out = Vec::new();
+    for read in stream.chunks(size) {
+        out.clear();
+        if scan
+            .pass(bytes::Bytes::copy_from_slice(read), &mut out)
+            .is_err()
+        {
+            return (relayed, true);
+        }
+        out.iter()
+            .for_each(|piece| relayed.extend_from_slice(piece));
+    }
+    (relayed, false)
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// A fuzz target: bytes in, a panic if something that must hold does not.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 9] = [
     ("request_target", tollgate_fuzz::request_target),
     ("arm_path", tollgate_fuzz::arm_path),
     ("policy_set", tollgate_fuzz::policy_set),
@@ -17,6 +17,7 @@ const TARGETS: [(&str, Target); 8] = [
     ("agent_json", tollgate_fuzz::agent_json),
     ("approval_record", tollgate_fuzz::approval_record),
     ("audit_chain", tollgate_fuzz::audit_chain),
+    ("websocket_frames", tollgate_fuzz::websocket_frames),
 ];
 
 fn inputs(target: &str) -> Vec<PathBuf> {
@@ -41,6 +42,24 @@ fn every_corpus_input_passes_its_target() {
             let outcome = std::panic::catch_unwind(|| run(&data));
             assert!(outcome.is_ok(), "{target}: {} panics", file.display());
         }
+    }
+}
+
+#[test]
+fn the_websocket_seeds_named_cut_are_cut() {
+    let cut: Vec<PathBuf> = inputs("websocket_frames")
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("cut-"))
+        })
+        .collect();
+    assert!(!cut.is_empty());
+    for file in cut {
+        let data = std::fs::read(&file).expect("read");
+        let (_, was_cut) = tollgate_fuzz::websocket_scanned(&data[1..], 1);
+        assert!(was_cut, "{} was not cut", file.display());
     }
 }
 
@@ -77,6 +96,14 @@ fn the_valid_seeds_get_past_their_parsers() {
         if let Err(e) = tollgate_gateway::config::Config::from_toml(&text, "seed") {
             panic!("{e}");
         }
+    }
+    // A WebSocket stream (after its read-size byte) without the token passes whole.
+    for data in valid("websocket_frames") {
+        let stream = &data[1..];
+        assert_eq!(
+            tollgate_fuzz::websocket_scanned(stream, 3),
+            (stream.to_vec(), false)
+        );
     }
     for data in valid("policy_set") {
         let sources = tollgate_policy::PolicySources {
