@@ -1,7 +1,8 @@
 //! What OpenTelemetry costs a request, piece by piece: its span (start and finish, with the
 //! summary's attributes; encoded by the gateway over http/protobuf, the SDK's over gRPC — the
 //! SDK's also costs its conversion on the export thread, not measured here) and its log line (as a `tracing` event through the `fmt` layer alone
-//! and through the OTLP log bridge as well, and written directly as the gateway writes it).
+//! and through the OTLP log bridge as well, and written directly as the gateway writes it);
+//! and, beside them, the hand-off of a writer interval's audit records.
 //! Export runs against a loopback port nobody listens on, so the queues fill and drop — the
 //! work a request does is the same whether or not the collector answers. Run: `cargo bench -p tollgate-gateway --bench telemetry`.
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
@@ -9,8 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use tollgate_gateway::config::Config;
+use tollgate_gateway::observe::queue::DropQueue;
 use tollgate_gateway::observe::telemetry::{LineFormat, RequestLine, SpanExtras, Telemetry};
 use tollgate_storage::AuditRecord;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -157,5 +159,27 @@ fn request_log_line(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_span, request_log_line);
+/// The audit records of one writer interval handed off: pushed one by one, as requests do,
+/// then taken by the writer. The batch is dropped outside the measurement.
+fn audit_hand_off(c: &mut Criterion) {
+    const BATCH: usize = 500;
+    let queue = DropQueue::new(65_536);
+    let record = summary();
+    let mut group = c.benchmark_group("audit hand-off");
+    group.bench_function("500 records pushed, then taken", |b| {
+        b.iter_batched(
+            || vec![record.clone(); BATCH],
+            |records| {
+                for record in records {
+                    let _ = queue.push(record);
+                }
+                queue.take()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, request_span, request_log_line, audit_hand_off);
 criterion_main!(benches);

@@ -19,6 +19,10 @@ pub struct DropQueue<T> {
     peak: AtomicUsize,
 }
 
+/// Most items the room made for the next batch holds. A batch larger than this (a burst)
+/// grows its vector as it fills, and does not leave the next ones holding its size.
+const ROOM_MAX: usize = 4096;
+
 impl<T> DropQueue<T> {
     /// An empty queue holding at most `capacity` items.
     pub fn new(capacity: usize) -> DropQueue<T> {
@@ -47,6 +51,15 @@ impl<T> DropQueue<T> {
     /// Takes everything queued.
     pub fn take(&self) -> Vec<T> {
         let items = std::mem::take(&mut *self.items.lock());
+        // Room for as many in the next batch, made here on the writer's thread and outside
+        // the lock: pushes then fill it without growing it, which would copy every item
+        // waiting, on a request's thread, while the others wait for the lock.
+        let mut room = Vec::with_capacity(items.len().min(ROOM_MAX));
+        let mut waiting = self.items.lock();
+        // What was pushed while the room was made goes first in it, in order.
+        room.append(&mut waiting);
+        *waiting = room;
+        drop(waiting);
         self.peak.fetch_max(items.len(), Ordering::Relaxed);
         items
     }
@@ -85,5 +98,28 @@ mod tests {
         assert_eq!(queue.take(), vec![5]);
         assert_eq!(queue.dropped(), 2);
         assert_eq!(queue.peak(), 2);
+    }
+
+    #[test]
+    fn the_next_batch_has_room_for_as_many_as_the_last_up_to_a_bound() {
+        let queue = DropQueue::new(10_000);
+        for i in 0..100 {
+            queue.push(i).expect("room");
+        }
+        assert_eq!(queue.take().len(), 100);
+        queue.push(0).expect("room");
+        // Made before the push: the batch did not grow to hold it.
+        assert!(queue.take().capacity() >= 100);
+        // A small batch leaves a small room.
+        queue.push(0).expect("room");
+        assert!(queue.take().capacity() < 100);
+        for i in 0..super::ROOM_MAX + 1 {
+            queue.push(i).expect("room");
+        }
+        queue.take();
+        queue.push(0).expect("room");
+        // The room made after a burst is bounded (the burst's own vector grew).
+        let after = queue.take();
+        assert!(after.capacity() >= super::ROOM_MAX && after.capacity() < 2 * super::ROOM_MAX);
     }
 }
