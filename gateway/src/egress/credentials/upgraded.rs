@@ -73,8 +73,7 @@ impl<'a> UpgradeScan<'a> {
 
     /// Scans the origin's next `chunk` and appends to `out`, in order, what may be relayed
     /// now. Bytes that could be the token's start (runs of [`ReflectionScan::pipe_hold`] bytes
-    /// or more) wait for
-    /// what follows.
+    /// or more) wait for what follows.
     pub fn pass(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), Cut> {
         match self {
             UpgradeScan::Raw(scan) => {
