@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::{AgentFacts, RunMode};
 use crate::classify::{Action, ArmTarget, RequestFacts};
+use crate::decision_cache::DecisionCache;
 use crate::entities::{self, domains_of, host_id, ContextAttributes};
 use crate::target::Target;
 
@@ -198,7 +199,7 @@ pub struct Decision {
 }
 
 /// Most decisions an engine keeps (each about a kilobyte at most).
-const DECISION_CACHE_ENTRIES: u64 = 10_000;
+const DECISION_CACHE_ENTRIES: usize = 10_000;
 
 /// What of a request a decision reads: all of its facts, its path only when a policy of the
 /// set reads it.
@@ -617,7 +618,7 @@ pub struct PolicyEngine {
     /// request's facts (action, method, host, port, scheme, path, ARM target, tool call,
     /// upgrade). An entry keeps its whole key and is used only when the key is equal, so a
     /// colliding hash is a miss. A new set is a new engine, with a cache of its own.
-    decisions: moka::sync::Cache<u64, Arc<MadeDecision>>,
+    decisions: DecisionCache<MadeDecision>,
     /// The hash of [`Self::decisions`]' keys, keyed at random per engine.
     decision_hasher: std::collections::hash_map::RandomState,
     /// Whether any policy reads the request's path. When none does, the path is left out of
@@ -826,7 +827,7 @@ impl PolicyEngine {
             index: Index::new(&combined),
             all: combined,
             entities: moka::sync::Cache::new(10_000),
-            decisions: moka::sync::Cache::new(DECISION_CACHE_ENTRIES),
+            decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
             decision_hasher: std::collections::hash_map::RandomState::new(),
             settling_forbids,
             schema,
@@ -869,26 +870,28 @@ impl PolicyEngine {
         let key = self
             .decision_hasher
             .hash_one((agent.id, agent.revision, &read));
-        if let Some(made) = self.decisions.get(&key) {
+        let made_before = self.decisions.get(key, |made| {
             let made_from = DecisionInput {
                 request: &made.request,
                 with_path: self.reads_path,
             };
-            if made.revision == agent.revision && made.agent == agent.id && made_from == read {
-                return made.decision.clone();
-            }
+            (made.revision == agent.revision && made.agent == agent.id && made_from == read)
+                .then(|| made.decision.clone())
+        });
+        if let Some(decision) = made_before {
+            return decision;
         }
         let decision = self.decide_uncached(agent, request);
         // An evaluation error is not kept: it may say more about the moment than the input.
         if decision.errors.is_empty() {
             self.decisions.insert(
                 key,
-                Arc::new(MadeDecision {
+                MadeDecision {
                     agent: agent.id.to_string(),
                     revision: agent.revision,
                     request: request.clone(),
                     decision: decision.clone(),
-                }),
+                },
             );
         }
         decision

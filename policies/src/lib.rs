@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod classify;
+mod decision_cache;
 pub mod engine;
 pub mod entities;
 pub mod target;
