@@ -526,11 +526,15 @@ const VM_ARGS: [&str; 8] = [
 ];
 
 /// A shell line that prints `alive` if the process whose pid is in `pid_file` runs, `gone`
-/// if it does not (a zombie, which its new parent has not reaped yet, runs no more).
+/// if it does not (a zombie, which its new parent has not reaped yet, runs no more), and
+/// `no-pid` if the file holds none.
 fn still_running(pid_file: &str) -> String {
+    // Without a pid, `/proc//stat` would read as `/proc/stat`: "alive".
     format!(
-        "s=$(cut -d' ' -f3 /proc/$(cat {pid_file})/stat 2>/dev/null); \
-         if [ -z \"$s\" ] || [ \"$s\" = Z ]; then echo gone; else echo alive; fi"
+        "p=$(cat {pid_file} 2>/dev/null); \
+         case \"$p\" in ''|*[!0-9]*) echo no-pid;; *) \
+         s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null); \
+         if [ -z \"$s\" ] || [ \"$s\" = Z ]; then echo gone; else echo alive; fi;; esac"
     )
 }
 
@@ -669,15 +673,20 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         assert!(slow.wait().expect("wait").success());
 
         // A client that leaves cancels its execution, and its tool call is closed.
-        let (mut leaving, _, first) = svc.stream(
+        let (mut leaving, mut lines, first) = svc.stream(
             agent,
             "t1",
-            r#"{"command":"echo $$ > /tmp/left.pid; exec sleep 60","tool_call_id":"tc-left"}"#,
+            r#"{"command":"echo $$ > /tmp/left.pid; echo ready; exec sleep 60","tool_call_id":"tc-left"}"#,
         );
         assert!(
             first.contains("\"start\"") && first.contains("tc-left"),
             "{first}"
         );
+        // The client leaves once the command has written its pid (the start line comes
+        // before the shell runs: a client leaving at once cancels it before it wrote one).
+        let mut ready = String::new();
+        lines.read_line(&mut ready).expect("the ready line");
+        assert!(ready.contains("ready"), "{ready}");
         let open = world
             .gw
             .admin_call("GET", &format!("/v1/agents/{agent}/tool-calls"), None);
@@ -688,7 +697,7 @@ async fn a_session_keeps_its_state_and_each_execution_is_one_tool_call() {
         // The gateway knows what the tool call runs, for the approvers of its requests.
         assert_eq!(
             open.json()["tool_calls"][0]["command"],
-            "echo $$ > /tmp/left.pid; exec sleep 60",
+            "echo $$ > /tmp/left.pid; echo ready; exec sleep 60",
             "{open:?}"
         );
         let _ = leaving.kill();
